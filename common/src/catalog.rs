@@ -1,0 +1,455 @@
+//! The privacy officer's catalog and query policy.
+//!
+//! The catalog is one TOML file shared by the coordinator and every node. It is the single
+//! source of truth for what may be asked: which tables exist, which column identifies the
+//! participant (the privacy unit), how many rows one participant may contribute (R), clamp
+//! bounds and fixed-point precision for numeric columns, and public domains for GROUP BY
+//! keys. Anything it does not declare is refused (fail closed).
+//!
+//! ```toml
+//! max_sites_per_unit = 2
+//!
+//! [tables.labs]
+//! privacy_unit = "pid"
+//! max_rows_per_unit = 20
+//! columns = [
+//!   { name = "pid", type = "utf8" },
+//!   { name = "test", type = "utf8", public_values = ["HbA1c", "glucose", "LDL", "creatinine"] },
+//!   { name = "value", type = "float64", nullable = true, lower = 0.0, upper = 500.0, precision = 0.01 },
+//!   { name = "measured_on", type = "date32" },
+//! ]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use arrow_schema::DataType;
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or validating a catalog or policy.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read catalog file {path}: {source}; check the path in your config")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("catalog file {path} is not valid TOML for a fedq catalog: {message}")]
+    Parse { path: String, message: String },
+    #[error("catalog is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Column types the catalog can declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Utf8,
+    Boolean,
+    Int32,
+    Int64,
+    Float64,
+    Date32,
+}
+
+impl ColumnType {
+    /// The Arrow type a local file must have for this column.
+    pub fn arrow_type(self) -> DataType {
+        match self {
+            ColumnType::Utf8 => DataType::Utf8,
+            ColumnType::Boolean => DataType::Boolean,
+            ColumnType::Int32 => DataType::Int32,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Date32 => DataType::Date32,
+        }
+    }
+
+    /// Whether values of this type can be clamped and summed.
+    pub fn is_numeric(self) -> bool {
+        matches!(
+            self,
+            ColumnType::Int32 | ColumnType::Int64 | ColumnType::Float64
+        )
+    }
+}
+
+impl std::fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ColumnType::Utf8 => "utf8",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Int32 => "int32",
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::Date32 => "date32",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One value of a public domain.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PublicValue {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+impl std::fmt::Display for PublicValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublicValue::Bool(b) => write!(f, "{b}"),
+            PublicValue::Int(i) => write!(f, "{i}"),
+            PublicValue::Text(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// A column of a catalog table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    /// Column name, as in the local files.
+    pub name: String,
+    /// Declared type; local files must match it exactly.
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+    /// Whether NULLs may appear.
+    #[serde(default)]
+    pub nullable: bool,
+    /// Lower clamp bound (numeric columns that may be aggregated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower: Option<f64>,
+    /// Upper clamp bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<f64>,
+    /// Fixed-point step for exact sums (e.g. 0.01). Defaults to 1 for integer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<f64>,
+    /// Public domain, making the column usable as a GROUP BY key. Every value is released,
+    /// empty groups included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_values: Option<Vec<PublicValue>>,
+}
+
+/// Declared clamp bounds of a numeric column.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub lower: f64,
+    pub upper: f64,
+    pub precision: f64,
+}
+
+impl ColumnSpec {
+    /// Clamp bounds, if the column declares them.
+    pub fn bounds(&self) -> Option<Bounds> {
+        let (lower, upper) = (self.lower?, self.upper?);
+        let precision = match (self.precision, self.ty) {
+            (Some(p), _) => p,
+            (None, ColumnType::Int32 | ColumnType::Int64) => 1.0,
+            (None, _) => return None,
+        };
+        Some(Bounds {
+            lower,
+            upper,
+            precision,
+        })
+    }
+}
+
+/// A catalog table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// Column identifying the participant.
+    #[serde(default = "default_privacy_unit")]
+    pub privacy_unit: String,
+    /// R: rows one participant may contribute to one query at one site, after the filter.
+    pub max_rows_per_unit: u32,
+    /// G: groups one participant may contribute to when keys are not public (later issue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u32>,
+    /// Columns, in file order.
+    pub columns: Vec<ColumnSpec>,
+}
+
+fn default_privacy_unit() -> String {
+    "pid".to_string()
+}
+
+fn default_sites() -> u32 {
+    1
+}
+
+impl TableSpec {
+    /// Look up a column by name.
+    pub fn column(&self, name: &str) -> Option<&ColumnSpec> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+/// The whole catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    /// S: how many sites one participant's rows can appear at.
+    #[serde(default = "default_sites")]
+    pub max_sites_per_unit: u32,
+    /// Tables by name.
+    pub tables: BTreeMap<String, TableSpec>,
+}
+
+/// Largest R a catalog may declare.
+pub const MAX_ROWS_PER_UNIT_LIMIT: u32 = 10_000;
+
+impl Catalog {
+    /// Parse and validate a catalog from TOML text.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Catalog, CatalogError> {
+        let cat: Catalog = toml::from_str(text).map_err(|e| CatalogError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cat.validate()?;
+        Ok(cat)
+    }
+
+    /// Load and validate a catalog file.
+    pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|e| CatalogError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Catalog::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Look up a table.
+    pub fn table(&self, name: &str) -> Option<&TableSpec> {
+        self.tables.get(name)
+    }
+
+    /// Check every declaration for consistency. Errors name the table and column.
+    pub fn validate(&self) -> Result<(), CatalogError> {
+        let bad = |m: String| Err(CatalogError::Invalid(m));
+        if self.max_sites_per_unit == 0 {
+            return bad("max_sites_per_unit must be at least 1".into());
+        }
+        if self.tables.is_empty() {
+            return bad("no tables declared; add a [tables.NAME] section".into());
+        }
+        for (tname, t) in &self.tables {
+            if t.max_rows_per_unit == 0 || t.max_rows_per_unit > MAX_ROWS_PER_UNIT_LIMIT {
+                return bad(format!(
+                    "table {tname}: max_rows_per_unit must be between 1 and {MAX_ROWS_PER_UNIT_LIMIT}"
+                ));
+            }
+            if t.max_groups_per_unit == Some(0) {
+                return bad(format!(
+                    "table {tname}: max_groups_per_unit must be at least 1"
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for c in &t.columns {
+                if !seen.insert(c.name.as_str()) {
+                    return bad(format!("table {tname}: column {} declared twice", c.name));
+                }
+                let has_bounds = c.lower.is_some() || c.upper.is_some() || c.precision.is_some();
+                if has_bounds {
+                    if !c.ty.is_numeric() {
+                        return bad(format!(
+                            "table {tname}, column {}: bounds are only allowed on numeric columns, not {}",
+                            c.name, c.ty
+                        ));
+                    }
+                    let (Some(lo), Some(hi)) = (c.lower, c.upper) else {
+                        return bad(format!(
+                            "table {tname}, column {}: declare both lower and upper",
+                            c.name
+                        ));
+                    };
+                    if !lo.is_finite() || !hi.is_finite() || lo >= hi {
+                        return bad(format!(
+                            "table {tname}, column {}: need finite lower < upper, got [{lo}, {hi}]",
+                            c.name
+                        ));
+                    }
+                    let Some(b) = c.bounds() else {
+                        return bad(format!(
+                            "table {tname}, column {}: a float column needs a precision (e.g. 0.01)",
+                            c.name
+                        ));
+                    };
+                    if !(b.precision.is_finite() && b.precision > 0.0) {
+                        return bad(format!(
+                            "table {tname}, column {}: precision must be a positive number",
+                            c.name
+                        ));
+                    }
+                    let steps = (hi.abs().max(lo.abs())) / b.precision;
+                    if steps > 1e15 {
+                        return bad(format!(
+                            "table {tname}, column {}: bounds/precision = {steps:e} steps is too fine for exact sums; use a coarser precision",
+                            c.name
+                        ));
+                    }
+                }
+                if let Some(vals) = &c.public_values {
+                    if vals.is_empty() {
+                        return bad(format!(
+                            "table {tname}, column {}: public_values is empty",
+                            c.name
+                        ));
+                    }
+                    for v in vals {
+                        let ok = matches!(
+                            (v, c.ty),
+                            (PublicValue::Text(_), ColumnType::Utf8)
+                                | (PublicValue::Int(_), ColumnType::Int32 | ColumnType::Int64)
+                                | (PublicValue::Bool(_), ColumnType::Boolean)
+                        );
+                        if !ok {
+                            return bad(format!(
+                                "table {tname}, column {}: public value {v:?} does not match type {}",
+                                c.name, c.ty
+                            ));
+                        }
+                    }
+                }
+            }
+            match t.column(&t.privacy_unit) {
+                None => {
+                    return bad(format!(
+                        "table {tname}: privacy unit column {} is not among its columns",
+                        t.privacy_unit
+                    ))
+                }
+                Some(c) if c.nullable => {
+                    return bad(format!(
+                        "table {tname}: privacy unit column {} must not be nullable",
+                        t.privacy_unit
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Query policy set by the privacy officer (coordinator config `[policy]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// ε charged for a query when the session has not set `fedq.epsilon`.
+    #[serde(default = "default_epsilon")]
+    pub default_epsilon: f64,
+    /// Largest ε one query may spend.
+    #[serde(default = "default_max_epsilon")]
+    pub max_epsilon_per_query: f64,
+    /// δ per query (used by partition selection in a later issue; 0 for pure ε-DP).
+    #[serde(default)]
+    pub delta_per_query: f64,
+    /// Noisy counts below this are shown as suppressed (NULL); 0 disables suppression.
+    #[serde(default)]
+    pub min_reported_count: u64,
+}
+
+fn default_epsilon() -> f64 {
+    1.0
+}
+fn default_max_epsilon() -> f64 {
+    2.0
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            default_epsilon: default_epsilon(),
+            max_epsilon_per_query: default_max_epsilon(),
+            delta_per_query: 0.0,
+            min_reported_count: 0,
+        }
+    }
+}
+
+impl Policy {
+    /// Check the policy values.
+    pub fn validate(&self) -> Result<(), CatalogError> {
+        let e = self.default_epsilon;
+        let m = self.max_epsilon_per_query;
+        if !(e.is_finite() && e > 0.0) {
+            return Err(CatalogError::Invalid(format!(
+                "policy.default_epsilon must be a positive number, got {e}"
+            )));
+        }
+        if !(m.is_finite() && m > 0.0) || e > m {
+            return Err(CatalogError::Invalid(format!(
+                "policy.max_epsilon_per_query must be positive and at least default_epsilon ({e}), got {m}"
+            )));
+        }
+        if !(self.delta_per_query.is_finite() && (0.0..1.0).contains(&self.delta_per_query)) {
+            return Err(CatalogError::Invalid(
+                "policy.delta_per_query must be in [0, 1)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+max_sites_per_unit = 2
+[tables.labs]
+max_rows_per_unit = 20
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "test", type = "utf8", public_values = ["HbA1c", "LDL"] },
+  { name = "value", type = "float64", nullable = true, lower = 0.0, upper = 500.0, precision = 0.01 },
+  { name = "year", type = "int32", lower = 1900, upper = 2030 },
+]
+"#;
+
+    #[test]
+    fn parses_and_derives_bounds() {
+        let c = Catalog::from_toml(GOOD, "t").unwrap();
+        let t = c.table("labs").unwrap();
+        assert_eq!(t.privacy_unit, "pid");
+        let b = t.column("year").unwrap().bounds().unwrap();
+        assert_eq!((b.lower, b.upper, b.precision), (1900.0, 2030.0, 1.0));
+        assert!(t.column("test").unwrap().bounds().is_none());
+    }
+
+    #[test]
+    fn rejects_bad_declarations() {
+        for (needle, text) in [
+            (
+                "lower < upper",
+                GOOD.replace("upper = 500.0", "upper = -1.0"),
+            ),
+            ("precision", GOOD.replace(", precision = 0.01", "")),
+            (
+                "privacy unit",
+                GOOD.replace("\"pid\", type", "\"id\", type"),
+            ),
+            (
+                "does not match",
+                GOOD.replace("[\"HbA1c\", \"LDL\"]", "[1, 2]"),
+            ),
+            (
+                "max_rows_per_unit",
+                GOOD.replace("max_rows_per_unit = 20", "max_rows_per_unit = 0"),
+            ),
+        ] {
+            let e = Catalog::from_toml(&text, "t").unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        assert!(matches!(
+            Catalog::from_toml("[tables.x]\nmax_rows = 1", "t"),
+            Err(CatalogError::Parse { .. })
+        ));
+    }
+}

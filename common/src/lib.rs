@@ -1,0 +1,25 @@
+//! # fedq-common
+//!
+//! The contract between fedq processes, and nothing else: no engine logic lives here.
+//!
+//! - [`wire`]: the typed partial-aggregate request a coordinator sends to a node, the
+//!   restricted expression language for filters, and the protocol version.
+//! - [`catalog`]: the privacy officer's catalog (tables, columns, bounds, public domains)
+//!   and the query policy. Both coordinator and node load the same catalog file; the node
+//!   uses it to check its local files and to validate every request it receives.
+//!
+//! Rules that the types encode:
+//! - A request names a table, a filter, public group keys and partial aggregates. There
+//!   is no way to express "return rows" in the wire format.
+//! - Every numeric aggregate carries explicit clamp bounds and a fixed-point precision.
+//! - Decoding is strict (`deny_unknown_fields`) and bounded in size
+//!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
+
+pub mod catalog;
+pub mod wire;
+
+pub use catalog::{Catalog, CatalogError, ColumnSpec, ColumnType, Policy, PublicValue, TableSpec};
+pub use wire::{
+    AggregateRequest, BinaryOp, Literal, NodeInfo, PartialAggregateRequest, Predicate, WireError,
+    PROTOCOL_VERSION,
+};

@@ -1,0 +1,383 @@
+//! Wire messages between coordinator and node.
+//!
+//! A node's Flight ticket is the JSON encoding of a [`TicketEnvelope`]. Nodes decode it with
+//! [`PartialAggregateRequest::decode_ticket`], which checks size, structure and protocol
+//! version, then validate it against their own catalog copy before running anything.
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::ColumnType;
+
+/// Version of the coordinator-node protocol. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest ticket a node accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Deepest expression tree a node accepts.
+pub const MAX_EXPR_DEPTH: usize = 32;
+/// Most expression nodes in one filter.
+pub const MAX_EXPR_NODES: usize = 2_000;
+/// Most GROUP BY columns in one request.
+pub const MAX_GROUP_COLUMNS: usize = 4;
+/// Most partial aggregates in one request.
+pub const MAX_AGGREGATES: usize = 64;
+/// Most groups a request may produce (product of the public domain sizes).
+pub const MAX_GROUPS: usize = 100_000;
+/// Flight action that returns a node's [`NodeInfo`] as JSON.
+pub const ACTION_NODE_INFO: &str = "fedq.node.info";
+
+/// Errors decoding a wire message.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("request is {0} bytes, more than the {MAX_REQUEST_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("request is not a valid fedq partial-aggregate request: {0}")]
+    Malformed(String),
+    #[error("protocol version mismatch: peer speaks v{got}, this build speaks v{PROTOCOL_VERSION}; upgrade the older side")]
+    Version { got: u32 },
+}
+
+/// What travels in a node's Flight ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketEnvelope {
+    /// Protocol version of the sender; must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// The request itself.
+    pub request: PartialAggregateRequest,
+}
+
+/// One typed partial-aggregate request: "over `table`, keep rows matching `filter`, bound
+/// each participant to `max_rows_per_unit` rows, group by `group_by` (public domains only),
+/// and return these partial aggregates".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialAggregateRequest {
+    /// Query id shared by coordinator and node logs.
+    pub query_id: String,
+    /// Catalog table name.
+    pub table: String,
+    /// Row filter, applied before contribution bounding.
+    #[serde(default)]
+    pub filter: Option<Predicate>,
+    /// Group keys: catalog columns with a declared public domain.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Partial aggregates, returned in this order.
+    pub aggregates: Vec<AggregateRequest>,
+    /// Rows per participant kept after the filter (R). At most the catalog's value.
+    pub max_rows_per_unit: u32,
+}
+
+/// A partial aggregate a node can compute. None of them returns a row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AggregateRequest {
+    /// Number of bounded rows in each group (`Int64`).
+    CountRows,
+    /// Number of bounded rows where `column` is not NULL (`Int64`).
+    CountNonNull { column: String },
+    /// Exact fixed-point sum of `column`, clamped to `[lower, upper]`, in units of
+    /// `precision` (`Decimal128(38, 0)`). NULLs are skipped.
+    SumFixed {
+        column: String,
+        lower: f64,
+        upper: f64,
+        precision: f64,
+    },
+}
+
+impl AggregateRequest {
+    /// Column the aggregate reads, if any.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            AggregateRequest::CountRows => None,
+            AggregateRequest::CountNonNull { column }
+            | AggregateRequest::SumFixed { column, .. } => Some(column),
+        }
+    }
+}
+
+/// A literal in a filter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Literal {
+    Null,
+    Boolean(bool),
+    Int64(i64),
+    Float64(f64),
+    Utf8(String),
+    /// Days since 1970-01-01.
+    Date32(i32),
+}
+
+/// Binary operators allowed in filters. All are total on their inputs (integer arithmetic
+/// wraps; division is only allowed by a literal other than 0 and -1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+    And,
+    Or,
+    Plus,
+    Minus,
+    Multiply,
+    Divide,
+}
+
+/// The restricted, total expression language for filters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "expr", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Predicate {
+    Column {
+        name: String,
+    },
+    Literal {
+        value: Literal,
+    },
+    Binary {
+        op: BinaryOp,
+        left: Box<Predicate>,
+        right: Box<Predicate>,
+    },
+    Not {
+        input: Box<Predicate>,
+    },
+    IsNull {
+        input: Box<Predicate>,
+    },
+    IsNotNull {
+        input: Box<Predicate>,
+    },
+    InList {
+        input: Box<Predicate>,
+        list: Vec<Predicate>,
+        negated: bool,
+    },
+    Between {
+        input: Box<Predicate>,
+        low: Box<Predicate>,
+        high: Box<Predicate>,
+        negated: bool,
+    },
+    Like {
+        input: Box<Predicate>,
+        pattern: String,
+        negated: bool,
+        case_insensitive: bool,
+    },
+    /// `TRY_CAST(input AS to)`: NULL instead of an error when the cast fails.
+    TryCast {
+        input: Box<Predicate>,
+        to: ColumnType,
+    },
+}
+
+impl Predicate {
+    /// Depth of the tree (a leaf has depth 1).
+    pub fn depth(&self) -> usize {
+        1 + self.children().iter().map(|c| c.depth()).max().unwrap_or(0)
+    }
+
+    /// Number of nodes in the tree.
+    pub fn node_count(&self) -> usize {
+        1 + self
+            .children()
+            .iter()
+            .map(|c| c.node_count())
+            .sum::<usize>()
+    }
+
+    /// Direct children.
+    pub fn children(&self) -> Vec<&Predicate> {
+        match self {
+            Predicate::Column { .. } | Predicate::Literal { .. } => vec![],
+            Predicate::Binary { left, right, .. } => vec![left, right],
+            Predicate::Not { input }
+            | Predicate::IsNull { input }
+            | Predicate::IsNotNull { input }
+            | Predicate::Like { input, .. }
+            | Predicate::TryCast { input, .. } => vec![input],
+            Predicate::InList { input, list, .. } => {
+                let mut v: Vec<&Predicate> = vec![input];
+                v.extend(list.iter());
+                v
+            }
+            Predicate::Between {
+                input, low, high, ..
+            } => vec![input, low, high],
+        }
+    }
+
+    /// Every column the tree reads.
+    pub fn columns(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.collect_columns(&mut out);
+        out
+    }
+
+    fn collect_columns<'a>(&'a self, out: &mut Vec<&'a str>) {
+        if let Predicate::Column { name } = self {
+            out.push(name);
+        }
+        for c in self.children() {
+            c.collect_columns(out);
+        }
+    }
+}
+
+impl PartialAggregateRequest {
+    /// Encode as a Flight ticket for the current protocol version.
+    pub fn encode_ticket(&self) -> Result<Vec<u8>, WireError> {
+        let env = TicketEnvelope {
+            protocol_version: PROTOCOL_VERSION,
+            request: self.clone(),
+        };
+        serde_json::to_vec(&env).map_err(|e| WireError::Malformed(e.to_string()))
+    }
+
+    /// Decode a Flight ticket: size limit, strict structure, protocol version, and the
+    /// structural limits (expression depth and size, group and aggregate counts).
+    /// Semantic checks against the catalog are the node's.
+    pub fn decode_ticket(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_REQUEST_BYTES {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        // Read the version first so a newer peer gets a version error, not a parse error.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            protocol_version: u32,
+        }
+        let v: VersionOnly =
+            serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if v.protocol_version != PROTOCOL_VERSION {
+            return Err(WireError::Version {
+                got: v.protocol_version,
+            });
+        }
+        // serde_json limits recursion to 128 levels, so a deeply nested ticket fails here
+        // rather than overflowing the stack.
+        let env: TicketEnvelope =
+            serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        let req = env.request;
+        if let Some(f) = &req.filter {
+            if f.depth() > MAX_EXPR_DEPTH {
+                return Err(WireError::Malformed(format!(
+                    "filter is nested {} levels deep; the limit is {MAX_EXPR_DEPTH}",
+                    f.depth()
+                )));
+            }
+            if f.node_count() > MAX_EXPR_NODES {
+                return Err(WireError::Malformed(format!(
+                    "filter has {} nodes; the limit is {MAX_EXPR_NODES}",
+                    f.node_count()
+                )));
+            }
+        }
+        if req.group_by.len() > MAX_GROUP_COLUMNS {
+            return Err(WireError::Malformed(format!(
+                "{} group columns; the limit is {MAX_GROUP_COLUMNS}",
+                req.group_by.len()
+            )));
+        }
+        if req.aggregates.is_empty() || req.aggregates.len() > MAX_AGGREGATES {
+            return Err(WireError::Malformed(format!(
+                "{} aggregates; between 1 and {MAX_AGGREGATES} are allowed",
+                req.aggregates.len()
+            )));
+        }
+        Ok(req)
+    }
+}
+
+/// What a node reports about itself (Flight action [`ACTION_NODE_INFO`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Site name from the node config.
+    pub site: String,
+    /// Protocol version the node speaks.
+    pub protocol_version: u32,
+    /// fedq version of the node binary.
+    pub fedq_version: String,
+    /// Catalog tables the node serves.
+    pub tables: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PartialAggregateRequest {
+        PartialAggregateRequest {
+            query_id: "q1".into(),
+            table: "labs".into(),
+            filter: Some(Predicate::Binary {
+                op: BinaryOp::Eq,
+                left: Box::new(Predicate::Column {
+                    name: "test".into(),
+                }),
+                right: Box::new(Predicate::Literal {
+                    value: Literal::Utf8("HbA1c".into()),
+                }),
+            }),
+            group_by: vec!["test".into()],
+            aggregates: vec![
+                AggregateRequest::CountRows,
+                AggregateRequest::SumFixed {
+                    column: "value".into(),
+                    lower: 0.0,
+                    upper: 20.0,
+                    precision: 0.01,
+                },
+            ],
+            max_rows_per_unit: 10,
+        }
+    }
+
+    #[test]
+    fn ticket_roundtrip() {
+        let r = sample();
+        let t = r.encode_ticket().unwrap();
+        assert_eq!(PartialAggregateRequest::decode_ticket(&t).unwrap(), r);
+    }
+
+    #[test]
+    fn rejects_version_mismatch_and_unknown_fields() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&sample().encode_ticket().unwrap()).unwrap();
+        v["protocol_version"] = 99.into();
+        let e =
+            PartialAggregateRequest::decode_ticket(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(e, WireError::Version { got: 99 }));
+        v["protocol_version"] = PROTOCOL_VERSION.into();
+        v["request"]["return_rows"] = true.into();
+        let e =
+            PartialAggregateRequest::decode_ticket(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(e, WireError::Malformed(_)), "{e}");
+    }
+
+    #[test]
+    fn rejects_oversized_and_deep() {
+        let big = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(matches!(
+            PartialAggregateRequest::decode_ticket(&big),
+            Err(WireError::TooLarge(_))
+        ));
+        let mut p = Predicate::Column { name: "x".into() };
+        for _ in 0..40 {
+            p = Predicate::Not { input: Box::new(p) };
+        }
+        let mut r = sample();
+        r.filter = Some(p);
+        let t = r.encode_ticket().unwrap();
+        assert!(matches!(
+            PartialAggregateRequest::decode_ticket(&t),
+            Err(WireError::Malformed(_))
+        ));
+    }
+}
