@@ -1,1 +1,141 @@
+//! # fedq-coordinator
+//!
+//! The coordinator plans a researcher's SQL across the hospital nodes, merges their partial
+//! aggregates, charges the researcher's privacy budget, adds differential-privacy noise and
+//! releases the result over Arrow Flight SQL.
+//!
+//! ## Code map
+//! - [`config`]: `coordinator.toml`, validated.
+//! - [`planner`]: SQL → checked plan: one typed node request, the noisy statistics with
+//!   their sensitivities and ε shares, and the post-processing plan.
+//! - [`predicate`]: WHERE → the wire's total expression language.
+//! - [`fanout`]: parallel requests to nodes and exact merge of partials.
+//! - [`budget`]: the [`BudgetLedger`] interface and the in-memory ledger.
+//! - [`noise`]: OpenDP's discrete Laplace sampler, confidence half-widths.
+//! - [`release`]: noise, AVG, suppression, post-processing, Arrow metadata.
+//! - [`engine`]: [`Coordinator`], the whole pipeline without a network front end.
+//! - [`service`]: the Flight SQL service and the bearer-token interceptor.
+//! - [`error`]: the one error enum and its single mapping to `tonic::Status`.
+//!
+//! ## Rules this crate enforces
+//! - Only aggregates over one catalog table are answered; anything that would return rows,
+//!   aggregate an unbounded column, or group by a key without a public domain is refused
+//!   with a reason (fail closed).
+//! - Sensitivities come only from the catalog: R (rows per participant), S (sites per
+//!   participant), clamp bounds and precision.
+//! - The budget is charged after every node answered and before any noise is drawn; noise
+//!   comes only from OpenDP.
+//! - Node and internal errors reach researchers only as generic messages with a query id.
 
+pub mod budget;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fanout;
+pub mod noise;
+pub mod planner;
+pub mod predicate;
+pub mod release;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use budget::{BudgetLedger, BudgetStatus, Charge, MemoryLedger};
+pub use config::CoordinatorConfig;
+pub use engine::Coordinator;
+pub use error::CoordinatorError;
+pub use service::{AuthInterceptor, FedqFlightSqlService, Researcher};
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use tokio::sync::oneshot;
+
+/// Largest request a researcher may send, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    /// Address the Flight SQL server is bound to.
+    pub addr: SocketAddr,
+    /// The engine, for in-process use (tests, demo).
+    pub engine: Arc<Coordinator>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl CoordinatorHandle {
+    /// Stop serving and wait for the server to finish.
+    pub async fn shutdown(mut self) -> Result<(), CoordinatorError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Wait until the server stops.
+    pub async fn wait(self) -> Result<(), CoordinatorError> {
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CoordinatorError::Config(format!("server error: {e}"))),
+            Err(e) => Err(CoordinatorError::internal("-", format!("server task: {e}"))),
+        }
+    }
+}
+
+/// Start a coordinator with an in-memory budget ledger built from the config's grants.
+pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
+    let ledger = Arc::new(MemoryLedger::new(
+        config
+            .researchers
+            .iter()
+            .map(|r| (r.name.clone(), r.epsilon_budget)),
+    ));
+    start_with_ledger(config, ledger).await
+}
+
+/// Start a coordinator over a given ledger. Binds `config.listen` (port 0 picks a free
+/// port; see [`CoordinatorHandle::addr`]).
+pub async fn start_with_ledger(
+    config: CoordinatorConfig,
+    ledger: Arc<dyn BudgetLedger>,
+) -> Result<CoordinatorHandle, CoordinatorError> {
+    let engine = Arc::new(Coordinator::new(&config, ledger)?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| {
+            CoordinatorError::Config(format!(
+                "cannot listen on {}: {e}; choose another address with `listen`",
+                config.listen
+            ))
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Config(format!("cannot read bound address: {e}")))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "coordinator listens on a non-loopback address");
+    }
+    let service = FedqFlightSqlService::new(engine.clone())?;
+    let server = FlightServiceServer::new(service)
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let intercepted = tonic::service::interceptor::InterceptedService::new(
+        server,
+        AuthInterceptor::new(&config.researchers),
+    );
+    let (tx, rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(intercepted)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "coordinator listening");
+    Ok(CoordinatorHandle {
+        addr,
+        engine,
+        shutdown: Some(tx),
+        task,
+    })
+}

@@ -1,0 +1,77 @@
+//! The coordinator's one error type, and its single mapping to `tonic::Status`.
+//!
+//! Caller errors (refused or malformed queries, exhausted budgets, unknown researchers) carry
+//! messages that depend only on the SQL text, the catalog and the budget, never on data.
+//! Node and internal failures are logged in full and reach the researcher only as a generic
+//! message with the query id.
+
+use tonic::Status;
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad configuration (startup only).
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// The SQL does not parse or names unknown tables or columns.
+    #[error("{0}")]
+    InvalidSql(String),
+    /// The query is valid SQL but fedq will not answer it under the privacy model.
+    #[error("query refused: {0}")]
+    Refused(String),
+    /// A session setting or request parameter is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The query would exceed the researcher's budget.
+    #[error("privacy budget exhausted: this query needs ε = {requested}, but only ε = {remaining} remains of {total}; ask your privacy officer for more budget or lower `SET fedq.epsilon`")]
+    BudgetExhausted {
+        requested: f64,
+        remaining: f64,
+        total: f64,
+    },
+    /// No valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A node could not be reached or did not answer in time. No budget was charged.
+    #[error("site {site} is unavailable ({reason}); the query was not answered and no budget was charged")]
+    NodeUnavailable { site: String, reason: String },
+    /// A node answered with an error. No budget was charged.
+    #[error("site {site} could not answer the query (query id {query_id}); no budget was charged. The site's log has the details")]
+    NodeFailed { site: String, query_id: String },
+    /// A bug or an unexpected condition; details are only logged.
+    #[error("internal error (query id {query_id}); the coordinator log has the details")]
+    Internal { query_id: String, detail: String },
+}
+
+impl CoordinatorError {
+    /// An internal error with a detail that is only logged.
+    pub fn internal(query_id: &str, detail: impl Into<String>) -> Self {
+        CoordinatorError::Internal {
+            query_id: query_id.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        match &e {
+            CoordinatorError::Config(m) => Status::failed_precondition(m.clone()),
+            CoordinatorError::InvalidSql(_) | CoordinatorError::InvalidArgument(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            CoordinatorError::Refused(_) => Status::permission_denied(e.to_string()),
+            CoordinatorError::BudgetExhausted { .. } => Status::resource_exhausted(e.to_string()),
+            CoordinatorError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+            CoordinatorError::NodeUnavailable { .. } => Status::unavailable(e.to_string()),
+            CoordinatorError::NodeFailed { .. } => Status::unavailable(e.to_string()),
+            CoordinatorError::Internal { query_id, detail } => {
+                tracing::error!(query_id = %query_id, detail = %detail, "internal error");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -1,0 +1,277 @@
+//! Fan-out to the nodes and merge of their partial aggregates.
+//!
+//! Every node gets the same typed request, in parallel. Nodes answer with small Arrow
+//! batches of partial aggregates; the coordinator checks their shape, keeps only keys from
+//! the public domain, and adds them up exactly (`i128`). If any node fails or times out the
+//! whole query fails before anything is charged or released.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::{Action, Ticket};
+use datafusion::arrow::array::{
+    Array, AsArray, BooleanArray, Decimal128Array, Int32Array, Int64Array, RecordBatch,
+};
+use datafusion::arrow::datatypes::DataType;
+use fedq_common::{AggregateRequest, NodeInfo, PartialAggregateRequest, PublicValue};
+use futures::TryStreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::NodeEndpoint;
+use crate::error::CoordinatorError;
+use crate::planner::GroupKey;
+
+/// Largest node answer accepted, in bytes.
+const MAX_NODE_RESPONSE: usize = 64 * 1024 * 1024;
+
+/// Exact merged partials, before any noise. Library-only: no network path returns these.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergedPartials {
+    /// Group key -> one exact value per requested partial aggregate.
+    pub groups: BTreeMap<Vec<PublicValue>, Vec<i128>>,
+    /// Sites that answered.
+    pub sites_answered: Vec<String>,
+}
+
+impl MergedPartials {
+    /// Exact partials of one group (zeros if no site had rows in it).
+    pub fn get(&self, key: &[PublicValue], n_partials: usize) -> Vec<i128> {
+        self.groups
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| vec![0; n_partials])
+    }
+}
+
+/// Lazily connected clients for every node; a node that restarts is reconnected
+/// automatically on the next query.
+#[derive(Clone)]
+pub struct NodePool {
+    nodes: Vec<(NodeEndpoint, Channel)>,
+    timeout: Duration,
+}
+
+impl NodePool {
+    /// Build the pool (no connection is made until the first query).
+    pub fn new(nodes: &[NodeEndpoint], timeout: Duration) -> Result<NodePool, CoordinatorError> {
+        let mut out = Vec::new();
+        for n in nodes {
+            let ep = Endpoint::from_shared(n.endpoint.clone())
+                .map_err(|e| {
+                    CoordinatorError::Config(format!(
+                        "node {}: invalid endpoint {:?}: {e}",
+                        n.site, n.endpoint
+                    ))
+                })?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(timeout);
+            out.push((n.clone(), ep.connect_lazy()));
+        }
+        Ok(NodePool {
+            nodes: out,
+            timeout,
+        })
+    }
+
+    /// Site names, in config order.
+    pub fn sites(&self) -> Vec<String> {
+        self.nodes.iter().map(|(n, _)| n.site.clone()).collect()
+    }
+
+    /// Ask every node, in parallel, and merge. Fails if any node fails.
+    pub async fn gather(
+        &self,
+        req: &PartialAggregateRequest,
+        groups: &[GroupKey],
+    ) -> Result<MergedPartials, CoordinatorError> {
+        let ticket = req
+            .encode_ticket()
+            .map_err(|e| CoordinatorError::internal(&req.query_id, e.to_string()))?;
+        let futs = self.nodes.iter().map(|(node, ch)| {
+            let ticket = ticket.clone();
+            async move {
+                let res = tokio::time::timeout(
+                    self.timeout,
+                    fetch(ch.clone(), ticket, &req.query_id, &node.site),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CoordinatorError::NodeUnavailable {
+                        site: node.site.clone(),
+                        reason: format!("no answer within {} s", self.timeout.as_secs()),
+                    })
+                });
+                (node.site.clone(), res)
+            }
+        });
+        let results = futures::future::join_all(futs).await;
+        let mut merged = MergedPartials::default();
+        for (site, res) in results {
+            let batches = res?;
+            for b in &batches {
+                merge_batch(&mut merged, b, req, groups).map_err(|detail| {
+                    tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");
+                    CoordinatorError::NodeFailed {
+                        site: site.clone(),
+                        query_id: req.query_id.clone(),
+                    }
+                })?;
+            }
+            merged.sites_answered.push(site);
+        }
+        Ok(merged)
+    }
+
+    /// Ask every node for its [`NodeInfo`]; `Err` holds the reason a node is unhealthy.
+    pub async fn info(&self) -> Vec<(String, Result<NodeInfo, String>)> {
+        let futs = self.nodes.iter().map(|(node, ch)| async move {
+            let mut client = FlightServiceClient::new(ch.clone());
+            let action = Action::new(fedq_common::wire::ACTION_NODE_INFO, "");
+            let res = async {
+                let mut stream = client
+                    .do_action(action)
+                    .await
+                    .map_err(|s| s.message().to_string())?
+                    .into_inner();
+                let first = stream
+                    .message()
+                    .await
+                    .map_err(|s| s.message().to_string())?
+                    .ok_or_else(|| "empty answer".to_string())?;
+                serde_json::from_slice::<NodeInfo>(&first.body).map_err(|e| e.to_string())
+            };
+            let r = tokio::time::timeout(Duration::from_secs(5), res)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 5 s".into()));
+            (node.site.clone(), r)
+        });
+        futures::future::join_all(futs).await
+    }
+}
+
+async fn fetch(
+    ch: Channel,
+    ticket: Vec<u8>,
+    query_id: &str,
+    site: &str,
+) -> Result<Vec<RecordBatch>, CoordinatorError> {
+    let mut client = FlightServiceClient::new(ch).max_decoding_message_size(MAX_NODE_RESPONSE);
+    let status_err = |s: tonic::Status| -> CoordinatorError {
+        tracing::warn!(query_id, site, code = ?s.code(), message = %s.message(), "node error");
+        match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                CoordinatorError::NodeUnavailable {
+                    site: site.to_string(),
+                    reason: "connection failed".into(),
+                }
+            }
+            _ => CoordinatorError::NodeFailed {
+                site: site.to_string(),
+                query_id: query_id.to_string(),
+            },
+        }
+    };
+    let resp = client
+        .do_get(Ticket::new(ticket))
+        .await
+        .map_err(status_err)?;
+    let stream = FlightRecordBatchStream::new_from_flight_data(
+        resp.into_inner().map_err(|s| FlightError::Tonic(Box::new(s))),
+    );
+    stream.try_collect().await.map_err(|e| match e {
+        FlightError::Tonic(s) => status_err(*s),
+        other => {
+            tracing::warn!(query_id, site, error = %other, "undecodable node answer");
+            CoordinatorError::NodeFailed {
+                site: site.to_string(),
+                query_id: query_id.to_string(),
+            }
+        }
+    })
+}
+
+fn key_value(col: &dyn Array, row: usize) -> Result<Option<PublicValue>, String> {
+    if col.is_null(row) {
+        return Ok(None);
+    }
+    Ok(Some(match col.data_type() {
+        DataType::Utf8 => PublicValue::Text(col.as_string::<i32>().value(row).to_string()),
+        DataType::Utf8View => PublicValue::Text(col.as_string_view().value(row).to_string()),
+        DataType::Int32 => PublicValue::Int(
+            col.as_any()
+                .downcast_ref::<Int32Array>()
+                .ok_or("bad int32")?
+                .value(row)
+                .into(),
+        ),
+        DataType::Int64 => PublicValue::Int(
+            col.as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or("bad int64")?
+                .value(row),
+        ),
+        DataType::Boolean => PublicValue::Bool(
+            col.as_any()
+                .downcast_ref::<BooleanArray>()
+                .ok_or("bad bool")?
+                .value(row),
+        ),
+        other => return Err(format!("unsupported key type {other}")),
+    }))
+}
+
+fn merge_batch(
+    merged: &mut MergedPartials,
+    b: &RecordBatch,
+    req: &PartialAggregateRequest,
+    groups: &[GroupKey],
+) -> Result<(), String> {
+    let nk = groups.len();
+    let na = req.aggregates.len();
+    if b.num_columns() != nk + na {
+        return Err(format!(
+            "expected {} columns, got {}",
+            nk + na,
+            b.num_columns()
+        ));
+    }
+    for row in 0..b.num_rows() {
+        let mut key = Vec::with_capacity(nk);
+        let mut in_domain = true;
+        for (k, g) in groups.iter().enumerate() {
+            match key_value(b.column(k).as_ref(), row)? {
+                Some(v) if g.domain.contains(&v) => key.push(v),
+                _ => in_domain = false,
+            }
+        }
+        if !in_domain {
+            // Nodes drop such rows themselves; never release a key outside the domain.
+            continue;
+        }
+        let entry = merged.groups.entry(key).or_insert_with(|| vec![0; na]);
+        for (i, a) in req.aggregates.iter().enumerate() {
+            let col = b.column(nk + i);
+            if col.is_null(row) {
+                return Err(format!("NULL partial in column {}", nk + i));
+            }
+            let v: i128 = match a {
+                AggregateRequest::CountRows | AggregateRequest::CountNonNull { .. } => col
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .ok_or("count partial is not Int64")?
+                    .value(row)
+                    .into(),
+                AggregateRequest::SumFixed { .. } => col
+                    .as_any()
+                    .downcast_ref::<Decimal128Array>()
+                    .ok_or("sum partial is not Decimal128")?
+                    .value(row),
+            };
+            entry[i] = entry[i].checked_add(v).ok_or("partial sum overflows i128")?;
+        }
+    }
+    Ok(())
+}

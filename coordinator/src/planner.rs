@@ -1,0 +1,608 @@
+//! From SQL to a privacy-checked plan.
+//!
+//! The planner parses SQL with DataFusion against the catalog (tables registered as empty
+//! tables: the coordinator never holds data), then checks the logical plan against the
+//! privacy model:
+//!
+//! ```text
+//!   [Limit] [Sort] Projection [Filter (HAVING)]      <- post-processing, run after noise
+//!   Aggregate(group by public keys; COUNT/SUM/AVG)    <- becomes noisy statistics
+//!   [Filter (WHERE)] [SubqueryAlias] TableScan        <- becomes the node request
+//! ```
+//!
+//! Everything below the aggregate becomes one typed [`PartialAggregateRequest`]; the
+//! aggregate becomes a list of [`Statistic`]s, each with an L1 sensitivity derived from
+//! the catalog (R rows per participant, S sites per participant, clamp bounds), and its
+//! share of ε. Everything above the aggregate is kept as a DataFusion plan and executed
+//! over the noisy values only.
+
+use std::sync::Arc;
+
+use dashu::rational::RBig;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::catalog::TableProvider;
+use datafusion::common::{DFSchemaRef, ScalarValue};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use fedq_common::catalog::Bounds;
+use fedq_common::{AggregateRequest, Catalog, ColumnType, PartialAggregateRequest, PublicValue};
+
+use crate::error::CoordinatorError;
+use crate::noise::rational;
+use crate::predicate::to_predicate;
+
+/// A GROUP BY key with its public domain.
+#[derive(Debug, Clone)]
+pub struct GroupKey {
+    /// Column name.
+    pub column: String,
+    /// Declared type.
+    pub ty: ColumnType,
+    /// Public domain, released in full.
+    pub domain: Vec<PublicValue>,
+}
+
+/// What a released statistic measures, in integer units.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatisticKind {
+    /// A count: the value of partial `partial`.
+    Count { partial: usize },
+    /// A fixed-point sum: the value of partial `partial`, in units of `precision`.
+    Sum { partial: usize, precision: f64 },
+    /// A sum centred on `mid_fp`: partial `sum` − `mid_fp` × partial `count`.
+    CentredSum {
+        sum: usize,
+        count: usize,
+        mid_fp: i128,
+        precision: f64,
+    },
+}
+
+/// One noisy statistic, released for every group.
+#[derive(Debug, Clone)]
+pub struct Statistic {
+    /// What it measures.
+    pub kind: StatisticKind,
+    /// L1 sensitivity of the whole vector over groups, in integer units.
+    pub sensitivity: u128,
+    /// Its share of the query's ε (exact).
+    pub epsilon: RBig,
+    /// Human description for EXPLAIN and logs, e.g. `SUM(value - 250) in 0.01 units`.
+    pub label: String,
+}
+
+/// How one aggregate of the SQL is computed from statistics.
+#[derive(Debug, Clone)]
+pub enum AggregateOutput {
+    /// `COUNT(*)` or `COUNT(col)`.
+    Count { stat: usize },
+    /// `SUM(col)`.
+    Sum { stat: usize },
+    /// `AVG(col)` = mid + centred sum / count, clamped into [lower, upper].
+    Avg {
+        sum_stat: usize,
+        count_stat: usize,
+        bounds: Bounds,
+        mid_fp: i128,
+    },
+}
+
+/// A checked, planned query.
+#[derive(Debug, Clone)]
+pub struct PlannedQuery {
+    /// Query id shared with the nodes' logs.
+    pub query_id: String,
+    /// SQL text as received.
+    pub sql: String,
+    /// Catalog table read.
+    pub table: String,
+    /// Request sent, unchanged, to every node.
+    pub request: PartialAggregateRequest,
+    /// Group keys in GROUP BY order.
+    pub groups: Vec<GroupKey>,
+    /// Noisy statistics.
+    pub statistics: Vec<Statistic>,
+    /// One entry per aggregate expression, in the aggregate's output order.
+    pub outputs: Vec<AggregateOutput>,
+    /// Output schema of the aggregate node (group keys, then aggregates).
+    pub aggregate_schema: DFSchemaRef,
+    /// The whole logical plan; the aggregate is replaced by noisy values at release.
+    pub plan: LogicalPlan,
+    /// ε the query spends.
+    pub epsilon: f64,
+}
+
+/// Plans SQL against the catalog.
+pub struct Planner {
+    ctx: SessionContext,
+    catalog: Catalog,
+}
+
+fn refuse(msg: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Refused(msg.into())
+}
+
+/// Schema of a catalog table as DataFusion sees it.
+pub fn table_schema(spec: &fedq_common::TableSpec) -> Schema {
+    Schema::new(
+        spec.columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
+            .collect::<Vec<_>>(),
+    )
+}
+
+impl Planner {
+    /// A planner over the catalog's tables.
+    pub fn new(catalog: &Catalog) -> Result<Planner, CoordinatorError> {
+        let ctx = SessionContext::new();
+        for (name, spec) in &catalog.tables {
+            let provider: Arc<dyn TableProvider> =
+                Arc::new(EmptyTable::new(Arc::new(table_schema(spec))));
+            ctx.register_table(name.as_str(), provider).map_err(|e| {
+                CoordinatorError::Config(format!("cannot register catalog table {name}: {e}"))
+            })?;
+        }
+        Ok(Planner {
+            ctx,
+            catalog: catalog.clone(),
+        })
+    }
+
+    /// Parse and plan SQL without checking it against the privacy model.
+    pub async fn logical_plan(&self, sql: &str) -> Result<LogicalPlan, CoordinatorError> {
+        self.ctx
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .map_err(|e| CoordinatorError::InvalidSql(clean_df_error(&e.to_string())))
+    }
+
+    /// Plan `sql` to spend `epsilon`, checking every rule of the privacy model.
+    pub async fn plan(
+        &self,
+        sql: &str,
+        epsilon: f64,
+        query_id: &str,
+    ) -> Result<PlannedQuery, CoordinatorError> {
+        let plan = self.logical_plan(sql).await?;
+        let agg = find_aggregate(&plan)?;
+        let (table, filters) = scan_below(&agg.input)?;
+        let spec = self.catalog.table(&table).ok_or_else(|| {
+            CoordinatorError::InvalidSql(format!("table `{table}` is not in the catalog"))
+        })?;
+
+        // WHERE -> wire predicate.
+        let mut predicate = None;
+        for f in filters {
+            let p = to_predicate(&f, &table, spec)?;
+            predicate = Some(match predicate {
+                None => p,
+                Some(prev) => fedq_common::Predicate::Binary {
+                    op: fedq_common::BinaryOp::And,
+                    left: Box::new(prev),
+                    right: Box::new(p),
+                },
+            });
+        }
+
+        // GROUP BY -> public keys.
+        let mut groups = Vec::new();
+        for g in &agg.group_expr {
+            let Expr::Column(c) = strip_alias(g) else {
+                return Err(refuse(format!(
+                    "GROUP BY `{g}`: only plain columns with a declared public domain can be grouped on \
+                     (bucketed keys come with partition selection); group by a column such as {}",
+                    public_columns(spec)
+                )));
+            };
+            let col = spec.column(&c.name).ok_or_else(|| {
+                CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
+            })?;
+            let Some(domain) = &col.public_values else {
+                return Err(refuse(format!(
+                    "GROUP BY `{}`: the column has no public domain, so its groups could reveal single participants. \
+                     The privacy officer must declare `public_values` for {table}.{} in the catalog \
+                     (DP partition selection for such keys is not available yet). Columns you can group by: {}",
+                    c.name, c.name, public_columns(spec)
+                )));
+            };
+            if groups.iter().any(|k: &GroupKey| k.column == c.name) {
+                return Err(CoordinatorError::InvalidSql(format!(
+                    "column `{}` appears twice in GROUP BY",
+                    c.name
+                )));
+            }
+            groups.push(GroupKey {
+                column: c.name.clone(),
+                ty: col.ty,
+                domain: domain.clone(),
+            });
+        }
+        let n_groups: usize = groups.iter().map(|g| g.domain.len()).product();
+        if n_groups > fedq_common::wire::MAX_GROUPS {
+            return Err(refuse(format!(
+                "the GROUP BY keys have {n_groups} combinations; the limit is {}",
+                fedq_common::wire::MAX_GROUPS
+            )));
+        }
+        if agg.aggr_expr.is_empty() {
+            return Err(refuse(
+                "the query has no aggregate, so it would list which values exist; add COUNT(*), SUM or AVG",
+            ));
+        }
+
+        let r = u128::from(spec.max_rows_per_unit);
+        let s = u128::from(self.catalog.max_sites_per_unit);
+        let mut b = StatBuilder::default();
+        let mut outputs = Vec::new();
+        for e in &agg.aggr_expr {
+            outputs.push(b.aggregate(strip_alias(e), &table, spec, r * s)?);
+        }
+        let n_stats = b.statistics.len();
+        let eps = rational(epsilon)?;
+        let share = eps / RBig::from(n_stats as u64);
+        for st in &mut b.statistics {
+            st.epsilon = share.clone();
+        }
+
+        let request = PartialAggregateRequest {
+            query_id: query_id.to_string(),
+            table: table.clone(),
+            filter: predicate,
+            group_by: groups.iter().map(|g| g.column.clone()).collect(),
+            aggregates: b.partials,
+            max_rows_per_unit: spec.max_rows_per_unit,
+        };
+        Ok(PlannedQuery {
+            query_id: query_id.to_string(),
+            sql: sql.to_string(),
+            table,
+            request,
+            groups,
+            statistics: b.statistics,
+            outputs,
+            aggregate_schema: agg.schema.clone(),
+            plan: plan.clone(),
+            epsilon,
+        })
+    }
+}
+
+fn public_columns(spec: &fedq_common::TableSpec) -> String {
+    let v: Vec<&str> = spec
+        .columns
+        .iter()
+        .filter(|c| c.public_values.is_some())
+        .map(|c| c.name.as_str())
+        .collect();
+    if v.is_empty() {
+        "(none in this table)".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// DataFusion error texts start with "Error during planning: " and similar; keep the
+/// useful part.
+fn clean_df_error(s: &str) -> String {
+    let s = s
+        .trim_start_matches("SQL error: ")
+        .trim_start_matches("Error during planning: ")
+        .trim_start_matches("Schema error: ");
+    let s = s.split("\nbacktrace").next().unwrap_or(s);
+    if s.contains("table") && s.contains("not found") {
+        format!("{s}; run `SHOW TABLES` in fedq sql or see the catalog for available tables")
+    } else {
+        s.to_string()
+    }
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
+    }
+}
+
+fn contains_subquery(e: &Expr) -> bool {
+    let mut found = false;
+    let _ = e.apply(|x| {
+        if matches!(
+            x,
+            Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_)
+        ) {
+            found = true;
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+use datafusion::common::tree_node::TreeNode;
+
+/// Walk the post-processing part of the plan down to the single aggregate.
+fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
+    match plan {
+        LogicalPlan::Aggregate(a) => Ok(a),
+        LogicalPlan::Projection(_)
+        | LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Distinct(_) => {
+            if plan.expressions().iter().any(contains_subquery) {
+                return Err(refuse(
+                    "subqueries are not supported: each query reads one table with one aggregate",
+                ));
+            }
+            let inputs = plan.inputs();
+            match inputs.as_slice() {
+                [one] => find_aggregate(one),
+                _ => Err(refuse("unexpected query shape")),
+            }
+        }
+        LogicalPlan::TableScan(_) | LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
+            Err(refuse(
+                "fedq only answers aggregate queries, never rows. Ask for COUNT(*), COUNT(col), SUM(col) or AVG(col), \
+                 optionally with GROUP BY on public columns, e.g. SELECT sex, COUNT(*) FROM participants GROUP BY sex",
+            ))
+        }
+        LogicalPlan::Window(_) => Err(refuse(
+            "window functions are not supported: they can output values row by row",
+        )),
+        LogicalPlan::Join(_) => Err(refuse(
+            "joins are not supported yet; query one table at a time",
+        )),
+        LogicalPlan::Union(_) => Err(refuse("UNION is not supported; run each part as its own query")),
+        LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => {
+            Err(refuse("EXPLAIN is not supported yet"))
+        }
+        LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) | LogicalPlan::Copy(_) => Err(refuse(
+            "fedq is read-only: only SELECT aggregates and SET fedq.epsilon are accepted",
+        )),
+        LogicalPlan::Statement(_) => Err(refuse(
+            "only `SET fedq.epsilon = <number>` is supported among session statements",
+        )),
+        other => Err(refuse(format!(
+            "unsupported query construct ({}); fedq answers SELECT aggregates over one table",
+            other.display()
+        ))),
+    }
+}
+
+/// Below the aggregate: only filters, aliases and the scan of one catalog table.
+fn scan_below(plan: &LogicalPlan) -> Result<(String, Vec<Expr>), CoordinatorError> {
+    match plan {
+        LogicalPlan::TableScan(t) => {
+            Ok((t.table_name.table().to_string(), t.filters.clone()))
+        }
+        LogicalPlan::Filter(f) => {
+            if contains_subquery(&f.predicate) {
+                return Err(refuse(
+                    "subqueries are not supported: each query reads one table; filter with literals instead",
+                ));
+            }
+            let (t, mut fs) = scan_below(&f.input)?;
+            fs.push(f.predicate.clone());
+            Ok((t, fs))
+        }
+        LogicalPlan::SubqueryAlias(a) => scan_below(&a.input),
+        LogicalPlan::Projection(p)
+            if p.expr.iter().all(|e| matches!(strip_alias(e), Expr::Column(_))) =>
+        {
+            scan_below(&p.input)
+        }
+        LogicalPlan::Join(_) => Err(refuse(
+            "joins are not supported yet; query one table at a time",
+        )),
+        LogicalPlan::Aggregate(_) => Err(refuse(
+            "nested aggregates are not supported: one aggregate per query",
+        )),
+        LogicalPlan::Projection(_) => Err(refuse(
+            "computed columns in a subquery are not supported; aggregate table columns directly",
+        )),
+        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => Err(refuse(
+            "the query reads no catalog table; name a table in FROM",
+        )),
+        other => Err(refuse(format!(
+            "unsupported construct below the aggregate ({}); use WHERE on one table",
+            other.display()
+        ))),
+    }
+}
+
+/// Collects node partials and statistics, sharing identical ones.
+#[derive(Default)]
+struct StatBuilder {
+    partials: Vec<AggregateRequest>,
+    statistics: Vec<Statistic>,
+}
+
+impl StatBuilder {
+    fn partial(&mut self, p: AggregateRequest) -> usize {
+        if let Some(i) = self.partials.iter().position(|q| *q == p) {
+            return i;
+        }
+        self.partials.push(p);
+        self.partials.len() - 1
+    }
+
+    fn stat(&mut self, kind: StatisticKind, sensitivity: u128, label: String) -> usize {
+        if let Some(i) = self.statistics.iter().position(|s| s.kind == kind) {
+            return i;
+        }
+        self.statistics.push(Statistic {
+            kind,
+            sensitivity,
+            epsilon: RBig::ZERO,
+            label,
+        });
+        self.statistics.len() - 1
+    }
+
+    fn aggregate(
+        &mut self,
+        e: &Expr,
+        table: &str,
+        spec: &fedq_common::TableSpec,
+        rs: u128,
+    ) -> Result<AggregateOutput, CoordinatorError> {
+        let Expr::AggregateFunction(f) = e else {
+            return Err(refuse(format!("unsupported aggregate expression `{e}`")));
+        };
+        let name = f.func.name().to_ascii_lowercase();
+        let p = &f.params;
+        if p.distinct {
+            return Err(refuse(format!(
+                "{}(DISTINCT ...) is not supported yet; use COUNT(*) or COUNT(col)",
+                name.to_uppercase()
+            )));
+        }
+        if p.filter.is_some() {
+            return Err(refuse(
+                "aggregate FILTER (WHERE ...) is not supported; put the condition in WHERE",
+            ));
+        }
+        if !p.order_by.is_empty() {
+            return Err(refuse("ordered aggregates are not supported"));
+        }
+        match name.as_str() {
+            "count" | "sum" | "avg" | "mean" => {}
+            "min" | "max" => {
+                return Err(refuse(format!(
+                    "{}() reveals one participant's value and has no useful private version; \
+                     use a percentile instead (e.g. APPROX_PERCENTILE_CONT(col, 0.95), coming soon) or AVG",
+                    name.to_uppercase()
+                )))
+            }
+            other => {
+                return Err(refuse(format!(
+                    "aggregate {}() is not supported; use COUNT(*), COUNT(col), SUM(col) or AVG(col)",
+                    other.to_uppercase()
+                )))
+            }
+        }
+        let arg = match p.args.as_slice() {
+            [a] => strip_alias(a),
+            _ => {
+                return Err(CoordinatorError::InvalidSql(format!(
+                    "{}() takes exactly one argument",
+                    name.to_uppercase()
+                )))
+            }
+        };
+        if name == "count" {
+            if let Expr::Literal(v, _) = arg {
+                if v.is_null() {
+                    return Err(CoordinatorError::InvalidSql(
+                        "COUNT(NULL) is always 0; use COUNT(*)".into(),
+                    ));
+                }
+                let partial = self.partial(AggregateRequest::CountRows);
+                let stat = self.stat(StatisticKind::Count { partial }, rs, "COUNT(*)".into());
+                return Ok(AggregateOutput::Count { stat });
+            }
+        }
+        let Expr::Column(c) = arg else {
+            return Err(refuse(format!(
+                "{}({arg}): aggregates over expressions are not supported yet; aggregate a column",
+                name.to_uppercase()
+            )));
+        };
+        let col = spec.column(&c.name).ok_or_else(|| {
+            CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
+        })?;
+        if name == "count" {
+            let partial = self.partial(AggregateRequest::CountNonNull {
+                column: c.name.clone(),
+            });
+            let stat = self.stat(
+                StatisticKind::Count { partial },
+                rs,
+                format!("COUNT({})", c.name),
+            );
+            return Ok(AggregateOutput::Count { stat });
+        }
+        if c.name == spec.privacy_unit {
+            return Err(refuse(format!(
+                "`{}` is the privacy unit and cannot be aggregated",
+                c.name
+            )));
+        }
+        let Some(bounds) = col.bounds() else {
+            return Err(refuse(format!(
+                "{}({}): column {table}.{} has no declared bounds, so its sensitivity is unbounded. \
+                 The privacy officer must declare `lower`, `upper` (and `precision` for non-integers) for it in the catalog",
+                name.to_uppercase(),
+                c.name,
+                c.name
+            )));
+        };
+        let lo_fp = (bounds.lower / bounds.precision).ceil() as i128;
+        let hi_fp = (bounds.upper / bounds.precision).floor() as i128;
+        let sum_partial = self.partial(AggregateRequest::SumFixed {
+            column: c.name.clone(),
+            lower: bounds.lower,
+            upper: bounds.upper,
+            precision: bounds.precision,
+        });
+        if name == "sum" {
+            let m = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
+            let stat = self.stat(
+                StatisticKind::Sum {
+                    partial: sum_partial,
+                    precision: bounds.precision,
+                },
+                rs * m,
+                format!("SUM({}) in units of {}", c.name, bounds.precision),
+            );
+            return Ok(AggregateOutput::Sum { stat });
+        }
+        // AVG: centred sum and count of non-null values.
+        let count_partial = self.partial(AggregateRequest::CountNonNull {
+            column: c.name.clone(),
+        });
+        let mid_fp = (lo_fp + hi_fp).div_euclid(2);
+        let half = (hi_fp - mid_fp).unsigned_abs().max((mid_fp - lo_fp).unsigned_abs());
+        let count_stat = self.stat(
+            StatisticKind::Count {
+                partial: count_partial,
+            },
+            rs,
+            format!("COUNT({})", c.name),
+        );
+        let sum_stat = self.stat(
+            StatisticKind::CentredSum {
+                sum: sum_partial,
+                count: count_partial,
+                mid_fp,
+                precision: bounds.precision,
+            },
+            rs * half,
+            format!(
+                "SUM({} - {}) in units of {}",
+                c.name,
+                mid_fp as f64 * bounds.precision,
+                bounds.precision
+            ),
+        );
+        Ok(AggregateOutput::Avg {
+            sum_stat,
+            count_stat,
+            bounds,
+            mid_fp,
+        })
+    }
+}
+
+/// The value of a public domain entry as a DataFusion scalar of `ty`.
+pub fn public_scalar(v: &PublicValue, ty: &DataType) -> ScalarValue {
+    match (v, ty) {
+        (PublicValue::Text(s), _) => ScalarValue::Utf8(Some(s.clone())),
+        (PublicValue::Int(i), DataType::Int32) => ScalarValue::Int32(i32::try_from(*i).ok()),
+        (PublicValue::Int(i), _) => ScalarValue::Int64(Some(*i)),
+        (PublicValue::Bool(b), _) => ScalarValue::Boolean(Some(*b)),
+    }
+}

@@ -1,0 +1,263 @@
+//! Translation of a DataFusion `WHERE` expression into the wire [`Predicate`] language.
+//!
+//! Only deterministic, total constructs are translated: comparisons, boolean logic,
+//! `IN`, `BETWEEN`, `LIKE`/`ILIKE`, `IS [NOT] NULL`, wrapping integer arithmetic, division
+//! by a literal other than 0 and -1, and `TRY_CAST`. `CAST` of a column is refused because
+//! it can fail on one participant's value and so reveal it; `CAST` of a literal is folded
+//! here, at plan time, where failing depends on the SQL text only.
+
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
+use fedq_common::{BinaryOp, ColumnType, Literal, Predicate, TableSpec};
+
+use crate::error::CoordinatorError;
+
+fn refuse(msg: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Refused(msg.into())
+}
+
+/// Translate a filter over `table` (named `table_name` in messages).
+pub fn to_predicate(
+    expr: &Expr,
+    table_name: &str,
+    table: &TableSpec,
+) -> Result<Predicate, CoordinatorError> {
+    let rec = |e: &Expr| to_predicate(e, table_name, table).map(Box::new);
+    Ok(match expr {
+        Expr::Alias(a) => return to_predicate(&a.expr, table_name, table),
+        Expr::Column(c) => {
+            if table.column(&c.name).is_none() {
+                return Err(CoordinatorError::InvalidSql(format!(
+                    "column `{}` is not in table `{table_name}`; its columns are: {}",
+                    c.name,
+                    column_list(table)
+                )));
+            }
+            Predicate::Column {
+                name: c.name.clone(),
+            }
+        }
+        Expr::Literal(v, _) => Predicate::Literal {
+            value: literal(v)?,
+        },
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let op = match op {
+                Operator::Eq => BinaryOp::Eq,
+                Operator::NotEq => BinaryOp::NotEq,
+                Operator::Lt => BinaryOp::Lt,
+                Operator::LtEq => BinaryOp::LtEq,
+                Operator::Gt => BinaryOp::Gt,
+                Operator::GtEq => BinaryOp::GtEq,
+                Operator::And => BinaryOp::And,
+                Operator::Or => BinaryOp::Or,
+                Operator::Plus => BinaryOp::Plus,
+                Operator::Minus => BinaryOp::Minus,
+                Operator::Multiply => BinaryOp::Multiply,
+                Operator::Divide => {
+                    let ok = match right.as_ref() {
+                        Expr::Literal(v, _) => literal_divisor_is_safe(v),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(refuse(
+                            "division in WHERE is only allowed by a numeric literal other than 0 and -1: \
+                             dividing by a column can fail on one participant's value. Use NULLIF(x, 0) \
+                             outside fedq or rewrite the condition as a multiplication",
+                        ));
+                    }
+                    BinaryOp::Divide
+                }
+                Operator::Modulo => {
+                    return Err(refuse(
+                        "`%` in WHERE is not supported: it can fail on a zero divisor; rewrite the condition",
+                    ))
+                }
+                other => {
+                    return Err(refuse(format!(
+                        "operator `{other}` is not supported in WHERE; use comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS NULL, + - * and TRY_CAST"
+                    )))
+                }
+            };
+            Predicate::Binary {
+                op,
+                left: rec(left)?,
+                right: rec(right)?,
+            }
+        }
+        Expr::Not(e) => Predicate::Not { input: rec(e)? },
+        Expr::IsNull(e) => Predicate::IsNull { input: rec(e)? },
+        Expr::IsNotNull(e) => Predicate::IsNotNull { input: rec(e)? },
+        Expr::Negative(e) => match e.as_ref() {
+            Expr::Literal(v, _) => Predicate::Literal {
+                value: negate(literal(v)?)?,
+            },
+            other => Predicate::Binary {
+                op: BinaryOp::Minus,
+                left: Box::new(Predicate::Literal {
+                    value: Literal::Int64(0),
+                }),
+                right: rec(other)?,
+            },
+        },
+        Expr::InList(l) => Predicate::InList {
+            input: rec(&l.expr)?,
+            list: l
+                .list
+                .iter()
+                .map(|e| to_predicate(e, table_name, table))
+                .collect::<Result<_, _>>()?,
+            negated: l.negated,
+        },
+        Expr::Between(b) => Predicate::Between {
+            input: rec(&b.expr)?,
+            low: rec(&b.low)?,
+            high: rec(&b.high)?,
+            negated: b.negated,
+        },
+        Expr::Like(l) => {
+            if l.escape_char.is_some() {
+                return Err(refuse("LIKE ... ESCAPE is not supported; use the default escape"));
+            }
+            let pattern = match l.pattern.as_ref() {
+                Expr::Literal(ScalarValue::Utf8(Some(p)), _)
+                | Expr::Literal(ScalarValue::Utf8View(Some(p)), _)
+                | Expr::Literal(ScalarValue::LargeUtf8(Some(p)), _) => p.clone(),
+                _ => return Err(refuse("the pattern of LIKE must be a string literal")),
+            };
+            Predicate::Like {
+                input: rec(&l.expr)?,
+                pattern,
+                negated: l.negated,
+                case_insensitive: l.case_insensitive,
+            }
+        }
+        Expr::TryCast(c) => Predicate::TryCast {
+            input: rec(&c.expr)?,
+            to: column_type(c.field.data_type())?,
+        },
+        Expr::Cast(c) => match c.expr.as_ref() {
+            Expr::Literal(v, _) => {
+                let folded = v.cast_to(c.field.data_type()).map_err(|_| {
+                    CoordinatorError::InvalidSql(format!(
+                        "cannot cast literal {v} to {}",
+                        c.field.data_type()
+                    ))
+                })?;
+                Predicate::Literal {
+                    value: literal(&folded)?,
+                }
+            }
+            _ => {
+                return Err(refuse(
+                    "CAST of a column can fail on one participant's value and reveal it; use TRY_CAST, which gives NULL instead",
+                ))
+            }
+        },
+        Expr::ScalarFunction(f) => {
+            return Err(refuse(format!(
+                "function `{}` is not supported in WHERE yet; use comparisons, IN, BETWEEN, LIKE, IS NULL and TRY_CAST",
+                f.name()
+            )))
+        }
+        Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_) => {
+            return Err(refuse(
+                "subqueries are not supported: each query reads one table; filter with literals instead",
+            ))
+        }
+        Expr::AggregateFunction(_) => {
+            return Err(CoordinatorError::InvalidSql(
+                "aggregate functions are not allowed in WHERE; use HAVING".into(),
+            ))
+        }
+        Expr::Placeholder(_) => {
+            return Err(refuse(
+                "query parameters ($1, ?) are not supported; inline the values",
+            ))
+        }
+        other => {
+            return Err(refuse(format!(
+                "expression `{other}` is not supported in WHERE; use comparisons, AND/OR/NOT, IN, BETWEEN, LIKE, IS NULL, + - * and TRY_CAST"
+            )))
+        }
+    })
+}
+
+fn column_list(t: &TableSpec) -> String {
+    t.columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn literal_divisor_is_safe(v: &ScalarValue) -> bool {
+    match literal(v) {
+        Ok(Literal::Int64(i)) => i != 0 && i != -1,
+        Ok(Literal::Float64(f)) => f.is_finite() && f != 0.0,
+        _ => false,
+    }
+}
+
+fn negate(l: Literal) -> Result<Literal, CoordinatorError> {
+    match l {
+        Literal::Int64(i) => i
+            .checked_neg()
+            .map(Literal::Int64)
+            .ok_or_else(|| CoordinatorError::InvalidSql("integer literal out of range".into())),
+        Literal::Float64(f) => Ok(Literal::Float64(-f)),
+        _ => Err(CoordinatorError::InvalidSql(
+            "unary minus applies to numbers only".into(),
+        )),
+    }
+}
+
+/// A DataFusion scalar as a wire literal.
+pub fn literal(v: &ScalarValue) -> Result<Literal, CoordinatorError> {
+    let unsupported = || {
+        CoordinatorError::Refused(format!(
+            "literal {v} of type {} is not supported in WHERE; use strings, integers, floats, booleans, dates or NULL",
+            v.data_type()
+        ))
+    };
+    Ok(match v {
+        ScalarValue::Null => Literal::Null,
+        ScalarValue::Boolean(Some(b)) => Literal::Boolean(*b),
+        ScalarValue::Int8(Some(i)) => Literal::Int64(*i as i64),
+        ScalarValue::Int16(Some(i)) => Literal::Int64(*i as i64),
+        ScalarValue::Int32(Some(i)) => Literal::Int64(*i as i64),
+        ScalarValue::Int64(Some(i)) => Literal::Int64(*i),
+        ScalarValue::UInt8(Some(i)) => Literal::Int64(*i as i64),
+        ScalarValue::UInt16(Some(i)) => Literal::Int64(*i as i64),
+        ScalarValue::UInt32(Some(i)) => Literal::Int64(*i as i64),
+        ScalarValue::UInt64(Some(i)) => Literal::Int64(i64::try_from(*i).map_err(|_| unsupported())?),
+        ScalarValue::Float32(Some(f)) => Literal::Float64(*f as f64),
+        ScalarValue::Float64(Some(f)) => Literal::Float64(*f),
+        ScalarValue::Decimal128(Some(x), _, scale) => {
+            Literal::Float64(*x as f64 / 10f64.powi(*scale as i32))
+        }
+        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+            Literal::Utf8(s.clone())
+        }
+        ScalarValue::Date32(Some(d)) => Literal::Date32(*d),
+        s if s.is_null() => Literal::Null,
+        _ => return Err(unsupported()),
+    })
+}
+
+/// A DataFusion type as a catalog column type (for TRY_CAST targets).
+pub fn column_type(t: &datafusion::arrow::datatypes::DataType) -> Result<ColumnType, CoordinatorError> {
+    use datafusion::arrow::datatypes::DataType as D;
+    Ok(match t {
+        D::Utf8 | D::Utf8View | D::LargeUtf8 => ColumnType::Utf8,
+        D::Boolean => ColumnType::Boolean,
+        D::Int32 => ColumnType::Int32,
+        D::Int64 => ColumnType::Int64,
+        D::Float64 => ColumnType::Float64,
+        D::Date32 => ColumnType::Date32,
+        other => {
+            return Err(CoordinatorError::Refused(format!(
+                "TRY_CAST to {other} is not supported; cast to VARCHAR, BOOLEAN, INT, BIGINT, DOUBLE or DATE"
+            )))
+        }
+    })
+}

@@ -1,0 +1,553 @@
+//! The researcher-facing Arrow Flight SQL service.
+//!
+//! Flow of a query: `GetFlightInfo(CommandStatementQuery)` parses, plans and checks the SQL
+//! (refusals and an exhausted budget are reported here, before anything runs) and returns a
+//! ticket naming the pending statement. `DoGet(ticket)` runs it: fan-out, charge, noise,
+//! post-processing, and streams the result. A pending statement runs at most once, and only
+//! for the researcher who planned it.
+//!
+//! Authentication is outside the service: [`AuthInterceptor`] checks the bearer token of
+//! every call and attaches the [`Researcher`] to the request.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
+    CommandStatementUpdate, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, ActionType, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, Ticket,
+};
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use futures::{stream, Stream, TryStreamExt};
+use prost::Message;
+use sha3::{Digest, Sha3_256};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::ResearcherConfig;
+use crate::engine::{parse_session_statement, random_id, Coordinator};
+use crate::error::CoordinatorError;
+use crate::planner::PlannedQuery;
+
+/// Flight action returning the caller's own budget as JSON ([`crate::BudgetStatus`]).
+pub const ACTION_BUDGET: &str = "fedq.budget";
+/// Flight action returning the health of every node as JSON.
+pub const ACTION_STATUS: &str = "fedq.status";
+
+/// How long a planned statement waits for its `DoGet`.
+const PENDING_TTL: Duration = Duration::from_secs(600);
+
+/// The authenticated researcher, attached to each request by [`AuthInterceptor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Researcher(pub String);
+
+/// Checks `authorization: Bearer <token>` against the SHA3-256 hashes in config.
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    tokens: Arc<Vec<([u8; 32], String)>>,
+}
+
+impl AuthInterceptor {
+    /// Interceptor for these researchers.
+    pub fn new(researchers: &[ResearcherConfig]) -> Self {
+        let tokens = researchers
+            .iter()
+            .filter_map(|r| {
+                let bytes = hex::decode(&r.token_sha3_256).ok()?;
+                let arr: [u8; 32] = bytes.try_into().ok()?;
+                Some((arr, r.name.clone()))
+            })
+            .collect();
+        AuthInterceptor {
+            tokens: Arc::new(tokens),
+        }
+    }
+
+    fn authenticate(&self, token: &str) -> Option<String> {
+        let digest: [u8; 32] = Sha3_256::digest(token.as_bytes()).into();
+        // Constant-time comparison over every entry, so timing does not reveal which prefix
+        // matched.
+        let mut found = None;
+        for (h, name) in self.tokens.iter() {
+            let diff = h.iter().zip(digest.iter()).fold(0u8, |a, (x, y)| a | (x ^ y));
+            if diff == 0 {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+}
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let Some(header) = header else {
+            return Err(Status::unauthenticated(
+                "missing credentials: send `authorization: Bearer <token>` (fedq sql --token-file, or ADBC option adbc.flight.sql.authorization_header)",
+            ));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        match self.authenticate(token.trim()) {
+            Some(name) => {
+                req.extensions_mut().insert(Researcher(name));
+                Ok(req)
+            }
+            None => Err(Status::unauthenticated(
+                "unknown or revoked token; ask your privacy officer for a valid one",
+            )),
+        }
+    }
+}
+
+enum Pending {
+    Query {
+        researcher: String,
+        planned: Box<PlannedQuery>,
+        at: Instant,
+    },
+    Message {
+        researcher: String,
+        text: String,
+        at: Instant,
+    },
+}
+
+impl Pending {
+    fn owner(&self) -> &str {
+        match self {
+            Pending::Query { researcher, .. } | Pending::Message { researcher, .. } => researcher,
+        }
+    }
+    fn at(&self) -> Instant {
+        match self {
+            Pending::Query { at, .. } | Pending::Message { at, .. } => *at,
+        }
+    }
+}
+
+/// The Flight SQL service.
+#[derive(Clone)]
+pub struct FedqFlightSqlService {
+    engine: Arc<Coordinator>,
+    pending: Arc<Mutex<HashMap<Vec<u8>, Pending>>>,
+    sql_info: Arc<SqlInfoData>,
+}
+
+fn researcher<T>(req: &Request<T>) -> Result<String, Status> {
+    req.extensions()
+        .get::<Researcher>()
+        .map(|r| r.0.clone())
+        .ok_or_else(|| Status::unauthenticated("not authenticated"))
+}
+
+fn message_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("result", DataType::Utf8, false)]))
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn encode_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> BoxStream<arrow_flight::FlightData> {
+    let input = stream::iter(batches.into_iter().map(Ok::<_, FlightError>));
+    let s = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(input)
+        .map_err(|e| match e {
+            FlightError::Tonic(s) => *s,
+            other => {
+                tracing::error!(error = %other, "encoding a result failed");
+                Status::internal("could not encode the result")
+            }
+        });
+    Box::pin(s)
+}
+
+impl FedqFlightSqlService {
+    /// Service over an engine.
+    pub fn new(engine: Arc<Coordinator>) -> Result<Self, CoordinatorError> {
+        let mut b = SqlInfoDataBuilder::new();
+        b.append(SqlInfo::FlightSqlServerName, "fedq");
+        b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        b.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+        b.append(SqlInfo::FlightSqlServerReadOnly, true);
+        let sql_info = b
+            .build()
+            .map_err(|e| CoordinatorError::Config(format!("sql info: {e}")))?;
+        Ok(FedqFlightSqlService {
+            engine,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            sql_info: Arc::new(sql_info),
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stash(&self, p: Pending) -> Vec<u8> {
+        let handle = random_id().into_bytes();
+        let mut map = self.pending();
+        map.retain(|_, v| v.at().elapsed() < PENDING_TTL);
+        map.insert(handle.clone(), p);
+        handle
+    }
+
+    fn info_for(&self, handle: Vec<u8>, schema: &Schema, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.into(),
+        };
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+        FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| {
+                tracing::error!(error = %e, "schema encoding failed");
+                Status::internal("could not encode the result schema")
+            })
+            .map(|i| i.with_endpoint(endpoint).with_descriptor(descriptor))
+    }
+
+    /// Plan (or apply a session statement) and return the ticket's FlightInfo.
+    async fn prepare(
+        &self,
+        researcher: &str,
+        sql: &str,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        if let Some(st) = parse_session_statement(sql)? {
+            let text = self.engine.apply_session(researcher, &st)?;
+            let handle = self.stash(Pending::Message {
+                researcher: researcher.to_string(),
+                text,
+                at: Instant::now(),
+            });
+            return self.info_for(handle, &message_schema(), descriptor);
+        }
+        let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
+            tracing::info!(researcher, error = %e, "query refused at planning");
+        })?;
+        // Tell the researcher now, before anything runs, if the budget cannot cover it.
+        let status = self.engine.budget(researcher)?;
+        if status.epsilon_remaining + 1e-12 * status.epsilon_budget < planned.epsilon {
+            return Err(CoordinatorError::BudgetExhausted {
+                requested: planned.epsilon,
+                remaining: status.epsilon_remaining,
+                total: status.epsilon_budget,
+            }
+            .into());
+        }
+        let schema = planned.plan.schema().as_arrow().clone();
+        let handle = self.stash(Pending::Query {
+            researcher: researcher.to_string(),
+            planned: Box::new(planned),
+            at: Instant::now(),
+        });
+        self.info_for(handle, &schema, descriptor)
+    }
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FedqFlightSqlService {
+    type FlightService = FedqFlightSqlService;
+
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status>
+    {
+        // The interceptor has already authenticated the bearer token.
+        let _ = researcher(&request)?;
+        let resp = HandshakeResponse {
+            protocol_version: 0,
+            payload: Default::default(),
+        };
+        Ok(Response::new(Box::pin(stream::iter(vec![Ok(resp)]))))
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let who = researcher(&request)?;
+        let info = self
+            .prepare(&who, &query.query, request.into_inner())
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let who = researcher(&request)?;
+        let sql = String::from_utf8(cmd.prepared_statement_handle.to_vec())
+            .map_err(|_| Status::invalid_argument("invalid prepared statement handle"))?;
+        let info = self.prepare(&who, &sql, request.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        // Prepared statements carry the SQL text as their handle; nothing is planned or
+        // charged until they are executed. Parameters are not supported.
+        let _ = researcher(&request)?;
+        let schema = if parse_session_statement(&query.query)?.is_some() {
+            message_schema()
+        } else {
+            // Plan once to report errors early and give the client the result schema.
+            let who = researcher(&request)?;
+            let planned = self.engine.plan(&who, &query.query).await?;
+            Arc::new(planned.plan.schema().as_arrow().clone())
+        };
+        let ipc = arrow_flight::IpcMessage::try_from(arrow_flight::SchemaAsIpc::new(
+            &schema,
+            &Default::default(),
+        ))
+        .map_err(|_| Status::internal("could not encode the result schema"))?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.query.into_bytes().into(),
+            dataset_schema: ipc.0,
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        Ok(())
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let who = researcher(&request)?;
+        let handle = ticket.statement_handle.to_vec();
+        let pending = {
+            let mut map = self.pending();
+            match map.get(&handle) {
+                Some(p) if p.owner() == who => map.remove(&handle),
+                _ => None,
+            }
+        };
+        match pending {
+            None => Err(Status::not_found(
+                "unknown or already executed statement; run the query again",
+            )),
+            Some(Pending::Message { text, .. }) => {
+                let schema = message_schema();
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(StringArray::from(vec![text]))],
+                )
+                .map_err(|_| Status::internal("could not build the result"))?;
+                Ok(Response::new(encode_stream(schema, vec![batch])))
+            }
+            Some(Pending::Query { planned, .. }) => {
+                let released = self.engine.execute(&who, &planned).await?;
+                Ok(Response::new(encode_stream(
+                    released.schema,
+                    released.batches,
+                )))
+            }
+        }
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        ticket: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let who = researcher(&request)?;
+        match parse_session_statement(&ticket.query)? {
+            Some(st) => {
+                self.engine.apply_session(&who, &st)?;
+                Ok(0)
+            }
+            None => Err(Status::invalid_argument(
+                "fedq is read-only: updates are not accepted. Run SELECT aggregates as queries",
+            )),
+        }
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(query.into_builder(&self.sql_info).schema().as_ref())
+            .map_err(|_| Status::internal("could not encode schema"))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let builder = query.into_builder(&self.sql_info);
+        let schema = builder.schema();
+        let batch = builder
+            .build()
+            .map_err(|_| Status::internal("could not build sql info"))?;
+        Ok(Response::new(encode_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(&query.into_builder().schema())
+            .map_err(|_| Status::internal("could not encode schema"))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut b = query.into_builder();
+        b.append("fedq");
+        let schema = b.schema();
+        let batch = b.build().map_err(|_| Status::internal("could not build catalogs"))?;
+        Ok(Response::new(encode_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(&query.into_builder().schema())
+            .map_err(|_| Status::internal("could not encode schema"))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut b = query.into_builder();
+        b.append("fedq", "public");
+        let schema = b.schema();
+        let batch = b.build().map_err(|_| Status::internal("could not build schemas"))?;
+        Ok(Response::new(encode_stream(schema, vec![batch])))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let info = FlightInfo::new()
+            .try_with_schema(&query.into_builder().schema())
+            .map_err(|_| Status::internal("could not encode schema"))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut b = query.into_builder();
+        for (name, spec) in &self.engine.catalog().tables {
+            let schema = crate::planner::table_schema(spec);
+            b.append("fedq", "public", name, "TABLE", &schema)
+                .map_err(|_| Status::internal("could not build tables"))?;
+        }
+        let schema = b.schema();
+        let batch = b.build().map_err(|_| Status::internal("could not build tables"))?;
+        Ok(Response::new(encode_stream(schema, vec![batch])))
+    }
+
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        let who = researcher(&request)?;
+        let body = match request.get_ref().r#type.as_str() {
+            ACTION_BUDGET => {
+                let s = self.engine.budget(&who)?;
+                serde_json::to_vec(&s).map_err(|_| Status::internal("could not encode budget"))?
+            }
+            ACTION_STATUS => {
+                let infos = self.engine.node_info().await;
+                let v: Vec<serde_json::Value> = infos
+                    .into_iter()
+                    .map(|(site, r)| match r {
+                        Ok(i) => serde_json::json!({"site": site, "healthy": true, "info": i}),
+                        Err(e) => serde_json::json!({"site": site, "healthy": false, "error": e}),
+                    })
+                    .collect();
+                serde_json::to_vec(&v).map_err(|_| Status::internal("could not encode status"))?
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown action `{other}`; fedq supports {ACTION_BUDGET} and {ACTION_STATUS}"
+                )))
+            }
+        };
+        let out = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(Box::pin(stream::iter(vec![Ok(out)]))))
+    }
+
+    async fn list_custom_actions(&self) -> Option<Vec<Result<ActionType, Status>>> {
+        Some(vec![
+            Ok(ActionType {
+                r#type: ACTION_BUDGET.into(),
+                description: "Your own privacy budget: granted, spent, remaining (JSON)".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_STATUS.into(),
+                description: "Health and version of each node (JSON)".into(),
+            }),
+        ])
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
