@@ -42,8 +42,12 @@ pub struct Charge {
 pub trait BudgetLedger: Send + Sync {
     /// Charge `epsilon` to `researcher`, or fail with [`CoordinatorError::BudgetExhausted`]
     /// without charging anything.
-    fn charge(&self, researcher: &str, epsilon: f64, query_id: &str)
-        -> Result<Charge, CoordinatorError>;
+    fn charge(
+        &self,
+        researcher: &str,
+        epsilon: f64,
+        query_id: &str,
+    ) -> Result<Charge, CoordinatorError>;
     /// Give back a charge whose query released nothing. Called at most once per charge.
     fn refund(&self, charge: Charge) -> Result<(), CoordinatorError>;
     /// Mark a charge as released (never refundable afterwards).

@@ -111,8 +111,8 @@ impl CoordinatorConfig {
         base_dir: &Path,
         origin: &str,
     ) -> Result<CoordinatorConfig, CoordinatorError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| CoordinatorError::Config(format!("{origin}: {e}")))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| CoordinatorError::Config(format!("{origin}: {e}")))?;
         let listen: SocketAddr = raw.listen.parse().map_err(|_| {
             CoordinatorError::Config(format!(
                 "{origin}: listen = {:?} is not an address like 127.0.0.1:50050",

@@ -85,10 +85,7 @@ pub fn parse_session_statement(sql: &str) -> Result<Option<SessionStatement>, Co
         Some("show") if words.len() == 2 && is_eps(words[1]) => {
             Ok(Some(SessionStatement::ShowEpsilon))
         }
-        Some("show")
-            if words.len() == 2
-                && (lower[1] == "budget" || lower[1] == "fedq.budget") =>
-        {
+        Some("show") if words.len() == 2 && (lower[1] == "budget" || lower[1] == "fedq.budget") => {
             Ok(Some(SessionStatement::ShowBudget))
         }
         _ => Ok(None),
@@ -179,16 +176,26 @@ impl Coordinator {
                         self.policy.max_epsilon_per_query, self.policy.max_epsilon_per_query
                     )));
                 }
-                self.sessions().entry(researcher.to_string()).or_default().epsilon = Some(e);
+                self.sessions()
+                    .entry(researcher.to_string())
+                    .or_default()
+                    .epsilon = Some(e);
                 Ok(format!("fedq.epsilon = {e}"))
             }
             SessionStatement::ResetEpsilon => {
-                self.sessions().entry(researcher.to_string()).or_default().epsilon = None;
-                Ok(format!("fedq.epsilon = {} (policy default)", self.policy.default_epsilon))
+                self.sessions()
+                    .entry(researcher.to_string())
+                    .or_default()
+                    .epsilon = None;
+                Ok(format!(
+                    "fedq.epsilon = {} (policy default)",
+                    self.policy.default_epsilon
+                ))
             }
-            SessionStatement::ShowEpsilon => {
-                Ok(format!("fedq.epsilon = {}", self.session_epsilon(researcher)))
-            }
+            SessionStatement::ShowEpsilon => Ok(format!(
+                "fedq.epsilon = {}",
+                self.session_epsilon(researcher)
+            )),
             SessionStatement::ShowBudget => {
                 let s = self.budget(researcher)?;
                 Ok(format!(
@@ -205,7 +212,11 @@ impl Coordinator {
     }
 
     /// Plan and check a query for this researcher's session ε. Costs nothing.
-    pub async fn plan(&self, researcher: &str, sql: &str) -> Result<PlannedQuery, CoordinatorError> {
+    pub async fn plan(
+        &self,
+        researcher: &str,
+        sql: &str,
+    ) -> Result<PlannedQuery, CoordinatorError> {
         let eps = self.session_epsilon(researcher);
         let qid = random_id();
         self.planner.plan(sql, eps, &qid).await
@@ -277,10 +288,22 @@ mod tests {
     #[test]
     fn session_statements() {
         let p = |s| parse_session_statement(s).unwrap();
-        assert_eq!(p("SET fedq.epsilon = 0.5"), Some(SessionStatement::SetEpsilon(0.5)));
-        assert_eq!(p("set FEDQ.EPSILON to 2;"), Some(SessionStatement::SetEpsilon(2.0)));
-        assert_eq!(p("SET fedq.epsilon='0.25'"), Some(SessionStatement::SetEpsilon(0.25)));
-        assert_eq!(p("RESET fedq.epsilon"), Some(SessionStatement::ResetEpsilon));
+        assert_eq!(
+            p("SET fedq.epsilon = 0.5"),
+            Some(SessionStatement::SetEpsilon(0.5))
+        );
+        assert_eq!(
+            p("set FEDQ.EPSILON to 2;"),
+            Some(SessionStatement::SetEpsilon(2.0))
+        );
+        assert_eq!(
+            p("SET fedq.epsilon='0.25'"),
+            Some(SessionStatement::SetEpsilon(0.25))
+        );
+        assert_eq!(
+            p("RESET fedq.epsilon"),
+            Some(SessionStatement::ResetEpsilon)
+        );
         assert_eq!(p("SHOW fedq.epsilon"), Some(SessionStatement::ShowEpsilon));
         assert_eq!(p("show budget"), Some(SessionStatement::ShowBudget));
         assert_eq!(p("SELECT 1"), None);

@@ -179,7 +179,8 @@ async fn fetch(
         .await
         .map_err(status_err)?;
     let stream = FlightRecordBatchStream::new_from_flight_data(
-        resp.into_inner().map_err(|s| FlightError::Tonic(Box::new(s))),
+        resp.into_inner()
+            .map_err(|s| FlightError::Tonic(Box::new(s))),
     );
     stream.try_collect().await.map_err(|e| match e {
         FlightError::Tonic(s) => status_err(*s),
@@ -270,7 +271,9 @@ fn merge_batch(
                     .ok_or("sum partial is not Decimal128")?
                     .value(row),
             };
-            entry[i] = entry[i].checked_add(v).ok_or("partial sum overflows i128")?;
+            entry[i] = entry[i]
+                .checked_add(v)
+                .ok_or("partial sum overflows i128")?;
         }
     }
     Ok(())

@@ -115,8 +115,7 @@ pub async fn start_with_ledger(
         tracing::warn!(%addr, "coordinator listens on a non-loopback address");
     }
     let service = FedqFlightSqlService::new(engine.clone())?;
-    let server = FlightServiceServer::new(service)
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let server = FlightServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let intercepted = tonic::service::interceptor::InterceptedService::new(
         server,
         AuthInterceptor::new(&config.researchers),

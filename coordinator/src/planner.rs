@@ -198,7 +198,10 @@ impl Planner {
                 )));
             };
             let col = spec.column(&c.name).ok_or_else(|| {
-                CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
+                CoordinatorError::InvalidSql(format!(
+                    "column `{}` is not in table `{table}`",
+                    c.name
+                ))
             })?;
             let Some(domain) = &col.public_values else {
                 return Err(refuse(format!(
@@ -291,7 +294,13 @@ fn clean_df_error(s: &str) -> String {
         .trim_start_matches("SQL error: ")
         .trim_start_matches("Error during planning: ")
         .trim_start_matches("Schema error: ");
+    let s = s.trim_start_matches("Internal error: ");
     let s = s.split("\nbacktrace").next().unwrap_or(s);
+    // DataFusion appends a bug-report hint to signature errors; it is not a bug here.
+    let s = s
+        .split(".\nThis issue was likely caused")
+        .next()
+        .unwrap_or(s);
     if s.contains("table") && s.contains("not found") {
         format!("{s}; run `SHOW TABLES` in fedq sql or see the catalog for available tables")
     } else {
@@ -375,9 +384,7 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
 /// Below the aggregate: only filters, aliases and the scan of one catalog table.
 fn scan_below(plan: &LogicalPlan) -> Result<(String, Vec<Expr>), CoordinatorError> {
     match plan {
-        LogicalPlan::TableScan(t) => {
-            Ok((t.table_name.table().to_string(), t.filters.clone()))
-        }
+        LogicalPlan::TableScan(t) => Ok((t.table_name.table().to_string(), t.filters.clone())),
         LogicalPlan::Filter(f) => {
             if contains_subquery(&f.predicate) {
                 return Err(refuse(
@@ -390,7 +397,9 @@ fn scan_below(plan: &LogicalPlan) -> Result<(String, Vec<Expr>), CoordinatorErro
         }
         LogicalPlan::SubqueryAlias(a) => scan_below(&a.input),
         LogicalPlan::Projection(p)
-            if p.expr.iter().all(|e| matches!(strip_alias(e), Expr::Column(_))) =>
+            if p.expr
+                .iter()
+                .all(|e| matches!(strip_alias(e), Expr::Column(_))) =>
         {
             scan_below(&p.input)
         }
@@ -565,7 +574,9 @@ impl StatBuilder {
             column: c.name.clone(),
         });
         let mid_fp = (lo_fp + hi_fp).div_euclid(2);
-        let half = (hi_fp - mid_fp).unsigned_abs().max((mid_fp - lo_fp).unsigned_abs());
+        let half = (hi_fp - mid_fp)
+            .unsigned_abs()
+            .max((mid_fp - lo_fp).unsigned_abs());
         let count_stat = self.stat(
             StatisticKind::Count {
                 partial: count_partial,
@@ -604,5 +615,181 @@ pub fn public_scalar(v: &PublicValue, ty: &DataType) -> ScalarValue {
         (PublicValue::Int(i), DataType::Int32) => ScalarValue::Int32(i32::try_from(*i).ok()),
         (PublicValue::Int(i), _) => ScalarValue::Int64(Some(*i)),
         (PublicValue::Bool(b), _) => ScalarValue::Boolean(Some(*b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CATALOG: &str = r#"
+max_sites_per_unit = 2
+[tables.labs]
+max_rows_per_unit = 20
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "test", type = "utf8", public_values = ["HbA1c", "glucose", "LDL", "creatinine"] },
+  { name = "value", type = "float64", nullable = true, lower = 0.0, upper = 500.0, precision = 0.01 },
+  { name = "measured_on", type = "date32" },
+  { name = "raw", type = "float64", nullable = true },
+]
+[tables.participants]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "sex", type = "utf8", public_values = ["F", "M"] },
+  { name = "birth_year", type = "int32", lower = 1900, upper = 2030 },
+]
+[tables.diagnoses]
+max_rows_per_unit = 15
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "code", type = "utf8" },
+]
+"#;
+
+    fn planner() -> Planner {
+        Planner::new(&Catalog::from_toml(CATALOG, "test").unwrap()).unwrap()
+    }
+
+    async fn plan(sql: &str) -> Result<PlannedQuery, CoordinatorError> {
+        planner().plan(sql, 1.0, "q").await
+    }
+
+    async fn refused(sql: &str, needle: &str) {
+        match plan(sql).await {
+            Err(e @ CoordinatorError::Refused(_)) => {
+                assert!(e.to_string().contains(needle), "{sql}: {e}")
+            }
+            other => panic!("{sql}: expected refusal containing {needle:?}, got {other:?}"),
+        }
+    }
+
+    async fn invalid(sql: &str, needle: &str) {
+        match plan(sql).await {
+            Err(e @ CoordinatorError::InvalidSql(_)) => {
+                assert!(e.to_string().contains(needle), "{sql}: {e}")
+            }
+            other => panic!("{sql}: expected invalid SQL containing {needle:?}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_what_the_privacy_model_forbids() {
+        refused("SELECT * FROM labs", "never rows").await;
+        refused("SELECT value FROM labs WHERE value > 3", "never rows").await;
+        refused("SELECT DISTINCT test FROM labs", "never rows").await;
+        refused("SELECT test FROM labs GROUP BY test", "no aggregate").await;
+        refused("SELECT SUM(raw) FROM labs", "no declared bounds").await;
+        refused("SELECT AVG(raw) FROM labs", "no declared bounds").await;
+        invalid("SELECT SUM(measured_on) FROM labs", "sum").await;
+        refused(
+            "SELECT code, COUNT(*) FROM diagnoses GROUP BY code",
+            "public_values",
+        )
+        .await;
+        refused(
+            "SELECT pid, COUNT(*) FROM labs GROUP BY pid",
+            "public domain",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs WHERE CAST(value AS INT) > 3",
+            "TRY_CAST",
+        )
+        .await;
+        refused("SELECT COUNT(*) FROM labs WHERE value / 0 > 1", "division").await;
+        refused("SELECT COUNT(*) FROM labs WHERE 10 / value > 1", "division").await;
+        refused("SELECT MAX(value) FROM labs", "percentile").await;
+        refused("SELECT MIN(value) FROM labs", "percentile").await;
+        refused("SELECT COUNT(DISTINCT pid) FROM labs", "DISTINCT").await;
+        refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
+        refused(
+            "SELECT COUNT(*) FROM labs JOIN participants ON labs.pid = participants.pid",
+            "join",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs WHERE pid IN (SELECT pid FROM participants)",
+            "subqueries",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs WHERE upper(test) = 'LDL'",
+            "function",
+        )
+        .await;
+        refused(
+            "INSERT INTO labs VALUES ('a', 'LDL', 1.0, DATE '2020-01-01', 2.0)",
+            "read-only",
+        )
+        .await;
+        refused("DROP TABLE labs", "read-only").await;
+    }
+
+    #[tokio::test]
+    async fn unknown_names_are_invalid_sql() {
+        invalid("SELECT COUNT(*) FROM labz", "labz").await;
+        invalid("SELECT COUNT(*) FROM labs WHERE valu > 1", "valu").await;
+        invalid("SELEC COUNT(*) FROM labs", "SELEC").await;
+    }
+
+    #[tokio::test]
+    async fn sensitivities_follow_the_catalog() {
+        let q = plan("SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test")
+            .await
+            .unwrap();
+        // R = 20 rows per participant, S = 2 sites.
+        assert_eq!(q.request.max_rows_per_unit, 20);
+        assert_eq!(q.request.group_by, vec!["test".to_string()]);
+        assert_eq!(q.statistics.len(), 3);
+        assert_eq!(q.statistics[0].sensitivity, 40); // COUNT(*)
+        assert_eq!(q.statistics[1].sensitivity, 40); // COUNT(value)
+                                                     // Centred sum: [0, 500] in 0.01 units is [0, 50000], mid 25000, half-width 25000.
+        assert_eq!(q.statistics[2].sensitivity, 40 * 25_000);
+        for s in &q.statistics {
+            assert_eq!(s.epsilon, RBig::ONE / RBig::from(3u8));
+        }
+
+        let q = plan("SELECT SUM(value) FROM labs").await.unwrap();
+        assert_eq!(q.statistics[0].sensitivity, 40 * 50_000);
+
+        // A birth year in [1900, 2030] costs noise for a half-width of 65, not 2030.
+        let q = plan("SELECT AVG(birth_year) FROM participants")
+            .await
+            .unwrap();
+        let centred = q
+            .statistics
+            .iter()
+            .find(|s| matches!(s.kind, StatisticKind::CentredSum { .. }))
+            .unwrap();
+        assert_eq!(centred.sensitivity, 2 * 65);
+    }
+
+    #[tokio::test]
+    async fn shared_statistics_are_not_charged_twice() {
+        let q = plan("SELECT COUNT(*), COUNT(*) AS n2, COUNT(value), AVG(value) FROM labs")
+            .await
+            .unwrap();
+        // COUNT(*), COUNT(value) (shared with AVG), centred SUM(value).
+        assert_eq!(q.statistics.len(), 3);
+        assert_eq!(q.request.aggregates.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn filters_become_typed_predicates() {
+        let q = plan(
+            "SELECT COUNT(*) FROM labs l WHERE l.test IN ('LDL', 'HbA1c') AND value BETWEEN 1 AND 2 \
+             AND measured_on >= DATE '2020-01-01' AND test LIKE 'L%' AND value IS NOT NULL \
+             AND TRY_CAST(test AS INT) IS NULL AND value * 2 > -1",
+        )
+        .await
+        .unwrap();
+        let f = q.request.filter.unwrap();
+        let cols = f.columns();
+        assert!(cols.contains(&"test") && cols.contains(&"value") && cols.contains(&"measured_on"));
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(json.contains("\"date32\""), "{json}");
+        assert!(json.contains("try_cast"), "{json}");
     }
 }

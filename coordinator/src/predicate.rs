@@ -229,15 +229,17 @@ pub fn literal(v: &ScalarValue) -> Result<Literal, CoordinatorError> {
         ScalarValue::UInt8(Some(i)) => Literal::Int64(*i as i64),
         ScalarValue::UInt16(Some(i)) => Literal::Int64(*i as i64),
         ScalarValue::UInt32(Some(i)) => Literal::Int64(*i as i64),
-        ScalarValue::UInt64(Some(i)) => Literal::Int64(i64::try_from(*i).map_err(|_| unsupported())?),
+        ScalarValue::UInt64(Some(i)) => {
+            Literal::Int64(i64::try_from(*i).map_err(|_| unsupported())?)
+        }
         ScalarValue::Float32(Some(f)) => Literal::Float64(*f as f64),
         ScalarValue::Float64(Some(f)) => Literal::Float64(*f),
         ScalarValue::Decimal128(Some(x), _, scale) => {
             Literal::Float64(*x as f64 / 10f64.powi(*scale as i32))
         }
-        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
-            Literal::Utf8(s.clone())
-        }
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => Literal::Utf8(s.clone()),
         ScalarValue::Date32(Some(d)) => Literal::Date32(*d),
         s if s.is_null() => Literal::Null,
         _ => return Err(unsupported()),
@@ -245,7 +247,9 @@ pub fn literal(v: &ScalarValue) -> Result<Literal, CoordinatorError> {
 }
 
 /// A DataFusion type as a catalog column type (for TRY_CAST targets).
-pub fn column_type(t: &datafusion::arrow::datatypes::DataType) -> Result<ColumnType, CoordinatorError> {
+pub fn column_type(
+    t: &datafusion::arrow::datatypes::DataType,
+) -> Result<ColumnType, CoordinatorError> {
     use datafusion::arrow::datatypes::DataType as D;
     Ok(match t {
         D::Utf8 | D::Utf8View | D::LargeUtf8 => ColumnType::Utf8,

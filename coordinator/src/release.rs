@@ -113,7 +113,9 @@ pub async fn release(
         let mut v = Vec::with_capacity(keys.len());
         for p in &exact {
             let x = match &st.kind {
-                StatisticKind::Count { partial } | StatisticKind::Sum { partial, .. } => p[*partial],
+                StatisticKind::Count { partial } | StatisticKind::Sum { partial, .. } => {
+                    p[*partial]
+                }
                 StatisticKind::CentredSum {
                     sum, count, mid_fp, ..
                 } => p[*sum] - mid_fp * p[*count],
@@ -186,7 +188,10 @@ pub async fn release(
                     META_EPSILON.into(),
                     fmt_num(q.statistics[*stat].epsilon.to_f64().value()),
                 );
-                let v: Float64Array = noisy[*stat].iter().map(|&s| Some(s as f64 * prec)).collect();
+                let v: Float64Array = noisy[*stat]
+                    .iter()
+                    .map(|&s| Some(s as f64 * prec))
+                    .collect();
                 Arc::new(v)
             }
             AggregateOutput::Avg {
@@ -238,7 +243,11 @@ pub async fn release(
         });
     }
     for (j, arr) in &hidden {
-        fields.push(Field::new(format!("{HIDDEN_PREFIX}{j}"), DataType::Float64, true));
+        fields.push(Field::new(
+            format!("{HIDDEN_PREFIX}{j}"),
+            DataType::Float64,
+            true,
+        ));
         columns.push(arr.clone());
     }
     let noisy_schema = Arc::new(Schema::new(fields));
@@ -259,7 +268,9 @@ pub async fn release(
             }
             for (j, _) in &hidden {
                 let name = format!("{HIDDEN_PREFIX}{j}");
-                exprs.push(Expr::Column(Column::new(Some("__fedq_noisy"), name.clone())).alias(name));
+                exprs.push(
+                    Expr::Column(Column::new(Some("__fedq_noisy"), name.clone())).alias(name),
+                );
             }
             b.project(exprs)
         })
@@ -281,12 +292,7 @@ pub async fn release(
     let top = top_projection_mapping(&q.plan, agg_fields.fields().len() - nk, nk);
     let out_schema = match out_batches.first() {
         Some(b) => b.schema(),
-        None => Arc::new(
-            q.plan
-                .schema()
-                .as_arrow()
-                .clone(),
-        ),
+        None => Arc::new(q.plan.schema().as_arrow().clone()),
     };
     let mut keep = Vec::new();
     let mut final_fields = Vec::new();
@@ -355,7 +361,9 @@ fn replace_aggregate(
         let mut exprs = p.expr.clone();
         for (qual, f) in input.schema().iter() {
             if f.name().starts_with(HIDDEN_PREFIX)
-                && !exprs.iter().any(|e| e.schema_name().to_string() == *f.name())
+                && !exprs
+                    .iter()
+                    .any(|e| e.schema_name().to_string() == *f.name())
             {
                 exprs.push(Expr::Column(Column::new(qual.cloned(), f.name())));
             }

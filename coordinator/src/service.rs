@@ -1,10 +1,12 @@
 //! The researcher-facing Arrow Flight SQL service.
 //!
 //! Flow of a query: `GetFlightInfo(CommandStatementQuery)` parses, plans and checks the SQL
-//! (refusals and an exhausted budget are reported here, before anything runs) and returns a
-//! ticket naming the pending statement. `DoGet(ticket)` runs it: fan-out, charge, noise,
-//! post-processing, and streams the result. A pending statement runs at most once, and only
-//! for the researcher who planned it.
+//! (refusals are reported before anything runs), then runs it: fan-out, charge, noise and
+//! post-processing. The released result waits under a random ticket, and the FlightInfo
+//! carries the result schema with all of fedq's metadata (noise scales, confidence
+//! half-widths, ε spent, sites answered), so clients that only read the FlightInfo schema
+//! (some ADBC drivers) still see it. `DoGet(ticket)` streams the result once, and only to
+//! the researcher who asked. Results are aggregates over public domains, so they are small.
 //!
 //! Authentication is outside the service: [`AuthInterceptor`] checks the bearer token of
 //! every call and attaches the [`Researcher`] to the request.
@@ -39,7 +41,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::ResearcherConfig;
 use crate::engine::{parse_session_statement, random_id, Coordinator};
 use crate::error::CoordinatorError;
-use crate::planner::PlannedQuery;
 
 /// Flight action returning the caller's own budget as JSON ([`crate::BudgetStatus`]).
 pub const ACTION_BUDGET: &str = "fedq.budget";
@@ -81,7 +82,10 @@ impl AuthInterceptor {
         // matched.
         let mut found = None;
         for (h, name) in self.tokens.iter() {
-            let diff = h.iter().zip(digest.iter()).fold(0u8, |a, (x, y)| a | (x ^ y));
+            let diff = h
+                .iter()
+                .zip(digest.iter())
+                .fold(0u8, |a, (x, y)| a | (x ^ y));
             if diff == 0 {
                 found = Some(name.clone());
             }
@@ -118,30 +122,12 @@ impl tonic::service::Interceptor for AuthInterceptor {
     }
 }
 
-enum Pending {
-    Query {
-        researcher: String,
-        planned: Box<PlannedQuery>,
-        at: Instant,
-    },
-    Message {
-        researcher: String,
-        text: String,
-        at: Instant,
-    },
-}
-
-impl Pending {
-    fn owner(&self) -> &str {
-        match self {
-            Pending::Query { researcher, .. } | Pending::Message { researcher, .. } => researcher,
-        }
-    }
-    fn at(&self) -> Instant {
-        match self {
-            Pending::Query { at, .. } | Pending::Message { at, .. } => *at,
-        }
-    }
+/// A released result waiting for its `DoGet`.
+struct Pending {
+    researcher: String,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    at: Instant,
 }
 
 /// The Flight SQL service.
@@ -160,12 +146,19 @@ fn researcher<T>(req: &Request<T>) -> Result<String, Status> {
 }
 
 fn message_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![Field::new("result", DataType::Utf8, false)]))
+    Arc::new(Schema::new(vec![Field::new(
+        "result",
+        DataType::Utf8,
+        false,
+    )]))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn encode_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> BoxStream<arrow_flight::FlightData> {
+fn encode_stream(
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> BoxStream<arrow_flight::FlightData> {
     let input = stream::iter(batches.into_iter().map(Ok::<_, FlightError>));
     let s = FlightDataEncoderBuilder::new()
         .with_schema(schema)
@@ -205,16 +198,22 @@ impl FedqFlightSqlService {
     fn stash(&self, p: Pending) -> Vec<u8> {
         let handle = random_id().into_bytes();
         let mut map = self.pending();
-        map.retain(|_, v| v.at().elapsed() < PENDING_TTL);
+        map.retain(|_, v| v.at.elapsed() < PENDING_TTL);
         map.insert(handle.clone(), p);
         handle
     }
 
-    fn info_for(&self, handle: Vec<u8>, schema: &Schema, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+    fn info_for(
+        &self,
+        handle: Vec<u8>,
+        schema: &Schema,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
         let ticket = TicketStatementQuery {
             statement_handle: handle.into(),
         };
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()));
         FlightInfo::new()
             .try_with_schema(schema)
             .map_err(|e| {
@@ -224,39 +223,44 @@ impl FedqFlightSqlService {
             .map(|i| i.with_endpoint(endpoint).with_descriptor(descriptor))
     }
 
-    /// Plan (or apply a session statement) and return the ticket's FlightInfo.
+    /// Run a statement (a query, or a session statement) and return the FlightInfo whose
+    /// ticket streams its result.
     async fn prepare(
         &self,
         researcher: &str,
         sql: &str,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        if let Some(st) = parse_session_statement(sql)? {
+        let (schema, batches) = if let Some(st) = parse_session_statement(sql)? {
             let text = self.engine.apply_session(researcher, &st)?;
-            let handle = self.stash(Pending::Message {
-                researcher: researcher.to_string(),
-                text,
-                at: Instant::now(),
-            });
-            return self.info_for(handle, &message_schema(), descriptor);
-        }
-        let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
-            tracing::info!(researcher, error = %e, "query refused at planning");
-        })?;
-        // Tell the researcher now, before anything runs, if the budget cannot cover it.
-        let status = self.engine.budget(researcher)?;
-        if status.epsilon_remaining + 1e-12 * status.epsilon_budget < planned.epsilon {
-            return Err(CoordinatorError::BudgetExhausted {
-                requested: planned.epsilon,
-                remaining: status.epsilon_remaining,
-                total: status.epsilon_budget,
+            let schema = message_schema();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(StringArray::from(vec![text]))],
+            )
+            .map_err(|_| Status::internal("could not build the result"))?;
+            (schema, vec![batch])
+        } else {
+            let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
+                tracing::info!(researcher, error = %e, "query refused at planning");
+            })?;
+            // Tell the researcher before any node is asked if the budget cannot cover it.
+            let status = self.engine.budget(researcher)?;
+            if status.epsilon_remaining + 1e-12 * status.epsilon_budget < planned.epsilon {
+                return Err(CoordinatorError::BudgetExhausted {
+                    requested: planned.epsilon,
+                    remaining: status.epsilon_remaining,
+                    total: status.epsilon_budget,
+                }
+                .into());
             }
-            .into());
-        }
-        let schema = planned.plan.schema().as_arrow().clone();
-        let handle = self.stash(Pending::Query {
+            let released = self.engine.execute(researcher, &planned).await?;
+            (released.schema, released.batches)
+        };
+        let handle = self.stash(Pending {
             researcher: researcher.to_string(),
-            planned: Box::new(planned),
+            schema: schema.clone(),
+            batches,
             at: Instant::now(),
         });
         self.info_for(handle, &schema, descriptor)
@@ -270,8 +274,10 @@ impl FlightSqlService for FedqFlightSqlService {
     async fn do_handshake(
         &self,
         request: Request<Streaming<HandshakeRequest>>,
-    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status>
-    {
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
         // The interceptor has already authenticated the bearer token.
         let _ = researcher(&request)?;
         let resp = HandshakeResponse {
@@ -351,30 +357,15 @@ impl FlightSqlService for FedqFlightSqlService {
         let pending = {
             let mut map = self.pending();
             match map.get(&handle) {
-                Some(p) if p.owner() == who => map.remove(&handle),
+                Some(p) if p.researcher == who => map.remove(&handle),
                 _ => None,
             }
         };
         match pending {
             None => Err(Status::not_found(
-                "unknown or already executed statement; run the query again",
+                "unknown or already fetched result; run the query again (a repeated query is charged again)",
             )),
-            Some(Pending::Message { text, .. }) => {
-                let schema = message_schema();
-                let batch = RecordBatch::try_new(
-                    schema.clone(),
-                    vec![Arc::new(StringArray::from(vec![text]))],
-                )
-                .map_err(|_| Status::internal("could not build the result"))?;
-                Ok(Response::new(encode_stream(schema, vec![batch])))
-            }
-            Some(Pending::Query { planned, .. }) => {
-                let released = self.engine.execute(&who, &planned).await?;
-                Ok(Response::new(encode_stream(
-                    released.schema,
-                    released.batches,
-                )))
-            }
+            Some(p) => Ok(Response::new(encode_stream(p.schema, p.batches))),
         }
     }
 
@@ -400,7 +391,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
         let info = FlightInfo::new()
             .try_with_schema(query.into_builder(&self.sql_info).schema().as_ref())
             .map_err(|_| Status::internal("could not encode schema"))?
@@ -427,7 +419,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
         let info = FlightInfo::new()
             .try_with_schema(&query.into_builder().schema())
             .map_err(|_| Status::internal("could not encode schema"))?
@@ -444,7 +437,9 @@ impl FlightSqlService for FedqFlightSqlService {
         let mut b = query.into_builder();
         b.append("fedq");
         let schema = b.schema();
-        let batch = b.build().map_err(|_| Status::internal("could not build catalogs"))?;
+        let batch = b
+            .build()
+            .map_err(|_| Status::internal("could not build catalogs"))?;
         Ok(Response::new(encode_stream(schema, vec![batch])))
     }
 
@@ -453,7 +448,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
         let info = FlightInfo::new()
             .try_with_schema(&query.into_builder().schema())
             .map_err(|_| Status::internal("could not encode schema"))?
@@ -470,7 +466,9 @@ impl FlightSqlService for FedqFlightSqlService {
         let mut b = query.into_builder();
         b.append("fedq", "public");
         let schema = b.schema();
-        let batch = b.build().map_err(|_| Status::internal("could not build schemas"))?;
+        let batch = b
+            .build()
+            .map_err(|_| Status::internal("could not build schemas"))?;
         Ok(Response::new(encode_stream(schema, vec![batch])))
     }
 
@@ -479,7 +477,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
+        let endpoint =
+            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
         let info = FlightInfo::new()
             .try_with_schema(&query.into_builder().schema())
             .map_err(|_| Status::internal("could not encode schema"))?
@@ -500,7 +499,9 @@ impl FlightSqlService for FedqFlightSqlService {
                 .map_err(|_| Status::internal("could not build tables"))?;
         }
         let schema = b.schema();
-        let batch = b.build().map_err(|_| Status::internal("could not build tables"))?;
+        let batch = b
+            .build()
+            .map_err(|_| Status::internal("could not build tables"))?;
         Ok(Response::new(encode_stream(schema, vec![batch])))
     }
 
@@ -550,4 +551,3 @@ impl FlightSqlService for FedqFlightSqlService {
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
-
