@@ -1,1 +1,86 @@
+//! # fedq-node
+//!
+//! A fedq node runs beside one hospital's data. It answers one kind of request: a typed
+//! partial aggregate ([`fedq_common::PartialAggregateRequest`]) sent by the coordinator as
+//! an Arrow Flight `DoGet` ticket. Only aggregates leave the node.
+//!
+//! ## Rules the node keeps, whoever sends the request
+//!
+//! 1. **Typed requests only.** The node decodes the ticket itself
+//!    ([`fedq_common::PartialAggregateRequest::decode_ticket`]) and validates it against its own copy of
+//!    the catalog before reading any data. It never runs SQL text from the wire and never
+//!    returns rows.
+//! 2. **Contribution bounding at the node.** After the filter, each participant (the
+//!    table's privacy-unit column) keeps at most `max_rows_per_unit` rows (R, at most the
+//!    catalog's value), chosen uniformly at random by reservoir sampling per participant.
+//!    The randomness comes from OpenDP (`sample_uniform_uint_below`, OpenSSL-backed); there is
+//!    no other RNG and no seed. Rows whose group key is NULL or outside the key's public
+//!    domain, or whose participant is NULL, are dropped before bounding.
+//! 3. **Clamped, exact fixed-point sums.** For `SumFixed { lower, upper, precision }`:
+//!    `lo = ceil(lower / precision)`, `hi = floor(upper / precision)` and each value
+//!    contributes `clamp(round(v / precision), lo, hi)` as an `i128` (NULL and NaN are
+//!    skipped, ±∞ clamp). Sums are exact `i128` sums, sent as `Decimal128(38, 0)`.
+//! 4. **Errors do not leak data.** Validation refusals depend only on the request and the
+//!    catalog and say why (`INVALID_ARGUMENT` for malformed requests and limits,
+//!    `PERMISSION_DENIED` for what the catalog does not allow). Failures while running a
+//!    query may depend on the data: they are logged in full at the node and the peer only
+//!    gets "node SITE could not execute query ID; details are in the node log". The
+//!    mapping happens in one place, `impl From<NodeError> for tonic::Status`.
+//! 5. **Nothing more than needed is materialised.** Filtered rows are streamed from
+//!    DataFusion, projected to the participant, the group keys and the aggregate inputs;
+//!    the node keeps only the per-participant reservoirs (≤ R rows of those columns) and
+//!    the per-group accumulators.
+//!
+//! Filters are total by construction: the node type-checks them so
+//! that no implicit cast can fail on a row; conversions must be `TRY_CAST`, division only by
+//! a numeric literal other than 0 and -1, `LIKE` only on text.
+//!
+//! ## Response
+//!
+//! One record batch: the GROUP BY columns (named as requested, catalog Arrow types,
+//! nullable), then one column per requested aggregate, in order, named `agg_0`, `agg_1`, …:
+//! `Int64` for `CountRows` and `CountNonNull`, `Decimal128(38, 0)` (fixed-point units) for
+//! `SumFixed`. Only groups with at least one bounded row are returned, in public-domain
+//! order; without GROUP BY there is exactly one row (zeros when nothing matched).
+//!
+//! ## Configuration
+//!
+//! ```toml
+//! site = "site01"
+//! listen = "127.0.0.1:50101"        # optional, default 127.0.0.1:50051
+//! catalog = "../../catalog.toml"    # relative to this file
+//!
+//! [tables.participants]
+//! path = "participants.parquet"     # relative to this file; a file or a directory
+//! format = "parquet"                # optional: parquet | csv (inferred from the extension)
+//! ```
+//!
+//! At start-up every configured file is checked against the catalog: each catalog column
+//! must exist with exactly the catalog type (Parquet: the file's Arrow schema; CSV: the
+//! header names, and every value is read once with the catalog types so that a value that
+//! does not parse is a start-up error rather than a data-dependent query failure). Extra
+//! file columns are allowed but are not registered, so they can never be queried. Catalog
+//! tables not configured here are not served.
+//!
+//! ## Flight surface
+//!
+//! - `DoGet(ticket)`: decode, validate, execute, stream the response batch.
+//! - `DoAction("fedq.node.info")`: one result whose body is the JSON
+//!   [`fedq_common::NodeInfo`]; `ListActions` lists it.
+//! - Everything else: `UNIMPLEMENTED`.
 
+mod bounding;
+mod config;
+mod engine;
+mod error;
+mod filter;
+mod server;
+
+#[cfg(test)]
+mod tests;
+
+pub use bounding::SUM_PRECISION;
+pub use config::{NodeConfig, TableFormat, TableSource, DEFAULT_LISTEN};
+pub use engine::{NodeEngine, MAX_QUERY_ID_CHARS};
+pub use error::NodeError;
+pub use server::{start, NodeHandle, NodeService, MAX_DECODING_MESSAGE_BYTES};

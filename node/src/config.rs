@@ -1,0 +1,189 @@
+//! Node configuration (`node.toml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fedq_common::Catalog;
+use serde::Deserialize;
+
+use crate::error::NodeError;
+
+/// Address a node listens on when the config does not say.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Format of a local table's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableFormat {
+    /// Apache Parquet (`.parquet`, `.parq`, `.pq`).
+    Parquet,
+    /// CSV with a header line (`.csv`).
+    Csv,
+}
+
+impl TableFormat {
+    /// File extension (with the dot) selected when the path is a directory.
+    pub fn extension(self) -> &'static str {
+        match self {
+            TableFormat::Parquet => ".parquet",
+            TableFormat::Csv => ".csv",
+        }
+    }
+
+    /// Infer the format from a file name.
+    pub fn from_path(path: &Path) -> Option<TableFormat> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "parquet" | "parq" | "pq" => Some(TableFormat::Parquet),
+            "csv" => Some(TableFormat::Csv),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TableFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TableFormat::Parquet => "parquet",
+            TableFormat::Csv => "csv",
+        })
+    }
+}
+
+/// Where a served table's data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSource {
+    /// Absolute path of a file, or of a directory whose files (with the format's extension)
+    /// together make up the table. Relative paths in the config are resolved against the
+    /// config file's directory.
+    pub path: PathBuf,
+    /// File format; inferred from the extension when the config does not say.
+    pub format: TableFormat,
+}
+
+/// A node's configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Site name, reported in [`fedq_common::NodeInfo`] and in error messages.
+    pub site: String,
+    /// Address the Flight server binds (default `127.0.0.1:50051`; port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The privacy officer's catalog, loaded and validated.
+    pub catalog: Catalog,
+    /// Absolute path of the catalog file.
+    pub catalog_path: PathBuf,
+    /// Catalog tables served at this site, by catalog table name. Catalog tables not listed
+    /// here are not served.
+    pub tables: BTreeMap<String, TableSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: String,
+    #[serde(default)]
+    listen: Option<String>,
+    catalog: String,
+    #[serde(default)]
+    tables: BTreeMap<String, RawTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    path: String,
+    #[serde(default)]
+    format: Option<TableFormat>,
+}
+
+impl NodeConfig {
+    /// Load a node config file: parse it, resolve relative paths against its directory, and
+    /// load and validate the catalog it names.
+    pub fn load(path: &Path) -> Result<NodeConfig, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| NodeError::ConfigRead {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let abs = absolute(path);
+        let base = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+        parse(&text, &base, &path.display().to_string())
+    }
+
+    /// Parse a node config from TOML text; relative paths are resolved against `base_dir`.
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<NodeConfig, NodeError> {
+        let origin = format!("(text, paths relative to {})", base_dir.display());
+        parse(text, &absolute(base_dir), &origin)
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError> {
+    let bad = |message: String| NodeError::Config {
+        origin: origin.to_string(),
+        message,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        bad(format!(
+            "not a valid node config (expected keys: site, listen, catalog, and [tables.NAME] sections with path and format): {}",
+            e.to_string().trim_end()
+        ))
+    })?;
+    if raw.site.trim().is_empty() {
+        return Err(bad("`site` is empty; give this node a site name".into()));
+    }
+    let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        bad(format!(
+            "`listen = \"{listen_text}\"` is not an IP address with a port; write e.g. \"127.0.0.1:50051\""
+        ))
+    })?;
+    let catalog_path = absolute(&base.join(&raw.catalog));
+    let catalog = Catalog::load(&catalog_path).map_err(|e| NodeError::Catalog {
+        origin: origin.to_string(),
+        source: e,
+    })?;
+    if raw.tables.is_empty() {
+        return Err(bad(
+            "no tables configured; add a [tables.NAME] section with the `path` of each catalog table served here".into(),
+        ));
+    }
+    let mut tables = BTreeMap::new();
+    for (name, t) in raw.tables {
+        if catalog.table(&name).is_none() {
+            let known: Vec<&str> = catalog.tables.keys().map(String::as_str).collect();
+            return Err(bad(format!(
+                "[tables.{name}] is not a table of the catalog {} (catalog tables: {}); rename the section or ask the privacy officer to declare it",
+                catalog_path.display(),
+                known.join(", ")
+            )));
+        }
+        let path = absolute(&base.join(&t.path));
+        if !path.exists() {
+            return Err(NodeError::MissingFile {
+                table: name,
+                path: path.display().to_string(),
+            });
+        }
+        let format = match t.format {
+            Some(f) => f,
+            None => TableFormat::from_path(&path).ok_or_else(|| {
+                bad(format!(
+                    "[tables.{name}]: cannot infer the format of {}; add `format = \"parquet\"` or `format = \"csv\"`",
+                    path.display()
+                ))
+            })?,
+        };
+        tables.insert(name, TableSource { path, format });
+    }
+    Ok(NodeConfig {
+        site: raw.site,
+        listen,
+        catalog,
+        catalog_path,
+        tables,
+    })
+}

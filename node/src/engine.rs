@@ -1,0 +1,686 @@
+//! The query engine: local tables in DataFusion, request validation, bounded execution.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
+use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
+use datafusion::logical_expr::{ident, lit, Expr, LogicalPlan};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::physical_plan::execute_stream;
+use fedq_common::wire::{
+    MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS,
+};
+use fedq_common::{
+    AggregateRequest, Catalog, ColumnType, NodeInfo, PartialAggregateRequest, PublicValue,
+    TableSpec, PROTOCOL_VERSION,
+};
+use futures::StreamExt;
+
+use crate::bounding::{AggPlan, Bounder, BoundingPlan, GroupCol, SlotKind, ValueSlot};
+use crate::config::{NodeConfig, TableFormat, TableSource};
+use crate::error::NodeError;
+use crate::filter;
+
+/// Longest query id a node accepts.
+pub const MAX_QUERY_ID_CHARS: usize = 256;
+
+/// Largest `max(|lower|, |upper|) / precision` of a fixed-point sum.
+const MAX_FIXED_STEPS: f64 = 1e15;
+
+/// Quote a peer-supplied name for a message: backticks, control characters escaped,
+/// at most 64 characters.
+pub(crate) fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out = String::from("`");
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || c == '`' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('`');
+    out
+}
+
+/// Position of `name` in the projection, appending it if needed.
+fn proj_index(name: &str, proj: &mut Vec<String>) -> usize {
+    match proj.iter().position(|p| p == name) {
+        Some(i) => i,
+        None => {
+            proj.push(name.to_string());
+            proj.len() - 1
+        }
+    }
+}
+
+/// A table served by this node.
+struct ServedTable {
+    spec: TableSpec,
+    /// The table restricted to its catalog columns.
+    df: DataFrame,
+}
+
+/// A validated request, ready to run.
+struct Prepared {
+    plan: BoundingPlan,
+    state: SessionState,
+    logical: LogicalPlan,
+}
+
+/// The node's query engine: a DataFusion session over the local tables, restricted to the
+/// catalog columns, that answers only validated partial-aggregate requests.
+pub struct NodeEngine {
+    site: String,
+    catalog: Catalog,
+    tables: BTreeMap<String, ServedTable>,
+}
+
+impl std::fmt::Debug for NodeEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeEngine")
+            .field("site", &self.site)
+            .field("tables", &self.tables.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl NodeEngine {
+    /// Register the configured tables, after checking every file against the catalog
+    /// schema. Only catalog columns are registered; extra file columns are never queryable.
+    pub async fn new(config: &NodeConfig) -> Result<NodeEngine, NodeError> {
+        let mut session = SessionConfig::new();
+        // Read text as Utf8 (the catalog type), not as Utf8View.
+        session
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
+        let ctx = SessionContext::new_with_config(session);
+        let mut tables = BTreeMap::new();
+        for (name, source) in &config.tables {
+            let spec = config
+                .catalog
+                .table(name)
+                .ok_or_else(|| NodeError::Config {
+                    origin: config.catalog_path.display().to_string(),
+                    message: format!("[tables.{name}] is not a table of the catalog"),
+                })?;
+            let df = load_table(&ctx, name, spec, source).await?;
+            tables.insert(
+                name.clone(),
+                ServedTable {
+                    spec: spec.clone(),
+                    df,
+                },
+            );
+        }
+        Ok(NodeEngine {
+            site: config.site.clone(),
+            catalog: config.catalog.clone(),
+            tables,
+        })
+    }
+
+    /// Site name.
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// What the node reports about itself.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            site: self.site.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            fedq_version: env!("CARGO_PKG_VERSION").to_string(),
+            tables: self.tables.keys().cloned().collect(),
+        }
+    }
+
+    /// Check a request against the catalog and the served tables, and plan it, without
+    /// reading any data.
+    pub fn validate(&self, req: &PartialAggregateRequest) -> Result<(), NodeError> {
+        self.prepare(req).map(|_| ())
+    }
+
+    /// Validate and run a request. Returns one record batch: the group columns, then
+    /// `agg_0`, `agg_1`, … (see the crate docs).
+    pub async fn execute(
+        &self,
+        req: &PartialAggregateRequest,
+    ) -> Result<Vec<RecordBatch>, NodeError> {
+        let Prepared {
+            plan,
+            state,
+            logical,
+        } = self.prepare(req)?;
+        let exec_err = |e| NodeError::Execution {
+            site: self.site.clone(),
+            query_id: req.query_id.clone(),
+            source: e,
+        };
+        let internal = |e: crate::bounding::BoundError| NodeError::Internal {
+            site: self.site.clone(),
+            query_id: req.query_id.clone(),
+            message: e.0,
+        };
+        let physical = state
+            .create_physical_plan(&logical)
+            .await
+            .map_err(exec_err)?;
+        let mut stream = execute_stream(physical, state.task_ctx()).map_err(exec_err)?;
+        let mut bounder = Bounder::new(plan);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(exec_err)?;
+            bounder.push(&batch).map_err(internal)?;
+        }
+        let out = bounder.finish().map_err(internal)?;
+        Ok(vec![out])
+    }
+
+    fn prepare(&self, req: &PartialAggregateRequest) -> Result<Prepared, NodeError> {
+        let invalid = |m: String| NodeError::InvalidRequest(m);
+        let refused = |m: String| NodeError::Refused(m);
+
+        // Structural limits (already checked by decode_ticket; repeated for direct callers).
+        if req.query_id.is_empty()
+            || req.query_id.chars().count() > MAX_QUERY_ID_CHARS
+            || req.query_id.chars().any(char::is_control)
+        {
+            return Err(invalid(format!(
+                "query_id must be 1 to {MAX_QUERY_ID_CHARS} characters without control characters"
+            )));
+        }
+        if req.group_by.len() > MAX_GROUP_COLUMNS {
+            return Err(invalid(format!(
+                "{} group columns; the limit is {MAX_GROUP_COLUMNS}",
+                req.group_by.len()
+            )));
+        }
+        if req.aggregates.is_empty() || req.aggregates.len() > MAX_AGGREGATES {
+            return Err(invalid(format!(
+                "{} aggregates; between 1 and {MAX_AGGREGATES} are allowed",
+                req.aggregates.len()
+            )));
+        }
+        if let Some(f) = &req.filter {
+            if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
+                return Err(invalid(format!(
+                    "filter exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                )));
+            }
+        }
+
+        // Table.
+        let tname = &req.table;
+        if self.catalog.table(tname).is_none() {
+            return Err(refused(format!(
+                "unknown table {}: it is not in the catalog",
+                shown(tname)
+            )));
+        }
+        let Some(table) = self.tables.get(tname) else {
+            return Err(refused(format!(
+                "table {} is not served at site {}",
+                shown(tname),
+                self.site
+            )));
+        };
+        let spec = &table.spec;
+        let column = |name: &str, role: &str| {
+            spec.column(name).ok_or_else(|| {
+                refused(format!(
+                    "unknown column {} in {role}: table {} has no such column in the catalog",
+                    shown(name),
+                    shown(tname)
+                ))
+            })
+        };
+
+        // R.
+        if req.max_rows_per_unit == 0 {
+            return Err(invalid("max_rows_per_unit must be at least 1".into()));
+        }
+        if req.max_rows_per_unit > spec.max_rows_per_unit {
+            return Err(refused(format!(
+                "max_rows_per_unit {} exceeds the catalog's {} for table {}",
+                req.max_rows_per_unit,
+                spec.max_rows_per_unit,
+                shown(tname)
+            )));
+        }
+
+        // Projection: privacy unit first, then group keys, then aggregate inputs (deduped).
+        let mut proj: Vec<String> = vec![spec.privacy_unit.clone()];
+
+        // Group keys.
+        let mut groups = Vec::with_capacity(req.group_by.len());
+        let mut key_filters: Vec<Expr> = Vec::new();
+        let mut n_groups: usize = 1;
+        let mut seen = BTreeSet::new();
+        for g in &req.group_by {
+            let c = column(g, "GROUP BY")?;
+            if !seen.insert(g.as_str()) {
+                return Err(invalid(format!("GROUP BY lists {} twice", shown(g))));
+            }
+            if *g == spec.privacy_unit {
+                return Err(refused(format!(
+                    "cannot group by the privacy unit column {}: each group would be one participant",
+                    shown(g)
+                )));
+            }
+            let Some(domain) = &c.public_values else {
+                return Err(refused(format!(
+                    "cannot group by {}: the catalog declares no public domain (public_values) for it",
+                    shown(g)
+                )));
+            };
+            if !matches!(
+                c.ty,
+                ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
+            ) {
+                return Err(refused(format!(
+                    "cannot group by {} of type {}: group keys must be utf8, int32, int64 or boolean",
+                    shown(g),
+                    c.ty
+                )));
+            }
+            // Deduplicated, in catalog order.
+            let mut distinct = BTreeSet::new();
+            let values: Vec<PublicValue> = domain
+                .iter()
+                .filter(|v| distinct.insert(*v))
+                .cloned()
+                .collect();
+            n_groups = n_groups.saturating_mul(values.len());
+            if n_groups > MAX_GROUPS {
+                return Err(invalid(format!(
+                    "the GROUP BY columns have more than {MAX_GROUPS} combinations of public values"
+                )));
+            }
+            let lits: Vec<Expr> = values
+                .iter()
+                .filter_map(|v| match (v, c.ty) {
+                    (PublicValue::Text(s), ColumnType::Utf8) => Some(lit(s.clone())),
+                    (PublicValue::Int(i), ColumnType::Int32) => i32::try_from(*i).ok().map(lit),
+                    (PublicValue::Int(i), ColumnType::Int64) => Some(lit(*i)),
+                    (PublicValue::Bool(b), ColumnType::Boolean) => Some(lit(*b)),
+                    _ => None,
+                })
+                .collect();
+            key_filters.push(ident(g.clone()).in_list(lits, false));
+            let p = proj_index(g, &mut proj);
+            groups.push(GroupCol::new(g.clone(), c.ty, values, p));
+        }
+
+        // Aggregates.
+        let mut slots: Vec<ValueSlot> = Vec::new();
+        let mut slot_names: Vec<String> = Vec::new();
+        let mut aggs = Vec::with_capacity(req.aggregates.len());
+        for a in &req.aggregates {
+            let mut slot_for = |name: &str, ty: ColumnType, proj: &mut Vec<String>| -> usize {
+                if let Some(i) = slot_names.iter().position(|s| s == name) {
+                    return i;
+                }
+                let kind = match ty {
+                    ColumnType::Int32 | ColumnType::Int64 => SlotKind::Int,
+                    ColumnType::Float64 => SlotKind::Float,
+                    _ => SlotKind::NullOnly,
+                };
+                let p = proj_index(name, proj);
+                slot_names.push(name.to_string());
+                slots.push(ValueSlot { ty, kind, proj: p });
+                slots.len() - 1
+            };
+            match a {
+                AggregateRequest::CountRows => aggs.push(AggPlan::CountRows),
+                AggregateRequest::CountNonNull { column: name } => {
+                    let c = column(name, "COUNT")?;
+                    let slot = slot_for(name, c.ty, &mut proj);
+                    aggs.push(AggPlan::CountNonNull { slot });
+                }
+                AggregateRequest::SumFixed {
+                    column: name,
+                    lower,
+                    upper,
+                    precision,
+                } => {
+                    let c = column(name, "SUM")?;
+                    let (lower, upper, precision) = (*lower, *upper, *precision);
+                    if !c.ty.is_numeric() {
+                        return Err(invalid(format!(
+                            "cannot sum {} of type {}: only numeric columns can be summed",
+                            shown(name),
+                            c.ty
+                        )));
+                    }
+                    let Some(b) = c.bounds() else {
+                        return Err(refused(format!(
+                            "cannot sum {}: the catalog declares no clamp bounds (lower, upper, precision) for it",
+                            shown(name)
+                        )));
+                    };
+                    if !(lower.is_finite() && upper.is_finite()) || lower >= upper {
+                        return Err(invalid(format!(
+                            "SUM({}) needs finite bounds with lower < upper, got [{lower}, {upper}]",
+                            shown(name)
+                        )));
+                    }
+                    if !(precision.is_finite() && precision > 0.0) {
+                        return Err(invalid(format!(
+                            "SUM({}) needs a positive precision, got {precision}",
+                            shown(name)
+                        )));
+                    }
+                    if lower < b.lower || upper > b.upper {
+                        return Err(refused(format!(
+                            "SUM({}) bounds [{lower}, {upper}] are wider than the catalog's [{}, {}]",
+                            shown(name),
+                            b.lower,
+                            b.upper
+                        )));
+                    }
+                    if precision < b.precision {
+                        return Err(refused(format!(
+                            "SUM({}) precision {precision} is finer than the catalog's {}",
+                            shown(name),
+                            b.precision
+                        )));
+                    }
+                    let steps = lower.abs().max(upper.abs()) / precision;
+                    if steps.is_nan() || steps > MAX_FIXED_STEPS {
+                        return Err(invalid(format!(
+                            "SUM({}): bounds/precision = {steps:e} steps exceeds the limit of {MAX_FIXED_STEPS:e}",
+                            shown(name)
+                        )));
+                    }
+                    let lo_fp = (lower / precision).ceil();
+                    let hi_fp = (upper / precision).floor();
+                    if lo_fp > hi_fp {
+                        return Err(invalid(format!(
+                            "SUM({}): precision {precision} is coarser than the bounds [{lower}, {upper}]",
+                            shown(name)
+                        )));
+                    }
+                    let slot = slot_for(name, c.ty, &mut proj);
+                    aggs.push(AggPlan::SumFixed {
+                        slot,
+                        precision,
+                        lo_fp,
+                        hi_fp,
+                    });
+                }
+            }
+        }
+        if slots.len() > 64 {
+            return Err(invalid("too many distinct aggregate columns".into()));
+        }
+
+        // Filter: the request's, then non-NULL participant, then group keys in their public
+        // domains (so such rows are dropped before bounding).
+        let mut conds: Vec<Expr> = Vec::new();
+        if let Some(f) = &req.filter {
+            conds.push(filter::translate(f, tname, spec)?);
+        }
+        conds.push(ident(spec.privacy_unit.clone()).is_not_null());
+        conds.extend(key_filters);
+        let predicate = conds
+            .into_iter()
+            .reduce(Expr::and)
+            .unwrap_or_else(|| lit(true));
+
+        let plan_err = |e: datafusion::error::DataFusionError| {
+            tracing::info!(
+                query_id = ?req.query_id,
+                table = %tname,
+                error = %e,
+                "refused: filter could not be planned"
+            );
+            invalid(
+                "the filter could not be planned; check that its operands have compatible types"
+                    .into(),
+            )
+        };
+        let df = table
+            .df
+            .clone()
+            .filter(predicate)
+            .map_err(plan_err)?
+            .select(proj.iter().map(|c| ident(c.clone())))
+            .map_err(plan_err)?;
+        let (state, logical) = df.into_parts();
+        let logical = state.optimize(&logical).map_err(plan_err)?;
+
+        Ok(Prepared {
+            plan: BoundingPlan {
+                max_rows: req.max_rows_per_unit as usize,
+                pid_proj: 0,
+                groups,
+                slots,
+                aggs,
+            },
+            state,
+            logical,
+        })
+    }
+}
+
+/// The files that make up a table: the file itself, or the directory's files with the
+/// format's extension.
+fn data_files(name: &str, source: &TableSource) -> Result<Vec<PathBuf>, NodeError> {
+    let path = &source.path;
+    if !path.exists() {
+        return Err(NodeError::MissingFile {
+            table: name.to_string(),
+            path: path.display().to_string(),
+        });
+    }
+    if !path.is_dir() {
+        return Ok(vec![path.clone()]);
+    }
+    let ext = source.format.extension();
+    let read_err = |e: std::io::Error| NodeError::DataFile {
+        table: name.to_string(),
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(read_err)? {
+        let p = entry.map_err(read_err)?.path();
+        if p.is_file() && p.to_string_lossy().ends_with(ext) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(NodeError::DataFile {
+            table: name.to_string(),
+            path: path.display().to_string(),
+            message: format!(
+                "the directory has no {ext} files; fix `path` or `format` in [tables.{name}]"
+            ),
+        });
+    }
+    Ok(files)
+}
+
+fn fix_hint() -> &'static str {
+    "convert the column or ask the privacy officer to fix the catalog"
+}
+
+/// Check a file schema against the catalog: every catalog column present with exactly the
+/// catalog type.
+fn check_schema(file: &Path, found: &Schema, spec: &TableSpec) -> Result<(), NodeError> {
+    for c in &spec.columns {
+        let want = c.ty.arrow_type();
+        match found.field_with_name(&c.name) {
+            Err(_) => {
+                return Err(NodeError::SchemaMismatch(format!(
+                    "{}: column `{}` is missing, the catalog declares it as {}; add it to the file or ask the privacy officer to fix the catalog",
+                    file.display(),
+                    c.name,
+                    c.ty
+                )))
+            }
+            Ok(f) if f.data_type() != &want => {
+                return Err(NodeError::SchemaMismatch(format!(
+                    "{}: column `{}` is {}, the catalog declares {}; {}",
+                    file.display(),
+                    c.name,
+                    f.data_type(),
+                    c.ty,
+                    fix_hint()
+                )))
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn parquet_schema(table: &str, file: &Path) -> Result<Schema, NodeError> {
+    let err = |m: String| NodeError::DataFile {
+        table: table.to_string(),
+        path: file.display().to_string(),
+        message: m,
+    };
+    let f = std::fs::File::open(file).map_err(|e| err(e.to_string()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+    Ok(builder.schema().as_ref().clone())
+}
+
+/// Header names of a CSV file.
+fn csv_header(table: &str, file: &Path) -> Result<Vec<String>, NodeError> {
+    let err = |m: String| NodeError::DataFile {
+        table: table.to_string(),
+        path: file.display().to_string(),
+        message: m,
+    };
+    let f = std::fs::File::open(file).map_err(|e| err(e.to_string()))?;
+    let (schema, _) = arrow::csv::reader::Format::default()
+        .with_header(true)
+        .infer_schema(f, Some(0))
+        .map_err(|e| err(format!("cannot read the CSV header: {e}")))?;
+    Ok(schema.fields().iter().map(|f| f.name().clone()).collect())
+}
+
+fn catalog_schema(spec: &TableSpec) -> Schema {
+    Schema::new(
+        spec.columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow_type(), true))
+            .collect::<Vec<_>>(),
+    )
+}
+
+async fn load_table(
+    ctx: &SessionContext,
+    name: &str,
+    spec: &TableSpec,
+    source: &TableSource,
+) -> Result<DataFrame, NodeError> {
+    let files = data_files(name, source)?;
+    let path_str = source.path.to_str().ok_or_else(|| NodeError::DataFile {
+        table: name.to_string(),
+        path: source.path.display().to_string(),
+        message: "the path is not valid UTF-8; rename it".into(),
+    })?;
+    // A single file is read whatever its extension; a directory by extension.
+    let ext = if source.path.is_dir() {
+        source.format.extension()
+    } else {
+        ""
+    };
+    let read_err = |e: datafusion::error::DataFusionError| NodeError::DataFile {
+        table: name.to_string(),
+        path: source.path.display().to_string(),
+        message: e.to_string(),
+    };
+    let df = match source.format {
+        TableFormat::Parquet => {
+            for f in &files {
+                check_schema(f, &parquet_schema(name, f)?, spec)?;
+            }
+            let schema = catalog_schema(spec);
+            let opts = ParquetReadOptions {
+                file_extension: ext,
+                schema: Some(&schema),
+                ..Default::default()
+            };
+            ctx.read_parquet(path_str, opts).await.map_err(read_err)?
+        }
+        TableFormat::Csv => {
+            // CSV columns are read by position, so every file must have the same header.
+            let Some((first, rest)) = files.split_first() else {
+                return Err(NodeError::MissingFile {
+                    table: name.to_string(),
+                    path: source.path.display().to_string(),
+                });
+            };
+            let header = csv_header(name, first)?;
+            for f in rest {
+                if csv_header(name, f)? != header {
+                    return Err(NodeError::SchemaMismatch(format!(
+                        "{}: the header differs from that of {}; all CSV files of table `{name}` must have the same columns in the same order",
+                        f.display(),
+                        first.display()
+                    )));
+                }
+            }
+            let mut fields = Vec::with_capacity(header.len());
+            let mut seen = BTreeSet::new();
+            for h in &header {
+                if !seen.insert(h.as_str()) {
+                    return Err(NodeError::SchemaMismatch(format!(
+                        "{}: the header names column `{h}` twice",
+                        first.display()
+                    )));
+                }
+                let ty = spec.column(h).map_or(DataType::Utf8, |c| c.ty.arrow_type());
+                fields.push(Field::new(h, ty, true));
+            }
+            let file_schema = Schema::new(fields);
+            check_schema(first, &file_schema, spec)?;
+            let opts = CsvReadOptions::new()
+                .has_header(true)
+                .schema(&file_schema)
+                .file_extension(ext);
+            ctx.read_csv(path_str, opts).await.map_err(read_err)?
+        }
+    };
+    // Register only the catalog columns.
+    let df = df
+        .select(spec.columns.iter().map(|c| ident(c.name.clone())))
+        .map_err(read_err)?;
+    if source.format == TableFormat::Csv {
+        // CSV values are parsed while a query runs, so a value that does not parse as its
+        // catalog type would make some queries fail depending on the data. Read every
+        // value once now and refuse to serve the table instead.
+        let bad = |e: datafusion::error::DataFusionError| {
+            NodeError::SchemaMismatch(format!(
+                "{}: a value cannot be read as its catalog type ({e}); fix the file or ask the privacy officer to fix the catalog",
+                source.path.display()
+            ))
+        };
+        let mut stream = df.clone().execute_stream().await.map_err(bad)?;
+        while let Some(batch) = stream.next().await {
+            batch.map_err(bad)?;
+        }
+    }
+    Ok(df)
+}
+
+// The engine is shared between server tasks.
+const _: fn() = || {
+    fn check<T: Send + Sync>() {}
+    check::<NodeEngine>();
+};

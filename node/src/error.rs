@@ -1,0 +1,124 @@
+//! Node errors and their one mapping to gRPC statuses.
+
+use fedq_common::{CatalogError, WireError};
+use tonic::Status;
+
+/// Everything that can go wrong in a node.
+///
+/// Start-up errors ([`NodeError::ConfigRead`] … [`NodeError::Server`]) are for the operator and
+/// name the file and the fix. Request errors split in two:
+///
+/// - refusals ([`NodeError::InvalidRequest`], [`NodeError::Refused`], [`NodeError::Wire`])
+///   depend only on the request and the catalog, so their message is sent to the peer;
+/// - failures while running a query ([`NodeError::Execution`], [`NodeError::Internal`]) may
+///   depend on the data, so the peer only learns that the query failed; the details stay in
+///   the node log.
+///
+/// The conversion to [`tonic::Status`] (`impl From<NodeError> for Status`) is the only place
+/// where node errors are turned into what a peer sees.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node config file could not be read.
+    #[error("cannot read node config {path}: {source}; check the path")]
+    ConfigRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node config is invalid.
+    #[error("node config {origin}: {message}")]
+    Config { origin: String, message: String },
+    /// The catalog named by the node config could not be loaded or is invalid.
+    #[error("node config {origin}: {source}")]
+    Catalog {
+        origin: String,
+        #[source]
+        source: CatalogError,
+    },
+    /// A configured data file or directory does not exist.
+    #[error(
+        "table `{table}`: data path {path} does not exist; fix `path` in [tables.{table}] of the node config"
+    )]
+    MissingFile { table: String, path: String },
+    /// A data file could not be opened or its schema could not be read.
+    #[error("table `{table}`: cannot read data file {path}: {message}")]
+    DataFile {
+        table: String,
+        path: String,
+        message: String,
+    },
+    /// A local file does not match the catalog schema. The message names the file, the
+    /// column, the expected and the found type.
+    #[error("{0}")]
+    SchemaMismatch(String),
+    /// The request is malformed or exceeds a limit (sent to the peer as `INVALID_ARGUMENT`).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The request is not allowed by this node's catalog (sent as `PERMISSION_DENIED`).
+    #[error("{0}")]
+    Refused(String),
+    /// The ticket could not be decoded (sent as `INVALID_ARGUMENT`).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// Running a validated query failed. Logged in full; the peer gets a generic message.
+    #[error("node {site}: query {query_id:?} failed: {source}")]
+    Execution {
+        site: String,
+        query_id: String,
+        #[source]
+        source: datafusion::error::DataFusionError,
+    },
+    /// Another failure while answering a query (sampling, encoding). Logged in full; the peer
+    /// gets a generic message.
+    #[error("node {site}: query {query_id:?} failed: {message}")]
+    Internal {
+        site: String,
+        query_id: String,
+        message: String,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}; change `listen` in the node config or stop the process using it")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("node server failed: {0}")]
+    Server(String),
+}
+
+impl NodeError {
+    /// Whether the error is a refusal that depends only on the request and the catalog.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            NodeError::InvalidRequest(_) | NodeError::Refused(_) | NodeError::Wire(_)
+        )
+    }
+}
+
+/// The single place where node errors become what a peer sees.
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Status {
+        match e {
+            NodeError::InvalidRequest(m) => Status::invalid_argument(m),
+            NodeError::Wire(w) => Status::invalid_argument(w.to_string()),
+            NodeError::Refused(m) => Status::permission_denied(m),
+            NodeError::Execution { site, query_id, .. }
+            | NodeError::Internal { site, query_id, .. } => Status::internal(format!(
+                "node {site} could not execute query {query_id}; details are in the node log"
+            )),
+            NodeError::ConfigRead { .. }
+            | NodeError::Config { .. }
+            | NodeError::Catalog { .. }
+            | NodeError::MissingFile { .. }
+            | NodeError::DataFile { .. }
+            | NodeError::SchemaMismatch(_)
+            | NodeError::Bind { .. }
+            | NodeError::Server(_) => Status::internal(
+                "the node could not serve this request; details are in the node log",
+            ),
+        }
+    }
+}

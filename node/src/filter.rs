@@ -1,0 +1,283 @@
+//! Translation of the wire filter language into a DataFusion expression.
+//!
+//! The translation type-checks every operator against the catalog so that the resulting
+//! expression is total: DataFusion never has to insert a cast that could fail on some row
+//! (which would turn a row's value into an observable error). Comparisons are allowed only
+//! between values of the same kind (numbers with numbers, text with text, dates with dates,
+//! booleans with booleans, or NULL); `LIKE` only applies to text; division only by a numeric
+//! literal other than 0 and -1. Conversions must be written as `TRY_CAST`.
+
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{binary_expr, ident, lit, try_cast, Expr, Operator};
+use fedq_common::{BinaryOp, ColumnType, Literal, Predicate, TableSpec};
+
+use crate::engine::shown;
+use crate::error::NodeError;
+
+/// Static type of a filter sub-expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ty {
+    Null,
+    Col(ColumnType),
+}
+
+impl Ty {
+    fn is_numeric(self) -> bool {
+        matches!(self, Ty::Col(t) if t.is_numeric())
+    }
+    fn is_null(self) -> bool {
+        self == Ty::Null
+    }
+    fn is_boolish(self) -> bool {
+        matches!(self, Ty::Null | Ty::Col(ColumnType::Boolean))
+    }
+    fn name(self) -> String {
+        match self {
+            Ty::Null => "null".into(),
+            Ty::Col(t) => t.to_string(),
+        }
+    }
+}
+
+/// Whether two operands can be compared without a fallible cast.
+fn comparable(a: Ty, b: Ty) -> bool {
+    a.is_null() || b.is_null() || (a.is_numeric() && b.is_numeric()) || a == b
+}
+
+fn invalid(m: String) -> NodeError {
+    NodeError::InvalidRequest(m)
+}
+
+/// Translate a filter to a DataFusion expression over `table`'s catalog columns.
+pub(crate) fn translate(
+    p: &Predicate,
+    table_name: &str,
+    table: &TableSpec,
+) -> Result<Expr, NodeError> {
+    let (e, ty) = tr(p, table_name, table)?;
+    if !ty.is_boolish() {
+        return Err(invalid(format!(
+            "the filter is of type {}, not boolean",
+            ty.name()
+        )));
+    }
+    Ok(e)
+}
+
+fn literal(v: &Literal) -> (Expr, Ty) {
+    match v {
+        Literal::Null => (lit(ScalarValue::Null), Ty::Null),
+        Literal::Boolean(b) => (lit(*b), Ty::Col(ColumnType::Boolean)),
+        Literal::Int64(i) => (lit(*i), Ty::Col(ColumnType::Int64)),
+        Literal::Float64(f) => (lit(*f), Ty::Col(ColumnType::Float64)),
+        Literal::Utf8(s) => (lit(s.clone()), Ty::Col(ColumnType::Utf8)),
+        Literal::Date32(d) => (
+            lit(ScalarValue::Date32(Some(*d))),
+            Ty::Col(ColumnType::Date32),
+        ),
+    }
+}
+
+fn arith_result(a: Ty, b: Ty) -> Ty {
+    match (a, b) {
+        (Ty::Null, x) | (x, Ty::Null) => x,
+        (Ty::Col(ColumnType::Float64), _) | (_, Ty::Col(ColumnType::Float64)) => {
+            Ty::Col(ColumnType::Float64)
+        }
+        (Ty::Col(ColumnType::Int32), Ty::Col(ColumnType::Int32)) => Ty::Col(ColumnType::Int32),
+        _ => Ty::Col(ColumnType::Int64),
+    }
+}
+
+fn op_name(op: BinaryOp) -> &'static str {
+    match op {
+        BinaryOp::Eq => "=",
+        BinaryOp::NotEq => "<>",
+        BinaryOp::Lt => "<",
+        BinaryOp::LtEq => "<=",
+        BinaryOp::Gt => ">",
+        BinaryOp::GtEq => ">=",
+        BinaryOp::And => "AND",
+        BinaryOp::Or => "OR",
+        BinaryOp::Plus => "+",
+        BinaryOp::Minus => "-",
+        BinaryOp::Multiply => "*",
+        BinaryOp::Divide => "/",
+    }
+}
+
+fn tr(p: &Predicate, table_name: &str, table: &TableSpec) -> Result<(Expr, Ty), NodeError> {
+    let rec = |q: &Predicate| tr(q, table_name, table);
+    match p {
+        Predicate::Column { name } => match table.column(name) {
+            Some(c) => Ok((ident(name.clone()), Ty::Col(c.ty))),
+            None => Err(NodeError::Refused(format!(
+                "unknown column {} in the filter: table `{table_name}` has no such column in the catalog",
+                shown(name)
+            ))),
+        },
+        Predicate::Literal { value } => Ok(literal(value)),
+        Predicate::Binary { op, left, right } => {
+            let (l, lt) = rec(left)?;
+            let (r, rt) = rec(right)?;
+            let mismatch = || {
+                invalid(format!(
+                    "operator {} cannot combine {} and {}; use TRY_CAST to convert",
+                    op_name(*op),
+                    lt.name(),
+                    rt.name()
+                ))
+            };
+            let (dop, ty) = match op {
+                BinaryOp::And | BinaryOp::Or => {
+                    if !(lt.is_boolish() && rt.is_boolish()) {
+                        return Err(mismatch());
+                    }
+                    let dop = if *op == BinaryOp::And {
+                        Operator::And
+                    } else {
+                        Operator::Or
+                    };
+                    (dop, Ty::Col(ColumnType::Boolean))
+                }
+                BinaryOp::Eq
+                | BinaryOp::NotEq
+                | BinaryOp::Lt
+                | BinaryOp::LtEq
+                | BinaryOp::Gt
+                | BinaryOp::GtEq => {
+                    if !comparable(lt, rt) {
+                        return Err(mismatch());
+                    }
+                    let dop = match op {
+                        BinaryOp::Eq => Operator::Eq,
+                        BinaryOp::NotEq => Operator::NotEq,
+                        BinaryOp::Lt => Operator::Lt,
+                        BinaryOp::LtEq => Operator::LtEq,
+                        BinaryOp::Gt => Operator::Gt,
+                        _ => Operator::GtEq,
+                    };
+                    (dop, Ty::Col(ColumnType::Boolean))
+                }
+                BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply => {
+                    let ok = |t: Ty| t.is_null() || t.is_numeric();
+                    if !(ok(lt) && ok(rt)) {
+                        return Err(mismatch());
+                    }
+                    let dop = match op {
+                        BinaryOp::Plus => Operator::Plus,
+                        BinaryOp::Minus => Operator::Minus,
+                        _ => Operator::Multiply,
+                    };
+                    (dop, arith_result(lt, rt))
+                }
+                BinaryOp::Divide => {
+                    if !(lt.is_null() || lt.is_numeric()) {
+                        return Err(mismatch());
+                    }
+                    let total = match right.as_ref() {
+                        Predicate::Literal {
+                            value: Literal::Int64(d),
+                        } => *d != 0 && *d != -1,
+                        Predicate::Literal {
+                            value: Literal::Float64(d),
+                        } => d.is_finite() && *d != 0.0 && *d != -1.0,
+                        _ => false,
+                    };
+                    if !total {
+                        return Err(invalid(
+                            "division is only allowed by a numeric literal other than 0 and -1 (other divisions can fail on some rows)".into(),
+                        ));
+                    }
+                    (Operator::Divide, arith_result(lt, rt))
+                }
+            };
+            Ok((binary_expr(l, dop, r), ty))
+        }
+        Predicate::Not { input } => {
+            let (e, t) = rec(input)?;
+            if !t.is_boolish() {
+                return Err(invalid(format!("NOT needs a boolean, not {}", t.name())));
+            }
+            Ok((Expr::Not(Box::new(e)), Ty::Col(ColumnType::Boolean)))
+        }
+        Predicate::IsNull { input } => {
+            let (e, _) = rec(input)?;
+            Ok((e.is_null(), Ty::Col(ColumnType::Boolean)))
+        }
+        Predicate::IsNotNull { input } => {
+            let (e, _) = rec(input)?;
+            Ok((e.is_not_null(), Ty::Col(ColumnType::Boolean)))
+        }
+        Predicate::InList {
+            input,
+            list,
+            negated,
+        } => {
+            let (e, t) = rec(input)?;
+            let mut items = Vec::with_capacity(list.len());
+            for item in list {
+                let (ie, it) = rec(item)?;
+                if !comparable(t, it) {
+                    return Err(invalid(format!(
+                        "IN list mixes {} with {}; use TRY_CAST to convert",
+                        t.name(),
+                        it.name()
+                    )));
+                }
+                items.push(ie);
+            }
+            Ok((e.in_list(items, *negated), Ty::Col(ColumnType::Boolean)))
+        }
+        Predicate::Between {
+            input,
+            low,
+            high,
+            negated,
+        } => {
+            let (e, t) = rec(input)?;
+            let (le, lt) = rec(low)?;
+            let (he, ht) = rec(high)?;
+            if !(comparable(t, lt) && comparable(t, ht)) {
+                return Err(invalid(format!(
+                    "BETWEEN compares {} with {} and {}; use TRY_CAST to convert",
+                    t.name(),
+                    lt.name(),
+                    ht.name()
+                )));
+            }
+            let b = if *negated {
+                e.not_between(le, he)
+            } else {
+                e.between(le, he)
+            };
+            Ok((b, Ty::Col(ColumnType::Boolean)))
+        }
+        Predicate::Like {
+            input,
+            pattern,
+            negated,
+            case_insensitive,
+        } => {
+            let (e, t) = rec(input)?;
+            if t != Ty::Col(ColumnType::Utf8) {
+                return Err(invalid(format!(
+                    "LIKE applies to utf8 values, not {}; use TRY_CAST(... AS utf8)",
+                    t.name()
+                )));
+            }
+            let pat = lit(pattern.clone());
+            let like = match (*negated, *case_insensitive) {
+                (false, false) => e.like(pat),
+                (true, false) => e.not_like(pat),
+                (false, true) => e.ilike(pat),
+                (true, true) => e.not_ilike(pat),
+            };
+            Ok((like, Ty::Col(ColumnType::Boolean)))
+        }
+        Predicate::TryCast { input, to } => {
+            let (e, _) = rec(input)?;
+            Ok((try_cast(e, to.arrow_type()), Ty::Col(*to)))
+        }
+    }
+}

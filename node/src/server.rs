@@ -1,0 +1,288 @@
+//! The node's Arrow Flight service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use fedq_common::wire::ACTION_NODE_INFO;
+use fedq_common::PartialAggregateRequest;
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::NodeConfig;
+use crate::engine::NodeEngine;
+use crate::error::NodeError;
+
+/// Largest gRPC message the server decodes. Tickets are at most
+/// [`fedq_common::wire::MAX_REQUEST_BYTES`]; anything far larger is cut off by the transport.
+pub const MAX_DECODING_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// The Flight service: `do_get` with a partial-aggregate ticket, and the node-info action.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    engine: Arc<NodeEngine>,
+}
+
+impl NodeService {
+    /// A service answering with `engine`.
+    pub fn new(engine: Arc<NodeEngine>) -> Self {
+        NodeService { engine }
+    }
+
+    /// The tonic server wrapper, with the message size limit set.
+    pub fn into_server(self) -> FlightServiceServer<NodeService> {
+        FlightServiceServer::new(self).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+    }
+}
+
+type BoxedStream<T> = BoxStream<'static, Result<T, Status>>;
+
+fn unimplemented<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "{what} is not supported by a fedq node; use DoGet with a partial-aggregate ticket"
+    )))
+}
+
+#[tonic::async_trait]
+impl FlightService for NodeService {
+    type HandshakeStream = BoxedStream<HandshakeResponse>;
+    type ListFlightsStream = BoxedStream<FlightInfo>;
+    type DoGetStream = BoxedStream<FlightData>;
+    type DoPutStream = BoxedStream<PutResult>;
+    type DoExchangeStream = BoxedStream<FlightData>;
+    type DoActionStream = BoxedStream<arrow_flight::Result>;
+    type ListActionsStream = BoxedStream<ActionType>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        unimplemented("Handshake")
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unimplemented("ListFlights")
+    }
+
+    async fn get_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        unimplemented("GetFlightInfo")
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        unimplemented("PollFlightInfo")
+    }
+
+    async fn get_schema(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        unimplemented("GetSchema")
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let started = Instant::now();
+        let ticket = request.into_inner();
+        let site = self.engine.site().to_string();
+        let req = match PartialAggregateRequest::decode_ticket(&ticket.ticket) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    site = %site,
+                    outcome = "refused",
+                    error = %e,
+                    "undecodable ticket"
+                );
+                return Err(NodeError::from(e).into());
+            }
+        };
+        let batches = match self.engine.execute(&req).await {
+            Ok(b) => b,
+            Err(e) => {
+                let ms = started.elapsed().as_millis() as u64;
+                if e.is_refusal() {
+                    tracing::warn!(
+                        site = %site,
+                        query_id = ?req.query_id,
+                        table = ?req.table,
+                        duration_ms = ms,
+                        outcome = "refused",
+                        error = %e,
+                        "request refused"
+                    );
+                } else {
+                    tracing::error!(
+                        site = %site,
+                        query_id = ?req.query_id,
+                        table = ?req.table,
+                        duration_ms = ms,
+                        outcome = "failed",
+                        error = %e,
+                        "request failed"
+                    );
+                }
+                return Err(e.into());
+            }
+        };
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        tracing::info!(
+            site = %site,
+            query_id = ?req.query_id,
+            table = ?req.table,
+            groups = rows,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome = "ok",
+            "partial aggregate answered"
+        );
+        let query_id = req.query_id;
+        let encoded = FlightDataEncoderBuilder::new()
+            .build(stream::iter(batches.into_iter().map(Ok)))
+            .map_err(move |e| {
+                let err = NodeError::Internal {
+                    site: site.clone(),
+                    query_id: query_id.clone(),
+                    message: format!("encoding the response failed: {e}"),
+                };
+                tracing::error!(error = %err, outcome = "failed", "response encoding failed");
+                Status::from(err)
+            });
+        Ok(Response::new(encoded.boxed()))
+    }
+
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        unimplemented("DoPut")
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        unimplemented("DoExchange")
+    }
+
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        let action = request.into_inner();
+        if action.r#type != ACTION_NODE_INFO {
+            return Err(Status::unimplemented(format!(
+                "unknown action; this node supports only {ACTION_NODE_INFO}"
+            )));
+        }
+        let body = serde_json::to_vec(&self.engine.info()).map_err(|e| {
+            Status::from(NodeError::Internal {
+                site: self.engine.site().to_string(),
+                query_id: ACTION_NODE_INFO.to_string(),
+                message: e.to_string(),
+            })
+        })?;
+        let result = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(stream::iter([Ok(result)]).boxed()))
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        let t = ActionType {
+            r#type: ACTION_NODE_INFO.to_string(),
+            description: "site, protocol version, fedq version and served tables, as JSON"
+                .to_string(),
+        };
+        Ok(Response::new(stream::iter([Ok(t)]).boxed()))
+    }
+}
+
+/// A running node. Dropping the handle also stops the server (without waiting).
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// Address the server is listening on (the real port when the config asked for port 0).
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl NodeHandle {
+    /// Stop accepting connections, let in-flight requests finish, and wait for the server.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(tx) = self.shutdown.take() {
+            // The server may already have stopped; then there is no one to tell.
+            let _ = tx.send(());
+        }
+        match (&mut self.task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NodeError::Server(e.to_string())),
+            Err(e) => Err(NodeError::Server(format!(
+                "server task ended abnormally: {e}"
+            ))),
+        }
+    }
+}
+
+/// Start a node: check the tables, bind `config.listen` and serve Flight in a background task.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    let engine = Arc::new(NodeEngine::new(&config).await?);
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "node listens on a non-loopback address; make sure only the coordinator can reach it"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| NodeError::Bind {
+            addr: config.listen.to_string(),
+            source: e,
+        })?;
+    let addr = listener.local_addr().map_err(|e| NodeError::Bind {
+        addr: config.listen.to_string(),
+        source: e,
+    })?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let service = NodeService::new(Arc::clone(&engine)).into_server();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                // Stop on an explicit shutdown or when the handle is dropped.
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(
+        site = %config.site,
+        %addr,
+        tables = ?engine.info().tables,
+        "fedq node listening"
+    );
+    Ok(NodeHandle {
+        addr,
+        shutdown: Some(tx),
+        task,
+    })
+}

@@ -1,0 +1,676 @@
+//! Engine tests: exact partial aggregates, filters, bounding, refusals, start-up checks.
+//!
+//! The labs fixture (R = 100, so nothing is truncated):
+//!
+//! | # | pid | test    | value  | code | measured_on | flag  | year | site_code |
+//! |---|-----|---------|--------|------|-------------|-------|------|-----------|
+//! | 1 | p1  | HbA1c   | 5.5    | 12   | 2024-01-10  | true  | 1980 | 1 |
+//! | 2 | p1  | HbA1c   | 6.25   | abc  | 2024-02-10  | false | 1980 | 1 |
+//! | 3 | p1  | LDL     | 150    | NULL | 2024-03-01  | NULL  | 1980 | 1 |
+//! | 4 | p2  | HbA1c   | 9999   | 7    | 2023-12-31  | true  | 1975 | 2 |
+//! | 5 | p2  | glucose | -1     | 15   | 2024-01-15  | true  | 1975 | 2 |
+//! | 6 | p2  | glucose | NULL   | x9   | 2024-05-05  | false | 1975 | 2 |
+//! | 7 | p3  | LDL     | 3.333  | NULL | 2024-06-01  | true  | 2001 | 1 |
+//! | 8 | p3  | other   | 1      | 20   | 2024-06-02  | true  | 2001 | 1 |
+//! | 9 | p4  | NULL    | 2      | 5    | 2024-07-01  | false | 1990 | 2 |
+
+use fedq_common::{AggregateRequest, BinaryOp, ColumnType, Literal, Predicate};
+
+use super::*;
+use crate::{NodeEngine, NodeError};
+
+async fn engine() -> (Fixture, NodeEngine) {
+    let fx = Fixture::new();
+    let e = NodeEngine::new(&fx.config()).await.unwrap();
+    (fx, e)
+}
+
+/// CountRows over labs with a filter, no grouping.
+async fn count(e: &NodeEngine, filter: Predicate) -> i128 {
+    let req = request(
+        "labs",
+        &[],
+        vec![AggregateRequest::CountRows],
+        100,
+        Some(filter),
+    );
+    let out = e.execute(&req).await.unwrap();
+    let r = rows(&out, 0);
+    assert_eq!(r.len(), 1);
+    r[0].1[0]
+}
+
+#[tokio::test]
+async fn grouped_counts_and_clamped_fixed_point_sums() {
+    let (_fx, e) = engine().await;
+    let req = request(
+        "labs",
+        &["test"],
+        vec![
+            AggregateRequest::CountRows,
+            count_nn("value"),
+            sum("value", 0.0, 100.0, 0.01),
+            sum("value", 0.0, 50.0, 0.5),
+        ],
+        100,
+        None,
+    );
+    let out = e.execute(&req).await.unwrap();
+    assert_eq!(out.len(), 1);
+    let schema = out[0].schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["test", "agg_0", "agg_1", "agg_2", "agg_3"]);
+    assert_eq!(schema.field(0).data_type(), &DataType::Utf8);
+    assert!(schema.field(0).is_nullable());
+    assert_eq!(schema.field(1).data_type(), &DataType::Int64);
+    assert_eq!(schema.field(3).data_type(), &DataType::Decimal128(38, 0));
+    // HbA1c: 5.5 -> 550, 6.25 -> 625, sentinel 9999 -> clamped to 10000.
+    //        [0, 50] step 0.5: 11 + 13 (12.5 rounds away from zero) + 100 (clamped).
+    // LDL: 150 -> clamped to 10000, 3.333 -> 333; step 0.5: 100 + 7.
+    // glucose: sentinel -1 -> clamped to 0, NULL skipped (counted as a row, not non-null).
+    // "other" and NULL keys are outside the public domain and dropped.
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["HbA1c"], &[3, 3, 11175, 124]),
+            keyed(&["LDL"], &[2, 2, 10333, 107]),
+            keyed(&["glucose"], &[2, 1, 0, 0]),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn integer_sums_and_multi_key_groups() {
+    let (_fx, e) = engine().await;
+    // No grouping: all 9 rows; year clamped to [1985, 2030]: 1980 and 1975 become 1985.
+    let req = request(
+        "labs",
+        &[],
+        vec![
+            AggregateRequest::CountRows,
+            sum("year", 1900.0, 2030.0, 1.0),
+            sum("year", 1985.0, 2030.0, 1.0),
+        ],
+        100,
+        None,
+    );
+    let out = e.execute(&req).await.unwrap();
+    assert_eq!(rows(&out, 0), vec![keyed(&[], &[9, 17857, 17902])]);
+
+    // An int32 key.
+    let req = request(
+        "labs",
+        &["year"],
+        vec![AggregateRequest::CountRows],
+        100,
+        None,
+    );
+    let out = e.execute(&req).await.unwrap();
+    assert_eq!(out[0].schema().field(0).data_type(), &DataType::Int32);
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["1975"], &[3]),
+            keyed(&["1980"], &[3]),
+            keyed(&["1990"], &[1]),
+            keyed(&["2001"], &[2]),
+        ]
+    );
+
+    // Boolean x int64 keys, in public-domain order; the NULL flag row is dropped.
+    let req = request(
+        "labs",
+        &["flag", "site_code"],
+        vec![AggregateRequest::CountRows, count_nn("code")],
+        100,
+        None,
+    );
+    let out = e.execute(&req).await.unwrap();
+    assert_eq!(out[0].schema().field(0).data_type(), &DataType::Boolean);
+    assert_eq!(out[0].schema().field(1).data_type(), &DataType::Int64);
+    assert_eq!(
+        rows(&out, 2),
+        vec![
+            keyed(&["true", "1"], &[3, 2]),
+            keyed(&["true", "2"], &[2, 2]),
+            keyed(&["false", "1"], &[1, 1]),
+            keyed(&["false", "2"], &[2, 2]),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn no_match_gives_one_zero_row_or_no_groups() {
+    let (_fx, e) = engine().await;
+    let never = bin(
+        BinaryOp::Eq,
+        col("pid"),
+        lit(Literal::Utf8("nobody".into())),
+    );
+    let req = request(
+        "labs",
+        &[],
+        vec![AggregateRequest::CountRows, sum("value", 0.0, 100.0, 0.01)],
+        100,
+        Some(never.clone()),
+    );
+    assert_eq!(
+        rows(&e.execute(&req).await.unwrap(), 0),
+        vec![keyed(&[], &[0, 0])]
+    );
+    let req = request(
+        "labs",
+        &["test"],
+        vec![AggregateRequest::CountRows],
+        100,
+        Some(never),
+    );
+    let out = e.execute(&req).await.unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].num_rows(), 0);
+}
+
+#[tokio::test]
+async fn filters() {
+    let (_fx, e) = engine().await;
+    let s = |v: &str| lit(Literal::Utf8(v.into()));
+    let i = |v: i64| lit(Literal::Int64(v));
+    let f = |v: f64| lit(Literal::Float64(v));
+
+    // AND + IN: rows 1, 4, 7.
+    let p = bin(
+        BinaryOp::And,
+        Predicate::InList {
+            input: Box::new(col("test")),
+            list: vec![s("HbA1c"), s("LDL")],
+            negated: false,
+        },
+        bin(BinaryOp::Eq, col("flag"), lit(Literal::Boolean(true))),
+    );
+    assert_eq!(count(&e, p).await, 3);
+
+    // BETWEEN: 5.5, 6.25, 3.333.
+    let p = Predicate::Between {
+        input: Box::new(col("value")),
+        low: Box::new(f(3.0)),
+        high: Box::new(i(10)),
+        negated: false,
+    };
+    assert_eq!(count(&e, p).await, 3);
+
+    // LIKE / ILIKE / NOT LIKE (NULL codes match neither).
+    let like = |pattern: &str, negated, case_insensitive| Predicate::Like {
+        input: Box::new(col("code")),
+        pattern: pattern.into(),
+        negated,
+        case_insensitive,
+    };
+    assert_eq!(count(&e, like("1%", false, false)).await, 2);
+    assert_eq!(count(&e, like("X%", false, true)).await, 1);
+    assert_eq!(count(&e, like("X%", false, false)).await, 0);
+    assert_eq!(count(&e, like("1%", true, false)).await, 5);
+
+    // IS NULL / IS NOT NULL.
+    let p = Predicate::IsNull {
+        input: Box::new(col("code")),
+    };
+    assert_eq!(count(&e, p).await, 2);
+    let p = Predicate::IsNotNull {
+        input: Box::new(col("value")),
+    };
+    assert_eq!(count(&e, p).await, 8);
+
+    // Date comparison: on or after 2024-03-01: rows 3, 6, 7, 8, 9.
+    let p = bin(
+        BinaryOp::GtEq,
+        col("measured_on"),
+        lit(Literal::Date32(days(2024, 3, 1))),
+    );
+    assert_eq!(count(&e, p).await, 5);
+
+    // TRY_CAST: "12", "15", "20" are > 10; "abc" and "x9" become NULL instead of failing.
+    let p = bin(
+        BinaryOp::Gt,
+        Predicate::TryCast {
+            input: Box::new(col("code")),
+            to: ColumnType::Int64,
+        },
+        i(10),
+    );
+    assert_eq!(count(&e, p).await, 3);
+
+    // NOT: flag false rows 2, 6, 9 (NULL stays NULL).
+    let p = Predicate::Not {
+        input: Box::new(col("flag")),
+    };
+    assert_eq!(count(&e, p).await, 3);
+
+    // Arithmetic: year + 1 > 2000, and integer division by a literal.
+    let p = bin(
+        BinaryOp::Gt,
+        bin(BinaryOp::Plus, col("year"), i(1)),
+        i(2000),
+    );
+    assert_eq!(count(&e, p).await, 2);
+    let p = bin(
+        BinaryOp::GtEq,
+        bin(BinaryOp::Divide, col("year"), i(2)),
+        i(1000),
+    );
+    assert_eq!(count(&e, p).await, 2);
+    let p = bin(
+        BinaryOp::Gt,
+        bin(BinaryOp::Divide, col("value"), f(2.0)),
+        f(2.0),
+    );
+    assert_eq!(count(&e, p).await, 4);
+
+    // OR with a negated IN list on an integer column.
+    let p = bin(
+        BinaryOp::Or,
+        Predicate::InList {
+            input: Box::new(col("site_code")),
+            list: vec![i(1)],
+            negated: true,
+        },
+        bin(BinaryOp::Eq, col("pid"), s("p1")),
+    );
+    assert_eq!(count(&e, p).await, 7);
+}
+
+#[tokio::test]
+async fn bounding_keeps_at_most_r_rows_per_participant() {
+    let (_fx, e) = engine().await;
+    let only = |pids: &[&str]| {
+        Some(Predicate::InList {
+            input: Box::new(col("pid")),
+            list: pids
+                .iter()
+                .map(|p| lit(Literal::Utf8(p.to_string())))
+                .collect(),
+            negated: false,
+        })
+    };
+    let total = |out: &[RecordBatch]| -> i128 { rows(out, 1).iter().map(|r| r.1[0]).sum() };
+
+    // R large enough: everything (50 + 3 rows).
+    let req = request(
+        "bulk",
+        &["grp"],
+        vec![AggregateRequest::CountRows],
+        50,
+        only(&["big", "s1"]),
+    );
+    assert_eq!(total(&e.execute(&req).await.unwrap()), 53);
+
+    // R = 5: `big` contributes exactly 5 rows, `s1` its 3.
+    for _ in 0..20 {
+        let req = request(
+            "bulk",
+            &["grp"],
+            vec![AggregateRequest::CountRows, sum("x", 0.0, 10.0, 1.0)],
+            5,
+            only(&["big", "s1"]),
+        );
+        let out = e.execute(&req).await.unwrap();
+        assert_eq!(total(&out), 8);
+        let r = rows(&out, 1);
+        // The x sum of the kept rows is bounded by 5 * 10 + 3 * 1.
+        let xs: i128 = r.iter().map(|row| row.1[1]).sum();
+        assert!((3..=53).contains(&xs), "{xs}");
+    }
+
+    // R = 1 without grouping.
+    let req = request(
+        "bulk",
+        &[],
+        vec![AggregateRequest::CountRows],
+        1,
+        only(&["big"]),
+    );
+    assert_eq!(
+        rows(&e.execute(&req).await.unwrap(), 0),
+        vec![keyed(&[], &[1])]
+    );
+}
+
+#[tokio::test]
+async fn bounding_samples_uniformly() {
+    // 100 participants, each with 10 rows in A followed by 30 rows in B; R = 1, repeated 40
+    // times: 4000 independent draws, each in A with probability 1/4. Keeping the first row
+    // would give 1.0, keeping the last 0.0.
+    //
+    // Hoeffding: P(|p̂ - 1/4| >= t) <= 2 exp(-2 n t²); with n = 4000 and t = 0.052 this is
+    // 2 exp(-21.6) < 1e-9, the false-failure probability of this test.
+    let (_fx, e) = engine().await;
+    let filter = Predicate::Like {
+        input: Box::new(col("pid")),
+        pattern: "u%".into(),
+        negated: false,
+        case_insensitive: false,
+    };
+    let (mut in_a, mut n) = (0i128, 0i128);
+    for _ in 0..40 {
+        let req = request(
+            "bulk",
+            &["grp"],
+            vec![AggregateRequest::CountRows],
+            1,
+            Some(filter.clone()),
+        );
+        for (k, v) in rows(&e.execute(&req).await.unwrap(), 1) {
+            if k[0] == "A" {
+                in_a += v[0];
+            }
+            n += v[0];
+        }
+    }
+    assert_eq!(n, 4000);
+    let p = in_a as f64 / n as f64;
+    assert!((p - 0.25).abs() < 0.052, "fraction in A = {p}");
+}
+
+fn assert_refused(r: Result<(), NodeError>, needle: &str) {
+    match r {
+        Err(NodeError::Refused(m)) => assert!(m.contains(needle), "{needle:?} not in {m:?}"),
+        other => panic!("expected a refusal containing {needle:?}, got {other:?}"),
+    }
+}
+
+fn assert_invalid(r: Result<(), NodeError>, needle: &str) {
+    match r {
+        Err(NodeError::InvalidRequest(m)) => assert!(m.contains(needle), "{needle:?} not in {m:?}"),
+        other => panic!("expected an invalid request containing {needle:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn refusals() {
+    let (_fx, e) = engine().await;
+    let count = || vec![AggregateRequest::CountRows];
+    let v = |req| e.validate(&req);
+
+    assert_refused(v(request("nope", &[], count(), 1, None)), "unknown table");
+    assert_refused(v(request("elsewhere", &[], count(), 1, None)), "not served");
+    assert_refused(
+        v(request("labs", &[], vec![count_nn("weight")], 1, None)),
+        "unknown column `weight`",
+    );
+    // The file's extra column is not queryable.
+    assert_refused(
+        v(request(
+            "labs",
+            &[],
+            count(),
+            1,
+            Some(Predicate::IsNull {
+                input: Box::new(col("secret")),
+            }),
+        )),
+        "unknown column `secret`",
+    );
+    assert_refused(v(request("labs", &[], count(), 101, None)), "exceeds");
+    assert_invalid(v(request("labs", &[], count(), 0, None)), "at least 1");
+    assert_refused(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("value", 0.0, 200.0, 0.01)],
+            1,
+            None,
+        )),
+        "wider",
+    );
+    assert_refused(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("value", -1.0, 100.0, 0.01)],
+            1,
+            None,
+        )),
+        "wider",
+    );
+    assert_refused(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("value", 0.0, 100.0, 0.001)],
+            1,
+            None,
+        )),
+        "finer",
+    );
+    assert_invalid(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("value", 50.0, 10.0, 0.01)],
+            1,
+            None,
+        )),
+        "lower < upper",
+    );
+    assert_invalid(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("code", 0.0, 1.0, 1.0)],
+            1,
+            None,
+        )),
+        "numeric",
+    );
+    assert_refused(
+        v(request("labs", &["code"], count(), 1, None)),
+        "public domain",
+    );
+    assert_refused(
+        v(request("labs", &["pid"], count(), 1, None)),
+        "privacy unit",
+    );
+    assert_invalid(
+        v(request("labs", &["test", "test"], count(), 1, None)),
+        "twice",
+    );
+    let div = |d: Literal| {
+        Some(bin(
+            BinaryOp::Gt,
+            bin(BinaryOp::Divide, col("year"), lit(d)),
+            lit(Literal::Int64(1)),
+        ))
+    };
+    assert_invalid(
+        v(request("labs", &[], count(), 1, div(Literal::Int64(0)))),
+        "division",
+    );
+    assert_invalid(
+        v(request("labs", &[], count(), 1, div(Literal::Int64(-1)))),
+        "division",
+    );
+    assert_invalid(
+        v(request("labs", &[], count(), 1, div(Literal::Float64(0.0)))),
+        "division",
+    );
+    let by_col = Some(bin(
+        BinaryOp::Gt,
+        bin(BinaryOp::Divide, col("year"), col("year")),
+        lit(Literal::Int64(1)),
+    ));
+    assert_invalid(v(request("labs", &[], count(), 1, by_col)), "division");
+    // A text column compared with a number would need a cast that can fail on a row.
+    let p = Some(bin(BinaryOp::Eq, col("code"), lit(Literal::Int64(12))));
+    assert_invalid(v(request("labs", &[], count(), 1, p)), "TRY_CAST");
+    let p = Some(Predicate::Like {
+        input: Box::new(col("year")),
+        pattern: "19%".into(),
+        negated: false,
+        case_insensitive: false,
+    });
+    assert_invalid(v(request("labs", &[], count(), 1, p)), "LIKE");
+    // A non-boolean filter.
+    assert_invalid(
+        v(request("labs", &[], count(), 1, Some(col("year")))),
+        "not boolean",
+    );
+    // A valid request passes.
+    assert!(v(request(
+        "labs",
+        &["test"],
+        vec![sum("value", 0.0, 100.0, 0.01)],
+        100,
+        None
+    ))
+    .is_ok());
+}
+
+#[tokio::test]
+async fn csv_table() {
+    let (_fx, e) = engine().await;
+    // R = 1 (one row per patient). F: 1980 + 2100 clamped to 2030; M: 1850 clamped to 1900.
+    // "X" and the empty sex are outside the public domain.
+    let req = request(
+        "patients",
+        &["sex"],
+        vec![
+            AggregateRequest::CountRows,
+            sum("birth_year", 1900.0, 2030.0, 1.0),
+        ],
+        1,
+        None,
+    );
+    assert_eq!(
+        rows(&e.execute(&req).await.unwrap(), 1),
+        vec![keyed(&["F"], &[2, 4010]), keyed(&["M"], &[1, 1900])]
+    );
+    // The extra CSV column is not queryable.
+    let req = request(
+        "patients",
+        &[],
+        vec![AggregateRequest::CountRows],
+        1,
+        Some(Predicate::IsNull {
+            input: Box::new(col("comment")),
+        }),
+    );
+    assert_refused(e.validate(&req), "unknown column `comment`");
+}
+
+#[tokio::test]
+async fn data_dependent_failure_is_an_execution_error() {
+    let (fx, e) = engine().await;
+    let req = request("broken", &[], vec![sum("n", 0.0, 10.0, 1.0)], 1, None);
+    assert_eq!(
+        rows(&e.execute(&req).await.unwrap(), 0),
+        vec![keyed(&[], &[3])]
+    );
+    // The file changes under the running node and a value no longer parses.
+    fx.break_csv();
+    assert!(e.validate(&req).is_ok());
+    match e.execute(&req).await {
+        Err(err @ NodeError::Execution { .. }) => {
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), tonic::Code::Internal);
+            assert_eq!(
+                status.message(),
+                "node site01 could not execute query q-test; details are in the node log"
+            );
+        }
+        other => panic!("expected an execution error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn info_lists_served_tables() {
+    let (_fx, e) = engine().await;
+    let info = e.info();
+    assert_eq!(info.site, "site01");
+    assert_eq!(info.protocol_version, fedq_common::PROTOCOL_VERSION);
+    assert_eq!(info.tables, ["broken", "bulk", "labs", "patients"]);
+}
+
+#[tokio::test]
+async fn schema_mismatch_names_file_column_and_types() {
+    let fx = Fixture::new();
+    write_parquet(
+        &fx.dir.path().join("labs.parquet"),
+        &labs_batch(true, false),
+    );
+    let err = NodeEngine::new(&fx.config()).await.unwrap_err();
+    assert!(matches!(err, NodeError::SchemaMismatch(_)), "{err:?}");
+    let m = err.to_string();
+    for needle in ["labs.parquet", "`value`", "Int64", "float64", "catalog"] {
+        assert!(m.contains(needle), "{needle:?} not in {m:?}");
+    }
+
+    write_parquet(
+        &fx.dir.path().join("labs.parquet"),
+        &labs_batch(false, true),
+    );
+    let m = NodeEngine::new(&fx.config()).await.unwrap_err().to_string();
+    for needle in ["labs.parquet", "`code`", "missing"] {
+        assert!(m.contains(needle), "{needle:?} not in {m:?}");
+    }
+
+    // CSV: a header without a catalog column.
+    let fx = Fixture::new();
+    std::fs::write(
+        fx.dir.path().join("patients.csv"),
+        "pid,birth_year\np1,1980\n",
+    )
+    .unwrap();
+    let m = NodeEngine::new(&fx.config()).await.unwrap_err().to_string();
+    for needle in ["patients.csv", "`sex`", "missing"] {
+        assert!(m.contains(needle), "{needle:?} not in {m:?}");
+    }
+}
+
+#[test]
+fn config_errors() {
+    let fx = Fixture::new();
+    let base = fx.dir.path();
+
+    let text = NODE_TOML.replace("path = \"labs.parquet\"", "path = \"nope/labs.parquet\"");
+    let err = NodeConfig::from_toml_str(&text, base).unwrap_err();
+    assert!(matches!(err, NodeError::MissingFile { .. }), "{err:?}");
+    let m = err.to_string();
+    for needle in ["nope/labs.parquet", "labs", "fix `path`"] {
+        assert!(m.contains(needle), "{needle:?} not in {m:?}");
+    }
+
+    let text = format!("{NODE_TOML}\n[tables.visits]\npath = \"labs.parquet\"\n");
+    let m = NodeConfig::from_toml_str(&text, base)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        m.contains("visits") && m.contains("not a table of the catalog"),
+        "{m}"
+    );
+
+    let text = format!("colour = \"blue\"\n{NODE_TOML}");
+    let m = NodeConfig::from_toml_str(&text, base)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("colour"), "{m}");
+
+    let text = NODE_TOML.replace("127.0.0.1:0", "localhost");
+    let m = NodeConfig::from_toml_str(&text, base)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("listen"), "{m}");
+
+    let text = NODE_TOML.replace("catalog.toml", "missing-catalog.toml");
+    let m = NodeConfig::from_toml_str(&text, base)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("missing-catalog.toml"), "{m}");
+
+    // Defaults and resolution.
+    let text = NODE_TOML.replace("listen = \"127.0.0.1:0\"\n", "");
+    let cfg = NodeConfig::from_toml_str(&text, base).unwrap();
+    assert_eq!(cfg.listen.to_string(), crate::DEFAULT_LISTEN);
+    assert!(cfg.tables["labs"].path.is_absolute());
+    assert_eq!(cfg.tables["labs"].format, crate::TableFormat::Parquet);
+    assert_eq!(cfg.tables["patients"].format, crate::TableFormat::Csv);
+    assert!(cfg.catalog_path.is_absolute());
+}
