@@ -1,1 +1,386 @@
-fn main() {}
+//! The `fedq` binary: thin wrappers that turn arguments into validated configs and call the
+//! libraries. See `fedq --help`.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use fedq::client::FedqClient;
+use fedq::render::render;
+use fedq::CliError;
+
+/// fedq: privacy-preserving federated SQL over hospital data.
+#[derive(Parser)]
+#[command(name = "fedq", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a hospital node beside the local data files.
+    Node(NodeArgs),
+    /// Run the coordinator (the Flight SQL endpoint researchers connect to).
+    Coordinator(CoordinatorArgs),
+    /// Query a coordinator: one statement, or an interactive prompt.
+    Sql(SqlArgs),
+    /// Show each node's health, version and tables.
+    Status(ConnArgs),
+    /// Generate a synthetic federation (data files and configs).
+    Synth(SynthArgs),
+    /// Generate a small federation, start it on loopback and run example queries.
+    Demo(DemoArgs),
+    /// Benchmark federated against centralised execution on a synth directory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Node config file (node.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override the listen address from the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+impl TryFrom<NodeArgs> for fedq_node::NodeConfig {
+    type Error = CliError;
+    fn try_from(a: NodeArgs) -> Result<Self, CliError> {
+        let mut c = fedq_node::NodeConfig::load(&a.config)?;
+        if let Some(l) = a.listen {
+            c.listen = l;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Coordinator config file (coordinator.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override the listen address from the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+impl TryFrom<CoordinatorArgs> for fedq_coordinator::CoordinatorConfig {
+    type Error = CliError;
+    fn try_from(a: CoordinatorArgs) -> Result<Self, CliError> {
+        let mut c = fedq_coordinator::CoordinatorConfig::load(&a.config)?;
+        if let Some(l) = a.listen {
+            c.listen = l;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "FEDQ_URL", default_value = "http://127.0.0.1:50050")]
+    url: String,
+    /// File holding your bearer token.
+    #[arg(long, env = "FEDQ_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// Validated connection settings.
+struct Conn {
+    url: String,
+    token: String,
+}
+
+impl TryFrom<ConnArgs> for Conn {
+    type Error = CliError;
+    fn try_from(a: ConnArgs) -> Result<Self, CliError> {
+        let token =
+            match (&a.token_file, std::env::var("FEDQ_TOKEN")) {
+                (Some(p), _) => std::fs::read_to_string(p)
+                    .map_err(|e| {
+                        CliError::User(format!("cannot read token file {}: {e}", p.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+                (None, Ok(t)) => t.trim().to_string(),
+                (None, Err(_)) => return Err(CliError::User(
+                    "no credentials: pass --token-file FILE (or set FEDQ_TOKEN_FILE or FEDQ_TOKEN)"
+                        .into(),
+                )),
+            };
+        if token.is_empty() {
+            return Err(CliError::User("the token is empty".into()));
+        }
+        Ok(Conn { url: a.url, token })
+    }
+}
+
+#[derive(Args)]
+struct SqlArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// ε for the statement(s) (runs `SET fedq.epsilon` first).
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// SQL to run; without it, an interactive prompt starts.
+    query: Option<String>,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Number of hospital sites.
+    #[arg(long, default_value_t = 5)]
+    sites: usize,
+    /// Number of participants across all sites.
+    #[arg(long, default_value_t = 20_000)]
+    participants: usize,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed: the same seed gives the same data files.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Coordinator port in the generated configs; site i listens on base-port + i.
+    #[arg(long, default_value_t = 50050)]
+    base_port: u16,
+}
+
+impl TryFrom<SynthArgs> for fedq_synth::SynthConfig {
+    type Error = CliError;
+    fn try_from(a: SynthArgs) -> Result<Self, CliError> {
+        Ok(fedq_synth::SynthConfig {
+            sites: a.sites,
+            participants: a.participants,
+            seed: a.seed,
+            out_dir: a.out,
+            base_port: a.base_port,
+        })
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Number of sites.
+    #[arg(long, default_value_t = 5)]
+    sites: usize,
+    /// Number of participants.
+    #[arg(long, default_value_t = 20_000)]
+    participants: usize,
+    /// Seed of the synthetic data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep the federation running and print how to connect.
+    #[arg(long)]
+    serve: bool,
+    /// Coordinator address when serving.
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    listen: SocketAddr,
+    /// Write the federation here instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// With --serve: write connection details as JSON to this file once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+impl TryFrom<DemoArgs> for fedq::demo::DemoConfig {
+    type Error = CliError;
+    fn try_from(a: DemoArgs) -> Result<Self, CliError> {
+        if a.sites == 0 || a.participants < a.sites {
+            return Err(CliError::User(
+                "need at least 1 site and at least as many participants as sites".into(),
+            ));
+        }
+        Ok(fedq::demo::DemoConfig {
+            sites: a.sites,
+            participants: a.participants,
+            seed: a.seed,
+            serve: a.serve,
+            listen: a.listen,
+            dir: a.dir,
+            ready_file: a.ready_file,
+        })
+    }
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Directory written by `fedq synth`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Timed runs per query and side.
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+}
+
+async fn run_sql(args: SqlArgs) -> Result<(), CliError> {
+    let conn = Conn::try_from(args.conn)?;
+    let mut client = FedqClient::connect(&conn.url, &conn.token).await?;
+    if let Some(e) = args.epsilon {
+        client.query(&format!("SET fedq.epsilon = {e}")).await?;
+    }
+    if let Some(q) = args.query {
+        let r = client.query(&q).await?;
+        print!("{}", render(&r.schema, &r.batches)?);
+        return Ok(());
+    }
+    println!("fedq sql: connected to {}. End statements with Enter; \\q quits, \\budget shows your budget.", conn.url);
+    let stdin = std::io::stdin();
+    let mut buf = String::new();
+    loop {
+        print!("{}", if buf.is_empty() { "fedq> " } else { "   -> " });
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let t = line.trim();
+        if buf.is_empty()
+            && (t == "\\q" || t.eq_ignore_ascii_case("exit") || t.eq_ignore_ascii_case("quit"))
+        {
+            break;
+        }
+        if buf.is_empty() && t == "\\budget" {
+            match client
+                .action(fedq_coordinator::service::ACTION_BUDGET)
+                .await
+            {
+                Ok(v) => println!("{v}"),
+                Err(e) => println!("error: {e}"),
+            }
+            continue;
+        }
+        if t.is_empty() {
+            continue;
+        }
+        buf.push_str(t);
+        buf.push(' ');
+        if !t.ends_with(';')
+            && !t.to_ascii_lowercase().starts_with("set ")
+            && !line_is_complete(&buf)
+        {
+            continue;
+        }
+        let sql = std::mem::take(&mut buf);
+        match client.query(sql.trim().trim_end_matches(';')).await {
+            Ok(r) => print!("{}", render(&r.schema, &r.batches)?),
+            Err(e) => println!("error: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// A statement without `;` runs when the line ends (single-line statements).
+fn line_is_complete(_buf: &str) -> bool {
+    true
+}
+
+async fn run_status(args: ConnArgs) -> Result<(), CliError> {
+    let conn = Conn::try_from(args)?;
+    let mut client = FedqClient::connect(&conn.url, &conn.token).await?;
+    let v = client
+        .action(fedq_coordinator::service::ACTION_STATUS)
+        .await?;
+    for n in v.as_array().cloned().unwrap_or_default() {
+        let site = n["site"].as_str().unwrap_or("?");
+        if n["healthy"].as_bool() == Some(true) {
+            let i = &n["info"];
+            println!(
+                "{site:<10} up    fedq {} protocol v{}  tables: {}",
+                i["fedq_version"].as_str().unwrap_or("?"),
+                i["protocol_version"],
+                i["tables"]
+                    .as_array()
+                    .map(|t| t
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            );
+        } else {
+            println!("{site:<10} DOWN  {}", n["error"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_ctrl_c() -> Result<(), CliError> {
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+async fn main_inner(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Node(a) => {
+            let cfg = fedq_node::NodeConfig::try_from(a)?;
+            let h = fedq_node::start(cfg).await?;
+            println!("fedq node listening on {}", h.addr);
+            wait_for_ctrl_c().await?;
+            h.shutdown().await?;
+        }
+        Command::Coordinator(a) => {
+            let cfg = fedq_coordinator::CoordinatorConfig::try_from(a)?;
+            let h = fedq_coordinator::start(cfg).await?;
+            println!("fedq coordinator (Flight SQL) listening on {}", h.addr);
+            wait_for_ctrl_c().await?;
+            h.shutdown().await?;
+        }
+        Command::Sql(a) => run_sql(a).await?,
+        Command::Status(a) => run_status(a).await?,
+        Command::Synth(a) => {
+            let cfg = fedq_synth::SynthConfig::try_from(a)?;
+            let t = std::time::Instant::now();
+            let s = fedq_synth::generate(&cfg)?;
+            println!(
+                "wrote {} sites to {} in {:.1} s",
+                s.sites.len(),
+                cfg.out_dir.display(),
+                t.elapsed().as_secs_f64()
+            );
+            println!("  catalog:     {}", s.catalog_path.display());
+            println!("  coordinator: {}", s.coordinator_config_path.display());
+            for (name, p) in &s.researcher_token_paths {
+                println!("  token of {name}: {}", p.display());
+            }
+        }
+        Command::Demo(a) => fedq::demo::run(fedq::demo::DemoConfig::try_from(a)?).await?,
+        Command::Bench(a) => {
+            fedq::bench::run(fedq::bench::BenchConfig {
+                dir: a.data,
+                runs: a.runs,
+            })
+            .await?
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fedq: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fedq: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

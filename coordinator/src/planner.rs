@@ -77,8 +77,8 @@ pub struct Statistic {
 pub enum AggregateOutput {
     /// `COUNT(*)` or `COUNT(col)`.
     Count { stat: usize },
-    /// `SUM(col)`.
-    Sum { stat: usize },
+    /// `SUM(col)` of values clamped into `bounds`.
+    Sum { stat: usize, bounds: Bounds },
     /// `AVG(col)` = mid + centred sum / count, clamped into [lower, upper].
     Avg {
         sum_stat: usize,
@@ -308,7 +308,8 @@ fn clean_df_error(s: &str) -> String {
     }
 }
 
-fn strip_alias(e: &Expr) -> &Expr {
+/// The expression under any number of aliases.
+pub fn strip_alias(e: &Expr) -> &Expr {
     match e {
         Expr::Alias(a) => strip_alias(&a.expr),
         other => other,
@@ -567,7 +568,7 @@ impl StatBuilder {
                 rs * m,
                 format!("SUM({}) in units of {}", c.name, bounds.precision),
             );
-            return Ok(AggregateOutput::Sum { stat });
+            return Ok(AggregateOutput::Sum { stat, bounds });
         }
         // AVG: centred sum and count of non-null values.
         let count_partial = self.partial(AggregateRequest::CountNonNull {

@@ -26,7 +26,7 @@ use fedq_common::PublicValue;
 use crate::error::CoordinatorError;
 use crate::fanout::MergedPartials;
 use crate::noise::DiscreteLaplace;
-use crate::planner::{public_scalar, AggregateOutput, PlannedQuery, StatisticKind};
+use crate::planner::{public_scalar, strip_alias, AggregateOutput, PlannedQuery, StatisticKind};
 
 /// Field metadata key: which statistic a column is (`count`, `sum`, `avg`).
 pub const META_STATISTIC: &str = "fedq.statistic";
@@ -175,12 +175,23 @@ pub async fn release(
                     .collect();
                 Arc::new(v)
             }
-            AggregateOutput::Sum { stat } => {
+            AggregateOutput::Sum { stat, bounds } => {
                 let m = &mechs[*stat];
-                let prec = match q.statistics[*stat].kind {
-                    StatisticKind::Sum { precision, .. } => precision,
-                    _ => 1.0,
-                };
+                let prec = bounds.precision;
+                // Post-processing: a sum of values clamped into [lower, upper] cannot have
+                // the opposite sign of both bounds.
+                let (lo_sum, hi_sum) = (
+                    if bounds.lower >= 0.0 {
+                        0.0
+                    } else {
+                        f64::NEG_INFINITY
+                    },
+                    if bounds.upper <= 0.0 {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    },
+                );
                 meta.insert(META_STATISTIC.into(), "sum".into());
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(m.scale() * prec));
                 meta.insert(META_CI95.into(), fmt_num(m.half_width(0.05) * prec));
@@ -190,7 +201,7 @@ pub async fn release(
                 );
                 let v: Float64Array = noisy[*stat]
                     .iter()
-                    .map(|&s| Some(s as f64 * prec))
+                    .map(|&s| Some((s as f64 * prec).clamp(lo_sum, hi_sum)))
                     .collect();
                 Arc::new(v)
             }
@@ -384,20 +395,14 @@ fn top_projection_mapping(plan: &LogicalPlan, n_aggs: usize, nk: usize) -> Vec<O
     loop {
         match p {
             LogicalPlan::Projection(proj) => {
-                let agg_names: Vec<String> = (0..n_aggs).map(|_| String::new()).collect();
-                let _ = agg_names;
                 return proj
                     .expr
                     .iter()
-                    .map(|e| {
-                        let inner = match e {
-                            Expr::Alias(a) => a.expr.as_ref(),
-                            other => other,
-                        };
-                        match inner {
-                            Expr::Column(c) => resolve_column(&proj.input, c, nk),
-                            _ => None,
+                    .map(|e| match strip_alias(e) {
+                        Expr::Column(c) => {
+                            resolve_column(&proj.input, c, nk).filter(|j| *j < n_aggs)
                         }
+                        _ => None,
                     })
                     .collect();
             }
@@ -423,12 +428,8 @@ fn resolve_column(plan: &LogicalPlan, c: &Column, nk: usize) -> Option<usize> {
         }
         LogicalPlan::Projection(p) => {
             let idx = p.schema.index_of_column(c).ok()?;
-            match p.expr.get(idx)? {
+            match strip_alias(p.expr.get(idx)?) {
                 Expr::Column(inner) => resolve_column(&p.input, inner, nk),
-                Expr::Alias(a) => match a.expr.as_ref() {
-                    Expr::Column(inner) => resolve_column(&p.input, inner, nk),
-                    _ => None,
-                },
                 _ => None,
             }
         }

@@ -1,0 +1,101 @@
+//! `fedq bench`: the reference queries through a loopback federation and, in the same run,
+//! the exact non-private query with DataFusion over the combined files. Prints medians and
+//! their ratio.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::client::FedqClient;
+use crate::exact::union_context;
+use crate::federation::{FederationOptions, LocalFederation};
+use crate::CliError;
+
+/// Reference queries (scan-heavy first).
+pub const BENCH_QUERIES: &[(&str, &str)] = &[
+    (
+        "labs_by_test",
+        "SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test",
+    ),
+    (
+        "labs_recent_hba1c",
+        "SELECT COUNT(*), AVG(value) FROM labs WHERE test = 'HbA1c' AND measured_on >= DATE '2020-01-01'",
+    ),
+    (
+        "diagnoses_e11",
+        "SELECT COUNT(*) FROM diagnoses WHERE code = 'E11'",
+    ),
+    (
+        "participants_by_sex",
+        "SELECT sex, COUNT(*), AVG(birth_year) FROM participants GROUP BY sex",
+    ),
+    (
+        "specimens_stored_volume",
+        "SELECT kind, SUM(volume_ml) FROM specimens WHERE status = 'stored' GROUP BY kind",
+    ),
+];
+
+/// Bench settings.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Directory written by `fedq synth`.
+    pub dir: PathBuf,
+    /// Timed runs per query and side (after one warm-up each).
+    pub runs: usize,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Run the benchmark and print a table.
+pub async fn run(cfg: BenchConfig) -> Result<(), CliError> {
+    if cfg.runs == 0 {
+        return Err(CliError::User("--runs must be at least 1".into()));
+    }
+    let mut tok = [0u8; 16];
+    opendp::traits::samplers::fill_bytes(&mut tok)
+        .map_err(|e| CliError::User(format!("no randomness for a bench token: {e}")))?;
+    let token = hex::encode(tok);
+    let opts = FederationOptions {
+        extra_researchers: vec![("bench".into(), token.clone(), 1e12)],
+        ..Default::default()
+    };
+    let fed = LocalFederation::start(&cfg.dir, opts).await?;
+    let mut client = FedqClient::connect(&fed.url(), &token).await?;
+    let ctx = union_context(&cfg.dir).await?;
+    println!(
+        "fedq bench: {} nodes on loopback, {} runs per query and side, interleaved",
+        fed.nodes.len(),
+        cfg.runs
+    );
+    println!(
+        "{:<26} {:>14} {:>16} {:>8}",
+        "query", "federated ms", "centralised ms", "ratio"
+    );
+    for (name, sql) in BENCH_QUERIES {
+        // Warm-up both sides (file metadata caches, connections).
+        client.query(sql).await?;
+        ctx.sql(sql).await?.collect().await?;
+        let mut fed_t = Vec::new();
+        let mut cen_t = Vec::new();
+        for _ in 0..cfg.runs {
+            let t = Instant::now();
+            client.query(sql).await?;
+            fed_t.push(t.elapsed());
+            let t = Instant::now();
+            ctx.sql(sql).await?.collect().await?;
+            cen_t.push(t.elapsed());
+        }
+        let (f, c) = (median(fed_t), median(cen_t));
+        println!(
+            "{:<26} {:>14.1} {:>16.1} {:>8.2}",
+            name,
+            f.as_secs_f64() * 1e3,
+            c.as_secs_f64() * 1e3,
+            f.as_secs_f64() / c.as_secs_f64()
+        );
+    }
+    fed.shutdown().await?;
+    Ok(())
+}

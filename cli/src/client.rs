@@ -1,0 +1,116 @@
+//! A minimal Arrow Flight SQL client for fedq, keeping gRPC status codes.
+
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+use arrow_flight::{Action, FlightDescriptor};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use futures::TryStreamExt;
+use prost::Message;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::CliError;
+
+type Inner = FlightServiceClient<
+    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
+>;
+
+/// A connected client.
+pub struct FedqClient {
+    inner: Inner,
+}
+
+/// A query's result.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// Schema, with fedq's metadata.
+    pub schema: SchemaRef,
+    /// Batches.
+    pub batches: Vec<RecordBatch>,
+}
+
+impl FedqClient {
+    /// Connect to `url` (e.g. `http://127.0.0.1:50050`) with a bearer token.
+    pub async fn connect(url: &str, token: &str) -> Result<FedqClient, CliError> {
+        let channel = Channel::from_shared(url.to_string())
+            .map_err(|e| CliError::User(format!("invalid coordinator URL {url:?}: {e}")))?
+            .connect()
+            .await
+            .map_err(|e| {
+                CliError::User(format!(
+                    "cannot connect to the coordinator at {url}: {e}; is `fedq coordinator` running there?"
+                ))
+            })?;
+        let value: MetadataValue<_> = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| CliError::User("the token contains invalid characters".into()))?;
+        let f: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
+            Box::new(move |mut req: Request<()>| {
+                req.metadata_mut().insert("authorization", value.clone());
+                Ok(req)
+            });
+        let inner = FlightServiceClient::with_interceptor(channel, f)
+            .max_decoding_message_size(256 * 1024 * 1024);
+        Ok(FedqClient { inner })
+    }
+
+    /// Run one SQL statement (a query or `SET fedq.epsilon = ...`).
+    pub async fn query(&mut self, sql: &str) -> Result<QueryResult, CliError> {
+        let cmd = CommandStatementQuery {
+            query: sql.to_string(),
+            transaction_id: None,
+        };
+        let desc = FlightDescriptor::new_cmd(cmd.as_any().encode_to_vec());
+        let info = self.inner.get_flight_info(desc).await?.into_inner();
+        let mut batches = Vec::new();
+        let mut schema = None;
+        for ep in info.endpoint.clone() {
+            let Some(ticket) = ep.ticket else { continue };
+            let resp = self.inner.do_get(ticket).await?.into_inner();
+            let mut stream = FlightRecordBatchStream::new_from_flight_data(
+                resp.map_err(|s| FlightError::Tonic(Box::new(s))),
+            );
+            while let Some(b) = stream.try_next().await.map_err(flight_err)? {
+                batches.push(b);
+            }
+            if schema.is_none() {
+                schema = stream.schema().cloned();
+            }
+        }
+        let schema = match schema {
+            Some(s) => s,
+            None => std::sync::Arc::new(
+                info.try_decode_schema()
+                    .map_err(|e| CliError::User(format!("bad schema from server: {e}")))?,
+            ),
+        };
+        Ok(QueryResult { schema, batches })
+    }
+
+    /// Run a fedq Flight action and return its JSON body.
+    pub async fn action(&mut self, name: &str) -> Result<serde_json::Value, CliError> {
+        let mut s = self
+            .inner
+            .do_action(Action::new(name.to_string(), ""))
+            .await?
+            .into_inner();
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| CliError::User(format!("empty answer to {name}")))?;
+        serde_json::from_slice(&first.body)
+            .map_err(|e| CliError::User(format!("bad answer to {name}: {e}")))
+    }
+}
+
+fn flight_err(e: FlightError) -> CliError {
+    match e {
+        FlightError::Tonic(s) => CliError::from(*s),
+        other => CliError::User(format!("bad result stream: {other}")),
+    }
+}

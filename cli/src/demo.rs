@@ -1,0 +1,170 @@
+//! `fedq demo`: a small synthetic federation on loopback, a few research queries, and their
+//! noisy answers beside the exact ones (the exact ones for the demo only).
+
+use std::path::PathBuf;
+
+use datafusion::arrow::util::pretty::pretty_format_batches;
+
+use crate::client::FedqClient;
+use crate::exact::union_context;
+use crate::federation::{FederationOptions, LocalFederation};
+use crate::render::render;
+use crate::CliError;
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Number of sites.
+    pub sites: usize,
+    /// Number of participants.
+    pub participants: usize,
+    /// Seed of the synthetic data.
+    pub seed: u64,
+    /// Keep the federation running after the queries (`--serve`).
+    pub serve: bool,
+    /// Coordinator address when serving.
+    pub listen: std::net::SocketAddr,
+    /// Where to write the federation; a temporary directory if `None`.
+    pub dir: Option<PathBuf>,
+    /// When serving, write `{"url":..,"token":..,"dir":..}` here once ready (for scripts).
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The example research queries, with what each shows.
+pub const DEMO_QUERIES: &[(&str, &str)] = &[
+    (
+        "Participants by sex",
+        "SELECT sex, COUNT(*) AS participants FROM participants GROUP BY sex ORDER BY sex",
+    ),
+    (
+        "Mean birth year by participant type (AVG is centred on the bounds' midpoint)",
+        "SELECT participant_type, COUNT(*) AS n, AVG(birth_year) AS mean_birth_year FROM participants GROUP BY participant_type ORDER BY participant_type",
+    ),
+    (
+        "Recent lab results: count and mean value per test (values clamped to [0, 500])",
+        "SELECT test, COUNT(*) AS results, AVG(value) AS mean_value FROM labs WHERE measured_on >= DATE '2020-01-01' GROUP BY test ORDER BY test",
+    ),
+    (
+        "Stored serum and plasma volume",
+        "SELECT kind, SUM(volume_ml) AS total_ml FROM specimens WHERE status = 'stored' AND kind IN ('serum', 'plasma') GROUP BY kind ORDER BY kind",
+    ),
+    (
+        "How many diagnosis rows are type 2 diabetes (E11)?",
+        "SELECT COUNT(*) AS e11_rows FROM diagnoses WHERE code = 'E11'",
+    ),
+];
+
+/// Queries fedq refuses, shown in the demo.
+pub const DEMO_REFUSED: &[&str] = &[
+    "SELECT * FROM labs",
+    "SELECT code, COUNT(*) FROM diagnoses GROUP BY code",
+    "SELECT MAX(value) FROM labs",
+];
+
+/// Run the demo.
+pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
+    let tmp;
+    let dir = match &cfg.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("fedq-demo-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    println!(
+        "Generating a synthetic federation: {} sites, {} participants (seed {}) in {}",
+        cfg.sites,
+        cfg.participants,
+        cfg.seed,
+        dir.display()
+    );
+    let t = std::time::Instant::now();
+    fedq_synth::generate(&fedq_synth::SynthConfig {
+        sites: cfg.sites,
+        participants: cfg.participants,
+        seed: cfg.seed,
+        out_dir: dir.clone(),
+        base_port: 50050,
+    })?;
+    println!("  done in {:.1} s", t.elapsed().as_secs_f64());
+    let opts = FederationOptions {
+        coordinator_listen: if cfg.serve {
+            cfg.listen
+        } else {
+            FederationOptions::default().coordinator_listen
+        },
+        ..Default::default()
+    };
+    let fed = LocalFederation::start(&dir, opts).await?;
+    println!(
+        "Started {} nodes and a coordinator on {} (loopback only)\n",
+        fed.nodes.len(),
+        fed.url()
+    );
+    let token = fed.token("alice")?;
+    let mut client = FedqClient::connect(&fed.url(), &token).await?;
+    let exact = union_context(&dir).await?;
+
+    for (title, sql) in DEMO_QUERIES {
+        println!("== {title}\n   {sql}\n");
+        let r = client.query(sql).await?;
+        println!("fedq answer (differentially private, researcher alice):");
+        println!("{}", render(&r.schema, &r.batches)?);
+        let ex = exact.sql(sql).await?.collect().await?;
+        println!("EXACT answer — demo only, computed directly from the synthetic files; never available to researchers:");
+        println!("{}\n", pretty_format_batches(&ex)?);
+    }
+
+    println!("== A smaller ε buys less accuracy: SET fedq.epsilon = 0.2");
+    client.query("SET fedq.epsilon = 0.2").await?;
+    let r = client.query(DEMO_QUERIES[0].1).await?;
+    println!("{}", render(&r.schema, &r.batches)?);
+    client.query("RESET fedq.epsilon").await?;
+
+    println!("== Queries fedq refuses, and why");
+    for sql in DEMO_REFUSED {
+        match client.query(sql).await {
+            Err(CliError::Server { code, message }) => {
+                println!("   {sql}\n   -> refused ({code:?}): {message}\n")
+            }
+            Err(e) => println!("   {sql}\n   -> error: {e}\n"),
+            Ok(_) => println!("   {sql}\n   -> unexpectedly answered\n"),
+        }
+    }
+
+    if cfg.serve {
+        let token_file = dir.join("researchers").join("alice.token");
+        println!("The federation keeps running. Connect with:\n");
+        println!(
+            "  fedq sql --url {} --token-file {}\n",
+            fed.url(),
+            token_file.display()
+        );
+        println!("or from Python (pip install adbc-driver-flightsql pyarrow):\n");
+        println!("  import adbc_driver_flightsql.dbapi as flightsql");
+        println!(
+            "  token = open({:?}).read().strip()",
+            token_file.display().to_string()
+        );
+        println!(
+            "  conn = flightsql.connect({:?}, db_kwargs={{\"adbc.flight.sql.authorization_header\": \"Bearer \" + token}})",
+            format!("grpc://{}", fed.coordinator.addr)
+        );
+        println!("  cur = conn.cursor(); cur.execute(\"SELECT sex, COUNT(*) FROM participants GROUP BY sex\"); print(cur.fetch_arrow_table())\n");
+        println!("Press Ctrl-C to stop.");
+        if let Some(p) = &cfg.ready_file {
+            let v = serde_json::json!({
+                "url": fed.url(),
+                "grpc": format!("grpc://{}", fed.coordinator.addr),
+                "token": token,
+                "bob_token": fed.token("bob").unwrap_or_default(),
+                "dir": dir,
+            });
+            std::fs::write(p, v.to_string())?;
+        }
+        tokio::signal::ctrl_c().await?;
+        println!("Stopping.");
+    }
+    fed.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Text rendering of fedq results: an aligned table with a `±95%` column after each noisy
+//! column, then the ε spent and remaining and the sites that answered.
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use fedq_coordinator::release::{
+    META_CI95, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_SITES_ANSWERED, META_SITES_ASKED,
+};
+
+use crate::CliError;
+
+fn fmt_f(x: f64) -> String {
+    if x == x.trunc() && x.abs() < 1e15 {
+        format!("{x:.0}")
+    } else if x.abs() >= 100.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// Render a result as text.
+pub fn render(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, CliError> {
+    let opts = FormatOptions::default().with_null("NULL");
+    let nrows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut headers: Vec<String> = Vec::new();
+    let mut cols: Vec<Vec<String>> = Vec::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let mut vals = Vec::with_capacity(nrows);
+        for b in batches {
+            let fmt = ArrayFormatter::try_new(b.column(i).as_ref(), &opts)?;
+            for r in 0..b.num_rows() {
+                let v = fmt.value(r).to_string();
+                vals.push(match b.column(i).data_type() {
+                    datafusion::arrow::datatypes::DataType::Float64 => {
+                        v.parse::<f64>().map(fmt_f).unwrap_or(v)
+                    }
+                    _ => v,
+                });
+            }
+        }
+        headers.push(f.name().clone());
+        cols.push(vals);
+        if let Some(ci) = f.metadata().get(META_CI95) {
+            let per_row: Vec<String> = match serde_json::from_str::<serde_json::Value>(ci) {
+                Ok(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .map(|v| {
+                        v.as_f64()
+                            .map(|x| format!("±{}", fmt_f(x)))
+                            .unwrap_or_default()
+                    })
+                    .collect(),
+                Ok(serde_json::Value::Number(n)) => {
+                    let s = format!("±{}", fmt_f(n.as_f64().unwrap_or(0.0)));
+                    vec![s; nrows]
+                }
+                _ => vec![String::new(); nrows],
+            };
+            headers.push("±95%".into());
+            cols.push(per_row);
+        }
+    }
+    let widths: Vec<usize> = headers
+        .iter()
+        .zip(&cols)
+        .map(|(h, c)| {
+            c.iter()
+                .map(|s| s.chars().count())
+                .chain([h.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[&str]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:>w$}", w = *w))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    let hs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    line(&mut out, &hs);
+    let sep: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    let seps: Vec<&str> = sep.iter().map(String::as_str).collect();
+    line(&mut out, &seps);
+    for r in 0..nrows {
+        let row: Vec<&str> = cols
+            .iter()
+            .map(|c| c.get(r).map(String::as_str).unwrap_or(""))
+            .collect();
+        line(&mut out, &row);
+    }
+    let md = schema.metadata();
+    if let Some(spent) = md.get(META_EPSILON_SPENT) {
+        let remaining = md.get(META_EPSILON_REMAINING).cloned().unwrap_or_default();
+        out.push_str(&format!("ε spent: {spent}   ε remaining: {remaining}\n"));
+    }
+    if let Some(ans) = md.get(META_SITES_ANSWERED) {
+        let n_ans = ans.split(',').filter(|s| !s.is_empty()).count();
+        let n_ask = md
+            .get(META_SITES_ASKED)
+            .map(|a| a.split(',').filter(|s| !s.is_empty()).count())
+            .unwrap_or(n_ans);
+        out.push_str(&format!("sites answered: {n_ans}/{n_ask} ({ans})\n"));
+    }
+    Ok(out)
+}
