@@ -16,9 +16,18 @@ use tonic::{Request, Status};
 
 use crate::CliError;
 
-type Inner = FlightServiceClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct BearerAuth(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Inner = FlightServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// A connected client.
 pub struct FedqClient {
@@ -49,12 +58,7 @@ impl FedqClient {
         let value: MetadataValue<_> = format!("Bearer {}", token.trim())
             .parse()
             .map_err(|_| CliError::User("the token contains invalid characters".into()))?;
-        let f: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-            Box::new(move |mut req: Request<()>| {
-                req.metadata_mut().insert("authorization", value.clone());
-                Ok(req)
-            });
-        let inner = FlightServiceClient::with_interceptor(channel, f)
+        let inner = FlightServiceClient::with_interceptor(channel, BearerAuth(value))
             .max_decoding_message_size(256 * 1024 * 1024);
         Ok(FedqClient { inner })
     }
