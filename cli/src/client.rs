@@ -98,9 +98,19 @@ impl FedqClient {
 
     /// Run a fedq Flight action and return its JSON body.
     pub async fn action(&mut self, name: &str) -> Result<serde_json::Value, CliError> {
+        self.action_with_body(name, None).await
+    }
+
+    /// Run a fedq Flight action with a JSON body and return its JSON answer.
+    pub async fn action_with_body(
+        &mut self,
+        name: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, CliError> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut s = self
             .inner
-            .do_action(Action::new(name.to_string(), ""))
+            .do_action(Action::new(name.to_string(), body))
             .await?
             .into_inner();
         let first = s

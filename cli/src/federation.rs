@@ -4,10 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use fedq_coordinator::config::{NodeEndpoint, ResearcherConfig};
-use fedq_coordinator::{BudgetLedger, CoordinatorConfig, CoordinatorHandle, MemoryLedger};
+use fedq_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use fedq_node::{NodeConfig, NodeHandle};
 use sha3::{Digest, Sha3_256};
 
@@ -25,6 +24,8 @@ pub struct LocalFederation {
     pub coordinator: CoordinatorHandle,
     /// Researcher name -> bearer token (read from `researchers/<name>.token`).
     pub tokens: BTreeMap<String, String>,
+    /// Officer name -> bearer token (read from `officers/<name>.token`).
+    pub officer_tokens: BTreeMap<String, String>,
 }
 
 /// Options for [`LocalFederation::start`].
@@ -100,6 +101,8 @@ impl LocalFederation {
                 name: name.clone(),
                 token_sha3_256: token_hash(token),
                 epsilon_budget: *budget,
+                delta_budget: 0.0,
+                renewal_days: None,
             });
         }
         let mut tokens = BTreeMap::new();
@@ -112,18 +115,22 @@ impl LocalFederation {
         for (name, token, _) in &opts.extra_researchers {
             tokens.insert(name.clone(), token.clone());
         }
-        let ledger: Arc<dyn BudgetLedger> = Arc::new(MemoryLedger::new(
-            cfg.researchers
-                .iter()
-                .map(|r| (r.name.clone(), r.epsilon_budget)),
-        ));
-        let coordinator = fedq_coordinator::start_with_ledger(cfg, ledger).await?;
+        let mut officer_tokens = BTreeMap::new();
+        for o in &cfg.officers {
+            let p = dir.join("officers").join(format!("{}.token", o.name));
+            if let Ok(t) = std::fs::read_to_string(&p) {
+                officer_tokens.insert(o.name.clone(), t.trim().to_string());
+            }
+        }
+        // The config's SQLite ledger (`ledger.sqlite` in the synth directory by default).
+        let coordinator = fedq_coordinator::start(cfg).await?;
         Ok(LocalFederation {
             dir: dir.to_path_buf(),
             nodes,
             sites,
             coordinator,
             tokens,
+            officer_tokens,
         })
     }
 

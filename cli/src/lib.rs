@@ -12,8 +12,11 @@
 //! - [`exact`]: the exact, non-private answer over the union of the site files, for the demo
 //!   (clearly labelled), tests and the benchmark. It reads the files directly; it is never a
 //!   path through the coordinator.
+//! - [`admin`]: `fedq budget`, `fedq policy` and `fedq audit` (budgets through the
+//!   coordinator's Flight actions; audit verification and export straight from the ledger).
 //! - [`demo`] and [`bench`]: the `fedq demo` and `fedq bench` commands.
 
+pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod demo;

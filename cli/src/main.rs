@@ -35,6 +35,217 @@ enum Command {
     Demo(DemoArgs),
     /// Benchmark federated against centralised execution on a synth directory.
     Bench(BenchArgs),
+    /// Privacy budgets: your own (`show`), or for officers `grant`, `revoke`, `list`.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
+    /// The coordinator's privacy policy (officers).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// The tamper-evident audit log in the ledger file: verify or export it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Your own budget: granted, spent, remaining.
+    Show(ConnArgs),
+    /// Add ε (and δ) to a researcher's or dataset's budget (privacy officers).
+    Grant(GrantArgs),
+    /// Take ε back from a budget, or revoke it entirely (privacy officers).
+    Revoke(RevokeArgs),
+    /// Every researcher and dataset budget (privacy officers).
+    List(ConnArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Policy, datasets and the hash of catalog + policy (privacy officers).
+    Show(ConnArgs),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every link of the hash chain; names the first bad entry and exits non-zero.
+    Verify(VerifyArgs),
+    /// Write the log for an external archive, ending with the chain head.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// The researcher whose budget to change.
+    #[arg(long, conflicts_with = "dataset", required_unless_present = "dataset")]
+    researcher: Option<String>,
+    /// The dataset whose global budget to change.
+    #[arg(long)]
+    dataset: Option<String>,
+}
+
+impl TargetArgs {
+    fn split(self) -> (fedq_coordinator::BudgetKind, String) {
+        match (self.researcher, self.dataset) {
+            (Some(r), _) => (fedq_coordinator::BudgetKind::Researcher, r),
+            (None, Some(d)) => (fedq_coordinator::BudgetKind::Dataset, d),
+            (None, None) => (fedq_coordinator::BudgetKind::Researcher, String::new()),
+        }
+    }
+}
+
+#[derive(Args)]
+struct GrantArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// ε to add.
+    #[arg(long, allow_hyphen_values = true)]
+    epsilon: f64,
+    /// δ to add.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    delta: f64,
+    /// Make the budget renew every this many days.
+    #[arg(long, allow_hyphen_values = true)]
+    renewal_days: Option<f64>,
+}
+
+/// A validated grant.
+struct GrantCmd {
+    conn: fedq::admin::Connection,
+    request: fedq_coordinator::service::GrantRequest,
+}
+
+impl TryFrom<GrantArgs> for GrantCmd {
+    type Error = CliError;
+    fn try_from(a: GrantArgs) -> Result<Self, CliError> {
+        let conn = Conn::try_from(a.conn)?;
+        let (kind, name) = a.target.split();
+        fedq_coordinator::Grant {
+            kind,
+            name: name.clone(),
+            epsilon: a.epsilon,
+            delta: a.delta,
+            renewal_days: a.renewal_days,
+        }
+        .validate()?;
+        Ok(GrantCmd {
+            conn: conn.into(),
+            request: fedq_coordinator::service::GrantRequest {
+                kind,
+                name,
+                epsilon: a.epsilon,
+                delta: a.delta,
+                renewal_days: a.renewal_days,
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// ε to take back; without it the whole budget is revoked (nothing more is answered).
+    #[arg(long, allow_hyphen_values = true)]
+    epsilon: Option<f64>,
+}
+
+/// A validated revocation.
+struct RevokeCmd {
+    conn: fedq::admin::Connection,
+    request: fedq_coordinator::service::RevokeRequest,
+}
+
+impl TryFrom<RevokeArgs> for RevokeCmd {
+    type Error = CliError;
+    fn try_from(a: RevokeArgs) -> Result<Self, CliError> {
+        let conn = Conn::try_from(a.conn)?;
+        if let Some(e) = a.epsilon {
+            fedq_coordinator::ledger::check_amount("ε", e, fedq_coordinator::ledger::MAX_EPSILON)?;
+        }
+        let (kind, name) = a.target.split();
+        Ok(RevokeCmd {
+            conn: conn.into(),
+            request: fedq_coordinator::service::RevokeRequest {
+                kind,
+                name,
+                epsilon: a.epsilon,
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The ledger file (`ledger` in coordinator.toml).
+    #[arg(long)]
+    ledger: PathBuf,
+    /// A chain head exported earlier: the chain must still contain it.
+    #[arg(long)]
+    anchor: Option<String>,
+}
+
+impl TryFrom<VerifyArgs> for fedq::admin::VerifyConfig {
+    type Error = CliError;
+    fn try_from(a: VerifyArgs) -> Result<Self, CliError> {
+        if let Some(h) = &a.anchor {
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(CliError::User(
+                    "--anchor must be a chain head: 64 hex characters".into(),
+                ));
+            }
+        }
+        Ok(fedq::admin::VerifyConfig {
+            ledger: a.ledger,
+            anchor: a.anchor.map(|h| h.to_ascii_lowercase()),
+        })
+    }
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The ledger file (`ledger` in coordinator.toml).
+    #[arg(long)]
+    ledger: PathBuf,
+    /// Output format; `jsonl` (one entry per line, then the chain head).
+    #[arg(long, default_value = "jsonl")]
+    format: String,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl TryFrom<ExportArgs> for fedq::admin::ExportConfig {
+    type Error = CliError;
+    fn try_from(a: ExportArgs) -> Result<Self, CliError> {
+        if a.format != "jsonl" {
+            return Err(CliError::User(format!(
+                "unknown --format {}; fedq exports `jsonl`",
+                a.format
+            )));
+        }
+        Ok(fedq::admin::ExportConfig {
+            ledger: a.ledger,
+            out: a.out,
+        })
+    }
+}
+
+impl From<Conn> for fedq::admin::Connection {
+    fn from(c: Conn) -> Self {
+        fedq::admin::Connection {
+            url: c.url,
+            token: c.token,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -347,8 +558,63 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
             for (name, p) in &s.researcher_token_paths {
                 println!("  token of {name}: {}", p.display());
             }
+            for (name, p) in &s.officer_token_paths {
+                println!("  officer token of {name}: {}", p.display());
+            }
         }
         Command::Demo(a) => fedq::demo::run(fedq::demo::DemoConfig::try_from(a)?).await?,
+        Command::Budget { command } => {
+            let out = match command {
+                BudgetCommand::Show(a) => {
+                    fedq::admin::budget_show(&Conn::try_from(a)?.into()).await?
+                }
+                BudgetCommand::Grant(a) => {
+                    let c = GrantCmd::try_from(a)?;
+                    fedq::admin::budget_grant(&c.conn, &c.request).await?
+                }
+                BudgetCommand::Revoke(a) => {
+                    let c = RevokeCmd::try_from(a)?;
+                    fedq::admin::budget_revoke(&c.conn, &c.request).await?
+                }
+                BudgetCommand::List(a) => {
+                    fedq::admin::budget_list(&Conn::try_from(a)?.into()).await?
+                }
+            };
+            println!("{out}");
+        }
+        Command::Policy {
+            command: PolicyCommand::Show(a),
+        } => println!(
+            "{}",
+            fedq::admin::policy_show(&Conn::try_from(a)?.into()).await?
+        ),
+        Command::Audit { command } => match command {
+            AuditCommand::Verify(a) => {
+                let cfg = fedq::admin::VerifyConfig::try_from(a)?;
+                let r = fedq::admin::audit_verify(&cfg)?;
+                println!(
+                    "audit log of {} verifies: {} entries, chain head {}",
+                    cfg.ledger.display(),
+                    r.entries,
+                    r.head
+                );
+            }
+            AuditCommand::Export(a) => {
+                let cfg = fedq::admin::ExportConfig::try_from(a)?;
+                let r = fedq::admin::audit_export(&cfg)?;
+                if !r.ok() {
+                    return Err(CliError::User(format!(
+                        "exported, but the chain does NOT verify: {}",
+                        r.first_bad
+                            .map(|b| format!("entry #{}: {}", b.seq, b.reason))
+                            .unwrap_or_default()
+                    )));
+                }
+                if cfg.out.is_some() {
+                    eprintln!("exported {} entries, chain head {}", r.entries, r.head);
+                }
+            }
+        },
         Command::Bench(a) => {
             fedq::bench::run(fedq::bench::BenchConfig {
                 dir: a.data,

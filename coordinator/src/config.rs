@@ -14,10 +14,23 @@
 //! site = "site01"
 //! endpoint = "http://127.0.0.1:50101"
 //!
+//! ledger = "ledger.sqlite"       # budgets, stored answers and the audit log (SQLite)
+//!
 //! [[researchers]]
 //! name = "alice"
 //! token_sha3_256 = "…"           # SHA3-256 (hex) of the researcher's bearer token
-//! epsilon_budget = 10.0
+//! epsilon_budget = 10.0          # initial grant; the ledger is authoritative afterwards
+//! delta_budget = 0.0             # optional
+//! renewal_days = 365             # optional: the budget renews every period
+//!
+//! [[datasets]]                   # optional global budgets against collusion
+//! name = "biobank"
+//! tables = ["participants", "labs"]
+//! epsilon_budget = 100.0
+//!
+//! [[officers]]                   # privacy officers: budget and policy controls
+//! name = "olivia"
+//! token_sha3_256 = "…"
 //! ```
 
 use std::net::SocketAddr;
@@ -48,8 +61,44 @@ pub struct ResearcherConfig {
     /// Lower-case hex SHA3-256 of the researcher's bearer token. The token itself is never
     /// stored in config.
     pub token_sha3_256: String,
-    /// Total ε this researcher may spend.
+    /// Total ε first granted to this researcher (the ledger is authoritative afterwards).
     pub epsilon_budget: f64,
+    /// Total δ first granted.
+    #[serde(default)]
+    pub delta_budget: f64,
+    /// Renewal period in days, if the budget renews.
+    #[serde(default)]
+    pub renewal_days: Option<f64>,
+}
+
+/// A dataset: a named set of catalog tables with a global budget shared by all researchers,
+/// which bounds what colluding researchers learn together.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// Dataset name.
+    pub name: String,
+    /// Catalog tables in the dataset.
+    pub tables: Vec<String>,
+    /// Total ε first granted to the dataset.
+    pub epsilon_budget: f64,
+    /// Total δ first granted.
+    #[serde(default)]
+    pub delta_budget: f64,
+    /// Renewal period in days, if the budget renews.
+    #[serde(default)]
+    pub renewal_days: Option<f64>,
+}
+
+/// A privacy officer: may grant and revoke budgets and read the policy. Until real
+/// authentication lands, officers hold a static bearer token whose SHA3-256 is here.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfficerConfig {
+    /// Officer name, recorded as the actor of their audit entries.
+    pub name: String,
+    /// Lower-case hex SHA3-256 of the officer's bearer token.
+    pub token_sha3_256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +115,16 @@ struct RawConfig {
     nodes: Vec<NodeEndpoint>,
     #[serde(default)]
     researchers: Vec<ResearcherConfig>,
+    #[serde(default = "default_ledger")]
+    ledger: PathBuf,
+    #[serde(default)]
+    datasets: Vec<DatasetConfig>,
+    #[serde(default)]
+    officers: Vec<OfficerConfig>,
+}
+
+fn default_ledger() -> PathBuf {
+    PathBuf::from("ledger.sqlite")
 }
 
 fn default_listen() -> String {
@@ -90,6 +149,12 @@ pub struct CoordinatorConfig {
     pub researchers: Vec<ResearcherConfig>,
     /// Per-node timeout for one query.
     pub node_timeout: Duration,
+    /// The ledger file (SQLite).
+    pub ledger: PathBuf,
+    /// Datasets with global budgets.
+    pub datasets: Vec<DatasetConfig>,
+    /// Privacy officers.
+    pub officers: Vec<OfficerConfig>,
 }
 
 impl CoordinatorConfig {
@@ -134,7 +199,15 @@ impl CoordinatorConfig {
                 "{origin}: node_timeout_secs must be at least 1"
             )));
         }
+        let ledger = if raw.ledger.is_absolute() {
+            raw.ledger.clone()
+        } else {
+            base_dir.join(&raw.ledger)
+        };
         let cfg = CoordinatorConfig {
+            ledger,
+            datasets: raw.datasets,
+            officers: raw.officers,
             listen,
             catalog,
             policy: raw.policy,
@@ -177,13 +250,100 @@ impl CoordinatorConfig {
                     r.name
                 ));
             }
-            if !(r.epsilon_budget.is_finite() && r.epsilon_budget >= 0.0) {
+            check_budget(
+                &format!("researcher {}", r.name),
+                r.epsilon_budget,
+                r.delta_budget,
+                r.renewal_days,
+            )
+            .or_else(&bad)?;
+        }
+        let mut hashes = std::collections::BTreeSet::new();
+        for r in &self.researchers {
+            hashes.insert(r.token_sha3_256.to_ascii_lowercase());
+        }
+        let mut officers = std::collections::BTreeSet::new();
+        for o in &self.officers {
+            if !officers.insert(o.name.as_str()) {
+                return bad(format!("officer {} is declared twice", o.name));
+            }
+            if o.token_sha3_256.len() != 64
+                || !o.token_sha3_256.chars().all(|c| c.is_ascii_hexdigit())
+            {
                 return bad(format!(
-                    "researcher {}: epsilon_budget must be a non-negative number",
-                    r.name
+                    "officer {}: token_sha3_256 must be 64 hex characters (the SHA3-256 of the token)",
+                    o.name
+                ));
+            }
+            if !hashes.insert(o.token_sha3_256.to_ascii_lowercase()) {
+                return bad(format!(
+                    "officer {}: the token is also a researcher's or another officer's; give each person their own token",
+                    o.name
                 ));
             }
         }
+        let mut datasets = std::collections::BTreeSet::new();
+        for d in &self.datasets {
+            if !datasets.insert(d.name.as_str()) {
+                return bad(format!("dataset {} is declared twice", d.name));
+            }
+            if d.tables.is_empty() {
+                return bad(format!(
+                    "dataset {}: list its catalog tables in `tables`",
+                    d.name
+                ));
+            }
+            for t in &d.tables {
+                if self.catalog.table(t).is_none() {
+                    return bad(format!(
+                        "dataset {}: table {t} is not in the catalog (tables: {})",
+                        d.name,
+                        self.catalog
+                            .tables
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            check_budget(
+                &format!("dataset {}", d.name),
+                d.epsilon_budget,
+                d.delta_budget,
+                d.renewal_days,
+            )
+            .or_else(&bad)?;
+        }
         Ok(())
     }
+
+    /// Datasets that contain `table`.
+    pub fn datasets_of(&self, table: &str) -> Vec<String> {
+        self.datasets
+            .iter()
+            .filter(|d| d.tables.iter().any(|t| t == table))
+            .map(|d| d.name.clone())
+            .collect()
+    }
+}
+
+fn check_budget(who: &str, eps: f64, delta: f64, renewal: Option<f64>) -> Result<(), String> {
+    if !(eps.is_finite() && (0.0..=crate::ledger::MAX_EPSILON).contains(&eps)) {
+        return Err(format!(
+            "{who}: epsilon_budget must be a number between 0 and {}",
+            crate::ledger::MAX_EPSILON
+        ));
+    }
+    if !(delta.is_finite() && (0.0..1.0).contains(&delta)) {
+        return Err(format!("{who}: delta_budget must be in [0, 1)"));
+    }
+    if let Some(d) = renewal {
+        if !(d.is_finite() && d > 0.0 && d <= 36_500.0) {
+            return Err(format!(
+                "{who}: renewal_days must be a positive number of days"
+            ));
+        }
+    }
+    Ok(())
 }

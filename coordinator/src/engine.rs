@@ -6,14 +6,22 @@ use std::sync::{Arc, Mutex};
 
 use fedq_common::{Catalog, NodeInfo, Policy};
 
-use crate::budget::{BudgetLedger, BudgetStatus};
-use crate::config::CoordinatorConfig;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use serde_json::json;
+use sha3::{Digest, Sha3_256};
+
+use crate::audit::canonical_json;
+use crate::config::{CoordinatorConfig, DatasetConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{MergedPartials, NodePool};
+use crate::ledger::{BudgetKind, BudgetStatus, Ledger, QueryRecord, Replay};
 use crate::planner::{PlannedQuery, Planner};
 use crate::release::{
-    release, Released, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_QUERY_ID,
-    META_SITES_ANSWERED, META_SITES_ASKED,
+    release, Released, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_PLAN_HASH, META_QUERY_ID,
+    META_REPLAY, META_REPLAY_OF, META_SITES_ANSWERED, META_SITES_ASKED,
 };
 
 /// Per-researcher session settings (`SET fedq.epsilon = ...`).
@@ -96,9 +104,10 @@ pub fn parse_session_statement(sql: &str) -> Result<Option<SessionStatement>, Co
 pub struct Coordinator {
     planner: Planner,
     pool: NodePool,
-    ledger: Arc<dyn BudgetLedger>,
+    ledger: Arc<Ledger>,
     policy: Policy,
     catalog: Catalog,
+    datasets: Vec<DatasetConfig>,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -122,9 +131,10 @@ impl Coordinator {
     /// Build the engine from a validated config and a ledger.
     pub fn new(
         config: &CoordinatorConfig,
-        ledger: Arc<dyn BudgetLedger>,
+        ledger: Arc<Ledger>,
     ) -> Result<Coordinator, CoordinatorError> {
         Ok(Coordinator {
+            datasets: config.datasets.clone(),
             planner: Planner::new(&config.catalog)?,
             pool: NodePool::new(&config.nodes, config.node_timeout)?,
             ledger,
@@ -142,6 +152,16 @@ impl Coordinator {
     /// The policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Datasets with global budgets.
+    pub fn datasets(&self) -> &[DatasetConfig] {
+        &self.datasets
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
@@ -208,7 +228,7 @@ impl Coordinator {
 
     /// A researcher's own budget.
     pub fn budget(&self, researcher: &str) -> Result<BudgetStatus, CoordinatorError> {
-        self.ledger.status(researcher)
+        self.ledger.status(BudgetKind::Researcher, researcher)
     }
 
     /// Plan and check a query for this researcher's session ε. Costs nothing.
@@ -219,7 +239,63 @@ impl Coordinator {
     ) -> Result<PlannedQuery, CoordinatorError> {
         let eps = self.session_epsilon(researcher);
         let qid = random_id();
-        self.planner.plan(sql, eps, &qid).await
+        let planned = self.planner.plan(sql, eps, &qid).await;
+        if let Err(e) = &planned {
+            // A refusal is audited like a query; nothing was asked or charged.
+            let body = json!({"query_id": qid, "researcher": researcher, "sql": sql,
+                "epsilon": eps, "epsilon_charged": 0.0, "outcome": "refused", "reason": e.to_string()});
+            if let Err(le) = self.ledger.record("query.refused", researcher, body) {
+                tracing::error!(error = %le, query_id = %qid, "could not audit a refusal");
+            }
+        }
+        planned
+    }
+
+    fn query_record(&self, researcher: &str, q: &PlannedQuery) -> QueryRecord {
+        QueryRecord {
+            query_id: q.query_id.clone(),
+            researcher: researcher.to_string(),
+            sql: q.sql.clone(),
+            plan_hash: plan_hash(q, self.policy.min_reported_count),
+            epsilon: q.epsilon,
+            delta: self.policy.delta_per_query,
+            datasets: self
+                .datasets
+                .iter()
+                .filter(|d| d.tables.contains(&q.table))
+                .map(|d| d.name.clone())
+                .collect(),
+            sites_asked: self.pool.sites(),
+        }
+    }
+
+    /// The stored answer, with this query's id and a zero charge in its metadata.
+    fn replayed(
+        &self,
+        researcher: &str,
+        q: &PlannedQuery,
+        r: Replay,
+    ) -> Result<Released, CoordinatorError> {
+        let (schema, batches) = from_ipc(&r.ipc)
+            .map_err(|e| CoordinatorError::internal(&q.query_id, format!("stored answer: {e}")))?;
+        let status = self.budget(researcher)?;
+        let mut meta = schema.metadata().clone();
+        meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());
+        meta.insert(META_EPSILON_SPENT.to_string(), "0".to_string());
+        meta.insert(
+            META_EPSILON_REMAINING.to_string(),
+            status.epsilon_remaining.to_string(),
+        );
+        meta.insert(META_REPLAY.to_string(), "true".to_string());
+        meta.insert(META_REPLAY_OF.to_string(), r.original_query_id.clone());
+        let schema = Arc::new(Schema::new_with_metadata(schema.fields().clone(), meta));
+        let batches = batches
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CoordinatorError::internal(&q.query_id, format!("stored answer: {e}")))?;
+        tracing::info!(query_id = %q.query_id, researcher, replay_of = %r.original_query_id, "query replayed at no cost");
+        Ok(Released { schema, batches })
     }
 
     /// Exact, pre-noise merged partials of a planned query. Library-only (tests, benches):
@@ -233,20 +309,47 @@ impl Coordinator {
         self.pool.info().await
     }
 
-    /// Run a planned query end to end: fan out, charge, noise, post-process.
+    /// Run a planned query end to end: replay, fan out, charge, noise, post-process.
     ///
-    /// Order matters: all nodes must answer before anything is charged (a node that is down
-    /// costs nothing); the charge is made before any noise is sampled; if release fails
-    /// after the charge, the charge is refunded since nothing was released.
+    /// Order matters: an identical earlier query (same canonical plan, same researcher) is
+    /// answered from the ledger at no cost; otherwise all nodes must answer before anything
+    /// is charged (a node that is down costs nothing, and is audited); the charge commits
+    /// before any noise is sampled; the answer is stored and the charge marked released
+    /// before it leaves; if release fails after the charge, the charge is refunded since
+    /// nothing was released.
     pub async fn execute(
         &self,
         researcher: &str,
         q: &PlannedQuery,
     ) -> Result<Released, CoordinatorError> {
         let started = std::time::Instant::now();
-        let merged = self.gather(q).await?;
-        let charge = self.ledger.charge(researcher, q.epsilon, &q.query_id)?;
-        let status = self.ledger.status(researcher)?;
+        let rec = self.query_record(researcher, q);
+        if let Some(r) = self.ledger.replay(&rec)? {
+            return self.replayed(researcher, q, r);
+        }
+        // Tell the researcher before any node is asked if a budget cannot cover it.
+        self.ledger.precheck(&rec)?;
+        let merged = match self.gather(q).await {
+            Ok(m) => m,
+            Err(e) => {
+                let mut body = json!({
+                    "query_id": rec.query_id, "researcher": rec.researcher, "sql": rec.sql,
+                    "plan_hash": rec.plan_hash, "epsilon": rec.epsilon, "delta": rec.delta,
+                    "sites_asked": rec.sites_asked, "epsilon_charged": 0.0,
+                    "outcome": "failed", "reason": e.to_string(),
+                });
+                if let CoordinatorError::NodeUnavailable { site, .. }
+                | CoordinatorError::NodeFailed { site, .. } = &e
+                {
+                    body["site_failed"] = json!(site);
+                }
+                if let Err(le) = self.ledger.record("query.failed", researcher, body) {
+                    tracing::error!(error = %le, query_id = %q.query_id, "could not audit a failed query");
+                }
+                return Err(e);
+            }
+        };
+        let (charge, status) = self.ledger.charge(&rec, &merged.sites_answered)?;
         let mut meta = HashMap::new();
         meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());
         meta.insert(META_EPSILON_SPENT.to_string(), q.epsilon.to_string());
@@ -259,16 +362,27 @@ impl Coordinator {
             merged.sites_answered.join(","),
         );
         meta.insert(META_SITES_ASKED.to_string(), self.pool.sites().join(","));
-        match release(q, &merged, self.policy.min_reported_count, meta).await {
-            Ok(r) => {
-                self.ledger.released(charge)?;
+        meta.insert(META_REPLAY.to_string(), "false".to_string());
+        meta.insert(META_PLAN_HASH.to_string(), rec.plan_hash.clone());
+        let released = release(q, &merged, self.policy.min_reported_count, meta)
+            .await
+            .and_then(|r| {
+                let ipc = to_ipc(&r).map_err(|e| {
+                    CoordinatorError::internal(&q.query_id, format!("encoding the answer: {e}"))
+                })?;
+                Ok((r, ipc))
+            });
+        match released {
+            Ok((r, ipc)) => {
+                // Committed before the answer leaves: after this it is never refunded.
+                self.ledger.released(charge, &ipc)?;
                 tracing::info!(query_id = %q.query_id, researcher, epsilon = q.epsilon,
                     sites = merged.sites_answered.len(), elapsed_ms = started.elapsed().as_millis() as u64,
                     "query released");
                 Ok(r)
             }
             Err(e) => {
-                self.ledger.refund(charge)?;
+                self.ledger.refund(charge, &e.to_string())?;
                 Err(e)
             }
         }
@@ -279,6 +393,56 @@ impl Coordinator {
         let q = self.plan(researcher, sql).await?;
         self.execute(researcher, &q).await
     }
+}
+
+/// Canonical plan hash: SHA3-256 (hex) of a canonical serialization of what determines the
+/// answer: the node request without its query id, ε, the noisy statistics with their
+/// sensitivities and ε shares, the post-processing plan (DataFusion's normalised logical
+/// plan, so whitespace and keyword case of the SQL do not matter), and the suppression
+/// threshold.
+pub fn plan_hash(q: &PlannedQuery, min_reported_count: u64) -> String {
+    let mut request = q.request.clone();
+    request.query_id.clear();
+    let stats: Vec<serde_json::Value> = q
+        .statistics
+        .iter()
+        .map(|s| {
+            json!({"kind": format!("{:?}", s.kind), "sensitivity": s.sensitivity.to_string(),
+                   "epsilon": s.epsilon.to_string(), "label": s.label})
+        })
+        .collect();
+    let v = json!({
+        "format": 1,
+        "request": serde_json::to_value(&request).unwrap_or(serde_json::Value::Null),
+        "epsilon": q.epsilon.to_string(),
+        "statistics": stats,
+        "plan": q.plan.display_indent().to_string(),
+        "min_reported_count": min_reported_count,
+    });
+    hex::encode(Sha3_256::digest(canonical_json(&v).as_bytes()))
+}
+
+/// Arrow IPC stream bytes of a released answer.
+pub fn to_ipc(r: &Released) -> Result<Vec<u8>, datafusion::arrow::error::ArrowError> {
+    let mut w = StreamWriter::try_new(Vec::new(), &r.schema)?;
+    for b in &r.batches {
+        w.write(b)?;
+    }
+    w.finish()?;
+    w.into_inner()
+}
+
+/// Decode [`to_ipc`]'s bytes.
+pub fn from_ipc(
+    bytes: &[u8],
+) -> Result<
+    (datafusion::arrow::datatypes::SchemaRef, Vec<RecordBatch>),
+    datafusion::arrow::error::ArrowError,
+> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok((schema, batches))
 }
 
 #[cfg(test)]

@@ -29,6 +29,25 @@ pub enum CoordinatorError {
         remaining: f64,
         total: f64,
     },
+    /// A global dataset budget cannot cover the query. The remaining amount is not shown:
+    /// it depends on other researchers' spending.
+    #[error("the global privacy budget of dataset {dataset} cannot cover ε = {requested}; nothing was charged. Ask your privacy officer")]
+    DatasetBudgetExhausted { dataset: String, requested: f64 },
+    /// The researcher or dataset has no budget (never granted, or revoked).
+    #[error("{0}")]
+    NoBudget(String),
+    /// The caller lacks the role the request needs (e.g. a grant by a non-officer).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The ledger file is locked by another process. Nothing was changed.
+    #[error("{0}")]
+    LedgerBusy(String),
+    /// The ledger file is not a readable fedq ledger.
+    #[error("{0}")]
+    LedgerCorrupt(String),
+    /// The ledger cannot be written (permissions, disk full, I/O).
+    #[error("{0}")]
+    LedgerUnavailable(String),
     /// No valid credentials.
     #[error("{0}")]
     Unauthenticated(String),
@@ -62,6 +81,25 @@ impl From<CoordinatorError> for Status {
             }
             CoordinatorError::Refused(_) => Status::permission_denied(e.to_string()),
             CoordinatorError::BudgetExhausted { .. } => Status::resource_exhausted(e.to_string()),
+            CoordinatorError::DatasetBudgetExhausted { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
+            CoordinatorError::NoBudget(_) | CoordinatorError::Forbidden(_) => {
+                Status::permission_denied(e.to_string())
+            }
+            CoordinatorError::LedgerBusy(detail) => {
+                tracing::warn!(detail = %detail, "ledger busy");
+                Status::unavailable(
+                    "the privacy ledger is busy; nothing was charged or released. Retry in a moment",
+                )
+            }
+            CoordinatorError::LedgerCorrupt(detail)
+            | CoordinatorError::LedgerUnavailable(detail) => {
+                tracing::error!(detail = %detail, "ledger unavailable");
+                Status::unavailable(
+                    "the privacy ledger is unavailable; nothing was released. The coordinator log has the details",
+                )
+            }
             CoordinatorError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             CoordinatorError::NodeUnavailable { .. } => Status::unavailable(e.to_string()),
             CoordinatorError::NodeFailed { .. } => Status::unavailable(e.to_string()),

@@ -10,7 +10,9 @@
 //!   their sensitivities and ε shares, and the post-processing plan.
 //! - [`predicate`]: WHERE → the wire's total expression language.
 //! - [`fanout`]: parallel requests to nodes and exact merge of partials.
-//! - [`budget`]: the [`BudgetLedger`] interface and the in-memory ledger.
+//! - [`ledger`]: the SQLite [`Ledger`]: budgets (per researcher and per dataset), atomic
+//!   charges, refunds, stored answers for free replays.
+//! - [`audit`]: the SHA3-256 hash chain of audit entries in the ledger file; verify, export.
 //! - [`noise`]: OpenDP's discrete Laplace sampler, confidence half-widths.
 //! - [`release`]: noise, AVG, suppression, post-processing, Arrow metadata.
 //! - [`engine`]: [`Coordinator`], the whole pipeline without a network front end.
@@ -23,15 +25,17 @@
 //!   with a reason (fail closed).
 //! - Sensitivities come only from the catalog: R (rows per participant), S (sites per
 //!   participant), clamp bounds and precision.
-//! - The budget is charged after every node answered and before any noise is drawn; noise
-//!   comes only from OpenDP.
+//! - The budget is charged after every node answered and before any noise is drawn, in one
+//!   SQLite transaction with its audit entry; noise comes only from OpenDP. An identical
+//!   query (same canonical plan) from the same researcher gets the stored answer for free.
 //! - Node and internal errors reach researchers only as generic messages with a query id.
 
-pub mod budget;
+pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fanout;
+pub mod ledger;
 pub mod noise;
 pub mod planner;
 pub mod predicate;
@@ -41,11 +45,11 @@ pub mod service;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use budget::{BudgetLedger, BudgetStatus, Charge, MemoryLedger};
 pub use config::CoordinatorConfig;
 pub use engine::Coordinator;
 pub use error::CoordinatorError;
-pub use service::{AuthInterceptor, FedqFlightSqlService, Researcher};
+pub use ledger::{BudgetKind, BudgetStatus, Charge, Grant, Ledger};
+pub use service::{AuthInterceptor, FedqFlightSqlService, Officer, Researcher};
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::sync::oneshot;
@@ -82,23 +86,20 @@ impl CoordinatorHandle {
     }
 }
 
-/// Start a coordinator with an in-memory budget ledger built from the config's grants.
+/// Open the config's SQLite ledger, bring it up to date with the config (seed new budgets,
+/// audit a changed catalog or policy) and start serving.
 pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
-    let ledger = Arc::new(MemoryLedger::new(
-        config
-            .researchers
-            .iter()
-            .map(|r| (r.name.clone(), r.epsilon_budget)),
-    ));
+    let ledger = Arc::new(Ledger::open(&config.ledger)?);
     start_with_ledger(config, ledger).await
 }
 
-/// Start a coordinator over a given ledger. Binds `config.listen` (port 0 picks a free
-/// port; see [`CoordinatorHandle::addr`]).
+/// Start a coordinator over an open ledger (synced with the config first). Binds
+/// `config.listen` (port 0 picks a free port; see [`CoordinatorHandle::addr`]).
 pub async fn start_with_ledger(
     config: CoordinatorConfig,
-    ledger: Arc<dyn BudgetLedger>,
+    ledger: Arc<Ledger>,
 ) -> Result<CoordinatorHandle, CoordinatorError> {
+    ledger.sync_config(&config)?;
     let engine = Arc::new(Coordinator::new(&config, ledger)?);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -118,7 +119,7 @@ pub async fn start_with_ledger(
     let server = FlightServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let intercepted = tonic::service::interceptor::InterceptedService::new(
         server,
-        AuthInterceptor::new(&config.researchers),
+        AuthInterceptor::new(&config.researchers, &config.officers),
     );
     let (tx, rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

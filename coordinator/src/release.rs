@@ -53,6 +53,12 @@ pub const META_EPSILON_REMAINING: &str = "fedq.epsilon_remaining";
 pub const META_SITES_ANSWERED: &str = "fedq.sites_answered";
 /// Schema metadata key: comma-separated sites asked.
 pub const META_SITES_ASKED: &str = "fedq.sites_asked";
+/// Schema metadata: `"true"` when the answer is a free replay of an earlier identical query.
+pub const META_REPLAY: &str = "fedq.replay";
+/// Schema metadata: query id of the charged original of a replay.
+pub const META_REPLAY_OF: &str = "fedq.replay_of";
+/// Schema metadata: canonical plan hash (the replay key, also in the audit log).
+pub const META_PLAN_HASH: &str = "fedq.plan_hash";
 
 const HIDDEN_PREFIX: &str = "__fedq_hw_";
 

@@ -38,14 +38,60 @@ use prost::Message;
 use sha3::{Digest, Sha3_256};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::ResearcherConfig;
+use crate::config::{OfficerConfig, ResearcherConfig};
 use crate::engine::{parse_session_statement, random_id, Coordinator};
 use crate::error::CoordinatorError;
+use crate::ledger::{BudgetKind, Grant};
 
 /// Flight action returning the caller's own budget as JSON ([`crate::BudgetStatus`]).
 pub const ACTION_BUDGET: &str = "fedq.budget";
 /// Flight action returning the health of every node as JSON.
 pub const ACTION_STATUS: &str = "fedq.status";
+/// Officer action: add ε/δ to a budget. Body: [`GrantRequest`] as JSON.
+pub const ACTION_BUDGET_GRANT: &str = "fedq.budget.grant";
+/// Officer action: take ε back from a budget, or revoke it. Body: [`RevokeRequest`].
+pub const ACTION_BUDGET_REVOKE: &str = "fedq.budget.revoke";
+/// Officer action: every budget (researchers and datasets) as JSON.
+pub const ACTION_BUDGET_LIST: &str = "fedq.budget.list";
+/// Officer action: the policy, datasets and the hash of catalog + policy as JSON.
+pub const ACTION_POLICY_SHOW: &str = "fedq.policy.show";
+
+/// Body of [`ACTION_BUDGET_GRANT`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// `researcher` (default) or `dataset`.
+    #[serde(default = "researcher_kind")]
+    pub kind: BudgetKind,
+    /// Researcher or dataset name.
+    pub name: String,
+    /// ε to add.
+    pub epsilon: f64,
+    /// δ to add.
+    #[serde(default)]
+    pub delta: f64,
+    /// New renewal period in days.
+    #[serde(default)]
+    pub renewal_days: Option<f64>,
+}
+
+/// Body of [`ACTION_BUDGET_REVOKE`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// `researcher` (default) or `dataset`.
+    #[serde(default = "researcher_kind")]
+    pub kind: BudgetKind,
+    /// Researcher or dataset name.
+    pub name: String,
+    /// ε to take back; `None` revokes the whole budget.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+}
+
+fn researcher_kind() -> BudgetKind {
+    BudgetKind::Researcher
+}
 
 /// How long a planned statement waits for its `DoGet`.
 const PENDING_TTL: Duration = Duration::from_secs(600);
@@ -54,40 +100,64 @@ const PENDING_TTL: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Researcher(pub String);
 
-/// Checks `authorization: Bearer <token>` against the SHA3-256 hashes in config.
+/// An authenticated privacy officer, attached instead of [`Researcher`] for officer tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Officer(pub String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Researcher,
+    Officer,
+}
+
+/// Checks `authorization: Bearer <token>` against the SHA3-256 hashes in config and
+/// attaches the caller's role: [`Researcher`] or [`Officer`].
 #[derive(Clone)]
 pub struct AuthInterceptor {
-    tokens: Arc<Vec<([u8; 32], String)>>,
+    tokens: Arc<Vec<([u8; 32], String, Role)>>,
+}
+
+fn parse_hash(h: &str) -> Option<[u8; 32]> {
+    hex::decode(h).ok()?.try_into().ok()
 }
 
 impl AuthInterceptor {
-    /// Interceptor for these researchers.
-    pub fn new(researchers: &[ResearcherConfig]) -> Self {
+    /// Interceptor for these researchers and officers.
+    pub fn new(researchers: &[ResearcherConfig], officers: &[OfficerConfig]) -> Self {
         let tokens = researchers
             .iter()
             .filter_map(|r| {
-                let bytes = hex::decode(&r.token_sha3_256).ok()?;
-                let arr: [u8; 32] = bytes.try_into().ok()?;
-                Some((arr, r.name.clone()))
+                Some((
+                    parse_hash(&r.token_sha3_256)?,
+                    r.name.clone(),
+                    Role::Researcher,
+                ))
             })
+            .chain(officers.iter().filter_map(|o| {
+                Some((
+                    parse_hash(&o.token_sha3_256)?,
+                    o.name.clone(),
+                    Role::Officer,
+                ))
+            }))
             .collect();
         AuthInterceptor {
             tokens: Arc::new(tokens),
         }
     }
 
-    fn authenticate(&self, token: &str) -> Option<String> {
+    fn authenticate(&self, token: &str) -> Option<(String, Role)> {
         let digest: [u8; 32] = Sha3_256::digest(token.as_bytes()).into();
         // Constant-time comparison over every entry, so timing does not reveal which prefix
         // matched.
         let mut found = None;
-        for (h, name) in self.tokens.iter() {
+        for (h, name, role) in self.tokens.iter() {
             let diff = h
                 .iter()
                 .zip(digest.iter())
                 .fold(0u8, |a, (x, y)| a | (x ^ y));
             if diff == 0 {
-                found = Some(name.clone());
+                found = Some((name.clone(), *role));
             }
         }
         found
@@ -111,8 +181,12 @@ impl tonic::service::Interceptor for AuthInterceptor {
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
         match self.authenticate(token.trim()) {
-            Some(name) => {
+            Some((name, Role::Researcher)) => {
                 req.extensions_mut().insert(Researcher(name));
+                Ok(req)
+            }
+            Some((name, Role::Officer)) => {
+                req.extensions_mut().insert(Officer(name));
                 Ok(req)
             }
             None => Err(Status::unauthenticated(
@@ -139,10 +213,30 @@ pub struct FedqFlightSqlService {
 }
 
 fn researcher<T>(req: &Request<T>) -> Result<String, Status> {
-    req.extensions()
-        .get::<Researcher>()
-        .map(|r| r.0.clone())
-        .ok_or_else(|| Status::unauthenticated("not authenticated"))
+    if let Some(r) = req.extensions().get::<Researcher>() {
+        return Ok(r.0.clone());
+    }
+    if req.extensions().get::<Officer>().is_some() {
+        return Err(CoordinatorError::Forbidden(
+            "this is a privacy officer's token: officers manage budgets and policy but do not run queries; use a researcher token".into(),
+        )
+        .into());
+    }
+    Err(Status::unauthenticated("not authenticated"))
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(action: &Action) -> Result<T, CoordinatorError> {
+    serde_json::from_slice(&action.body).map_err(|e| {
+        CoordinatorError::InvalidArgument(format!(
+            "the body of {} must be JSON like {}: {e}",
+            action.r#type,
+            if action.r#type == ACTION_BUDGET_GRANT {
+                r#"{"kind":"researcher","name":"alice","epsilon":5}"#
+            } else {
+                r#"{"kind":"researcher","name":"alice","epsilon":2}"#
+            }
+        ))
+    })
 }
 
 fn message_schema() -> SchemaRef {
@@ -223,6 +317,47 @@ impl FedqFlightSqlService {
             .map(|i| i.with_endpoint(endpoint).with_descriptor(descriptor))
     }
 
+    /// An officer action; every change is audited by the ledger with the officer as actor.
+    fn officer_action(
+        &self,
+        officer: &str,
+        action: &Action,
+    ) -> Result<serde_json::Value, CoordinatorError> {
+        let ledger = self.engine.ledger();
+        let enc = |v: Result<_, serde_json::Error>| {
+            v.map_err(|e| CoordinatorError::internal("-", format!("encoding an answer: {e}")))
+        };
+        match action.r#type.as_str() {
+            ACTION_BUDGET_GRANT => {
+                let g: GrantRequest = parse_body(action)?;
+                let st = ledger.grant(
+                    officer,
+                    &Grant {
+                        kind: g.kind,
+                        name: g.name,
+                        epsilon: g.epsilon,
+                        delta: g.delta,
+                        renewal_days: g.renewal_days,
+                    },
+                )?;
+                enc(serde_json::to_value(st))
+            }
+            ACTION_BUDGET_REVOKE => {
+                let r: RevokeRequest = parse_body(action)?;
+                let st = ledger.revoke(officer, r.kind, &r.name, r.epsilon)?;
+                enc(serde_json::to_value(st))
+            }
+            ACTION_BUDGET_LIST => enc(serde_json::to_value(ledger.list()?)),
+            _ => Ok(serde_json::json!({
+                "policy": self.engine.policy(),
+                "datasets": self.engine.datasets(),
+                "tables": self.engine.catalog().tables.keys().collect::<Vec<_>>(),
+                "policy_hash": ledger.policy_hash()?,
+                "ledger": ledger.path().display().to_string(),
+            })),
+        }
+    }
+
     /// Run a statement (a query, or a session statement) and return the FlightInfo whose
     /// ticket streams its result.
     async fn prepare(
@@ -244,16 +379,6 @@ impl FedqFlightSqlService {
             let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
                 tracing::info!(researcher, error = %e, "query refused at planning");
             })?;
-            // Tell the researcher before any node is asked if the budget cannot cover it.
-            let status = self.engine.budget(researcher)?;
-            if status.epsilon_remaining + 1e-12 * status.epsilon_budget < planned.epsilon {
-                return Err(CoordinatorError::BudgetExhausted {
-                    requested: planned.epsilon,
-                    remaining: status.epsilon_remaining,
-                    total: status.epsilon_budget,
-                }
-                .into());
-            }
             let released = self.engine.execute(researcher, &planned).await?;
             (released.schema, released.batches)
         };
@@ -509,9 +634,34 @@ impl FlightSqlService for FedqFlightSqlService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
-        let who = researcher(&request)?;
-        let body = match request.get_ref().r#type.as_str() {
+        let action = request.get_ref().r#type.clone();
+        let officer = request.extensions().get::<Officer>().map(|o| o.0.clone());
+        if matches!(
+            action.as_str(),
+            ACTION_BUDGET_GRANT | ACTION_BUDGET_REVOKE | ACTION_BUDGET_LIST | ACTION_POLICY_SHOW
+        ) {
+            let Some(officer) = officer else {
+                let who = researcher(&request)?;
+                // A denied officer action is audited, and changes nothing.
+                self.engine.ledger().record(
+                    "officer.denied",
+                    &who,
+                    serde_json::json!({"action": action, "outcome": "denied"}),
+                )?;
+                return Err(CoordinatorError::Forbidden(format!(
+                    "{action} needs the privacy-officer role; your token is a researcher's"
+                ))
+                .into());
+            };
+            let out = self.officer_action(&officer, request.get_ref())?;
+            let body = serde_json::to_vec(&out)
+                .map_err(|_| Status::internal("could not encode the answer"))?;
+            let out = arrow_flight::Result { body: body.into() };
+            return Ok(Response::new(Box::pin(stream::iter(vec![Ok(out)]))));
+        }
+        let body = match action.as_str() {
             ACTION_BUDGET => {
+                let who = researcher(&request)?;
                 let s = self.engine.budget(&who)?;
                 serde_json::to_vec(&s).map_err(|_| Status::internal("could not encode budget"))?
             }
@@ -528,7 +678,7 @@ impl FlightSqlService for FedqFlightSqlService {
             }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action `{other}`; fedq supports {ACTION_BUDGET} and {ACTION_STATUS}"
+                    "unknown action `{other}`; fedq supports {ACTION_BUDGET}, {ACTION_STATUS}, and for officers {ACTION_BUDGET_GRANT}, {ACTION_BUDGET_REVOKE}, {ACTION_BUDGET_LIST}, {ACTION_POLICY_SHOW}"
                 )))
             }
         };
@@ -545,6 +695,22 @@ impl FlightSqlService for FedqFlightSqlService {
             Ok(ActionType {
                 r#type: ACTION_STATUS.into(),
                 description: "Health and version of each node (JSON)".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_BUDGET_GRANT.into(),
+                description: "Officers: add ε/δ to a researcher or dataset budget".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_BUDGET_REVOKE.into(),
+                description: "Officers: take back ε, or revoke a budget".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_BUDGET_LIST.into(),
+                description: "Officers: every budget (JSON)".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_POLICY_SHOW.into(),
+                description: "Officers: policy, datasets, catalog+policy hash (JSON)".into(),
             }),
         ])
     }

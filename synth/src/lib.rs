@@ -42,6 +42,8 @@
 //! <out>/catalog.toml                the privacy officer's catalog (reference_catalog())
 //! <out>/coordinator.toml            listen on base_port, one [[nodes]] per site, researchers
 //! <out>/researchers/<name>.token    alice (ε budget 50) and bob (ε budget 5), mode 0600
+//! <out>/officers/<name>.token       the privacy officer olivia's token, mode 0600
+//! <out>/ledger.sqlite               (created by the coordinator at first start)
 //! <out>/sites/siteNN/node.toml      site NN listens on base_port + NN
 //! <out>/sites/siteNN/{participants,diagnoses,labs,specimens,variants}.parquet
 //! ```
@@ -73,6 +75,12 @@ pub const MAX_PARTICIPANTS: usize = 10_000_000;
 
 /// The researchers written to the coordinator config, with their ε budgets.
 pub const RESEARCHERS: [(&str, f64); 2] = [("alice", 50.0), ("bob", 5.0)];
+
+/// The privacy officers written to the coordinator config.
+pub const OFFICERS: [&str; 1] = ["olivia"];
+
+/// Global ε budget of the `biobank` dataset (all tables) in the generated config.
+pub const DATASET_EPSILON: f64 = 1000.0;
 
 /// What to generate, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +167,8 @@ pub struct SynthSummary {
     pub coordinator_config_path: PathBuf,
     /// `(researcher name, token file)`.
     pub researcher_token_paths: Vec<(String, PathBuf)>,
+    /// `(officer name, token file)`.
+    pub officer_token_paths: Vec<(String, PathBuf)>,
     /// Address the coordinator listens on.
     pub coordinator_listen: String,
     /// Participants over all sites.
@@ -342,10 +352,22 @@ pub fn generate_with_threads(
         });
         researcher_token_paths.push((name.to_string(), path));
     }
+    let officers_dir = out.join("officers");
+    create_dir(&officers_dir)?;
+    configs::restrict_dir(&officers_dir)?;
+    let mut officers = Vec::new();
+    let mut officer_token_paths = Vec::new();
+    for name in OFFICERS {
+        let token = configs::new_token()?;
+        let path = officers_dir.join(format!("{name}.token"));
+        configs::write_secret(&path, &format!("{token}\n"))?;
+        officers.push((name, configs::sha3_hex(&token)));
+        officer_token_paths.push((name.to_string(), path));
+    }
     let coordinator_config_path = out.join("coordinator.toml");
     configs::write_file(
         &coordinator_config_path,
-        &configs::coordinator_toml(cfg.base_port, &ports, &researchers),
+        &configs::coordinator_toml(cfg.base_port, &ports, &researchers, &officers),
     )?;
 
     Ok(SynthSummary {
@@ -353,6 +375,7 @@ pub fn generate_with_threads(
         catalog_path,
         coordinator_config_path,
         researcher_token_paths,
+        officer_token_paths,
         coordinator_listen: format!("127.0.0.1:{}", cfg.base_port),
         participants: cfg.participants,
         transferred_participants: plan.transferred(),

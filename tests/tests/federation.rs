@@ -408,20 +408,24 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
         "token",
     );
 
-    // Budget: bob has 5; at ε = 2 two queries pass, the third is refused with the remainder.
+    // Budget: bob has 5; at ε = 2 two different queries pass, a third is refused with the
+    // remainder (an identical query would be a free replay).
     let mut bob = FedqClient::connect(&fed.url(), &fed.token("bob").unwrap())
         .await
         .unwrap();
     bob.query("SET fedq.epsilon = 2").await.unwrap();
-    for _ in 0..2 {
+    for y in [1950, 1960] {
         let r = bob
-            .query("SELECT COUNT(*) FROM participants")
+            .query(&format!(
+                "SELECT COUNT(*) FROM participants WHERE birth_year >= {y}"
+            ))
             .await
             .unwrap();
         assert_eq!(r.schema.metadata()[META_EPSILON_SPENT], "2");
     }
     expect(
-        bob.query("SELECT COUNT(*) FROM participants").await,
+        bob.query("SELECT COUNT(*) FROM participants WHERE birth_year >= 1970")
+            .await,
         Code::ResourceExhausted,
         "only ε = 1 remains",
     );
@@ -430,7 +434,7 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
         .await
         .unwrap();
     assert_eq!(b["epsilon_spent"].as_f64(), Some(4.0));
-    assert_eq!(b["researcher"].as_str(), Some("bob"));
+    assert_eq!(b["name"].as_str(), Some("bob"));
 
     // A node that is down: clear error naming the site, and no budget charged.
     let before = alice

@@ -1,0 +1,1085 @@
+//! The privacy ledger: budgets, charges, stored answers for free replays, and the audit
+//! chain, in one SQLite file (WAL mode, `synchronous = FULL`).
+//!
+//! ## Rules
+//! - **Atomic charge before release.** [`Ledger::charge`] runs in one `BEGIN IMMEDIATE`
+//!   transaction: it checks the researcher's budget and the global budget of every dataset
+//!   the query's table belongs to, updates them, records the charge and appends its audit
+//!   entry, and commits before the caller samples any noise. SQLite serialises writers
+//!   (across threads and processes), so concurrent charges never overspend.
+//! - **Exact accounting.** ε is kept in integer units of 10⁻⁹ (δ: 10⁻¹⁸); a charge rounds up
+//!   and a grant rounds down, so rounding never lets a researcher spend more than granted.
+//! - **Refund exactly once, never after release.** A charge is `charged`, then either
+//!   `released` or `refunded`; both transitions are conditional on `charged`, so a second
+//!   refund or a refund after release changes nothing. A crash between charge and release
+//!   leaves the charge in place (conservative: spent ≥ released).
+//! - **Every change is audited in the same transaction** (charges, refusals, refunds,
+//!   releases, replays, grants, revocations, renewals, policy changes); see [`crate::audit`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
+use serde_json::{json, Value};
+use sha3::{Digest, Sha3_256};
+
+use crate::audit::{self, canonical_json, chain_hash, VerifyReport, GENESIS};
+use crate::config::CoordinatorConfig;
+use crate::error::CoordinatorError;
+
+/// ε units per 1 ε.
+const EPS_UNIT: f64 = 1e9;
+/// δ units per 1 δ.
+const DELTA_UNIT: f64 = 1e18;
+/// Largest ε a budget or a grant may hold.
+pub const MAX_EPSILON: f64 = 1e6;
+/// Identifies the file as a fedq ledger, and its schema version.
+const SCHEMA: &str = "fedq-ledger-1";
+const MS_PER_DAY: f64 = 86_400_000.0;
+
+const DDL: &str = "
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS budgets(
+  kind TEXT NOT NULL CHECK (kind IN ('researcher', 'dataset')),
+  name TEXT NOT NULL,
+  epsilon_granted INTEGER NOT NULL CHECK (epsilon_granted >= 0),
+  delta_granted INTEGER NOT NULL CHECK (delta_granted >= 0),
+  epsilon_spent INTEGER NOT NULL CHECK (epsilon_spent >= 0),
+  delta_spent INTEGER NOT NULL CHECK (delta_spent >= 0),
+  renewal_ms INTEGER,
+  period_start INTEGER NOT NULL,
+  revoked INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (kind, name)) STRICT;
+CREATE TABLE IF NOT EXISTS charges(
+  query_id TEXT PRIMARY KEY,
+  researcher TEXT NOT NULL,
+  datasets TEXT NOT NULL,
+  plan_hash TEXT NOT NULL,
+  epsilon INTEGER NOT NULL,
+  delta INTEGER NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('charged', 'released', 'refunded')),
+  charged_at INTEGER NOT NULL,
+  settled_at INTEGER) STRICT;
+CREATE TABLE IF NOT EXISTS replays(
+  researcher TEXT NOT NULL,
+  plan_hash TEXT NOT NULL,
+  query_id TEXT NOT NULL,
+  result BLOB NOT NULL,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (researcher, plan_hash)) STRICT;
+CREATE TABLE IF NOT EXISTS audit(
+  seq INTEGER PRIMARY KEY,
+  entry TEXT NOT NULL,
+  prev_hash TEXT NOT NULL,
+  hash TEXT NOT NULL) STRICT;
+";
+
+/// Map a SQLite error to a clear coordinator error.
+pub(crate) fn ledger_error(path: &Path, e: rusqlite::Error) -> CoordinatorError {
+    let p = path.display();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            CoordinatorError::LedgerBusy(format!(
+                "the ledger {p} is locked by another process; nothing was charged or changed. Retry, or stop the other process"
+            ))
+        }
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
+            CoordinatorError::LedgerCorrupt(format!(
+                "the ledger {p} is not a readable fedq ledger ({e}); do not delete it: restore it from a backup and check it with `fedq audit verify --ledger {p}`"
+            ))
+        }
+        Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) | Some(ErrorCode::ReadOnly) => {
+            CoordinatorError::LedgerUnavailable(format!(
+                "cannot open the ledger {p} for writing ({e}); check the path and its permissions"
+            ))
+        }
+        Some(ErrorCode::DiskFull) => CoordinatorError::LedgerUnavailable(format!(
+            "the disk holding the ledger {p} is full; nothing was charged or changed"
+        )),
+        _ => CoordinatorError::LedgerUnavailable(format!("ledger {p}: {e}")),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Check an ε or δ given by a person or a query: a finite number, not negative.
+pub fn check_amount(what: &str, v: f64, max: f64) -> Result<(), CoordinatorError> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{what} must be a non-negative number, got {v}"
+        )));
+    }
+    if v > max {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{what} = {v} is above the largest accepted value {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// Units of a charge: rounded up (artefacts of binary floating point within 10⁻⁶ of a
+/// unit are rounded to it).
+fn charge_units(v: f64, unit: f64) -> i64 {
+    let x = v * unit;
+    let r = x.round();
+    if (x - r).abs() < 1e-6 {
+        r as i64
+    } else {
+        x.ceil() as i64
+    }
+}
+
+/// Units of a grant: rounded down (with the same tolerance).
+fn grant_units(v: f64, unit: f64) -> i64 {
+    let x = v * unit;
+    let r = x.round();
+    if (x - r).abs() < 1e-6 {
+        r as i64
+    } else {
+        x.floor() as i64
+    }
+}
+
+/// Whose budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetKind {
+    /// One researcher's own budget.
+    Researcher,
+    /// A global budget over a dataset (a named set of catalog tables), shared by everyone.
+    Dataset,
+}
+
+impl BudgetKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            BudgetKind::Researcher => "researcher",
+            BudgetKind::Dataset => "dataset",
+        }
+    }
+}
+
+/// A budget's state, as shown to its researcher or to a privacy officer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BudgetStatus {
+    /// Researcher or dataset.
+    pub kind: BudgetKind,
+    /// Researcher or dataset name.
+    pub name: String,
+    /// Total ε granted for the current period.
+    pub epsilon_budget: f64,
+    /// ε spent in the current period.
+    pub epsilon_spent: f64,
+    /// ε remaining.
+    pub epsilon_remaining: f64,
+    /// Total δ granted.
+    pub delta_budget: f64,
+    /// δ spent.
+    pub delta_spent: f64,
+    /// δ remaining.
+    pub delta_remaining: f64,
+    /// Renewal period in days, if the budget renews.
+    pub renewal_days: Option<f64>,
+    /// When the current period ends (RFC 3339), if the budget renews.
+    pub period_ends: Option<String>,
+    /// A revoked budget answers nothing.
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    kind: BudgetKind,
+    name: String,
+    eps_granted: i64,
+    delta_granted: i64,
+    eps_spent: i64,
+    delta_spent: i64,
+    renewal_ms: Option<i64>,
+    period_start: i64,
+    revoked: bool,
+}
+
+impl Row {
+    /// Start a new period if the current one is over; true if it did.
+    fn renew(&mut self, now: i64) -> bool {
+        match self.renewal_ms {
+            Some(p) if p > 0 && now >= self.period_start + p => {
+                let k = (now - self.period_start) / p;
+                self.period_start += k * p;
+                self.eps_spent = 0;
+                self.delta_spent = 0;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn status(&self, now: i64) -> BudgetStatus {
+        let mut r = self.clone();
+        r.renew(now);
+        let e = |u: i64| u as f64 / EPS_UNIT;
+        let d = |u: i64| u as f64 / DELTA_UNIT;
+        BudgetStatus {
+            kind: r.kind,
+            name: r.name.clone(),
+            epsilon_budget: e(r.eps_granted),
+            epsilon_spent: e(r.eps_spent),
+            epsilon_remaining: e((r.eps_granted - r.eps_spent).max(0)),
+            delta_budget: d(r.delta_granted),
+            delta_spent: d(r.delta_spent),
+            delta_remaining: d((r.delta_granted - r.delta_spent).max(0)),
+            renewal_days: r.renewal_ms.map(|p| p as f64 / MS_PER_DAY),
+            period_ends: r.renewal_ms.map(|p| rfc3339(r.period_start + p)),
+            revoked: r.revoked,
+        }
+    }
+}
+
+fn load(tx: &Connection, kind: BudgetKind, name: &str) -> rusqlite::Result<Option<Row>> {
+    tx.query_row(
+        "SELECT epsilon_granted, delta_granted, epsilon_spent, delta_spent, renewal_ms, period_start, revoked
+         FROM budgets WHERE kind = ?1 AND name = ?2",
+        params![kind.as_str(), name],
+        |r| {
+            Ok(Row {
+                kind,
+                name: name.to_string(),
+                eps_granted: r.get(0)?,
+                delta_granted: r.get(1)?,
+                eps_spent: r.get(2)?,
+                delta_spent: r.get(3)?,
+                renewal_ms: r.get(4)?,
+                period_start: r.get(5)?,
+                revoked: r.get::<_, i64>(6)? != 0,
+            })
+        },
+    )
+    .optional()
+}
+
+fn save(tx: &Transaction, r: &Row) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO budgets(kind, name, epsilon_granted, delta_granted, epsilon_spent, delta_spent, renewal_ms, period_start, revoked)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT(kind, name) DO UPDATE SET epsilon_granted = ?3, delta_granted = ?4,
+           epsilon_spent = ?5, delta_spent = ?6, renewal_ms = ?7, period_start = ?8, revoked = ?9",
+        params![
+            r.kind.as_str(),
+            r.name,
+            r.eps_granted,
+            r.delta_granted,
+            r.eps_spent,
+            r.delta_spent,
+            r.renewal_ms,
+            r.period_start,
+            r.revoked as i64
+        ],
+    )?;
+    Ok(())
+}
+
+fn get_meta(tx: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn set_meta(tx: &Transaction, key: &str, value: &str) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Append one entry to the audit chain, inside the caller's transaction.
+fn append(
+    tx: &Transaction,
+    now: i64,
+    kind: &str,
+    actor: &str,
+    body: Value,
+) -> rusqlite::Result<i64> {
+    let count: i64 = get_meta(tx, audit::META_COUNT)?
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let head = get_meta(tx, audit::META_HEAD)?.unwrap_or_else(|| GENESIS.to_string());
+    let seq = count + 1;
+    let entry = canonical_json(&json!({
+        "seq": seq, "ts": rfc3339(now), "kind": kind, "actor": actor, "body": body,
+    }));
+    let hash = chain_hash(&head, &entry);
+    tx.execute(
+        "INSERT INTO audit(seq, entry, prev_hash, hash) VALUES (?1, ?2, ?3, ?4)",
+        params![seq, entry, head, hash],
+    )?;
+    set_meta(tx, audit::META_COUNT, &seq.to_string())?;
+    set_meta(tx, audit::META_HEAD, &hash)?;
+    Ok(seq)
+}
+
+/// Append a `budget.renewed` entry if `row` starts a new period now.
+fn renew_audited(tx: &Transaction, row: &mut Row, now: i64) -> rusqlite::Result<()> {
+    if row.renew(now) {
+        save(tx, row)?;
+        append(
+            tx,
+            now,
+            "budget.renewed",
+            "ledger",
+            json!({"kind": row.kind, "name": row.name, "period_start": rfc3339(row.period_start)}),
+        )?;
+    }
+    Ok(())
+}
+
+/// What the ledger records about a query.
+#[derive(Debug, Clone)]
+pub struct QueryRecord {
+    /// Query id shared with the nodes' logs.
+    pub query_id: String,
+    /// Who asked.
+    pub researcher: String,
+    /// SQL text as received.
+    pub sql: String,
+    /// Canonical plan hash (see [`crate::engine::plan_hash`]).
+    pub plan_hash: String,
+    /// ε the query spends.
+    pub epsilon: f64,
+    /// δ the query spends.
+    pub delta: f64,
+    /// Datasets whose global budgets the query draws on.
+    pub datasets: Vec<String>,
+    /// Sites the query is sent to.
+    pub sites_asked: Vec<String>,
+}
+
+impl QueryRecord {
+    fn audit_body(&self) -> Value {
+        json!({
+            "query_id": self.query_id, "researcher": self.researcher, "sql": self.sql,
+            "plan_hash": self.plan_hash, "epsilon": self.epsilon, "delta": self.delta,
+            "datasets": self.datasets, "sites_asked": self.sites_asked,
+        })
+    }
+}
+
+/// Proof of a charge: give it to [`Ledger::released`] or [`Ledger::refund`].
+#[derive(Debug, PartialEq)]
+#[must_use = "a charge must be released or refunded"]
+pub struct Charge {
+    /// Query id the charge belongs to.
+    pub query_id: String,
+    /// Researcher charged.
+    pub researcher: String,
+    /// Plan hash, the key of the stored answer.
+    pub plan_hash: String,
+    /// ε charged.
+    pub epsilon: f64,
+}
+
+/// One charge as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChargeRow {
+    /// Query id.
+    pub query_id: String,
+    /// Researcher.
+    pub researcher: String,
+    /// Datasets charged.
+    pub datasets: Vec<String>,
+    /// ε charged.
+    pub epsilon: f64,
+    /// `charged`, `released` or `refunded`.
+    pub state: String,
+}
+
+/// A stored answer returned for free.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Query id of the charged original.
+    pub original_query_id: String,
+    /// The released result, Arrow IPC stream bytes.
+    pub ipc: Vec<u8>,
+}
+
+/// An officer's grant, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    /// Researcher or dataset.
+    pub kind: BudgetKind,
+    /// Its name.
+    pub name: String,
+    /// ε added to the budget.
+    pub epsilon: f64,
+    /// δ added to the budget.
+    pub delta: f64,
+    /// New renewal period in days; `None` keeps the current one.
+    pub renewal_days: Option<f64>,
+}
+
+impl Grant {
+    /// Check the amounts.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        if self.name.trim().is_empty() {
+            return Err(CoordinatorError::InvalidArgument(
+                "a grant needs a researcher or dataset name".into(),
+            ));
+        }
+        check_amount("ε", self.epsilon, MAX_EPSILON)?;
+        check_amount("δ", self.delta, 1.0)?;
+        if let Some(d) = self.renewal_days {
+            if !(d.is_finite() && d > 0.0 && d <= 36_500.0) {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "renewal period must be a positive number of days, got {d}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The SQLite ledger.
+pub struct Ledger {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("path", &self.path).finish()
+    }
+}
+
+impl Ledger {
+    /// Open (or create) the ledger file. Fails with a clear error on a file that is not a
+    /// fedq ledger, is corrupt, or stays locked.
+    pub fn open(path: &Path) -> Result<Ledger, CoordinatorError> {
+        let err = |e| ledger_error(path, e);
+        let mut conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(CoordinatorError::LedgerUnavailable(format!(
+                "the ledger {} cannot use WAL mode (got {mode}); put it on a local file system",
+                path.display()
+            )));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .map_err(err)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(err)?;
+        if check != "ok" {
+            return Err(CoordinatorError::LedgerCorrupt(format!(
+                "the ledger {} failed SQLite's integrity check ({check}); do not delete it: restore it from a backup",
+                path.display()
+            )));
+        }
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let tables: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let has_meta: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        if tables > 0 && has_meta == 0 {
+            return Err(CoordinatorError::LedgerCorrupt(format!(
+                "{} is an SQLite file but not a fedq ledger; name a new file or the ledger in coordinator.toml",
+                path.display()
+            )));
+        }
+        tx.execute_batch(DDL).map_err(err)?;
+        match get_meta(&tx, "schema").map_err(err)? {
+            None => set_meta(&tx, "schema", SCHEMA).map_err(err)?,
+            Some(s) if s == SCHEMA => {}
+            Some(s) => {
+                return Err(CoordinatorError::LedgerCorrupt(format!(
+                    "the ledger {} has schema {s:?}; this fedq reads {SCHEMA:?}",
+                    path.display()
+                )))
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(Ledger {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db(&self) -> impl Fn(rusqlite::Error) -> CoordinatorError + '_ {
+        move |e| ledger_error(&self.path, e)
+    }
+
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction and commit. `f` returns the outcome to
+    /// report (an `Err` outcome, such as a refusal, is still committed with its audit
+    /// entry); a database error rolls everything back.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction, i64) -> rusqlite::Result<Result<T, CoordinatorError>>,
+    ) -> Result<T, CoordinatorError> {
+        // A poisoned lock only means another thread panicked while holding the connection;
+        // any transaction it had open was rolled back when it was dropped.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.db())?;
+        let out = f(&tx, now_ms()).map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
+        out
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, CoordinatorError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(self.db())
+    }
+
+    /// Seed budgets declared in the config that the ledger does not hold yet (the ledger is
+    /// authoritative afterwards: officers change budgets with grant and revoke), record a
+    /// `policy.changed` entry if the catalog, policy or datasets differ from the last ones
+    /// recorded, and a `coordinator.started` entry.
+    pub fn sync_config(&self, config: &CoordinatorConfig) -> Result<(), CoordinatorError> {
+        let policy = json!({
+            "catalog": serde_json::to_value(&config.catalog).unwrap_or(Value::Null),
+            "policy": serde_json::to_value(&config.policy).unwrap_or(Value::Null),
+            "datasets": serde_json::to_value(&config.datasets).unwrap_or(Value::Null),
+        });
+        let policy_text = canonical_json(&policy);
+        let policy_hash = hex::encode(Sha3_256::digest(policy_text.as_bytes()));
+        self.write(|tx, now| {
+            let seeds = config
+                .researchers
+                .iter()
+                .map(|r| {
+                    (
+                        BudgetKind::Researcher,
+                        &r.name,
+                        r.epsilon_budget,
+                        r.delta_budget,
+                        r.renewal_days,
+                    )
+                })
+                .chain(config.datasets.iter().map(|d| {
+                    (
+                        BudgetKind::Dataset,
+                        &d.name,
+                        d.epsilon_budget,
+                        d.delta_budget,
+                        d.renewal_days,
+                    )
+                }));
+            for (kind, name, eps, delta, renewal) in seeds {
+                if let Some(existing) = load(tx, kind, name)? {
+                    let want = grant_units(eps, EPS_UNIT);
+                    if existing.eps_granted != want {
+                        tracing::warn!(kind = kind.as_str(), name = %name,
+                            ledger_epsilon = existing.eps_granted as f64 / EPS_UNIT, config_epsilon = eps,
+                            "the ledger's budget differs from coordinator.toml; the ledger is authoritative (use `fedq budget grant|revoke`)");
+                    }
+                    continue;
+                }
+                let row = Row {
+                    kind,
+                    name: name.clone(),
+                    eps_granted: grant_units(eps, EPS_UNIT),
+                    delta_granted: grant_units(delta, DELTA_UNIT),
+                    eps_spent: 0,
+                    delta_spent: 0,
+                    renewal_ms: renewal.map(|d| (d * MS_PER_DAY) as i64),
+                    period_start: now,
+                    revoked: false,
+                };
+                save(tx, &row)?;
+                append(
+                    tx,
+                    now,
+                    "budget.granted",
+                    "coordinator.toml",
+                    json!({"kind": kind, "name": name, "epsilon": eps, "delta": delta,
+                           "renewal_days": renewal, "epsilon_budget": eps, "delta_budget": delta}),
+                )?;
+            }
+            let previous = get_meta(tx, "policy_hash")?;
+            if previous.as_deref() != Some(policy_hash.as_str()) {
+                append(
+                    tx,
+                    now,
+                    "policy.changed",
+                    "coordinator.toml",
+                    json!({"previous_hash": previous, "hash": policy_hash, "policy": policy}),
+                )?;
+                set_meta(tx, "policy_hash", &policy_hash)?;
+            }
+            let in_flight: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM charges WHERE state = 'charged'",
+                [],
+                |r| r.get(0),
+            )?;
+            append(
+                tx,
+                now,
+                "coordinator.started",
+                "coordinator",
+                json!({"version": env!("CARGO_PKG_VERSION"), "policy_hash": policy_hash,
+                       "unsettled_charges_kept": in_flight}),
+            )?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Hash of the catalog, policy and datasets last recorded.
+    pub fn policy_hash(&self) -> Result<Option<String>, CoordinatorError> {
+        self.read(|c| get_meta(c, "policy_hash"))
+    }
+
+    /// A budget's state.
+    pub fn status(&self, kind: BudgetKind, name: &str) -> Result<BudgetStatus, CoordinatorError> {
+        let row = self.read(|c| load(c, kind, name))?;
+        match row {
+            Some(r) => Ok(r.status(now_ms())),
+            None => Err(no_budget(kind, name)),
+        }
+    }
+
+    /// Every budget, researchers first.
+    pub fn list(&self) -> Result<Vec<BudgetStatus>, CoordinatorError> {
+        let now = now_ms();
+        self.read(|c| {
+            let mut st = c.prepare("SELECT kind, name FROM budgets ORDER BY kind DESC, name")?;
+            let keys = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut out = Vec::new();
+            for (k, n) in keys {
+                let kind = if k == "dataset" {
+                    BudgetKind::Dataset
+                } else {
+                    BudgetKind::Researcher
+                };
+                if let Some(r) = load(c, kind, &n)? {
+                    out.push(r.status(now));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Add ε (and δ) to a budget, creating it if needed, and lift a revocation. Audited.
+    pub fn grant(&self, actor: &str, g: &Grant) -> Result<BudgetStatus, CoordinatorError> {
+        g.validate()?;
+        self.write(|tx, now| {
+            let mut row = match load(tx, g.kind, &g.name)? {
+                Some(mut r) => {
+                    renew_audited(tx, &mut r, now)?;
+                    r
+                }
+                None => Row {
+                    kind: g.kind,
+                    name: g.name.clone(),
+                    eps_granted: 0,
+                    delta_granted: 0,
+                    eps_spent: 0,
+                    delta_spent: 0,
+                    renewal_ms: None,
+                    period_start: now,
+                    revoked: false,
+                },
+            };
+            let eps = grant_units(g.epsilon, EPS_UNIT);
+            let delta = grant_units(g.delta, DELTA_UNIT);
+            row.eps_granted = row.eps_granted.saturating_add(eps);
+            row.delta_granted = row.delta_granted.saturating_add(delta);
+            if let Some(d) = g.renewal_days {
+                row.renewal_ms = Some((d * MS_PER_DAY) as i64);
+            }
+            row.revoked = false;
+            save(tx, &row)?;
+            let st = row.status(now);
+            append(
+                tx,
+                now,
+                "budget.granted",
+                actor,
+                json!({"kind": g.kind, "name": g.name, "epsilon": g.epsilon, "delta": g.delta,
+                       "renewal_days": st.renewal_days, "epsilon_budget": st.epsilon_budget,
+                       "delta_budget": st.delta_budget}),
+            )?;
+            Ok(Ok(st))
+        })
+    }
+
+    /// Take back ε from a budget (`Some`), or revoke it entirely (`None`: nothing more is
+    /// answered until a new grant). Spent ε is never given back. Audited.
+    pub fn revoke(
+        &self,
+        actor: &str,
+        kind: BudgetKind,
+        name: &str,
+        epsilon: Option<f64>,
+    ) -> Result<BudgetStatus, CoordinatorError> {
+        if let Some(e) = epsilon {
+            check_amount("ε", e, MAX_EPSILON)?;
+        }
+        self.write(|tx, now| {
+            let Some(mut row) = load(tx, kind, name)? else {
+                return Ok(Err(no_budget(kind, name)));
+            };
+            match epsilon {
+                Some(e) => {
+                    row.eps_granted = (row.eps_granted - charge_units(e, EPS_UNIT)).max(0);
+                }
+                None => row.revoked = true,
+            }
+            save(tx, &row)?;
+            let st = row.status(now);
+            append(
+                tx,
+                now,
+                "budget.revoked",
+                actor,
+                json!({"kind": kind, "name": name, "epsilon": epsilon, "revoked": row.revoked,
+                       "epsilon_budget": st.epsilon_budget}),
+            )?;
+            Ok(Ok(st))
+        })
+    }
+
+    /// Append an entry that changes no budget (a refusal at planning, a node failure, a
+    /// denied officer action).
+    pub fn record(&self, kind: &str, actor: &str, body: Value) -> Result<(), CoordinatorError> {
+        self.write(|tx, now| {
+            append(tx, now, kind, actor, body)?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Check both budgets could cover the query, without charging. A refusal is audited.
+    pub fn precheck(&self, q: &QueryRecord) -> Result<(), CoordinatorError> {
+        // A read first: the common case (enough budget) takes no write lock.
+        let fine = self.read(|c| {
+            let now = now_ms();
+            let Some(r) = load(c, BudgetKind::Researcher, &q.researcher)? else {
+                return Ok(false);
+            };
+            let mut ok = covers(&r, now, q).is_none();
+            for d in &q.datasets {
+                match load(c, BudgetKind::Dataset, d)? {
+                    Some(r) => ok &= covers(&r, now, q).is_none(),
+                    None => ok = false,
+                }
+            }
+            Ok(ok)
+        })?;
+        if fine {
+            return Ok(());
+        }
+        self.write(|tx, now| match check_all(tx, now, q)? {
+            Ok(_) => Ok(Ok(())),
+            Err(e) => {
+                refuse(tx, now, q, &e)?;
+                Ok(Err(e))
+            }
+        })
+    }
+
+    /// Charge the query to the researcher's budget and to every dataset budget, in one
+    /// transaction with its audit entry, or refuse (audited) and charge nothing. Returns
+    /// the charge and the researcher's budget after it.
+    pub fn charge(
+        &self,
+        q: &QueryRecord,
+        sites_answered: &[String],
+    ) -> Result<(Charge, BudgetStatus), CoordinatorError> {
+        check_amount("ε", q.epsilon, MAX_EPSILON)?;
+        check_amount("δ", q.delta, 1.0)?;
+        if q.epsilon <= 0.0 {
+            return Err(CoordinatorError::InvalidArgument(
+                "ε of a query must be positive".into(),
+            ));
+        }
+        let eps = charge_units(q.epsilon, EPS_UNIT);
+        let delta = charge_units(q.delta, DELTA_UNIT);
+        self.write(|tx, now| {
+            let mut rows = match check_all(tx, now, q)? {
+                Ok(rows) => rows,
+                Err(e) => {
+                    refuse(tx, now, q, &e)?;
+                    return Ok(Err(e));
+                }
+            };
+            for r in rows.iter_mut() {
+                r.eps_spent += eps;
+                r.delta_spent += delta;
+                save(tx, r)?;
+            }
+            tx.execute(
+                "INSERT INTO charges(query_id, researcher, datasets, plan_hash, epsilon, delta, state, charged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
+                params![q.query_id, q.researcher, serde_json::to_string(&q.datasets).unwrap_or_default(),
+                        q.plan_hash, eps, delta, now],
+            )?;
+            let mut body = q.audit_body();
+            body["sites_answered"] = json!(sites_answered);
+            body["outcome"] = json!("charged");
+            append(tx, now, "query.charged", &q.researcher, body)?;
+            let status = rows[0].status(now);
+            Ok(Ok((
+                Charge {
+                    query_id: q.query_id.clone(),
+                    researcher: q.researcher.clone(),
+                    plan_hash: q.plan_hash.clone(),
+                    epsilon: q.epsilon,
+                },
+                status,
+            )))
+        })
+    }
+
+    /// Mark a charge released and store its answer for free replays. Call this before the
+    /// answer leaves the coordinator; after it, the charge is never refunded.
+    pub fn released(&self, charge: Charge, result_ipc: &[u8]) -> Result<(), CoordinatorError> {
+        self.write(|tx, now| {
+            let n = tx.execute(
+                "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
+                params![charge.query_id, now],
+            )?;
+            if n == 0 {
+                return Ok(Err(CoordinatorError::internal(
+                    &charge.query_id,
+                    "release of a charge that is not outstanding",
+                )));
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO replays(researcher, plan_hash, query_id, result, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![charge.researcher, charge.plan_hash, charge.query_id, result_ipc, now],
+            )?;
+            append(
+                tx,
+                now,
+                "query.released",
+                &charge.researcher,
+                json!({"query_id": charge.query_id, "researcher": charge.researcher,
+                       "plan_hash": charge.plan_hash, "epsilon": charge.epsilon, "outcome": "released"}),
+            )?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Give back a charge whose query released nothing. Only an outstanding charge is
+    /// refunded, so calling this twice, or after release, changes nothing.
+    pub fn refund(&self, charge: Charge, reason: &str) -> Result<(), CoordinatorError> {
+        self.write(|tx, now| {
+            let row: Option<(String, i64, i64, i64)> = tx
+                .query_row(
+                    "SELECT datasets, epsilon, delta, charged_at FROM charges WHERE query_id = ?1 AND state = 'charged'",
+                    [&charge.query_id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            let Some((datasets, eps, delta, charged_at)) = row else {
+                return Ok(Ok(()));
+            };
+            tx.execute(
+                "UPDATE charges SET state = 'refunded', settled_at = ?2 WHERE query_id = ?1",
+                params![charge.query_id, now],
+            )?;
+            let datasets: Vec<String> = serde_json::from_str(&datasets).unwrap_or_default();
+            let keys = std::iter::once((BudgetKind::Researcher, charge.researcher.clone()))
+                .chain(datasets.into_iter().map(|d| (BudgetKind::Dataset, d)));
+            for (kind, name) in keys {
+                if let Some(mut r) = load(tx, kind, &name)? {
+                    // A charge from an earlier period was already wiped by the renewal.
+                    if r.period_start <= charged_at {
+                        r.eps_spent = (r.eps_spent - eps).max(0);
+                        r.delta_spent = (r.delta_spent - delta).max(0);
+                        save(tx, &r)?;
+                    }
+                }
+            }
+            append(
+                tx,
+                now,
+                "query.refunded",
+                &charge.researcher,
+                json!({"query_id": charge.query_id, "researcher": charge.researcher,
+                       "epsilon": charge.epsilon, "outcome": "refunded", "reason": reason}),
+            )?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// The stored answer to the same canonical plan from the same researcher, if any; a
+    /// hit is audited as `query.replayed` (ε = 0).
+    pub fn replay(&self, q: &QueryRecord) -> Result<Option<Replay>, CoordinatorError> {
+        let hit: Option<(String, Vec<u8>)> = self.read(|c| {
+            c.query_row(
+                "SELECT query_id, result FROM replays WHERE researcher = ?1 AND plan_hash = ?2",
+                params![q.researcher, q.plan_hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })?;
+        let Some((original, ipc)) = hit else {
+            return Ok(None);
+        };
+        self.write(|tx, now| {
+            match load(tx, BudgetKind::Researcher, &q.researcher)? {
+                Some(r) if !r.revoked => {}
+                _ => {
+                    let e = no_budget(BudgetKind::Researcher, &q.researcher);
+                    refuse(tx, now, q, &e)?;
+                    return Ok(Err(e));
+                }
+            }
+            let mut body = q.audit_body();
+            body["epsilon"] = json!(0.0);
+            body["delta"] = json!(0.0);
+            body["replay_of"] = json!(original);
+            body["outcome"] = json!("replayed");
+            append(tx, now, "query.replayed", &q.researcher, body)?;
+            Ok(Ok(()))
+        })?;
+        Ok(Some(Replay {
+            original_query_id: original,
+            ipc,
+        }))
+    }
+
+    /// Every charge, oldest first (for officers and tests).
+    pub fn charges(&self) -> Result<Vec<ChargeRow>, CoordinatorError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT query_id, researcher, datasets, epsilon, state FROM charges ORDER BY charged_at, query_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                let ds: String = r.get(2)?;
+                Ok(ChargeRow {
+                    query_id: r.get(0)?,
+                    researcher: r.get(1)?,
+                    datasets: serde_json::from_str(&ds).unwrap_or_default(),
+                    epsilon: r.get::<_, i64>(3)? as f64 / EPS_UNIT,
+                    state: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Verify the audit chain.
+    pub fn verify(&self) -> Result<VerifyReport, CoordinatorError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        audit::verify_conn(&conn, &self.path, None)
+    }
+}
+
+fn no_budget(kind: BudgetKind, name: &str) -> CoordinatorError {
+    match kind {
+        BudgetKind::Researcher => CoordinatorError::NoBudget(format!(
+            "researcher {name} has no privacy budget (none granted, or it was revoked); ask your privacy officer to grant one"
+        )),
+        BudgetKind::Dataset => CoordinatorError::NoBudget(format!(
+            "dataset {name} has no global budget (none granted, or it was revoked); ask your privacy officer"
+        )),
+    }
+}
+
+/// Why `row` cannot cover `q`, if it cannot (after renewal).
+fn covers(row: &Row, now: i64, q: &QueryRecord) -> Option<CoordinatorError> {
+    let mut r = row.clone();
+    r.renew(now);
+    if r.revoked {
+        return Some(no_budget(r.kind, &r.name));
+    }
+    let eps = charge_units(q.epsilon, EPS_UNIT);
+    let delta = charge_units(q.delta, DELTA_UNIT);
+    let st = r.status(now);
+    if r.eps_spent.saturating_add(eps) > r.eps_granted
+        || r.delta_spent.saturating_add(delta) > r.delta_granted
+    {
+        return Some(match r.kind {
+            BudgetKind::Researcher => CoordinatorError::BudgetExhausted {
+                requested: q.epsilon,
+                remaining: st.epsilon_remaining,
+                total: st.epsilon_budget,
+            },
+            BudgetKind::Dataset => CoordinatorError::DatasetBudgetExhausted {
+                dataset: r.name.clone(),
+                requested: q.epsilon,
+            },
+        });
+    }
+    None
+}
+
+/// Load, renew and check every budget the query draws on (researcher first).
+fn check_all(
+    tx: &Transaction,
+    now: i64,
+    q: &QueryRecord,
+) -> rusqlite::Result<Result<Vec<Row>, CoordinatorError>> {
+    let mut rows = Vec::new();
+    let keys = std::iter::once((BudgetKind::Researcher, q.researcher.as_str()))
+        .chain(q.datasets.iter().map(|d| (BudgetKind::Dataset, d.as_str())));
+    for (kind, name) in keys {
+        let Some(mut r) = load(tx, kind, name)? else {
+            return Ok(Err(no_budget(kind, name)));
+        };
+        renew_audited(tx, &mut r, now)?;
+        if let Some(e) = covers(&r, now, q) {
+            return Ok(Err(e));
+        }
+        rows.push(r);
+    }
+    Ok(Ok(rows))
+}
+
+fn refuse(
+    tx: &Transaction,
+    now: i64,
+    q: &QueryRecord,
+    e: &CoordinatorError,
+) -> rusqlite::Result<()> {
+    let mut body = q.audit_body();
+    body["epsilon_charged"] = json!(0.0);
+    body["outcome"] = json!("refused");
+    body["reason"] = json!(e.to_string());
+    append(tx, now, "query.refused", &q.researcher, body)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,499 @@
+//! Ledger and audit-chain tests: atomic charges under concurrency (threads and several
+//! connections, like several processes), refund exactly once, dataset budgets, renewal,
+//! replays, bad input, and every kind of tampering detected by `verify`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rusqlite::params;
+
+use super::*;
+use crate::audit;
+
+fn grant(l: &Ledger, kind: BudgetKind, name: &str, eps: f64) {
+    l.grant(
+        "test",
+        &Grant {
+            kind,
+            name: name.into(),
+            epsilon: eps,
+            delta: 0.0,
+            renewal_days: None,
+        },
+    )
+    .unwrap();
+}
+
+fn rec(researcher: &str, qid: &str, eps: f64, datasets: &[&str]) -> QueryRecord {
+    QueryRecord {
+        query_id: qid.into(),
+        researcher: researcher.into(),
+        sql: "SELECT COUNT(*) FROM t".into(),
+        plan_hash: format!("hash-{qid}"),
+        epsilon: eps,
+        delta: 0.0,
+        datasets: datasets.iter().map(|s| s.to_string()).collect(),
+        sites_asked: vec!["s1".into(), "s2".into()],
+    }
+}
+
+fn sites() -> Vec<String> {
+    vec!["s1".into(), "s2".into()]
+}
+
+#[test]
+fn charges_refunds_once_and_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    let (c, st) = l.charge(&rec("a", "q1", 0.6, &[]), &sites()).unwrap();
+    assert!((st.epsilon_remaining - 0.4).abs() < 1e-12);
+    assert!(matches!(
+        l.charge(&rec("a", "q2", 0.5, &[]), &sites()),
+        Err(CoordinatorError::BudgetExhausted { .. })
+    ));
+    let again = Charge {
+        query_id: c.query_id.clone(),
+        researcher: c.researcher.clone(),
+        plan_hash: c.plan_hash.clone(),
+        epsilon: c.epsilon,
+    };
+    l.refund(c, "test").unwrap();
+    // A second refund of the same charge changes nothing.
+    l.refund(again, "test").unwrap();
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        0.0
+    );
+    // Ten charges of 0.1 spend exactly 1 (integer accounting), an eleventh is refused.
+    for i in 0..10 {
+        let (c, _) = l
+            .charge(&rec("a", &format!("p{i}"), 0.1, &[]), &sites())
+            .unwrap();
+        l.released(c, b"x").unwrap();
+    }
+    assert!(l.charge(&rec("a", "p10", 0.1, &[]), &sites()).is_err());
+    let st = l.status(BudgetKind::Researcher, "a").unwrap();
+    assert_eq!(st.epsilon_remaining, 0.0);
+    assert_eq!(st.epsilon_spent, 1.0);
+    // A released charge is never refunded.
+    let (c, _) = {
+        grant(&l, BudgetKind::Researcher, "a", 0.5);
+        l.charge(&rec("a", "r1", 0.5, &[]), &sites()).unwrap()
+    };
+    let copy = Charge {
+        query_id: c.query_id.clone(),
+        researcher: c.researcher.clone(),
+        plan_hash: c.plan_hash.clone(),
+        epsilon: c.epsilon,
+    };
+    l.released(c, b"x").unwrap();
+    l.refund(copy, "too late").unwrap();
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        1.5
+    );
+    // Bad input: unknown researcher, NaN, negative ε.
+    assert!(matches!(
+        l.charge(&rec("nobody", "z1", 0.1, &[]), &sites()),
+        Err(CoordinatorError::NoBudget(_))
+    ));
+    assert!(matches!(
+        l.charge(&rec("a", "z2", f64::NAN, &[]), &sites()),
+        Err(CoordinatorError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        l.charge(&rec("a", "z3", -1.0, &[]), &sites()),
+        Err(CoordinatorError::InvalidArgument(_))
+    ));
+    let bad_grant = Grant {
+        kind: BudgetKind::Researcher,
+        name: "a".into(),
+        epsilon: f64::NAN,
+        delta: 0.0,
+        renewal_days: None,
+    };
+    assert!(l.grant("officer", &bad_grant).is_err());
+    assert!(matches!(
+        l.revoke("officer", BudgetKind::Researcher, "ghost", None),
+        Err(CoordinatorError::NoBudget(_))
+    ));
+    // Every refusal was audited and the chain verifies.
+    let report = l.verify().unwrap();
+    assert!(report.ok(), "{report:?}");
+    let rows = audit::read_rows(&l.conn.lock().unwrap(), l.path()).unwrap();
+    let refused = rows
+        .iter()
+        .filter(|r| r.entry.contains("\"query.refused\""))
+        .count();
+    assert_eq!(refused, 3, "two exhausted + one unknown researcher");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.entry.contains("\"query.refunded\""))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn revoke_and_dataset_budgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 10.0);
+    grant(&l, BudgetKind::Researcher, "b", 10.0);
+    grant(&l, BudgetKind::Dataset, "bio", 3.0);
+    // Together a and b cannot spend more than the dataset's 3.
+    let mut ok = 0;
+    for i in 0..4 {
+        for r in ["a", "b"] {
+            if let Ok((c, _)) = l.charge(&rec(r, &format!("{r}{i}"), 1.0, &["bio"]), &sites()) {
+                l.released(c, b"x").unwrap();
+                ok += 1;
+            }
+        }
+    }
+    assert_eq!(ok, 3);
+    assert!(matches!(
+        l.charge(&rec("a", "x", 1.0, &["bio"]), &sites()),
+        Err(CoordinatorError::DatasetBudgetExhausted { .. })
+    ));
+    // A refused dataset charge did not touch the researcher's budget.
+    let a = l.status(BudgetKind::Researcher, "a").unwrap();
+    let b = l.status(BudgetKind::Researcher, "b").unwrap();
+    assert_eq!(a.epsilon_spent + b.epsilon_spent, 3.0);
+    // Revoke: nothing more is answered; a grant restores it.
+    l.revoke("o", BudgetKind::Researcher, "a", None).unwrap();
+    assert!(matches!(
+        l.charge(&rec("a", "y", 0.1, &[]), &sites()),
+        Err(CoordinatorError::NoBudget(_))
+    ));
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    let (c, _) = l.charge(&rec("a", "y2", 0.1, &[]), &sites()).unwrap();
+    l.released(c, b"x").unwrap();
+    // Partial revoke lowers the total but never gives back what was spent.
+    let st = l
+        .revoke("o", BudgetKind::Researcher, "b", Some(100.0))
+        .unwrap();
+    assert_eq!(st.epsilon_budget, 0.0);
+    assert!(l.list().unwrap().len() >= 3);
+    assert!(l.verify().unwrap().ok());
+}
+
+#[test]
+fn renewal_starts_a_new_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    l.grant(
+        "o",
+        &Grant {
+            kind: BudgetKind::Researcher,
+            name: "a".into(),
+            epsilon: 1.0,
+            delta: 0.0,
+            renewal_days: Some(1.0),
+        },
+    )
+    .unwrap();
+    let (c, _) = l.charge(&rec("a", "q1", 1.0, &[]), &sites()).unwrap();
+    l.released(c, b"x").unwrap();
+    assert!(l.charge(&rec("a", "q2", 1.0, &[]), &sites()).is_err());
+    // Move the period start back two days: the budget renews at the next charge.
+    {
+        let conn = l.conn.lock().unwrap();
+        conn.execute(
+            "UPDATE budgets SET period_start = period_start - 2 * 86400000 WHERE name = 'a'",
+            [],
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        0.0
+    );
+    let (c, _) = l.charge(&rec("a", "q3", 1.0, &[]), &sites()).unwrap();
+    l.released(c, b"x").unwrap();
+    assert!(l.verify().unwrap().ok());
+}
+
+#[test]
+fn many_threads_and_connections_never_overspend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.sqlite");
+    let first = Ledger::open(&path).unwrap();
+    grant(&first, BudgetKind::Researcher, "a", 1.0);
+    grant(&first, BudgetKind::Dataset, "bio", 5.0);
+    for i in 0..64 {
+        grant(&first, BudgetKind::Researcher, &format!("r{i}"), 1.0);
+    }
+    // Four connections (as if four coordinator processes shared the file), 64 threads.
+    let ledgers: Vec<Arc<Ledger>> = std::iter::once(Arc::new(first))
+        .chain((0..3).map(|_| Arc::new(Ledger::open(&path).unwrap())))
+        .collect();
+    let (ok_a, ok_ds): (usize, usize) = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..64)
+            .map(|i| {
+                let l = ledgers[i % ledgers.len()].clone();
+                s.spawn(move || {
+                    // One charge against researcher a's budget of 1 (0.1 each)...
+                    let a = match l.charge(&rec("a", &format!("a{i}"), 0.1, &[]), &sites()) {
+                        Ok((c, _)) => l.released(c, b"x").map(|_| 1).unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    // ...and one by researcher i against the shared dataset budget of 5.
+                    let d = match l.charge(
+                        &rec(&format!("r{i}"), &format!("d{i}"), 0.5, &["bio"]),
+                        &sites(),
+                    ) {
+                        Ok((c, _)) => l.released(c, b"x").map(|_| 1).unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    (a, d)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or((0, 0)))
+            .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1))
+    });
+    assert_eq!(ok_a, 10);
+    assert_eq!(ok_ds, 10);
+    let l = &ledgers[0];
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        1.0
+    );
+    assert_eq!(
+        l.status(BudgetKind::Dataset, "bio").unwrap().epsilon_spent,
+        5.0
+    );
+    // Releases match charges exactly.
+    let charges = l.charges().unwrap();
+    assert_eq!(charges.len(), 20);
+    assert!(charges.iter().all(|c| c.state == "released"));
+    let report = l.verify().unwrap();
+    assert!(report.ok(), "{report:?}");
+}
+
+#[test]
+fn replays_are_stored_per_researcher_and_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    grant(&l, BudgetKind::Researcher, "b", 1.0);
+    let q = rec("a", "q1", 1.0, &[]);
+    assert!(l.replay(&q).unwrap().is_none());
+    let (c, _) = l.charge(&q, &sites()).unwrap();
+    l.released(c, b"answer").unwrap();
+    let mut again = q.clone();
+    again.query_id = "q2".into();
+    let r = l.replay(&again).unwrap().unwrap();
+    assert_eq!(r.ipc, b"answer");
+    assert_eq!(r.original_query_id, "q1");
+    // Another researcher's identical plan is not a replay for them.
+    let mut other = again.clone();
+    other.researcher = "b".into();
+    assert!(l.replay(&other).unwrap().is_none());
+    assert!(l.verify().unwrap().ok());
+}
+
+#[test]
+fn corrupt_foreign_and_locked_files_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.sqlite");
+    std::fs::write(&junk, vec![7u8; 8192]).unwrap();
+    match Ledger::open(&junk) {
+        Err(CoordinatorError::LedgerCorrupt(m)) => assert!(m.contains("backup"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let foreign = dir.path().join("other.sqlite");
+    {
+        let c = rusqlite::Connection::open(&foreign).unwrap();
+        c.execute_batch("CREATE TABLE t(x)").unwrap();
+    }
+    match Ledger::open(&foreign) {
+        Err(CoordinatorError::LedgerCorrupt(m)) => assert!(m.contains("not a fedq ledger"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Locked: another connection holds the write lock longer than the busy timeout.
+    let path = dir.path().join("l.sqlite");
+    let l = Ledger::open(&path).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    {
+        let conn = l.conn.lock().unwrap();
+        conn.busy_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
+    }
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    match l.charge(&rec("a", "q", 0.1, &[]), &sites()) {
+        Err(CoordinatorError::LedgerBusy(m)) => assert!(m.contains("locked"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    other.execute_batch("ROLLBACK").unwrap();
+    // Nothing was lost or charged; the chain still verifies.
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        0.0
+    );
+    let (c, _) = l.charge(&rec("a", "q", 0.1, &[]), &sites()).unwrap();
+    l.released(c, b"x").unwrap();
+    assert!(l.verify().unwrap().ok());
+}
+
+/// A ledger with a few audit entries, closed.
+fn sample(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("l.sqlite");
+    let l = Ledger::open(&path).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 10.0);
+    for i in 0..4 {
+        let (c, _) = l
+            .charge(&rec("a", &format!("q{i}"), 1.0, &[]), &sites())
+            .unwrap();
+        l.released(c, b"x").unwrap();
+    }
+    // 1 grant + 4 × (charged, released) = 9 entries.
+    assert_eq!(audit::verify(&path, None).unwrap().entries, 9);
+    path
+}
+
+fn tamper(path: &Path, sql: &str) -> audit::VerifyReport {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(sql).unwrap();
+    drop(c);
+    audit::verify(path, None).unwrap()
+}
+
+fn bad_at(r: &audit::VerifyReport) -> i64 {
+    r.first_bad.as_ref().map(|b| b.seq).unwrap_or(0)
+}
+
+#[test]
+fn verify_detects_every_kind_of_tampering() {
+    // Modified body.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let r = tamper(
+        &p,
+        "UPDATE audit SET entry = replace(entry, '\"epsilon\":1.0', '\"epsilon\":0.1') WHERE seq = 4",
+    );
+    assert_eq!(bad_at(&r), 4, "{r:?}");
+    assert!(r.first_bad.unwrap().reason.contains("modified"));
+
+    // Modified and re-hashed: the next entry no longer follows it.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        let (entry, prev): (String, String) = c
+            .query_row(
+                "SELECT entry, prev_hash FROM audit WHERE seq = 3",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let entry = entry.replace("\"researcher\":\"a\"", "\"researcher\":\"z\"");
+        let hash = audit::chain_hash(&prev, &entry);
+        c.execute(
+            "UPDATE audit SET entry = ?1, hash = ?2 WHERE seq = 3",
+            params![entry, hash],
+        )
+        .unwrap();
+    }
+    let r = audit::verify(&p, None).unwrap();
+    assert_eq!(bad_at(&r), 4, "{r:?}");
+
+    // Deleted from the middle.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let r = tamper(&p, "DELETE FROM audit WHERE seq = 5");
+    assert_eq!(bad_at(&r), 5, "{r:?}");
+    assert!(r.first_bad.unwrap().reason.contains("missing"));
+
+    // Deleted at the end.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let r = tamper(&p, "DELETE FROM audit WHERE seq >= 8");
+    assert_eq!(bad_at(&r), 8, "{r:?}");
+
+    // Deleted from the middle and renumbered: the chain breaks there.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let r = tamper(
+        &p,
+        "DELETE FROM audit WHERE seq = 5; UPDATE audit SET seq = seq - 1 WHERE seq > 5;",
+    );
+    assert_eq!(bad_at(&r), 5, "{r:?}");
+
+    // Reordered: two entries swap places.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let r = tamper(
+        &p,
+        "UPDATE audit SET seq = -1 WHERE seq = 3; UPDATE audit SET seq = 3 WHERE seq = 6; UPDATE audit SET seq = 6 WHERE seq = -1;",
+    );
+    assert_eq!(bad_at(&r), 3, "{r:?}");
+
+    // Inserted: a forged entry chained onto entry 2, later entries shifted.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        let prev: String = c
+            .query_row("SELECT hash FROM audit WHERE seq = 2", [], |r| r.get(0))
+            .unwrap();
+        c.execute_batch("UPDATE audit SET seq = seq + 100 WHERE seq > 2; UPDATE audit SET seq = seq - 99 WHERE seq > 100;")
+            .unwrap();
+        let entry = canonical_json(&json!({"seq": 3, "ts": "2020-01-01T00:00:00.000Z",
+            "kind": "budget.granted", "actor": "mallory", "body": {"name": "a", "epsilon": 100.0}}));
+        let hash = audit::chain_hash(&prev, &entry);
+        c.execute(
+            "INSERT INTO audit(seq, entry, prev_hash, hash) VALUES (3, ?1, ?2, ?3)",
+            params![entry, prev, hash],
+        )
+        .unwrap();
+    }
+    let r = audit::verify(&p, None).unwrap();
+    assert_eq!(bad_at(&r), 4, "{r:?}");
+
+    // Rewritten consistently (chain and meta recomputed): only an anchored head detects it.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let anchor = audit::verify(&p, None).unwrap().head;
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        let rows = audit::read_rows(&c, &p).unwrap();
+        let mut prev = audit::GENESIS.to_string();
+        for row in rows {
+            let entry = row.entry.replace("\"epsilon\":1.0", "\"epsilon\":0.5");
+            let hash = audit::chain_hash(&prev, &entry);
+            c.execute(
+                "UPDATE audit SET entry = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+                params![entry, prev, hash, row.seq],
+            )
+            .unwrap();
+            prev = hash;
+        }
+        c.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'audit_head'",
+            [&prev],
+        )
+        .unwrap();
+    }
+    assert!(audit::verify(&p, None).unwrap().ok());
+    let r = audit::verify(&p, Some(&anchor)).unwrap();
+    assert!(!r.ok());
+
+    // An untouched ledger verifies, with and without its anchor, and exports its head.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    let r = audit::verify(&p, None).unwrap();
+    assert!(r.ok());
+    assert!(audit::verify(&p, Some(&r.head)).unwrap().ok());
+    let mut out = Vec::new();
+    audit::export_jsonl(&p, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["chain_head"].as_str(), Some(r.head.as_str()));
+    assert_eq!(last["verified"], true);
+    assert_eq!(text.lines().count(), 10);
+}
