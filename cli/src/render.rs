@@ -98,7 +98,11 @@ pub fn render(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, Cli
     let md = schema.metadata();
     if let Some(spent) = md.get(META_EPSILON_SPENT) {
         let remaining = md.get(META_EPSILON_REMAINING).cloned().unwrap_or_default();
-        out.push_str(&format!("ε spent: {spent}   ε remaining: {remaining}\n"));
+        out.push_str(&format!("ε spent: {spent}   ε remaining: {remaining}"));
+        if md.get("fedq.replay").map(String::as_str) == Some("true") {
+            out.push_str("   (replay: the stored answer to your identical earlier query, free)");
+        }
+        out.push('\n');
     }
     if let Some(ans) = md.get(META_SITES_ANSWERED) {
         let n_ans = ans.split(',').filter(|s| !s.is_empty()).count();

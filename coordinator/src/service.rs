@@ -488,7 +488,7 @@ impl FlightSqlService for FedqFlightSqlService {
         };
         match pending {
             None => Err(Status::not_found(
-                "unknown or already fetched result; run the query again (a repeated query is charged again)",
+                "unknown or already fetched result; run the query again (an identical query returns the same stored answer at no cost)",
             )),
             Some(p) => Ok(Response::new(encode_stream(p.schema, p.batches))),
         }
