@@ -73,15 +73,27 @@ pub async fn run(cfg: BenchConfig) -> Result<(), CliError> {
         "{:<26} {:>14} {:>16} {:>8}",
         "query", "federated ms", "centralised ms", "ratio"
     );
+    // Identical queries are free replays served from the ledger; a distinct ε per run makes
+    // every federated run a real one (fan-out, bounding, noise, charge).
+    let mut run_no = 0u32;
+    let set_fresh_epsilon =
+        |run: u32| format!("SET fedq.epsilon = {}", 1.0 + f64::from(run) * 1e-4);
     for (name, sql) in BENCH_QUERIES {
         // Warm-up both sides (file metadata caches, connections).
+        run_no += 1;
+        client.query(&set_fresh_epsilon(run_no)).await?;
         client.query(sql).await?;
         ctx.sql(sql).await?.collect().await?;
         let mut fed_t = Vec::new();
         let mut cen_t = Vec::new();
         for _ in 0..cfg.runs {
+            run_no += 1;
+            client.query(&set_fresh_epsilon(run_no)).await?;
             let t = Instant::now();
-            client.query(sql).await?;
+            let r = client.query(sql).await?;
+            if r.schema.metadata().get("fedq.replay").map(String::as_str) == Some("true") {
+                return Err(CliError::User("bench: a run was served as a replay".into()));
+            }
             fed_t.push(t.elapsed());
             let t = Instant::now();
             ctx.sql(sql).await?.collect().await?;

@@ -112,7 +112,15 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
         println!("{}", render(&r.schema, &r.batches)?);
         let ex = exact.sql(sql).await?.collect().await?;
         println!("EXACT answer — demo only, computed directly from the synthetic files; never available to researchers:");
-        println!("{}\n", pretty_format_batches(&ex)?);
+        println!("{}", pretty_format_batches(&ex)?);
+        if sql.contains("FROM labs") {
+            println!(
+                "Note: beyond noise, fedq's answer differs because each participant contributes at most \
+                 R = 20 lab rows per site (heavy users are sampled down), and values are clamped into \
+                 [0, 500], so sentinel codes such as 9999 count as 500."
+            );
+        }
+        println!();
     }
 
     println!("== A smaller ε buys less accuracy: SET fedq.epsilon = 0.2");

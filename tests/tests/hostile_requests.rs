@@ -1,0 +1,125 @@
+//! Hand-crafted requests sent straight to a synthetic hospital node, bypassing the
+//! coordinator: the node refuses each one itself and never returns a row.
+
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::Ticket;
+use fedq_node::NodeConfig;
+use serde_json::json;
+use tonic::Code;
+
+fn ticket(request: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({ "protocol_version": fedq_common::PROTOCOL_VERSION, "request": request }),
+    )
+    .unwrap()
+}
+
+fn base() -> serde_json::Value {
+    json!({
+        "query_id": "hostile-1",
+        "table": "labs",
+        "group_by": [],
+        "aggregates": [{ "kind": "count_rows" }],
+        "max_rows_per_unit": 20
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 500, 3);
+    let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let node = fedq_node::start(cfg).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", node.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightServiceClient::new(channel);
+
+    let mut cases: Vec<(&str, Vec<u8>, Code, &str)> = Vec::new();
+    let mut r = base();
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": "value", "lower": -1e12, "upper": 1e12, "precision": 0.01 }]);
+    cases.push((
+        "clamp wider than the catalog (unbounded sum)",
+        ticket(r),
+        Code::PermissionDenied,
+        "bound",
+    ));
+    let mut r = base();
+    r["table"] = json!("diagnoses");
+    r["max_rows_per_unit"] = json!(15);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": "code", "lower": 0.0, "upper": 1.0, "precision": 1.0 }]);
+    cases.push((
+        "sum of a text column without bounds",
+        ticket(r),
+        Code::InvalidArgument,
+        "code",
+    ));
+    let mut r = base();
+    r["aggregates"] = json!([{ "kind": "raw_values", "column": "value" }]);
+    cases.push((
+        "raw column values",
+        ticket(r),
+        Code::InvalidArgument,
+        "raw_values",
+    ));
+    let mut r = base();
+    r["return_rows"] = json!(true);
+    cases.push((
+        "an extra 'return rows' field",
+        ticket(r),
+        Code::InvalidArgument,
+        "return_rows",
+    ));
+    let mut r = base();
+    r["group_by"] = json!(["pid"]);
+    cases.push((
+        "group by the participant id",
+        ticket(r),
+        Code::PermissionDenied,
+        "pid",
+    ));
+    let mut r = base();
+    r["max_rows_per_unit"] = json!(1_000_000);
+    cases.push((
+        "excessive max_rows_per_unit",
+        ticket(r),
+        Code::PermissionDenied,
+        "max_rows_per_unit",
+    ));
+    let mut r = base();
+    r["table"] = json!("patients_raw");
+    cases.push((
+        "unknown table",
+        ticket(r),
+        Code::PermissionDenied,
+        "patients_raw",
+    ));
+    cases.push((
+        "SQL text instead of a typed request",
+        b"SELECT * FROM labs".to_vec(),
+        Code::InvalidArgument,
+        "not a valid",
+    ));
+
+    for (what, t, code, needle) in cases {
+        match client.do_get(Ticket::new(t)).await {
+            Err(s) => {
+                assert_eq!(s.code(), code, "{what}: {}", s.message());
+                assert!(s.message().contains(needle), "{what}: {}", s.message());
+            }
+            Ok(resp) => {
+                // The status may arrive on the stream instead: it must carry no data.
+                let mut stream = resp.into_inner();
+                let first = stream.message().await;
+                match first {
+                    Err(s) => assert_eq!(s.code(), code, "{what}: {}", s.message()),
+                    Ok(m) => panic!("{what}: node answered with data: {m:?}"),
+                }
+            }
+        }
+    }
+    node.shutdown().await.unwrap();
+}
