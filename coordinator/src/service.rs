@@ -247,6 +247,21 @@ fn message_schema() -> SchemaRef {
     )]))
 }
 
+/// FlightInfo for a Flight SQL metadata command whose ticket is the command itself.
+fn metadata_info<C: ProstMessageExt>(
+    cmd: &C,
+    schema: &Schema,
+    descriptor: FlightDescriptor,
+) -> Result<Response<FlightInfo>, Status> {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(cmd.as_any().encode_to_vec()));
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|_| Status::internal("could not encode schema"))?
+        .with_endpoint(endpoint)
+        .with_descriptor(descriptor);
+    Ok(Response::new(info))
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn encode_stream(
@@ -516,14 +531,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint =
-            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(query.into_builder(&self.sql_info).schema().as_ref())
-            .map_err(|_| Status::internal("could not encode schema"))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        let schema = query.clone().into_builder(&self.sql_info).schema();
+        metadata_info(&query, &schema, request.into_inner())
     }
 
     async fn do_get_sql_info(
@@ -544,14 +553,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint =
-            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(&query.into_builder().schema())
-            .map_err(|_| Status::internal("could not encode schema"))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        let schema = query.clone().into_builder().schema();
+        metadata_info(&query, &schema, request.into_inner())
     }
 
     async fn do_get_catalogs(
@@ -573,14 +576,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint =
-            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(&query.into_builder().schema())
-            .map_err(|_| Status::internal("could not encode schema"))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        let schema = query.clone().into_builder().schema();
+        metadata_info(&query, &schema, request.into_inner())
     }
 
     async fn do_get_schemas(
@@ -602,14 +599,8 @@ impl FlightSqlService for FedqFlightSqlService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint =
-            FlightEndpoint::new().with_ticket(Ticket::new(query.as_any().encode_to_vec()));
-        let info = FlightInfo::new()
-            .try_with_schema(&query.into_builder().schema())
-            .map_err(|_| Status::internal("could not encode schema"))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        let schema = query.clone().into_builder().schema();
+        metadata_info(&query, &schema, request.into_inner())
     }
 
     async fn do_get_tables(
