@@ -58,7 +58,9 @@ pub async fn run(cfg: BenchConfig) -> Result<(), CliError> {
         .map_err(|e| CliError::User(format!("no randomness for a bench token: {e}")))?;
     let token = hex::encode(tok);
     let opts = FederationOptions {
-        extra_researchers: vec![("bench".into(), token.clone(), 1e12)],
+        // A researcher of its own per run: replays are per researcher and survive in the
+        // ledger, so an earlier bench's answers must not be served as free replays.
+        extra_researchers: vec![(format!("bench-{}", &token[..12]), token.clone(), 1e12)],
         ..Default::default()
     };
     let fed = LocalFederation::start(&cfg.dir, opts).await?;

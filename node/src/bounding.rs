@@ -7,7 +7,7 @@
 //! are kept. When the stream ends, the reservoirs are folded into per-group accumulators:
 //! row counts, non-null counts and exact fixed-point sums.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -18,7 +18,8 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use fedq_common::{ColumnType, PublicValue};
-use opendp::traits::samplers::sample_uniform_uint_below;
+use opendp::traits::samplers::fill_bytes;
+use rustc_hash::FxHashMap;
 
 /// Precision and scale of the fixed-point sums on the wire.
 pub const SUM_PRECISION: u8 = 38;
@@ -32,8 +33,8 @@ type BResult<T> = Result<T, BoundError>;
 /// Lookup from a group key value to its index in the column's public domain.
 #[derive(Debug)]
 enum DomainIndex {
-    Utf8(HashMap<String, u32>),
-    Int(HashMap<i64, u32>),
+    Utf8(FxHashMap<String, u32>),
+    Int(FxHashMap<i64, u32>),
     Bool { f: Option<u32>, t: Option<u32> },
 }
 
@@ -146,6 +147,49 @@ pub(crate) struct BoundingPlan {
     pub aggs: Vec<AggPlan>,
 }
 
+/// Uniform integers from OpenDP's CSPRNG (`fill_bytes`, OpenSSL-backed), fetched 4 KiB at a
+/// time so that a heavy participant costs one OpenSSL call per 512 draws instead of one
+/// per draw. It holds only unused random bytes: no generator state, no seed. Each draw is
+/// consumed once.
+pub(crate) struct RandomBytes {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl RandomBytes {
+    pub(crate) fn new() -> Self {
+        RandomBytes {
+            buf: vec![0; 4096],
+            pos: 4096,
+        }
+    }
+
+    fn next_u64(&mut self) -> BResult<u64> {
+        if self.pos + 8 > self.buf.len() {
+            fill_bytes(&mut self.buf).map_err(|e| BoundError(format!("sampling failed: {e}")))?;
+            self.pos = 0;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.buf[self.pos..self.pos + 8]);
+        self.pos += 8;
+        Ok(u64::from_ne_bytes(b))
+    }
+
+    /// Uniform on `[0, upper)`, by rejection exactly as OpenDP's `sample_uniform_uint_below`.
+    pub(crate) fn below(&mut self, upper: u64) -> BResult<u64> {
+        if upper == 0 {
+            return Err(BoundError("empty sampling range".into()));
+        }
+        let threshold = u64::MAX - u64::MAX % upper;
+        loop {
+            let x = self.next_u64()?;
+            if x < threshold {
+                return Ok(x % upper);
+            }
+        }
+    }
+}
+
 /// Kept rows of one participant.
 #[derive(Debug, Default)]
 struct Reservoir {
@@ -161,7 +205,14 @@ struct Reservoir {
 
 impl Reservoir {
     /// Offer one row (Algorithm R). Randomness is drawn only once the reservoir is full.
-    fn offer(&mut self, r: usize, group: u32, nulls: u64, vals: &[u64]) -> BResult<()> {
+    fn offer(
+        &mut self,
+        r: usize,
+        group: u32,
+        nulls: u64,
+        vals: &[u64],
+        rng: &mut RandomBytes,
+    ) -> BResult<()> {
         self.seen += 1;
         let len = self.groups.len();
         if len < r {
@@ -170,8 +221,7 @@ impl Reservoir {
             self.values.extend_from_slice(vals);
             return Ok(());
         }
-        let j = sample_uniform_uint_below::<u64, 8>(self.seen)
-            .map_err(|e| BoundError(format!("sampling failed: {e}")))?;
+        let j = rng.below(self.seen)?;
         if j < r as u64 {
             let j = j as usize;
             self.groups[j] = group;
@@ -224,7 +274,8 @@ pub(crate) struct Bounder {
     plan: BoundingPlan,
     /// Stride of each group column in the group index.
     strides: Vec<u32>,
-    reservoirs: HashMap<String, Reservoir>,
+    reservoirs: FxHashMap<Box<str>, Reservoir>,
+    rng: RandomBytes,
 }
 
 impl Bounder {
@@ -238,7 +289,8 @@ impl Bounder {
         Bounder {
             plan,
             strides,
-            reservoirs: HashMap::new(),
+            reservoirs: FxHashMap::default(),
+            rng: RandomBytes::new(),
         }
     }
 
@@ -311,7 +363,7 @@ impl Bounder {
                 end += 1;
             }
             if !self.reservoirs.contains_key(pid) {
-                self.reservoirs.insert(pid.to_owned(), Reservoir::default());
+                self.reservoirs.insert(pid.into(), Reservoir::default());
             }
             let res = self
                 .reservoirs
@@ -336,7 +388,7 @@ impl Bounder {
                     }
                     row_vals[k] = bits;
                 }
-                res.offer(r, group, nulls, &row_vals)?;
+                res.offer(r, group, nulls, &row_vals, &mut self.rng)?;
             }
             i = end;
         }
@@ -563,10 +615,11 @@ mod tests {
     fn reservoir_keeps_every_position_with_equal_probability() {
         const T: usize = 20_000;
         let mut kept = [0usize; 10];
+        let mut rng = RandomBytes::new();
         for _ in 0..T {
             let mut res = Reservoir::default();
             for row in 0..10u32 {
-                res.offer(3, row, 0, &[]).unwrap();
+                res.offer(3, row, 0, &[], &mut rng).unwrap();
             }
             assert_eq!(res.seen, 10);
             assert_eq!(res.groups.len(), 3);

@@ -13,7 +13,8 @@
 //! 2. **Contribution bounding at the node.** After the filter, each participant (the
 //!    table's privacy-unit column) keeps at most `max_rows_per_unit` rows (R, at most the
 //!    catalog's value), chosen uniformly at random by reservoir sampling per participant.
-//!    The randomness comes from OpenDP (`sample_uniform_uint_below`, OpenSSL-backed); there is
+//!    The randomness comes from OpenDP (`fill_bytes`, OpenSSL-backed, buffered; uniform draws by
+//!    the same rejection rule as OpenDP's `sample_uniform_uint_below`); there is
 //!    no other RNG and no seed. Rows whose group key is NULL or outside the key's public
 //!    domain, or whose participant is NULL, are dropped before bounding.
 //! 3. **Clamped, exact fixed-point sums.** For `SumFixed { lower, upper, precision }`:
