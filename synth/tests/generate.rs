@@ -421,39 +421,6 @@ fn one_site_federation() {
     assert_eq!(strings(&batch, "pid"), vec!["p0000000".to_string()]);
 }
 
-/// Full scale, for timing in a release build:
-/// `cargo test --release -p fedq-synth --test generate -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn full_scale() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        fedq_synth::FULL_SCALE_SITES,
-        fedq_synth::FULL_SCALE_PARTICIPANTS,
-        1,
-    );
-    let t0 = std::time::Instant::now();
-    let s = generate(&cfg).unwrap();
-    let elapsed = t0.elapsed();
-    println!("full scale in {elapsed:.2?}");
-    println!("transferred participants: {}", s.transferred_participants);
-    println!("total rows: {:?}", s.total_rows);
-    for site in &s.sites {
-        println!(
-            "{} participants={} transfers_in={} rows={:?}",
-            site.site, site.participants, site.transfers_in, site.rows
-        );
-    }
-    let bytes: u64 = s
-        .sites
-        .iter()
-        .flat_map(|site| TABLES.map(|t| site.dir.join(format!("{t}.parquet"))))
-        .map(|p| fs::metadata(p).unwrap().len())
-        .sum();
-    println!("parquet bytes: {bytes}");
-}
-
 #[test]
 fn rerun_with_fewer_sites_removes_stale_site_directories() {
     let dir = tempfile::tempdir().unwrap();
