@@ -41,6 +41,8 @@ pub struct BenchConfig {
     pub dir: PathBuf,
     /// Timed runs per query and side (after one warm-up each).
     pub runs: usize,
+    /// `(name, sql)` to run instead of [`BENCH_QUERIES`]; empty for the reference set.
+    pub queries: Vec<(String, String)>,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -80,7 +82,15 @@ pub async fn run(cfg: BenchConfig) -> Result<(), CliError> {
     let mut run_no = 0u32;
     let set_fresh_epsilon =
         |run: u32| format!("SET fedq.epsilon = {}", 1.0 + f64::from(run) * 1e-4);
-    for (name, sql) in BENCH_QUERIES {
+    let queries: Vec<(String, String)> = if cfg.queries.is_empty() {
+        BENCH_QUERIES
+            .iter()
+            .map(|(n, q)| (n.to_string(), q.to_string()))
+            .collect()
+    } else {
+        cfg.queries.clone()
+    };
+    for (name, sql) in &queries {
         // Warm-up both sides (file metadata caches, connections).
         run_no += 1;
         client.query(&set_fresh_epsilon(run_no)).await?;

@@ -426,6 +426,9 @@ struct BenchArgs {
     /// Timed runs per query and side.
     #[arg(long, default_value_t = 7)]
     runs: usize,
+    /// Benchmark these queries instead of the reference set; `NAME=SQL`, repeatable.
+    #[arg(long = "query", value_name = "NAME=SQL")]
+    queries: Vec<String>,
 }
 
 async fn run_sql(args: SqlArgs) -> Result<(), CliError> {
@@ -616,9 +619,19 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
             }
         },
         Command::Bench(a) => {
+            let mut queries = Vec::new();
+            for q in a.queries {
+                let Some((name, sql)) = q.split_once('=') else {
+                    return Err(CliError::User(format!(
+                        "--query {q:?} is not NAME=SQL; write e.g. --query 'e11=SELECT COUNT(*) FROM diagnoses'"
+                    )));
+                };
+                queries.push((name.trim().to_string(), sql.trim().to_string()));
+            }
             fedq::bench::run(fedq::bench::BenchConfig {
                 dir: a.data,
                 runs: a.runs,
+                queries,
             })
             .await?
         }

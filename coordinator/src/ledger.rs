@@ -548,15 +548,38 @@ impl Ledger {
         &self,
         f: impl FnOnce(&Transaction, i64) -> rusqlite::Result<Result<T, CoordinatorError>>,
     ) -> Result<T, CoordinatorError> {
+        self.write_with(true, f)
+    }
+
+    /// A write transaction. `durable = false` commits without waiting for the disk
+    /// (`synchronous = NORMAL`): the commit survives a crash of the process, and is made
+    /// durable by the next durable commit, but a power loss before that may undo it. Use it
+    /// only where losing the write errs on the safe side.
+    fn write_with<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Transaction, i64) -> rusqlite::Result<Result<T, CoordinatorError>>,
+    ) -> Result<T, CoordinatorError> {
         // A poisoned lock only means another thread panicked while holding the connection;
         // any transaction it had open was rolled back when it was dropped.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(self.db())?;
-        let out = f(&tx, now_ms()).map_err(self.db())?;
-        tx.commit().map_err(self.db())?;
-        out
+        if !durable {
+            conn.execute_batch("PRAGMA synchronous = NORMAL")
+                .map_err(self.db())?;
+        }
+        let result = (|| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(self.db())?;
+            let out = f(&tx, now_ms()).map_err(self.db())?;
+            tx.commit().map_err(self.db())?;
+            out
+        })();
+        if !durable {
+            conn.execute_batch("PRAGMA synchronous = FULL")
+                .map_err(self.db())?;
+        }
+        result
     }
 
     fn read<T>(
@@ -870,8 +893,12 @@ impl Ledger {
 
     /// Mark a charge released and store its answer for free replays. Call this before the
     /// answer leaves the coordinator; after it, the charge is never refunded.
+    ///
+    /// This commit does not wait for the disk (the charge itself did): if a power loss undoes
+    /// it, the charge stays `charged` (spent, never refunded) and the replay is lost, so the
+    /// researcher pays again for the same query. Both err on the safe side.
     pub fn released(&self, charge: Charge, result_ipc: &[u8]) -> Result<(), CoordinatorError> {
-        self.write(|tx, now| {
+        self.write_with(false, |tx, now| {
             let n = tx.execute(
                 "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
                 params![charge.query_id, now],

@@ -122,7 +122,9 @@ pub async fn start_with_ledger(
         AuthInterceptor::new(&config.researchers, &config.officers),
     );
     let (tx, rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs hold small response frames
+    // back for tens of milliseconds.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(intercepted)

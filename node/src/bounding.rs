@@ -1,25 +1,39 @@
 //! Per-participant contribution bounding and partial aggregation.
 //!
 //! Rows arrive from DataFusion already filtered, projected to
-//! `[privacy unit, group keys…, aggregate inputs…]`. For each participant we keep a
-//! reservoir of at most R rows, sampled uniformly at random among that participant's rows
-//! (Algorithm R, randomness from OpenDP). Only the group index and the needed input values
-//! are kept. When the stream ends, the reservoirs are folded into per-group accumulators:
-//! row counts, non-null counts and exact fixed-point sums.
+//! `[privacy unit, group keys…, aggregate inputs…]`. Rows with a NULL participant, or a
+//! group key that is NULL or outside its public domain, are dropped first and never count
+//! towards R. Each participant then contributes at most R rows, sampled uniformly at random
+//! among its rows (Algorithm R, randomness from OpenDP), to per-group accumulators: row
+//! counts, non-null counts and exact fixed-point sums.
+//!
+//! Two paths give that same result:
+//! - **direct**: a participant with at most R rows in the whole table (counted once when
+//!   the node starts, [`ParticipantCounts`]) has at most R rows after any filter, so its
+//!   rows go straight into the accumulators. Its rows are still counted during the query,
+//!   and more than R (the files changed) stops the query, which the engine then reruns
+//!   after recounting: counts are a shortcut, never a bound that is trusted.
+//! - **reservoir**: every other participant keeps a reservoir of at most R rows (group
+//!   index and needed input values only) in one shared arena, folded in at the end.
+//!
+//! Files are usually sorted by participant, so rows come in runs: each run is looked up
+//! once, the next participant in counting order is tried before any hash lookup, and text
+//! read as Utf8View is compared by view.
 
-use std::collections::BTreeMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use arrow::array::builder::make_view;
 use arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, Decimal128Array, Float64Array, Int32Array,
-    Int32Builder, Int64Array, Int64Builder, StringArray, StringBuilder,
+    Int32Builder, Int64Array, Int64Builder, StringArray, StringBuilder, StringViewArray,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use fedq_common::{ColumnType, PublicValue};
 use opendp::traits::samplers::fill_bytes;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 /// Precision and scale of the fixed-point sums on the wire.
 pub const SUM_PRECISION: u8 = 38;
@@ -33,10 +47,20 @@ type BResult<T> = Result<T, BoundError>;
 /// Lookup from a group key value to its index in the column's public domain.
 #[derive(Debug)]
 enum DomainIndex {
+    /// Up to [`SMALL_DOMAIN`] values: compared in turn, faster than hashing. With each
+    /// value, its view if it is short enough to be inlined, else `u128::MAX` (whose length
+    /// field is too long to be an inline view, so it never matches one).
+    Utf8Small(Vec<(Box<[u8]>, u128)>),
     Utf8(FxHashMap<String, u32>),
     Int(FxHashMap<i64, u32>),
-    Bool { f: Option<u32>, t: Option<u32> },
+    Bool {
+        f: Option<u32>,
+        t: Option<u32>,
+    },
 }
+
+/// Largest text domain looked up by comparison rather than by hash.
+const SMALL_DOMAIN: usize = 16;
 
 /// A GROUP BY column with its public domain.
 #[derive(Debug)]
@@ -56,6 +80,24 @@ impl GroupCol {
     /// Build from a deduplicated public domain. `ty` must be a supported key type.
     pub fn new(name: String, ty: ColumnType, values: Vec<PublicValue>, proj: usize) -> Self {
         let index = match ty {
+            ColumnType::Utf8 if values.len() <= SMALL_DOMAIN => DomainIndex::Utf8Small(
+                values
+                    .iter()
+                    .map(|v| match v {
+                        PublicValue::Text(s) => {
+                            let b = s.as_bytes();
+                            let view = if b.len() <= INLINE as usize {
+                                make_view(b, 0, 0)
+                            } else {
+                                u128::MAX
+                            };
+                            (Box::<[u8]>::from(b), view)
+                        }
+                        // Not UTF-8, so never equal to a text value: an impossible key.
+                        _ => (Box::<[u8]>::from(&b"\xff\xfe not text"[..]), u128::MAX),
+                    })
+                    .collect(),
+            ),
             ColumnType::Utf8 => DomainIndex::Utf8(
                 values
                     .iter()
@@ -190,52 +232,278 @@ impl RandomBytes {
     }
 }
 
-/// Kept rows of one participant.
+/// Rows kept for all participants, in one arena of parallel arrays (no allocation per
+/// participant). Each participant owns a contiguous range `[off, off + cap)` of row slots,
+/// of which the first `len` are used. Rows of one participant usually arrive together, so
+/// its range is normally the last one and grows in place; otherwise it is moved to the end
+/// with doubled capacity (at most `R` slots), which keeps copying amortised O(R) and the
+/// arena under twice the kept rows.
 #[derive(Debug, Default)]
-struct Reservoir {
-    /// Rows of this participant seen so far (after the filter).
-    seen: u64,
-    /// Group index of each kept row.
+struct Arena {
+    /// Values per row (one per value slot).
+    width: usize,
+    /// Group index of each row slot.
     groups: Vec<u32>,
-    /// NULL mask of each kept row (bit i = slot i is NULL).
+    /// NULL mask of each row slot (bit i = value slot i is NULL).
     nulls: Vec<u64>,
-    /// Values of each kept row, `slots` per row.
+    /// Values, `width` per row slot.
     values: Vec<u64>,
 }
 
-impl Reservoir {
-    /// Offer one row (Algorithm R). Randomness is drawn only once the reservoir is full.
-    fn offer(
-        &mut self,
-        r: usize,
-        group: u32,
-        nulls: u64,
-        vals: &[u64],
-        rng: &mut RandomBytes,
-    ) -> BResult<()> {
-        self.seen += 1;
-        let len = self.groups.len();
-        if len < r {
-            self.groups.push(group);
-            self.nulls.push(nulls);
-            self.values.extend_from_slice(vals);
-            return Ok(());
+impl Arena {
+    fn rows(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Append `n` unused row slots.
+    fn grow(&mut self, n: usize) {
+        let rows = self.rows() + n;
+        self.groups.resize(rows, 0);
+        self.nulls.resize(rows, 0);
+        self.values.resize(rows * self.width, 0);
+    }
+
+    fn set(&mut self, row: usize, group: u32, nulls: u64, vals: &[u64]) {
+        self.groups[row] = group;
+        self.nulls[row] = nulls;
+        let w = self.width;
+        self.values[row * w..(row + 1) * w].copy_from_slice(vals);
+    }
+
+    /// Copy `len` rows from `from` to `to` (non-overlapping ranges).
+    fn copy_rows(&mut self, from: usize, to: usize, len: usize) {
+        self.groups.copy_within(from..from + len, to);
+        self.nulls.copy_within(from..from + len, to);
+        let w = self.width;
+        self.values.copy_within(from * w..(from + len) * w, to * w);
+    }
+}
+
+/// One participant's reservoir: its row range in the [`Arena`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Unit {
+    /// Rows of this participant seen so far (after the filter).
+    seen: u64,
+    /// First row slot.
+    off: usize,
+    /// Row slots in use (`min(seen, R)`).
+    len: usize,
+    /// Row slots owned.
+    cap: usize,
+}
+
+/// Offer one row of participant `unit` (Algorithm R). Randomness is drawn only once the
+/// reservoir is full.
+fn offer(
+    unit: &mut Unit,
+    arena: &mut Arena,
+    r: usize,
+    group: u32,
+    nulls: u64,
+    vals: &[u64],
+    rng: &mut RandomBytes,
+) -> BResult<()> {
+    unit.seen += 1;
+    if unit.len < r {
+        if unit.len == unit.cap {
+            if unit.off + unit.cap == arena.rows() {
+                // Last range in the arena: grow in place.
+                arena.grow(1);
+                unit.cap += 1;
+            } else {
+                let cap = (unit.cap * 2).max(4).min(r).max(unit.len + 1);
+                let off = arena.rows();
+                arena.grow(cap);
+                arena.copy_rows(unit.off, off, unit.len);
+                unit.off = off;
+                unit.cap = cap;
+            }
         }
-        let j = rng.below(self.seen)?;
-        if j < r as u64 {
-            let j = j as usize;
-            self.groups[j] = group;
-            self.nulls[j] = nulls;
-            let w = vals.len();
-            self.values[j * w..(j + 1) * w].copy_from_slice(vals);
+        arena.set(unit.off + unit.len, group, nulls, vals);
+        unit.len += 1;
+        return Ok(());
+    }
+    let j = rng.below(unit.seen)?;
+    if j < r as u64 {
+        arena.set(unit.off + j as usize, group, nulls, vals);
+    }
+    Ok(())
+}
+
+/// Participant ids seen so far, mapped to dense indices without an allocation per
+/// participant: the id bytes live in one buffer, and a 64-bit hash indexes them (ids whose
+/// hash collides with an earlier id's go to an overflow map).
+#[derive(Debug, Default)]
+struct UnitIndex {
+    bytes: Vec<u8>,
+    /// End of each id in `bytes`.
+    ends: Vec<usize>,
+    by_hash: FxHashMap<u64, u32>,
+    overflow: FxHashMap<Box<str>, u32>,
+}
+
+impl UnitIndex {
+    fn id(&self, i: u32) -> &[u8] {
+        let i = i as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+
+    /// Whether id `i` exists and is `pid`.
+    #[inline]
+    fn is(&self, i: u32, pid: &str) -> bool {
+        (i as usize) < self.ends.len() && self.id(i) == pid.as_bytes()
+    }
+
+    /// Index of `pid`, if present.
+    fn get(&self, pid: &str) -> Option<u32> {
+        let h = FxBuildHasher.hash_one(pid);
+        match self.by_hash.get(&h) {
+            Some(&i) if self.id(i) == pid.as_bytes() => Some(i),
+            Some(_) => self.overflow.get(pid).copied(),
+            None => None,
+        }
+    }
+
+    /// Index of `pid`, and whether it is new.
+    fn get_or_insert(&mut self, pid: &str) -> BResult<(u32, bool)> {
+        let h = FxBuildHasher.hash_one(pid);
+        let next = u32::try_from(self.ends.len())
+            .map_err(|_| BoundError("too many participants".into()))?;
+        match self.by_hash.get(&h) {
+            Some(&i) if self.id(i) == pid.as_bytes() => return Ok((i, false)),
+            Some(_) => {
+                if let Some(&i) = self.overflow.get(pid) {
+                    return Ok((i, false));
+                }
+                self.overflow.insert(pid.into(), next);
+            }
+            None => {
+                self.by_hash.insert(h, next);
+            }
+        }
+        self.bytes.extend_from_slice(pid.as_bytes());
+        self.ends.push(self.bytes.len());
+        Ok((next, true))
+    }
+}
+
+/// Rows per participant in a table, counted over all its rows before any filter. A
+/// participant with at most R rows in the table has at most R rows after any filter, so its
+/// rows are aggregated directly; only the others go through a reservoir. The counts are
+/// only a shortcut: every directly aggregated participant is still counted during the query,
+/// and more than R rows (the files changed since the counts were taken) stops the query
+/// (see [`Bounder::is_stale`]) rather than letting a participant contribute more than R.
+#[derive(Debug, Default)]
+pub(crate) struct ParticipantCounts {
+    ids: UnitIndex,
+    counts: Vec<u32>,
+}
+
+impl ParticipantCounts {
+    /// Count the non-NULL participant ids of one batch.
+    pub fn add(&mut self, pids: &ArrayRef) -> BResult<()> {
+        let arr = text_array(pids)?;
+        let pids = Text::new(&arr)?;
+        let n = arr.len();
+        let mut i = 0;
+        while i < n {
+            if pids.is_null(i) {
+                i += 1;
+                continue;
+            }
+            let pid = pids.value(i);
+            let mut end = i + 1;
+            while end < n && !pids.is_null(end) && pids.same(i, end) {
+                end += 1;
+            }
+            let (id, new) = self.ids.get_or_insert(pid)?;
+            if new {
+                self.counts.push(0);
+            }
+            let c = &mut self.counts[id as usize];
+            *c = c.saturating_add(u32::try_from(end - i).unwrap_or(u32::MAX));
+            i = end;
         }
         Ok(())
+    }
+
+    /// Number of participants counted.
+    pub fn participants(&self) -> usize {
+        self.counts.len()
+    }
+}
+
+/// Where the rows of one participant go.
+#[derive(Clone, Copy)]
+enum Target {
+    /// Known to have at most R rows: aggregated directly. Index into the counts.
+    Direct(usize),
+    /// Through the reservoir with this unit index.
+    Reservoir(usize),
+}
+
+/// A text column of one batch: Utf8, or Utf8View (how Parquet text is read).
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    Utf8(&'a StringArray),
+    View(&'a StringViewArray),
+}
+
+/// Longest string stored inside its view.
+const INLINE: u32 = 12;
+
+impl<'a> Text<'a> {
+    fn new(a: &'a ArrayRef) -> BResult<Text<'a>> {
+        match a.data_type() {
+            DataType::Utf8 => Ok(Text::Utf8(downcast(a)?)),
+            DataType::Utf8View => Ok(Text::View(downcast(a)?)),
+            other => Err(BoundError(format!("expected text, found {other}"))),
+        }
+    }
+
+    #[inline]
+    fn is_null(&self, i: usize) -> bool {
+        match self {
+            Text::Utf8(a) => a.is_null(i),
+            Text::View(a) => a.is_null(i),
+        }
+    }
+
+    #[inline]
+    fn value(&self, i: usize) -> &'a str {
+        match self {
+            Text::Utf8(a) => a.value(i),
+            Text::View(a) => a.value(i),
+        }
+    }
+
+    /// Whether rows `i` and `j` hold the same string (NULLs ignored). Views of strings up to
+    /// 12 bytes hold the whole zero-padded string, and equal longer views point at the same
+    /// bytes, so most comparisons need no memory access beyond the views.
+    #[inline]
+    fn same(&self, i: usize, j: usize) -> bool {
+        match self {
+            Text::Utf8(a) => a.value(i) == a.value(j),
+            Text::View(a) => {
+                let v = a.views();
+                let (x, y) = (v[i], v[j]);
+                if x == y {
+                    return true;
+                }
+                let len = x as u32;
+                if len <= INLINE || len != y as u32 {
+                    return false;
+                }
+                a.value(i) == a.value(j)
+            }
+        }
     }
 }
 
 /// Typed view of a group key column of one batch.
 enum KeyArray<'a> {
-    Utf8(&'a StringArray),
+    Utf8(Text<'a>),
     Int32(&'a Int32Array),
     Int64(&'a Int64Array),
     Bool(&'a BooleanArray),
@@ -263,6 +531,14 @@ fn as_type(a: &ArrayRef, want: &DataType) -> BResult<ArrayRef> {
     }
 }
 
+/// `a` itself if it is Utf8 or Utf8View, else cast to Utf8.
+fn text_array(a: &ArrayRef) -> BResult<ArrayRef> {
+    match a.data_type() {
+        DataType::Utf8 | DataType::Utf8View => Ok(Arc::clone(a)),
+        _ => as_type(a, &DataType::Utf8),
+    }
+}
+
 fn downcast<T: 'static>(a: &ArrayRef) -> BResult<&T> {
     a.as_any()
         .downcast_ref::<T>()
@@ -274,30 +550,124 @@ pub(crate) struct Bounder {
     plan: BoundingPlan,
     /// Stride of each group column in the group index.
     strides: Vec<u32>,
-    reservoirs: FxHashMap<Box<str>, Reservoir>,
+    /// Rows per participant in the whole table, when known.
+    counts: Arc<ParticipantCounts>,
+    /// Rows aggregated directly so far, per participant of `counts`.
+    direct_seen: Vec<u32>,
+    /// Reservoir unit of each participant of `counts` that has one.
+    known_units: FxHashMap<u32, u32>,
+    /// Participants absent from `counts` (their reservoir unit has the same index).
+    ids: UnitIndex,
+    /// Reservoir unit of each participant in `ids`.
+    other_units: Vec<u32>,
+    units: Vec<Unit>,
+    arena: Arena,
+    accs: Accumulators,
     rng: RandomBytes,
+    stale: bool,
+    /// The participant expected next: files are usually sorted by participant, in the order
+    /// they were counted, so checking the next id first avoids most hash lookups.
+    cursor: u32,
+    /// Group index per row of the current batch (reused buffer).
+    gidx: Vec<u32>,
 }
 
 impl Bounder {
+    /// A bounder that sends every participant through a reservoir.
+    #[cfg(test)]
     pub fn new(plan: BoundingPlan) -> Self {
+        Self::with_counts(plan, Arc::new(ParticipantCounts::default()))
+    }
+
+    /// A bounder that aggregates participants with at most R rows in `counts` directly.
+    pub fn with_counts(plan: BoundingPlan, counts: Arc<ParticipantCounts>) -> Self {
         let mut strides = vec![0u32; plan.groups.len()];
         let mut s: u32 = 1;
         for (k, g) in plan.groups.iter().enumerate().rev() {
             strides[k] = s;
             s = s.saturating_mul((g.values.len() as u32).max(1));
         }
+        let width = plan.slots.len();
+        let mut accs = Accumulators::new(&strides, &plan, plan.aggs.len());
+        if plan.groups.is_empty() {
+            accs.row(0);
+        }
         Bounder {
+            direct_seen: vec![0; counts.participants()],
+            counts,
             plan,
             strides,
-            reservoirs: FxHashMap::default(),
+            known_units: FxHashMap::default(),
+            ids: UnitIndex::default(),
+            other_units: Vec::new(),
+            units: Vec::new(),
+            arena: Arena {
+                width,
+                ..Arena::default()
+            },
+            accs,
             rng: RandomBytes::new(),
+            stale: false,
+            cursor: 0,
+            gidx: Vec::new(),
         }
+    }
+
+    /// Whether the query stopped because a participant the counts said had at most R rows
+    /// had more (the files changed). Recount and run the query again.
+    pub fn is_stale(&self) -> bool {
+        self.stale
     }
 
     /// Number of participants seen so far.
     #[cfg(test)]
     pub fn participants(&self) -> usize {
-        self.reservoirs.len()
+        self.direct_seen.iter().filter(|&&c| c > 0).count() + self.units.len()
+    }
+
+    /// Where the rows of `pid` go.
+    fn target(&mut self, pid: &str) -> BResult<Target> {
+        let r = self.plan.max_rows;
+        let known = if self.counts.ids.is(self.cursor, pid) {
+            Some(self.cursor)
+        } else {
+            self.counts.ids.get(pid)
+        };
+        if let Some(id) = known {
+            self.cursor = id.saturating_add(1);
+            if self.counts.counts[id as usize] as usize <= r {
+                return Ok(Target::Direct(id as usize));
+            }
+        }
+        let next = self.units.len();
+        let (unit, new) = match known {
+            Some(id) => match self.known_units.get(&id) {
+                Some(&u) => (u as usize, false),
+                None => {
+                    self.known_units.insert(id, next as u32);
+                    (next, true)
+                }
+            },
+            None => {
+                let (i, new) = self.ids.get_or_insert(pid)?;
+                if new {
+                    self.other_units.push(next as u32);
+                    (next, true)
+                } else {
+                    (self.other_units[i as usize] as usize, false)
+                }
+            }
+        };
+        if new {
+            if u32::try_from(next).is_err() {
+                return Err(BoundError("too many participants".into()));
+            }
+            self.units.push(Unit {
+                off: self.arena.rows(),
+                ..Unit::default()
+            });
+        }
+        Ok(Target::Reservoir(unit))
     }
 
     /// Consume one batch of filtered, projected rows.
@@ -313,17 +683,21 @@ impl Bounder {
                 Err(BoundError(format!("batch has no column {i}")))
             }
         };
-        let pid_arr = as_type(col(self.plan.pid_proj)?, &DataType::Utf8)?;
-        let pids: &StringArray = downcast(&pid_arr)?;
+        let pid_arr = text_array(col(self.plan.pid_proj)?)?;
+        let pids = Text::new(&pid_arr)?;
 
         let mut key_owned = Vec::with_capacity(self.plan.groups.len());
         for g in &self.plan.groups {
-            key_owned.push(as_type(col(g.proj)?, &g.ty.arrow_type())?);
+            let a = col(g.proj)?;
+            key_owned.push(match g.ty {
+                ColumnType::Utf8 => text_array(a)?,
+                ty => as_type(a, &ty.arrow_type())?,
+            });
         }
         let mut keys = Vec::with_capacity(key_owned.len());
         for (g, a) in self.plan.groups.iter().zip(&key_owned) {
             keys.push(match g.ty {
-                ColumnType::Utf8 => KeyArray::Utf8(downcast(a)?),
+                ColumnType::Utf8 => KeyArray::Utf8(Text::new(a)?),
                 ColumnType::Int32 => KeyArray::Int32(downcast(a)?),
                 ColumnType::Int64 => KeyArray::Int64(downcast(a)?),
                 ColumnType::Boolean => KeyArray::Bool(downcast(a)?),
@@ -347,10 +721,16 @@ impl Bounder {
             });
         }
 
-        let r = self.plan.max_rows;
+        // Group index of every row, column by column (u32::MAX: dropped).
+        let mut gidx = std::mem::take(&mut self.gidx);
+        group_indices(&self.plan.groups, &self.strides, &keys, n, &mut gidx);
+
         let mut row_vals = vec![0u64; vals.len()];
         let mut i = 0;
-        while i < n {
+        let result = loop {
+            if i >= n {
+                break Ok(());
+            }
             if pids.is_null(i) {
                 i += 1;
                 continue;
@@ -359,28 +739,51 @@ impl Bounder {
             // participant up once.
             let pid = pids.value(i);
             let mut end = i + 1;
-            while end < n && !pids.is_null(end) && pids.value(end) == pid {
+            while end < n && !pids.is_null(end) && pids.same(i, end) {
                 end += 1;
             }
-            if !self.reservoirs.contains_key(pid) {
-                self.reservoirs.insert(pid.into(), Reservoir::default());
+            let target = match self.target(pid) {
+                Ok(t) => t,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = self.run(target, i..end, &gidx, &vals, &mut row_vals) {
+                break Err(e);
             }
-            let res = self
-                .reservoirs
-                .get_mut(pid)
-                .ok_or_else(|| BoundError("participant vanished".into()))?;
-            for row in i..end {
-                // Rows whose key is NULL or outside the public domain are dropped before
-                // bounding (the filter already removes them; this is a second line).
-                let Some(group) = group_index(&self.plan.groups, &self.strides, &keys, row) else {
-                    continue;
-                };
+            i = end;
+        };
+        self.gidx = gidx;
+        result
+    }
+
+    /// Bound the rows `rows` of one participant.
+    fn run(
+        &mut self,
+        target: Target,
+        rows: std::ops::Range<usize>,
+        gidx: &[u32],
+        vals: &[ValArray],
+        row_vals: &mut [u64],
+    ) -> BResult<()> {
+        let r = self.plan.max_rows;
+        for row in rows {
+            // Rows whose key is NULL or outside the public domain are dropped before
+            // bounding: they never count towards R.
+            let group = gidx[row];
+            if group == u32::MAX {
+                continue;
+            }
+            {
                 let mut nulls = 0u64;
                 for (k, v) in vals.iter().enumerate() {
                     let (is_null, bits) = match v {
                         ValArray::Int32(a) => (a.is_null(row), a.value(row) as i64 as u64),
                         ValArray::Int64(a) => (a.is_null(row), a.value(row) as u64),
-                        ValArray::Float64(a) => (a.is_null(row), a.value(row).to_bits()),
+                        // NaN counts as NULL everywhere (COUNT(col) and SUM alike), so a NaN
+                        // can never be counted yet contribute nothing to a centred sum.
+                        ValArray::Float64(a) => {
+                            let x = a.value(row);
+                            (a.is_null(row) || x.is_nan(), x.to_bits())
+                        }
                         ValArray::Any(a) => (a.is_null(row), 0),
                     };
                     if is_null {
@@ -388,80 +791,283 @@ impl Bounder {
                     }
                     row_vals[k] = bits;
                 }
-                res.offer(r, group, nulls, &row_vals, &mut self.rng)?;
+                match target {
+                    Target::Direct(id) => {
+                        let seen = &mut self.direct_seen[id];
+                        *seen += 1;
+                        if *seen as usize > r {
+                            self.stale = true;
+                            return Err(BoundError(
+                                "participant counts are stale: the table's files changed".into(),
+                            ));
+                        }
+                        fold(&self.plan, self.accs.row(group), nulls, row_vals);
+                    }
+                    Target::Reservoir(u) => offer(
+                        &mut self.units[u],
+                        &mut self.arena,
+                        r,
+                        group,
+                        nulls,
+                        row_vals,
+                        &mut self.rng,
+                    )?,
+                }
             }
-            i = end;
         }
         Ok(())
     }
 
-    /// Fold the reservoirs into per-group accumulators and build the response batch.
+    /// Fold the reservoirs into the per-group accumulators and build the response batch.
     pub fn finish(self) -> BResult<RecordBatch> {
-        let plan = &self.plan;
-        let w = plan.slots.len();
-        let naggs = plan.aggs.len();
-        // group index -> per-aggregate accumulators; a group is present once it has a row.
-        let mut accs: BTreeMap<u32, Vec<i128>> = BTreeMap::new();
-        if plan.groups.is_empty() {
-            accs.insert(0, vec![0; naggs]);
+        let Bounder {
+            plan,
+            strides,
+            units,
+            arena,
+            mut accs,
+            ..
+        } = self;
+        let w = arena.width;
+        for unit in &units {
+            for row in unit.off..unit.off + unit.len {
+                let vals = &arena.values[row * w..(row + 1) * w];
+                fold(&plan, accs.row(arena.groups[row]), arena.nulls[row], vals);
+            }
         }
-        for res in self.reservoirs.values() {
-            for (row, &g) in res.groups.iter().enumerate() {
-                let nulls = res.nulls[row];
-                let vals = &res.values[row * w..(row + 1) * w];
-                let acc = accs.entry(g).or_insert_with(|| vec![0; naggs]);
-                for (a, slot_acc) in plan.aggs.iter().zip(acc.iter_mut()) {
-                    match *a {
-                        AggPlan::CountRows => *slot_acc += 1,
-                        AggPlan::CountNonNull { slot } => {
-                            if nulls & (1 << slot) == 0 {
-                                *slot_acc += 1;
-                            }
-                        }
-                        AggPlan::SumFixed {
-                            slot,
-                            precision,
-                            lo_fp,
-                            hi_fp,
-                        } => {
-                            if nulls & (1 << slot) != 0 {
-                                continue;
-                            }
-                            let v = match plan.slots[slot].kind {
-                                SlotKind::Int => vals[slot] as i64 as f64,
-                                SlotKind::Float => f64::from_bits(vals[slot]),
-                                SlotKind::NullOnly => continue,
-                            };
-                            if let Some(fp) = to_fixed(v, precision, lo_fp, hi_fp) {
-                                *slot_acc = slot_acc.saturating_add(fp);
-                            }
-                        }
-                    }
+        let (keys, values) = accs.into_sorted();
+        build_output(&plan, &strides, &keys, &values)
+    }
+}
+
+/// Add one kept row to its group's accumulators.
+#[inline]
+fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
+    for (a, slot_acc) in plan.aggs.iter().zip(acc.iter_mut()) {
+        match *a {
+            AggPlan::CountRows => *slot_acc += 1,
+            AggPlan::CountNonNull { slot } => {
+                if nulls & (1 << slot) == 0 {
+                    *slot_acc += 1;
+                }
+            }
+            AggPlan::SumFixed {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+            } => {
+                if nulls & (1 << slot) != 0 {
+                    continue;
+                }
+                let v = match plan.slots[slot].kind {
+                    SlotKind::Int => vals[slot] as i64 as f64,
+                    SlotKind::Float => f64::from_bits(vals[slot]),
+                    SlotKind::NullOnly => continue,
+                };
+                if let Some(fp) = to_fixed(v, precision, lo_fp, hi_fp) {
+                    *slot_acc = slot_acc.saturating_add(fp);
                 }
             }
         }
-        build_output(plan, &self.strides, &accs)
     }
 }
 
-/// `clamp(round(v / precision), lo_fp, hi_fp)`; `None` for NaN (treated as NULL).
+/// Per-group accumulators (`naggs` per group), dense when the group space is small.
+enum Accumulators {
+    Dense {
+        naggs: usize,
+        present: Vec<bool>,
+        values: Vec<i128>,
+    },
+    Sparse {
+        naggs: usize,
+        map: FxHashMap<u32, Vec<i128>>,
+    },
+}
+
+/// Largest dense accumulator table, in cells.
+const DENSE_CELLS: usize = 1 << 20;
+
+impl Accumulators {
+    fn new(strides: &[u32], plan: &BoundingPlan, naggs: usize) -> Self {
+        let n_groups = match (strides.first(), plan.groups.first()) {
+            (Some(&s), Some(g)) => s as usize * g.values.len().max(1),
+            _ => 1,
+        };
+        if n_groups.saturating_mul(naggs.max(1)) <= DENSE_CELLS {
+            Accumulators::Dense {
+                naggs,
+                present: vec![false; n_groups],
+                values: vec![0; n_groups * naggs],
+            }
+        } else {
+            Accumulators::Sparse {
+                naggs,
+                map: FxHashMap::default(),
+            }
+        }
+    }
+
+    /// The accumulators of group `g`, created (zero) if absent.
+    fn row(&mut self, g: u32) -> &mut [i128] {
+        match self {
+            Accumulators::Dense {
+                naggs,
+                present,
+                values,
+            } => {
+                let g = g as usize;
+                if g >= present.len() {
+                    // Unreachable: group indices are below the product of the domains.
+                    present.resize(g + 1, false);
+                    values.resize((g + 1) * *naggs, 0);
+                }
+                present[g] = true;
+                &mut values[g * *naggs..(g + 1) * *naggs]
+            }
+            Accumulators::Sparse { naggs, map } => map
+                .entry(g)
+                .or_insert_with(|| vec![0; *naggs])
+                .as_mut_slice(),
+        }
+    }
+
+    /// Present groups in increasing order, and their accumulators (flat, `naggs` per group).
+    fn into_sorted(self) -> (Vec<u32>, Vec<i128>) {
+        match self {
+            Accumulators::Dense {
+                naggs,
+                present,
+                values,
+            } => {
+                let mut keys = Vec::new();
+                let mut out = Vec::new();
+                for (g, &p) in present.iter().enumerate() {
+                    if p {
+                        keys.push(g as u32);
+                        out.extend_from_slice(&values[g * naggs..(g + 1) * naggs]);
+                    }
+                }
+                (keys, out)
+            }
+            Accumulators::Sparse { map, .. } => {
+                let mut rows: Vec<(u32, Vec<i128>)> = map.into_iter().collect();
+                rows.sort_unstable_by_key(|(g, _)| *g);
+                let keys = rows.iter().map(|(g, _)| *g).collect();
+                let out = rows.into_iter().flat_map(|(_, v)| v).collect();
+                (keys, out)
+            }
+        }
+    }
+}
+
+/// `clamp(round(v / precision), lo_fp, hi_fp)`, rounding half away from zero; `None` for
+/// NaN (treated as NULL). `lo_fp` and `hi_fp` are integers within ±1e15.
 pub(crate) fn to_fixed(v: f64, precision: f64, lo_fp: f64, hi_fp: f64) -> Option<i128> {
-    if v.is_nan() {
+    let q = v / precision;
+    if q.is_nan() {
         return None;
     }
-    let q = (v / precision).round();
-    // `max`/`min` rather than `clamp` so that this can never panic; ±inf clamps naturally.
-    let c = q.max(lo_fp).min(hi_fp);
-    if c.is_nan() {
-        return None;
-    }
-    Some(c as i128)
+    // Clamping to one step beyond the bounds first keeps `q` well inside i64 (and ±inf
+    // finite) and does not change the result: anything beyond rounds to beyond, then clamps.
+    // `max`/`min` rather than `clamp` so that this can never panic.
+    let q = q.max(lo_fp - 1.0).min(hi_fp + 1.0);
+    // Round half away from zero without a libm call: `q - trunc(q)` is exact below 2^52.
+    let t = q as i64;
+    let frac = q - t as f64;
+    let r = if frac >= 0.5 {
+        t + 1
+    } else if frac <= -0.5 {
+        t - 1
+    } else {
+        t
+    };
+    let r = (r as f64).max(lo_fp).min(hi_fp) as i64;
+    Some(i128::from(r))
 }
 
-fn group_index(groups: &[GroupCol], strides: &[u32], keys: &[KeyArray], row: usize) -> Option<u32> {
+/// Group index of each of the `n` rows into `out` (`u32::MAX` where a key is NULL or
+/// outside its public domain), one key column at a time.
+fn group_indices(
+    groups: &[GroupCol],
+    strides: &[u32],
+    keys: &[KeyArray],
+    n: usize,
+    out: &mut Vec<u32>,
+) {
+    out.clear();
+    out.resize(n, 0);
+    for ((g, key), &stride) in groups.iter().zip(keys).zip(strides) {
+        match (key, &g.index) {
+            // The common case, specialised: short text keys read as views.
+            (KeyArray::Utf8(Text::View(arr)), DomainIndex::Utf8Small(vals)) => {
+                let views = arr.views();
+                for (row, idx) in out.iter_mut().enumerate() {
+                    if *idx == u32::MAX {
+                        continue;
+                    }
+                    let v = views[row];
+                    let pos = if arr.is_null(row) {
+                        None
+                    } else if v as u32 <= INLINE {
+                        vals.iter().position(|(_, d)| *d == v)
+                    } else {
+                        let b = arr.value(row).as_bytes();
+                        vals.iter().position(|(d, _)| **d == *b)
+                    };
+                    *idx = match pos {
+                        Some(p) => *idx + p as u32 * stride,
+                        None => u32::MAX,
+                    };
+                }
+            }
+            _ => {
+                let one = [g];
+                let ks = std::slice::from_ref(key);
+                for (row, idx) in out.iter_mut().enumerate() {
+                    if *idx == u32::MAX {
+                        continue;
+                    }
+                    *idx = match group_index(&one, &[1], ks, row) {
+                        Some(p) => *idx + p * stride,
+                        None => u32::MAX,
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn group_index(
+    groups: &[&GroupCol],
+    strides: &[u32],
+    keys: &[KeyArray],
+    row: usize,
+) -> Option<u32> {
     let mut idx = 0u32;
     for ((g, key), stride) in groups.iter().zip(keys).zip(strides) {
         let pos = match (key, &g.index) {
+            (KeyArray::Utf8(a), DomainIndex::Utf8Small(vals)) => {
+                if a.is_null(row) {
+                    return None;
+                }
+                match a {
+                    Text::View(arr) => {
+                        let view = arr.views()[row];
+                        if view as u32 <= INLINE {
+                            vals.iter().position(|(_, d)| *d == view)? as u32
+                        } else {
+                            let v = arr.value(row).as_bytes();
+                            vals.iter().position(|(d, _)| **d == *v)? as u32
+                        }
+                    }
+                    Text::Utf8(arr) => {
+                        let v = arr.value(row).as_bytes();
+                        vals.iter().position(|(d, _)| **d == *v)? as u32
+                    }
+                }
+            }
             (KeyArray::Utf8(a), DomainIndex::Utf8(m)) => {
                 if a.is_null(row) {
                     return None;
@@ -516,8 +1122,11 @@ pub(crate) fn output_schema(plan: &BoundingPlan) -> Schema {
 fn build_output(
     plan: &BoundingPlan,
     strides: &[u32],
-    accs: &BTreeMap<u32, Vec<i128>>,
+    keys: &[u32],
+    accs: &[i128],
 ) -> BResult<RecordBatch> {
+    let naggs = plan.aggs.len();
+    let cell = |row: usize, i: usize| accs[row * naggs + i];
     let schema = Arc::new(output_schema(plan));
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (k, g) in plan.groups.iter().enumerate() {
@@ -526,7 +1135,7 @@ fn build_output(
         let arr: ArrayRef = match g.ty {
             ColumnType::Utf8 => {
                 let mut b = StringBuilder::new();
-                for &gi in accs.keys() {
+                for &gi in keys {
                     match g.values.get(pos(gi)) {
                         Some(PublicValue::Text(s)) => b.append_value(s),
                         _ => b.append_null(),
@@ -536,7 +1145,7 @@ fn build_output(
             }
             ColumnType::Int32 => {
                 let mut b = Int32Builder::new();
-                for &gi in accs.keys() {
+                for &gi in keys {
                     match g.values.get(pos(gi)) {
                         Some(PublicValue::Int(x)) => b.append_option(i32::try_from(*x).ok()),
                         _ => b.append_null(),
@@ -546,7 +1155,7 @@ fn build_output(
             }
             ColumnType::Int64 => {
                 let mut b = Int64Builder::new();
-                for &gi in accs.keys() {
+                for &gi in keys {
                     match g.values.get(pos(gi)) {
                         Some(PublicValue::Int(x)) => b.append_value(*x),
                         _ => b.append_null(),
@@ -556,7 +1165,7 @@ fn build_output(
             }
             ColumnType::Boolean => {
                 let mut b = BooleanBuilder::new();
-                for &gi in accs.keys() {
+                for &gi in keys {
                     match g.values.get(pos(gi)) {
                         Some(PublicValue::Bool(x)) => b.append_value(*x),
                         _ => b.append_null(),
@@ -572,12 +1181,11 @@ fn build_output(
         let arr: ArrayRef = match a {
             AggPlan::CountRows | AggPlan::CountNonNull { .. } => {
                 Arc::new(Int64Array::from_iter_values(
-                    accs.values()
-                        .map(|v| i64::try_from(v[i]).unwrap_or(i64::MAX)),
+                    (0..keys.len()).map(|row| i64::try_from(cell(row, i)).unwrap_or(i64::MAX)),
                 ))
             }
             AggPlan::SumFixed { .. } => Arc::new(
-                Decimal128Array::from_iter_values(accs.values().map(|v| v[i]))
+                Decimal128Array::from_iter_values((0..keys.len()).map(|row| cell(row, i)))
                     .with_precision_and_scale(SUM_PRECISION, 0)
                     .map_err(|e| BoundError(e.to_string()))?,
             ),
@@ -617,13 +1225,19 @@ mod tests {
         let mut kept = [0usize; 10];
         let mut rng = RandomBytes::new();
         for _ in 0..T {
-            let mut res = Reservoir::default();
+            // Two interleaved participants, so that ranges also move within the arena.
+            let mut arena = Arena::default();
+            let mut units = [Unit::default(); 2];
             for row in 0..10u32 {
-                res.offer(3, row, 0, &[], &mut rng).unwrap();
+                for u in &mut units {
+                    offer(u, &mut arena, 3, row, 0, &[], &mut rng).unwrap();
+                }
             }
-            assert_eq!(res.seen, 10);
-            assert_eq!(res.groups.len(), 3);
-            for &g in &res.groups {
+            for u in &units {
+                assert_eq!(u.seen, 10);
+                assert_eq!(u.len, 3);
+            }
+            for &g in &arena.groups[units[0].off..units[0].off + units[0].len] {
                 kept[g as usize] += 1;
             }
         }
@@ -727,6 +1341,86 @@ mod tests {
             let total: i64 = out_rows(&out).iter().map(|r| r.1).sum();
             assert_eq!(total, 2);
         }
+    }
+
+    fn counts_of(batches: &[&RecordBatch]) -> Arc<ParticipantCounts> {
+        let mut c = ParticipantCounts::default();
+        for b in batches {
+            c.add(b.column(0)).unwrap();
+        }
+        Arc::new(c)
+    }
+
+    /// With counts, participants with at most R rows are aggregated directly and the others
+    /// through a reservoir; the answer is the same as without counts.
+    #[test]
+    fn direct_and_reservoir_paths_agree() {
+        let b1 = input(
+            &[Some("p1"), Some("p1"), Some("p2"), Some("p3"), Some("p3")],
+            &[Some("A"), Some("B"), Some("B"), Some("A"), Some("A")],
+            &[Some(1), Some(2), Some(3), Some(4), Some(5)],
+        );
+        let b2 = input(
+            &[Some("p3"), Some("p1"), Some("p4")],
+            &[Some("B"), Some("A"), Some("A")],
+            &[Some(6), Some(7), Some(8)],
+        );
+        // p1: 3 rows, p2: 1, p3: 3, p4: 1. R = 3 keeps everything either way.
+        let counts = counts_of(&[&b1, &b2]);
+        assert_eq!(counts.participants(), 4);
+        let mut with = Bounder::with_counts(plan(3), Arc::clone(&counts));
+        let mut without = Bounder::new(plan(3));
+        for b in [&b1, &b2] {
+            with.push(b).unwrap();
+            without.push(b).unwrap();
+        }
+        assert_eq!(with.participants(), 4);
+        // Everyone went the direct way.
+        assert!(with.units.is_empty());
+        let expect = vec![("A".into(), 5, 5, 25), ("B".into(), 3, 3, 11)];
+        assert_eq!(out_rows(&with.finish().unwrap()), expect);
+        assert_eq!(out_rows(&without.finish().unwrap()), expect);
+
+        // R = 2: p1 and p3 (3 rows each) go through reservoirs and keep exactly 2 rows.
+        for _ in 0..50 {
+            let mut b = Bounder::with_counts(plan(2), Arc::clone(&counts));
+            b.push(&b1).unwrap();
+            b.push(&b2).unwrap();
+            assert_eq!(b.units.len(), 2);
+            let total: i64 = out_rows(&b.finish().unwrap()).iter().map(|r| r.1).sum();
+            assert_eq!(total, 2 + 1 + 2 + 1);
+        }
+    }
+
+    /// Counts that say a participant has at most R rows when it has more (the files changed)
+    /// stop the bounder before it lets that participant contribute more than R rows.
+    #[test]
+    fn stale_counts_stop_the_bounder() {
+        let before = input(&[Some("p1")], &[Some("A")], &[Some(1)]);
+        let after = input(
+            &[Some("p1"), Some("p1"), Some("p1")],
+            &[Some("A"), Some("A"), Some("B")],
+            &[Some(1), Some(2), Some(3)],
+        );
+        let mut b = Bounder::with_counts(plan(2), counts_of(&[&before]));
+        assert!(b.push(&after).is_err());
+        assert!(b.is_stale());
+    }
+
+    /// A participant absent from the counts goes through a reservoir.
+    #[test]
+    fn participants_missing_from_the_counts_are_bounded() {
+        let rows = input(
+            &[Some("new"), Some("new"), Some("new"), Some("new")],
+            &[Some("A"), Some("A"), Some("B"), Some("B")],
+            &[Some(1), Some(1), Some(1), Some(1)],
+        );
+        let other = input(&[Some("p1")], &[Some("A")], &[Some(1)]);
+        let mut b = Bounder::with_counts(plan(3), counts_of(&[&other]));
+        b.push(&rows).unwrap();
+        assert!(!b.is_stale());
+        let total: i64 = out_rows(&b.finish().unwrap()).iter().map(|r| r.1).sum();
+        assert_eq!(total, 3);
     }
 
     #[test]

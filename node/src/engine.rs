@@ -2,13 +2,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
 use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
-use datafusion::logical_expr::{ident, lit, Expr, LogicalPlan};
+use datafusion::logical_expr::{ident, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
 use fedq_common::wire::{
@@ -20,7 +21,9 @@ use fedq_common::{
 };
 use futures::StreamExt;
 
-use crate::bounding::{AggPlan, Bounder, BoundingPlan, GroupCol, SlotKind, ValueSlot};
+use crate::bounding::{
+    AggPlan, Bounder, BoundingPlan, GroupCol, ParticipantCounts, SlotKind, ValueSlot,
+};
 use crate::config::{NodeConfig, TableFormat, TableSource};
 use crate::error::NodeError;
 use crate::filter;
@@ -67,13 +70,16 @@ struct ServedTable {
     spec: TableSpec,
     /// The table restricted to its catalog columns.
     df: DataFrame,
+    /// Rows per participant over the whole table, recounted when found stale.
+    counts: RwLock<Arc<ParticipantCounts>>,
 }
 
 /// A validated request, ready to run.
-struct Prepared {
+struct Prepared<'a> {
     plan: BoundingPlan,
     state: SessionState,
     logical: LogicalPlan,
+    table: &'a ServedTable,
 }
 
 /// The node's query engine: a DataFusion session over the local tables, restricted to the
@@ -97,13 +103,7 @@ impl NodeEngine {
     /// Register the configured tables, after checking every file against the catalog
     /// schema. Only catalog columns are registered; extra file columns are never queryable.
     pub async fn new(config: &NodeConfig) -> Result<NodeEngine, NodeError> {
-        let mut session = SessionConfig::new();
-        // Read text as Utf8 (the catalog type), not as Utf8View.
-        session
-            .options_mut()
-            .execution
-            .parquet
-            .schema_force_view_types = false;
+        let session = SessionConfig::new();
         let ctx = SessionContext::new_with_config(session);
         let mut tables = BTreeMap::new();
         for (name, source) in &config.tables {
@@ -115,11 +115,19 @@ impl NodeEngine {
                     message: format!("[tables.{name}] is not a table of the catalog"),
                 })?;
             let df = load_table(&ctx, name, spec, source).await?;
+            let counts = count_participants(&df, spec)
+                .await
+                .map_err(|e| NodeError::DataFile {
+                    table: name.clone(),
+                    path: source.path.display().to_string(),
+                    message: format!("cannot count rows per participant: {e}"),
+                })?;
             tables.insert(
                 name.clone(),
                 ServedTable {
                     spec: spec.clone(),
                     df,
+                    counts: RwLock::new(Arc::new(counts)),
                 },
             );
         }
@@ -157,11 +165,6 @@ impl NodeEngine {
         &self,
         req: &PartialAggregateRequest,
     ) -> Result<Vec<RecordBatch>, NodeError> {
-        let Prepared {
-            plan,
-            state,
-            logical,
-        } = self.prepare(req)?;
         let exec_err = |e| NodeError::Execution {
             site: self.site.clone(),
             query_id: req.query_id.clone(),
@@ -172,21 +175,60 @@ impl NodeEngine {
             query_id: req.query_id.clone(),
             message: e.0,
         };
-        let physical = state
-            .create_physical_plan(&logical)
-            .await
-            .map_err(exec_err)?;
-        let mut stream = execute_stream(physical, state.task_ctx()).map_err(exec_err)?;
-        let mut bounder = Bounder::new(plan);
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(exec_err)?;
-            bounder.push(&batch).map_err(internal)?;
+        // At most two attempts: the second after recounting rows per participant, if the
+        // first found the counts stale (the files changed since they were taken).
+        for attempt in 0..2 {
+            let Prepared {
+                plan,
+                state,
+                logical,
+                table,
+            } = self.prepare(req)?;
+            let counts = table
+                .counts
+                .read()
+                .map(|c| Arc::clone(&c))
+                .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?;
+            let physical = state
+                .create_physical_plan(&logical)
+                .await
+                .map_err(exec_err)?;
+            let mut stream = execute_stream(physical, state.task_ctx()).map_err(exec_err)?;
+            let mut bounder = Bounder::with_counts(plan, counts);
+            let mut stale = false;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(exec_err)?;
+                if let Err(e) = bounder.push(&batch) {
+                    if bounder.is_stale() && attempt == 0 {
+                        stale = true;
+                        break;
+                    }
+                    return Err(internal(e));
+                }
+            }
+            if stale {
+                tracing::warn!(
+                    site = %self.site,
+                    table = %req.table,
+                    "rows per participant changed since they were counted; recounting"
+                );
+                let fresh = count_participants(&table.df, &table.spec)
+                    .await
+                    .map_err(exec_err)?;
+                if let Ok(mut c) = table.counts.write() {
+                    *c = Arc::new(fresh);
+                }
+                continue;
+            }
+            let out = bounder.finish().map_err(internal)?;
+            return Ok(vec![out]);
         }
-        let out = bounder.finish().map_err(internal)?;
-        Ok(vec![out])
+        Err(internal(crate::bounding::BoundError(
+            "rows per participant kept changing during the query".into(),
+        )))
     }
 
-    fn prepare(&self, req: &PartialAggregateRequest) -> Result<Prepared, NodeError> {
+    fn prepare(&self, req: &PartialAggregateRequest) -> Result<Prepared<'_>, NodeError> {
         let invalid = |m: String| NodeError::InvalidRequest(m);
         let refused = |m: String| NodeError::Refused(m);
 
@@ -263,7 +305,6 @@ impl NodeEngine {
 
         // Group keys.
         let mut groups = Vec::with_capacity(req.group_by.len());
-        let mut key_filters: Vec<Expr> = Vec::new();
         let mut n_groups: usize = 1;
         let mut seen = BTreeSet::new();
         for g in &req.group_by {
@@ -306,17 +347,6 @@ impl NodeEngine {
                     "the GROUP BY columns have more than {MAX_GROUPS} combinations of public values"
                 )));
             }
-            let lits: Vec<Expr> = values
-                .iter()
-                .filter_map(|v| match (v, c.ty) {
-                    (PublicValue::Text(s), ColumnType::Utf8) => Some(lit(s.clone())),
-                    (PublicValue::Int(i), ColumnType::Int32) => i32::try_from(*i).ok().map(lit),
-                    (PublicValue::Int(i), ColumnType::Int64) => Some(lit(*i)),
-                    (PublicValue::Bool(b), ColumnType::Boolean) => Some(lit(*b)),
-                    _ => None,
-                })
-                .collect();
-            key_filters.push(ident(g.clone()).in_list(lits, false));
             let p = proj_index(g, &mut proj);
             groups.push(GroupCol::new(g.clone(), c.ty, values, p));
         }
@@ -424,18 +454,13 @@ impl NodeEngine {
             return Err(invalid("too many distinct aggregate columns".into()));
         }
 
-        // Filter: the request's, then non-NULL participant, then group keys in their public
-        // domains (so such rows are dropped before bounding).
-        let mut conds: Vec<Expr> = Vec::new();
-        if let Some(f) = &req.filter {
-            conds.push(filter::translate(f, tname, spec)?);
-        }
-        conds.push(ident(spec.privacy_unit.clone()).is_not_null());
-        conds.extend(key_filters);
-        let predicate = conds
-            .into_iter()
-            .reduce(Expr::and)
-            .unwrap_or_else(|| lit(true));
+        // Filter: only the request's. Rows with a NULL participant, or a group key that is
+        // NULL or outside its public domain, are dropped by the bounder before they count
+        // towards R (see `bounding`), which is cheaper than a filter kernel here.
+        let predicate = match &req.filter {
+            Some(f) => Some(filter::translate(f, tname, spec)?),
+            None => None,
+        };
 
         let plan_err = |e: datafusion::error::DataFusionError| {
             tracing::info!(
@@ -449,11 +474,11 @@ impl NodeEngine {
                     .into(),
             )
         };
-        let df = table
-            .df
-            .clone()
-            .filter(predicate)
-            .map_err(plan_err)?
+        let mut df = table.df.clone();
+        if let Some(predicate) = predicate {
+            df = df.filter(predicate).map_err(plan_err)?;
+        }
+        let df = df
             .select(proj.iter().map(|c| ident(c.clone())))
             .map_err(plan_err)?;
         let (state, logical) = df.into_parts();
@@ -469,8 +494,30 @@ impl NodeEngine {
             },
             state,
             logical,
+            table,
         })
     }
+}
+
+/// Count rows per participant over the whole table (no filter), streaming only the
+/// privacy-unit column.
+async fn count_participants(
+    df: &DataFrame,
+    spec: &TableSpec,
+) -> Result<ParticipantCounts, datafusion::error::DataFusionError> {
+    let mut stream = df
+        .clone()
+        .select(vec![ident(spec.privacy_unit.clone())])?
+        .execute_stream()
+        .await?;
+    let mut counts = ParticipantCounts::default();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        counts
+            .add(batch.column(0))
+            .map_err(|e| datafusion::error::DataFusionError::Execution(e.0))?;
+    }
+    Ok(counts)
 }
 
 /// The files that make up a table: the file itself, or the directory's files with the
@@ -573,11 +620,18 @@ fn csv_header(table: &str, file: &Path) -> Result<Vec<String>, NodeError> {
     Ok(schema.fields().iter().map(|f| f.name().clone()).collect())
 }
 
-fn catalog_schema(spec: &TableSpec) -> Schema {
+/// The catalog schema with text as Utf8View, for reading Parquet.
+fn scan_schema(spec: &TableSpec) -> Schema {
     Schema::new(
         spec.columns
             .iter()
-            .map(|c| Field::new(&c.name, c.ty.arrow_type(), true))
+            .map(|c| {
+                let ty = match c.ty.arrow_type() {
+                    DataType::Utf8 => DataType::Utf8View,
+                    other => other,
+                };
+                Field::new(&c.name, ty, true)
+            })
             .collect::<Vec<_>>(),
     )
 }
@@ -610,7 +664,9 @@ async fn load_table(
             for f in &files {
                 check_schema(f, &parquet_schema(name, f)?, spec)?;
             }
-            let schema = catalog_schema(spec);
+            // Text is read as Utf8View: decoding Parquet strings into views copies no bytes
+            // for short strings (such as participant ids), and the bounder compares views.
+            let schema = scan_schema(spec);
             let opts = ParquetReadOptions {
                 file_extension: ext,
                 schema: Some(&schema),

@@ -16,7 +16,6 @@ use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::NodeConfig;
@@ -265,10 +264,13 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     })?;
     let (tx, rx) = oneshot::channel::<()>();
     let service = NodeService::new(Arc::clone(&engine)).into_server();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold small response
+            // frames back for tens of milliseconds.
+            .serve_with_incoming_shutdown(incoming, async move {
                 // Stop on an explicit shutdown or when the handle is dropped.
                 let _ = rx.await;
             })
