@@ -133,6 +133,14 @@ pub(crate) enum AggPlan {
         lo_fp: f64,
         hi_fp: f64,
     },
+    /// Like `SumFixed`, then `(v - mid_fp)²` summed exactly in `i128`.
+    SumSquaresFixed {
+        slot: usize,
+        precision: f64,
+        lo_fp: f64,
+        hi_fp: f64,
+        mid_fp: i128,
+    },
 }
 
 /// The shape of one bounding run.
@@ -436,6 +444,27 @@ impl Bounder {
                                 *slot_acc = slot_acc.saturating_add(fp);
                             }
                         }
+                        AggPlan::SumSquaresFixed {
+                            slot,
+                            precision,
+                            lo_fp,
+                            hi_fp,
+                            mid_fp,
+                        } => {
+                            if nulls & (1 << slot) != 0 {
+                                continue;
+                            }
+                            let v = match plan.slots[slot].kind {
+                                SlotKind::Int => vals[slot] as i64 as f64,
+                                SlotKind::Float => f64::from_bits(vals[slot]),
+                                SlotKind::NullOnly => continue,
+                            };
+                            if let Some(fp) = to_fixed(v, precision, lo_fp, hi_fp) {
+                                // |fp - mid| <= 2e12 (validated), so the square fits.
+                                let d = fp.saturating_sub(mid_fp);
+                                *slot_acc = slot_acc.saturating_add(d.saturating_mul(d));
+                            }
+                        }
                     }
                 }
             }
@@ -506,7 +535,9 @@ pub(crate) fn output_schema(plan: &BoundingPlan) -> Schema {
     for (i, a) in plan.aggs.iter().enumerate() {
         let ty = match a {
             AggPlan::CountRows | AggPlan::CountNonNull { .. } => DataType::Int64,
-            AggPlan::SumFixed { .. } => DataType::Decimal128(SUM_PRECISION, 0),
+            AggPlan::SumFixed { .. } | AggPlan::SumSquaresFixed { .. } => {
+                DataType::Decimal128(SUM_PRECISION, 0)
+            }
         };
         fields.push(Field::new(format!("agg_{i}"), ty, false));
     }
@@ -576,7 +607,7 @@ fn build_output(
                         .map(|v| i64::try_from(v[i]).unwrap_or(i64::MAX)),
                 ))
             }
-            AggPlan::SumFixed { .. } => Arc::new(
+            AggPlan::SumFixed { .. } | AggPlan::SumSquaresFixed { .. } => Arc::new(
                 Decimal128Array::from_iter_values(accs.values().map(|v| v[i]))
                     .with_precision_and_scale(SUM_PRECISION, 0)
                     .map_err(|e| BoundError(e.to_string()))?,
@@ -727,6 +758,35 @@ mod tests {
             let total: i64 = out_rows(&out).iter().map(|r| r.1).sum();
             assert_eq!(total, 2);
         }
+    }
+
+    #[test]
+    fn centred_sum_of_squares_is_exact() {
+        // [0, 10] at 1: mid 5. A: 4, -3 -> 0 (clamped), NULL; B: 20 -> 10, 2.
+        let mut p = plan(10);
+        p.aggs.push(AggPlan::SumSquaresFixed {
+            slot: 0,
+            precision: 1.0,
+            lo_fp: 0.0,
+            hi_fp: 10.0,
+            mid_fp: 5,
+        });
+        let mut b = Bounder::new(p);
+        b.push(&input(
+            &[Some("p1"), Some("p2"), Some("p1"), Some("p2"), Some("p1")],
+            &[Some("A"), Some("B"), Some("A"), Some("A"), Some("B")],
+            &[Some(4), Some(20), Some(-3), None, Some(2)],
+        ))
+        .unwrap();
+        let out = b.finish().unwrap();
+        let sq = out
+            .column(4)
+            .as_any()
+            .downcast_ref::<Decimal128Array>()
+            .unwrap();
+        // A: (4-5)² + (0-5)² = 26; B: (10-5)² + (2-5)² = 34.
+        assert_eq!(sq.value(0), 26);
+        assert_eq!(sq.value(1), 34);
     }
 
     #[test]

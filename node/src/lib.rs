@@ -21,6 +21,8 @@
 //!    `lo = ceil(lower / precision)`, `hi = floor(upper / precision)` and each value
 //!    contributes `clamp(round(v / precision), lo, hi)` as an `i128` (NULL and NaN are
 //!    skipped, ±∞ clamp). Sums are exact `i128` sums, sent as `Decimal128(38, 0)`.
+//!    `SumSquaresFixed` (for VAR/STDDEV) is validated the same way (with a tighter step
+//!    limit) and sums `(v - mid)²` with `mid = floor((lo + hi) / 2)`, exactly.
 //! 4. **Errors do not leak data.** Validation refusals depend only on the request and the
 //!    catalog and say why (`INVALID_ARGUMENT` for malformed requests and limits,
 //!    `PERMISSION_DENIED` for what the catalog does not allow). Failures while running a
