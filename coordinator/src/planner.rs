@@ -982,6 +982,11 @@ columns = [
         refused("SELECT COUNT(*) FROM labs WHERE 10 / value > 1", "division").await;
         refused("SELECT MAX(value) FROM labs", "percentile").await;
         refused("SELECT MIN(value) FROM labs", "percentile").await;
+        refused("SELECT MIN(value) FROM labs", "MEDIAN(col)").await;
+        refused("SELECT MAX(value) FROM labs", "APPROX_PERCENTILE_CONT").await;
+        refused("SELECT VAR_SAMP(raw) FROM labs", "no declared bounds").await;
+        refused("SELECT STDDEV(raw) FROM labs", "no declared bounds").await;
+        refused("SELECT MEDIAN(value) FROM labs", "not supported").await;
         refused("SELECT COUNT(DISTINCT pid) FROM labs", "DISTINCT").await;
         refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
         refused(
@@ -1016,7 +1021,13 @@ columns = [
 
     #[tokio::test]
     async fn sensitivities_follow_the_catalog() {
-        let q = plan("SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test")
+        let q = planner()
+            .with_allocation(Allocation::Even)
+            .plan(
+                "SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test",
+                1.0,
+                "q",
+            )
             .await
             .unwrap();
         // R = 20 rows per participant, S = 2 sites.
@@ -1044,6 +1055,156 @@ columns = [
             .find(|s| matches!(s.kind, StatisticKind::CentredSum { .. }))
             .unwrap();
         assert_eq!(centred.sensitivity, 2 * 65);
+    }
+
+    fn eps(q: &PlannedQuery, kind: impl Fn(&StatisticKind) -> bool) -> RBig {
+        q.statistics
+            .iter()
+            .find(|s| kind(&s.kind))
+            .map(|s| s.epsilon.clone())
+            .unwrap()
+    }
+
+    fn total(q: &PlannedQuery) -> RBig {
+        q.statistics
+            .iter()
+            .fold(RBig::ZERO, |a, s| a + s.epsilon.clone())
+    }
+
+    #[tokio::test]
+    async fn balanced_allocation_minimises_the_avg_variance() {
+        // One AVG: weights 3/4 (sum) and 1/4 (count), so ε_S/ε_N = 3^{1/3}.
+        let q = plan("SELECT AVG(birth_year) FROM participants")
+            .await
+            .unwrap();
+        assert_eq!(q.allocation, Allocation::Balanced);
+        assert_eq!(total(&q), RBig::ONE, "the shares add up to ε exactly");
+        let es = eps(&q, |k| matches!(k, StatisticKind::CentredSum { .. }))
+            .to_f64()
+            .value();
+        let ec = eps(&q, |k| matches!(k, StatisticKind::Count { .. }))
+            .to_f64()
+            .value();
+        assert!((es / ec - 3f64.cbrt()).abs() < 1e-6, "{es} / {ec}");
+        assert!((es - 0.590541).abs() < 1e-5, "{es}");
+        // It is the minimiser of 1/ε_S² + (1/3)/ε_N² on ε_S + ε_N = 1: nudging either way is worse.
+        let f = |s: f64| 1.0 / (s * s) + 1.0 / (3.0 * (1.0 - s) * (1.0 - s));
+        assert!(f(es) < f(es + 1e-3) && f(es) < f(es - 1e-3));
+        assert!(f(es) < f(0.5));
+
+        // A shared count gets the weights of both its users: COUNT(value) (1) and AVG (1/4).
+        let q = plan("SELECT COUNT(value), AVG(value), COUNT(*) FROM labs")
+            .await
+            .unwrap();
+        assert_eq!(total(&q), RBig::ONE);
+        let w: Vec<f64> = q.statistics.iter().map(|s| s.cost).collect();
+        assert_eq!(w, vec![1.25, 0.75, 1.0]);
+        for s in &q.statistics {
+            let want = s.cost.cbrt() / w.iter().map(|c| c.cbrt()).sum::<f64>();
+            assert!((s.epsilon.to_f64().value() - want).abs() < 1e-8);
+        }
+
+        // Even split on request, for comparison.
+        let q = planner()
+            .with_allocation(Allocation::Even)
+            .plan("SELECT AVG(birth_year) FROM participants", 0.5, "q")
+            .await
+            .unwrap();
+        for s in &q.statistics {
+            assert_eq!(s.epsilon, RBig::ONE / RBig::from(4u8));
+        }
+    }
+
+    #[tokio::test]
+    async fn sites_per_participant_scale_every_sensitivity() {
+        let with_s = |s: u32| {
+            let cat = CATALOG.replace("max_sites_per_unit = 2", &format!("max_sites_per_unit = {s}"));
+            Planner::new(&Catalog::from_toml(&cat, "test").unwrap()).unwrap()
+        };
+        let sql = "SELECT test, COUNT(*), SUM(value), AVG(value), VAR_POP(value) FROM labs GROUP BY test";
+        let q1 = with_s(1).plan(sql, 1.0, "q").await.unwrap();
+        let q3 = with_s(3).plan(sql, 1.0, "q").await.unwrap();
+        assert_eq!(q1.statistics.len(), 5);
+        assert_eq!(q1.max_sites_per_unit, 1);
+        assert_eq!(q3.max_sites_per_unit, 3);
+        for (a, b) in q1.statistics.iter().zip(&q3.statistics) {
+            assert_eq!(a.kind, b.kind);
+            assert_eq!(b.sensitivity, 3 * a.sensitivity, "{}", a.label);
+            assert_eq!(a.epsilon, b.epsilon);
+            let scale = |s: &Statistic| {
+                crate::noise::DiscreteLaplace::new(s.sensitivity, &s.epsilon)
+                    .unwrap()
+                    .scale()
+            };
+            assert!((scale(b) - 3.0 * scale(a)).abs() < 1e-9 * scale(b));
+        }
+        // R = 20, S = 1: counts 20, the sum 20·50000 (0.01 units), the centred sum 20·25000
+        // and the centred sum of squares 20·25000².
+        let sens: Vec<u128> = q1.statistics.iter().map(|s| s.sensitivity).collect();
+        assert_eq!(
+            sens,
+            vec![20, 20 * 50_000, 20, 20 * 25_000, 20 * 25_000 * 25_000]
+        );
+        assert_eq!(q3.statistics[0].formula, "R·S = 20·3");
+    }
+
+    #[tokio::test]
+    async fn variance_uses_centred_sums_and_shares_them_with_avg() {
+        let q = plan(
+            "SELECT AVG(birth_year), VAR_SAMP(birth_year) AS v, STDDEV_POP(birth_year),              STDDEV(birth_year), VAR_POP(birth_year) FROM participants",
+        )
+        .await
+        .unwrap();
+        // COUNT, centred SUM, centred SUM of squares: shared by all five outputs.
+        assert_eq!(q.statistics.len(), 3);
+        assert_eq!(q.request.aggregates.len(), 3);
+        assert_eq!(total(&q), RBig::ONE);
+        let sens: Vec<u128> = q.statistics.iter().map(|s| s.sensitivity).collect();
+        // R = 1, S = 2, half-width 65: 2, 2·65 and 2·65².
+        assert_eq!(sens, vec![2, 2 * 65, 2 * 65 * 65]);
+        assert!(q.request.aggregates.contains(&AggregateRequest::SumSquaresFixed {
+            column: "birth_year".into(),
+            lower: 1900.0,
+            upper: 2030.0,
+            precision: 1.0,
+        }));
+        let kinds: Vec<(bool, bool)> = q
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                AggregateOutput::Variance {
+                    sample,
+                    sqrt,
+                    half_fp,
+                    ..
+                } => {
+                    assert_eq!(*half_fp, 65);
+                    Some((*sample, *sqrt))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(true, false), (false, true), (true, true), (false, false)]
+        );
+    }
+
+    #[tokio::test]
+    async fn suppression_gives_every_sum_a_count() {
+        let cat = Catalog::from_toml(CATALOG, "test").unwrap();
+        let p = Planner::new(&cat).unwrap().with_min_reported_count(11);
+        let q = p.plan("SELECT SUM(value) FROM labs", 1.0, "q").await.unwrap();
+        assert_eq!(q.statistics.len(), 2);
+        match &q.outputs[0] {
+            AggregateOutput::Sum {
+                count_stat: Some(c),
+                ..
+            } => assert!(matches!(q.statistics[*c].kind, StatisticKind::Count { .. })),
+            other => panic!("{other:?}"),
+        }
+        let q = plan("SELECT SUM(value) FROM labs").await.unwrap();
+        assert_eq!(q.statistics.len(), 1);
     }
 
     #[tokio::test]
