@@ -388,7 +388,13 @@ impl Bounder {
                     let (is_null, bits) = match v {
                         ValArray::Int32(a) => (a.is_null(row), a.value(row) as i64 as u64),
                         ValArray::Int64(a) => (a.is_null(row), a.value(row) as u64),
-                        ValArray::Float64(a) => (a.is_null(row), a.value(row).to_bits()),
+                        // NaN is NULL for every aggregate: counted by none, summed by none.
+                        // (Counting it but summing nothing would put a centred sum's row
+                        // at 0, outside bounds that exclude 0, beyond its sensitivity.)
+                        ValArray::Float64(a) => (
+                            a.is_null(row) || a.value(row).is_nan(),
+                            a.value(row).to_bits(),
+                        ),
                         ValArray::Any(a) => (a.is_null(row), 0),
                     };
                     if is_null {
@@ -787,6 +793,34 @@ mod tests {
         // A: (4-5)² + (0-5)² = 26; B: (10-5)² + (2-5)² = 34.
         assert_eq!(sq.value(0), 26);
         assert_eq!(sq.value(1), 34);
+    }
+
+    #[test]
+    fn nan_is_null_for_counts_and_sums() {
+        let mut p = plan(10);
+        p.slots[0] = ValueSlot {
+            ty: ColumnType::Float64,
+            kind: SlotKind::Float,
+            proj: 2,
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("pid", DataType::Utf8, true),
+            Field::new("g", DataType::Utf8, true),
+            Field::new("x", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["p1", "p2", "p3"])),
+                Arc::new(StringArray::from(vec!["A", "A", "A"])),
+                Arc::new(Float64Array::from(vec![Some(f64::NAN), Some(3.0), None])),
+            ],
+        )
+        .unwrap();
+        let mut b = Bounder::new(p);
+        b.push(&batch).unwrap();
+        // Rows 3, non-null 1 (NaN and NULL excluded), sum 3.
+        assert_eq!(out_rows(&b.finish().unwrap()), vec![("A".into(), 3, 1, 3)]);
     }
 
     #[test]
