@@ -392,11 +392,7 @@ impl Coordinator {
     /// `EXPLAIN` of `sql` (the query without the keyword): plan and check it exactly as it
     /// would run and describe its statistics, sensitivities, ε split, noise scales and
     /// expected errors. Asks no node and charges nothing; audited as `query.explained`.
-    pub async fn explain(
-        &self,
-        researcher: &str,
-        sql: &str,
-    ) -> Result<Released, CoordinatorError> {
+    pub async fn explain(&self, researcher: &str, sql: &str) -> Result<Released, CoordinatorError> {
         let q = self.plan(researcher, sql).await?;
         let (schema, batches) = crate::explain::explain_batch(
             &q,

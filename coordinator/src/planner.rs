@@ -1118,10 +1118,14 @@ columns = [
     #[tokio::test]
     async fn sites_per_participant_scale_every_sensitivity() {
         let with_s = |s: u32| {
-            let cat = CATALOG.replace("max_sites_per_unit = 2", &format!("max_sites_per_unit = {s}"));
+            let cat = CATALOG.replace(
+                "max_sites_per_unit = 2",
+                &format!("max_sites_per_unit = {s}"),
+            );
             Planner::new(&Catalog::from_toml(&cat, "test").unwrap()).unwrap()
         };
-        let sql = "SELECT test, COUNT(*), SUM(value), AVG(value), VAR_POP(value) FROM labs GROUP BY test";
+        let sql =
+            "SELECT test, COUNT(*), SUM(value), AVG(value), VAR_POP(value) FROM labs GROUP BY test";
         let q1 = with_s(1).plan(sql, 1.0, "q").await.unwrap();
         let q3 = with_s(3).plan(sql, 1.0, "q").await.unwrap();
         assert_eq!(q1.statistics.len(), 5);
@@ -1162,12 +1166,15 @@ columns = [
         let sens: Vec<u128> = q.statistics.iter().map(|s| s.sensitivity).collect();
         // R = 1, S = 2, half-width 65: 2, 2·65 and 2·65².
         assert_eq!(sens, vec![2, 2 * 65, 2 * 65 * 65]);
-        assert!(q.request.aggregates.contains(&AggregateRequest::SumSquaresFixed {
-            column: "birth_year".into(),
-            lower: 1900.0,
-            upper: 2030.0,
-            precision: 1.0,
-        }));
+        assert!(q
+            .request
+            .aggregates
+            .contains(&AggregateRequest::SumSquaresFixed {
+                column: "birth_year".into(),
+                lower: 1900.0,
+                upper: 2030.0,
+                precision: 1.0,
+            }));
         let kinds: Vec<(bool, bool)> = q
             .outputs
             .iter()
@@ -1194,7 +1201,10 @@ columns = [
     async fn suppression_gives_every_sum_a_count() {
         let cat = Catalog::from_toml(CATALOG, "test").unwrap();
         let p = Planner::new(&cat).unwrap().with_min_reported_count(11);
-        let q = p.plan("SELECT SUM(value) FROM labs", 1.0, "q").await.unwrap();
+        let q = p
+            .plan("SELECT SUM(value) FROM labs", 1.0, "q")
+            .await
+            .unwrap();
         assert_eq!(q.statistics.len(), 2);
         match &q.outputs[0] {
             AggregateOutput::Sum {

@@ -270,7 +270,12 @@ pub async fn release(
                         avg_value(*s, *c, *mid_fp, bounds)
                     };
                     let hw = v.map(|_| {
-                        avg_ci95(ms.scale() * prec, mc.scale(), *s as f64 * prec / *c as f64, *c as f64)
+                        avg_ci95(
+                            ms.scale() * prec,
+                            mc.scale(),
+                            *s as f64 * prec / *c as f64,
+                            *c as f64,
+                        )
                     });
                     vals.push(v);
                     hws.push(hw);
@@ -306,7 +311,11 @@ pub async fn release(
                 let mut vals = Vec::with_capacity(keys.len());
                 let mut hws = Vec::with_capacity(keys.len());
                 for (g, x) in sup.iter().enumerate() {
-                    let (n, s, sq) = (noisy[*count_stat][g], noisy[*sum_stat][g], noisy[*sq_stat][g]);
+                    let (n, s, sq) = (
+                        noisy[*count_stat][g],
+                        noisy[*sum_stat][g],
+                        noisy[*sq_stat][g],
+                    );
                     let v = if *x { None } else { shape.value(n, s, sq) };
                     let hw = v.map(|v| {
                         shape.ci95(
@@ -424,16 +433,16 @@ pub async fn release(
     if threshold > 0 {
         let mut md = HashMap::new();
         md.insert(META_SUPPRESSED_BELOW.to_string(), threshold.to_string());
-        final_fields.push(
-            Field::new(SUPPRESSED_COLUMN, DataType::Utf8, true).with_metadata(md),
-        );
+        final_fields.push(Field::new(SUPPRESSED_COLUMN, DataType::Utf8, true).with_metadata(md));
     }
     let final_schema = Arc::new(Schema::new_with_metadata(final_fields, schema_meta));
     let mut batches = Vec::with_capacity(out_batches.len());
     for b in out_batches {
         let mut cols: Vec<ArrayRef> = keep.iter().map(|&i| b.column(i).clone()).collect();
         if threshold > 0 {
-            cols.push(suppression_reasons(&b, &keep, &top, agg_fields, nk, threshold));
+            cols.push(suppression_reasons(
+                &b, &keep, &top, agg_fields, nk, threshold,
+            ));
         }
         batches.push(
             RecordBatch::try_new(final_schema.clone(), cols)
@@ -564,7 +573,8 @@ impl VarianceShape {
         let q = sq as f64 * p * p / nf;
         let k = if self.sample { nf / (nf - 1.0) } else { 1.0 };
         let d_n = q - 2.0 * m * m;
-        let var = k * k
+        let var = k
+            * k
             * (2.0 * b_sq * b_sq
                 + 4.0 * m * m * 2.0 * b_sum * b_sum
                 + d_n * d_n * 2.0 * b_count * b_count)
@@ -619,7 +629,11 @@ fn replace_aggregate(
 
 /// For each output column of the plan, the index of the aggregate it shows unchanged (a
 /// column reference, possibly aliased), if any.
-pub(crate) fn top_projection_mapping(plan: &LogicalPlan, n_aggs: usize, nk: usize) -> Vec<Option<usize>> {
+pub(crate) fn top_projection_mapping(
+    plan: &LogicalPlan,
+    n_aggs: usize,
+    nk: usize,
+) -> Vec<Option<usize>> {
     let mut p = plan;
     loop {
         match p {
