@@ -688,3 +688,138 @@ fn resolve_column(plan: &LogicalPlan, c: &Column, nk: usize) -> Option<usize> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::Planner;
+    use fedq_common::Catalog;
+    use std::collections::BTreeMap;
+
+    const CATALOG: &str = r#"
+[tables.t]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "g", type = "utf8", public_values = ["big", "small", "mixed"] },
+  { name = "x", type = "int64", lower = 0, upper = 100 },
+]
+"#;
+
+    fn text(b: &RecordBatch, col: &str, row: usize) -> Option<String> {
+        let a = b.column(b.schema().index_of(col).unwrap());
+        let a = a.as_any().downcast_ref::<StringArray>().unwrap();
+        a.is_valid(row).then(|| a.value(row).to_string())
+    }
+
+    /// Exact counts are 10⁶ or 0, so with noise scales below 10 the noisy decisions are
+    /// certain up to e^{-10⁵}: the test checks the rules, not the noise.
+    #[tokio::test]
+    async fn suppression_follows_noisy_counts_and_spreads_to_derived_values() {
+        let cat = Catalog::from_toml(CATALOG, "test").unwrap();
+        let planner = Planner::new(&cat).unwrap().with_min_reported_count(1000);
+        let q = planner
+            .plan(
+                "SELECT g, COUNT(*) AS n, SUM(x) AS s, AVG(x) AS a, VAR_POP(x) AS v FROM t GROUP BY g",
+                1.0,
+                "q",
+            )
+            .await
+            .unwrap();
+        // Partials: CountRows, SumFixed(x), CountNonNull(x), SumSquaresFixed(x).
+        let big = 1_000_000i128;
+        let mut groups = BTreeMap::new();
+        let key = |s: &str| vec![PublicValue::Text(s.into())];
+        groups.insert(key("big"), vec![big, 50 * big, big, 100 * big]);
+        groups.insert(key("small"), vec![0, 0, 0, 0]);
+        // Many rows but (artificially) no values of x: everything about x is suppressed,
+        // the row count is not.
+        groups.insert(key("mixed"), vec![big, 0, 0, 0]);
+        let merged = MergedPartials {
+            groups,
+            sites_answered: vec!["a".into()],
+        };
+        let r = release(&q, &merged, 1000, HashMap::new()).await.unwrap();
+        let names: Vec<&str> = r
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(names, vec!["g", "n", "s", "a", "v", SUPPRESSED_COLUMN]);
+        let b = &r.batches[0];
+        let row = |g: &str| {
+            (0..b.num_rows())
+                .find(|&i| text(b, "g", i).as_deref() == Some(g))
+                .unwrap()
+        };
+        let (rb, rs, rm) = (row("big"), row("small"), row("mixed"));
+        for c in 1..5 {
+            assert!(b.column(c).is_valid(rb));
+            assert!(b.column(c).is_null(rs));
+        }
+        assert_eq!(text(b, SUPPRESSED_COLUMN, rb), None);
+        assert_eq!(
+            text(b, SUPPRESSED_COLUMN, rs).as_deref(),
+            Some("n, s, a, v: noisy count below 1000")
+        );
+        assert!(b.column(1).is_valid(rm));
+        assert_eq!(
+            text(b, SUPPRESSED_COLUMN, rm).as_deref(),
+            Some("s, a, v: noisy count below 1000")
+        );
+        // Without a threshold: no extra column, nothing NULL but the AVG/VAR of empty groups.
+        let q0 = Planner::new(&cat)
+            .unwrap()
+            .plan("SELECT g, COUNT(*) AS n FROM t GROUP BY g", 1.0, "q")
+            .await
+            .unwrap();
+        let mut m0 = merged.clone();
+        for v in m0.groups.values_mut() {
+            v.truncate(1);
+        }
+        let r0 = release(&q0, &m0, 0, HashMap::new()).await.unwrap();
+        assert_eq!(r0.schema.fields().len(), 2);
+    }
+
+    #[test]
+    fn variance_from_centred_statistics_is_exact_before_noise() {
+        // Values 1, 2, 3, 4, 10 with mid 5: centred -4, -3, -2, -1, 5.
+        let xs = [1.0f64, 2.0, 3.0, 4.0, 10.0];
+        let n = xs.len() as i128;
+        let s: i128 = xs.iter().map(|x| *x as i128 - 5).sum();
+        let sq: i128 = xs.iter().map(|x| (*x as i128 - 5).pow(2)).sum();
+        let mean = xs.iter().sum::<f64>() / 5.0;
+        let pop = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 5.0;
+        let shape = |sample, sqrt| VarianceShape {
+            half: 5.0,
+            precision: 1.0,
+            sample,
+            sqrt,
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(shape(false, false).value(n, s, sq).unwrap(), pop));
+        assert!(close(
+            shape(true, false).value(n, s, sq).unwrap(),
+            pop * 5.0 / 4.0
+        ));
+        assert!(close(
+            shape(false, true).value(n, s, sq).unwrap(),
+            pop.sqrt()
+        ));
+        // Clamped into [0, half²·k]; too few values give NULL.
+        assert_eq!(shape(false, false).value(5, 0, -100), Some(0.0));
+        assert_eq!(shape(false, false).value(1, 0, 1_000), Some(25.0));
+        assert_eq!(shape(true, false).value(1, 0, 1), None);
+        assert_eq!(shape(false, false).value(0, 0, 1), None);
+        // AVG: mid + s/c, clamped.
+        let b = Bounds {
+            lower: 0.0,
+            upper: 10.0,
+            precision: 1.0,
+        };
+        assert_eq!(avg_value(-4, 2, 5, &b), Some(3.0));
+        assert_eq!(avg_value(100, 2, 5, &b), Some(10.0));
+        assert_eq!(avg_value(1, 0, 5, &b), None);
+    }
+}
