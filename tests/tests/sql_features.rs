@@ -120,6 +120,23 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
     // Refusals stay refusals under EXPLAIN.
     assert!(alice.query("EXPLAIN SELECT * FROM labs").await.is_err());
     fed.shutdown().await.unwrap();
+
+    // The audit log records the EXPLAIN, free, and nothing was charged.
+    let path = dir.join("ledger.sqlite");
+    let conn = fedq_coordinator::audit::open_read_only(&path).unwrap();
+    let entries: Vec<serde_json::Value> = fedq_coordinator::audit::read_rows(&conn, &path)
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::from_str(&r.entry).unwrap())
+        .collect();
+    let explained: Vec<_> = entries
+        .iter()
+        .filter(|e| e["kind"] == "query.explained")
+        .collect();
+    assert_eq!(explained.len(), 1);
+    assert_eq!(explained[0]["body"]["epsilon_charged"], 0.0);
+    assert_eq!(explained[0]["body"]["sql"], sql);
+    assert!(entries.iter().all(|e| e["kind"] != "query.charged"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
