@@ -149,3 +149,39 @@ fn render_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, C
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedq_coordinator::planner::Planner;
+
+    #[tokio::test]
+    async fn explain_renders_a_table_and_numbered_notes() {
+        let cat = fedq_common::Catalog::from_toml(
+            r#"
+max_sites_per_unit = 2
+[tables.participants]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "birth_year", type = "int32", lower = 1900, upper = 2030 },
+]
+"#,
+            "test",
+        )
+        .unwrap();
+        let q = Planner::new(&cat)
+            .unwrap()
+            .plan("SELECT AVG(birth_year) AS a FROM participants", 1.0, "q")
+            .await
+            .unwrap();
+        let (schema, batches) = fedq_coordinator::explain::explain_batch(&q, 0.0, 11).unwrap();
+        let out = render(&schema, &batches).unwrap();
+        let header = out.lines().next().unwrap();
+        assert!(header.contains("sensitivity") && header.contains("ci95_half_width"));
+        assert!(!header.contains("detail"), "{header}");
+        assert!(out.contains("R·S·half-width/precision = 1·2·65"), "{out}");
+        assert!(out.contains("[2] participants: {"), "{out}");
+        assert!(out.contains("a: AVG = midpoint"), "{out}");
+    }
+}
