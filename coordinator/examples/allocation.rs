@@ -1,7 +1,7 @@
 //! Measures the error of AVG and STDDEV under fedq's balanced ε split against the naive even
 //! split, with OpenDP's discrete Laplace noise on fixed exact values.
 //!
-//! Run: `cargo run --release -p fedq-coordinator --example allocation [-- TRIALS]`
+//! Run: `cargo run -p fedq-coordinator --example allocation [-- TRIALS]`
 //!
 //! For each scenario (a query, a number N of values, their true mean and standard
 //! deviation), the query is planned twice under the same catalog and ε = 1 — once with
