@@ -267,6 +267,11 @@ impl Coordinator {
                 .map(|d| d.name.clone())
                 .collect(),
             sites_asked: self.pool.sites(),
+            epsilon_split: q
+                .statistics
+                .iter()
+                .map(|s| (s.label.clone(), s.epsilon.to_string()))
+                .collect(),
         }
     }
 

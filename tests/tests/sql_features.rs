@@ -186,6 +186,35 @@ async fn avg_is_centred_and_sites_per_participant_scale_the_noise() {
     assert!((n - exact).abs() <= discrete_laplace_half_width(3.0, ALPHA));
     let _ = col(&r, "n");
     fed.shutdown().await.unwrap();
+
+    // The audit log records the split of each charged query.
+    let path = dir.join("ledger.sqlite");
+    let conn = fedq_coordinator::audit::open_read_only(&path).unwrap();
+    let charged: Vec<serde_json::Value> = fedq_coordinator::audit::read_rows(&conn, &path)
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.entry).unwrap())
+        .filter(|e| e["kind"] == "query.charged")
+        .collect();
+    assert_eq!(charged.len(), 2);
+    let split = charged[0]["body"]["epsilon_split"].as_array().unwrap();
+    let labels: Vec<&str> = split
+        .iter()
+        .map(|s| s["statistic"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        vec!["COUNT(birth_year)", "SUM(birth_year - 1965) in units of 1"]
+    );
+    let share = |i: usize| -> f64 {
+        let (a, b) = split[i]["epsilon"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        a.parse::<f64>().unwrap() / b.parse::<f64>().unwrap()
+    };
+    assert!((share(0) - eps_n).abs() < 1e-12 && (share(1) - eps_s).abs() < 1e-12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
