@@ -8,13 +8,14 @@
 //! `Allocation::Balanced`, once with `Allocation::Even` — and the released value is computed
 //! TRIALS times (default 20000) from freshly noised statistics exactly as `release` does
 //! (`avg_value`, `VarianceShape::value`). It prints the root-mean-square error and the
-//! empirical 95th percentile of |error| of each, and the MSE ratio balanced/even with its
-//! standard error (delta method over the trials).
+//! empirical 95th percentile of |error| of each, the fraction of releases whose reported
+//! per-row 95% half-width (`fedq.ci95_half_width`, delta method) covers the truth, and the
+//! MSE ratio balanced/even with its standard error (delta method over the trials).
 
 use fedq_common::Catalog;
 use fedq_coordinator::noise::DiscreteLaplace;
 use fedq_coordinator::planner::{AggregateOutput, Allocation, Planner};
-use fedq_coordinator::release::{avg_value, VarianceShape};
+use fedq_coordinator::release::{avg_ci95, avg_value, VarianceShape};
 
 const CATALOG: &str = r#"
 max_sites_per_unit = 2
@@ -94,8 +95,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let catalog = Catalog::from_toml(CATALOG, "allocation example")?;
     println!("ε = 1 per query, {trials} trials per row; errors in the column's units\n");
     println!(
-        "{:<72} {:>8} {:>7} {:>7} {:>7} {:>9} {:>9}",
-        "scenario", "split", "ε_sum", "ε_count", "ε_sq", "RMSE", "95% |err|"
+        "{:<72} {:>8} {:>7} {:>7} {:>7} {:>9} {:>9} {:>8}",
+        "scenario", "split", "ε_sum", "ε_count", "ε_sq", "RMSE", "95% |err|", "covered"
     );
     for sc in SCENARIOS {
         let mut mse = Vec::new();
@@ -109,6 +110,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect::<Result<_, _>>()?;
             let eps = |i: usize| q.statistics[i].epsilon.to_f64().value();
             let mut errs: Vec<f64> = Vec::with_capacity(trials);
+            // How often the per-row 95% half-width the release reports covers the truth.
+            let mut covered = 0usize;
             let (shares, truth): ((f64, f64, f64), f64);
             match &q.outputs[0] {
                 AggregateOutput::Avg {
@@ -125,6 +128,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         let s = mechs[*sum_stat].release(s_exact)?;
                         let c = mechs[*count_stat].release(sc.n)?;
                         let v = avg_value(s, c, *mid_fp, bounds).unwrap_or(bounds.lower);
+                        let hw = avg_ci95(
+                            mechs[*sum_stat].scale() * p,
+                            mechs[*count_stat].scale(),
+                            s as f64 * p / c as f64,
+                            c as f64,
+                        );
+                        covered += usize::from((v - truth).abs() <= hw);
                         errs.push(v - truth);
                     }
                 }
@@ -156,7 +166,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         let n = mechs[*count_stat].release(sc.n)?;
                         let s = mechs[*sum_stat].release(s_exact)?;
                         let sq = mechs[*sq_stat].release(q_exact)?;
-                        errs.push(shape.value(n, s, sq).unwrap_or(0.0) - truth);
+                        let v = shape.value(n, s, sq).unwrap_or(0.0);
+                        let hw = shape.ci95(
+                            v,
+                            mechs[*sq_stat].scale() * p * p,
+                            mechs[*sum_stat].scale() * p,
+                            mechs[*count_stat].scale(),
+                            n,
+                            s,
+                            sq,
+                        );
+                        covered += usize::from((v - truth).abs() <= hw);
+                        errs.push(v - truth);
                     }
                 }
                 other => return Err(format!("unexpected output {other:?}").into()),
@@ -169,7 +190,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             abs.sort_by(|a, b| a.total_cmp(b));
             let q95 = abs[(0.95 * trials as f64) as usize];
             println!(
-                "{:<72} {:>8} {:>7.3} {:>7.3} {:>7.3} {:>9.4} {:>9.4}",
+                "{:<72} {:>8} {:>7.3} {:>7.3} {:>7.3} {:>9.4} {:>9.4} {:>8.4}",
                 format!("{} (N={}, truth {:.2})", sc.what, sc.n, truth),
                 match rule {
                     Allocation::Balanced => "balanced",
@@ -179,7 +200,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 shares.1,
                 shares.2,
                 m.sqrt(),
-                q95
+                q95,
+                covered as f64 / trials as f64
             );
         }
         // MSE ratio and its standard error (delta method, independent runs).
