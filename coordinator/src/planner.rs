@@ -920,6 +920,12 @@ columns = [
   { name = "sex", type = "utf8", public_values = ["F", "M"] },
   { name = "birth_year", type = "int32", lower = 1900, upper = 2030 },
 ]
+[tables.instruments]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "fine", type = "float64", nullable = true, lower = 0.0, upper = 1000000.0, precision = 0.0000001 },
+]
 [tables.diagnoses]
 max_rows_per_unit = 15
 columns = [
@@ -987,6 +993,9 @@ columns = [
         refused("SELECT VAR_SAMP(raw) FROM labs", "no declared bounds").await;
         refused("SELECT STDDEV(raw) FROM labs", "no declared bounds").await;
         refused("SELECT MEDIAN(value) FROM labs", "not supported").await;
+        // 10¹³ fixed-point steps: a sum is fine, squares could overflow.
+        assert!(plan("SELECT SUM(fine) FROM instruments").await.is_ok());
+        refused("SELECT VAR_POP(fine) FROM instruments", "coarser precision").await;
         refused("SELECT COUNT(DISTINCT pid) FROM labs", "DISTINCT").await;
         refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
         refused(
