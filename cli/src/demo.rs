@@ -123,6 +123,12 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
         println!();
     }
 
+    println!("== Before spending: EXPLAIN shows the cost and expected accuracy, free of charge");
+    let explain = "SELECT sex, AVG(birth_year) AS mean_by, STDDEV(birth_year) AS sd FROM participants GROUP BY sex";
+    println!("   EXPLAIN {explain}\n");
+    let r = client.query(&format!("EXPLAIN {explain}")).await?;
+    println!("{}", render(&r.schema, &r.batches)?);
+
     println!("== A smaller ε buys less accuracy: SET fedq.epsilon = 0.2");
     client.query("SET fedq.epsilon = 0.2").await?;
     let r = client.query(DEMO_QUERIES[0].1).await?;

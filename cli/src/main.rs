@@ -337,6 +337,10 @@ struct SqlArgs {
     /// ε for the statement(s) (runs `SET fedq.epsilon` first).
     #[arg(long)]
     epsilon: Option<f64>,
+    /// Show what the query would cost and how accurate it would be (sensitivities, ε
+    /// split, noise scales, expected 95% errors), without running it: free, reads no data.
+    #[arg(long, requires = "query")]
+    explain: bool,
     /// SQL to run; without it, an interactive prompt starts.
     query: Option<String>,
 }
@@ -438,6 +442,11 @@ async fn run_sql(args: SqlArgs) -> Result<(), CliError> {
         client.query(&format!("SET fedq.epsilon = {e}")).await?;
     }
     if let Some(q) = args.query {
+        let q = if args.explain {
+            format!("EXPLAIN {q}")
+        } else {
+            q
+        };
         let r = client.query(&q).await?;
         print!("{}", render(&r.schema, &r.batches)?);
         return Ok(());

@@ -4,6 +4,7 @@
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use fedq_coordinator::explain::META_EXPLAIN;
 use fedq_coordinator::release::{
     META_CI95, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_SITES_ANSWERED, META_SITES_ASKED,
 };
@@ -20,8 +21,42 @@ fn fmt_f(x: f64) -> String {
     }
 }
 
-/// Render a result as text.
+/// Render a result as text. An EXPLAIN answer shows its table without the long `detail`
+/// column, then each row's detail as a numbered note.
 pub fn render(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, CliError> {
+    if schema.metadata().get(META_EXPLAIN).map(String::as_str) == Some("true") {
+        if let Ok(i) = schema.index_of("detail") {
+            let keep: Vec<usize> = (0..schema.fields().len()).filter(|&c| c != i).collect();
+            let short = std::sync::Arc::new(schema.project(&keep)?);
+            let mut projected = Vec::with_capacity(batches.len());
+            let mut notes = Vec::new();
+            for b in batches {
+                projected.push(b.project(&keep)?);
+                let fmt = ArrayFormatter::try_new(b.column(i).as_ref(), &FormatOptions::default())?;
+                let names = ArrayFormatter::try_new(
+                    b.column(schema.index_of("name")?).as_ref(),
+                    &FormatOptions::default(),
+                )?;
+                for r in 0..b.num_rows() {
+                    let d = fmt.value(r).to_string();
+                    if !d.is_empty() {
+                        notes.push(format!("[{}] {}: {d}", notes.len() + 1, names.value(r)));
+                    }
+                }
+            }
+            let mut out = render_table(&short, &projected)?;
+            out.push('\n');
+            for n in notes {
+                out.push_str(&n);
+                out.push('\n');
+            }
+            return Ok(out);
+        }
+    }
+    render_table(schema, batches)
+}
+
+fn render_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, CliError> {
     let opts = FormatOptions::default().with_null("NULL");
     let nrows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let mut headers: Vec<String> = Vec::new();
@@ -113,4 +148,40 @@ pub fn render(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, Cli
         out.push_str(&format!("sites answered: {n_ans}/{n_ask} ({ans})\n"));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedq_coordinator::planner::Planner;
+
+    #[tokio::test]
+    async fn explain_renders_a_table_and_numbered_notes() {
+        let cat = fedq_common::Catalog::from_toml(
+            r#"
+max_sites_per_unit = 2
+[tables.participants]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "birth_year", type = "int32", lower = 1900, upper = 2030 },
+]
+"#,
+            "test",
+        )
+        .unwrap();
+        let q = Planner::new(&cat)
+            .unwrap()
+            .plan("SELECT AVG(birth_year) AS a FROM participants", 1.0, "q")
+            .await
+            .unwrap();
+        let (schema, batches) = fedq_coordinator::explain::explain_batch(&q, 0.0, 11).unwrap();
+        let out = render(&schema, &batches).unwrap();
+        let header = out.lines().next().unwrap();
+        assert!(header.contains("sensitivity") && header.contains("ci95_half_width"));
+        assert!(!header.contains("detail"), "{header}");
+        assert!(out.contains("R·S·half-width/precision = 1·2·65"), "{out}");
+        assert!(out.contains("[2] participants: {"), "{out}");
+        assert!(out.contains("a: AVG = midpoint"), "{out}");
+    }
 }

@@ -85,6 +85,30 @@ pub enum AggregateRequest {
         upper: f64,
         precision: f64,
     },
+    /// Exact fixed-point sum of squares of the clamped value centred on the midpoint of its
+    /// bounds, in units of `precision`² (`Decimal128(38, 0)`). NULLs are skipped. With
+    /// `v = clamp(round(x / precision), lo, hi)`, `lo = ceil(lower / precision)`,
+    /// `hi = floor(upper / precision)` and `mid = floor((lo + hi) / 2)`, each row adds
+    /// `(v - mid)²`. Used with `SumFixed` and `CountNonNull` of the same column for VAR and
+    /// STDDEV; centring keeps the sensitivity at R·S·half-width² rather than R·S·M².
+    SumSquaresFixed {
+        column: String,
+        lower: f64,
+        upper: f64,
+        precision: f64,
+    },
+}
+
+/// Largest `max(|lower|, |upper|) / precision` of a fixed-point sum of squares: its square
+/// (2·10¹² steps)² per row leaves room for more than 10¹³ rows in an `i128`.
+pub const MAX_SQUARES_STEPS: f64 = 1e12;
+
+/// The fixed-point midpoint `floor((lo + hi) / 2)` of `[ceil(lower / precision),
+/// floor(upper / precision)]`, shared by coordinator and node so both centre identically.
+pub fn fixed_midpoint(lower: f64, upper: f64, precision: f64) -> i128 {
+    let lo = (lower / precision).ceil() as i128;
+    let hi = (upper / precision).floor() as i128;
+    (lo + hi).div_euclid(2)
 }
 
 impl AggregateRequest {
@@ -93,7 +117,8 @@ impl AggregateRequest {
         match self {
             AggregateRequest::CountRows => None,
             AggregateRequest::CountNonNull { column }
-            | AggregateRequest::SumFixed { column, .. } => Some(column),
+            | AggregateRequest::SumFixed { column, .. }
+            | AggregateRequest::SumSquaresFixed { column, .. } => Some(column),
         }
     }
 }

@@ -135,7 +135,8 @@ impl Coordinator {
     ) -> Result<Coordinator, CoordinatorError> {
         Ok(Coordinator {
             datasets: config.datasets.clone(),
-            planner: Planner::new(&config.catalog)?,
+            planner: Planner::new(&config.catalog)?
+                .with_min_reported_count(config.policy.min_reported_count),
             pool: NodePool::new(&config.nodes, config.node_timeout)?,
             ledger,
             policy: config.policy.clone(),
@@ -266,6 +267,11 @@ impl Coordinator {
                 .map(|d| d.name.clone())
                 .collect(),
             sites_asked: self.pool.sites(),
+            epsilon_split: q
+                .statistics
+                .iter()
+                .map(|s| (s.label.clone(), s.epsilon.to_string()))
+                .collect(),
         }
     }
 
@@ -388,8 +394,43 @@ impl Coordinator {
         }
     }
 
-    /// Plan and execute one SQL statement for `researcher`.
+    /// `EXPLAIN` of `sql` (the query without the keyword): plan and check it exactly as it
+    /// would run and describe its statistics, sensitivities, ε split, noise scales and
+    /// expected errors. Asks no node and charges nothing; audited as `query.explained`.
+    pub async fn explain(&self, researcher: &str, sql: &str) -> Result<Released, CoordinatorError> {
+        let q = self.plan(researcher, sql).await?;
+        let (schema, batches) = crate::explain::explain_batch(
+            &q,
+            self.policy.delta_per_query,
+            self.policy.min_reported_count,
+        )?;
+        let body = json!({"query_id": q.query_id, "researcher": researcher, "sql": sql,
+            "epsilon": q.epsilon, "epsilon_charged": 0.0, "outcome": "explained",
+            "plan_hash": plan_hash(&q, self.policy.min_reported_count)});
+        self.ledger.record("query.explained", researcher, body)?;
+        let status = self.budget(researcher)?;
+        let mut meta = schema.metadata().clone();
+        meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());
+        meta.insert(META_EPSILON_SPENT.to_string(), "0".to_string());
+        meta.insert(
+            META_EPSILON_REMAINING.to_string(),
+            status.epsilon_remaining.to_string(),
+        );
+        let schema = Arc::new(Schema::new_with_metadata(schema.fields().clone(), meta));
+        let batches = batches
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CoordinatorError::internal(&q.query_id, e.to_string()))?;
+        Ok(Released { schema, batches })
+    }
+
+    /// Plan and execute one SQL statement for `researcher` (`EXPLAIN <query>` is explained,
+    /// not run).
     pub async fn run(&self, researcher: &str, sql: &str) -> Result<Released, CoordinatorError> {
+        if let Some(inner) = crate::explain::explain_target(sql)? {
+            return self.explain(researcher, inner).await;
+        }
         let q = self.plan(researcher, sql).await?;
         self.execute(researcher, &q).await
     }

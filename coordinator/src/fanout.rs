@@ -265,7 +265,7 @@ fn merge_batch(
                     .ok_or("count partial is not Int64")?
                     .value(row)
                     .into(),
-                AggregateRequest::SumFixed { .. } => col
+                AggregateRequest::SumFixed { .. } | AggregateRequest::SumSquaresFixed { .. } => col
                     .as_any()
                     .downcast_ref::<Decimal128Array>()
                     .ok_or("sum partial is not Decimal128")?

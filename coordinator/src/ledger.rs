@@ -365,14 +365,22 @@ pub struct QueryRecord {
     pub datasets: Vec<String>,
     /// Sites the query is sent to.
     pub sites_asked: Vec<String>,
+    /// How ε is split: one (statistic, exact ε share as a rational) per noisy statistic.
+    pub epsilon_split: Vec<(String, String)>,
 }
 
 impl QueryRecord {
     fn audit_body(&self) -> Value {
+        let split: Vec<Value> = self
+            .epsilon_split
+            .iter()
+            .map(|(s, e)| json!({"statistic": s, "epsilon": e}))
+            .collect();
         json!({
             "query_id": self.query_id, "researcher": self.researcher, "sql": self.sql,
             "plan_hash": self.plan_hash, "epsilon": self.epsilon, "delta": self.delta,
             "datasets": self.datasets, "sites_asked": self.sites_asked,
+            "epsilon_split": split,
         })
     }
 }

@@ -14,7 +14,10 @@
 //!   charges, refunds, stored answers for free replays.
 //! - [`audit`]: the SHA3-256 hash chain of audit entries in the ledger file; verify, export.
 //! - [`noise`]: OpenDP's discrete Laplace sampler, confidence half-widths.
-//! - [`release`]: noise, AVG, suppression, post-processing, Arrow metadata.
+//! - [`release`]: noise, AVG, VAR/STDDEV, small-cell suppression (the `fedq_suppressed`
+//!   column), post-processing, Arrow metadata.
+//! - [`explain`]: `EXPLAIN <query>`: sensitivities, ε split, noise scales and expected errors,
+//!   free of charge.
 //! - [`engine`]: [`Coordinator`], the whole pipeline without a network front end.
 //! - [`service`]: the Flight SQL service and the bearer-token interceptor.
 //! - [`error`]: the one error enum and its single mapping to `tonic::Status`.
@@ -34,6 +37,7 @@ pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod explain;
 pub mod fanout;
 pub mod ledger;
 pub mod noise;

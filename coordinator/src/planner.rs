@@ -57,6 +57,9 @@ pub enum StatisticKind {
         mid_fp: i128,
         precision: f64,
     },
+    /// A sum of squares of values centred on their fixed-point midpoint, computed by the
+    /// nodes (`SumSquaresFixed`): the value of partial `partial`, in units of `precision`².
+    SumSquares { partial: usize, precision: f64 },
 }
 
 /// One noisy statistic, released for every group.
@@ -70,15 +73,68 @@ pub struct Statistic {
     pub epsilon: RBig,
     /// Human description for EXPLAIN and logs, e.g. `SUM(value - 250) in 0.01 units`.
     pub label: String,
+    /// How the sensitivity follows from the catalog, e.g. `R·S·half-width = 1·2·65`.
+    pub formula: String,
+    /// One unit of the statistic in the column's units (1 for counts, the precision for
+    /// sums, the precision squared for sums of squares).
+    pub unit: f64,
+    /// Weight of this statistic's variance in the allocation objective (see
+    /// [`Allocation::Balanced`]); the sum of its outputs' coefficients.
+    pub cost: f64,
+    /// Indices of the outputs (aggregate expressions) that use it.
+    pub used_by: Vec<usize>,
 }
+
+/// How a query's ε is split across its statistics.
+///
+/// Every output (aggregate expression) has a delta-method variance that is a weighted sum
+/// of its statistics' noise variances, `Var_o ≈ Σ_i w_{o,i} · 2(Δ_i/ε_i)²`. In each output's
+/// own units, and with the unknown data replaced by its expectation under a uniform prior
+/// within the declared bounds, the relative weights `c_{o,i}` are fixed numbers (normalised
+/// to sum to 1 per output):
+///
+/// - `COUNT`: {count: 1}; `SUM` (no suppression): {sum: 1}.
+/// - `AVG = mid + S/N` (S centred, Δ_S = R·S·H, Δ_N = R·S, a = mean − mid):
+///   Var ≈ 2(Δ_S²/ε_S² + a²Δ_N²/ε_N²)/N² = 2(R·S·H)²/N² · (1/ε_S² + (a/H)²/ε_N²), and
+///   E[(a/H)²] = 1/3 for a mean uniform in the bounds: {sum: 3/4, count: 1/4}. A `SUM`
+///   that carries a count for small-cell suppression uses the same weights.
+/// - `VAR`/`STDDEV` from N, S and the centred sum of squares Q (Δ_Q = R·S·H²):
+///   Var(V̂) ≈ [σ_Q² + 4a²σ_S² + (V − a²)²σ_N²]/N², which in units of H⁴ has expected
+///   weights {Q: 1, S: 4/3, N: 11/45} under a uniform mean a and, given a, a uniform V in
+///   [0, H² − a²]; normalised: {Q: 45/116, S: 60/116, N: 11/116}. (STDDEV = √V has the same
+///   relative weights, scaled by 1/(4V).)
+///
+/// Statistics shared by several outputs add their coefficients: `c_i = Σ_o c_{o,i}`.
+/// Minimising `Σ_o Var_o / scale_o = Σ_i c_i / ε_i²` subject to `Σ ε_i = ε` (Lagrange) gives
+/// `ε_i = ε · c_i^{1/3} / Σ_j c_j^{1/3}`. For one AVG that is ε_S = 0.591ε, ε_N = 0.409ε.
+/// The sensitivities need no extra weight: with centring Δ_S/Δ_N = H in value units, which
+/// the per-output normalisation already absorbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Allocation {
+    /// `ε_i ∝ c_i^{1/3}`, as above (the default).
+    #[default]
+    Balanced,
+    /// Equal shares for every statistic: the naive split, kept for comparison.
+    Even,
+}
+
+/// Allocation weights of an AVG (and of a SUM with a suppression count): sum, count.
+pub const AVG_WEIGHTS: (f64, f64) = (0.75, 0.25);
+/// Allocation weights of VAR/STDDEV: sum of squares, centred sum, count.
+pub const VAR_WEIGHTS: (f64, f64, f64) = (45.0 / 116.0, 60.0 / 116.0, 11.0 / 116.0);
 
 /// How one aggregate of the SQL is computed from statistics.
 #[derive(Debug, Clone)]
 pub enum AggregateOutput {
     /// `COUNT(*)` or `COUNT(col)`.
     Count { stat: usize },
-    /// `SUM(col)` of values clamped into `bounds`.
-    Sum { stat: usize, bounds: Bounds },
+    /// `SUM(col)` of values clamped into `bounds`; with small-cell suppression on, the
+    /// noisy count of non-null values that decides it.
+    Sum {
+        stat: usize,
+        bounds: Bounds,
+        count_stat: Option<usize>,
+    },
     /// `AVG(col)` = mid + centred sum / count, clamped into [lower, upper].
     Avg {
         sum_stat: usize,
@@ -86,6 +142,52 @@ pub enum AggregateOutput {
         bounds: Bounds,
         mid_fp: i128,
     },
+    /// `VAR_SAMP`/`VAR_POP` (`sample`), and `STDDEV_*` (`sqrt`): from the noisy count N,
+    /// centred sum S and centred sum of squares Q: V_pop = Q/N − (S/N)²,
+    /// V_samp = V_pop · N/(N − 1), clamped into [0, half-width²·N/(N − 1)].
+    Variance {
+        count_stat: usize,
+        sum_stat: usize,
+        sq_stat: usize,
+        bounds: Bounds,
+        /// Half-width of the fixed-point bounds around their midpoint.
+        half_fp: i128,
+        sample: bool,
+        sqrt: bool,
+    },
+}
+
+impl AggregateOutput {
+    /// The count statistic that decides small-cell suppression of this output, if any.
+    pub fn count_stat(&self) -> Option<usize> {
+        match self {
+            AggregateOutput::Count { stat } => Some(*stat),
+            AggregateOutput::Sum { count_stat, .. } => *count_stat,
+            AggregateOutput::Avg { count_stat, .. }
+            | AggregateOutput::Variance { count_stat, .. } => Some(*count_stat),
+        }
+    }
+
+    /// Statistics this output is computed from.
+    pub fn stats(&self) -> Vec<usize> {
+        match self {
+            AggregateOutput::Count { stat } => vec![*stat],
+            AggregateOutput::Sum {
+                stat, count_stat, ..
+            } => std::iter::once(*stat).chain(*count_stat).collect(),
+            AggregateOutput::Avg {
+                sum_stat,
+                count_stat,
+                ..
+            } => vec![*sum_stat, *count_stat],
+            AggregateOutput::Variance {
+                count_stat,
+                sum_stat,
+                sq_stat,
+                ..
+            } => vec![*sq_stat, *sum_stat, *count_stat],
+        }
+    }
 }
 
 /// A checked, planned query.
@@ -111,12 +213,20 @@ pub struct PlannedQuery {
     pub plan: LogicalPlan,
     /// ε the query spends.
     pub epsilon: f64,
+    /// R of the table read.
+    pub max_rows_per_unit: u32,
+    /// S of the federation.
+    pub max_sites_per_unit: u32,
+    /// How ε was split.
+    pub allocation: Allocation,
 }
 
 /// Plans SQL against the catalog.
 pub struct Planner {
     ctx: SessionContext,
     catalog: Catalog,
+    min_reported_count: u64,
+    allocation: Allocation,
 }
 
 fn refuse(msg: impl Into<String>) -> CoordinatorError {
@@ -147,7 +257,22 @@ impl Planner {
         Ok(Planner {
             ctx,
             catalog: catalog.clone(),
+            min_reported_count: 0,
+            allocation: Allocation::Balanced,
         })
+    }
+
+    /// With small-cell suppression at `min_reported_count` (policy): every SUM then carries
+    /// a noisy count of its non-null values, which decides its suppression.
+    pub fn with_min_reported_count(mut self, min_reported_count: u64) -> Self {
+        self.min_reported_count = min_reported_count;
+        self
+    }
+
+    /// With another ε allocation rule (benchmarks compare [`Allocation::Even`]).
+    pub fn with_allocation(mut self, allocation: Allocation) -> Self {
+        self.allocation = allocation;
+        self
     }
 
     /// Parse and plan SQL without checking it against the privacy model.
@@ -236,19 +361,18 @@ impl Planner {
             ));
         }
 
-        let r = u128::from(spec.max_rows_per_unit);
-        let s = u128::from(self.catalog.max_sites_per_unit);
-        let mut b = StatBuilder::default();
+        let mut b = StatBuilder {
+            r: spec.max_rows_per_unit,
+            s: self.catalog.max_sites_per_unit,
+            suppression: self.min_reported_count > 0,
+            ..Default::default()
+        };
         let mut outputs = Vec::new();
-        for e in &agg.aggr_expr {
-            outputs.push(b.aggregate(strip_alias(e), &table, spec, r * s)?);
+        for (j, e) in agg.aggr_expr.iter().enumerate() {
+            b.output = j;
+            outputs.push(b.aggregate(strip_alias(e), &table, spec)?);
         }
-        let n_stats = b.statistics.len();
-        let eps = rational(epsilon)?;
-        let share = eps / RBig::from(n_stats as u64);
-        for st in &mut b.statistics {
-            st.epsilon = share.clone();
-        }
+        allocate(&mut b.statistics, rational(epsilon)?, self.allocation)?;
 
         let request = PartialAggregateRequest {
             query_id: query_id.to_string(),
@@ -269,8 +393,40 @@ impl Planner {
             aggregate_schema: agg.schema.clone(),
             plan: plan.clone(),
             epsilon,
+            max_rows_per_unit: spec.max_rows_per_unit,
+            max_sites_per_unit: self.catalog.max_sites_per_unit,
+            allocation: self.allocation,
         })
     }
+}
+
+/// Split `epsilon` exactly across `stats` by `rule` (see [`Allocation`]). The shares are
+/// exact rationals summing to `epsilon`: weights are rounded to rationals first, then each
+/// share is ε·w_i/Σw.
+fn allocate(
+    stats: &mut [Statistic],
+    epsilon: RBig,
+    rule: Allocation,
+) -> Result<(), CoordinatorError> {
+    let weights: Vec<RBig> = stats
+        .iter()
+        .map(|st| match rule {
+            Allocation::Even => Ok(RBig::ONE),
+            Allocation::Balanced => {
+                // Round the cube root to 1e-9 so the rational stays small.
+                let w = (st.cost.max(1e-9).cbrt() * 1e9).round();
+                rational(w)
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let total = weights.iter().fold(RBig::ZERO, |a, w| a + w);
+    if total <= RBig::ZERO {
+        return Err(CoordinatorError::internal("-", "empty ε allocation"));
+    }
+    for (st, w) in stats.iter_mut().zip(weights) {
+        st.epsilon = epsilon.clone() * w / total.clone();
+    }
+    Ok(())
 }
 
 fn public_columns(spec: &fedq_common::TableSpec) -> String {
@@ -428,9 +584,30 @@ fn scan_below(plan: &LogicalPlan) -> Result<(String, Vec<Expr>), CoordinatorErro
 struct StatBuilder {
     partials: Vec<AggregateRequest>,
     statistics: Vec<Statistic>,
+    /// R of the table.
+    r: u32,
+    /// S of the federation.
+    s: u32,
+    /// Whether SUMs need a count for small-cell suppression.
+    suppression: bool,
+    /// Index of the output being planned.
+    output: usize,
+}
+
+/// Name of an aggregate function as researchers write it.
+fn sql_name(name: &str) -> String {
+    match name {
+        "var" => "VAR_SAMP".into(),
+        "stddev" => "STDDEV_SAMP".into(),
+        other => other.to_uppercase(),
+    }
 }
 
 impl StatBuilder {
+    fn rs(&self) -> u128 {
+        u128::from(self.r) * u128::from(self.s)
+    }
+
     fn partial(&mut self, p: AggregateRequest) -> usize {
         if let Some(i) = self.partials.iter().position(|q| *q == p) {
             return i;
@@ -439,17 +616,60 @@ impl StatBuilder {
         self.partials.len() - 1
     }
 
-    fn stat(&mut self, kind: StatisticKind, sensitivity: u128, label: String) -> usize {
-        if let Some(i) = self.statistics.iter().position(|s| s.kind == kind) {
-            return i;
+    /// The statistic `kind` (shared if already present), used by the current output with
+    /// allocation weight `cost`. `per_unit` is one participant's largest contribution per
+    /// row in integer units, `per_unit_text` how it follows from the bounds.
+    fn stat(
+        &mut self,
+        kind: StatisticKind,
+        per_unit: u128,
+        per_unit_text: &str,
+        unit: f64,
+        label: String,
+        cost: f64,
+    ) -> Result<usize, CoordinatorError> {
+        let i = match self.statistics.iter().position(|s| s.kind == kind) {
+            Some(i) => i,
+            None => {
+                let sensitivity = self.rs().checked_mul(per_unit).ok_or_else(|| {
+                    refuse(format!(
+                        "{label}: the sensitivity R·S·{per_unit_text} overflows; the declared bounds are too wide for their precision"
+                    ))
+                })?;
+                let formula = if per_unit_text.is_empty() {
+                    format!("R·S = {}·{}", self.r, self.s)
+                } else {
+                    format!("R·S·{per_unit_text} = {}·{}·{per_unit}", self.r, self.s)
+                };
+                self.statistics.push(Statistic {
+                    kind,
+                    sensitivity,
+                    epsilon: RBig::ZERO,
+                    label,
+                    formula,
+                    unit,
+                    cost: 0.0,
+                    used_by: Vec::new(),
+                });
+                self.statistics.len() - 1
+            }
+        };
+        let st = &mut self.statistics[i];
+        st.cost += cost;
+        if !st.used_by.contains(&self.output) {
+            st.used_by.push(self.output);
         }
-        self.statistics.push(Statistic {
-            kind,
-            sensitivity,
-            epsilon: RBig::ZERO,
-            label,
-        });
-        self.statistics.len() - 1
+        Ok(i)
+    }
+
+    fn count_stat(
+        &mut self,
+        partial: AggregateRequest,
+        label: String,
+        cost: f64,
+    ) -> Result<usize, CoordinatorError> {
+        let partial = self.partial(partial);
+        self.stat(StatisticKind::Count { partial }, 1, "", 1.0, label, cost)
     }
 
     fn aggregate(
@@ -457,7 +677,6 @@ impl StatBuilder {
         e: &Expr,
         table: &str,
         spec: &fedq_common::TableSpec,
-        rs: u128,
     ) -> Result<AggregateOutput, CoordinatorError> {
         let Expr::AggregateFunction(f) = e else {
             return Err(refuse(format!("unsupported aggregate expression `{e}`")));
@@ -467,7 +686,7 @@ impl StatBuilder {
         if p.distinct {
             return Err(refuse(format!(
                 "{}(DISTINCT ...) is not supported yet; use COUNT(*) or COUNT(col)",
-                name.to_uppercase()
+                sql_name(&name)
             )));
         }
         if p.filter.is_some() {
@@ -479,17 +698,19 @@ impl StatBuilder {
             return Err(refuse("ordered aggregates are not supported"));
         }
         match name.as_str() {
-            "count" | "sum" | "avg" | "mean" => {}
+            "count" | "sum" | "avg" | "mean" | "var" | "var_pop" | "stddev" | "stddev_pop" => {}
             "min" | "max" => {
                 return Err(refuse(format!(
                     "{}() reveals one participant's value and has no useful private version; \
-                     use a percentile instead (e.g. APPROX_PERCENTILE_CONT(col, 0.95), coming soon) or AVG",
+                     use a private percentile instead, MEDIAN(col) or APPROX_PERCENTILE_CONT(col, 0.95) \
+                     (not available in this version), or AVG/STDDEV",
                     name.to_uppercase()
                 )))
             }
             other => {
                 return Err(refuse(format!(
-                    "aggregate {}() is not supported; use COUNT(*), COUNT(col), SUM(col) or AVG(col)",
+                    "aggregate {}() is not supported; use COUNT(*), COUNT(col), SUM(col), AVG(col), \
+                     VAR_SAMP/VAR_POP(col) or STDDEV_SAMP/STDDEV_POP(col)",
                     other.to_uppercase()
                 )))
             }
@@ -499,7 +720,7 @@ impl StatBuilder {
             _ => {
                 return Err(CoordinatorError::InvalidSql(format!(
                     "{}() takes exactly one argument",
-                    name.to_uppercase()
+                    sql_name(&name)
                 )))
             }
         };
@@ -510,29 +731,25 @@ impl StatBuilder {
                         "COUNT(NULL) is always 0; use COUNT(*)".into(),
                     ));
                 }
-                let partial = self.partial(AggregateRequest::CountRows);
-                let stat = self.stat(StatisticKind::Count { partial }, rs, "COUNT(*)".into());
+                let stat = self.count_stat(AggregateRequest::CountRows, "COUNT(*)".into(), 1.0)?;
                 return Ok(AggregateOutput::Count { stat });
             }
         }
         let Expr::Column(c) = arg else {
             return Err(refuse(format!(
                 "{}({arg}): aggregates over expressions are not supported yet; aggregate a column",
-                name.to_uppercase()
+                sql_name(&name)
             )));
         };
         let col = spec.column(&c.name).ok_or_else(|| {
             CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
         })?;
+        let count_nn = AggregateRequest::CountNonNull {
+            column: c.name.clone(),
+        };
+        let count_label = format!("COUNT({})", c.name);
         if name == "count" {
-            let partial = self.partial(AggregateRequest::CountNonNull {
-                column: c.name.clone(),
-            });
-            let stat = self.stat(
-                StatisticKind::Count { partial },
-                rs,
-                format!("COUNT({})", c.name),
-            );
+            let stat = self.count_stat(count_nn, count_label, 1.0)?;
             return Ok(AggregateOutput::Count { stat });
         }
         if c.name == spec.privacy_unit {
@@ -545,66 +762,128 @@ impl StatBuilder {
             return Err(refuse(format!(
                 "{}({}): column {table}.{} has no declared bounds, so its sensitivity is unbounded. \
                  The privacy officer must declare `lower`, `upper` (and `precision` for non-integers) for it in the catalog",
-                name.to_uppercase(),
+                sql_name(&name),
                 c.name,
                 c.name
             )));
         };
-        let lo_fp = (bounds.lower / bounds.precision).ceil() as i128;
-        let hi_fp = (bounds.upper / bounds.precision).floor() as i128;
+        let prec = bounds.precision;
+        let lo_fp = (bounds.lower / prec).ceil() as i128;
+        let hi_fp = (bounds.upper / prec).floor() as i128;
         let sum_partial = self.partial(AggregateRequest::SumFixed {
             column: c.name.clone(),
             lower: bounds.lower,
             upper: bounds.upper,
-            precision: bounds.precision,
+            precision: prec,
         });
         if name == "sum" {
             let m = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
+            let (w_sum, w_count) = if self.suppression {
+                AVG_WEIGHTS
+            } else {
+                (1.0, 0.0)
+            };
             let stat = self.stat(
                 StatisticKind::Sum {
                     partial: sum_partial,
-                    precision: bounds.precision,
+                    precision: prec,
                 },
-                rs * m,
-                format!("SUM({}) in units of {}", c.name, bounds.precision),
-            );
-            return Ok(AggregateOutput::Sum { stat, bounds });
+                m,
+                "max(|lower|, |upper|)/precision",
+                prec,
+                format!("SUM({}) in units of {prec}", c.name),
+                w_sum,
+            )?;
+            let count_stat = if self.suppression {
+                Some(self.count_stat(count_nn, count_label, w_count)?)
+            } else {
+                None
+            };
+            return Ok(AggregateOutput::Sum {
+                stat,
+                bounds,
+                count_stat,
+            });
         }
-        // AVG: centred sum and count of non-null values.
-        let count_partial = self.partial(AggregateRequest::CountNonNull {
-            column: c.name.clone(),
-        });
-        let mid_fp = (lo_fp + hi_fp).div_euclid(2);
+        // AVG, VAR, STDDEV: a centred sum and the count of non-null values.
+        let count_partial = self.partial(count_nn.clone());
+        let mid_fp = fedq_common::wire::fixed_midpoint(bounds.lower, bounds.upper, prec);
         let half = (hi_fp - mid_fp)
             .unsigned_abs()
             .max((mid_fp - lo_fp).unsigned_abs());
-        let count_stat = self.stat(
-            StatisticKind::Count {
-                partial: count_partial,
-            },
-            rs,
-            format!("COUNT({})", c.name),
-        );
+        let is_avg = name == "avg" || name == "mean";
+        let (w_sq, w_sum, w_count) = if is_avg {
+            (0.0, AVG_WEIGHTS.0, AVG_WEIGHTS.1)
+        } else {
+            VAR_WEIGHTS
+        };
+        let count_stat = self.count_stat(count_nn, count_label, w_count)?;
         let sum_stat = self.stat(
             StatisticKind::CentredSum {
                 sum: sum_partial,
                 count: count_partial,
                 mid_fp,
-                precision: bounds.precision,
+                precision: prec,
             },
-            rs * half,
+            half,
+            "half-width/precision",
+            prec,
             format!(
-                "SUM({} - {}) in units of {}",
+                "SUM({} - {}) in units of {prec}",
                 c.name,
-                mid_fp as f64 * bounds.precision,
-                bounds.precision
+                mid_fp as f64 * prec
             ),
-        );
-        Ok(AggregateOutput::Avg {
-            sum_stat,
+            w_sum,
+        )?;
+        if is_avg {
+            return Ok(AggregateOutput::Avg {
+                sum_stat,
+                count_stat,
+                bounds,
+                mid_fp,
+            });
+        }
+        let steps = bounds.lower.abs().max(bounds.upper.abs()) / prec;
+        if steps > fedq_common::wire::MAX_SQUARES_STEPS {
+            return Err(refuse(format!(
+                "{}({}): the bounds of {table}.{} span {steps:e} steps of its precision {prec}; \
+                 sums of squares allow at most {:e}. Ask the privacy officer for a coarser precision",
+                sql_name(&name),
+                c.name,
+                c.name,
+                fedq_common::wire::MAX_SQUARES_STEPS
+            )));
+        }
+        let sq_partial = self.partial(AggregateRequest::SumSquaresFixed {
+            column: c.name.clone(),
+            lower: bounds.lower,
+            upper: bounds.upper,
+            precision: prec,
+        });
+        let sq_stat = self.stat(
+            StatisticKind::SumSquares {
+                partial: sq_partial,
+                precision: prec,
+            },
+            half * half,
+            "(half-width/precision)²",
+            prec * prec,
+            format!(
+                "SUM(({} - {})²) in units of {}",
+                c.name,
+                mid_fp as f64 * prec,
+                prec * prec
+            ),
+            w_sq,
+        )?;
+        Ok(AggregateOutput::Variance {
             count_stat,
+            sum_stat,
+            sq_stat,
             bounds,
-            mid_fp,
+            half_fp: half as i128,
+            sample: name == "var" || name == "stddev",
+            sqrt: name.starts_with("stddev"),
         })
     }
 }
@@ -640,6 +919,12 @@ columns = [
   { name = "pid", type = "utf8" },
   { name = "sex", type = "utf8", public_values = ["F", "M"] },
   { name = "birth_year", type = "int32", lower = 1900, upper = 2030 },
+]
+[tables.instruments]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "fine", type = "float64", nullable = true, lower = 0.0, upper = 1000000.0, precision = 0.0000001 },
 ]
 [tables.diagnoses]
 max_rows_per_unit = 15
@@ -703,6 +988,14 @@ columns = [
         refused("SELECT COUNT(*) FROM labs WHERE 10 / value > 1", "division").await;
         refused("SELECT MAX(value) FROM labs", "percentile").await;
         refused("SELECT MIN(value) FROM labs", "percentile").await;
+        refused("SELECT MIN(value) FROM labs", "MEDIAN(col)").await;
+        refused("SELECT MAX(value) FROM labs", "APPROX_PERCENTILE_CONT").await;
+        refused("SELECT VAR_SAMP(raw) FROM labs", "no declared bounds").await;
+        refused("SELECT STDDEV(raw) FROM labs", "no declared bounds").await;
+        refused("SELECT MEDIAN(value) FROM labs", "not supported").await;
+        // 10¹³ fixed-point steps: a sum is fine, squares could overflow.
+        assert!(plan("SELECT SUM(fine) FROM instruments").await.is_ok());
+        refused("SELECT VAR_POP(fine) FROM instruments", "coarser precision").await;
         refused("SELECT COUNT(DISTINCT pid) FROM labs", "DISTINCT").await;
         refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
         refused(
@@ -737,7 +1030,13 @@ columns = [
 
     #[tokio::test]
     async fn sensitivities_follow_the_catalog() {
-        let q = plan("SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test")
+        let q = planner()
+            .with_allocation(Allocation::Even)
+            .plan(
+                "SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test",
+                1.0,
+                "q",
+            )
             .await
             .unwrap();
         // R = 20 rows per participant, S = 2 sites.
@@ -765,6 +1064,166 @@ columns = [
             .find(|s| matches!(s.kind, StatisticKind::CentredSum { .. }))
             .unwrap();
         assert_eq!(centred.sensitivity, 2 * 65);
+    }
+
+    fn eps(q: &PlannedQuery, kind: impl Fn(&StatisticKind) -> bool) -> RBig {
+        q.statistics
+            .iter()
+            .find(|s| kind(&s.kind))
+            .map(|s| s.epsilon.clone())
+            .unwrap()
+    }
+
+    fn total(q: &PlannedQuery) -> RBig {
+        q.statistics
+            .iter()
+            .fold(RBig::ZERO, |a, s| a + s.epsilon.clone())
+    }
+
+    #[tokio::test]
+    async fn balanced_allocation_minimises_the_avg_variance() {
+        // One AVG: weights 3/4 (sum) and 1/4 (count), so ε_S/ε_N = 3^{1/3}.
+        let q = plan("SELECT AVG(birth_year) FROM participants")
+            .await
+            .unwrap();
+        assert_eq!(q.allocation, Allocation::Balanced);
+        assert_eq!(total(&q), RBig::ONE, "the shares add up to ε exactly");
+        let es = eps(&q, |k| matches!(k, StatisticKind::CentredSum { .. }))
+            .to_f64()
+            .value();
+        let ec = eps(&q, |k| matches!(k, StatisticKind::Count { .. }))
+            .to_f64()
+            .value();
+        assert!((es / ec - 3f64.cbrt()).abs() < 1e-6, "{es} / {ec}");
+        assert!((es - 0.590541).abs() < 1e-5, "{es}");
+        // It is the minimiser of 1/ε_S² + (1/3)/ε_N² on ε_S + ε_N = 1: nudging either way is worse.
+        let f = |s: f64| 1.0 / (s * s) + 1.0 / (3.0 * (1.0 - s) * (1.0 - s));
+        assert!(f(es) < f(es + 1e-3) && f(es) < f(es - 1e-3));
+        assert!(f(es) < f(0.5));
+
+        // A shared count gets the weights of both its users: COUNT(value) (1) and AVG (1/4).
+        let q = plan("SELECT COUNT(value), AVG(value), COUNT(*) FROM labs")
+            .await
+            .unwrap();
+        assert_eq!(total(&q), RBig::ONE);
+        let w: Vec<f64> = q.statistics.iter().map(|s| s.cost).collect();
+        assert_eq!(w, vec![1.25, 0.75, 1.0]);
+        for s in &q.statistics {
+            let want = s.cost.cbrt() / w.iter().map(|c| c.cbrt()).sum::<f64>();
+            assert!((s.epsilon.to_f64().value() - want).abs() < 1e-8);
+        }
+
+        // Even split on request, for comparison.
+        let q = planner()
+            .with_allocation(Allocation::Even)
+            .plan("SELECT AVG(birth_year) FROM participants", 0.5, "q")
+            .await
+            .unwrap();
+        for s in &q.statistics {
+            assert_eq!(s.epsilon, RBig::ONE / RBig::from(4u8));
+        }
+    }
+
+    #[tokio::test]
+    async fn sites_per_participant_scale_every_sensitivity() {
+        let with_s = |s: u32| {
+            let cat = CATALOG.replace(
+                "max_sites_per_unit = 2",
+                &format!("max_sites_per_unit = {s}"),
+            );
+            Planner::new(&Catalog::from_toml(&cat, "test").unwrap()).unwrap()
+        };
+        let sql =
+            "SELECT test, COUNT(*), SUM(value), AVG(value), VAR_POP(value) FROM labs GROUP BY test";
+        let q1 = with_s(1).plan(sql, 1.0, "q").await.unwrap();
+        let q3 = with_s(3).plan(sql, 1.0, "q").await.unwrap();
+        assert_eq!(q1.statistics.len(), 5);
+        assert_eq!(q1.max_sites_per_unit, 1);
+        assert_eq!(q3.max_sites_per_unit, 3);
+        for (a, b) in q1.statistics.iter().zip(&q3.statistics) {
+            assert_eq!(a.kind, b.kind);
+            assert_eq!(b.sensitivity, 3 * a.sensitivity, "{}", a.label);
+            assert_eq!(a.epsilon, b.epsilon);
+            let scale = |s: &Statistic| {
+                crate::noise::DiscreteLaplace::new(s.sensitivity, &s.epsilon)
+                    .unwrap()
+                    .scale()
+            };
+            assert!((scale(b) - 3.0 * scale(a)).abs() < 1e-9 * scale(b));
+        }
+        // R = 20, S = 1: counts 20, the sum 20·50000 (0.01 units), the centred sum 20·25000
+        // and the centred sum of squares 20·25000².
+        let sens: Vec<u128> = q1.statistics.iter().map(|s| s.sensitivity).collect();
+        assert_eq!(
+            sens,
+            vec![20, 20 * 50_000, 20, 20 * 25_000, 20 * 25_000 * 25_000]
+        );
+        assert_eq!(q3.statistics[0].formula, "R·S = 20·3");
+    }
+
+    #[tokio::test]
+    async fn variance_uses_centred_sums_and_shares_them_with_avg() {
+        let q = plan(
+            "SELECT AVG(birth_year), VAR_SAMP(birth_year) AS v, STDDEV_POP(birth_year),              STDDEV(birth_year), VAR_POP(birth_year) FROM participants",
+        )
+        .await
+        .unwrap();
+        // COUNT, centred SUM, centred SUM of squares: shared by all five outputs.
+        assert_eq!(q.statistics.len(), 3);
+        assert_eq!(q.request.aggregates.len(), 3);
+        assert_eq!(total(&q), RBig::ONE);
+        let sens: Vec<u128> = q.statistics.iter().map(|s| s.sensitivity).collect();
+        // R = 1, S = 2, half-width 65: 2, 2·65 and 2·65².
+        assert_eq!(sens, vec![2, 2 * 65, 2 * 65 * 65]);
+        assert!(q
+            .request
+            .aggregates
+            .contains(&AggregateRequest::SumSquaresFixed {
+                column: "birth_year".into(),
+                lower: 1900.0,
+                upper: 2030.0,
+                precision: 1.0,
+            }));
+        let kinds: Vec<(bool, bool)> = q
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                AggregateOutput::Variance {
+                    sample,
+                    sqrt,
+                    half_fp,
+                    ..
+                } => {
+                    assert_eq!(*half_fp, 65);
+                    Some((*sample, *sqrt))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(true, false), (false, true), (true, true), (false, false)]
+        );
+    }
+
+    #[tokio::test]
+    async fn suppression_gives_every_sum_a_count() {
+        let cat = Catalog::from_toml(CATALOG, "test").unwrap();
+        let p = Planner::new(&cat).unwrap().with_min_reported_count(11);
+        let q = p
+            .plan("SELECT SUM(value) FROM labs", 1.0, "q")
+            .await
+            .unwrap();
+        assert_eq!(q.statistics.len(), 2);
+        match &q.outputs[0] {
+            AggregateOutput::Sum {
+                count_stat: Some(c),
+                ..
+            } => assert!(matches!(q.statistics[*c].kind, StatisticKind::Count { .. })),
+            other => panic!("{other:?}"),
+        }
+        let q = plan("SELECT SUM(value) FROM labs").await.unwrap();
+        assert_eq!(q.statistics.len(), 1);
     }
 
     #[tokio::test]

@@ -14,14 +14,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::{provider_as_source, MemTable};
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection};
 use datafusion::prelude::SessionContext;
-use fedq_common::PublicValue;
+use fedq_common::catalog::Bounds;
+use fedq_common::{AggregateRequest, PublicValue};
 
 use crate::error::CoordinatorError;
 use crate::fanout::MergedPartials;
@@ -60,7 +63,18 @@ pub const META_REPLAY_OF: &str = "fedq.replay_of";
 /// Schema metadata: canonical plan hash (the replay key, also in the audit log).
 pub const META_PLAN_HASH: &str = "fedq.plan_hash";
 
-const HIDDEN_PREFIX: &str = "__fedq_hw_";
+/// Field metadata key (VAR/STDDEV): noise scale of the centred sum.
+pub const META_SUM_NOISE_SCALE: &str = "fedq.sum_noise_scale";
+/// Name of the column added to every result when small-cell suppression is on: NULL where
+/// nothing in the row was suppressed, else e.g. `n, mean_age: noisy count below 11`.
+pub const SUPPRESSED_COLUMN: &str = "fedq_suppressed";
+
+/// Columns with this prefix ride through post-processing and are removed at the end.
+const HIDDEN_PREFIX: &str = "__fedq_";
+/// Hidden per-row 95% half-widths of output j.
+const HIDDEN_CI: &str = "__fedq_hw_";
+/// Hidden per-row suppression flags of output j.
+const HIDDEN_SUP: &str = "__fedq_sup_";
 
 /// Per-aggregate metadata computed while noising.
 struct AggMeta {
@@ -119,9 +133,9 @@ pub async fn release(
         let mut v = Vec::with_capacity(keys.len());
         for p in &exact {
             let x = match &st.kind {
-                StatisticKind::Count { partial } | StatisticKind::Sum { partial, .. } => {
-                    p[*partial]
-                }
+                StatisticKind::Count { partial }
+                | StatisticKind::Sum { partial, .. }
+                | StatisticKind::SumSquares { partial, .. } => p[*partial],
                 StatisticKind::CentredSum {
                     sum, count, mid_fp, ..
                 } => p[*sum] - mid_fp * p[*count],
@@ -132,14 +146,35 @@ pub async fn release(
         mechs.push(m);
     }
 
-    // 2-3. Aggregates from noisy statistics, with suppression.
+    // 2-3. Aggregates from noisy statistics, with suppression decided on noisy counts only.
     let threshold = min_reported_count as i128;
-    let suppressed = |c: i128| threshold > 0 && c < threshold;
+    let below = |c: i128| threshold > 0 && c < threshold;
+    // The group's row count, if released, suppresses everything in a small group.
+    let group_count = q.statistics.iter().position(|st| match st.kind {
+        StatisticKind::Count { partial } => {
+            q.request.aggregates.get(partial) == Some(&AggregateRequest::CountRows)
+        }
+        _ => false,
+    });
+    let suppressed: Vec<Vec<bool>> = q
+        .outputs
+        .iter()
+        .map(|out| {
+            (0..keys.len())
+                .map(|g| {
+                    out.count_stat()
+                        .into_iter()
+                        .chain(group_count)
+                        .any(|s| below(noisy[s][g]))
+                })
+                .collect()
+        })
+        .collect();
     let agg_fields = &q.aggregate_schema;
     let nk = q.groups.len();
     let mut columns: Vec<ArrayRef> = Vec::new();
     let mut fields: Vec<Field> = Vec::new();
-    for (i, g) in q.groups.iter().enumerate() {
+    for i in 0..nk {
         let ty = agg_fields.field(i).data_type().clone();
         let vals: Vec<ScalarValue> = keys.iter().map(|k| public_scalar(&k[i], &ty)).collect();
         let arr = ScalarValue::iter_to_array(vals)
@@ -147,17 +182,24 @@ pub async fn release(
         let arr = cast(&arr, &ty).map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
         fields.push(Field::new(format!("c{i}"), ty, true));
         columns.push(arr);
-        let _ = g;
     }
+    let eps_of = |stats: &[usize]| -> f64 {
+        stats
+            .iter()
+            .map(|s| q.statistics[*s].epsilon.to_f64().value())
+            .sum()
+    };
     let mut metas: Vec<AggMeta> = Vec::new();
-    let mut hidden: Vec<(usize, ArrayRef)> = Vec::new();
+    let mut hidden: Vec<(String, ArrayRef)> = Vec::new();
     for (j, out) in q.outputs.iter().enumerate() {
         let field = agg_fields.field(nk + j);
+        let sup = &suppressed[j];
         let mut meta = HashMap::new();
         meta.insert(META_MECHANISM.to_string(), "discrete_laplace".to_string());
         if threshold > 0 {
             meta.insert(META_SUPPRESSED_BELOW.to_string(), threshold.to_string());
         }
+        meta.insert(META_EPSILON.into(), fmt_num(eps_of(&out.stats())));
         let mut per_row_ci = false;
         let arr: ArrayRef = match out {
             AggregateOutput::Count { stat } => {
@@ -165,23 +207,18 @@ pub async fn release(
                 meta.insert(META_STATISTIC.into(), "count".into());
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(m.scale()));
                 meta.insert(META_CI95.into(), fmt_num(m.half_width(0.05)));
-                meta.insert(
-                    META_EPSILON.into(),
-                    fmt_num(q.statistics[*stat].epsilon.to_f64().value()),
-                );
                 let v: Int64Array = noisy[*stat]
                     .iter()
-                    .map(|&c| {
-                        if suppressed(c) {
-                            None
-                        } else {
-                            Some(c.clamp(0, i64::MAX as i128) as i64)
-                        }
-                    })
+                    .zip(sup)
+                    .map(|(&c, &s)| (!s).then(|| c.clamp(0, i64::MAX as i128) as i64))
                     .collect();
                 Arc::new(v)
             }
-            AggregateOutput::Sum { stat, bounds } => {
+            AggregateOutput::Sum {
+                stat,
+                bounds,
+                count_stat,
+            } => {
                 let m = &mechs[*stat];
                 let prec = bounds.precision;
                 // Post-processing: a sum of values clamped into [lower, upper] cannot have
@@ -201,13 +238,13 @@ pub async fn release(
                 meta.insert(META_STATISTIC.into(), "sum".into());
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(m.scale() * prec));
                 meta.insert(META_CI95.into(), fmt_num(m.half_width(0.05) * prec));
-                meta.insert(
-                    META_EPSILON.into(),
-                    fmt_num(q.statistics[*stat].epsilon.to_f64().value()),
-                );
+                if let Some(c) = count_stat {
+                    meta.insert(META_COUNT_NOISE_SCALE.into(), fmt_num(mechs[*c].scale()));
+                }
                 let v: Float64Array = noisy[*stat]
                     .iter()
-                    .map(|&s| Some((s as f64 * prec).clamp(lo_sum, hi_sum)))
+                    .zip(sup)
+                    .map(|(&s, &x)| (!x).then(|| (s as f64 * prec).clamp(lo_sum, hi_sum)))
                     .collect();
                 Arc::new(v)
             }
@@ -224,32 +261,86 @@ pub async fn release(
                 meta.insert(META_STATISTIC.into(), "avg".into());
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(ms.scale() * prec));
                 meta.insert(META_COUNT_NOISE_SCALE.into(), fmt_num(mc.scale()));
-                let eps = q.statistics[*sum_stat].epsilon.to_f64().value()
-                    + q.statistics[*count_stat].epsilon.to_f64().value();
-                meta.insert(META_EPSILON.into(), fmt_num(eps));
-                let mid = *mid_fp as f64 * prec;
                 let mut vals = Vec::with_capacity(keys.len());
                 let mut hws = Vec::with_capacity(keys.len());
-                for (s, c) in noisy[*sum_stat].iter().zip(&noisy[*count_stat]) {
-                    if suppressed(*c) || *c <= 0 {
-                        vals.push(None);
-                        hws.push(None);
-                        continue;
-                    }
-                    let cf = *c as f64;
-                    let centred_mean = *s as f64 * prec / cf;
-                    let avg = (mid + centred_mean).clamp(bounds.lower, bounds.upper);
-                    // Delta method: Var(S/C) ≈ (Var S + m² Var C) / C², Var Laplace = 2b².
-                    let var_s = 2.0 * (ms.scale() * prec).powi(2);
-                    let var_c = 2.0 * mc.scale().powi(2);
-                    let sd = ((var_s + centred_mean.powi(2) * var_c) / (cf * cf)).sqrt();
-                    vals.push(Some(avg));
-                    hws.push(Some(1.959964 * sd));
+                for ((s, c), x) in noisy[*sum_stat].iter().zip(&noisy[*count_stat]).zip(sup) {
+                    let v = if *x {
+                        None
+                    } else {
+                        avg_value(*s, *c, *mid_fp, bounds)
+                    };
+                    let hw = v.map(|_| {
+                        avg_ci95(
+                            ms.scale() * prec,
+                            mc.scale(),
+                            *s as f64 * prec / *c as f64,
+                            *c as f64,
+                        )
+                    });
+                    vals.push(v);
+                    hws.push(hw);
                 }
-                hidden.push((j, Arc::new(Float64Array::from(hws))));
+                hidden.push((format!("{HIDDEN_CI}{j}"), Arc::new(Float64Array::from(hws))));
+                Arc::new(Float64Array::from(vals))
+            }
+            AggregateOutput::Variance {
+                count_stat,
+                sum_stat,
+                sq_stat,
+                bounds,
+                half_fp,
+                sample,
+                sqrt,
+            } => {
+                per_row_ci = true;
+                let (mq, ms, mc) = (&mechs[*sq_stat], &mechs[*sum_stat], &mechs[*count_stat]);
+                let prec = bounds.precision;
+                let shape = VarianceShape {
+                    half: *half_fp as f64 * prec,
+                    precision: prec,
+                    sample: *sample,
+                    sqrt: *sqrt,
+                };
+                meta.insert(
+                    META_STATISTIC.into(),
+                    if *sqrt { "stddev" } else { "var" }.into(),
+                );
+                meta.insert(META_NOISE_SCALE.into(), fmt_num(mq.scale() * prec * prec));
+                meta.insert(META_SUM_NOISE_SCALE.into(), fmt_num(ms.scale() * prec));
+                meta.insert(META_COUNT_NOISE_SCALE.into(), fmt_num(mc.scale()));
+                let mut vals = Vec::with_capacity(keys.len());
+                let mut hws = Vec::with_capacity(keys.len());
+                for (g, x) in sup.iter().enumerate() {
+                    let (n, s, sq) = (
+                        noisy[*count_stat][g],
+                        noisy[*sum_stat][g],
+                        noisy[*sq_stat][g],
+                    );
+                    let v = if *x { None } else { shape.value(n, s, sq) };
+                    let hw = v.map(|v| {
+                        shape.ci95(
+                            v,
+                            mq.scale() * prec * prec,
+                            ms.scale() * prec,
+                            mc.scale(),
+                            n,
+                            s,
+                            sq,
+                        )
+                    });
+                    vals.push(v);
+                    hws.push(hw);
+                }
+                hidden.push((format!("{HIDDEN_CI}{j}"), Arc::new(Float64Array::from(hws))));
                 Arc::new(Float64Array::from(vals))
             }
         };
+        if threshold > 0 {
+            hidden.push((
+                format!("{HIDDEN_SUP}{j}"),
+                Arc::new(BooleanArray::from(sup.clone())),
+            ));
+        }
         let ty = field.data_type().clone();
         let arr = cast(&arr, &ty).map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
         fields.push(Field::new(format!("c{}", nk + j), ty, true));
@@ -259,12 +350,8 @@ pub async fn release(
             per_row_ci,
         });
     }
-    for (j, arr) in &hidden {
-        fields.push(Field::new(
-            format!("{HIDDEN_PREFIX}{j}"),
-            DataType::Float64,
-            true,
-        ));
+    for (name, arr) in &hidden {
+        fields.push(Field::new(name, arr.data_type().clone(), true));
         columns.push(arr.clone());
     }
     let noisy_schema = Arc::new(Schema::new(fields));
@@ -283,8 +370,8 @@ pub async fn release(
                         .alias_qualified(qual.cloned(), f.name()),
                 );
             }
-            for (j, _) in &hidden {
-                let name = format!("{HIDDEN_PREFIX}{j}");
+            for (name, _) in &hidden {
+                let name = name.clone();
                 exprs.push(
                     Expr::Column(Column::new(Some("__fedq_noisy"), name.clone())).alias(name),
                 );
@@ -305,8 +392,9 @@ pub async fn release(
         .await
         .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
 
-    // 5. Metadata, and removal of the hidden columns.
-    let top = top_projection_mapping(&q.plan, agg_fields.fields().len() - nk, nk);
+    // 5. Metadata, the suppression flag column, and removal of the hidden columns.
+    let n_aggs = agg_fields.fields().len() - nk;
+    let top = top_projection_mapping(&q.plan, n_aggs, nk);
     let out_schema = match out_batches.first() {
         Some(b) => b.schema(),
         None => Arc::new(q.plan.schema().as_arrow().clone()),
@@ -324,7 +412,7 @@ pub async fn release(
             let m = &metas[*j];
             let mut md = m.fields.clone();
             if m.per_row_ci {
-                let hidden_name = format!("{HIDDEN_PREFIX}{j}");
+                let hidden_name = format!("{HIDDEN_CI}{j}");
                 let mut per_row: Vec<Option<f64>> = Vec::new();
                 for b in &out_batches {
                     if let Some(col) = b.column_by_name(&hidden_name) {
@@ -342,10 +430,20 @@ pub async fn release(
         }
         final_fields.push(f);
     }
+    if threshold > 0 {
+        let mut md = HashMap::new();
+        md.insert(META_SUPPRESSED_BELOW.to_string(), threshold.to_string());
+        final_fields.push(Field::new(SUPPRESSED_COLUMN, DataType::Utf8, true).with_metadata(md));
+    }
     let final_schema = Arc::new(Schema::new_with_metadata(final_fields, schema_meta));
     let mut batches = Vec::with_capacity(out_batches.len());
     for b in out_batches {
-        let cols: Vec<ArrayRef> = keep.iter().map(|&i| b.column(i).clone()).collect();
+        let mut cols: Vec<ArrayRef> = keep.iter().map(|&i| b.column(i).clone()).collect();
+        if threshold > 0 {
+            cols.push(suppression_reasons(
+                &b, &keep, &top, agg_fields, nk, threshold,
+            ));
+        }
         batches.push(
             RecordBatch::try_new(final_schema.clone(), cols)
                 .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?,
@@ -355,6 +453,141 @@ pub async fn release(
         schema: final_schema,
         batches,
     })
+}
+
+/// The `fedq_suppressed` column of one output batch: NULL where nothing was suppressed,
+/// else which columns are NULL because a noisy count fell below the threshold.
+fn suppression_reasons(
+    b: &RecordBatch,
+    keep: &[usize],
+    top: &[Option<usize>],
+    agg_fields: &datafusion::common::DFSchemaRef,
+    nk: usize,
+    threshold: i128,
+) -> ArrayRef {
+    let n_aggs = agg_fields.fields().len() - nk;
+    let flags: Vec<Option<&BooleanArray>> = (0..n_aggs)
+        .map(|j| {
+            b.column_by_name(&format!("{HIDDEN_SUP}{j}"))
+                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+        })
+        .collect();
+    let schema = b.schema();
+    let reasons: StringArray = (0..b.num_rows())
+        .map(|row| {
+            let is_sup = |j: usize| {
+                flags[j]
+                    .map(|a| a.is_valid(row) && a.value(row))
+                    .unwrap_or(false)
+            };
+            let mut names: Vec<String> = keep
+                .iter()
+                .filter(|&&i| matches!(top.get(i), Some(Some(j)) if is_sup(*j)))
+                .map(|&i| schema.field(i).name().clone())
+                .collect();
+            if names.is_empty() {
+                // A suppressed aggregate shown only through an expression (or HAVING).
+                names = (0..n_aggs)
+                    .filter(|&j| is_sup(j))
+                    .map(|j| agg_fields.field(nk + j).name().clone())
+                    .collect();
+            }
+            (!names.is_empty())
+                .then(|| format!("{}: noisy count below {threshold}", names.join(", ")))
+        })
+        .collect();
+    Arc::new(reasons)
+}
+
+/// AVG from a noisy centred sum `s` and noisy count `c` (fixed-point units): mid + s/c,
+/// clamped into the bounds; `None` when the count is not positive.
+pub fn avg_value(s: i128, c: i128, mid_fp: i128, bounds: &Bounds) -> Option<f64> {
+    if c <= 0 {
+        return None;
+    }
+    let prec = bounds.precision;
+    let centred_mean = s as f64 * prec / c as f64;
+    Some((mid_fp as f64 * prec + centred_mean).clamp(bounds.lower, bounds.upper))
+}
+
+/// 95% half-width of an AVG by the delta method: Var(S/C) ≈ (Var S + m² Var C) / C², with
+/// Laplace variance 2b² (`b_sum` in value units, `centred_mean` = avg − mid).
+pub fn avg_ci95(b_sum: f64, b_count: f64, centred_mean: f64, count: f64) -> f64 {
+    let var_s = 2.0 * b_sum * b_sum;
+    let var_c = 2.0 * b_count * b_count;
+    Z95 * ((var_s + centred_mean * centred_mean * var_c) / (count * count)).sqrt()
+}
+
+/// 97.5% quantile of the standard normal.
+pub const Z95: f64 = 1.959964;
+
+/// How a VAR/STDDEV output is computed from its noisy statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct VarianceShape {
+    /// Half-width of the bounds around the fixed-point midpoint, in value units.
+    pub half: f64,
+    /// Fixed-point step.
+    pub precision: f64,
+    /// `VAR_SAMP`/`STDDEV_SAMP` (divide by N − 1) rather than the population version.
+    pub sample: bool,
+    /// STDDEV rather than VAR.
+    pub sqrt: bool,
+}
+
+impl VarianceShape {
+    /// The released value from noisy count `n`, centred sum `s` and centred sum of squares
+    /// `sq` (fixed-point units): V_pop = q − m² with m = s·p/n, q = sq·p²/n; V_samp =
+    /// V_pop·n/(n − 1); clamped into [0, half²·k] (k = n/(n−1) or 1), the largest possible
+    /// variance of values in the bounds; STDDEV = √V. `None` when n is too small (< 1, or
+    /// < 2 for the sample versions).
+    pub fn value(&self, n: i128, s: i128, sq: i128) -> Option<f64> {
+        let min_n = if self.sample { 2 } else { 1 };
+        if n < min_n {
+            return None;
+        }
+        let nf = n as f64;
+        let p = self.precision;
+        let m = s as f64 * p / nf;
+        let q = sq as f64 * p * p / nf;
+        let k = if self.sample { nf / (nf - 1.0) } else { 1.0 };
+        let v = ((q - m * m) * k).clamp(0.0, self.half * self.half * k);
+        Some(if self.sqrt { v.sqrt() } else { v })
+    }
+
+    /// Delta-method 95% half-width: Var(V̂) ≈ k²[2b_Q² + 4m²·2b_S² + (q − 2m²)²·2b_N²]/N²
+    /// (scales in value units), and for STDDEV divided by 2·sd.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ci95(
+        &self,
+        released: f64,
+        b_sq: f64,
+        b_sum: f64,
+        b_count: f64,
+        n: i128,
+        s: i128,
+        sq: i128,
+    ) -> f64 {
+        let nf = n as f64;
+        let p = self.precision;
+        let m = s as f64 * p / nf;
+        let q = sq as f64 * p * p / nf;
+        let k = if self.sample { nf / (nf - 1.0) } else { 1.0 };
+        let d_n = q - 2.0 * m * m;
+        let var = k
+            * k
+            * (2.0 * b_sq * b_sq
+                + 4.0 * m * m * 2.0 * b_sum * b_sum
+                + d_n * d_n * 2.0 * b_count * b_count)
+            / (nf * nf);
+        let hw_var = Z95 * var.sqrt();
+        if !self.sqrt {
+            hw_var
+        } else if released > 0.0 {
+            hw_var / (2.0 * released)
+        } else {
+            hw_var.sqrt()
+        }
+    }
 }
 
 /// Rebuild `plan` with its (single) Aggregate replaced by `replacement`; projections above
@@ -396,7 +629,11 @@ fn replace_aggregate(
 
 /// For each output column of the plan, the index of the aggregate it shows unchanged (a
 /// column reference, possibly aliased), if any.
-fn top_projection_mapping(plan: &LogicalPlan, n_aggs: usize, nk: usize) -> Vec<Option<usize>> {
+pub(crate) fn top_projection_mapping(
+    plan: &LogicalPlan,
+    n_aggs: usize,
+    nk: usize,
+) -> Vec<Option<usize>> {
     let mut p = plan;
     loop {
         match p {
@@ -449,5 +686,140 @@ fn resolve_column(plan: &LogicalPlan, c: &Column, nk: usize) -> Option<usize> {
             resolve_column(&s.input, &Column::new(q.cloned(), f.name()), nk)
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::Planner;
+    use fedq_common::Catalog;
+    use std::collections::BTreeMap;
+
+    const CATALOG: &str = r#"
+[tables.t]
+max_rows_per_unit = 1
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "g", type = "utf8", public_values = ["big", "small", "mixed"] },
+  { name = "x", type = "int64", lower = 0, upper = 100 },
+]
+"#;
+
+    fn text(b: &RecordBatch, col: &str, row: usize) -> Option<String> {
+        let a = b.column(b.schema().index_of(col).unwrap());
+        let a = a.as_any().downcast_ref::<StringArray>().unwrap();
+        a.is_valid(row).then(|| a.value(row).to_string())
+    }
+
+    /// Exact counts are 10⁶ or 0, so with noise scales below 10 the noisy decisions are
+    /// certain up to e^{-10⁵}: the test checks the rules, not the noise.
+    #[tokio::test]
+    async fn suppression_follows_noisy_counts_and_spreads_to_derived_values() {
+        let cat = Catalog::from_toml(CATALOG, "test").unwrap();
+        let planner = Planner::new(&cat).unwrap().with_min_reported_count(1000);
+        let q = planner
+            .plan(
+                "SELECT g, COUNT(*) AS n, SUM(x) AS s, AVG(x) AS a, VAR_POP(x) AS v FROM t GROUP BY g",
+                1.0,
+                "q",
+            )
+            .await
+            .unwrap();
+        // Partials: CountRows, SumFixed(x), CountNonNull(x), SumSquaresFixed(x).
+        let big = 1_000_000i128;
+        let mut groups = BTreeMap::new();
+        let key = |s: &str| vec![PublicValue::Text(s.into())];
+        groups.insert(key("big"), vec![big, 50 * big, big, 100 * big]);
+        groups.insert(key("small"), vec![0, 0, 0, 0]);
+        // Many rows but (artificially) no values of x: everything about x is suppressed,
+        // the row count is not.
+        groups.insert(key("mixed"), vec![big, 0, 0, 0]);
+        let merged = MergedPartials {
+            groups,
+            sites_answered: vec!["a".into()],
+        };
+        let r = release(&q, &merged, 1000, HashMap::new()).await.unwrap();
+        let names: Vec<&str> = r
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(names, vec!["g", "n", "s", "a", "v", SUPPRESSED_COLUMN]);
+        let b = &r.batches[0];
+        let row = |g: &str| {
+            (0..b.num_rows())
+                .find(|&i| text(b, "g", i).as_deref() == Some(g))
+                .unwrap()
+        };
+        let (rb, rs, rm) = (row("big"), row("small"), row("mixed"));
+        for c in 1..5 {
+            assert!(b.column(c).is_valid(rb));
+            assert!(b.column(c).is_null(rs));
+        }
+        assert_eq!(text(b, SUPPRESSED_COLUMN, rb), None);
+        assert_eq!(
+            text(b, SUPPRESSED_COLUMN, rs).as_deref(),
+            Some("n, s, a, v: noisy count below 1000")
+        );
+        assert!(b.column(1).is_valid(rm));
+        assert_eq!(
+            text(b, SUPPRESSED_COLUMN, rm).as_deref(),
+            Some("s, a, v: noisy count below 1000")
+        );
+        // Without a threshold: no extra column, nothing NULL but the AVG/VAR of empty groups.
+        let q0 = Planner::new(&cat)
+            .unwrap()
+            .plan("SELECT g, COUNT(*) AS n FROM t GROUP BY g", 1.0, "q")
+            .await
+            .unwrap();
+        let mut m0 = merged.clone();
+        for v in m0.groups.values_mut() {
+            v.truncate(1);
+        }
+        let r0 = release(&q0, &m0, 0, HashMap::new()).await.unwrap();
+        assert_eq!(r0.schema.fields().len(), 2);
+    }
+
+    #[test]
+    fn variance_from_centred_statistics_is_exact_before_noise() {
+        // Values 1, 2, 3, 4, 10 with mid 5: centred -4, -3, -2, -1, 5.
+        let xs = [1.0f64, 2.0, 3.0, 4.0, 10.0];
+        let n = xs.len() as i128;
+        let s: i128 = xs.iter().map(|x| *x as i128 - 5).sum();
+        let sq: i128 = xs.iter().map(|x| (*x as i128 - 5).pow(2)).sum();
+        let mean = xs.iter().sum::<f64>() / 5.0;
+        let pop = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 5.0;
+        let shape = |sample, sqrt| VarianceShape {
+            half: 5.0,
+            precision: 1.0,
+            sample,
+            sqrt,
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(shape(false, false).value(n, s, sq).unwrap(), pop));
+        assert!(close(
+            shape(true, false).value(n, s, sq).unwrap(),
+            pop * 5.0 / 4.0
+        ));
+        assert!(close(
+            shape(false, true).value(n, s, sq).unwrap(),
+            pop.sqrt()
+        ));
+        // Clamped into [0, half²·k]; too few values give NULL.
+        assert_eq!(shape(false, false).value(5, 0, -100), Some(0.0));
+        assert_eq!(shape(false, false).value(1, 0, 1_000), Some(25.0));
+        assert_eq!(shape(true, false).value(1, 0, 1), None);
+        assert_eq!(shape(false, false).value(0, 0, 1), None);
+        // AVG: mid + s/c, clamped.
+        let b = Bounds {
+            lower: 0.0,
+            upper: 10.0,
+            precision: 1.0,
+        };
+        assert_eq!(avg_value(-4, 2, 5, &b), Some(3.0));
+        assert_eq!(avg_value(100, 2, 5, &b), Some(10.0));
+        assert_eq!(avg_value(1, 0, 5, &b), None);
     }
 }

@@ -390,6 +390,9 @@ impl FedqFlightSqlService {
             )
             .map_err(|_| Status::internal("could not build the result"))?;
             (schema, vec![batch])
+        } else if let Some(inner) = crate::explain::explain_target(sql)? {
+            let r = self.engine.explain(researcher, inner).await?;
+            (r.schema, r.batches)
         } else {
             let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
                 tracing::info!(researcher, error = %e, "query refused at planning");
@@ -461,11 +464,27 @@ impl FlightSqlService for FedqFlightSqlService {
         let _ = researcher(&request)?;
         let schema = if parse_session_statement(&query.query)?.is_some() {
             message_schema()
+        } else if crate::explain::explain_target(&query.query)?.is_some() {
+            crate::explain::explain_schema()
         } else {
             // Plan once to report errors early and give the client the result schema.
             let who = researcher(&request)?;
             let planned = self.engine.plan(&who, &query.query).await?;
-            Arc::new(planned.plan.schema().as_arrow().clone())
+            let mut fields: Vec<Field> = planned
+                .plan
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            if self.engine.policy().min_reported_count > 0 {
+                fields.push(Field::new(
+                    crate::release::SUPPRESSED_COLUMN,
+                    DataType::Utf8,
+                    true,
+                ));
+            }
+            Arc::new(Schema::new(fields))
         };
         let ipc = arrow_flight::IpcMessage::try_from(arrow_flight::SchemaAsIpc::new(
             &schema,

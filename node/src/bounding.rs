@@ -175,6 +175,14 @@ pub(crate) enum AggPlan {
         lo_fp: f64,
         hi_fp: f64,
     },
+    /// Like `SumFixed`, then `(v - mid_fp)²` summed exactly in `i128`.
+    SumSquaresFixed {
+        slot: usize,
+        precision: f64,
+        lo_fp: f64,
+        hi_fp: f64,
+        mid_fp: i128,
+    },
 }
 
 /// The shape of one bounding run.
@@ -869,6 +877,27 @@ fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
                     *slot_acc = slot_acc.saturating_add(fp);
                 }
             }
+            AggPlan::SumSquaresFixed {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+                mid_fp,
+            } => {
+                if nulls & (1 << slot) != 0 {
+                    continue;
+                }
+                let v = match plan.slots[slot].kind {
+                    SlotKind::Int => vals[slot] as i64 as f64,
+                    SlotKind::Float => f64::from_bits(vals[slot]),
+                    SlotKind::NullOnly => continue,
+                };
+                if let Some(fp) = to_fixed(v, precision, lo_fp, hi_fp) {
+                    // |fp - mid| <= 2e12 (validated), so the square fits.
+                    let d = fp.saturating_sub(mid_fp);
+                    *slot_acc = slot_acc.saturating_add(d.saturating_mul(d));
+                }
+            }
         }
     }
 }
@@ -1112,7 +1141,9 @@ pub(crate) fn output_schema(plan: &BoundingPlan) -> Schema {
     for (i, a) in plan.aggs.iter().enumerate() {
         let ty = match a {
             AggPlan::CountRows | AggPlan::CountNonNull { .. } => DataType::Int64,
-            AggPlan::SumFixed { .. } => DataType::Decimal128(SUM_PRECISION, 0),
+            AggPlan::SumFixed { .. } | AggPlan::SumSquaresFixed { .. } => {
+                DataType::Decimal128(SUM_PRECISION, 0)
+            }
         };
         fields.push(Field::new(format!("agg_{i}"), ty, false));
     }
@@ -1184,7 +1215,7 @@ fn build_output(
                     (0..keys.len()).map(|row| i64::try_from(cell(row, i)).unwrap_or(i64::MAX)),
                 ))
             }
-            AggPlan::SumFixed { .. } => Arc::new(
+            AggPlan::SumFixed { .. } | AggPlan::SumSquaresFixed { .. } => Arc::new(
                 Decimal128Array::from_iter_values((0..keys.len()).map(|row| cell(row, i)))
                     .with_precision_and_scale(SUM_PRECISION, 0)
                     .map_err(|e| BoundError(e.to_string()))?,
@@ -1421,6 +1452,63 @@ mod tests {
         assert!(!b.is_stale());
         let total: i64 = out_rows(&b.finish().unwrap()).iter().map(|r| r.1).sum();
         assert_eq!(total, 3);
+    }
+
+    #[test]
+    fn centred_sum_of_squares_is_exact() {
+        // [0, 10] at 1: mid 5. A: 4, -3 -> 0 (clamped), NULL; B: 20 -> 10, 2.
+        let mut p = plan(10);
+        p.aggs.push(AggPlan::SumSquaresFixed {
+            slot: 0,
+            precision: 1.0,
+            lo_fp: 0.0,
+            hi_fp: 10.0,
+            mid_fp: 5,
+        });
+        let mut b = Bounder::new(p);
+        b.push(&input(
+            &[Some("p1"), Some("p2"), Some("p1"), Some("p2"), Some("p1")],
+            &[Some("A"), Some("B"), Some("A"), Some("A"), Some("B")],
+            &[Some(4), Some(20), Some(-3), None, Some(2)],
+        ))
+        .unwrap();
+        let out = b.finish().unwrap();
+        let sq = out
+            .column(4)
+            .as_any()
+            .downcast_ref::<Decimal128Array>()
+            .unwrap();
+        // A: (4-5)² + (0-5)² = 26; B: (10-5)² + (2-5)² = 34.
+        assert_eq!(sq.value(0), 26);
+        assert_eq!(sq.value(1), 34);
+    }
+
+    #[test]
+    fn nan_is_null_for_counts_and_sums() {
+        let mut p = plan(10);
+        p.slots[0] = ValueSlot {
+            ty: ColumnType::Float64,
+            kind: SlotKind::Float,
+            proj: 2,
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("pid", DataType::Utf8, true),
+            Field::new("g", DataType::Utf8, true),
+            Field::new("x", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["p1", "p2", "p3"])),
+                Arc::new(StringArray::from(vec!["A", "A", "A"])),
+                Arc::new(Float64Array::from(vec![Some(f64::NAN), Some(3.0), None])),
+            ],
+        )
+        .unwrap();
+        let mut b = Bounder::new(p);
+        b.push(&batch).unwrap();
+        // Rows 3, non-null 1 (NaN and NULL excluded), sum 3.
+        assert_eq!(out_rows(&b.finish().unwrap()), vec![("A".into(), 3, 1, 3)]);
     }
 
     #[test]

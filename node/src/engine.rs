@@ -382,7 +382,21 @@ impl NodeEngine {
                     lower,
                     upper,
                     precision,
+                }
+                | AggregateRequest::SumSquaresFixed {
+                    column: name,
+                    lower,
+                    upper,
+                    precision,
                 } => {
+                    // Sums of squares are validated exactly like sums, with a tighter step
+                    // limit so that squares cannot overflow.
+                    let squares = matches!(a, AggregateRequest::SumSquaresFixed { .. });
+                    let max_steps = if squares {
+                        fedq_common::wire::MAX_SQUARES_STEPS
+                    } else {
+                        MAX_FIXED_STEPS
+                    };
                     let c = column(name, "SUM")?;
                     let (lower, upper, precision) = (*lower, *upper, *precision);
                     if !c.ty.is_numeric() {
@@ -426,9 +440,9 @@ impl NodeEngine {
                         )));
                     }
                     let steps = lower.abs().max(upper.abs()) / precision;
-                    if steps.is_nan() || steps > MAX_FIXED_STEPS {
+                    if steps.is_nan() || steps > max_steps {
                         return Err(invalid(format!(
-                            "SUM({}): bounds/precision = {steps:e} steps exceeds the limit of {MAX_FIXED_STEPS:e}",
+                            "SUM({}): bounds/precision = {steps:e} steps exceeds the limit of {max_steps:e}",
                             shown(name)
                         )));
                     }
@@ -441,11 +455,21 @@ impl NodeEngine {
                         )));
                     }
                     let slot = slot_for(name, c.ty, &mut proj);
-                    aggs.push(AggPlan::SumFixed {
-                        slot,
-                        precision,
-                        lo_fp,
-                        hi_fp,
+                    aggs.push(if squares {
+                        AggPlan::SumSquaresFixed {
+                            slot,
+                            precision,
+                            lo_fp,
+                            hi_fp,
+                            mid_fp: fedq_common::wire::fixed_midpoint(lower, upper, precision),
+                        }
+                    } else {
+                        AggPlan::SumFixed {
+                            slot,
+                            precision,
+                            lo_fp,
+                            hi_fp,
+                        }
                     });
                 }
             }

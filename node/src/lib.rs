@@ -20,7 +20,10 @@
 //! 3. **Clamped, exact fixed-point sums.** For `SumFixed { lower, upper, precision }`:
 //!    `lo = ceil(lower / precision)`, `hi = floor(upper / precision)` and each value
 //!    contributes `clamp(round(v / precision), lo, hi)` as an `i128` (NULL and NaN are
-//!    skipped, ±∞ clamp). Sums are exact `i128` sums, sent as `Decimal128(38, 0)`.
+//!    skipped, ±∞ clamp; NaN counts as NULL for `CountNonNull` too, so a centred sum never
+//!    sees a counted row without a value). Sums are exact `i128` sums, sent as `Decimal128(38, 0)`.
+//!    `SumSquaresFixed` (for VAR/STDDEV) is validated the same way (with a tighter step
+//!    limit) and sums `(v - mid)²` with `mid = floor((lo + hi) / 2)`, exactly.
 //! 4. **Errors do not leak data.** Validation refusals depend only on the request and the
 //!    catalog and say why (`INVALID_ARGUMENT` for malformed requests and limits,
 //!    `PERMISSION_DENIED` for what the catalog does not allow). Failures while running a

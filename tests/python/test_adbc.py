@@ -77,9 +77,13 @@ def test_grouped_query_with_epsilon_and_noise_metadata(federation):
 
         n_field = table.schema.field("n")
         md = {k.decode(): v.decode() for k, v in (n_field.metadata or {}).items()}
-        # COUNT(*) over participants: R = 1, S = 2 sites per participant, ε share 0.5 / 3.
+        # COUNT(*) over participants: R = 1, S = 2 sites per participant. ε = 0.5 is split
+        # over COUNT(*), the centred SUM and COUNT(birth_year) in proportion to the cube
+        # roots of their allocation weights 1, 3/4 and 1/4 (rounded to 1e-9, as fedq does).
+        weights = [round(w ** (1 / 3) * 1e9) for w in (1.0, 0.75, 0.25)]
+        share = 0.5 * weights[0] / sum(weights)
         assert md["fedq.statistic"] == "count"
-        assert math.isclose(float(md["fedq.noise_scale"]), 2 / (0.5 / 3), rel_tol=1e-9)
+        assert math.isclose(float(md["fedq.noise_scale"]), 2 / share, rel_tol=1e-9)
         assert float(md["fedq.ci95_half_width"]) > 0
 
         avg_md = {k.decode(): v.decode() for k, v in (table.schema.field("mean_birth_year").metadata or {}).items()}
@@ -91,15 +95,36 @@ def test_grouped_query_with_epsilon_and_noise_metadata(federation):
         assert smd["fedq.epsilon_spent"] == "0.5"
         assert len(smd["fedq.sites_answered"].split(",")) == 3
 
-        # 3000 participants, noise scale 12: the total is within 12 * ln(1e12) ≈ 332 of the
-        # truth with probability > 1 - 1e-12 per count (false failure < 1e-9).
+        # 3000 participants, noise scale ≈ 10.2: the total is within 10.2 * ln(1e12) ≈ 281 of
+        # the truth with probability > 1 - 1e-12 per count (false failure < 1e-9).
         total = sum(x for x in table.column("n").to_pylist() if x is not None)
         assert abs(total - 3000) < 2 * 400
         for y in table.column("mean_birth_year").to_pylist():
             assert y is None or 1900 <= y <= 2030
 
         df = table.to_pandas()
-        assert list(df.columns) == ["sex", "n", "mean_birth_year"]
+        # The policy suppresses small cells (min_reported_count = 11): the extra column
+        # says which values of a row are NULL because of it (None when nothing is).
+        assert list(df.columns) == ["sex", "n", "mean_birth_year", "fedq_suppressed"]
+        assert all(x is None for x in table.column("fedq_suppressed").to_pylist())
+
+
+def test_explain_costs_nothing_and_shows_the_centred_sensitivity(federation):
+    with connect(federation) as conn:
+        cur = conn.cursor()
+        cur.execute("SHOW BUDGET")
+        before = cur.fetchall()[0][0]
+        cur.execute("EXPLAIN SELECT AVG(birth_year) FROM participants")
+        table = cur.fetch_arrow_table()
+        rows = table.to_pylist()
+        stats = {r["name"]: r for r in rows if r["item"] == "statistic"}
+        # R = 1, S = 2, birth_year in [1900, 2030]: the centred sum has sensitivity 2 * 65.
+        assert stats["SUM(birth_year - 1965) in units of 1"]["sensitivity"] == 130
+        assert stats["COUNT(birth_year)"]["sensitivity"] == 2
+        query_eps = next(r["epsilon"] for r in rows if r["item"] == "query")
+        assert math.isclose(sum(r["epsilon"] for r in stats.values()), query_eps, rel_tol=1e-12)
+        cur.execute("SHOW BUDGET")
+        assert cur.fetchall()[0][0] == before
 
 
 def test_refusal_reaches_the_client(federation):

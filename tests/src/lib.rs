@@ -29,6 +29,14 @@ pub fn set_rows_per_unit(dir: &Path, r: u32) {
     std::fs::write(&p, toml::to_string(&cat).expect("toml")).expect("write catalog");
 }
 
+/// Rewrite the catalog's `max_sites_per_unit` (S).
+pub fn set_sites_per_unit(dir: &Path, s: u32) {
+    let p = dir.join("catalog.toml");
+    let mut cat = fedq_common::Catalog::load(&p).expect("catalog");
+    cat.max_sites_per_unit = s;
+    std::fs::write(&p, toml::to_string(&cat).expect("toml")).expect("write catalog");
+}
+
 /// Start a federation with suppression off (so every noisy value can be checked).
 pub async fn start(dir: &Path) -> LocalFederation {
     LocalFederation::start(

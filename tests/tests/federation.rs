@@ -3,8 +3,9 @@
 //! - For each supported query shape, the exact pre-noise merged aggregates equal DataFusion
 //!   over the union of the sites' files (with the same clamping and fixed-point rounding).
 //! - The noisy answers fall within bounds whose false-failure probability is below 1e-9 for
-//!   the whole test: each checked cell uses a per-cell tail probability of 1e-12 and fewer
-//!   than 1000 cells are checked (union bound: < 1e-9).
+//!   the whole test: each check bounds the noise of the statistics it uses, each bound fails
+//!   with probability 1e-12, and fewer than 1000 such bounds are used (union bound: < 1e-9).
+//!   VAR/STDDEV are checked by interval arithmetic over the bounds on N, S and Q.
 //! - Bounding: with R below some participants' row counts, the merged row count equals
 //!   sum over sites and participants of min(rows, R), exactly.
 
@@ -59,6 +60,18 @@ const SHAPES: &[(&str, &str, &str, &[&str])] = &[
         &[],
     ),
     (
+        "SELECT test, VAR_SAMP(value), STDDEV_POP(value) AS sd, AVG(value) FROM labs WHERE test IN ('HbA1c', 'LDL') GROUP BY test",
+        "labs",
+        "test IN ('HbA1c', 'LDL')",
+        &["test"],
+    ),
+    (
+        "SELECT VAR_POP(birth_year) AS v, STDDEV(birth_year) FROM participants WHERE sex = 'F'",
+        "participants",
+        "sex = 'F'",
+        &[],
+    ),
+    (
         "SELECT gene, zygosity, COUNT(*) FROM variants WHERE variant IS NOT NULL GROUP BY gene, zygosity",
         "variants",
         "variant IS NOT NULL",
@@ -66,22 +79,58 @@ const SHAPES: &[(&str, &str, &str, &[&str])] = &[
     ),
 ];
 
-fn expected_sql(table: &str, filter: &str, groups: &[&str], aggs: &[AggregateRequest]) -> String {
+/// The node treats NaN as NULL (counted by no COUNT(col), summed by no sum).
+fn no_nan(column: &str, floats: &[&str]) -> String {
+    if floats.contains(&column) {
+        format!("(CASE WHEN isnan({column}) THEN NULL ELSE {column} END)")
+    } else {
+        column.to_string()
+    }
+}
+
+fn expected_sql(
+    table: &str,
+    filter: &str,
+    groups: &[&str],
+    aggs: &[AggregateRequest],
+    floats: &[&str],
+) -> String {
     let mut sel: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
     for a in aggs {
         sel.push(match a {
             AggregateRequest::CountRows => "CAST(COUNT(*) AS DOUBLE)".into(),
-            AggregateRequest::CountNonNull { column } => format!("CAST(COUNT({column}) AS DOUBLE)"),
+            AggregateRequest::CountNonNull { column } => {
+                format!("CAST(COUNT({}) AS DOUBLE)", no_nan(column, floats))
+            }
             AggregateRequest::SumFixed {
                 column,
                 lower,
                 upper,
                 precision,
             } => {
+                let column = no_nan(column, floats);
                 let lo = (lower / precision).ceil();
                 let hi = (upper / precision).floor();
                 format!(
                     "COALESCE(SUM(LEAST(GREATEST(ROUND(CAST({column} AS DOUBLE) / {precision:?}), {lo:?}), {hi:?})), 0.0)"
+                )
+            }
+            AggregateRequest::SumSquaresFixed {
+                column,
+                lower,
+                upper,
+                precision,
+            } => {
+                let column = no_nan(column, floats);
+                let lo = (lower / precision).ceil();
+                let hi = (upper / precision).floor();
+                let mid = ((lo + hi) / 2.0).floor();
+                let d = format!(
+                    "(LEAST(GREATEST(ROUND(CAST({column} AS DOUBLE) / {precision:?}), {lo:?}), {hi:?}) - {mid:?})"
+                );
+                // GREATEST ignores NULLs in DataFusion, so skip them explicitly.
+                format!(
+                    "COALESCE(SUM(CASE WHEN {column} IS NULL THEN NULL ELSE {d} * {d} END), 0.0)"
                 )
             }
         });
@@ -136,9 +185,18 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
         let q = engine.plan("alice", sql).await.unwrap();
         let merged = engine.gather(&q).await.unwrap();
         assert_eq!(merged.sites_answered.len(), 3);
+        let floats: Vec<&str> = engine
+            .catalog()
+            .table(table)
+            .unwrap()
+            .columns
+            .iter()
+            .filter(|c| c.ty == fedq_common::ColumnType::Float64)
+            .map(|c| c.name.as_str())
+            .collect();
         let exp = exact_rows(
             &ctx,
-            &expected_sql(table, filter, groups, &q.request.aggregates),
+            &expected_sql(table, filter, groups, &q.request.aggregates, &floats),
             groups.len(),
         )
         .await;
@@ -247,8 +305,84 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
                             );
                             assert!(got >= bounds.lower && got <= bounds.upper);
                         }
+                        AggregateOutput::Variance {
+                            count_stat,
+                            sum_stat,
+                            sq_stat,
+                            bounds,
+                            half_fp,
+                            sample,
+                            sqrt,
+                        } => {
+                            let exact_of = |s: usize| match q.statistics[s].kind {
+                                StatisticKind::Count { partial }
+                                | StatisticKind::SumSquares { partial, .. } => p[partial] as f64,
+                                StatisticKind::CentredSum {
+                                    sum, count, mid_fp, ..
+                                } => (p[sum] - mid_fp * p[count]) as f64,
+                                _ => unreachable!(),
+                            };
+                            let t = |s: usize| discrete_laplace_half_width(stat_b(s), ALPHA);
+                            let (n, s, sq) = (
+                                exact_of(*count_stat),
+                                exact_of(*sum_stat),
+                                exact_of(*sq_stat),
+                            );
+                            let (tn, ts, tq) = (t(*count_stat), t(*sum_stat), t(*sq_stat));
+                            if n <= 2.0 * tn + 2.0 {
+                                continue; // too few rows for a useful bound
+                            }
+                            // Interval arithmetic over |noise| <= t on N, S and Q (each
+                            // exceeded with probability <= ALPHA).
+                            let prec = bounds.precision;
+                            let (nlo, nhi) = (n - tn, n + tn);
+                            let div = |lo: f64, hi: f64| {
+                                let c = [lo / nlo, lo / nhi, hi / nlo, hi / nhi];
+                                (
+                                    c.iter().cloned().fold(f64::INFINITY, f64::min),
+                                    c.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                                )
+                            };
+                            let (qlo, qhi) = div((sq - tq) * prec * prec, (sq + tq) * prec * prec);
+                            let (mlo, mhi) = div((s - ts) * prec, (s + ts) * prec);
+                            let m2lo = if mlo <= 0.0 && mhi >= 0.0 {
+                                0.0
+                            } else {
+                                (mlo * mlo).min(mhi * mhi)
+                            };
+                            let m2hi = (mlo * mlo).max(mhi * mhi);
+                            let (mut vlo, mut vhi) = (qlo - m2hi, qhi - m2lo);
+                            let half = *half_fp as f64 * prec;
+                            let (mut cap_lo, mut cap_hi) = (half * half, half * half);
+                            if *sample {
+                                let (klo, khi) = (nhi / (nhi - 1.0), nlo / (nlo - 1.0));
+                                vlo = (vlo * klo).min(vlo * khi);
+                                vhi = (vhi * klo).max(vhi * khi);
+                                cap_lo *= klo;
+                                cap_hi *= khi;
+                            }
+                            let (mut lo, mut hi) = (vlo.clamp(0.0, cap_lo), vhi.clamp(0.0, cap_hi));
+                            // The exact value, for the record: it must lie inside too.
+                            let k = if *sample { n / (n - 1.0) } else { 1.0 };
+                            let mut exact = ((sq * prec * prec) / n - (s * prec / n).powi(2)) * k;
+                            if *sqrt {
+                                lo = lo.sqrt();
+                                hi = hi.sqrt();
+                                exact = exact.sqrt();
+                            }
+                            assert!(
+                                lo <= exact + 1e-9 && exact <= hi + 1e-9,
+                                "{sql}: {exact} not in [{lo}, {hi}]"
+                            );
+                            let got = got.expect("variance present");
+                            assert!(
+                                got >= lo - 1e-9 && got <= hi + 1e-9,
+                                "{sql}: var/sd {got} vs exact {exact}, bound [{lo}, {hi}]"
+                            );
+                        }
                     }
-                    checked += 1;
+                    // One ALPHA-bound per noisy statistic the check relies on.
+                    checked += out.stats().len();
                 }
             }
         }

@@ -34,6 +34,7 @@ fn rec(researcher: &str, qid: &str, eps: f64, datasets: &[&str]) -> QueryRecord 
         delta: 0.0,
         datasets: datasets.iter().map(|s| s.to_string()).collect(),
         sites_asked: vec!["s1".into(), "s2".into()],
+        epsilon_split: vec![("COUNT(*)".into(), eps.to_string())],
     }
 }
 

@@ -674,3 +674,53 @@ fn config_errors() {
     assert_eq!(cfg.tables["patients"].format, crate::TableFormat::Csv);
     assert!(cfg.catalog_path.is_absolute());
 }
+
+#[tokio::test]
+async fn sums_of_squares_are_validated_like_sums() {
+    let (_fx, e) = engine().await;
+    let sq = |lower: f64, upper: f64, precision: f64| AggregateRequest::SumSquaresFixed {
+        column: "value".into(),
+        lower,
+        upper,
+        precision,
+    };
+    let v = |a| e.validate(&request("labs", &[], vec![a], 1, None));
+    assert_refused(v(sq(0.0, 200.0, 0.01)), "wider than the catalog");
+    assert_refused(v(sq(0.0, 100.0, 0.001)), "finer than the catalog");
+    assert_invalid(v(sq(5.0, 5.0, 0.01)), "lower < upper");
+    let ok = e
+        .execute(&request(
+            "labs",
+            &[],
+            vec![sq(0.0, 100.0, 0.01), count_nn("value")],
+            100,
+            None,
+        ))
+        .await
+        .unwrap();
+    let r = rows(&ok, 0);
+    assert_eq!(r.len(), 1);
+    // Non-negative, and at most count · half-width² (half-width 5000 in 0.01 units).
+    assert!(r[0].1[0] >= 0 && r[0].1[0] <= r[0].1[1] * 5000 * 5000);
+
+    // Exact, on the integer column: years 1980×3, 1975×3, 2001×2, 1990.
+    let ysq = |lower: f64, upper: f64| AggregateRequest::SumSquaresFixed {
+        column: "year".into(),
+        lower,
+        upper,
+        precision: 1.0,
+    };
+    let out = e
+        .execute(&request(
+            "labs",
+            &[],
+            vec![ysq(1900.0, 2030.0), ysq(1985.0, 2030.0)],
+            100,
+            None,
+        ))
+        .await
+        .unwrap();
+    // Mid 1965: 3·15² + 3·10² + 2·36² + 25² = 4192. Bounds [1985, 2030], mid 2007, with
+    // 1980 and 1975 clamped to 1985: 6·22² + 2·6² + 17² = 3265.
+    assert_eq!(rows(&out, 0), vec![keyed(&[], &[4192, 3265])]);
+}
