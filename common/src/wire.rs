@@ -77,6 +77,10 @@ pub enum AggregateRequest {
     CountRows,
     /// Number of bounded rows where `column` is not NULL (`Int64`).
     CountNonNull { column: String },
+    /// Number of distinct participants with at least one bounded row in each group
+    /// (`Int64`): `COUNT(DISTINCT privacy_unit)`. After bounding, a participant has rows in
+    /// at most `min(R, groups)` groups, so it adds at most that much across groups.
+    CountUnits,
     /// Exact fixed-point sum of `column`, clamped to `[lower, upper]`, in units of
     /// `precision` (`Decimal128(38, 0)`). NULLs are skipped.
     SumFixed {
@@ -115,7 +119,7 @@ impl AggregateRequest {
     /// Column the aggregate reads, if any.
     pub fn column(&self) -> Option<&str> {
         match self {
-            AggregateRequest::CountRows => None,
+            AggregateRequest::CountRows | AggregateRequest::CountUnits => None,
             AggregateRequest::CountNonNull { column }
             | AggregateRequest::SumFixed { column, .. }
             | AggregateRequest::SumSquaresFixed { column, .. } => Some(column),

@@ -259,7 +259,9 @@ fn merge_batch(
                 return Err(format!("NULL partial in column {}", nk + i));
             }
             let v: i128 = match a {
-                AggregateRequest::CountRows | AggregateRequest::CountNonNull { .. } => col
+                AggregateRequest::CountRows
+                | AggregateRequest::CountNonNull { .. }
+                | AggregateRequest::CountUnits => col
                     .as_any()
                     .downcast_ref::<Int64Array>()
                     .ok_or("count partial is not Int64")?

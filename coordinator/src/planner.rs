@@ -364,6 +364,7 @@ impl Planner {
         let mut b = StatBuilder {
             r: spec.max_rows_per_unit,
             s: self.catalog.max_sites_per_unit,
+            n_groups: n_groups as u128,
             suppression: self.min_reported_count > 0,
             ..Default::default()
         };
@@ -588,6 +589,8 @@ struct StatBuilder {
     r: u32,
     /// S of the federation.
     s: u32,
+    /// Number of groups (product of the key domains; 1 without GROUP BY).
+    n_groups: u128,
     /// Whether SUMs need a count for small-cell suppression.
     suppression: bool,
     /// Index of the output being planned.
@@ -662,6 +665,41 @@ impl StatBuilder {
         Ok(i)
     }
 
+    /// `COUNT(DISTINCT privacy_unit)`: after bounding, one participant has rows in at most
+    /// `min(R, groups)` groups at each of at most S sites, adding 1 to each.
+    fn units_stat(&mut self, label: String) -> Result<usize, CoordinatorError> {
+        let partial = self.partial(AggregateRequest::CountUnits);
+        let kind = StatisticKind::Count { partial };
+        let i = match self.statistics.iter().position(|s| s.kind == kind) {
+            Some(i) => i,
+            None => {
+                let per_site = u128::from(self.r).min(self.n_groups.max(1));
+                self.statistics.push(Statistic {
+                    kind,
+                    sensitivity: per_site * u128::from(self.s),
+                    epsilon: RBig::ZERO,
+                    label,
+                    formula: format!(
+                        "min(R, groups)·S = min({}, {})·{}",
+                        self.r,
+                        self.n_groups.max(1),
+                        self.s
+                    ),
+                    unit: 1.0,
+                    cost: 0.0,
+                    used_by: Vec::new(),
+                });
+                self.statistics.len() - 1
+            }
+        };
+        let st = &mut self.statistics[i];
+        st.cost += 1.0;
+        if !st.used_by.contains(&self.output) {
+            st.used_by.push(self.output);
+        }
+        Ok(i)
+    }
+
     fn count_stat(
         &mut self,
         partial: AggregateRequest,
@@ -684,10 +722,24 @@ impl StatBuilder {
         let name = f.func.name().to_ascii_lowercase();
         let p = &f.params;
         if p.distinct {
-            return Err(refuse(format!(
-                "{}(DISTINCT ...) is not supported yet; use COUNT(*) or COUNT(col)",
-                sql_name(&name)
-            )));
+            let unit = match p.args.as_slice() {
+                [a] => matches!(strip_alias(a), Expr::Column(c) if c.name == spec.privacy_unit),
+                _ => false,
+            };
+            if name != "count" || !unit {
+                return Err(refuse(format!(
+                    "{}(DISTINCT ...) is supported only as COUNT(DISTINCT {}), the number of                      distinct participants; distinct values of other columns can be single                      participants' values. Use COUNT(*) or COUNT(col) instead",
+                    sql_name(&name),
+                    spec.privacy_unit
+                )));
+            }
+            if p.filter.is_some() {
+                return Err(refuse(
+                    "aggregate FILTER (WHERE ...) is not supported; put the condition in WHERE",
+                ));
+            }
+            let stat = self.units_stat(format!("COUNT(DISTINCT {})", spec.privacy_unit))?;
+            return Ok(AggregateOutput::Count { stat });
         }
         if p.filter.is_some() {
             return Err(refuse(
@@ -996,7 +1048,16 @@ columns = [
         // 10¹³ fixed-point steps: a sum is fine, squares could overflow.
         assert!(plan("SELECT SUM(fine) FROM instruments").await.is_ok());
         refused("SELECT VAR_POP(fine) FROM instruments", "coarser precision").await;
-        refused("SELECT COUNT(DISTINCT pid) FROM labs", "DISTINCT").await;
+        refused(
+            "SELECT COUNT(DISTINCT test) FROM labs",
+            "COUNT(DISTINCT pid)",
+        )
+        .await;
+        refused(
+            "SELECT SUM(DISTINCT value) FROM labs",
+            "COUNT(DISTINCT pid)",
+        )
+        .await;
         refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
         refused(
             "SELECT COUNT(*) FROM labs JOIN participants ON labs.pid = participants.pid",
@@ -1064,6 +1125,34 @@ columns = [
             .find(|s| matches!(s.kind, StatisticKind::CentredSum { .. }))
             .unwrap();
         assert_eq!(centred.sensitivity, 2 * 65);
+    }
+
+    #[tokio::test]
+    async fn distinct_participants_cost_min_r_groups_per_site() {
+        // No GROUP BY: each participant adds 1 at each of S = 2 sites.
+        let q = plan("SELECT COUNT(DISTINCT pid) FROM labs WHERE test = 'LDL'")
+            .await
+            .unwrap();
+        assert_eq!(q.request.aggregates, vec![AggregateRequest::CountUnits]);
+        assert_eq!(q.statistics[0].sensitivity, 2);
+        // Four groups, R = 20: at most 4 groups per participant.
+        let q = plan("SELECT test, COUNT(DISTINCT pid) AS n FROM labs GROUP BY test")
+            .await
+            .unwrap();
+        assert_eq!(q.statistics[0].sensitivity, 4 * 2);
+        assert!(q.statistics[0].formula.contains("min(20, 4)"));
+        // R = 1 bounds it below the number of groups.
+        let q = plan("SELECT sex, COUNT(DISTINCT pid) FROM participants GROUP BY sex")
+            .await
+            .unwrap();
+        assert_eq!(q.statistics[0].sensitivity, 2);
+        // Shared with nothing else: COUNT(*) is a different statistic.
+        let q = plan("SELECT COUNT(*), COUNT(DISTINCT pid) FROM labs")
+            .await
+            .unwrap();
+        assert_eq!(q.statistics.len(), 2);
+        assert_eq!(q.statistics[0].sensitivity, 40);
+        assert_eq!(q.statistics[1].sensitivity, 2);
     }
 
     fn eps(q: &PlannedQuery, kind: impl Fn(&StatisticKind) -> bool) -> RBig {

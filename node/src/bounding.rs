@@ -33,7 +33,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use fedq_common::{ColumnType, PublicValue};
 use opendp::traits::samplers::fill_bytes;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
 
 /// Precision and scale of the fixed-point sums on the wire.
 pub const SUM_PRECISION: u8 = 38;
@@ -165,6 +165,8 @@ pub(crate) struct ValueSlot {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum AggPlan {
     CountRows,
+    /// Distinct participants with a kept row in the group (see [`Bounder::units_seen`]).
+    CountUnits,
     CountNonNull {
         slot: usize,
     },
@@ -578,6 +580,9 @@ pub(crate) struct Bounder {
     cursor: u32,
     /// Group index per row of the current batch (reused buffer).
     gidx: Vec<u32>,
+    /// With a `CountUnits` aggregate: the (participant, group) pairs already counted, the
+    /// participant as `(0, counts index)` for direct ones and `(1, unit)` for reservoirs.
+    units_seen: Option<FxHashSet<(u32, u32, u32)>>,
 }
 
 impl Bounder {
@@ -596,6 +601,11 @@ impl Bounder {
             s = s.saturating_mul((g.values.len() as u32).max(1));
         }
         let width = plan.slots.len();
+        let units_seen = plan
+            .aggs
+            .iter()
+            .any(|a| matches!(a, AggPlan::CountUnits))
+            .then(FxHashSet::default);
         let mut accs = Accumulators::new(&strides, &plan, plan.aggs.len());
         if plan.groups.is_empty() {
             accs.row(0);
@@ -618,6 +628,7 @@ impl Bounder {
             stale: false,
             cursor: 0,
             gidx: Vec::new(),
+            units_seen,
         }
     }
 
@@ -809,7 +820,13 @@ impl Bounder {
                                 "participant counts are stale: the table's files changed".into(),
                             ));
                         }
-                        fold(&self.plan, self.accs.row(group), nulls, row_vals);
+                        let acc = self.accs.row(group);
+                        fold(&self.plan, acc, nulls, row_vals);
+                        if let Some(seen) = &mut self.units_seen {
+                            if seen.insert((0, id as u32, group)) {
+                                count_unit(&self.plan, acc);
+                            }
+                        }
                     }
                     Target::Reservoir(u) => offer(
                         &mut self.units[u],
@@ -834,17 +851,35 @@ impl Bounder {
             units,
             arena,
             mut accs,
+            mut units_seen,
             ..
         } = self;
         let w = arena.width;
-        for unit in &units {
+        for (u, unit) in units.iter().enumerate() {
             for row in unit.off..unit.off + unit.len {
                 let vals = &arena.values[row * w..(row + 1) * w];
-                fold(&plan, accs.row(arena.groups[row]), arena.nulls[row], vals);
+                let group = arena.groups[row];
+                let acc = accs.row(group);
+                fold(&plan, acc, arena.nulls[row], vals);
+                if let Some(seen) = &mut units_seen {
+                    if seen.insert((1, u as u32, group)) {
+                        count_unit(&plan, acc);
+                    }
+                }
             }
         }
         let (keys, values) = accs.into_sorted();
         build_output(&plan, &strides, &keys, &values)
+    }
+}
+
+/// Count a participant once in a group's `CountUnits` accumulators.
+#[inline]
+fn count_unit(plan: &BoundingPlan, acc: &mut [i128]) {
+    for (a, slot_acc) in plan.aggs.iter().zip(acc.iter_mut()) {
+        if matches!(a, AggPlan::CountUnits) {
+            *slot_acc += 1;
+        }
     }
 }
 
@@ -854,6 +889,8 @@ fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
     for (a, slot_acc) in plan.aggs.iter().zip(acc.iter_mut()) {
         match *a {
             AggPlan::CountRows => *slot_acc += 1,
+            // Counted once per participant and group by the caller.
+            AggPlan::CountUnits => {}
             AggPlan::CountNonNull { slot } => {
                 if nulls & (1 << slot) == 0 {
                     *slot_acc += 1;
@@ -1140,7 +1177,9 @@ pub(crate) fn output_schema(plan: &BoundingPlan) -> Schema {
     }
     for (i, a) in plan.aggs.iter().enumerate() {
         let ty = match a {
-            AggPlan::CountRows | AggPlan::CountNonNull { .. } => DataType::Int64,
+            AggPlan::CountRows | AggPlan::CountNonNull { .. } | AggPlan::CountUnits => {
+                DataType::Int64
+            }
             AggPlan::SumFixed { .. } | AggPlan::SumSquaresFixed { .. } => {
                 DataType::Decimal128(SUM_PRECISION, 0)
             }
@@ -1210,7 +1249,7 @@ fn build_output(
     }
     for (i, a) in plan.aggs.iter().enumerate() {
         let arr: ArrayRef = match a {
-            AggPlan::CountRows | AggPlan::CountNonNull { .. } => {
+            AggPlan::CountRows | AggPlan::CountNonNull { .. } | AggPlan::CountUnits => {
                 Arc::new(Int64Array::from_iter_values(
                     (0..keys.len()).map(|row| i64::try_from(cell(row, i)).unwrap_or(i64::MAX)),
                 ))
@@ -1278,6 +1317,30 @@ mod tests {
                 (p - 0.3).abs() < 0.025,
                 "position {pos} kept with frequency {p}"
             );
+        }
+    }
+
+    impl BoundingPlan {
+        fn clone_for_test(&self) -> BoundingPlan {
+            BoundingPlan {
+                max_rows: self.max_rows,
+                pid_proj: self.pid_proj,
+                groups: self
+                    .groups
+                    .iter()
+                    .map(|g| GroupCol::new(g.name.clone(), g.ty, g.values.clone(), g.proj))
+                    .collect(),
+                slots: self
+                    .slots
+                    .iter()
+                    .map(|s| ValueSlot {
+                        ty: s.ty,
+                        kind: s.kind,
+                        proj: s.proj,
+                    })
+                    .collect(),
+                aggs: self.aggs.clone(),
+            }
         }
     }
 
@@ -1420,6 +1483,51 @@ mod tests {
             assert_eq!(b.units.len(), 2);
             let total: i64 = out_rows(&b.finish().unwrap()).iter().map(|r| r.1).sum();
             assert_eq!(total, 2 + 1 + 2 + 1);
+        }
+    }
+
+    /// `CountUnits` counts each participant once per group with a kept row, on both paths.
+    #[test]
+    fn distinct_participants_per_group() {
+        let mut p = plan(10);
+        p.aggs = vec![AggPlan::CountUnits, AggPlan::CountRows];
+        let b1 = input(
+            &[Some("p1"), Some("p1"), Some("p2"), Some("p1")],
+            &[Some("A"), Some("A"), Some("A"), Some("B")],
+            &[Some(1), Some(1), Some(1), Some(1)],
+        );
+        let b2 = input(
+            &[Some("p2"), Some("p1")],
+            &[Some("A"), Some("A")],
+            &[None, None],
+        );
+        let rows = |b: &RecordBatch| -> Vec<(i64, i64)> {
+            let u = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            let c = b.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+            (0..b.num_rows())
+                .map(|i| (u.value(i), c.value(i)))
+                .collect()
+        };
+        // A: p1 (3 rows), p2 (2 rows): 2 participants, 5 rows. B: p1: 1, 1.
+        let expect = vec![(2, 5), (1, 1)];
+        let counts = counts_of(&[&b1, &b2]);
+        for mut b in [
+            Bounder::new(p.clone_for_test()),
+            Bounder::with_counts(p.clone_for_test(), counts),
+        ] {
+            b.push(&b1).unwrap();
+            b.push(&b2).unwrap();
+            assert_eq!(rows(&b.finish().unwrap()), expect);
+        }
+        // R = 1: each participant keeps one row, so is counted in exactly one group.
+        let mut p1 = p.clone_for_test();
+        p1.max_rows = 1;
+        for _ in 0..20 {
+            let mut b = Bounder::new(p1.clone_for_test());
+            b.push(&b1).unwrap();
+            b.push(&b2).unwrap();
+            let total: i64 = rows(&b.finish().unwrap()).iter().map(|r| r.0).sum();
+            assert_eq!(total, 2);
         }
     }
 

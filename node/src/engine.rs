@@ -372,6 +372,7 @@ impl NodeEngine {
             };
             match a {
                 AggregateRequest::CountRows => aggs.push(AggPlan::CountRows),
+                AggregateRequest::CountUnits => aggs.push(AggPlan::CountUnits),
                 AggregateRequest::CountNonNull { column: name } => {
                     let c = column(name, "COUNT")?;
                     let slot = slot_for(name, c.ty, &mut proj);

@@ -99,6 +99,8 @@ fn expected_sql(
     for a in aggs {
         sel.push(match a {
             AggregateRequest::CountRows => "CAST(COUNT(*) AS DOUBLE)".into(),
+            // Per site, not over the union: see the test of distinct participants below.
+            AggregateRequest::CountUnits => unreachable!("not in SHAPES"),
             AggregateRequest::CountNonNull { column } => {
                 format!("CAST(COUNT({}) AS DOUBLE)", no_nan(column, floats))
             }
@@ -599,4 +601,76 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
     assert_eq!(down.len(), 1);
     assert_eq!(down[0]["site"].as_str(), Some(site.as_str()));
     fed.shutdown().await.unwrap();
+}
+
+/// `COUNT(DISTINCT pid)`: each site counts its own distinct participants per group (a
+/// participant at two sites counts at both, which S accounts for), so the exact pre-noise
+/// value is the sum over sites of DataFusion's per-site `COUNT(DISTINCT pid)`. The noisy
+/// answer is within the discrete-Laplace bound at per-cell α = 1e-12 (5 cells here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distinct_participants_are_exact_per_site_and_noise_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 3000, 12);
+    set_rows_per_unit(dir, 1000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "SELECT test, COUNT(DISTINCT pid) AS n FROM labs WHERE value > 5 GROUP BY test",
+            "SELECT test, COUNT(DISTINCT pid) FROM labs WHERE value > 5 GROUP BY test",
+            "labs",
+            1usize,
+        ),
+        (
+            "SELECT COUNT(DISTINCT pid) FROM diagnoses WHERE code = 'E11'",
+            "SELECT COUNT(DISTINCT pid) FROM diagnoses WHERE code = 'E11'",
+            "diagnoses",
+            0,
+        ),
+    ];
+    for (sql, per_site_sql, table, nk) in cases {
+        let q = engine.plan("alice", sql).await.unwrap();
+        assert_eq!(q.request.aggregates, vec![AggregateRequest::CountUnits]);
+        let merged = engine.gather(&q).await.unwrap();
+        let mut expect: HashMap<Vec<String>, f64> = HashMap::new();
+        for site in fedq::federation::site_dirs(dir).unwrap() {
+            let ctx = SessionContext::new();
+            ctx.register_parquet(
+                table,
+                site.join(format!("{table}.parquet")).to_str().unwrap(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+            for (k, v) in exact_rows(&ctx, per_site_sql, nk).await {
+                *expect.entry(k).or_default() += v[0];
+            }
+        }
+        let got: HashMap<Vec<String>, f64> = merged
+            .groups
+            .iter()
+            .map(|(k, v)| (k.iter().map(|x| x.to_string()).collect(), v[0] as f64))
+            .collect();
+        assert_eq!(got, expect, "{sql}");
+
+        let r = client.query(sql).await.unwrap();
+        let st = &q.statistics[0];
+        let b = st.sensitivity as f64 / st.epsilon.to_f64().value();
+        let t = discrete_laplace_half_width(b, ALPHA);
+        for batch in &r.batches {
+            for row in 0..batch.num_rows() {
+                let k: Vec<String> = (0..nk).map(|c| key(batch, c, row)).collect();
+                let exact = expect.get(&k).copied().unwrap_or(0.0);
+                let noisy = cell(batch, nk, row).expect("not suppressed");
+                assert!(
+                    (noisy - exact).abs() <= t,
+                    "{sql}: {k:?} {noisy} vs {exact}"
+                );
+            }
+        }
+    }
 }
