@@ -6,7 +6,8 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use fedq_coordinator::explain::META_EXPLAIN;
 use fedq_coordinator::release::{
-    META_CI95, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_SITES_ANSWERED, META_SITES_ASKED,
+    META_CI95, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_MAX_ROWS, META_SITES_ANSWERED,
+    META_SITES_ASKED, META_TRUNCATED, META_TRUNCATED_CI95,
 };
 
 use crate::CliError;
@@ -146,6 +147,16 @@ fn render_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, C
             .map(|a| a.split(',').filter(|s| !s.is_empty()).count())
             .unwrap_or(n_ans);
         out.push_str(&format!("sites answered: {n_ans}/{n_ask} ({ans})\n"));
+    }
+    if let (Some(t), Some(ci)) = (md.get(META_TRUNCATED), md.get(META_TRUNCATED_CI95)) {
+        let r = md.get(META_MAX_ROWS).map(String::as_str).unwrap_or("R");
+        let ci = ci
+            .parse::<f64>()
+            .map(|c| format!("{c:.0}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "bounding: ~{t} ± {ci} participants had more than {r} rows; some of their rows were left out\n"
+        ));
     }
     Ok(out)
 }

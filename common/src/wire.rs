@@ -103,6 +103,11 @@ pub enum AggregateRequest {
     },
 }
 
+/// Schema metadata key of a node's response: how many participants had more than R rows
+/// after the filter (each counted once), so that bounding dropped some of their rows. A
+/// partial count like the others, released only with noise (sensitivity 1 per site).
+pub const META_TRUNCATED_UNITS: &str = "fedq.truncated_units";
+
 /// Largest `max(|lower|, |upper|) / precision` of a fixed-point sum of squares: its square
 /// (2·10¹² steps)² per row leaves room for more than 10¹³ rows in an `i128`.
 pub const MAX_SQUARES_STEPS: f64 = 1e12;

@@ -18,7 +18,7 @@ use crate::config::{CoordinatorConfig, DatasetConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{MergedPartials, NodePool};
 use crate::ledger::{BudgetKind, BudgetStatus, Ledger, QueryRecord, Replay};
-use crate::planner::{PlannedQuery, Planner};
+use crate::planner::{PlannedQuery, Planner, TRUNCATION_LABEL};
 use crate::release::{
     release, Released, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_PLAN_HASH, META_QUERY_ID,
     META_REPLAY, META_REPLAY_OF, META_SITES_ANSWERED, META_SITES_ASKED,
@@ -271,6 +271,10 @@ impl Coordinator {
                 .statistics
                 .iter()
                 .map(|s| (s.label.clone(), s.epsilon.to_string()))
+                .chain(std::iter::once((
+                    TRUNCATION_LABEL.to_string(),
+                    q.truncation.epsilon.to_string(),
+                )))
                 .collect(),
         }
     }

@@ -27,7 +27,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::CoordinatorError;
 use crate::noise::DiscreteLaplace;
-use crate::planner::{AggregateOutput, Allocation, PlannedQuery};
+use crate::planner::{AggregateOutput, Allocation, PlannedQuery, TRUNCATION_LABEL};
 use crate::release::{avg_ci95, top_projection_mapping, VarianceShape};
 
 /// Schema metadata key: `"true"` on an EXPLAIN answer.
@@ -224,6 +224,29 @@ pub fn explain_batch(
             detail: Some(format!(
                 "discrete Laplace (pure ε-DP, δ = 0) on every group; used by {}",
                 used.join(", ")
+            )),
+        });
+    }
+    {
+        let t = &q.truncation;
+        let m = DiscreteLaplace::new(t.sensitivity, &t.epsilon)
+            .map_err(|e| CoordinatorError::internal(qid, e))?;
+        rows.push(Row {
+            item: "statistic",
+            name: TRUNCATION_LABEL.to_string(),
+            sensitivity: Some(t.sensitivity as f64),
+            formula: Some(format!("S = {} (each participant counted once per site)", q.max_sites_per_unit)),
+            epsilon: Some(t.epsilon.to_f64().value()),
+            delta: Some(0.0),
+            scale: Some(m.scale()),
+            ci95: Some(m.half_width(0.05)),
+            detail: Some(format!(
+                "bounding report, one number for the whole answer (schema metadata {}): how many \
+                 participants had more than R = {} rows after the filter, so that some of their rows \
+                 were left out; 1/{} of ε",
+                crate::release::META_TRUNCATED,
+                q.max_rows_per_unit,
+                crate::planner::TRUNCATION_SHARE_DENOMINATOR
             )),
         });
     }

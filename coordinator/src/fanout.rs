@@ -16,6 +16,7 @@ use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, Decimal128Array, Int32Array, Int64Array, RecordBatch,
 };
 use datafusion::arrow::datatypes::DataType;
+use fedq_common::wire::META_TRUNCATED_UNITS;
 use fedq_common::{AggregateRequest, NodeInfo, PartialAggregateRequest, PublicValue};
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -34,6 +35,9 @@ pub struct MergedPartials {
     pub groups: BTreeMap<Vec<PublicValue>, Vec<i128>>,
     /// Sites that answered.
     pub sites_answered: Vec<String>,
+    /// Participants whose rows bounding truncated, summed over sites (exact; released
+    /// only with noise). `None` if a node did not report it.
+    pub truncated_units: Option<i128>,
 }
 
 impl MergedPartials {
@@ -108,9 +112,24 @@ impl NodePool {
             }
         });
         let results = futures::future::join_all(futs).await;
-        let mut merged = MergedPartials::default();
+        let mut merged = MergedPartials {
+            truncated_units: Some(0),
+            ..Default::default()
+        };
         for (site, res) in results {
             let batches = res?;
+            let truncated = batches
+                .first()
+                .and_then(|b| b.schema().metadata().get(META_TRUNCATED_UNITS).cloned())
+                .and_then(|v| v.parse::<i128>().ok())
+                .filter(|v| *v >= 0);
+            if truncated.is_none() {
+                tracing::warn!(query_id = %req.query_id, site = %site, "node sent no bounding report");
+            }
+            merged.truncated_units = match (merged.truncated_units, truncated) {
+                (Some(a), Some(b)) => a.checked_add(b),
+                _ => None,
+            };
             for b in &batches {
                 merge_batch(&mut merged, b, req, groups).map_err(|detail| {
                     tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");

@@ -118,6 +118,24 @@ pub enum Allocation {
     Even,
 }
 
+/// Share of every query's ε spent on its bounding report (1/20): the noisy number of
+/// participants whose rows bounding truncated. The statistics share the rest.
+pub const TRUNCATION_SHARE_DENOMINATOR: u32 = 20;
+
+/// How the bounding report is named in EXPLAIN and in the audit log's ε split.
+pub const TRUNCATION_LABEL: &str = "participants truncated by bounding (more than R rows)";
+
+/// The bounding report of a query: how many participants had more than R rows after the
+/// filter (each counted once per site), released with noise so researchers can tell
+/// truncation bias from noise.
+#[derive(Debug, Clone)]
+pub struct TruncationReport {
+    /// S: one participant is truncated at most once per site.
+    pub sensitivity: u128,
+    /// Its share of the query's ε (exact): ε / [`TRUNCATION_SHARE_DENOMINATOR`].
+    pub epsilon: RBig,
+}
+
 /// Allocation weights of an AVG (and of a SUM with a suppression count): sum, count.
 pub const AVG_WEIGHTS: (f64, f64) = (0.75, 0.25);
 /// Allocation weights of VAR/STDDEV: sum of squares, centred sum, count.
@@ -219,6 +237,8 @@ pub struct PlannedQuery {
     pub max_sites_per_unit: u32,
     /// How ε was split.
     pub allocation: Allocation,
+    /// The noisy report of how many participants bounding truncated.
+    pub truncation: TruncationReport,
 }
 
 /// Plans SQL against the catalog.
@@ -373,7 +393,16 @@ impl Planner {
             b.output = j;
             outputs.push(b.aggregate(strip_alias(e), &table, spec)?);
         }
-        allocate(&mut b.statistics, rational(epsilon)?, self.allocation)?;
+        let eps = rational(epsilon)?;
+        let truncation = TruncationReport {
+            sensitivity: u128::from(self.catalog.max_sites_per_unit),
+            epsilon: eps.clone() / RBig::from(TRUNCATION_SHARE_DENOMINATOR),
+        };
+        allocate(
+            &mut b.statistics,
+            eps.clone() - truncation.epsilon.clone(),
+            self.allocation,
+        )?;
 
         let request = PartialAggregateRequest {
             query_id: query_id.to_string(),
@@ -397,6 +426,7 @@ impl Planner {
             max_rows_per_unit: spec.max_rows_per_unit,
             max_sites_per_unit: self.catalog.max_sites_per_unit,
             allocation: self.allocation,
+            truncation,
         })
     }
 }
@@ -1108,8 +1138,9 @@ columns = [
         assert_eq!(q.statistics[1].sensitivity, 40); // COUNT(value)
                                                      // Centred sum: [0, 500] in 0.01 units is [0, 50000], mid 25000, half-width 25000.
         assert_eq!(q.statistics[2].sensitivity, 40 * 25_000);
+        // Even split of what the bounding report leaves: (1 − 1/20) / 3 each.
         for s in &q.statistics {
-            assert_eq!(s.epsilon, RBig::ONE / RBig::from(3u8));
+            assert_eq!(s.epsilon, RBig::from(19u8) / RBig::from(60u8));
         }
 
         let q = plan("SELECT SUM(value) FROM labs").await.unwrap();
@@ -1125,6 +1156,22 @@ columns = [
             .find(|s| matches!(s.kind, StatisticKind::CentredSum { .. }))
             .unwrap();
         assert_eq!(centred.sensitivity, 2 * 65);
+    }
+
+    /// The bounding report takes 1/20 of ε with sensitivity S; the statistics share the
+    /// rest, and everything sums to ε exactly.
+    #[tokio::test]
+    async fn bounding_report_takes_a_twentieth_of_epsilon() {
+        let q = plan("SELECT test, COUNT(*), AVG(value) FROM labs GROUP BY test")
+            .await
+            .unwrap();
+        assert_eq!(q.truncation.sensitivity, 2);
+        assert_eq!(q.truncation.epsilon, RBig::ONE / RBig::from(20u8));
+        let total = q
+            .statistics
+            .iter()
+            .fold(q.truncation.epsilon.clone(), |a, s| a + s.epsilon.clone());
+        assert_eq!(total, RBig::ONE);
     }
 
     #[tokio::test]
@@ -1166,7 +1213,7 @@ columns = [
     fn total(q: &PlannedQuery) -> RBig {
         q.statistics
             .iter()
-            .fold(RBig::ZERO, |a, s| a + s.epsilon.clone())
+            .fold(q.truncation.epsilon.clone(), |a, s| a + s.epsilon.clone())
     }
 
     #[tokio::test]
@@ -1176,13 +1223,21 @@ columns = [
             .await
             .unwrap();
         assert_eq!(q.allocation, Allocation::Balanced);
-        assert_eq!(total(&q), RBig::ONE, "the shares add up to ε exactly");
+        assert_eq!(
+            total(&q),
+            RBig::ONE,
+            "the shares, with the bounding report's, add up to ε exactly"
+        );
+        // Shares of what the bounding report leaves to the statistics.
+        let avail = 1.0 - 1.0 / f64::from(TRUNCATION_SHARE_DENOMINATOR);
         let es = eps(&q, |k| matches!(k, StatisticKind::CentredSum { .. }))
             .to_f64()
-            .value();
+            .value()
+            / avail;
         let ec = eps(&q, |k| matches!(k, StatisticKind::Count { .. }))
             .to_f64()
-            .value();
+            .value()
+            / avail;
         assert!((es / ec - 3f64.cbrt()).abs() < 1e-6, "{es} / {ec}");
         assert!((es - 0.590541).abs() < 1e-5, "{es}");
         // It is the minimiser of 1/ε_S² + (1/3)/ε_N² on ε_S + ε_N = 1: nudging either way is worse.
@@ -1198,7 +1253,7 @@ columns = [
         let w: Vec<f64> = q.statistics.iter().map(|s| s.cost).collect();
         assert_eq!(w, vec![1.25, 0.75, 1.0]);
         for s in &q.statistics {
-            let want = s.cost.cbrt() / w.iter().map(|c| c.cbrt()).sum::<f64>();
+            let want = avail * s.cost.cbrt() / w.iter().map(|c| c.cbrt()).sum::<f64>();
             assert!((s.epsilon.to_f64().value() - want).abs() < 1e-8);
         }
 
@@ -1208,8 +1263,9 @@ columns = [
             .plan("SELECT AVG(birth_year) FROM participants", 0.5, "q")
             .await
             .unwrap();
+        // 0.5 − 0.5/20 = 19/40, halved.
         for s in &q.statistics {
-            assert_eq!(s.epsilon, RBig::ONE / RBig::from(4u8));
+            assert_eq!(s.epsilon, RBig::from(19u8) / RBig::from(80u8));
         }
     }
 

@@ -68,6 +68,13 @@ pub const META_SUM_NOISE_SCALE: &str = "fedq.sum_noise_scale";
 /// Name of the column added to every result when small-cell suppression is on: NULL where
 /// nothing in the row was suppressed, else e.g. `n, mean_age: noisy count below 11`.
 pub const SUPPRESSED_COLUMN: &str = "fedq_suppressed";
+/// Schema metadata: noisy number of participants whose rows bounding truncated (each
+/// counted once per site), never below 0.
+pub const META_TRUNCATED: &str = "fedq.truncated_participants";
+/// Schema metadata: 95% half-width of [`META_TRUNCATED`].
+pub const META_TRUNCATED_CI95: &str = "fedq.truncated_participants_ci95";
+/// Schema metadata: R, the rows per participant kept by bounding.
+pub const META_MAX_ROWS: &str = "fedq.max_rows_per_unit";
 
 /// Columns with this prefix ride through post-processing and are removed at the end.
 const HIDDEN_PREFIX: &str = "__fedq_";
@@ -435,6 +442,16 @@ pub async fn release(
         md.insert(META_SUPPRESSED_BELOW.to_string(), threshold.to_string());
         final_fields.push(Field::new(SUPPRESSED_COLUMN, DataType::Utf8, true).with_metadata(md));
     }
+    let mut schema_meta = schema_meta;
+    // The bounding report, with its own share of ε (already charged).
+    schema_meta.insert(META_MAX_ROWS.into(), q.max_rows_per_unit.to_string());
+    if let Some(t) = merged.truncated_units {
+        let m = DiscreteLaplace::new(q.truncation.sensitivity, &q.truncation.epsilon)
+            .map_err(|e| CoordinatorError::internal(qid, e))?;
+        let noisy = m.release(t)?.max(0);
+        schema_meta.insert(META_TRUNCATED.into(), noisy.to_string());
+        schema_meta.insert(META_TRUNCATED_CI95.into(), fmt_num(m.half_width(0.05)));
+    }
     let final_schema = Arc::new(Schema::new_with_metadata(final_fields, schema_meta));
     let mut batches = Vec::with_capacity(out_batches.len());
     for b in out_batches {
@@ -738,6 +755,7 @@ columns = [
         let merged = MergedPartials {
             groups,
             sites_answered: vec!["a".into()],
+            truncated_units: Some(0),
         };
         let r = release(&q, &merged, 1000, HashMap::new()).await.unwrap();
         let names: Vec<&str> = r

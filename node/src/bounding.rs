@@ -31,6 +31,7 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use fedq_common::wire::META_TRUNCATED_UNITS;
 use fedq_common::{ColumnType, PublicValue};
 use opendp::traits::samplers::fill_bytes;
 use rustc_hash::{FxBuildHasher, FxHashMap, FxHashSet};
@@ -868,8 +869,19 @@ impl Bounder {
                 }
             }
         }
+        let truncated = units
+            .iter()
+            .filter(|u| u.seen > plan.max_rows as u64)
+            .count();
         let (keys, values) = accs.into_sorted();
-        build_output(&plan, &strides, &keys, &values)
+        let out = build_output(&plan, &strides, &keys, &values)?;
+        let schema = out.schema().as_ref().clone().with_metadata(
+            [(META_TRUNCATED_UNITS.to_string(), truncated.to_string())]
+                .into_iter()
+                .collect(),
+        );
+        out.with_schema(Arc::new(schema))
+            .map_err(|e| BoundError(e.to_string()))
     }
 }
 
@@ -1544,6 +1556,50 @@ mod tests {
         let mut b = Bounder::with_counts(plan(2), counts_of(&[&before]));
         assert!(b.push(&after).is_err());
         assert!(b.is_stale());
+    }
+
+    fn truncated(b: &RecordBatch) -> usize {
+        b.schema().metadata()[META_TRUNCATED_UNITS].parse().unwrap()
+    }
+
+    /// The response says how many participants had rows dropped by bounding.
+    #[test]
+    fn reports_participants_with_more_than_r_rows() {
+        let b1 = input(
+            &[
+                Some("p1"),
+                Some("p1"),
+                Some("p1"),
+                Some("p2"),
+                Some("p3"),
+                Some("p3"),
+            ],
+            &[
+                Some("A"),
+                Some("A"),
+                Some("B"),
+                Some("B"),
+                Some("A"),
+                Some("C"),
+            ],
+            &[Some(1), Some(1), Some(1), Some(1), Some(1), Some(1)],
+        );
+        let counts = counts_of(&[&b1]);
+        // R = 2: p1 (3 rows) is truncated; p3 has 2 rows in the domain ("C" is dropped).
+        for mut b in [
+            Bounder::new(plan(2)),
+            Bounder::with_counts(plan(2), Arc::clone(&counts)),
+        ] {
+            b.push(&b1).unwrap();
+            assert_eq!(truncated(&b.finish().unwrap()), 1);
+        }
+        // R = 1: still only p1; p3 has two rows in the table but one in the domain.
+        let mut b = Bounder::with_counts(plan(1), counts);
+        b.push(&b1).unwrap();
+        assert_eq!(truncated(&b.finish().unwrap()), 1);
+        let mut b = Bounder::new(plan(3));
+        b.push(&b1).unwrap();
+        assert_eq!(truncated(&b.finish().unwrap()), 0);
     }
 
     /// A participant absent from the counts goes through a reservoir.

@@ -77,11 +77,12 @@ def test_grouped_query_with_epsilon_and_noise_metadata(federation):
 
         n_field = table.schema.field("n")
         md = {k.decode(): v.decode() for k, v in (n_field.metadata or {}).items()}
-        # COUNT(*) over participants: R = 1, S = 2 sites per participant. ε = 0.5 is split
-        # over COUNT(*), the centred SUM and COUNT(birth_year) in proportion to the cube
-        # roots of their allocation weights 1, 3/4 and 1/4 (rounded to 1e-9, as fedq does).
+        # COUNT(*) over participants: R = 1, S = 2 sites per participant. ε = 0.5, less the
+        # 1/20 of the bounding report, is split over COUNT(*), the centred SUM and
+        # COUNT(birth_year) in proportion to the cube roots of their allocation weights 1,
+        # 3/4 and 1/4 (rounded to 1e-9, as fedq does).
         weights = [round(w ** (1 / 3) * 1e9) for w in (1.0, 0.75, 0.25)]
-        share = 0.5 * weights[0] / sum(weights)
+        share = 0.5 * (19 / 20) * weights[0] / sum(weights)
         assert md["fedq.statistic"] == "count"
         assert math.isclose(float(md["fedq.noise_scale"]), 2 / share, rel_tol=1e-9)
         assert float(md["fedq.ci95_half_width"]) > 0
@@ -94,6 +95,11 @@ def test_grouped_query_with_epsilon_and_noise_metadata(federation):
         smd = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         assert smd["fedq.epsilon_spent"] == "0.5"
         assert len(smd["fedq.sites_answered"].split(",")) == 3
+        # The bounding report: R = 1 for participants, and a noisy count of participants
+        # with more rows than that (never negative).
+        assert smd["fedq.max_rows_per_unit"] == "1"
+        assert int(smd["fedq.truncated_participants"]) >= 0
+        assert float(smd["fedq.truncated_participants_ci95"]) > 0
 
         # 3000 participants, noise scale ≈ 10.2: the total is within 10.2 * ln(1e12) ≈ 281 of
         # the truth with probability > 1 - 1e-12 per count (false failure < 1e-9).

@@ -19,7 +19,8 @@ use fedq_common::AggregateRequest;
 use fedq_coordinator::noise::discrete_laplace_half_width;
 use fedq_coordinator::planner::{AggregateOutput, StatisticKind};
 use fedq_coordinator::release::{
-    META_CI95, META_EPSILON_SPENT, META_NOISE_SCALE, META_SITES_ANSWERED,
+    META_CI95, META_EPSILON_SPENT, META_MAX_ROWS, META_NOISE_SCALE, META_SITES_ANSWERED,
+    META_TRUNCATED, META_TRUNCATED_CI95,
 };
 use fedq_tests::{cell, key, set_rows_per_unit, start, synth};
 
@@ -409,6 +410,9 @@ async fn bounding_keeps_at_most_r_rows_per_participant_per_site() {
     set_rows_per_unit(dir, 5);
     let fed = start(dir).await;
     let engine = fed.coordinator.engine.clone();
+    let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
+        .await
+        .unwrap();
     for (sql, table) in [
         ("SELECT COUNT(*) FROM labs", "labs"),
         (
@@ -423,6 +427,7 @@ async fn bounding_keeps_at_most_r_rows_per_participant_per_site() {
         // Expected: per site, sum over participants of min(rows after filter, R).
         let mut expected = 0i64;
         let mut untruncated = 0i64;
+        let mut truncated = 0i64;
         for sd in fedq::federation::site_dirs(dir).unwrap() {
             let ctx = SessionContext::new();
             ctx.register_parquet(
@@ -439,7 +444,9 @@ async fn bounding_keeps_at_most_r_rows_per_participant_per_site() {
             };
             let b = ctx
                 .sql(&format!(
-                    "SELECT CAST(SUM(LEAST(n, 5)) AS BIGINT), CAST(SUM(n) AS BIGINT) FROM (SELECT pid, COUNT(*) AS n FROM {table} {filter} GROUP BY pid)"
+                    "SELECT CAST(SUM(LEAST(n, 5)) AS BIGINT), CAST(SUM(n) AS BIGINT), \
+                     CAST(SUM(CASE WHEN n > 5 THEN 1 ELSE 0 END) AS BIGINT) \
+                     FROM (SELECT pid, COUNT(*) AS n FROM {table} {filter} GROUP BY pid)"
                 ))
                 .await
                 .unwrap()
@@ -448,8 +455,24 @@ async fn bounding_keeps_at_most_r_rows_per_participant_per_site() {
                 .unwrap();
             expected += cell(&b[0], 0, 0).unwrap() as i64;
             untruncated += cell(&b[0], 1, 0).unwrap() as i64;
+            truncated += cell(&b[0], 2, 0).unwrap() as i64;
         }
         assert_eq!(total, expected as i128, "{sql}");
+        // The bounding report: participants with more than R rows, per site.
+        assert_eq!(merged.truncated_units, Some(truncated as i128), "{sql}");
+        let r = client.query(sql).await.unwrap();
+        let md = r.schema.metadata();
+        assert_eq!(md[META_MAX_ROWS], "5");
+        let t = &q.truncation;
+        let b = t.sensitivity as f64 / t.epsilon.to_f64().value();
+        let noisy: f64 = md[META_TRUNCATED].parse().unwrap();
+        // Released values are clamped at 0, which only moves them towards a positive truth.
+        assert!(
+            (noisy - truncated as f64).abs() <= discrete_laplace_half_width(b, ALPHA),
+            "{sql}: truncated {noisy} vs {truncated}"
+        );
+        let ci: f64 = md[META_TRUNCATED_CI95].parse().unwrap();
+        assert!((ci - discrete_laplace_half_width(b, 0.05)).abs() < 1e-9 * ci.max(1.0));
         assert!(
             untruncated > expected,
             "{sql}: the test needs truncation to happen"

@@ -79,7 +79,11 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
                 let scale = float(b, "noise_scale", row).unwrap();
                 eps_total += eps;
                 // participants: R = 1, S = 2; birth_year in [1900, 2030], centred on 1965.
-                let want = if name.starts_with("SUM(birth_year - 1965)") {
+                // The bounding report: S = 2, 1/20 of ε.
+                let want = if name.starts_with("participants truncated") {
+                    assert_eq!(eps, 1.0 / 20.0);
+                    2.0
+                } else if name.starts_with("SUM(birth_year - 1965)") {
                     assert!(text(b, "sensitivity_formula", row)
                         .unwrap()
                         .contains("half-width"));
@@ -106,7 +110,7 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
             other => panic!("unexpected item {other}"),
         }
     }
-    assert_eq!(stat_rows, 3);
+    assert_eq!(stat_rows, 4);
     assert!((eps_total - 1.0).abs() < 1e-12);
 
     // EXPLAIN ANALYZE would run the query: refused.
@@ -174,16 +178,18 @@ async fn avg_is_centred_and_sites_per_participant_scale_the_noise() {
     assert!((b_count - 3.0 / eps_n).abs() < 1e-9 * b_count, "{b_count}");
     assert!(b_sum < 3.0 * 2030.0 / eps_s / 10.0);
 
-    // COUNT(*) alone gets all of ε = 1: scale R·S/ε = 3.
+    // COUNT(*) alone gets all of ε = 1 but the bounding report's 1/20: scale R·S/ε =
+    // 3/0.95 = 60/19.
     let r = alice
         .query("SELECT COUNT(*) AS n FROM participants")
         .await
         .unwrap();
     let md = r.schema.field_with_name("n").unwrap().metadata().clone();
-    assert_eq!(md[META_NOISE_SCALE], "3");
+    let scale: f64 = md[META_NOISE_SCALE].parse().unwrap();
+    assert!((scale - 60.0 / 19.0).abs() < 1e-12, "{scale}");
     let n = cell(&r.batches[0], 0, 0).unwrap();
     let exact = 1500.0;
-    assert!((n - exact).abs() <= discrete_laplace_half_width(3.0, ALPHA));
+    assert!((n - exact).abs() <= discrete_laplace_half_width(scale, ALPHA));
     let _ = col(&r, "n");
     fed.shutdown().await.unwrap();
 
@@ -204,7 +210,11 @@ async fn avg_is_centred_and_sites_per_participant_scale_the_noise() {
         .collect();
     assert_eq!(
         labels,
-        vec!["COUNT(birth_year)", "SUM(birth_year - 1965) in units of 1"]
+        vec![
+            "COUNT(birth_year)",
+            "SUM(birth_year - 1965) in units of 1",
+            "participants truncated by bounding (more than R rows)"
+        ]
     );
     let share = |i: usize| -> f64 {
         let (a, b) = split[i]["epsilon"]
@@ -215,6 +225,7 @@ async fn avg_is_centred_and_sites_per_participant_scale_the_noise() {
         a.parse::<f64>().unwrap() / b.parse::<f64>().unwrap()
     };
     assert!((share(0) - eps_n).abs() < 1e-12 && (share(1) - eps_s).abs() < 1e-12);
+    assert!((share(2) - 1.0 / 20.0).abs() < 1e-12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
