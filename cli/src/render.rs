@@ -155,7 +155,7 @@ fn render_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, C
             .map(|c| format!("{c:.0}"))
             .unwrap_or_default();
         out.push_str(&format!(
-            "bounding: ~{t} ± {ci} participants had more than {r} rows; some of their rows were left out\n"
+            "bounding: ~{t} ± {ci} participants had more than R = {r} rows, so some of their rows were left out\n"
         ));
     }
     Ok(out)

@@ -175,7 +175,11 @@ pub fn explain_batch(
     };
     rows.push(Row {
         item: "query",
-        name: format!("{} statistic(s) over {}", q.statistics.len(), q.table),
+        name: format!(
+            "{} statistic(s) and the bounding report over {}",
+            q.statistics.len(),
+            q.table
+        ),
         sensitivity: None,
         formula: None,
         epsilon: Some(q.epsilon),
