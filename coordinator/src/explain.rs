@@ -175,7 +175,11 @@ pub fn explain_batch(
     };
     rows.push(Row {
         item: "query",
-        name: format!("{} statistic(s) over {}", q.statistics.len(), q.table),
+        name: format!(
+            "{} statistic(s) over {}",
+            q.statistics.len(),
+            q.tables().join(" JOIN ")
+        ),
         sensitivity: None,
         formula: None,
         epsilon: Some(q.epsilon),
@@ -198,7 +202,7 @@ pub fn explain_batch(
     request.query_id.clear();
     rows.push(Row {
         item: "node request",
-        name: q.table.clone(),
+        name: q.tables().join(" JOIN "),
         sensitivity: None,
         formula: None,
         epsilon: None,
