@@ -662,6 +662,35 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
         "nope",
     );
     expect(alice.query("SELEC 1").await, Code::InvalidArgument, "SELEC");
+    // Joins: only inner, of two different tables, on the privacy unit, bounded columns.
+    for (sql, needle) in [
+        (
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.test = p.sex",
+            "joins must be on the privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs l LEFT JOIN participants p USING (pid)",
+            "LEFT joins are not supported",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs, participants WHERE labs.pid = participants.pid",
+            "cross joins",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs JOIN participants USING (pid) JOIN variants USING (pid)",
+            "more than two tables",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs a JOIN labs b USING (pid)",
+            "self-joins",
+        ),
+        (
+            "SELECT d.code, COUNT(*) FROM participants p JOIN diagnoses d USING (pid) GROUP BY d.code",
+            "diagnoses.code",
+        ),
+    ] {
+        expect(alice.query(sql).await, Code::PermissionDenied, needle);
+    }
     expect(
         alice.query("SELECT SUM(code) FROM diagnoses").await,
         Code::InvalidArgument,
