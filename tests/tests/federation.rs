@@ -21,7 +21,7 @@ use fedq_coordinator::planner::{AggregateOutput, StatisticKind};
 use fedq_coordinator::release::{
     META_CI95, META_EPSILON_SPENT, META_NOISE_SCALE, META_SITES_ANSWERED,
 };
-use fedq_tests::{cell, key, set_rows_per_unit, start, synth};
+use fedq_tests::{cell, key, set_rows_per_unit, site_context, start, synth};
 
 /// Per-cell failure probability; see the module docs.
 const ALPHA: f64 = 1e-12;
@@ -105,32 +105,6 @@ const JOIN_SHAPES: &[(&str, &str, &str, &str, &[&str])] = &[
         &["r.participant_type", "l.kind"],
     ),
 ];
-
-/// Every catalog table as the union of the sites' files, with the site's index as an
-/// extra `fedq_site` column, so that joins can pair only rows of the same site.
-async fn site_context(dir: &std::path::Path) -> SessionContext {
-    let ctx = SessionContext::new();
-    let catalog = fedq_common::Catalog::load(&dir.join("catalog.toml")).unwrap();
-    let sites = fedq::federation::site_dirs(dir).unwrap();
-    for name in catalog.tables.keys() {
-        let mut parts = Vec::new();
-        for (i, site) in sites.iter().enumerate() {
-            let file = site.join(format!("{name}.parquet"));
-            let part = format!("{name}_{i}");
-            ctx.register_parquet(&part, file.to_str().unwrap(), Default::default())
-                .await
-                .unwrap();
-            parts.push(format!("SELECT {i} AS fedq_site, * FROM {part}"));
-        }
-        ctx.sql(&format!(
-            "CREATE VIEW {name} AS {}",
-            parts.join(" UNION ALL ")
-        ))
-        .await
-        .unwrap();
-    }
-    ctx
-}
 
 /// The node treats NaN as NULL (counted by no COUNT(col), summed by no sum).
 fn no_nan(column: &str, floats: &[String]) -> String {
