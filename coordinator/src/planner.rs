@@ -1286,6 +1286,16 @@ columns = [
         .unwrap();
         assert_eq!(q.request.max_rows_per_unit, 15);
         assert_eq!(q.request.group_by, vec![ColumnRef::right("sex")]);
+
+        // A side may be a filtered subquery.
+        let q = plan(
+            "SELECT p.sex, COUNT(*) FROM (SELECT * FROM labs WHERE test = 'LDL') l \
+             JOIN participants p USING (pid) GROUP BY p.sex",
+        )
+        .await
+        .unwrap();
+        let json = serde_json::to_string(&q.request.filter).unwrap();
+        assert!(json.contains(r#"{"expr":"column","name":"test"}"#), "{json}");
     }
 
     #[tokio::test]

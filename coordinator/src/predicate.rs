@@ -66,9 +66,10 @@ impl<'a> Scope<'a> {
         };
         let sides = [(Side::Left, self.left), (Side::Right, right)];
         let found: Vec<(Side, Relation<'a>)> = match &c.relation {
+            // By alias, or by table name (a filter inside an aliased subquery).
             Some(r) => sides
                 .into_iter()
-                .filter(|(_, rel)| rel.qualifier == r.table())
+                .filter(|(_, rel)| rel.qualifier == r.table() || rel.table == r.table())
                 .collect(),
             None => sides
                 .into_iter()
