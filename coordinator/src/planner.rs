@@ -1295,7 +1295,10 @@ columns = [
         .await
         .unwrap();
         let json = serde_json::to_string(&q.request.filter).unwrap();
-        assert!(json.contains(r#"{"expr":"column","name":"test"}"#), "{json}");
+        assert!(
+            json.contains(r#"{"expr":"column","name":"test"}"#),
+            "{json}"
+        );
     }
 
     #[tokio::test]
