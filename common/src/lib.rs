@@ -20,6 +20,6 @@ pub mod wire;
 
 pub use catalog::{Catalog, CatalogError, ColumnSpec, ColumnType, Policy, PublicValue, TableSpec};
 pub use wire::{
-    AggregateRequest, BinaryOp, Literal, NodeInfo, PartialAggregateRequest, Predicate, WireError,
-    PROTOCOL_VERSION,
+    AggregateRequest, BinaryOp, ColumnRef, JoinSpec, Literal, NodeInfo, PartialAggregateRequest,
+    Predicate, Side, WireError, PROTOCOL_VERSION,
 };

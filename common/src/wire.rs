@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::ColumnType;
 
 /// Version of the coordinator-node protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// v2: joins on the privacy unit ([`JoinSpec`]) and column references qualified by side
+/// ([`ColumnRef`], [`Side`]); group keys are `ColumnRef`s.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest ticket a node accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -47,26 +50,117 @@ pub struct TicketEnvelope {
     pub request: PartialAggregateRequest,
 }
 
-/// One typed partial-aggregate request: "over `table`, keep rows matching `filter`, bound
-/// each participant to `max_rows_per_unit` rows, group by `group_by` (public domains only),
-/// and return these partial aggregates".
+/// One typed partial-aggregate request: "over `table` (inner-joined with `join.table` on
+/// the privacy unit, if `join` is set), keep rows matching `filter`, bound each participant
+/// to `max_rows_per_unit` rows, group by `group_by` (public domains only), and return these
+/// partial aggregates".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartialAggregateRequest {
     /// Query id shared by coordinator and node logs.
     pub query_id: String,
-    /// Catalog table name.
+    /// Catalog table name: the driving (left, `FROM`) table, whose R applies.
     pub table: String,
-    /// Row filter, applied before contribution bounding.
+    /// A second table, inner-joined on both tables' privacy units. Its columns are
+    /// referenced with [`Side::Right`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinSpec>,
+    /// Row filter, applied (after the join) before contribution bounding.
     #[serde(default)]
     pub filter: Option<Predicate>,
     /// Group keys: catalog columns with a declared public domain.
     #[serde(default)]
-    pub group_by: Vec<String>,
+    pub group_by: Vec<ColumnRef>,
     /// Partial aggregates, returned in this order.
     pub aggregates: Vec<AggregateRequest>,
-    /// Rows per participant kept after the filter (R). At most the catalog's value.
+    /// Rows per participant kept after the filter (and the join) (R). At most the
+    /// catalog's value for `table`, the driving table.
     pub max_rows_per_unit: u32,
+}
+
+/// An inner equi-join of the request's table with `table` on the privacy unit:
+/// `<left>.<left_on> = <right>.<right_on>`, where both must be the tables' declared
+/// `privacy_unit`s (the node checks). Rows then pair only rows of the same participant,
+/// and R bounds each participant's joined rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinSpec {
+    /// The joined (right) catalog table.
+    pub table: String,
+    /// Join column of the driving table (its privacy unit).
+    pub left_on: String,
+    /// Join column of the joined table (its privacy unit).
+    pub right_on: String,
+}
+
+/// Which table of a joined request a column belongs to.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The driving table (`PartialAggregateRequest::table`); the only side without a join.
+    #[default]
+    Left,
+    /// The joined table (`JoinSpec::table`).
+    Right,
+}
+
+impl Side {
+    /// Whether this is [`Side::Left`] (omitted from the JSON).
+    pub fn is_left(&self) -> bool {
+        *self == Side::Left
+    }
+}
+
+/// A column of the request's table (`side` left, the default) or of the joined table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnRef {
+    /// Table side; omitted for the driving table.
+    #[serde(default, skip_serializing_if = "Side::is_left")]
+    pub side: Side,
+    /// Catalog column name.
+    pub name: String,
+}
+
+impl ColumnRef {
+    /// A column of the driving table.
+    pub fn left(name: impl Into<String>) -> Self {
+        ColumnRef {
+            side: Side::Left,
+            name: name.into(),
+        }
+    }
+
+    /// A column of the joined table.
+    pub fn right(name: impl Into<String>) -> Self {
+        ColumnRef {
+            side: Side::Right,
+            name: name.into(),
+        }
+    }
+}
+
+impl From<&str> for ColumnRef {
+    fn from(name: &str) -> Self {
+        ColumnRef::left(name)
+    }
+}
+
+impl From<String> for ColumnRef {
+    fn from(name: String) -> Self {
+        ColumnRef::left(name)
+    }
+}
+
+impl std::fmt::Display for ColumnRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.side {
+            Side::Left => f.write_str(&self.name),
+            Side::Right => write!(f, "right.{}", self.name),
+        }
+    }
 }
 
 /// A partial aggregate a node can compute. None of them returns a row.
@@ -76,7 +170,7 @@ pub enum AggregateRequest {
     /// Number of bounded rows in each group (`Int64`).
     CountRows,
     /// Number of bounded rows where `column` is not NULL (`Int64`).
-    CountNonNull { column: String },
+    CountNonNull { column: ColumnRef },
     /// Number of distinct participants with at least one bounded row in each group
     /// (`Int64`): `COUNT(DISTINCT privacy_unit)`. After bounding, a participant has rows in
     /// at most `min(R, groups)` groups, so it adds at most that much across groups.
@@ -84,7 +178,7 @@ pub enum AggregateRequest {
     /// Exact fixed-point sum of `column`, clamped to `[lower, upper]`, in units of
     /// `precision` (`Decimal128(38, 0)`). NULLs are skipped.
     SumFixed {
-        column: String,
+        column: ColumnRef,
         lower: f64,
         upper: f64,
         precision: f64,
@@ -96,7 +190,7 @@ pub enum AggregateRequest {
     /// `(v - mid)²`. Used with `SumFixed` and `CountNonNull` of the same column for VAR and
     /// STDDEV; centring keeps the sensitivity at R·S·half-width² rather than R·S·M².
     SumSquaresFixed {
-        column: String,
+        column: ColumnRef,
         lower: f64,
         upper: f64,
         precision: f64,
@@ -122,7 +216,7 @@ pub fn fixed_midpoint(lower: f64, upper: f64, precision: f64) -> i128 {
 
 impl AggregateRequest {
     /// Column the aggregate reads, if any.
-    pub fn column(&self) -> Option<&str> {
+    pub fn column(&self) -> Option<&ColumnRef> {
         match self {
             AggregateRequest::CountRows | AggregateRequest::CountUnits => None,
             AggregateRequest::CountNonNull { column }
@@ -168,8 +262,11 @@ pub enum BinaryOp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "expr", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Predicate {
+    /// A column of the driving table, or of the joined table (`side` right).
     Column {
         name: String,
+        #[serde(default, skip_serializing_if = "Side::is_left")]
+        side: Side,
     },
     Literal {
         value: Literal,
@@ -255,8 +352,16 @@ impl Predicate {
         out
     }
 
+    /// A column of the driving table.
+    pub fn column(name: impl Into<String>) -> Predicate {
+        Predicate::Column {
+            name: name.into(),
+            side: Side::Left,
+        }
+    }
+
     fn collect_columns<'a>(&'a self, out: &mut Vec<&'a str>) {
-        if let Predicate::Column { name } = self {
+        if let Predicate::Column { name, .. } = self {
             out.push(name);
         }
         for c in self.children() {
@@ -350,11 +455,10 @@ mod tests {
         PartialAggregateRequest {
             query_id: "q1".into(),
             table: "labs".into(),
+            join: None,
             filter: Some(Predicate::Binary {
                 op: BinaryOp::Eq,
-                left: Box::new(Predicate::Column {
-                    name: "test".into(),
-                }),
+                left: Box::new(Predicate::column("test")),
                 right: Box::new(Predicate::Literal {
                     value: Literal::Utf8("HbA1c".into()),
                 }),
@@ -396,13 +500,46 @@ mod tests {
     }
 
     #[test]
+    fn joined_requests_roundtrip_and_single_table_json_is_unqualified() {
+        // Without a join, no `join` key and no `side` anywhere: columns are the table's.
+        let json = String::from_utf8(sample().encode_ticket().unwrap()).unwrap();
+        assert!(!json.contains("join") && !json.contains("side"), "{json}");
+        assert!(json.contains(r#""group_by":[{"name":"test"}]"#), "{json}");
+        let mut r = sample();
+        r.join = Some(JoinSpec {
+            table: "participants".into(),
+            left_on: "pid".into(),
+            right_on: "pid".into(),
+        });
+        r.group_by = vec![ColumnRef::right("sex")];
+        r.filter = Some(Predicate::Column {
+            name: "birth_year".into(),
+            side: Side::Right,
+        });
+        let t = r.encode_ticket().unwrap();
+        let json = String::from_utf8(t.clone()).unwrap();
+        assert!(json.contains(r#"{"side":"right","name":"sex"}"#), "{json}");
+        assert_eq!(PartialAggregateRequest::decode_ticket(&t).unwrap(), r);
+        // A v1 peer gets a version error naming both versions, not a parse error.
+        let mut v: serde_json::Value = serde_json::from_slice(&t).unwrap();
+        v["protocol_version"] = 1.into();
+        let e =
+            PartialAggregateRequest::decode_ticket(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(e, WireError::Version { got: 1 }));
+        assert!(
+            e.to_string().contains("v1") && e.to_string().contains("v2"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn rejects_oversized_and_deep() {
         let big = vec![b' '; MAX_REQUEST_BYTES + 1];
         assert!(matches!(
             PartialAggregateRequest::decode_ticket(&big),
             Err(WireError::TooLarge(_))
         ));
-        let mut p = Predicate::Column { name: "x".into() };
+        let mut p = Predicate::column("x");
         for _ in 0..40 {
             p = Predicate::Not { input: Box::new(p) };
         }

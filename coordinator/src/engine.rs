@@ -263,7 +263,8 @@ impl Coordinator {
             datasets: self
                 .datasets
                 .iter()
-                .filter(|d| d.tables.contains(&q.table))
+                // A joined query reads both tables, so it spends both tables' datasets.
+                .filter(|d| q.tables().iter().any(|t| d.tables.iter().any(|x| x == t)))
                 .map(|d| d.name.clone())
                 .collect(),
             sites_asked: self.pool.sites(),

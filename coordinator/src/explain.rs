@@ -178,7 +178,7 @@ pub fn explain_batch(
         name: format!(
             "{} statistic(s) and the bounding report over {}",
             q.statistics.len(),
-            q.table
+            q.tables().join(" JOIN ")
         ),
         sensitivity: None,
         formula: None,
@@ -202,7 +202,7 @@ pub fn explain_batch(
     request.query_id.clear();
     rows.push(Row {
         item: "node request",
-        name: q.table.clone(),
+        name: q.tables().join(" JOIN "),
         sensitivity: None,
         formula: None,
         epsilon: None,

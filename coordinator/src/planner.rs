@@ -26,17 +26,22 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use fedq_common::catalog::Bounds;
-use fedq_common::{AggregateRequest, Catalog, ColumnType, PartialAggregateRequest, PublicValue};
+use fedq_common::{
+    AggregateRequest, Catalog, ColumnRef, ColumnType, JoinSpec, PartialAggregateRequest,
+    PublicValue, Side,
+};
 
 use crate::error::CoordinatorError;
 use crate::noise::rational;
-use crate::predicate::to_predicate;
+use crate::predicate::{to_predicate, Relation, Scope};
 
 /// A GROUP BY key with its public domain.
 #[derive(Debug, Clone)]
 pub struct GroupKey {
-    /// Column name.
+    /// Column name (`table.column` in a join).
     pub column: String,
+    /// The column as the node request names it.
+    pub column_ref: ColumnRef,
     /// Declared type.
     pub ty: ColumnType,
     /// Public domain, released in full.
@@ -215,8 +220,10 @@ pub struct PlannedQuery {
     pub query_id: String,
     /// SQL text as received.
     pub sql: String,
-    /// Catalog table read.
+    /// Catalog table read: the driving (`FROM`) table of a join, whose R applies.
     pub table: String,
+    /// The table joined to it on the privacy unit, if any.
+    pub join_table: Option<String>,
     /// Request sent, unchanged, to every node.
     pub request: PartialAggregateRequest,
     /// Group keys in GROUP BY order.
@@ -231,7 +238,7 @@ pub struct PlannedQuery {
     pub plan: LogicalPlan,
     /// ε the query spends.
     pub epsilon: f64,
-    /// R of the table read.
+    /// R of the table read (of the driving table in a join).
     pub max_rows_per_unit: u32,
     /// S of the federation.
     pub max_sites_per_unit: u32,
@@ -261,6 +268,15 @@ pub fn table_schema(spec: &fedq_common::TableSpec) -> Schema {
             .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
             .collect::<Vec<_>>(),
     )
+}
+
+impl PlannedQuery {
+    /// Every catalog table the query reads.
+    pub fn tables(&self) -> Vec<&str> {
+        std::iter::once(self.table.as_str())
+            .chain(self.join_table.as_deref())
+            .collect()
+    }
 }
 
 impl Planner {
@@ -313,15 +329,43 @@ impl Planner {
     ) -> Result<PlannedQuery, CoordinatorError> {
         let plan = self.logical_plan(sql).await?;
         let agg = find_aggregate(&plan)?;
-        let (table, filters) = scan_below(&agg.input)?;
-        let spec = self.catalog.table(&table).ok_or_else(|| {
-            CoordinatorError::InvalidSql(format!("table `{table}` is not in the catalog"))
-        })?;
+        let src = source_below(&agg.input)?;
+        let table = src.left.table.clone();
+        let lookup = |t: &str| {
+            self.catalog.table(t).ok_or_else(|| {
+                CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
+            })
+        };
+        let spec = lookup(&table)?;
+        let mut scope = Scope {
+            left: Relation {
+                table: &table,
+                qualifier: &src.left.qualifier,
+                spec,
+            },
+            right: None,
+        };
+        let mut filters = src.filters.clone();
+        let mut join = None;
+        if let Some(r) = &src.right {
+            if r.table == table {
+                return Err(refuse(format!(
+                    "self-joins are not supported: joining `{table}` with itself on the privacy unit pairs each of a participant's rows with all of its others; query `{table}` once"
+                )));
+            }
+            let rspec = lookup(&r.table)?;
+            scope.right = Some(Relation {
+                table: &r.table,
+                qualifier: &r.qualifier,
+                spec: rspec,
+            });
+            join = Some(join_spec(&scope, &src.on, &mut filters)?);
+        }
 
-        // WHERE -> wire predicate.
+        // WHERE (and extra join conditions) -> wire predicate.
         let mut predicate = None;
         for f in filters {
-            let p = to_predicate(&f, &table, spec)?;
+            let p = to_predicate(&f, &scope)?;
             predicate = Some(match predicate {
                 None => p,
                 Some(prev) => fedq_common::Predicate::Binary {
@@ -342,28 +386,30 @@ impl Planner {
                     public_columns(spec)
                 )));
             };
-            let col = spec.column(&c.name).ok_or_else(|| {
+            let (column_ref, rel) = scope.column_ref(c)?;
+            let label = scope.label(&rel, &c.name);
+            let col = rel.spec.column(&c.name).ok_or_else(|| {
                 CoordinatorError::InvalidSql(format!(
-                    "column `{}` is not in table `{table}`",
-                    c.name
+                    "column `{}` is not in table `{}`",
+                    c.name, rel.table
                 ))
             })?;
             let Some(domain) = &col.public_values else {
                 return Err(refuse(format!(
-                    "GROUP BY `{}`: the column has no public domain, so its groups could reveal single participants. \
-                     The privacy officer must declare `public_values` for {table}.{} in the catalog \
+                    "GROUP BY `{label}`: the column has no public domain, so its groups could reveal single participants. \
+                     The privacy officer must declare `public_values` for {}.{} in the catalog \
                      (DP partition selection for such keys is not available yet). Columns you can group by: {}",
-                    c.name, c.name, public_columns(spec)
+                    rel.table, c.name, public_columns(rel.spec)
                 )));
             };
-            if groups.iter().any(|k: &GroupKey| k.column == c.name) {
+            if groups.iter().any(|k: &GroupKey| k.column_ref == column_ref) {
                 return Err(CoordinatorError::InvalidSql(format!(
-                    "column `{}` appears twice in GROUP BY",
-                    c.name
+                    "column `{label}` appears twice in GROUP BY"
                 )));
             }
             groups.push(GroupKey {
-                column: c.name.clone(),
+                column: label,
+                column_ref,
                 ty: col.ty,
                 domain: domain.clone(),
             });
@@ -391,7 +437,7 @@ impl Planner {
         let mut outputs = Vec::new();
         for (j, e) in agg.aggr_expr.iter().enumerate() {
             b.output = j;
-            outputs.push(b.aggregate(strip_alias(e), &table, spec)?);
+            outputs.push(b.aggregate(strip_alias(e), &scope)?);
         }
         let eps = rational(epsilon)?;
         let truncation = TruncationReport {
@@ -407,14 +453,16 @@ impl Planner {
         let request = PartialAggregateRequest {
             query_id: query_id.to_string(),
             table: table.clone(),
+            join,
             filter: predicate,
-            group_by: groups.iter().map(|g| g.column.clone()).collect(),
+            group_by: groups.iter().map(|g| g.column_ref.clone()).collect(),
             aggregates: b.partials,
             max_rows_per_unit: spec.max_rows_per_unit,
         };
         Ok(PlannedQuery {
             query_id: query_id.to_string(),
             sql: sql.to_string(),
+            join_table: src.right.as_ref().map(|r| r.table.clone()),
             table,
             request,
             groups,
@@ -550,7 +598,8 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
             "window functions are not supported: they can output values row by row",
         )),
         LogicalPlan::Join(_) => Err(refuse(
-            "joins are not supported yet; query one table at a time",
+            "fedq only answers aggregate queries, never rows: aggregate the joined rows, e.g. \
+             SELECT p.sex, COUNT(*) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex",
         )),
         LogicalPlan::Union(_) => Err(refuse("UNION is not supported; run each part as its own query")),
         LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => {
@@ -569,31 +618,122 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
     }
 }
 
-/// Below the aggregate: only filters, aliases and the scan of one catalog table.
-fn scan_below(plan: &LogicalPlan) -> Result<(String, Vec<Expr>), CoordinatorError> {
+/// A catalog table scanned below the aggregate, with the name its columns carry.
+#[derive(Debug, Clone)]
+struct Scan {
+    table: String,
+    qualifier: String,
+}
+
+/// What is below the aggregate: one table, or two joined on equality conditions `on`, with
+/// the filters that apply to the rows (WHERE, and non-equality ON conditions).
+#[derive(Debug, Clone)]
+struct Source {
+    left: Scan,
+    right: Option<Scan>,
+    on: Vec<(Expr, Expr)>,
+    filters: Vec<Expr>,
+}
+
+const JOIN_HINT: &str = "join two tables on the privacy unit, e.g. \
+    `SELECT p.sex, COUNT(*), AVG(l.value) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex`";
+
+/// Below the aggregate: filters, aliases and plain-column projections over the scan of one
+/// catalog table, or over an inner join of two.
+fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
     match plan {
-        LogicalPlan::TableScan(t) => Ok((t.table_name.table().to_string(), t.filters.clone())),
+        LogicalPlan::TableScan(t) => {
+            let table = t.table_name.table().to_string();
+            Ok(Source {
+                left: Scan {
+                    qualifier: table.clone(),
+                    table,
+                },
+                right: None,
+                on: Vec::new(),
+                filters: t.filters.clone(),
+            })
+        }
         LogicalPlan::Filter(f) => {
             if contains_subquery(&f.predicate) {
                 return Err(refuse(
-                    "subqueries are not supported: each query reads one table; filter with literals instead",
+                    "subqueries are not supported: each query reads one table, or two joined on the privacy unit; filter with literals instead",
                 ));
             }
-            let (t, mut fs) = scan_below(&f.input)?;
-            fs.push(f.predicate.clone());
-            Ok((t, fs))
+            let mut s = source_below(&f.input)?;
+            s.filters.push(f.predicate.clone());
+            Ok(s)
         }
-        LogicalPlan::SubqueryAlias(a) => scan_below(&a.input),
+        LogicalPlan::SubqueryAlias(a) => {
+            let mut s = source_below(&a.input)?;
+            if s.right.is_some() {
+                return Err(refuse(format!(
+                    "a join inside a subquery is not supported; {JOIN_HINT}"
+                )));
+            }
+            s.left.qualifier = a.alias.table().to_string();
+            Ok(s)
+        }
         LogicalPlan::Projection(p)
             if p.expr
                 .iter()
                 .all(|e| matches!(strip_alias(e), Expr::Column(_))) =>
         {
-            scan_below(&p.input)
+            source_below(&p.input)
         }
-        LogicalPlan::Join(_) => Err(refuse(
-            "joins are not supported yet; query one table at a time",
-        )),
+        LogicalPlan::Join(j) => {
+            use datafusion::logical_expr::JoinType;
+            if j.join_type != JoinType::Inner {
+                return Err(refuse(format!(
+                    "{} joins are not supported: a participant's rows on one side could then be counted without their rows on the other. \
+                     Use an inner JOIN on the privacy unit; {JOIN_HINT}",
+                    j.join_type.to_string().to_uppercase()
+                )));
+            }
+            if j.on.is_empty() && j.filter.is_none() {
+                return Err(refuse(format!(
+                    "cross joins (FROM a, b or CROSS JOIN) are not supported: they pair rows of different participants; {JOIN_HINT}"
+                )));
+            }
+            // SQL `ON` conditions arrive as a filter: equalities of two columns are join
+            // keys (checked by `join_spec`), the rest filters the joined rows.
+            let mut on = j.on.clone();
+            let mut rest = Vec::new();
+            if let Some(f) = &j.filter {
+                if contains_subquery(f) {
+                    return Err(refuse("subqueries are not supported in ON"));
+                }
+                for c in datafusion::logical_expr::utils::split_conjunction(f) {
+                    match strip_alias(c) {
+                        Expr::BinaryExpr(b)
+                            if b.op == datafusion::logical_expr::Operator::Eq
+                                && matches!(strip_alias(&b.left), Expr::Column(_))
+                                && matches!(strip_alias(&b.right), Expr::Column(_)) =>
+                        {
+                            on.push((b.left.as_ref().clone(), b.right.as_ref().clone()))
+                        }
+                        other => rest.push(other.clone()),
+                    }
+                }
+            }
+            let l = source_below(&j.left)?;
+            let r = source_below(&j.right)?;
+            if l.right.is_some() || r.right.is_some() {
+                return Err(refuse(format!(
+                    "joins of more than two tables are not supported yet: R bounds the rows of the driving table's join with one other table; \
+                     run one query per pair of tables; {JOIN_HINT}"
+                )));
+            }
+            let mut filters = l.filters;
+            filters.extend(r.filters);
+            filters.extend(rest);
+            Ok(Source {
+                left: l.left,
+                right: Some(r.left),
+                on,
+                filters,
+            })
+        }
         LogicalPlan::Aggregate(_) => Err(refuse(
             "nested aggregates are not supported: one aggregate per query",
         )),
@@ -604,10 +744,70 @@ fn scan_below(plan: &LogicalPlan) -> Result<(String, Vec<Expr>), CoordinatorErro
             "the query reads no catalog table; name a table in FROM",
         )),
         other => Err(refuse(format!(
-            "unsupported construct below the aggregate ({}); use WHERE on one table",
+            "unsupported construct below the aggregate ({}); use WHERE on one table or on two joined on the privacy unit",
             other.display()
         ))),
     }
+}
+
+/// The wire join of `scope`'s two tables from the equality conditions `on`. One condition
+/// must be `left.privacy_unit = right.privacy_unit`; other equalities of columns only
+/// narrow the pairs of one participant's rows, so they become filters.
+fn join_spec(
+    scope: &Scope<'_>,
+    on: &[(Expr, Expr)],
+    filters: &mut Vec<Expr>,
+) -> Result<JoinSpec, CoordinatorError> {
+    let Some(right) = scope.right else {
+        return Err(CoordinatorError::internal("-", "join without a right side"));
+    };
+    let left = scope.left;
+    let off_unit = |what: String| {
+        refuse(format!(
+            "joins must be on the privacy unit: `{}.{}` = `{}.{}` pairs only rows of the same participant, so R can bound each participant's joined rows. \
+             {what} could pair one participant's rows with another's; write `JOIN {} USING ({})` or `ON {}.{} = {}.{}`",
+            left.table,
+            left.spec.privacy_unit,
+            right.table,
+            right.spec.privacy_unit,
+            right.table,
+            left.spec.privacy_unit,
+            left.qualifier,
+            left.spec.privacy_unit,
+            right.qualifier,
+            right.spec.privacy_unit
+        ))
+    };
+    let mut on_unit = false;
+    for (a, b) in on {
+        let (Expr::Column(ca), Expr::Column(cb)) = (strip_alias(a), strip_alias(b)) else {
+            return Err(off_unit(format!("Joining on `{a} = {b}`")));
+        };
+        let (sa, _) = scope.resolve(ca)?;
+        let (sb, _) = scope.resolve(cb)?;
+        let units = match (sa, sb) {
+            (Side::Left, Side::Right) => Some((ca, cb)),
+            (Side::Right, Side::Left) => Some((cb, ca)),
+            _ => None,
+        };
+        match units {
+            Some((cl, cr))
+                if cl.name == left.spec.privacy_unit && cr.name == right.spec.privacy_unit =>
+            {
+                on_unit = true
+            }
+            _ => filters.push(a.clone().eq(b.clone())),
+        }
+    }
+    if !on_unit {
+        let shown: Vec<String> = on.iter().map(|(a, b)| format!("{a} = {b}")).collect();
+        return Err(off_unit(format!("Joining on `{}`", shown.join(" AND "))));
+    }
+    Ok(JoinSpec {
+        table: right.table.to_string(),
+        left_on: left.spec.privacy_unit.clone(),
+        right_on: right.spec.privacy_unit.clone(),
+    })
 }
 
 /// Collects node partials and statistics, sharing identical ones.
@@ -743,8 +943,7 @@ impl StatBuilder {
     fn aggregate(
         &mut self,
         e: &Expr,
-        table: &str,
-        spec: &fedq_common::TableSpec,
+        scope: &Scope<'_>,
     ) -> Result<AggregateOutput, CoordinatorError> {
         let Expr::AggregateFunction(f) = e else {
             return Err(refuse(format!("unsupported aggregate expression `{e}`")));
@@ -752,15 +951,25 @@ impl StatBuilder {
         let name = f.func.name().to_ascii_lowercase();
         let p = &f.params;
         if p.distinct {
+            // The privacy unit of either side: an inner join on it pairs only rows of the
+            // same participant, whose rows the node bounds by the driving table's unit.
+            let unit_name = scope.left.spec.privacy_unit.as_str();
             let unit = match p.args.as_slice() {
-                [a] => matches!(strip_alias(a), Expr::Column(c) if c.name == spec.privacy_unit),
+                [a] => match strip_alias(a) {
+                    Expr::Column(c) => scope
+                        .resolve(c)
+                        .map(|(_, rel)| c.name == rel.spec.privacy_unit)
+                        .unwrap_or(false),
+                    _ => false,
+                },
                 _ => false,
             };
             if name != "count" || !unit {
                 return Err(refuse(format!(
-                    "{}(DISTINCT ...) is supported only as COUNT(DISTINCT {}), the number of                      distinct participants; distinct values of other columns can be single                      participants' values. Use COUNT(*) or COUNT(col) instead",
+                    "{}(DISTINCT ...) is supported only as COUNT(DISTINCT {unit_name}), the number of \
+                     distinct participants; distinct values of other columns can be single \
+                     participants' values. Use COUNT(*) or COUNT(col) instead",
                     sql_name(&name),
-                    spec.privacy_unit
                 )));
             }
             if p.filter.is_some() {
@@ -768,7 +977,7 @@ impl StatBuilder {
                     "aggregate FILTER (WHERE ...) is not supported; put the condition in WHERE",
                 ));
             }
-            let stat = self.units_stat(format!("COUNT(DISTINCT {})", spec.privacy_unit))?;
+            let stat = self.units_stat(format!("COUNT(DISTINCT {unit_name})"))?;
             return Ok(AggregateOutput::Count { stat });
         }
         if p.filter.is_some() {
@@ -823,29 +1032,31 @@ impl StatBuilder {
                 sql_name(&name)
             )));
         };
+        // The column's own table gives its bounds; R is the driving table's (see `plan`).
+        let (cref, rel) = scope.column_ref(c)?;
+        let (table, spec) = (rel.table, rel.spec);
+        let shown = scope.label(&rel, &c.name);
         let col = spec.column(&c.name).ok_or_else(|| {
             CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
         })?;
         let count_nn = AggregateRequest::CountNonNull {
-            column: c.name.clone(),
+            column: cref.clone(),
         };
-        let count_label = format!("COUNT({})", c.name);
+        let count_label = format!("COUNT({shown})");
         if name == "count" {
             let stat = self.count_stat(count_nn, count_label, 1.0)?;
             return Ok(AggregateOutput::Count { stat });
         }
         if c.name == spec.privacy_unit {
             return Err(refuse(format!(
-                "`{}` is the privacy unit and cannot be aggregated",
-                c.name
+                "`{shown}` is the privacy unit and cannot be aggregated"
             )));
         }
         let Some(bounds) = col.bounds() else {
             return Err(refuse(format!(
-                "{}({}): column {table}.{} has no declared bounds, so its sensitivity is unbounded. \
+                "{}({shown}): column {table}.{} has no declared bounds, so its sensitivity is unbounded. \
                  The privacy officer must declare `lower`, `upper` (and `precision` for non-integers) for it in the catalog",
                 sql_name(&name),
-                c.name,
                 c.name
             )));
         };
@@ -853,7 +1064,7 @@ impl StatBuilder {
         let lo_fp = (bounds.lower / prec).ceil() as i128;
         let hi_fp = (bounds.upper / prec).floor() as i128;
         let sum_partial = self.partial(AggregateRequest::SumFixed {
-            column: c.name.clone(),
+            column: cref.clone(),
             lower: bounds.lower,
             upper: bounds.upper,
             precision: prec,
@@ -873,7 +1084,7 @@ impl StatBuilder {
                 m,
                 "max(|lower|, |upper|)/precision",
                 prec,
-                format!("SUM({}) in units of {prec}", c.name),
+                format!("SUM({shown}) in units of {prec}"),
                 w_sum,
             )?;
             let count_stat = if self.suppression {
@@ -910,11 +1121,7 @@ impl StatBuilder {
             half,
             "half-width/precision",
             prec,
-            format!(
-                "SUM({} - {}) in units of {prec}",
-                c.name,
-                mid_fp as f64 * prec
-            ),
+            format!("SUM({shown} - {}) in units of {prec}", mid_fp as f64 * prec),
             w_sum,
         )?;
         if is_avg {
@@ -928,16 +1135,15 @@ impl StatBuilder {
         let steps = bounds.lower.abs().max(bounds.upper.abs()) / prec;
         if steps > fedq_common::wire::MAX_SQUARES_STEPS {
             return Err(refuse(format!(
-                "{}({}): the bounds of {table}.{} span {steps:e} steps of its precision {prec}; \
+                "{}({shown}): the bounds of {table}.{} span {steps:e} steps of its precision {prec}; \
                  sums of squares allow at most {:e}. Ask the privacy officer for a coarser precision",
                 sql_name(&name),
-                c.name,
                 c.name,
                 fedq_common::wire::MAX_SQUARES_STEPS
             )));
         }
         let sq_partial = self.partial(AggregateRequest::SumSquaresFixed {
-            column: c.name.clone(),
+            column: cref.clone(),
             lower: bounds.lower,
             upper: bounds.upper,
             precision: prec,
@@ -951,8 +1157,7 @@ impl StatBuilder {
             "(half-width/precision)²",
             prec * prec,
             format!(
-                "SUM(({} - {})²) in units of {}",
-                c.name,
+                "SUM(({shown} - {})²) in units of {}",
                 mid_fp as f64 * prec,
                 prec * prec
             ),
@@ -1090,11 +1295,6 @@ columns = [
         .await;
         refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
         refused(
-            "SELECT COUNT(*) FROM labs JOIN participants ON labs.pid = participants.pid",
-            "join",
-        )
-        .await;
-        refused(
             "SELECT COUNT(*) FROM labs WHERE pid IN (SELECT pid FROM participants)",
             "subqueries",
         )
@@ -1110,6 +1310,177 @@ columns = [
         )
         .await;
         refused("DROP TABLE labs", "read-only").await;
+    }
+
+    #[tokio::test]
+    async fn joins_on_the_privacy_unit_become_one_typed_join() {
+        let q = plan(
+            "SELECT p.sex, COUNT(*), AVG(l.value) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex",
+        )
+        .await
+        .unwrap();
+        assert_eq!(q.tables(), vec!["labs", "participants"]);
+        let r = &q.request;
+        assert_eq!(r.table, "labs");
+        assert_eq!(
+            r.join,
+            Some(JoinSpec {
+                table: "participants".into(),
+                left_on: "pid".into(),
+                right_on: "pid".into(),
+            })
+        );
+        assert_eq!(r.group_by, vec![ColumnRef::right("sex")]);
+        assert!(r.aggregates.contains(&AggregateRequest::SumFixed {
+            column: ColumnRef::left("value"),
+            lower: 0.0,
+            upper: 500.0,
+            precision: 0.01,
+        }));
+        // R of the driving table (labs: 20) bounds the joined rows; S = 2; value bounds from
+        // the column's own table.
+        assert_eq!(r.max_rows_per_unit, 20);
+        assert_eq!(q.max_rows_per_unit, 20);
+        let sens: Vec<u128> = q.statistics.iter().map(|s| s.sensitivity).collect();
+        assert_eq!(sens, vec![40, 40, 40 * 25_000]);
+        assert!(
+            q.statistics[2].label.contains("labs.value"),
+            "{}",
+            q.statistics[2].label
+        );
+        assert_eq!(q.groups[0].column, "participants.sex");
+
+        // The other way round, with ON: participants drives (R = 1); the birth year's
+        // half-width 65 comes from participants, the lab value's bounds from labs.
+        let q = plan(
+            "SELECT COUNT(*), AVG(l.value), SUM(birth_year) FROM participants p JOIN labs l ON p.pid = l.pid \
+             AND l.test = 'LDL' WHERE p.birth_year > 1950 AND l.value IS NOT NULL",
+        )
+        .await
+        .unwrap();
+        assert_eq!(q.request.table, "participants");
+        assert_eq!(q.request.max_rows_per_unit, 1);
+        let sens: Vec<u128> = q.statistics.iter().map(|s| s.sensitivity).collect();
+        assert_eq!(sens, vec![2, 2, 2 * 25_000, 2 * 2030]);
+        assert!(q.request.aggregates.contains(&AggregateRequest::SumFixed {
+            column: ColumnRef::right("value"),
+            lower: 0.0,
+            upper: 500.0,
+            precision: 0.01,
+        }));
+        // Both WHERE and the extra ON condition become the filter, with sides.
+        let json = serde_json::to_string(&q.request.filter).unwrap();
+        for needle in [
+            r#"{"expr":"column","name":"birth_year"}"#,
+            r#"{"expr":"column","name":"test","side":"right"}"#,
+            r#"{"expr":"column","name":"value","side":"right"}"#,
+        ] {
+            assert!(json.contains(needle), "{needle} not in {json}");
+        }
+
+        // diagnoses JOIN participants ON ...pid, unqualified columns resolved by table.
+        let q = plan(
+            "SELECT sex, COUNT(*) FROM diagnoses JOIN participants ON diagnoses.pid = participants.pid \
+             WHERE code LIKE 'E11%' GROUP BY sex",
+        )
+        .await
+        .unwrap();
+        assert_eq!(q.request.max_rows_per_unit, 15);
+        assert_eq!(q.request.group_by, vec![ColumnRef::right("sex")]);
+
+        // A side may be a filtered subquery.
+        let q = plan(
+            "SELECT p.sex, COUNT(*) FROM (SELECT * FROM labs WHERE test = 'LDL') l \
+             JOIN participants p USING (pid) GROUP BY p.sex",
+        )
+        .await
+        .unwrap();
+        let json = serde_json::to_string(&q.request.filter).unwrap();
+        assert!(
+            json.contains(r#"{"expr":"column","name":"test"}"#),
+            "{json}"
+        );
+    }
+
+    #[tokio::test]
+    async fn joins_that_break_the_bound_are_refused() {
+        let on_unit = "joins must be on the privacy unit";
+        refused(
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.test = p.sex",
+            on_unit,
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.test = p.sex",
+            "USING (pid)",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.pid = l.pid",
+            on_unit,
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs l LEFT JOIN participants p USING (pid)",
+            "LEFT joins are not supported",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs l FULL OUTER JOIN participants p USING (pid)",
+            "inner JOIN on the privacy unit",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs CROSS JOIN participants",
+            "cross joins",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs, participants WHERE labs.pid = participants.pid",
+            "cross joins",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs JOIN participants USING (pid) JOIN diagnoses USING (pid)",
+            "more than two tables",
+        )
+        .await;
+        refused(
+            "SELECT COUNT(*) FROM labs a JOIN labs b USING (pid)",
+            "self-joins are not supported",
+        )
+        .await;
+        // An unbounded column from either side, named with its table.
+        refused(
+            "SELECT p.sex, SUM(l.raw) FROM participants p JOIN labs l USING (pid) GROUP BY p.sex",
+            "labs.raw has no declared bounds",
+        )
+        .await;
+        refused(
+            "SELECT AVG(l.raw) FROM labs l JOIN participants p USING (pid)",
+            "labs.raw has no declared bounds",
+        )
+        .await;
+        refused(
+            "SELECT d.code, COUNT(*) FROM labs l JOIN diagnoses d USING (pid) GROUP BY d.code",
+            "public_values` for diagnoses.code",
+        )
+        .await;
+        refused(
+            "SELECT p.pid, COUNT(*) FROM labs l JOIN participants p USING (pid) GROUP BY p.pid",
+            "public domain",
+        )
+        .await;
+        refused(
+            "SELECT * FROM labs l JOIN participants p USING (pid)",
+            "never rows",
+        )
+        .await;
+        invalid(
+            "SELECT COUNT(*) FROM labs l JOIN participants p USING (pid) WHERE l.sex = 'F'",
+            "sex",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -1132,7 +1503,7 @@ columns = [
             .unwrap();
         // R = 20 rows per participant, S = 2 sites.
         assert_eq!(q.request.max_rows_per_unit, 20);
-        assert_eq!(q.request.group_by, vec!["test".to_string()]);
+        assert_eq!(q.request.group_by, vec![ColumnRef::left("test")]);
         assert_eq!(q.statistics.len(), 3);
         assert_eq!(q.statistics[0].sensitivity, 40); // COUNT(*)
         assert_eq!(q.statistics[1].sensitivity, 40); // COUNT(value)

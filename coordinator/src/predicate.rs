@@ -6,9 +6,9 @@
 //! it can fail on one participant's value and so reveal it; `CAST` of a literal is folded
 //! here, at plan time, where failing depends on the SQL text only.
 
-use datafusion::common::ScalarValue;
+use datafusion::common::{Column, ScalarValue};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
-use fedq_common::{BinaryOp, ColumnType, Literal, Predicate, TableSpec};
+use fedq_common::{BinaryOp, ColumnRef, ColumnType, Literal, Predicate, Side, TableSpec};
 
 use crate::error::CoordinatorError;
 
@@ -16,25 +16,121 @@ fn refuse(msg: impl Into<String>) -> CoordinatorError {
     CoordinatorError::Refused(msg.into())
 }
 
-/// Translate a filter over `table` (named `table_name` in messages).
-pub fn to_predicate(
-    expr: &Expr,
-    table_name: &str,
-    table: &TableSpec,
-) -> Result<Predicate, CoordinatorError> {
-    let rec = |e: &Expr| to_predicate(e, table_name, table).map(Box::new);
-    Ok(match expr {
-        Expr::Alias(a) => return to_predicate(&a.expr, table_name, table),
-        Expr::Column(c) => {
-            if table.column(&c.name).is_none() {
+/// A catalog table as the query names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Relation<'a> {
+    /// Catalog table name.
+    pub table: &'a str,
+    /// The name columns are qualified with in the plan: the alias, or the table name.
+    pub qualifier: &'a str,
+    /// Its declaration.
+    pub spec: &'a TableSpec,
+}
+
+/// The tables a query reads: one, or the two sides of a join on the privacy unit.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// The driving (`FROM`) table.
+    pub left: Relation<'a>,
+    /// The joined table, if any.
+    pub right: Option<Relation<'a>>,
+}
+
+impl<'a> Scope<'a> {
+    /// One table.
+    pub fn single(table: &'a str, spec: &'a TableSpec) -> Scope<'a> {
+        Scope {
+            left: Relation {
+                table,
+                qualifier: table,
+                spec,
+            },
+            right: None,
+        }
+    }
+
+    /// The side and table a column of the plan belongs to; an error naming the column
+    /// if it is in neither table.
+    pub fn resolve(&self, c: &Column) -> Result<(Side, Relation<'a>), CoordinatorError> {
+        let Some(right) = self.right else {
+            let l = self.left;
+            if l.spec.column(&c.name).is_none() {
                 return Err(CoordinatorError::InvalidSql(format!(
-                    "column `{}` is not in table `{table_name}`; its columns are: {}",
+                    "column `{}` is not in table `{}`; its columns are: {}",
                     c.name,
-                    column_list(table)
+                    l.table,
+                    column_list(l.spec)
                 )));
             }
+            return Ok((Side::Left, l));
+        };
+        let sides = [(Side::Left, self.left), (Side::Right, right)];
+        let found: Vec<(Side, Relation<'a>)> = match &c.relation {
+            // By alias, or by table name (a filter inside an aliased subquery).
+            Some(r) => sides
+                .into_iter()
+                .filter(|(_, rel)| rel.qualifier == r.table() || rel.table == r.table())
+                .collect(),
+            None => sides
+                .into_iter()
+                .filter(|(_, rel)| rel.spec.column(&c.name).is_some())
+                .collect(),
+        };
+        match found.as_slice() {
+            [(side, rel)] => {
+                if rel.spec.column(&c.name).is_none() {
+                    return Err(CoordinatorError::InvalidSql(format!(
+                        "column `{}` is not in table `{}`; its columns are: {}",
+                        c.name,
+                        rel.table,
+                        column_list(rel.spec)
+                    )));
+                }
+                Ok((*side, *rel))
+            }
+            [] => Err(CoordinatorError::InvalidSql(format!(
+                "column `{c}` is in neither `{}` nor `{}`",
+                self.left.table, right.table
+            ))),
+            _ => Err(CoordinatorError::InvalidSql(format!(
+                "column `{}` is ambiguous: both joined tables have it; qualify it, e.g. `{}.{}`",
+                c.name, self.left.qualifier, c.name
+            ))),
+        }
+    }
+
+    /// The wire reference of a column of the plan, and its table.
+    pub fn column_ref(&self, c: &Column) -> Result<(ColumnRef, Relation<'a>), CoordinatorError> {
+        let (side, rel) = self.resolve(c)?;
+        Ok((
+            ColumnRef {
+                side,
+                name: c.name.clone(),
+            },
+            rel,
+        ))
+    }
+
+    /// How a column is named in messages and labels: `value`, or `labs.value` in a join.
+    pub fn label(&self, rel: &Relation<'_>, name: &str) -> String {
+        if self.right.is_some() {
+            format!("{}.{name}", rel.table)
+        } else {
+            name.to_string()
+        }
+    }
+}
+
+/// Translate a filter over the tables of `scope`.
+pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, CoordinatorError> {
+    let rec = |e: &Expr| to_predicate(e, scope).map(Box::new);
+    Ok(match expr {
+        Expr::Alias(a) => return to_predicate(&a.expr, scope),
+        Expr::Column(c) => {
+            let (side, _) = scope.resolve(c)?;
             Predicate::Column {
                 name: c.name.clone(),
+                side,
             }
         }
         Expr::Literal(v, _) => Predicate::Literal {
@@ -104,7 +200,7 @@ pub fn to_predicate(
             list: l
                 .list
                 .iter()
-                .map(|e| to_predicate(e, table_name, table))
+                .map(|e| to_predicate(e, scope))
                 .collect::<Result<_, _>>()?,
             negated: l.negated,
         },

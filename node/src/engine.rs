@@ -6,18 +6,19 @@ use std::sync::{Arc, RwLock};
 
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use datafusion::common::{Column, JoinType};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
 use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
-use datafusion::logical_expr::{ident, LogicalPlan};
+use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
 use fedq_common::wire::{
     MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS,
 };
 use fedq_common::{
-    AggregateRequest, Catalog, ColumnType, NodeInfo, PartialAggregateRequest, PublicValue,
-    TableSpec, PROTOCOL_VERSION,
+    AggregateRequest, Catalog, ColumnRef, ColumnType, NodeInfo, PartialAggregateRequest,
+    PublicValue, TableSpec, PROTOCOL_VERSION,
 };
 use futures::StreamExt;
 
@@ -26,7 +27,7 @@ use crate::bounding::{
 };
 use crate::config::{NodeConfig, TableFormat, TableSource};
 use crate::error::NodeError;
-use crate::filter;
+use crate::filter::{self, Relation, Scope, LEFT_ALIAS, RIGHT_ALIAS};
 
 /// Longest query id a node accepts.
 pub const MAX_QUERY_ID_CHARS: usize = 256;
@@ -54,12 +55,12 @@ pub(crate) fn shown(s: &str) -> String {
     out
 }
 
-/// Position of `name` in the projection, appending it if needed.
-fn proj_index(name: &str, proj: &mut Vec<String>) -> usize {
-    match proj.iter().position(|p| p == name) {
+/// Position of `col` in the projection, appending it if needed.
+fn proj_index(col: &ColumnRef, proj: &mut Vec<ColumnRef>) -> usize {
+    match proj.iter().position(|p| p == col) {
         Some(i) => i,
         None => {
-            proj.push(name.to_string());
+            proj.push(col.clone());
             proj.len() - 1
         }
     }
@@ -80,6 +81,9 @@ struct Prepared<'a> {
     state: SessionState,
     logical: LogicalPlan,
     table: &'a ServedTable,
+    /// Whether the request joins a second table (then the driving table's rows per
+    /// participant say nothing about the joined rows, see [`NodeEngine::execute`]).
+    joined: bool,
 }
 
 /// The node's query engine: a DataFusion session over the local tables, restricted to the
@@ -183,12 +187,21 @@ impl NodeEngine {
                 state,
                 logical,
                 table,
+                joined,
             } = self.prepare(req)?;
-            let counts = table
-                .counts
-                .read()
-                .map(|c| Arc::clone(&c))
-                .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?;
+            // A joined participant can have up to (rows on the left) × (rows on the right)
+            // rows, so the driving table's start-up counts do not bound its joined rows.
+            // Joined requests use no counts: every participant goes through a reservoir of
+            // R rows, whatever its counts say.
+            let counts = if joined {
+                Arc::new(ParticipantCounts::default())
+            } else {
+                table
+                    .counts
+                    .read()
+                    .map(|c| Arc::clone(&c))
+                    .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?
+            };
             let physical = state
                 .create_physical_plan(&logical)
                 .await
@@ -277,17 +290,59 @@ impl NodeEngine {
             )));
         };
         let spec = &table.spec;
-        let column = |name: &str, role: &str| {
-            spec.column(name).ok_or_else(|| {
-                refused(format!(
-                    "unknown column {} in {role}: table {} has no such column in the catalog",
-                    shown(name),
+
+        // Join: a second served catalog table, inner-joined on both privacy units.
+        let mut right_table = None;
+        if let Some(j) = &req.join {
+            let rname = &j.table;
+            if self.catalog.table(rname).is_none() {
+                return Err(refused(format!(
+                    "unknown table {} in the join: it is not in the catalog",
+                    shown(rname)
+                )));
+            }
+            if rname == tname {
+                return Err(refused(format!(
+                    "self-joins are not supported: joining {} with itself on the privacy unit pairs every row of a participant with each of its other rows; query the table once",
                     shown(tname)
-                ))
-            })
+                )));
+            }
+            let Some(rt) = self.tables.get(rname) else {
+                return Err(refused(format!(
+                    "table {} is not served at site {}",
+                    shown(rname),
+                    self.site
+                )));
+            };
+            if j.left_on != spec.privacy_unit || j.right_on != rt.spec.privacy_unit {
+                return Err(refused(format!(
+                    "joins must be on the privacy units ({}.{} = {}.{}), not on {} = {}: a join on another column can pair one participant's rows with another participant's, so R could not bound what one participant contributes",
+                    shown(tname),
+                    shown(&spec.privacy_unit),
+                    shown(rname),
+                    shown(&rt.spec.privacy_unit),
+                    shown(&j.left_on),
+                    shown(&j.right_on)
+                )));
+            }
+            right_table = Some(rt);
+        }
+        let scope = Scope {
+            left: Relation { name: tname, spec },
+            right: right_table.map(|rt| Relation {
+                name: req.join.as_ref().map_or("", |j| j.table.as_str()),
+                spec: &rt.spec,
+            }),
+        };
+        let column = |c: &ColumnRef, role: &str| scope.column(c.side, &c.name, role).map(|x| x.1);
+        let privacy_unit = |c: &ColumnRef| {
+            scope
+                .relation(c.side)
+                .map(|r| r.spec.privacy_unit == c.name)
         };
 
-        // R.
+        // R: the driving table's. After a join, each participant keeps at most R of its
+        // joined rows, so one participant still adds at most R rows to the result.
         if req.max_rows_per_unit == 0 {
             return Err(invalid("max_rows_per_unit must be at least 1".into()));
         }
@@ -301,7 +356,7 @@ impl NodeEngine {
         }
 
         // Projection: privacy unit first, then group keys, then aggregate inputs (deduped).
-        let mut proj: Vec<String> = vec![spec.privacy_unit.clone()];
+        let mut proj: Vec<ColumnRef> = vec![ColumnRef::left(spec.privacy_unit.clone())];
 
         // Group keys.
         let mut groups = Vec::with_capacity(req.group_by.len());
@@ -309,19 +364,20 @@ impl NodeEngine {
         let mut seen = BTreeSet::new();
         for g in &req.group_by {
             let c = column(g, "GROUP BY")?;
-            if !seen.insert(g.as_str()) {
-                return Err(invalid(format!("GROUP BY lists {} twice", shown(g))));
+            let gname = g.to_string();
+            if !seen.insert(g.clone()) {
+                return Err(invalid(format!("GROUP BY lists {} twice", shown(&gname))));
             }
-            if *g == spec.privacy_unit {
+            if privacy_unit(g)? {
                 return Err(refused(format!(
                     "cannot group by the privacy unit column {}: each group would be one participant",
-                    shown(g)
+                    shown(&gname)
                 )));
             }
             let Some(domain) = &c.public_values else {
                 return Err(refused(format!(
                     "cannot group by {}: the catalog declares no public domain (public_values) for it",
-                    shown(g)
+                    shown(&gname)
                 )));
             };
             if !matches!(
@@ -330,7 +386,7 @@ impl NodeEngine {
             ) {
                 return Err(refused(format!(
                     "cannot group by {} of type {}: group keys must be utf8, int32, int64 or boolean",
-                    shown(g),
+                    shown(&gname),
                     c.ty
                 )));
             }
@@ -348,28 +404,29 @@ impl NodeEngine {
                 )));
             }
             let p = proj_index(g, &mut proj);
-            groups.push(GroupCol::new(g.clone(), c.ty, values, p));
+            groups.push(GroupCol::new(gname, c.ty, values, p));
         }
 
         // Aggregates.
         let mut slots: Vec<ValueSlot> = Vec::new();
-        let mut slot_names: Vec<String> = Vec::new();
+        let mut slot_names: Vec<ColumnRef> = Vec::new();
         let mut aggs = Vec::with_capacity(req.aggregates.len());
         for a in &req.aggregates {
-            let mut slot_for = |name: &str, ty: ColumnType, proj: &mut Vec<String>| -> usize {
-                if let Some(i) = slot_names.iter().position(|s| s == name) {
-                    return i;
-                }
-                let kind = match ty {
-                    ColumnType::Int32 | ColumnType::Int64 => SlotKind::Int,
-                    ColumnType::Float64 => SlotKind::Float,
-                    _ => SlotKind::NullOnly,
+            let mut slot_for =
+                |name: &ColumnRef, ty: ColumnType, proj: &mut Vec<ColumnRef>| -> usize {
+                    if let Some(i) = slot_names.iter().position(|s| s == name) {
+                        return i;
+                    }
+                    let kind = match ty {
+                        ColumnType::Int32 | ColumnType::Int64 => SlotKind::Int,
+                        ColumnType::Float64 => SlotKind::Float,
+                        _ => SlotKind::NullOnly,
+                    };
+                    let p = proj_index(name, proj);
+                    slot_names.push(name.clone());
+                    slots.push(ValueSlot { ty, kind, proj: p });
+                    slots.len() - 1
                 };
-                let p = proj_index(name, proj);
-                slot_names.push(name.to_string());
-                slots.push(ValueSlot { ty, kind, proj: p });
-                slots.len() - 1
-            };
             match a {
                 AggregateRequest::CountRows => aggs.push(AggPlan::CountRows),
                 AggregateRequest::CountUnits => aggs.push(AggPlan::CountUnits),
@@ -403,32 +460,32 @@ impl NodeEngine {
                     if !c.ty.is_numeric() {
                         return Err(invalid(format!(
                             "cannot sum {} of type {}: only numeric columns can be summed",
-                            shown(name),
+                            shown(&name.to_string()),
                             c.ty
                         )));
                     }
                     let Some(b) = c.bounds() else {
                         return Err(refused(format!(
                             "cannot sum {}: the catalog declares no clamp bounds (lower, upper, precision) for it",
-                            shown(name)
+                            shown(&name.to_string())
                         )));
                     };
                     if !(lower.is_finite() && upper.is_finite()) || lower >= upper {
                         return Err(invalid(format!(
                             "SUM({}) needs finite bounds with lower < upper, got [{lower}, {upper}]",
-                            shown(name)
+                            shown(&name.to_string())
                         )));
                     }
                     if !(precision.is_finite() && precision > 0.0) {
                         return Err(invalid(format!(
                             "SUM({}) needs a positive precision, got {precision}",
-                            shown(name)
+                            shown(&name.to_string())
                         )));
                     }
                     if lower < b.lower || upper > b.upper {
                         return Err(refused(format!(
                             "SUM({}) bounds [{lower}, {upper}] are wider than the catalog's [{}, {}]",
-                            shown(name),
+                            shown(&name.to_string()),
                             b.lower,
                             b.upper
                         )));
@@ -436,7 +493,7 @@ impl NodeEngine {
                     if precision < b.precision {
                         return Err(refused(format!(
                             "SUM({}) precision {precision} is finer than the catalog's {}",
-                            shown(name),
+                            shown(&name.to_string()),
                             b.precision
                         )));
                     }
@@ -444,7 +501,7 @@ impl NodeEngine {
                     if steps.is_nan() || steps > max_steps {
                         return Err(invalid(format!(
                             "SUM({}): bounds/precision = {steps:e} steps exceeds the limit of {max_steps:e}",
-                            shown(name)
+                            shown(&name.to_string())
                         )));
                     }
                     let lo_fp = (lower / precision).ceil();
@@ -452,7 +509,7 @@ impl NodeEngine {
                     if lo_fp > hi_fp {
                         return Err(invalid(format!(
                             "SUM({}): precision {precision} is coarser than the bounds [{lower}, {upper}]",
-                            shown(name)
+                            shown(&name.to_string())
                         )));
                     }
                     let slot = slot_for(name, c.ty, &mut proj);
@@ -483,9 +540,23 @@ impl NodeEngine {
         // NULL or outside its public domain, are dropped by the bounder before they count
         // towards R (see `bounding`), which is cheaper than a filter kernel here.
         let predicate = match &req.filter {
-            Some(f) => Some(filter::translate(f, tname, spec)?),
+            Some(f) => Some(filter::translate(f, &scope)?),
             None => None,
         };
+        let proj_exprs = proj
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (e, _) = scope.column(c.side, &c.name, "the projection")?;
+                // Joined columns are qualified by side; name them by position so that equal
+                // names on both sides cannot clash (the bounder reads by position).
+                Ok(if scope.right.is_some() {
+                    e.alias(format!("c{i}"))
+                } else {
+                    e
+                })
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
 
         let plan_err = |e: datafusion::error::DataFusionError| {
             tracing::info!(
@@ -500,12 +571,27 @@ impl NodeEngine {
             )
         };
         let mut df = table.df.clone();
+        if let (Some(j), Some(rt)) = (&req.join, right_table) {
+            // The whole join runs in DataFusion: an inner equi-join on the two privacy units
+            // (NULL ids never match), then the filter, which may read both sides. Bounding
+            // to R rows per participant happens after it, in the bounder.
+            let join_err = |e: datafusion::error::DataFusionError| {
+                tracing::warn!(query_id = ?req.query_id, error = %e, "join could not be planned");
+                invalid("the join could not be planned".into())
+            };
+            let left = df.alias(LEFT_ALIAS).map_err(join_err)?;
+            let right = rt.df.clone().alias(RIGHT_ALIAS).map_err(join_err)?;
+            let on = Expr::Column(Column::new(Some(LEFT_ALIAS), j.left_on.as_str())).eq(
+                Expr::Column(Column::new(Some(RIGHT_ALIAS), j.right_on.as_str())),
+            );
+            df = left
+                .join_on(right, JoinType::Inner, [on])
+                .map_err(join_err)?;
+        }
         if let Some(predicate) = predicate {
             df = df.filter(predicate).map_err(plan_err)?;
         }
-        let df = df
-            .select(proj.iter().map(|c| ident(c.clone())))
-            .map_err(plan_err)?;
+        let df = df.select(proj_exprs).map_err(plan_err)?;
         let (state, logical) = df.into_parts();
         let logical = state.optimize(&logical).map_err(plan_err)?;
 
@@ -520,6 +606,7 @@ impl NodeEngine {
             state,
             logical,
             table,
+            joined: req.join.is_some(),
         })
     }
 }

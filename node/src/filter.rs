@@ -6,10 +6,14 @@
 //! between values of the same kind (numbers with numbers, text with text, dates with dates,
 //! booleans with booleans, or NULL); `LIKE` only applies to text; division only by a numeric
 //! literal other than 0 and -1. Conversions must be written as `TRY_CAST`.
+//!
+//! In a joined request a column names its side ([`Side`]); each side is resolved against
+//! its own table's catalog columns and becomes a column qualified by that side's alias in
+//! the join (see [`Scope`]).
 
-use datafusion::common::ScalarValue;
+use datafusion::common::{Column, ScalarValue};
 use datafusion::logical_expr::{binary_expr, ident, lit, try_cast, Expr, Operator};
-use fedq_common::{BinaryOp, ColumnType, Literal, Predicate, TableSpec};
+use fedq_common::{BinaryOp, ColumnType, Literal, Predicate, Side, TableSpec};
 
 use crate::engine::shown;
 use crate::error::NodeError;
@@ -48,13 +52,71 @@ fn invalid(m: String) -> NodeError {
     NodeError::InvalidRequest(m)
 }
 
-/// Translate a filter to a DataFusion expression over `table`'s catalog columns.
-pub(crate) fn translate(
-    p: &Predicate,
-    table_name: &str,
-    table: &TableSpec,
-) -> Result<Expr, NodeError> {
-    let (e, ty) = tr(p, table_name, table)?;
+/// A table a request reads: its catalog name and declaration.
+#[derive(Clone, Copy)]
+pub(crate) struct Relation<'a> {
+    pub name: &'a str,
+    pub spec: &'a TableSpec,
+}
+
+/// The tables a request's columns resolve against: the driving table alone, or both sides
+/// of a join (registered in DataFusion under the aliases [`LEFT_ALIAS`] and
+/// [`RIGHT_ALIAS`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    pub left: Relation<'a>,
+    pub right: Option<Relation<'a>>,
+}
+
+/// DataFusion alias of the driving table in a join.
+pub(crate) const LEFT_ALIAS: &str = "fedq_left";
+/// DataFusion alias of the joined table in a join.
+pub(crate) const RIGHT_ALIAS: &str = "fedq_right";
+
+impl<'a> Scope<'a> {
+    /// The relation of `side`, or a refusal if the request has no such side.
+    pub fn relation(&self, side: Side) -> Result<Relation<'a>, NodeError> {
+        match (side, self.right) {
+            (Side::Left, _) => Ok(self.left),
+            (Side::Right, Some(r)) => Ok(r),
+            (Side::Right, None) => Err(invalid(
+                "a column refers to the joined (right) table, but the request has no join".into(),
+            )),
+        }
+    }
+
+    /// The catalog type of `name` on `side`, and the DataFusion column expression reading it.
+    pub fn column(
+        &self,
+        side: Side,
+        name: &str,
+        role: &str,
+    ) -> Result<(Expr, &'a fedq_common::ColumnSpec), NodeError> {
+        let rel = self.relation(side)?;
+        let c = rel.spec.column(name).ok_or_else(|| {
+            NodeError::Refused(format!(
+                "unknown column {} in {role}: table {} has no such column in the catalog",
+                shown(name),
+                shown(rel.name)
+            ))
+        })?;
+        let e = match self.right {
+            None => ident(name.to_string()),
+            Some(_) => {
+                let alias = match side {
+                    Side::Left => LEFT_ALIAS,
+                    Side::Right => RIGHT_ALIAS,
+                };
+                Expr::Column(Column::new(Some(alias), name))
+            }
+        };
+        Ok((e, c))
+    }
+}
+
+/// Translate a filter to a DataFusion expression over the catalog columns of `scope`.
+pub(crate) fn translate(p: &Predicate, scope: &Scope<'_>) -> Result<Expr, NodeError> {
+    let (e, ty) = tr(p, scope)?;
     if !ty.is_boolish() {
         return Err(invalid(format!(
             "the filter is of type {}, not boolean",
@@ -106,16 +168,13 @@ fn op_name(op: BinaryOp) -> &'static str {
     }
 }
 
-fn tr(p: &Predicate, table_name: &str, table: &TableSpec) -> Result<(Expr, Ty), NodeError> {
-    let rec = |q: &Predicate| tr(q, table_name, table);
+fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
+    let rec = |q: &Predicate| tr(q, scope);
     match p {
-        Predicate::Column { name } => match table.column(name) {
-            Some(c) => Ok((ident(name.clone()), Ty::Col(c.ty))),
-            None => Err(NodeError::Refused(format!(
-                "unknown column {} in the filter: table `{table_name}` has no such column in the catalog",
-                shown(name)
-            ))),
-        },
+        Predicate::Column { name, side } => {
+            let (e, c) = scope.column(*side, name, "the filter")?;
+            Ok((e, Ty::Col(c.ty)))
+        }
         Predicate::Literal { value } => Ok(literal(value)),
         Predicate::Binary { op, left, right } => {
             let (l, lt) = rec(left)?;

@@ -35,13 +35,25 @@
 //!    the node keeps only the per-participant reservoirs (≤ R rows of those columns) and
 //!    the per-group accumulators.
 //!
+//! 6. **Joins only on the privacy unit, bounded after the join.** A request may name a
+//!    second served catalog table (`join`). The node checks that it is not the same table
+//!    and that the join is `left.privacy_unit = right.privacy_unit`, then runs the whole
+//!    inner equi-join in DataFusion, filters (the filter may read both sides), projects
+//!    `[left pid, keys…, inputs…]`, and bounds each participant to R of its *joined* rows,
+//!    with R at most the driving (left) table's `max_rows_per_unit`. A participant with
+//!    `a` rows on the left and `b` on the right has up to `a·b` joined rows, so the left
+//!    table's start-up rows-per-participant counts say nothing about them: joined
+//!    requests use no counts and every participant goes through a reservoir. The hash
+//!    join materialises its build side (the projected columns of one table).
+//!
 //! Filters are total by construction: the node type-checks them so
 //! that no implicit cast can fail on a row; conversions must be `TRY_CAST`, division only by
 //! a numeric literal other than 0 and -1, `LIKE` only on text.
 //!
 //! ## Response
 //!
-//! One record batch: the GROUP BY columns (named as requested, catalog Arrow types,
+//! One record batch: the GROUP BY columns (named as requested, `right.` before a joined
+//! table's column, catalog Arrow types,
 //! nullable), then one column per requested aggregate, in order, named `agg_0`, `agg_1`, …:
 //! `Int64` for `CountRows` and `CountNonNull`, `Decimal128(38, 0)` (fixed-point units) for
 //! `SumFixed`. Only groups with at least one bounded row are returned, in public-domain

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::prelude::SessionContext;
 use fedq::federation::{FederationOptions, LocalFederation};
 
 /// Generate a small synthetic federation into `dir`.
@@ -73,4 +74,30 @@ pub fn key(b: &RecordBatch, col: usize, row: usize) -> String {
         .expect("fmt")
         .value(row)
         .to_string()
+}
+
+/// Every catalog table as the union of the sites' files, with the site's index as an
+/// extra `fedq_site` column, so that joins can pair only rows of the same site.
+pub async fn site_context(dir: &Path) -> SessionContext {
+    let ctx = SessionContext::new();
+    let catalog = fedq_common::Catalog::load(&dir.join("catalog.toml")).expect("catalog");
+    let sites = fedq::federation::site_dirs(dir).expect("site directories");
+    for name in catalog.tables.keys() {
+        let mut parts = Vec::new();
+        for (i, site) in sites.iter().enumerate() {
+            let file = site.join(format!("{name}.parquet"));
+            let part = format!("{name}_{i}");
+            ctx.register_parquet(&part, file.to_str().expect("path"), Default::default())
+                .await
+                .expect("register site file");
+            parts.push(format!("SELECT {i} AS fedq_site, * FROM {part}"));
+        }
+        ctx.sql(&format!(
+            "CREATE VIEW {name} AS {}",
+            parts.join(" UNION ALL ")
+        ))
+        .await
+        .expect("create view");
+    }
+    ctx
 }

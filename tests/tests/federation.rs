@@ -15,14 +15,14 @@ use datafusion::prelude::SessionContext;
 use fedq::client::FedqClient;
 use fedq::exact::union_context;
 use fedq::CliError;
-use fedq_common::AggregateRequest;
+use fedq_common::{AggregateRequest, ColumnRef, Side};
 use fedq_coordinator::noise::discrete_laplace_half_width;
 use fedq_coordinator::planner::{AggregateOutput, StatisticKind};
 use fedq_coordinator::release::{
     META_CI95, META_EPSILON_SPENT, META_MAX_ROWS, META_NOISE_SCALE, META_SITES_ANSWERED,
     META_TRUNCATED, META_TRUNCATED_CI95,
 };
-use fedq_tests::{cell, key, set_rows_per_unit, start, synth};
+use fedq_tests::{cell, key, set_rows_per_unit, site_context, start, synth};
 
 /// Per-cell failure probability; see the module docs.
 const ALPHA: f64 = 1e-12;
@@ -80,9 +80,36 @@ const SHAPES: &[(&str, &str, &str, &[&str])] = &[
     ),
 ];
 
+/// Joins on the privacy unit: (researcher SQL, left table, right table, WHERE over `l.`
+/// and `r.` columns, group expressions). Each joins within one site, so the exact answer
+/// joins rows of the same site only (`fedq_site`, see [`site_context`]).
+const JOIN_SHAPES: &[(&str, &str, &str, &str, &[&str])] = &[
+    (
+        "SELECT p.sex, COUNT(*), AVG(l.value) FROM labs l JOIN participants p USING (pid) WHERE l.test = 'HbA1c' GROUP BY p.sex",
+        "labs",
+        "participants",
+        "l.test = 'HbA1c'",
+        &["r.sex"],
+    ),
+    (
+        "SELECT variants.gene, COUNT(*) FROM diagnoses JOIN variants ON diagnoses.pid = variants.pid WHERE diagnoses.code LIKE 'E11%' GROUP BY variants.gene",
+        "diagnoses",
+        "variants",
+        "l.code LIKE 'E11%'",
+        &["r.gene"],
+    ),
+    (
+        "SELECT p.participant_type, s.kind, COUNT(*), SUM(s.volume_ml), VAR_POP(p.birth_year) FROM specimens s JOIN participants p ON s.pid = p.pid AND s.status = 'stored' WHERE p.birth_year >= 1950 GROUP BY p.participant_type, s.kind",
+        "specimens",
+        "participants",
+        "l.status = 'stored' AND r.birth_year >= 1950",
+        &["r.participant_type", "l.kind"],
+    ),
+];
+
 /// The node treats NaN as NULL (counted by no COUNT(col), summed by no sum).
-fn no_nan(column: &str, floats: &[&str]) -> String {
-    if floats.contains(&column) {
+fn no_nan(column: &str, floats: &[String]) -> String {
+    if floats.iter().any(|f| f == column) {
         format!("(CASE WHEN isnan({column}) THEN NULL ELSE {column} END)")
     } else {
         column.to_string()
@@ -90,11 +117,12 @@ fn no_nan(column: &str, floats: &[&str]) -> String {
 }
 
 fn expected_sql(
-    table: &str,
+    from: &str,
     filter: &str,
     groups: &[&str],
     aggs: &[AggregateRequest],
-    floats: &[&str],
+    floats: &[String],
+    qual: &dyn Fn(&ColumnRef) -> String,
 ) -> String {
     let mut sel: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
     for a in aggs {
@@ -103,7 +131,7 @@ fn expected_sql(
             // Per site, not over the union: see the test of distinct participants below.
             AggregateRequest::CountUnits => unreachable!("not in SHAPES"),
             AggregateRequest::CountNonNull { column } => {
-                format!("CAST(COUNT({}) AS DOUBLE)", no_nan(column, floats))
+                format!("CAST(COUNT({}) AS DOUBLE)", no_nan(&qual(column), floats))
             }
             AggregateRequest::SumFixed {
                 column,
@@ -111,7 +139,7 @@ fn expected_sql(
                 upper,
                 precision,
             } => {
-                let column = no_nan(column, floats);
+                let column = no_nan(&qual(column), floats);
                 let lo = (lower / precision).ceil();
                 let hi = (upper / precision).floor();
                 format!(
@@ -124,7 +152,7 @@ fn expected_sql(
                 upper,
                 precision,
             } => {
-                let column = no_nan(column, floats);
+                let column = no_nan(&qual(column), floats);
                 let lo = (lower / precision).ceil();
                 let hi = (upper / precision).floor();
                 let mid = ((lo + hi) / 2.0).floor();
@@ -138,7 +166,7 @@ fn expected_sql(
             }
         });
     }
-    let mut sql = format!("SELECT {} FROM {table}", sel.join(", "));
+    let mut sql = format!("SELECT {} FROM {from}", sel.join(", "));
     if !filter.is_empty() {
         sql.push_str(&format!(" WHERE {filter}"));
     }
@@ -177,29 +205,69 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
     let fed = start(dir).await;
     assert_eq!(fed.nodes.len(), 3);
     let ctx = union_context(dir).await.unwrap();
+    let site_ctx = site_context(dir).await;
     let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
         .await
         .unwrap();
     let engine = fed.coordinator.engine.clone();
     let mut checked = 0usize;
 
-    for (sql, table, filter, groups) in SHAPES {
-        // 1. Exact pre-noise partials equal DataFusion over the union of the files.
+    let shapes = SHAPES
+        .iter()
+        .map(|(sql, table, filter, groups)| (*sql, *table, None, *filter, *groups))
+        .chain(
+            JOIN_SHAPES
+                .iter()
+                .map(|(sql, l, r, filter, groups)| (*sql, *l, Some(*r), *filter, *groups)),
+        );
+    for (sql, table, join, filter, groups) in shapes {
+        // 1. Exact pre-noise partials equal DataFusion over the union of the files (for
+        //    joins: of the per-site joins).
         let q = engine.plan("alice", sql).await.unwrap();
+        assert_eq!(q.join_table.as_deref(), join, "{sql}");
         let merged = engine.gather(&q).await.unwrap();
         assert_eq!(merged.sites_answered.len(), 3);
-        let floats: Vec<&str> = engine
-            .catalog()
-            .table(table)
-            .unwrap()
-            .columns
-            .iter()
-            .filter(|c| c.ty == fedq_common::ColumnType::Float64)
-            .map(|c| c.name.as_str())
-            .collect();
+        let floats_of = |t: &str, prefix: &str| -> Vec<String> {
+            engine
+                .catalog()
+                .table(t)
+                .unwrap()
+                .columns
+                .iter()
+                .filter(|c| c.ty == fedq_common::ColumnType::Float64)
+                .map(|c| format!("{prefix}{}", c.name))
+                .collect()
+        };
+        let exact_sql = match join {
+            None => expected_sql(
+                table,
+                filter,
+                groups,
+                &q.request.aggregates,
+                &floats_of(table, ""),
+                &|c: &ColumnRef| c.name.clone(),
+            ),
+            Some(right) => {
+                let mut floats = floats_of(table, "l.");
+                floats.extend(floats_of(right, "r."));
+                expected_sql(
+                    &format!(
+                        "{table} l JOIN {right} r ON l.pid = r.pid AND l.fedq_site = r.fedq_site"
+                    ),
+                    filter,
+                    groups,
+                    &q.request.aggregates,
+                    &floats,
+                    &|c: &ColumnRef| match c.side {
+                        Side::Left => format!("l.{}", c.name),
+                        Side::Right => format!("r.{}", c.name),
+                    },
+                )
+            }
+        };
         let exp = exact_rows(
-            &ctx,
-            &expected_sql(table, filter, groups, &q.request.aggregates, &floats),
+            if join.is_some() { &site_ctx } else { &ctx },
+            &exact_sql,
             groups.len(),
         )
         .await;
@@ -214,6 +282,10 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
             n_nonzero += 1;
         }
         assert_eq!(n_nonzero, exp.len(), "{sql}: group sets differ");
+        assert!(
+            n_nonzero > 0,
+            "{sql}: no rows at all, so nothing was compared"
+        );
 
         // 2. The released answer, through Flight SQL, is within the noise bounds.
         let r = client.query(sql).await.unwrap();
@@ -481,6 +553,73 @@ async fn bounding_keeps_at_most_r_rows_per_participant_per_site() {
     fed.shutdown().await.unwrap();
 }
 
+/// After a join each participant contributes at most R joined rows per site, with R the
+/// driving table's: the merged count is Σ over sites and participants of min(a·b, R), where
+/// a and b are the participant's rows on each side at that site. Participants with a ≤ R
+/// but a·b > R exist in the data, so a node that trusted the driving table's own rows per
+/// participant would count more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joins_bound_rows_per_participant_after_the_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 3000, 13);
+    set_rows_per_unit(dir, 5);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    for (sql, left, right, filter) in [
+        (
+            "SELECT COUNT(*) FROM diagnoses JOIN variants USING (pid)",
+            "diagnoses",
+            "variants",
+            "",
+        ),
+        (
+            "SELECT v.zygosity, COUNT(*) FROM variants v JOIN diagnoses d ON v.pid = d.pid WHERE d.code <> 'I10' GROUP BY v.zygosity",
+            "variants",
+            "diagnoses",
+            "WHERE r.code <> 'I10'",
+        ),
+        (
+            "SELECT p.sex, COUNT(*) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex",
+            "labs",
+            "participants",
+            "",
+        ),
+    ] {
+        let q = engine.plan("alice", sql).await.unwrap();
+        assert_eq!(q.request.max_rows_per_unit, 5);
+        let merged = engine.gather(&q).await.unwrap();
+        let total: i128 = merged.groups.values().map(|p| p[0]).sum();
+        let b = ctx
+            .sql(&format!(
+                "SELECT CAST(SUM(LEAST(n, 5)) AS BIGINT), CAST(SUM(n) AS BIGINT), \
+                        CAST(SUM(CASE WHEN a <= 5 AND n > 5 THEN 1 ELSE 0 END) AS BIGINT) \
+                 FROM (SELECT l.fedq_site, l.pid, COUNT(*) AS n, \
+                              (SELECT COUNT(*) FROM {left} x WHERE x.pid = l.pid AND x.fedq_site = l.fedq_site) AS a \
+                       FROM {left} l JOIN {right} r ON l.pid = r.pid AND l.fedq_site = r.fedq_site {filter} \
+                       GROUP BY l.fedq_site, l.pid)"
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let expected = cell(&b[0], 0, 0).unwrap() as i128;
+        let untruncated = cell(&b[0], 1, 0).unwrap() as i128;
+        let multiplied = cell(&b[0], 2, 0).unwrap() as i128;
+        assert_eq!(total, expected, "{sql}");
+        assert!(untruncated > expected, "{sql}: the test needs truncation");
+        if right != "participants" {
+            assert!(
+                multiplied > 0,
+                "{sql}: the test needs participants whose rows multiply past R"
+            );
+        }
+    }
+    fed.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_budgets_and_failures_have_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -522,6 +661,35 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
         "nope",
     );
     expect(alice.query("SELEC 1").await, Code::InvalidArgument, "SELEC");
+    // Joins: only inner, of two different tables, on the privacy unit, bounded columns.
+    for (sql, needle) in [
+        (
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.test = p.sex",
+            "joins must be on the privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs l LEFT JOIN participants p USING (pid)",
+            "LEFT joins are not supported",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs, participants WHERE labs.pid = participants.pid",
+            "cross joins",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs JOIN participants USING (pid) JOIN variants USING (pid)",
+            "more than two tables",
+        ),
+        (
+            "SELECT COUNT(*) FROM labs a JOIN labs b USING (pid)",
+            "self-joins",
+        ),
+        (
+            "SELECT d.code, COUNT(*) FROM participants p JOIN diagnoses d USING (pid) GROUP BY d.code",
+            "diagnoses.code",
+        ),
+    ] {
+        expect(alice.query(sql).await, Code::PermissionDenied, needle);
+    }
     expect(
         alice.query("SELECT SUM(code) FROM diagnoses").await,
         Code::InvalidArgument,
@@ -641,38 +809,50 @@ async fn distinct_participants_are_exact_per_site_and_noise_is_bounded() {
     let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
         .await
         .unwrap();
-    let cases = [
+    let cases: [(&str, &str, &[&str], usize); 3] = [
         (
             "SELECT test, COUNT(DISTINCT pid) AS n FROM labs WHERE value > 5 GROUP BY test",
             "SELECT test, COUNT(DISTINCT pid) FROM labs WHERE value > 5 GROUP BY test",
-            "labs",
+            &["labs"],
             1usize,
         ),
         (
             "SELECT COUNT(DISTINCT pid) FROM diagnoses WHERE code = 'E11'",
             "SELECT COUNT(DISTINCT pid) FROM diagnoses WHERE code = 'E11'",
-            "diagnoses",
+            &["diagnoses"],
+            0,
+        ),
+        // "How many distinct patients have E11 and a stored serum specimen?"
+        (
+            "SELECT COUNT(DISTINCT d.pid) FROM diagnoses d JOIN specimens s USING (pid) \
+             WHERE d.code = 'E11' AND s.kind = 'serum' AND s.status = 'stored'",
+            "SELECT COUNT(DISTINCT d.pid) FROM diagnoses d JOIN specimens s ON d.pid = s.pid \
+             WHERE d.code = 'E11' AND s.kind = 'serum' AND s.status = 'stored'",
+            &["diagnoses", "specimens"],
             0,
         ),
     ];
-    for (sql, per_site_sql, table, nk) in cases {
+    for (sql, per_site_sql, tables, nk) in cases {
         let q = engine.plan("alice", sql).await.unwrap();
         assert_eq!(q.request.aggregates, vec![AggregateRequest::CountUnits]);
         let merged = engine.gather(&q).await.unwrap();
         let mut expect: HashMap<Vec<String>, f64> = HashMap::new();
         for site in fedq::federation::site_dirs(dir).unwrap() {
             let ctx = SessionContext::new();
-            ctx.register_parquet(
-                table,
-                site.join(format!("{table}.parquet")).to_str().unwrap(),
-                Default::default(),
-            )
-            .await
-            .unwrap();
+            for table in tables {
+                ctx.register_parquet(
+                    *table,
+                    site.join(format!("{table}.parquet")).to_str().unwrap(),
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+            }
             for (k, v) in exact_rows(&ctx, per_site_sql, nk).await {
                 *expect.entry(k).or_default() += v[0];
             }
         }
+        assert!(expect.values().all(|v| *v > 0.0), "{sql}: {expect:?}");
         let got: HashMap<Vec<String>, f64> = merged
             .groups
             .iter()

@@ -40,7 +40,7 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
 
     let mut cases: Vec<(&str, Vec<u8>, Code, &str)> = Vec::new();
     let mut r = base();
-    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": "value", "lower": -1e12, "upper": 1e12, "precision": 0.01 }]);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "name": "value" }, "lower": -1e12, "upper": 1e12, "precision": 0.01 }]);
     cases.push((
         "clamp wider than the catalog (unbounded sum)",
         ticket(r),
@@ -50,7 +50,7 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
     let mut r = base();
     r["table"] = json!("diagnoses");
     r["max_rows_per_unit"] = json!(15);
-    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": "code", "lower": 0.0, "upper": 1.0, "precision": 1.0 }]);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "name": "code" }, "lower": 0.0, "upper": 1.0, "precision": 1.0 }]);
     cases.push((
         "sum of a text column without bounds",
         ticket(r),
@@ -74,12 +74,60 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "return_rows",
     ));
     let mut r = base();
-    r["group_by"] = json!(["pid"]);
+    r["group_by"] = json!([{ "name": "pid" }]);
     cases.push((
         "group by the participant id",
         ticket(r),
         Code::PermissionDenied,
         "pid",
+    ));
+    // Joins: only on both privacy units, never a table with itself, R of the driving table.
+    let join = |table: &str, left_on: &str, right_on: &str| {
+        let mut r = base();
+        r["join"] = json!({ "table": table, "left_on": left_on, "right_on": right_on });
+        r
+    };
+    cases.push((
+        "a join off the privacy unit",
+        ticket(join("participants", "test", "sex")),
+        Code::PermissionDenied,
+        "privacy units",
+    ));
+    cases.push((
+        "a self-join",
+        ticket(join("labs", "pid", "pid")),
+        Code::PermissionDenied,
+        "self-joins",
+    ));
+    let mut r = join("participants", "pid", "pid");
+    r["group_by"] = json!([{ "side": "right", "name": "pid" }]);
+    cases.push((
+        "group by the joined table's participant id",
+        ticket(r),
+        Code::PermissionDenied,
+        "pid",
+    ));
+    let mut r = join("participants", "pid", "pid");
+    r["max_rows_per_unit"] = json!(21);
+    cases.push((
+        "R above the driving table's",
+        ticket(r),
+        Code::PermissionDenied,
+        "max_rows_per_unit",
+    ));
+    let mut r = join("participants", "pid", "pid");
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "side": "right", "name": "birth_year" }, "lower": 0.0, "upper": 1e6, "precision": 1.0 }]);
+    cases.push((
+        "a joined column clamped wider than the catalog",
+        ticket(r),
+        Code::PermissionDenied,
+        "wider than the catalog",
+    ));
+    cases.push((
+        "an old protocol version",
+        serde_json::to_vec(&json!({ "protocol_version": 1, "request": base() })).unwrap(),
+        Code::InvalidArgument,
+        "protocol version mismatch",
     ));
     let mut r = base();
     r["max_rows_per_unit"] = json!(1_000_000);

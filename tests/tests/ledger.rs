@@ -352,3 +352,45 @@ async fn officers_control_budgets_and_changes_are_audited() {
         .unwrap()
         .ok());
 }
+
+/// A joined query reads two tables, so it spends the budget of every dataset holding either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_spends_the_datasets_of_both_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 600, 23);
+    let path = dir.join("coordinator.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let start_at = text.find("[[datasets]]").unwrap();
+    let end_at = start_at + text[start_at..].find("epsilon_budget").unwrap();
+    let end_at = end_at + text[end_at..].find('\n').unwrap();
+    let text = format!(
+        "{}[[datasets]]\nname = \"clinical\"\ntables = [\"labs\", \"participants\", \"specimens\"]\nepsilon_budget = 100.0\n\n\
+         [[datasets]]\nname = \"genomic\"\ntables = [\"diagnoses\", \"variants\"]\nepsilon_budget = 100.0\n{}",
+        &text[..start_at],
+        &text[end_at..]
+    );
+    std::fs::write(&path, text).unwrap();
+    let fed = start(dir, vec![]).await;
+    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
+        .await
+        .unwrap();
+    alice
+        .query("SELECT COUNT(*) FROM participants")
+        .await
+        .unwrap();
+    alice
+        .query("SELECT p.sex, COUNT(*) FROM diagnoses d JOIN participants p USING (pid) GROUP BY p.sex")
+        .await
+        .unwrap();
+    let es = entries(dir);
+    let charged: Vec<Value> = of_kind(&es, "query.charged")
+        .into_iter()
+        .map(|e| e["body"]["datasets"].clone())
+        .collect();
+    assert_eq!(
+        charged,
+        vec![json!(["clinical"]), json!(["clinical", "genomic"])]
+    );
+    fed.shutdown().await.unwrap();
+}

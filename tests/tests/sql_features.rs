@@ -123,6 +123,33 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
     }
     // Refusals stay refusals under EXPLAIN.
     assert!(alice.query("EXPLAIN SELECT * FROM labs").await.is_err());
+
+    // A join: the request carries the typed join, the query row both tables and the
+    // driving table's R (labs: 20), and the statistics R·S = 20·2.
+    let join = "SELECT p.sex, COUNT(*) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex";
+    let r = alice.query(&format!("EXPLAIN {join}")).await.unwrap();
+    let b = &r.batches[0];
+    for row in 0..b.num_rows() {
+        let name = text(b, "name", row).unwrap();
+        match text(b, "item", row).unwrap().as_str() {
+            "query" => {
+                assert!(name.contains("labs JOIN participants"), "{name}");
+                let d = text(b, "detail", row).unwrap();
+                assert!(d.contains("R = 20 rows per participant"), "{d}");
+            }
+            "node request" => {
+                let got: fedq_common::PartialAggregateRequest =
+                    serde_json::from_str(&text(b, "detail", row).unwrap()).unwrap();
+                assert_eq!(got.join.map(|j| j.table), Some("participants".to_string()));
+            }
+            // The bounding report counts each participant once per site: S = 2.
+            "statistic" if name.starts_with("participants truncated") => {
+                assert_eq!(float(b, "sensitivity", row), Some(2.0))
+            }
+            "statistic" => assert_eq!(float(b, "sensitivity", row), Some(40.0)),
+            _ => {}
+        }
+    }
     fed.shutdown().await.unwrap();
 
     // The audit log records the EXPLAIN, free, and nothing was charged.
@@ -137,9 +164,10 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
         .iter()
         .filter(|e| e["kind"] == "query.explained")
         .collect();
-    assert_eq!(explained.len(), 1);
+    assert_eq!(explained.len(), 2);
     assert_eq!(explained[0]["body"]["epsilon_charged"], 0.0);
     assert_eq!(explained[0]["body"]["sql"], sql);
+    assert_eq!(explained[1]["body"]["sql"], join);
     assert!(entries.iter().all(|e| e["kind"] != "query.charged"));
 }
 

@@ -586,7 +586,10 @@ async fn info_lists_served_tables() {
     let info = e.info();
     assert_eq!(info.site, "site01");
     assert_eq!(info.protocol_version, fedq_common::PROTOCOL_VERSION);
-    assert_eq!(info.tables, ["broken", "bulk", "labs", "patients"]);
+    assert_eq!(
+        info.tables,
+        ["broken", "bulk", "encounters", "labs", "patients"]
+    );
 }
 
 #[tokio::test]
@@ -723,4 +726,165 @@ async fn sums_of_squares_are_validated_like_sums() {
     // Mid 1965: 3·15² + 3·10² + 2·36² + 25² = 4192. Bounds [1985, 2030], mid 2007, with
     // 1980 and 1975 clamped to 1985: 6·22² + 2·6² + 17² = 3265.
     assert_eq!(rows(&out, 0), vec![keyed(&[], &[4192, 3265])]);
+}
+
+fn joined(mut req: PartialAggregateRequest, right: &str) -> PartialAggregateRequest {
+    req.join = Some(fedq_common::JoinSpec {
+        table: right.into(),
+        left_on: "pid".into(),
+        right_on: "pid".into(),
+    });
+    req
+}
+
+fn right_col(name: &str) -> Predicate {
+    Predicate::Column {
+        name: name.into(),
+        side: fedq_common::Side::Right,
+    }
+}
+
+/// `bulk JOIN encounters USING (pid)`: `big` has 50 × 20 = 1000 joined rows, `s1` 3 × 2 = 6,
+/// `u000`…`u009` 40 × 1 = 40 each, `nobody` none (no `bulk` rows). R is the driving table's
+/// (bulk: 50), applied after the join, never per side and never through bulk's own
+/// start-up counts (by which `big`, with 50 rows, would look safe to aggregate directly).
+#[tokio::test]
+async fn joins_bound_rows_per_participant_after_the_join() {
+    let (_fx, e) = engine().await;
+    let y = AggregateRequest::SumFixed {
+        column: fedq_common::ColumnRef::right("y"),
+        lower: 0.0,
+        upper: 10.0,
+        precision: 1.0,
+    };
+    for _ in 0..10 {
+        let req = joined(
+            request(
+                "bulk",
+                &[],
+                vec![AggregateRequest::CountRows, y.clone()],
+                50,
+                None,
+            ),
+            "encounters",
+        );
+        // big 50 (of 1000), s1 6, u000…u009 40 each; y is 10, 1 and 2 for them.
+        assert_eq!(
+            rows(&e.execute(&req).await.unwrap(), 0),
+            vec![keyed(&[], &[50 + 6 + 400, 500 + 6 + 800])]
+        );
+    }
+    // A smaller R: 5 rows each for the 12 joined participants.
+    let req = joined(
+        request("bulk", &[], vec![AggregateRequest::CountRows], 5, None),
+        "encounters",
+    );
+    assert_eq!(
+        rows(&e.execute(&req).await.unwrap(), 0),
+        vec![keyed(&[], &[12 * 5])]
+    );
+    // Group keys from the left side: big's 50 kept rows split randomly between A and B;
+    // s1's 6 are in A; each u's 10 A rows and 30 B rows are all kept.
+    let req = joined(
+        request(
+            "bulk",
+            &["grp"],
+            vec![AggregateRequest::CountRows],
+            50,
+            None,
+        ),
+        "encounters",
+    );
+    let r = rows(&e.execute(&req).await.unwrap(), 1);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].0, vec!["A".to_string()]);
+    assert!((106..=156).contains(&r[0].1[0]), "{r:?}");
+    assert_eq!(r[0].1[0] + r[1].1[0], 456);
+    // Group key from the right side, filter on the right side: y > 1 drops s1.
+    let mut req = joined(
+        request("bulk", &[], vec![AggregateRequest::CountRows], 50, None),
+        "encounters",
+    );
+    req.group_by = vec![fedq_common::ColumnRef::right("kind")];
+    req.filter = Some(bin(BinaryOp::Gt, right_col("y"), lit(Literal::Int64(1))));
+    let r = rows(&e.execute(&req).await.unwrap(), 1);
+    let total: i128 = r.iter().map(|x| x.1[0]).sum();
+    assert_eq!(total, 450, "{r:?}");
+    // Both sides with the same column name: the left `pid` filter and the right `y`.
+    let mut req = joined(
+        request(
+            "bulk",
+            &[],
+            vec![AggregateRequest::CountRows],
+            50,
+            Some(bin(
+                BinaryOp::Eq,
+                col("pid"),
+                lit(Literal::Utf8("s1".into())),
+            )),
+        ),
+        "encounters",
+    );
+    req.aggregates.push(count_nn("pid"));
+    assert_eq!(
+        rows(&e.execute(&req).await.unwrap(), 0),
+        vec![keyed(&[], &[6, 6])]
+    );
+}
+
+#[tokio::test]
+async fn join_refusals() {
+    let (_fx, e) = engine().await;
+    let count = || vec![AggregateRequest::CountRows];
+    let v = |req| e.validate(&req);
+    let base = || joined(request("bulk", &[], count(), 50, None), "encounters");
+    assert!(v(base()).is_ok());
+
+    // R is the driving table's: bulk allows 50, encounters only 3.
+    assert_refused(
+        v(joined(
+            request("bulk", &[], count(), 51, None),
+            "encounters",
+        )),
+        "exceeds the catalog's 50",
+    );
+    assert_refused(
+        v(joined(request("bulk", &[], count(), 1, None), "nope")),
+        "unknown table",
+    );
+    assert_refused(
+        v(joined(request("bulk", &[], count(), 1, None), "elsewhere")),
+        "not served",
+    );
+    assert_refused(
+        v(joined(request("bulk", &[], count(), 1, None), "bulk")),
+        "self-joins are not supported",
+    );
+    let mut off = base();
+    if let Some(j) = off.join.as_mut() {
+        j.left_on = "grp".into();
+        j.right_on = "kind".into();
+    }
+    assert_refused(v(off), "joins must be on the privacy units");
+    // Columns resolve on their own side.
+    let mut r = base();
+    r.aggregates = vec![AggregateRequest::CountNonNull {
+        column: fedq_common::ColumnRef::right("grp"),
+    }];
+    assert_refused(v(r), "unknown column `grp`");
+    let mut r = base();
+    r.group_by = vec![fedq_common::ColumnRef::right("pid")];
+    assert_refused(v(r), "privacy unit");
+    let mut r = base();
+    r.aggregates = vec![AggregateRequest::SumFixed {
+        column: fedq_common::ColumnRef::right("raw"),
+        lower: 0.0,
+        upper: 1.0,
+        precision: 1.0,
+    }];
+    assert_refused(v(r), "no clamp bounds");
+    // A right-side column without a join.
+    let mut r = request("bulk", &[], count(), 1, None);
+    r.filter = Some(bin(BinaryOp::Gt, right_col("y"), lit(Literal::Int64(1))));
+    assert_invalid(v(r), "has no join");
 }

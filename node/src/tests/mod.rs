@@ -57,6 +57,15 @@ columns = [
   { name = "n", type = "int64", lower = 0, upper = 10 },
 ]
 
+[tables.encounters]
+max_rows_per_unit = 3
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "kind", type = "utf8", public_values = ["A", "B"] },
+  { name = "y", type = "int64", lower = 0, upper = 10 },
+  { name = "raw", type = "float64", nullable = true },
+]
+
 [tables.elsewhere]
 max_rows_per_unit = 5
 columns = [ { name = "pid", type = "utf8" } ]
@@ -79,6 +88,9 @@ format = "parquet"
 
 [tables.broken]
 path = "broken.csv"
+
+[tables.encounters]
+path = "encounters.parquet"
 "#;
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
@@ -248,6 +260,39 @@ fn bulk_batch() -> RecordBatch {
     ])
 }
 
+/// `encounters`, joined with `bulk` on `pid`: `big` 20 rows (kind alternating A/B, y = 10),
+/// `s1` 2 rows (A, y = 1), `u000`…`u009` 1 row each (B, y = 2), `nobody` 3 rows (A, y = 5)
+/// with no `bulk` rows.
+fn encounters_batch() -> RecordBatch {
+    let mut pid = Vec::new();
+    let mut kind = Vec::new();
+    let mut y = Vec::new();
+    let mut push = |p: String, k: &'static str, v: i64| {
+        pid.push(p);
+        kind.push(k);
+        y.push(v);
+    };
+    for i in 0..20 {
+        push("big".into(), if i % 2 == 0 { "A" } else { "B" }, 10);
+    }
+    for _ in 0..2 {
+        push("s1".into(), "A", 1);
+    }
+    for u in 0..10 {
+        push(format!("u{u:03}"), "B", 2);
+    }
+    for _ in 0..3 {
+        push("nobody".into(), "A", 5);
+    }
+    let n = pid.len();
+    batch(vec![
+        ("pid", Arc::new(StringArray::from(pid))),
+        ("kind", Arc::new(StringArray::from(kind))),
+        ("y", Arc::new(Int64Array::from(y))),
+        ("raw", Arc::new(Float64Array::from(vec![Some(1.0); n]))),
+    ])
+}
+
 /// A temporary directory with the catalog, the data files and `node.toml`.
 pub(crate) struct Fixture {
     pub dir: TempDir,
@@ -261,6 +306,7 @@ impl Fixture {
         write_parquet(&p.join("labs.parquet"), &labs_batch(false, false));
         std::fs::create_dir(p.join("bulk")).unwrap();
         write_parquet(&p.join("bulk").join("part-0.parquet"), &bulk_batch());
+        write_parquet(&p.join("encounters.parquet"), &encounters_batch());
         std::fs::write(
             p.join("patients.csv"),
             "pid,sex,birth_year,comment\np1,F,1980,hello\np2,M,1850,x\np3,F,2100,\np4,X,1990,\np5,,1970,\n",
@@ -298,14 +344,15 @@ pub(crate) fn request(
         query_id: "q-test".into(),
         table: table.into(),
         filter,
-        group_by: group_by.iter().map(|s| s.to_string()).collect(),
+        join: None,
+        group_by: group_by.iter().map(|s| (*s).into()).collect(),
         aggregates,
         max_rows_per_unit: r,
     }
 }
 
 pub(crate) fn col(name: &str) -> Predicate {
-    Predicate::Column { name: name.into() }
+    Predicate::column(name)
 }
 
 pub(crate) fn lit(value: Literal) -> Predicate {
