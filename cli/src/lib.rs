@@ -16,6 +16,7 @@
 //!   coordinator's Flight actions; audit verification and export straight from the ledger).
 //! - [`demo`] and [`bench`]: the `fedq demo` and `fedq bench` commands.
 
+pub mod accuracy;
 pub mod admin;
 pub mod bench;
 pub mod client;

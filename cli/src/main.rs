@@ -35,6 +35,8 @@ enum Command {
     Demo(DemoArgs),
     /// Benchmark federated against centralised execution on a synth directory.
     Bench(BenchArgs),
+    /// Bias from bounding and error at ε = 1 of reference queries, against exact answers.
+    Accuracy(AccuracyArgs),
     /// Privacy budgets: your own (`show`), or for officers `grant`, `revoke`, `list`.
     Budget {
         #[command(subcommand)]
@@ -435,6 +437,16 @@ struct BenchArgs {
     queries: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct AccuracyArgs {
+    /// Directory written by `fedq synth`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Noisy runs per query (each one a real, charged query at ε ≈ 1).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+}
+
 async fn run_sql(args: SqlArgs) -> Result<(), CliError> {
     let conn = Conn::try_from(args.conn)?;
     let mut client = FedqClient::connect(&conn.url, &conn.token).await?;
@@ -627,6 +639,13 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
                 }
             }
         },
+        Command::Accuracy(a) => {
+            fedq::accuracy::run(fedq::accuracy::AccuracyConfig {
+                dir: a.data,
+                runs: a.runs,
+            })
+            .await?
+        }
         Command::Bench(a) => {
             let mut queries = Vec::new();
             for q in a.queries {
