@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use fedq_coordinator::config::{NodeEndpoint, ResearcherConfig};
 use fedq_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use fedq_node::{NodeConfig, NodeHandle};
-use sha3::{Digest, Sha3_256};
 
 use crate::CliError;
 
@@ -22,10 +21,10 @@ pub struct LocalFederation {
     pub sites: Vec<String>,
     /// The running coordinator.
     pub coordinator: CoordinatorHandle,
-    /// Researcher name -> bearer token (read from `researchers/<name>.token`).
-    pub tokens: BTreeMap<String, String>,
-    /// Officer name -> bearer token (read from `officers/<name>.token`).
-    pub officer_tokens: BTreeMap<String, String>,
+    /// Researcher name -> password (read from `researchers/<name>.password`).
+    pub passwords: BTreeMap<String, String>,
+    /// Officer name -> password (read from `officers/<name>.password`).
+    pub officer_passwords: BTreeMap<String, String>,
 }
 
 /// Options for [`LocalFederation::start`].
@@ -33,10 +32,12 @@ pub struct LocalFederation {
 pub struct FederationOptions {
     /// Coordinator listen address (port 0 for a free port).
     pub coordinator_listen: SocketAddr,
-    /// Extra researchers with (token, budget), e.g. for benchmarks.
+    /// Extra researchers as (name, password, ε budget), e.g. for benchmarks.
     pub extra_researchers: Vec<(String, String, f64)>,
     /// Override the policy's `min_reported_count`.
     pub min_reported_count: Option<u64>,
+    /// Override the lifetime of login tokens.
+    pub token_ttl: Option<std::time::Duration>,
 }
 
 impl Default for FederationOptions {
@@ -45,13 +46,9 @@ impl Default for FederationOptions {
             coordinator_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             extra_researchers: vec![],
             min_reported_count: None,
+            token_ttl: None,
         }
     }
-}
-
-/// SHA3-256 of a token, lower-case hex, as stored in `coordinator.toml`.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha3_256::digest(token.as_bytes()))
 }
 
 /// The site directories of a synth output, sorted.
@@ -82,10 +79,15 @@ impl LocalFederation {
             let mut cfg = NodeConfig::load(&sd.join("node.toml"))?;
             cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
             let site = cfg.site.clone();
+            let scheme = match cfg.transport {
+                fedq_node::NodeTransport::Tls { .. } => "https",
+                fedq_node::NodeTransport::InsecureDev => "http",
+            };
             let h = fedq_node::start(cfg).await?;
             endpoints.push(NodeEndpoint {
                 site: site.clone(),
-                endpoint: format!("http://{}", h.addr),
+                endpoint: format!("{scheme}://{}", h.addr),
+                tls_name: None,
             });
             sites.push(site);
             nodes.push(h);
@@ -96,30 +98,36 @@ impl LocalFederation {
         if let Some(m) = opts.min_reported_count {
             cfg.policy.min_reported_count = m;
         }
-        for (name, token, budget) in &opts.extra_researchers {
+        for (name, password, budget) in &opts.extra_researchers {
             cfg.researchers.push(ResearcherConfig {
                 name: name.clone(),
-                token_sha3_256: token_hash(token),
+                password_argon2: Some(fedq_coordinator::auth::hash_password(password)?),
                 epsilon_budget: *budget,
                 delta_budget: 0.0,
                 renewal_days: None,
             });
         }
-        let mut tokens = BTreeMap::new();
+        if let Some(ttl) = opts.token_ttl {
+            cfg.token_ttl = ttl;
+        }
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
+        };
+        let mut passwords = BTreeMap::new();
         for r in &cfg.researchers {
-            let p = dir.join("researchers").join(format!("{}.token", r.name));
-            if let Ok(t) = std::fs::read_to_string(&p) {
-                tokens.insert(r.name.clone(), t.trim().to_string());
+            if let Some(t) = read(dir.join("researchers").join(format!("{}.password", r.name))) {
+                passwords.insert(r.name.clone(), t);
             }
         }
-        for (name, token, _) in &opts.extra_researchers {
-            tokens.insert(name.clone(), token.clone());
+        for (name, password, _) in &opts.extra_researchers {
+            passwords.insert(name.clone(), password.clone());
         }
-        let mut officer_tokens = BTreeMap::new();
+        let mut officer_passwords = BTreeMap::new();
         for o in &cfg.officers {
-            let p = dir.join("officers").join(format!("{}.token", o.name));
-            if let Ok(t) = std::fs::read_to_string(&p) {
-                officer_tokens.insert(o.name.clone(), t.trim().to_string());
+            if let Some(t) = read(dir.join("officers").join(format!("{}.password", o.name))) {
+                officer_passwords.insert(o.name.clone(), t);
             }
         }
         // The config's SQLite ledger (`ledger.sqlite` in the synth directory by default).
@@ -129,8 +137,8 @@ impl LocalFederation {
             nodes,
             sites,
             coordinator,
-            tokens,
-            officer_tokens,
+            passwords,
+            officer_passwords,
         })
     }
 
@@ -139,12 +147,18 @@ impl LocalFederation {
         format!("http://{}", self.coordinator.addr)
     }
 
-    /// Token of a researcher.
-    pub fn token(&self, researcher: &str) -> Result<String, CliError> {
-        self.tokens
-            .get(researcher)
+    /// Password of a researcher or officer.
+    pub fn password(&self, user: &str) -> Result<String, CliError> {
+        self.passwords
+            .get(user)
+            .or_else(|| self.officer_passwords.get(user))
             .cloned()
-            .ok_or_else(|| CliError::User(format!("no token for researcher {researcher}")))
+            .ok_or_else(|| CliError::User(format!("no password for user {user}")))
+    }
+
+    /// A client logged in as `user` (a researcher or an officer).
+    pub async fn client(&self, user: &str) -> Result<crate::client::FedqClient, CliError> {
+        crate::client::FedqClient::connect(&self.url(), user, &self.password(user)?).await
     }
 
     /// Stop one node (to simulate a site going down). Returns its site name.

@@ -136,7 +136,7 @@ impl Coordinator {
         Ok(Coordinator {
             datasets: config.datasets.clone(),
             planner: Planner::new(&config.catalog)?,
-            pool: NodePool::new(&config.nodes, config.node_timeout)?,
+            pool: NodePool::new(&config.nodes, config.node_timeout, &config.node_transport)?,
             ledger,
             policy: config.policy.clone(),
             catalog: config.catalog.clone(),

@@ -18,9 +18,9 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::DataType;
 use fedq_common::{AggregateRequest, NodeInfo, PartialAggregateRequest, PublicValue};
 use futures::TryStreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::NodeEndpoint;
+use crate::config::{NodeEndpoint, NodeTransport};
 use crate::error::CoordinatorError;
 use crate::planner::GroupKey;
 
@@ -55,11 +55,20 @@ pub struct NodePool {
 }
 
 impl NodePool {
-    /// Build the pool (no connection is made until the first query).
-    pub fn new(nodes: &[NodeEndpoint], timeout: Duration) -> Result<NodePool, CoordinatorError> {
+    /// Build the pool (no connection is made until the first query). With mTLS, each
+    /// node's certificate must chain to the CA and carry the node's `tls_name` (its site by
+    /// default), so a node cannot answer in another site's name.
+    pub fn new(
+        nodes: &[NodeEndpoint],
+        timeout: Duration,
+        transport: &NodeTransport,
+    ) -> Result<NodePool, CoordinatorError> {
         let mut out = Vec::new();
+        if let NodeTransport::InsecureDev = transport {
+            tracing::warn!("{}", fedq_common::tls::INSECURE_DEV_WARNING);
+        }
         for n in nodes {
-            let ep = Endpoint::from_shared(n.endpoint.clone())
+            let mut ep = Endpoint::from_shared(n.endpoint.clone())
                 .map_err(|e| {
                     CoordinatorError::Config(format!(
                         "node {}: invalid endpoint {:?}: {e}",
@@ -68,6 +77,21 @@ impl NodePool {
                 })?
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(timeout);
+            if let NodeTransport::Tls(pem) = transport {
+                // rustls uses the process-wide provider; make sure it is ring.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&pem.ca))
+                    .identity(Identity::from_pem(&pem.cert, &pem.key))
+                    .domain_name(n.tls_name().to_string());
+                ep = ep.tls_config(tls).map_err(|e| {
+                    CoordinatorError::Config(format!(
+                        "node {}: TLS setup failed: {e}; check [tls] cert and key ({})",
+                        n.site,
+                        pem.cert_path.display()
+                    ))
+                })?;
+            }
             out.push((n.clone(), ep.connect_lazy()));
         }
         Ok(NodePool {

@@ -83,6 +83,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The caller is not a coordinator this node answers (sent as `PERMISSION_DENIED`).
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The TLS certificate or key could not be used.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("node server failed: {0}")]
     Server(String),
@@ -104,7 +110,7 @@ impl From<NodeError> for Status {
         match e {
             NodeError::InvalidRequest(m) => Status::invalid_argument(m),
             NodeError::Wire(w) => Status::invalid_argument(w.to_string()),
-            NodeError::Refused(m) => Status::permission_denied(m),
+            NodeError::Refused(m) | NodeError::NotAllowed(m) => Status::permission_denied(m),
             NodeError::Execution { site, query_id, .. }
             | NodeError::Internal { site, query_id, .. } => Status::internal(format!(
                 "node {site} could not execute query {query_id}; details are in the node log"
@@ -116,6 +122,7 @@ impl From<NodeError> for Status {
             | NodeError::DataFile { .. }
             | NodeError::SchemaMismatch(_)
             | NodeError::Bind { .. }
+            | NodeError::Tls(_)
             | NodeError::Server(_) => Status::internal(
                 "the node could not serve this request; details are in the node log",
             ),

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, NodeTransport};
 use crate::engine::NodeEngine;
 use crate::error::NodeError;
 
@@ -27,16 +27,94 @@ use crate::error::NodeError;
 /// [`fedq_common::wire::MAX_REQUEST_BYTES`]; anything far larger is cut off by the transport.
 pub const MAX_DECODING_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// Who may call this node.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Anyone who can connect (`insecure_dev = true`): there is no identity to check.
+    InsecureDev,
+    /// Callers whose (already CA-verified) client certificate names one of these.
+    AllowList(Arc<std::collections::BTreeSet<String>>),
+}
+
+impl Access {
+    /// The access rule of a node transport.
+    pub fn of(transport: &NodeTransport) -> Access {
+        match transport {
+            NodeTransport::InsecureDev => Access::InsecureDev,
+            NodeTransport::Tls {
+                allowed_coordinators,
+                ..
+            } => Access::AllowList(Arc::new(allowed_coordinators.iter().cloned().collect())),
+        }
+    }
+}
+
+/// Names a certificate is issued to: its subject common names and DNS alternative names.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable client certificate: {e}"))?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            if let GeneralName::DNSName(d) = gn {
+                names.push(d.to_string());
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// The Flight service: `do_get` with a partial-aggregate ticket, and the node-info action.
 #[derive(Debug, Clone)]
 pub struct NodeService {
     engine: Arc<NodeEngine>,
+    access: Access,
 }
 
 impl NodeService {
-    /// A service answering with `engine`.
-    pub fn new(engine: Arc<NodeEngine>) -> Self {
-        NodeService { engine }
+    /// A service answering with `engine` to the callers `access` allows.
+    pub fn new(engine: Arc<NodeEngine>, access: Access) -> Self {
+        NodeService { engine, access }
+    }
+
+    /// The calling coordinator's identity, or a refusal (logged here, with what the
+    /// certificate names, for the hospital's own audit).
+    fn caller<T>(&self, req: &Request<T>, what: &str) -> Result<String, Status> {
+        let allowed = match &self.access {
+            Access::InsecureDev => return Ok("(insecure-dev, unauthenticated)".to_string()),
+            Access::AllowList(a) => a,
+        };
+        let site = self.engine.site();
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into());
+        let refuse = |names: String, reason: &str| {
+            tracing::warn!(site, peer = %peer, coordinator = %names, request = what, outcome = "refused", reason, "caller refused");
+            Status::from(NodeError::NotAllowed(format!(
+                "node {site} does not answer this caller: {reason}; the node's operator must add the coordinator's certificate name to allowed_coordinators"
+            )))
+        };
+        let Some(certs) = req.peer_certs() else {
+            return Err(refuse("(no certificate)".into(), "no client certificate"));
+        };
+        let Some(leaf) = certs.first() else {
+            return Err(refuse("(no certificate)".into(), "no client certificate"));
+        };
+        let names = certificate_names(leaf.as_ref())
+            .map_err(|e| refuse("(unparseable certificate)".into(), &e))?;
+        match names.iter().find(|n| allowed.contains(n.as_str())) {
+            Some(n) => Ok(n.clone()),
+            None => Err(refuse(
+                names.join(","),
+                "the certificate names no allowed coordinator",
+            )),
+        }
     }
 
     /// The tonic server wrapper, with the message size limit set.
@@ -103,6 +181,7 @@ impl FlightService for NodeService {
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let started = Instant::now();
+        let who = self.caller(&request, "DoGet")?;
         let ticket = request.into_inner();
         let site = self.engine.site().to_string();
         let req = match PartialAggregateRequest::decode_ticket(&ticket.ticket) {
@@ -110,6 +189,7 @@ impl FlightService for NodeService {
             Err(e) => {
                 tracing::warn!(
                     site = %site,
+                    coordinator = %who,
                     outcome = "refused",
                     error = %e,
                     "undecodable ticket"
@@ -124,6 +204,7 @@ impl FlightService for NodeService {
                 if e.is_refusal() {
                     tracing::warn!(
                         site = %site,
+                        coordinator = %who,
                         query_id = ?req.query_id,
                         table = ?req.table,
                         duration_ms = ms,
@@ -134,6 +215,7 @@ impl FlightService for NodeService {
                 } else {
                     tracing::error!(
                         site = %site,
+                        coordinator = %who,
                         query_id = ?req.query_id,
                         table = ?req.table,
                         duration_ms = ms,
@@ -148,6 +230,7 @@ impl FlightService for NodeService {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         tracing::info!(
             site = %site,
+            coordinator = %who,
             query_id = ?req.query_id,
             table = ?req.table,
             groups = rows,
@@ -188,6 +271,7 @@ impl FlightService for NodeService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        self.caller(&request, "DoAction")?;
         let action = request.into_inner();
         if action.r#type != ACTION_NODE_INFO {
             return Err(Status::unimplemented(format!(
@@ -247,6 +331,29 @@ impl NodeHandle {
 /// Start a node: check the tables, bind `config.listen` and serve Flight in a background task.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let engine = Arc::new(NodeEngine::new(&config).await?);
+    let mut builder = tonic::transport::Server::builder();
+    match &config.transport {
+        NodeTransport::Tls {
+            pem,
+            allowed_coordinators,
+        } => {
+            install_crypto_provider();
+            let tls = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
+                .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca))
+                .timeout(std::time::Duration::from_secs(10));
+            builder = builder.tls_config(tls).map_err(|e| {
+                NodeError::Tls(format!(
+                    "{}: {e}; check [tls] cert and key in the node config",
+                    pem.cert_path.display()
+                ))
+            })?;
+            tracing::info!(site = %config.site, allowed = ?allowed_coordinators, "mTLS on: only allowed coordinators with a certificate from the federation CA");
+        }
+        NodeTransport::InsecureDev => {
+            tracing::warn!(site = %config.site, "{}", fedq_common::tls::INSECURE_DEV_WARNING);
+        }
+    }
     if !config.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %config.listen,
@@ -264,9 +371,10 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source: e,
     })?;
     let (tx, rx) = oneshot::channel::<()>();
-    let service = NodeService::new(Arc::clone(&engine)).into_server();
+    let service =
+        NodeService::new(Arc::clone(&engine), Access::of(&config.transport)).into_server();
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 // Stop on an explicit shutdown or when the handle is dropped.
@@ -285,4 +393,10 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         shutdown: Some(tx),
         task,
     })
+}
+
+/// Make rustls use the ring provider (the one fedq is built with), once per process.
+pub fn install_crypto_provider() {
+    // Fails only if a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

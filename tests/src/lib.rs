@@ -66,3 +66,31 @@ pub fn key(b: &RecordBatch, col: usize, row: usize) -> String {
         .value(row)
         .to_string()
 }
+
+/// A channel to a synth node at `addr` over mTLS, presenting the certificate `cert_name`
+/// (`coordinator` is the one the generated nodes allow) from the federation in `dir`.
+pub async fn node_channel(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    site: &str,
+    cert_name: &str,
+) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    fedq_node::install_crypto_provider();
+    let certs = dir.join("certs");
+    let read = |n: &str| std::fs::read(certs.join(n)).expect("certificate file");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("{cert_name}.pem")),
+            read(&format!("{cert_name}.key")),
+        ))
+        .domain_name(site);
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect to the node")
+}

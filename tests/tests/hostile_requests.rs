@@ -31,11 +31,8 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
     let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     let node = fedq_node::start(cfg).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", node.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Even with the coordinator's valid certificate, crafted requests are refused.
+    let channel = fedq_tests::node_channel(tmp.path(), node.addr, "site01", "coordinator").await;
     let mut client = FlightServiceClient::new(channel);
 
     let mut cases: Vec<(&str, Vec<u8>, Code, &str)> = Vec::new();
