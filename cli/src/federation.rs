@@ -17,6 +17,8 @@ pub struct LocalFederation {
     pub dir: PathBuf,
     /// Running nodes, in site order.
     pub nodes: Vec<NodeHandle>,
+    /// Their configs (with the bound address), to restart a node where it was.
+    pub node_configs: Vec<NodeConfig>,
     /// Sites, in the same order.
     pub sites: Vec<String>,
     /// The running coordinator.
@@ -27,8 +29,12 @@ pub struct LocalFederation {
     pub officer_passwords: BTreeMap<String, String>,
 }
 
+/// Maps a site and its node's address to the address the coordinator dials (tests put a
+/// fault-injecting proxy there).
+pub type NodeAddressHook = std::sync::Arc<dyn Fn(&str, SocketAddr) -> SocketAddr + Send + Sync>;
+
 /// Options for [`LocalFederation::start`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FederationOptions {
     /// Coordinator listen address (port 0 for a free port).
     pub coordinator_listen: SocketAddr,
@@ -38,6 +44,24 @@ pub struct FederationOptions {
     pub min_reported_count: Option<u64>,
     /// Override the lifetime of login tokens.
     pub token_ttl: Option<std::time::Duration>,
+    /// Override the per-node timeout of a query.
+    pub node_timeout: Option<std::time::Duration>,
+    /// Override `allow_partial`.
+    pub allow_partial: Option<bool>,
+    /// Where the coordinator dials each node (default: the node's own address).
+    pub node_address: Option<NodeAddressHook>,
+}
+
+impl std::fmt::Debug for FederationOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FederationOptions")
+            .field("coordinator_listen", &self.coordinator_listen)
+            .field("min_reported_count", &self.min_reported_count)
+            .field("token_ttl", &self.token_ttl)
+            .field("node_timeout", &self.node_timeout)
+            .field("allow_partial", &self.allow_partial)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for FederationOptions {
@@ -47,6 +71,9 @@ impl Default for FederationOptions {
             extra_researchers: vec![],
             min_reported_count: None,
             token_ttl: None,
+            node_timeout: None,
+            allow_partial: None,
+            node_address: None,
         }
     }
 }
@@ -73,6 +100,7 @@ impl LocalFederation {
     /// Start every node of `dir` and a coordinator on loopback.
     pub async fn start(dir: &Path, opts: FederationOptions) -> Result<LocalFederation, CliError> {
         let mut nodes = Vec::new();
+        let mut node_configs = Vec::new();
         let mut sites = Vec::new();
         let mut endpoints = Vec::new();
         for sd in site_dirs(dir)? {
@@ -83,12 +111,19 @@ impl LocalFederation {
                 fedq_node::NodeTransport::Tls { .. } => "https",
                 fedq_node::NodeTransport::InsecureDev => "http",
             };
+            let mut kept = cfg.clone();
             let h = fedq_node::start(cfg).await?;
+            kept.listen = h.addr;
+            let dial = match &opts.node_address {
+                Some(hook) => hook(&site, h.addr),
+                None => h.addr,
+            };
             endpoints.push(NodeEndpoint {
                 site: site.clone(),
-                endpoint: format!("{scheme}://{}", h.addr),
+                endpoint: format!("{scheme}://{dial}"),
                 tls_name: None,
             });
+            node_configs.push(kept);
             sites.push(site);
             nodes.push(h);
         }
@@ -109,6 +144,12 @@ impl LocalFederation {
         }
         if let Some(ttl) = opts.token_ttl {
             cfg.token_ttl = ttl;
+        }
+        if let Some(t) = opts.node_timeout {
+            cfg.node_timeout = t;
+        }
+        if let Some(p) = opts.allow_partial {
+            cfg.allow_partial = p;
         }
         let read = |p: PathBuf| {
             std::fs::read_to_string(p)
@@ -135,6 +176,7 @@ impl LocalFederation {
         Ok(LocalFederation {
             dir: dir.to_path_buf(),
             nodes,
+            node_configs,
             sites,
             coordinator,
             passwords,
@@ -167,9 +209,24 @@ impl LocalFederation {
             return Err(CliError::User(format!("no node #{index}")));
         }
         let h = self.nodes.remove(index);
+        self.node_configs.remove(index);
         let site = self.sites.remove(index);
         h.shutdown().await?;
         Ok(site)
+    }
+
+    /// Stop node `index` and start it again on the same address, as a hospital restarting
+    /// its node would; the coordinator keeps running.
+    pub async fn restart_node(&mut self, index: usize) -> Result<(), CliError> {
+        if index >= self.nodes.len() {
+            return Err(CliError::User(format!("no node #{index}")));
+        }
+        let cfg = self.node_configs[index].clone();
+        let old = self.nodes.remove(index);
+        old.shutdown().await?;
+        let h = fedq_node::start(cfg).await?;
+        self.nodes.insert(index, h);
+        Ok(())
     }
 
     /// Stop everything.

@@ -712,10 +712,16 @@ async fn run_status(args: ConnArgs) -> Result<(), CliError> {
         let site = n["site"].as_str().unwrap_or("?");
         if n["healthy"].as_bool() == Some(true) {
             let i = &n["info"];
+            let state = if n["compatible"].as_bool() == Some(false) {
+                "INCOMPATIBLE"
+            } else {
+                "up"
+            };
             println!(
-                "{site:<10} up    fedq {} protocol v{}  tables: {}",
+                "{site:<10} {state:<5} fedq {} protocol v{} (coordinator v{})  tables: {}",
                 i["fedq_version"].as_str().unwrap_or("?"),
                 i["protocol_version"],
+                fedq_common::PROTOCOL_VERSION,
                 i["tables"]
                     .as_array()
                     .map(|t| t

@@ -5,6 +5,7 @@
 //! catalog = "catalog.toml"       # the privacy officer's catalog, relative to this file
 //! node_timeout_secs = 60         # how long to wait for a node before failing the query
 //! token_ttl_secs = 3600          # lifetime of the bearer token a login returns
+//! allow_partial = false          # true: answer from the sites that responded, stating coverage
 //!
 //! [policy]
 //! default_epsilon = 1.0
@@ -142,6 +143,8 @@ struct RawConfig {
     #[serde(default = "default_token_ttl")]
     token_ttl_secs: u64,
     #[serde(default)]
+    allow_partial: bool,
+    #[serde(default)]
     policy: Policy,
     #[serde(default)]
     nodes: Vec<NodeEndpoint>,
@@ -206,6 +209,9 @@ pub struct CoordinatorConfig {
     pub node_transport: NodeTransport,
     /// Lifetime of a bearer token issued at login.
     pub token_ttl: Duration,
+    /// Answer from the sites that responded when some fail or time out (coverage is
+    /// stated in the result metadata); by default any failure fails the query.
+    pub allow_partial: bool,
 }
 
 impl CoordinatorConfig {
@@ -278,6 +284,7 @@ impl CoordinatorConfig {
             )));
         }
         let cfg = CoordinatorConfig {
+            allow_partial: raw.allow_partial,
             token_ttl: Duration::from_secs(raw.token_ttl_secs),
             node_transport,
             ledger,

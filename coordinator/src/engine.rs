@@ -24,6 +24,11 @@ use crate::release::{
     META_REPLAY, META_REPLAY_OF, META_SITES_ANSWERED, META_SITES_ASKED,
 };
 
+/// Schema metadata: sites that failed or timed out and were left out (`allow_partial`).
+pub const META_SITES_FAILED: &str = "fedq.sites_failed";
+/// Schema metadata: `answered/asked`, e.g. `37/38`.
+pub const META_COVERAGE: &str = "fedq.coverage";
+
 /// Per-researcher session settings (`SET fedq.epsilon = ...`).
 #[derive(Debug, Clone, Default)]
 pub struct Session {
@@ -136,7 +141,8 @@ impl Coordinator {
         Ok(Coordinator {
             datasets: config.datasets.clone(),
             planner: Planner::new(&config.catalog)?,
-            pool: NodePool::new(&config.nodes, config.node_timeout, &config.node_transport)?,
+            pool: NodePool::new(&config.nodes, config.node_timeout, &config.node_transport)?
+                .allow_partial(config.allow_partial),
             ledger,
             policy: config.policy.clone(),
             catalog: config.catalog.clone(),
@@ -339,7 +345,8 @@ impl Coordinator {
                     "outcome": "failed", "reason": e.to_string(),
                 });
                 if let CoordinatorError::NodeUnavailable { site, .. }
-                | CoordinatorError::NodeFailed { site, .. } = &e
+                | CoordinatorError::NodeFailed { site, .. }
+                | CoordinatorError::NodeIncompatible { site, .. } = &e
                 {
                     body["site_failed"] = json!(site);
                 }
@@ -362,6 +369,15 @@ impl Coordinator {
             merged.sites_answered.join(","),
         );
         meta.insert(META_SITES_ASKED.to_string(), self.pool.sites().join(","));
+        meta.insert(META_SITES_FAILED.to_string(), merged.sites_failed.join(","));
+        meta.insert(
+            META_COVERAGE.to_string(),
+            format!(
+                "{}/{}",
+                merged.sites_answered.len(),
+                self.pool.sites().len()
+            ),
+        );
         meta.insert(META_REPLAY.to_string(), "false".to_string());
         meta.insert(META_PLAN_HASH.to_string(), rec.plan_hash.clone());
         let released = release(q, &merged, self.policy.min_reported_count, meta)

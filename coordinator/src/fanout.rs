@@ -34,6 +34,8 @@ pub struct MergedPartials {
     pub groups: BTreeMap<Vec<PublicValue>, Vec<i128>>,
     /// Sites that answered.
     pub sites_answered: Vec<String>,
+    /// Sites that failed or timed out (only non-empty with `allow_partial`).
+    pub sites_failed: Vec<String>,
 }
 
 impl MergedPartials {
@@ -52,6 +54,7 @@ impl MergedPartials {
 pub struct NodePool {
     nodes: Vec<(NodeEndpoint, Channel)>,
     timeout: Duration,
+    allow_partial: bool,
 }
 
 impl NodePool {
@@ -97,7 +100,15 @@ impl NodePool {
         Ok(NodePool {
             nodes: out,
             timeout,
+            allow_partial: false,
         })
+    }
+
+    /// With `true`, a query is answered from the sites that responded (at least one);
+    /// otherwise (the default) any failing or slow site fails the whole query.
+    pub fn allow_partial(mut self, on: bool) -> NodePool {
+        self.allow_partial = on;
+        self
     }
 
     /// Site names, in config order.
@@ -105,7 +116,9 @@ impl NodePool {
         self.nodes.iter().map(|(n, _)| n.site.clone()).collect()
     }
 
-    /// Ask every node, in parallel, and merge. Fails if any node fails.
+    /// Ask every node, in parallel, and merge. Fails if any node fails, unless
+    /// `allow_partial` (then fails only if none answered). Sensitivities need no change for
+    /// a partial answer: each site's contribution bound holds whichever sites answer.
     pub async fn gather(
         &self,
         req: &PartialAggregateRequest,
@@ -133,18 +146,55 @@ impl NodePool {
         });
         let results = futures::future::join_all(futs).await;
         let mut merged = MergedPartials::default();
+        let mut first_error = None;
         for (site, res) in results {
-            let batches = res?;
-            for b in &batches {
-                merge_batch(&mut merged, b, req, groups).map_err(|detail| {
-                    tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");
-                    CoordinatorError::NodeFailed {
-                        site: site.clone(),
-                        query_id: req.query_id.clone(),
+            // Merge each site on its own first, so a malformed answer leaves no trace.
+            let site_merged = res.and_then(|batches| {
+                let mut local = MergedPartials::default();
+                for b in &batches {
+                    merge_batch(&mut local, b, req, groups).map_err(|detail| {
+                        tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");
+                        CoordinatorError::NodeFailed {
+                            site: site.clone(),
+                            query_id: req.query_id.clone(),
+                        }
+                    })?;
+                }
+                Ok(local)
+            });
+            match site_merged {
+                Ok(local) => {
+                    for (key, values) in local.groups {
+                        let entry = merged
+                            .groups
+                            .entry(key)
+                            .or_insert_with(|| vec![0; values.len()]);
+                        for (acc, v) in entry.iter_mut().zip(values) {
+                            *acc = acc.checked_add(v).ok_or_else(|| {
+                                CoordinatorError::internal(
+                                    &req.query_id,
+                                    "partial sum overflows i128",
+                                )
+                            })?;
+                        }
                     }
-                })?;
+                    merged.sites_answered.push(site);
+                }
+                Err(e) if self.allow_partial => {
+                    tracing::warn!(query_id = %req.query_id, site = %site, error = %e, "site left out of a partial answer");
+                    merged.sites_failed.push(site);
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
             }
-            merged.sites_answered.push(site);
+        }
+        if merged.sites_answered.is_empty() {
+            return Err(
+                first_error.unwrap_or_else(|| CoordinatorError::NodeUnavailable {
+                    site: "all".into(),
+                    reason: "no site answered".into(),
+                }),
+            );
         }
         Ok(merged)
     }
@@ -185,6 +235,15 @@ async fn fetch(
     let mut client = FlightServiceClient::new(ch).max_decoding_message_size(MAX_NODE_RESPONSE);
     let status_err = |s: tonic::Status| -> CoordinatorError {
         tracing::warn!(query_id, site, code = ?s.code(), message = %s.message(), "node error");
+        if s.code() == tonic::Code::InvalidArgument
+            && s.message().contains("protocol version mismatch")
+        {
+            // The node's message names only the two protocol versions.
+            return CoordinatorError::NodeIncompatible {
+                site: site.to_string(),
+                detail: s.message().to_string(),
+            };
+        }
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 CoordinatorError::NodeUnavailable {

@@ -679,7 +679,9 @@ impl FlightSqlService for FedqFlightSqlService {
                 let v: Vec<serde_json::Value> = infos
                     .into_iter()
                     .map(|(site, r)| match r {
-                        Ok(i) => serde_json::json!({"site": site, "healthy": true, "info": i}),
+                        Ok(i) => serde_json::json!({"site": site, "healthy": true,
+                            "compatible": i.protocol_version == fedq_common::PROTOCOL_VERSION,
+                            "info": i}),
                         Err(e) => serde_json::json!({"site": site, "healthy": false, "error": e}),
                     })
                     .collect();
