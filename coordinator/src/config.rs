@@ -6,6 +6,7 @@
 //! node_timeout_secs = 60         # how long to wait for a node before failing the query
 //! token_ttl_secs = 3600          # lifetime of the bearer token a login returns
 //! allow_partial = false          # true: answer from the sites that responded, stating coverage
+//! max_concurrent_queries_per_researcher = 2
 //!
 //! [policy]
 //! default_epsilon = 1.0
@@ -144,6 +145,8 @@ struct RawConfig {
     token_ttl_secs: u64,
     #[serde(default)]
     allow_partial: bool,
+    #[serde(default = "default_per_researcher")]
+    max_concurrent_queries_per_researcher: usize,
     #[serde(default)]
     policy: Policy,
     #[serde(default)]
@@ -180,6 +183,9 @@ fn default_listen() -> String {
 fn default_timeout() -> u64 {
     60
 }
+fn default_per_researcher() -> usize {
+    2
+}
 fn default_token_ttl() -> u64 {
     crate::auth::DEFAULT_TOKEN_TTL.as_secs()
 }
@@ -212,6 +218,8 @@ pub struct CoordinatorConfig {
     /// Answer from the sites that responded when some fail or time out (coverage is
     /// stated in the result metadata); by default any failure fails the query.
     pub allow_partial: bool,
+    /// Queries one researcher may have running at once; more get `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_queries_per_researcher: usize,
 }
 
 impl CoordinatorConfig {
@@ -283,7 +291,13 @@ impl CoordinatorConfig {
                 "{origin}: token_ttl_secs must be between 1 and 604800 (a week); tokens should be short-lived"
             )));
         }
+        if !(1..=64).contains(&raw.max_concurrent_queries_per_researcher) {
+            return Err(CoordinatorError::Config(format!(
+                "{origin}: max_concurrent_queries_per_researcher must be between 1 and 64"
+            )));
+        }
         let cfg = CoordinatorConfig {
+            max_concurrent_queries_per_researcher: raw.max_concurrent_queries_per_researcher,
             allow_partial: raw.allow_partial,
             token_ttl: Duration::from_secs(raw.token_ttl_secs),
             node_transport,

@@ -114,6 +114,7 @@ pub struct Coordinator {
     catalog: Catalog,
     datasets: Vec<DatasetConfig>,
     sessions: Mutex<HashMap<String, Session>>,
+    max_concurrent_per_researcher: usize,
 }
 
 /// Fresh random id from OpenDP's (OpenSSL-backed) byte source.
@@ -147,7 +148,13 @@ impl Coordinator {
             policy: config.policy.clone(),
             catalog: config.catalog.clone(),
             sessions: Mutex::new(HashMap::new()),
+            max_concurrent_per_researcher: config.max_concurrent_queries_per_researcher,
         })
+    }
+
+    /// Queries one researcher may have running at once.
+    pub fn max_concurrent_per_researcher(&self) -> usize {
+        self.max_concurrent_per_researcher
     }
 
     /// The catalog.

@@ -136,6 +136,58 @@ fn researcher_kind() -> BudgetKind {
 /// How long a planned statement waits for its `DoGet`.
 const PENDING_TTL: Duration = Duration::from_secs(600);
 
+/// Counts each researcher's running queries against a limit.
+pub struct RunningQueries {
+    limit: usize,
+    running: Mutex<HashMap<String, usize>>,
+}
+
+/// One running query; leaving it (drop) frees the slot.
+pub struct QuerySlot {
+    owner: Arc<RunningQueries>,
+    researcher: String,
+}
+
+impl RunningQueries {
+    /// At most `limit` queries per researcher at once.
+    pub fn new(limit: usize) -> RunningQueries {
+        RunningQueries {
+            limit,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a slot for `researcher`, or refuse if they are at the limit.
+    pub fn enter(self: &Arc<Self>, researcher: &str) -> Result<QuerySlot, CoordinatorError> {
+        let mut map = self.lock();
+        let n = map.entry(researcher.to_string()).or_insert(0);
+        if *n >= self.limit {
+            return Err(CoordinatorError::TooManyQueries(self.limit));
+        }
+        *n += 1;
+        Ok(QuerySlot {
+            owner: Arc::clone(self),
+            researcher: researcher.to_string(),
+        })
+    }
+}
+
+impl Drop for QuerySlot {
+    fn drop(&mut self) {
+        let mut map = self.owner.lock();
+        if let Some(n) = map.get_mut(&self.researcher) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.researcher);
+            }
+        }
+    }
+}
+
 /// A released result waiting for its `DoGet`.
 struct Pending {
     researcher: String,
@@ -149,6 +201,7 @@ struct Pending {
 pub struct FedqFlightSqlService {
     engine: Arc<Coordinator>,
     sessions: Arc<Sessions>,
+    running: Arc<RunningQueries>,
     pending: Arc<Mutex<HashMap<Vec<u8>, Pending>>>,
     sql_info: Arc<SqlInfoData>,
 }
@@ -238,6 +291,7 @@ impl FedqFlightSqlService {
             .build()
             .map_err(|e| CoordinatorError::Config(format!("sql info: {e}")))?;
         Ok(FedqFlightSqlService {
+            running: Arc::new(RunningQueries::new(engine.max_concurrent_per_researcher())),
             engine,
             sessions,
             pending: Arc::new(Mutex::new(HashMap::new())),
@@ -370,6 +424,7 @@ impl FedqFlightSqlService {
             .map_err(|_| Status::internal("could not build the result"))?;
             (schema, vec![batch])
         } else {
+            let _slot = self.running.enter(researcher)?;
             let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
                 tracing::info!(researcher, error = %e, "query refused at planning");
             })?;
@@ -739,4 +794,26 @@ impl FlightSqlService for FedqFlightSqlService {
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_researcher_runs_at_most_the_limit_at_once() {
+        let r = Arc::new(RunningQueries::new(2));
+        let a1 = r.enter("alice").unwrap();
+        let _a2 = r.enter("alice").unwrap();
+        assert!(matches!(
+            r.enter("alice"),
+            Err(CoordinatorError::TooManyQueries(2))
+        ));
+        // Others are not affected.
+        let _b = r.enter("bob").unwrap();
+        drop(a1);
+        let _a3 = r.enter("alice").unwrap();
+        let s: Status = r.enter("alice").err().unwrap().into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+    }
 }

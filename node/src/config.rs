@@ -79,6 +79,26 @@ pub struct NodeConfig {
     /// How coordinators connect: mTLS (the default and the only production mode) or
     /// plaintext for development.
     pub transport: NodeTransport,
+    /// Resource limits of this node.
+    pub limits: NodeLimits,
+}
+
+/// How much of the hospital's server a node may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLimits {
+    /// A query running longer is stopped and reported as timed out.
+    pub query_timeout: std::time::Duration,
+    /// Queries running at once; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_queries: usize,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            query_timeout: std::time::Duration::from_secs(120),
+            max_concurrent_queries: 4,
+        }
+    }
 }
 
 /// How a node accepts coordinator connections.
@@ -110,6 +130,10 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     insecure_dev: bool,
+    #[serde(default)]
+    query_timeout_secs: Option<u64>,
+    #[serde(default)]
+    max_concurrent_queries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,7 +184,7 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         bad(format!(
-            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path and format): {}",
+            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, query_timeout_secs, max_concurrent_queries, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path and format): {}",
             e.to_string().trim_end()
         ))
     })?;
@@ -238,7 +262,25 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
             }
         }
     };
+    let mut limits = NodeLimits::default();
+    if let Some(t) = raw.query_timeout_secs {
+        if t == 0 || t > 86_400 {
+            return Err(bad(format!(
+                "query_timeout_secs = {t} must be between 1 and 86400"
+            )));
+        }
+        limits.query_timeout = std::time::Duration::from_secs(t);
+    }
+    if let Some(n) = raw.max_concurrent_queries {
+        if n == 0 || n > 1024 {
+            return Err(bad(format!(
+                "max_concurrent_queries = {n} must be between 1 and 1024"
+            )));
+        }
+        limits.max_concurrent_queries = n;
+    }
     Ok(NodeConfig {
+        limits,
         site: raw.site,
         listen,
         catalog,

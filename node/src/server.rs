@@ -74,12 +74,47 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
 pub struct NodeService {
     engine: Arc<NodeEngine>,
     access: Access,
+    limits: crate::config::NodeLimits,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeService {
     /// A service answering with `engine` to the callers `access` allows.
     pub fn new(engine: Arc<NodeEngine>, access: Access) -> Self {
-        NodeService { engine, access }
+        Self::with_limits(engine, access, crate::config::NodeLimits::default())
+    }
+
+    /// A service that runs at most `limits.max_concurrent_queries` queries at once, each
+    /// for at most `limits.query_timeout`.
+    pub fn with_limits(
+        engine: Arc<NodeEngine>,
+        access: Access,
+        limits: crate::config::NodeLimits,
+    ) -> Self {
+        NodeService {
+            engine,
+            access,
+            limits,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
+        }
+    }
+
+    /// A slot to run one query. A request waits for one at most `query_timeout`, then gets
+    /// `Busy`, so the node queues briefly but never runs more than its limit at once.
+    pub async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, NodeError> {
+        let busy = || NodeError::Busy {
+            site: self.engine.site().to_string(),
+            running: self.limits.max_concurrent_queries,
+        };
+        match tokio::time::timeout(
+            self.limits.query_timeout,
+            Arc::clone(&self.slots).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(busy()),
+        }
     }
 
     /// The calling coordinator's identity, or a refusal (logged here, with what the
@@ -197,7 +232,24 @@ impl FlightService for NodeService {
                 return Err(NodeError::from(e).into());
             }
         };
-        let batches = match self.engine.execute(&req).await {
+        let _slot = match self.slot().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(site = %site, coordinator = %who, query_id = ?req.query_id, outcome = "busy", "request refused: node busy");
+                return Err(e.into());
+            }
+        };
+        let timeout = self.limits.query_timeout;
+        let executed = tokio::time::timeout(timeout, self.engine.execute(&req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(NodeError::TimedOut {
+                    site: site.clone(),
+                    query_id: req.query_id.clone(),
+                    secs: timeout.as_secs(),
+                })
+            });
+        let batches = match executed {
             Ok(b) => b,
             Err(e) => {
                 let ms = started.elapsed().as_millis() as u64;
@@ -371,8 +423,12 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source: e,
     })?;
     let (tx, rx) = oneshot::channel::<()>();
-    let service =
-        NodeService::new(Arc::clone(&engine), Access::of(&config.transport)).into_server();
+    let service = NodeService::with_limits(
+        Arc::clone(&engine),
+        Access::of(&config.transport),
+        config.limits,
+    )
+    .into_server();
     let task = tokio::spawn(async move {
         builder
             .add_service(service)
@@ -399,4 +455,44 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
 pub fn install_crypto_provider() {
     // Fails only if a provider is already installed, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use crate::config::NodeLimits;
+
+    #[tokio::test]
+    async fn limits_parse_and_a_full_node_refuses_with_resource_exhausted() {
+        let fx = crate::tests::Fixture::new();
+        let text = format!(
+            "query_timeout_secs = 1\nmax_concurrent_queries = 1\n{}",
+            crate::tests::NODE_TOML
+        );
+        let cfg = NodeConfig::from_toml_str(&text, fx.dir.path()).unwrap();
+        assert_eq!(
+            cfg.limits,
+            NodeLimits {
+                query_timeout: std::time::Duration::from_secs(1),
+                max_concurrent_queries: 1
+            }
+        );
+        for bad in ["query_timeout_secs = 0\n", "max_concurrent_queries = 0\n"] {
+            let text = format!("{bad}{}", crate::tests::NODE_TOML);
+            let e = NodeConfig::from_toml_str(&text, fx.dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("between 1"), "{e}");
+        }
+        let engine = Arc::new(NodeEngine::new(&cfg).await.unwrap());
+        let svc = NodeService::with_limits(engine, Access::of(&cfg.transport), cfg.limits);
+        let first = svc.slot().await.unwrap();
+        // The second request waits the query timeout for a slot, then is refused.
+        let busy = svc.slot().await.unwrap_err();
+        let status = Status::from(busy);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("busy"), "{}", status.message());
+        drop(first);
+        let _again = svc.slot().await.unwrap();
+    }
 }
