@@ -128,7 +128,7 @@ pub async fn run(cfg: AccuracyConfig) -> Result<(), CliError> {
     )
     .await?;
     let engine = fed.coordinator.engine.clone();
-    let mut client = FedqClient::connect(&fed.url(), &token).await?;
+    let mut client = FedqClient::connect(&fed.url(), &researcher, &token).await?;
     let ctx = union_context(&cfg.dir).await?;
     println!(
         "fedq accuracy: {} nodes, {} noisy runs per query at ε ≈ 1; exact = DataFusion over all files, no bounding (measurement only)",

@@ -2,7 +2,8 @@
 //! `fedq policy show`, `fedq audit verify|export`.
 //!
 //! Budget and policy commands go through the coordinator's Flight actions (officer commands
-//! need a privacy officer's token; the coordinator checks the role). Audit commands read the
+//! need a privacy officer's login; the coordinator checks the role), as do the user
+//! commands `fedq user add|disable|list`. Audit commands read the
 //! ledger file directly and read-only, so they work while the coordinator runs or is down.
 
 use std::io::Write;
@@ -11,7 +12,8 @@ use std::path::PathBuf;
 use fedq_coordinator::audit::{self, VerifyReport};
 use fedq_coordinator::service::{
     GrantRequest, RevokeRequest, ACTION_BUDGET, ACTION_BUDGET_GRANT, ACTION_BUDGET_LIST,
-    ACTION_BUDGET_REVOKE, ACTION_POLICY_SHOW,
+    ACTION_BUDGET_REVOKE, ACTION_POLICY_SHOW, ACTION_USER_ADD, ACTION_USER_DISABLE,
+    ACTION_USER_LIST,
 };
 use fedq_coordinator::BudgetStatus;
 
@@ -23,8 +25,17 @@ use crate::CliError;
 pub struct Connection {
     /// Coordinator URL.
     pub url: String,
-    /// Bearer token.
-    pub token: String,
+    /// User name.
+    pub user: String,
+    /// Password (logs in through the Flight handshake).
+    pub password: String,
+}
+
+impl Connection {
+    /// Log in and return a client.
+    pub async fn client(&self) -> Result<FedqClient, CliError> {
+        FedqClient::connect(&self.url, &self.user, &self.password).await
+    }
 }
 
 /// One budget as a text line.
@@ -71,14 +82,14 @@ fn status(v: serde_json::Value) -> Result<BudgetStatus, CliError> {
 
 /// `fedq budget show`: the caller's own budget.
 pub async fn budget_show(c: &Connection) -> Result<String, CliError> {
-    let mut client = FedqClient::connect(&c.url, &c.token).await?;
+    let mut client = c.client().await?;
     let s = status(client.action(ACTION_BUDGET).await?)?;
     Ok(budget_line(&s))
 }
 
 /// `fedq budget grant` (officers).
 pub async fn budget_grant(c: &Connection, g: &GrantRequest) -> Result<String, CliError> {
-    let mut client = FedqClient::connect(&c.url, &c.token).await?;
+    let mut client = c.client().await?;
     let body = serde_json::to_value(g).map_err(|e| CliError::User(e.to_string()))?;
     let s = status(
         client
@@ -90,7 +101,7 @@ pub async fn budget_grant(c: &Connection, g: &GrantRequest) -> Result<String, Cl
 
 /// `fedq budget revoke` (officers).
 pub async fn budget_revoke(c: &Connection, r: &RevokeRequest) -> Result<String, CliError> {
-    let mut client = FedqClient::connect(&c.url, &c.token).await?;
+    let mut client = c.client().await?;
     let body = serde_json::to_value(r).map_err(|e| CliError::User(e.to_string()))?;
     let s = status(
         client
@@ -102,7 +113,7 @@ pub async fn budget_revoke(c: &Connection, r: &RevokeRequest) -> Result<String, 
 
 /// `fedq budget list` (officers).
 pub async fn budget_list(c: &Connection) -> Result<String, CliError> {
-    let mut client = FedqClient::connect(&c.url, &c.token).await?;
+    let mut client = c.client().await?;
     let v = client.action(ACTION_BUDGET_LIST).await?;
     let list: Vec<BudgetStatus> = serde_json::from_value(v)
         .map_err(|e| CliError::User(format!("bad budget list from server: {e}")))?;
@@ -111,7 +122,7 @@ pub async fn budget_list(c: &Connection) -> Result<String, CliError> {
 
 /// `fedq policy show` (officers): pretty JSON.
 pub async fn policy_show(c: &Connection) -> Result<String, CliError> {
-    let mut client = FedqClient::connect(&c.url, &c.token).await?;
+    let mut client = c.client().await?;
     let v = client.action(ACTION_POLICY_SHOW).await?;
     serde_json::to_string_pretty(&v).map_err(|e| CliError::User(e.to_string()))
 }
@@ -169,4 +180,45 @@ pub fn audit_export(cfg: &ExportConfig) -> Result<VerifyReport, CliError> {
             Ok(r)
         }
     }
+}
+
+/// `fedq user add` (officers). Returns the coordinator's answer.
+pub async fn user_add(
+    c: &Connection,
+    req: &fedq_coordinator::service::UserAddRequest,
+) -> Result<serde_json::Value, CliError> {
+    let body = serde_json::to_value(req)
+        .map_err(|e| CliError::User(format!("cannot encode the request: {e}")))?;
+    c.client()
+        .await?
+        .action_with_body(ACTION_USER_ADD, Some(&body))
+        .await
+}
+
+/// `fedq user disable` (officers).
+pub async fn user_disable(c: &Connection, name: &str) -> Result<serde_json::Value, CliError> {
+    let body = serde_json::json!({ "name": name });
+    c.client()
+        .await?
+        .action_with_body(ACTION_USER_DISABLE, Some(&body))
+        .await
+}
+
+/// `fedq user list` (officers): one line per user.
+pub async fn user_list(c: &Connection) -> Result<String, CliError> {
+    let v = c.client().await?.action(ACTION_USER_LIST).await?;
+    let mut out = String::new();
+    for u in v.as_array().cloned().unwrap_or_default() {
+        out.push_str(&format!(
+            "{:<16} {:<10} {}\n",
+            u["name"].as_str().unwrap_or("?"),
+            u["role"].as_str().unwrap_or("?"),
+            if u["disabled"].as_bool() == Some(true) {
+                "DISABLED"
+            } else {
+                "active"
+            }
+        ));
+    }
+    Ok(out.trim_end().to_string())
 }

@@ -57,16 +57,20 @@ pub async fn run(cfg: BenchConfig) -> Result<(), CliError> {
     }
     let mut tok = [0u8; 16];
     opendp::traits::samplers::fill_bytes(&mut tok)
-        .map_err(|e| CliError::User(format!("no randomness for a bench token: {e}")))?;
-    let token = hex::encode(tok);
+        .map_err(|e| CliError::User(format!("no randomness for a bench password: {e}")))?;
+    let password = hex::encode(tok);
+    let mut id = [0u8; 6];
+    opendp::traits::samplers::fill_bytes(&mut id)
+        .map_err(|e| CliError::User(format!("no randomness for a bench user: {e}")))?;
+    let user = format!("bench-{}", hex::encode(id));
     let opts = FederationOptions {
         // A researcher of its own per run: replays are per researcher and survive in the
         // ledger, so an earlier bench's answers must not be served as free replays.
-        extra_researchers: vec![(format!("bench-{}", &token[..12]), token.clone(), 1e12)],
+        extra_researchers: vec![(user.clone(), password.clone(), 1e12)],
         ..Default::default()
     };
     let fed = LocalFederation::start(&cfg.dir, opts).await?;
-    let mut client = FedqClient::connect(&fed.url(), &token).await?;
+    let mut client = FedqClient::connect(&fed.url(), &user, &password).await?;
     let ctx = union_context(&cfg.dir).await?;
     println!(
         "fedq bench: {} nodes on loopback, {} runs per query and side, interleaved",

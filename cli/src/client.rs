@@ -4,7 +4,7 @@ use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
-use arrow_flight::{Action, FlightDescriptor};
+use arrow_flight::{Action, FlightDescriptor, HandshakeRequest};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use futures::TryStreamExt;
@@ -44,17 +44,22 @@ pub struct QueryResult {
 }
 
 impl FedqClient {
-    /// Connect to `url` (e.g. `http://127.0.0.1:50050`) with a bearer token.
-    pub async fn connect(url: &str, token: &str) -> Result<FedqClient, CliError> {
-        let channel = Channel::from_shared(url.to_string())
-            .map_err(|e| CliError::User(format!("invalid coordinator URL {url:?}: {e}")))?
-            .connect()
-            .await
-            .map_err(|e| {
-                CliError::User(format!(
-                    "cannot connect to the coordinator at {url}: {e}; is `fedq coordinator` running there?"
-                ))
-            })?;
+    /// Connect to `url` (e.g. `http://127.0.0.1:50050`) and log in with a user name and
+    /// password: the Flight handshake with Basic credentials returns a bearer token that
+    /// every later call carries.
+    pub async fn connect(url: &str, user: &str, password: &str) -> Result<FedqClient, CliError> {
+        let channel = open_channel(url).await?;
+        let token = login(channel.clone(), user, password).await?;
+        Self::with_channel(channel, &token)
+    }
+
+    /// Connect with a bearer token obtained earlier (see [`login`]).
+    pub async fn connect_with_token(url: &str, token: &str) -> Result<FedqClient, CliError> {
+        let channel = open_channel(url).await?;
+        Self::with_channel(channel, token)
+    }
+
+    fn with_channel(channel: Channel, token: &str) -> Result<FedqClient, CliError> {
         let value: MetadataValue<_> = format!("Bearer {}", token.trim())
             .parse()
             .map_err(|_| CliError::User("the token contains invalid characters".into()))?;
@@ -120,6 +125,46 @@ impl FedqClient {
         serde_json::from_slice(&first.body)
             .map_err(|e| CliError::User(format!("bad answer to {name}: {e}")))
     }
+}
+
+async fn open_channel(url: &str) -> Result<Channel, CliError> {
+    Channel::from_shared(url.to_string())
+        .map_err(|e| CliError::User(format!("invalid coordinator URL {url:?}: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| {
+            CliError::User(format!(
+                "cannot connect to the coordinator at {url}: {e}; is `fedq coordinator` running there?"
+            ))
+        })
+}
+
+/// Log in over `channel`: the Flight handshake with `authorization: Basic` returns the
+/// bearer token in the `authorization` response header.
+pub async fn login(channel: Channel, user: &str, password: &str) -> Result<String, CliError> {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut req = Request::new(futures::stream::iter([HandshakeRequest::default()]));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Basic {basic}")
+            .parse()
+            .map_err(|_| CliError::User("the user name contains invalid characters".into()))?,
+    );
+    let resp = FlightServiceClient::new(channel).handshake(req).await?;
+    let header = resp
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // Drain the (one-message) stream so the call completes cleanly.
+    let mut stream = resp.into_inner();
+    while stream.message().await?.is_some() {}
+    header
+        .as_deref()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+        .ok_or_else(|| CliError::User("the coordinator did not return a token at login".into()))
 }
 
 fn flight_err(e: FlightError) -> CliError {

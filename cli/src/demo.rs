@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use datafusion::arrow::util::pretty::pretty_format_batches;
 
-use crate::client::FedqClient;
 use crate::exact::union_context;
 use crate::federation::{FederationOptions, LocalFederation};
 use crate::render::render;
@@ -101,8 +100,7 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
         fed.nodes.len(),
         fed.url()
     );
-    let token = fed.token("alice")?;
-    let mut client = FedqClient::connect(&fed.url(), &token).await?;
+    let mut client = fed.client("alice").await?;
     let exact = union_context(&dir).await?;
 
     for (title, sql) in DEMO_QUERIES {
@@ -147,21 +145,21 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
     }
 
     if cfg.serve {
-        let token_file = dir.join("researchers").join("alice.token");
+        let password_file = dir.join("researchers").join("alice.password");
         println!("The federation keeps running. Connect with:\n");
         println!(
-            "  fedq sql --url {} --token-file {}\n",
+            "  fedq sql --url {} --user alice --password-file {}\n",
             fed.url(),
-            token_file.display()
+            password_file.display()
         );
         println!("or from Python (pip install adbc-driver-flightsql pyarrow):\n");
         println!("  import adbc_driver_flightsql.dbapi as flightsql");
         println!(
-            "  token = open({:?}).read().strip()",
-            token_file.display().to_string()
+            "  password = open({:?}).read().strip()",
+            password_file.display().to_string()
         );
         println!(
-            "  conn = flightsql.connect({:?}, db_kwargs={{\"adbc.flight.sql.authorization_header\": \"Bearer \" + token}})",
+            "  conn = flightsql.connect({:?}, db_kwargs={{\"username\": \"alice\", \"password\": password}})",
             format!("grpc://{}", fed.coordinator.addr)
         );
         println!("  cur = conn.cursor(); cur.execute(\"SELECT sex, COUNT(*) FROM participants GROUP BY sex\"); print(cur.fetch_arrow_table())\n");
@@ -170,8 +168,11 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
             let v = serde_json::json!({
                 "url": fed.url(),
                 "grpc": format!("grpc://{}", fed.coordinator.addr),
-                "token": token,
-                "bob_token": fed.token("bob").unwrap_or_default(),
+                "user": "alice",
+                "password": fed.password("alice")?,
+                "bob_password": fed.password("bob").unwrap_or_default(),
+                "officer": "olivia",
+                "officer_password": fed.password("olivia").unwrap_or_default(),
                 "dir": dir,
             });
             std::fs::write(p, v.to_string())?;

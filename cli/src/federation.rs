@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use fedq_coordinator::config::{NodeEndpoint, ResearcherConfig};
 use fedq_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use fedq_node::{NodeConfig, NodeHandle};
-use sha3::{Digest, Sha3_256};
 
 use crate::CliError;
 
@@ -18,25 +17,51 @@ pub struct LocalFederation {
     pub dir: PathBuf,
     /// Running nodes, in site order.
     pub nodes: Vec<NodeHandle>,
+    /// Their configs (with the bound address), to restart a node where it was.
+    pub node_configs: Vec<NodeConfig>,
     /// Sites, in the same order.
     pub sites: Vec<String>,
     /// The running coordinator.
     pub coordinator: CoordinatorHandle,
-    /// Researcher name -> bearer token (read from `researchers/<name>.token`).
-    pub tokens: BTreeMap<String, String>,
-    /// Officer name -> bearer token (read from `officers/<name>.token`).
-    pub officer_tokens: BTreeMap<String, String>,
+    /// Researcher name -> password (read from `researchers/<name>.password`).
+    pub passwords: BTreeMap<String, String>,
+    /// Officer name -> password (read from `officers/<name>.password`).
+    pub officer_passwords: BTreeMap<String, String>,
 }
 
+/// Maps a site and its node's address to the address the coordinator dials (tests put a
+/// fault-injecting proxy there).
+pub type NodeAddressHook = std::sync::Arc<dyn Fn(&str, SocketAddr) -> SocketAddr + Send + Sync>;
+
 /// Options for [`LocalFederation::start`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FederationOptions {
     /// Coordinator listen address (port 0 for a free port).
     pub coordinator_listen: SocketAddr,
-    /// Extra researchers with (token, budget), e.g. for benchmarks.
+    /// Extra researchers as (name, password, ε budget), e.g. for benchmarks.
     pub extra_researchers: Vec<(String, String, f64)>,
     /// Override the policy's `min_reported_count`.
     pub min_reported_count: Option<u64>,
+    /// Override the lifetime of login tokens.
+    pub token_ttl: Option<std::time::Duration>,
+    /// Override the per-node timeout of a query.
+    pub node_timeout: Option<std::time::Duration>,
+    /// Override `allow_partial`.
+    pub allow_partial: Option<bool>,
+    /// Where the coordinator dials each node (default: the node's own address).
+    pub node_address: Option<NodeAddressHook>,
+}
+
+impl std::fmt::Debug for FederationOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FederationOptions")
+            .field("coordinator_listen", &self.coordinator_listen)
+            .field("min_reported_count", &self.min_reported_count)
+            .field("token_ttl", &self.token_ttl)
+            .field("node_timeout", &self.node_timeout)
+            .field("allow_partial", &self.allow_partial)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for FederationOptions {
@@ -45,13 +70,12 @@ impl Default for FederationOptions {
             coordinator_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             extra_researchers: vec![],
             min_reported_count: None,
+            token_ttl: None,
+            node_timeout: None,
+            allow_partial: None,
+            node_address: None,
         }
     }
-}
-
-/// SHA3-256 of a token, lower-case hex, as stored in `coordinator.toml`.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha3_256::digest(token.as_bytes()))
 }
 
 /// The site directories of a synth output, sorted.
@@ -76,17 +100,30 @@ impl LocalFederation {
     /// Start every node of `dir` and a coordinator on loopback.
     pub async fn start(dir: &Path, opts: FederationOptions) -> Result<LocalFederation, CliError> {
         let mut nodes = Vec::new();
+        let mut node_configs = Vec::new();
         let mut sites = Vec::new();
         let mut endpoints = Vec::new();
         for sd in site_dirs(dir)? {
             let mut cfg = NodeConfig::load(&sd.join("node.toml"))?;
             cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
             let site = cfg.site.clone();
+            let scheme = match cfg.transport {
+                fedq_node::NodeTransport::Tls { .. } => "https",
+                fedq_node::NodeTransport::InsecureDev => "http",
+            };
+            let mut kept = cfg.clone();
             let h = fedq_node::start(cfg).await?;
+            kept.listen = h.addr;
+            let dial = match &opts.node_address {
+                Some(hook) => hook(&site, h.addr),
+                None => h.addr,
+            };
             endpoints.push(NodeEndpoint {
                 site: site.clone(),
-                endpoint: format!("http://{}", h.addr),
+                endpoint: format!("{scheme}://{dial}"),
+                tls_name: None,
             });
+            node_configs.push(kept);
             sites.push(site);
             nodes.push(h);
         }
@@ -96,30 +133,42 @@ impl LocalFederation {
         if let Some(m) = opts.min_reported_count {
             cfg.policy.min_reported_count = m;
         }
-        for (name, token, budget) in &opts.extra_researchers {
+        for (name, password, budget) in &opts.extra_researchers {
             cfg.researchers.push(ResearcherConfig {
                 name: name.clone(),
-                token_sha3_256: token_hash(token),
+                password_argon2: Some(fedq_coordinator::auth::hash_password(password)?),
                 epsilon_budget: *budget,
                 delta_budget: 0.0,
                 renewal_days: None,
             });
         }
-        let mut tokens = BTreeMap::new();
+        if let Some(ttl) = opts.token_ttl {
+            cfg.token_ttl = ttl;
+        }
+        if let Some(t) = opts.node_timeout {
+            cfg.node_timeout = t;
+        }
+        if let Some(p) = opts.allow_partial {
+            cfg.allow_partial = p;
+        }
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
+        };
+        let mut passwords = BTreeMap::new();
         for r in &cfg.researchers {
-            let p = dir.join("researchers").join(format!("{}.token", r.name));
-            if let Ok(t) = std::fs::read_to_string(&p) {
-                tokens.insert(r.name.clone(), t.trim().to_string());
+            if let Some(t) = read(dir.join("researchers").join(format!("{}.password", r.name))) {
+                passwords.insert(r.name.clone(), t);
             }
         }
-        for (name, token, _) in &opts.extra_researchers {
-            tokens.insert(name.clone(), token.clone());
+        for (name, password, _) in &opts.extra_researchers {
+            passwords.insert(name.clone(), password.clone());
         }
-        let mut officer_tokens = BTreeMap::new();
+        let mut officer_passwords = BTreeMap::new();
         for o in &cfg.officers {
-            let p = dir.join("officers").join(format!("{}.token", o.name));
-            if let Ok(t) = std::fs::read_to_string(&p) {
-                officer_tokens.insert(o.name.clone(), t.trim().to_string());
+            if let Some(t) = read(dir.join("officers").join(format!("{}.password", o.name))) {
+                officer_passwords.insert(o.name.clone(), t);
             }
         }
         // The config's SQLite ledger (`ledger.sqlite` in the synth directory by default).
@@ -127,10 +176,11 @@ impl LocalFederation {
         Ok(LocalFederation {
             dir: dir.to_path_buf(),
             nodes,
+            node_configs,
             sites,
             coordinator,
-            tokens,
-            officer_tokens,
+            passwords,
+            officer_passwords,
         })
     }
 
@@ -139,12 +189,18 @@ impl LocalFederation {
         format!("http://{}", self.coordinator.addr)
     }
 
-    /// Token of a researcher.
-    pub fn token(&self, researcher: &str) -> Result<String, CliError> {
-        self.tokens
-            .get(researcher)
+    /// Password of a researcher or officer.
+    pub fn password(&self, user: &str) -> Result<String, CliError> {
+        self.passwords
+            .get(user)
+            .or_else(|| self.officer_passwords.get(user))
             .cloned()
-            .ok_or_else(|| CliError::User(format!("no token for researcher {researcher}")))
+            .ok_or_else(|| CliError::User(format!("no password for user {user}")))
+    }
+
+    /// A client logged in as `user` (a researcher or an officer).
+    pub async fn client(&self, user: &str) -> Result<crate::client::FedqClient, CliError> {
+        crate::client::FedqClient::connect(&self.url(), user, &self.password(user)?).await
     }
 
     /// Stop one node (to simulate a site going down). Returns its site name.
@@ -153,9 +209,24 @@ impl LocalFederation {
             return Err(CliError::User(format!("no node #{index}")));
         }
         let h = self.nodes.remove(index);
+        self.node_configs.remove(index);
         let site = self.sites.remove(index);
         h.shutdown().await?;
         Ok(site)
+    }
+
+    /// Stop node `index` and start it again on the same address, as a hospital restarting
+    /// its node would; the coordinator keeps running.
+    pub async fn restart_node(&mut self, index: usize) -> Result<(), CliError> {
+        if index >= self.nodes.len() {
+            return Err(CliError::User(format!("no node #{index}")));
+        }
+        let cfg = self.node_configs[index].clone();
+        let old = self.nodes.remove(index);
+        old.shutdown().await?;
+        let h = fedq_node::start(cfg).await?;
+        self.nodes.insert(index, h);
+        Ok(())
     }
 
     /// Stop everything.

@@ -52,6 +52,79 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Researcher and officer accounts (privacy officers).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Development certificates for mTLS between the coordinator and the nodes.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a development CA (`ca.pem`, `ca.key`) in a directory.
+    Init(CertsInitArgs),
+    /// Issue a certificate signed by the CA for a site or a coordinator.
+    Issue(CertsIssueArgs),
+}
+
+#[derive(Args)]
+struct CertsInitArgs {
+    /// Directory for `ca.pem` and `ca.key` (created; the key is written with mode 0600).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Common name of the CA.
+    #[arg(long, default_value = "fedq development CA")]
+    name: String,
+    /// Replace an existing CA in the directory (certificates it issued stop working).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct CertsIssueArgs {
+    /// Directory holding the CA; `<name>.pem` and `<name>.key` are written there.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Name in the certificate: a node's site name (e.g. site01), or the coordinator name
+    /// that nodes list in `allowed_coordinators`.
+    #[arg(long)]
+    name: String,
+    /// Further host names or IP addresses the certificate is valid for (repeatable).
+    #[arg(long = "san")]
+    sans: Vec<String>,
+}
+
+fn run_certs(command: CertsCommand) -> Result<(), CliError> {
+    use fedq_synth::certs::{DevCa, CA_CERT};
+    match command {
+        CertsCommand::Init(a) => {
+            if a.dir.join(CA_CERT).exists() && !a.force {
+                return Err(CliError::User(format!(
+                    "{} already exists; pass --force to replace the CA (every certificate it issued stops working)",
+                    a.dir.join(CA_CERT).display()
+                )));
+            }
+            let ca = DevCa::generate(&a.name)?;
+            let (cert, key) = ca.write(&a.dir)?;
+            println!("CA certificate: {}", cert.display());
+            println!(
+                "CA key:         {} (keep it private; needed only to issue certificates)",
+                key.display()
+            );
+        }
+        CertsCommand::Issue(a) => {
+            let ca = DevCa::load(&a.dir)?;
+            let p = ca.issue_to(&a.dir, &a.name, &a.sans)?;
+            println!("certificate: {}", p.cert.display());
+            println!("key:         {}", p.key.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -245,7 +318,8 @@ impl From<Conn> for fedq::admin::Connection {
     fn from(c: Conn) -> Self {
         fedq::admin::Connection {
             url: c.url,
-            token: c.token,
+            user: c.user,
+            password: c.password,
         }
     }
 }
@@ -297,39 +371,177 @@ struct ConnArgs {
     /// Coordinator URL.
     #[arg(long, env = "FEDQ_URL", default_value = "http://127.0.0.1:50050")]
     url: String,
-    /// File holding your bearer token.
-    #[arg(long, env = "FEDQ_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    /// Your user name.
+    #[arg(long, env = "FEDQ_USER")]
+    user: Option<String>,
+    /// File holding your password (e.g. researchers/alice.password from `fedq synth`).
+    #[arg(long, env = "FEDQ_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
 }
 
 /// Validated connection settings.
 struct Conn {
     url: String,
-    token: String,
+    user: String,
+    password: String,
 }
 
 impl TryFrom<ConnArgs> for Conn {
     type Error = CliError;
     fn try_from(a: ConnArgs) -> Result<Self, CliError> {
-        let token =
-            match (&a.token_file, std::env::var("FEDQ_TOKEN")) {
-                (Some(p), _) => std::fs::read_to_string(p)
-                    .map_err(|e| {
-                        CliError::User(format!("cannot read token file {}: {e}", p.display()))
-                    })?
-                    .trim()
-                    .to_string(),
-                (None, Ok(t)) => t.trim().to_string(),
-                (None, Err(_)) => return Err(CliError::User(
-                    "no credentials: pass --token-file FILE (or set FEDQ_TOKEN_FILE or FEDQ_TOKEN)"
+        let password = match (&a.password_file, std::env::var("FEDQ_PASSWORD")) {
+            (Some(p), _) => std::fs::read_to_string(p)
+                .map_err(|e| {
+                    CliError::User(format!("cannot read password file {}: {e}", p.display()))
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            (None, Ok(t)) => t,
+            (None, Err(_)) => {
+                return Err(CliError::User(
+                    "no credentials: pass --user NAME and --password-file FILE (or set FEDQ_USER and FEDQ_PASSWORD_FILE or FEDQ_PASSWORD)"
                         .into(),
-                )),
-            };
-        if token.is_empty() {
-            return Err(CliError::User("the token is empty".into()));
+                ))
+            }
+        };
+        if password.is_empty() {
+            return Err(CliError::User("the password is empty".into()));
         }
-        Ok(Conn { url: a.url, token })
+        let user = match a.user {
+            Some(u) => u,
+            None => {
+                // `researchers/alice.password` names its user.
+                a.password_file
+                    .as_ref()
+                    .and_then(|p| p.file_stem())
+                    .and_then(|s| s.to_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| CliError::User("pass --user NAME (or set FEDQ_USER)".into()))?
+            }
+        };
+        Ok(Conn {
+            url: a.url,
+            user,
+            password,
+        })
     }
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a researcher or privacy officer (privacy officers).
+    Add(UserAddArgs),
+    /// Disable a user: they cannot log in, and their tokens stop working (privacy officers).
+    Disable(UserNameArgs),
+    /// Every user with role and state (privacy officers).
+    List(ConnArgs),
+    /// Print the Argon2 hash of a password read from standard input, for
+    /// `password_argon2` in coordinator.toml.
+    HashPassword,
+}
+
+#[derive(Args)]
+struct UserAddArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The new user's name.
+    #[arg(long)]
+    name: String,
+    /// `researcher` or `officer`.
+    #[arg(long, default_value = "researcher")]
+    role: String,
+    /// Write a freshly generated password here (mode 0600) and give it to the user.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct UserNameArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The user's name.
+    #[arg(long)]
+    name: String,
+}
+
+async fn run_user(command: UserCommand) -> Result<(), CliError> {
+    match command {
+        UserCommand::Add(a) => {
+            let role = match a.role.as_str() {
+                "researcher" => fedq_coordinator::Role::Researcher,
+                "officer" => fedq_coordinator::Role::Officer,
+                other => {
+                    return Err(CliError::User(format!(
+                        "unknown --role {other}; use researcher or officer"
+                    )))
+                }
+            };
+            fedq_coordinator::ledger::check_user_name(&a.name)?;
+            if a.out.exists() {
+                return Err(CliError::User(format!(
+                    "{} exists; choose a new file for the password",
+                    a.out.display()
+                )));
+            }
+            let conn: fedq::admin::Connection = Conn::try_from(a.conn)?.into();
+            let mut raw = [0u8; 20];
+            opendp::traits::samplers::fill_bytes(&mut raw)
+                .map_err(|e| CliError::User(format!("no randomness for a password: {e}")))?;
+            let password = hex::encode(raw);
+            let req = fedq_coordinator::service::UserAddRequest {
+                name: a.name.clone(),
+                role,
+                password: password.clone(),
+            };
+            fedq::admin::user_add(&conn, &req).await?;
+            write_secret(&a.out, &format!("{password}\n"))?;
+            println!(
+                "added {} ({}); password written to {} (mode 0600): give it to them securely",
+                a.name,
+                role.as_str(),
+                a.out.display()
+            );
+        }
+        UserCommand::Disable(a) => {
+            let conn: fedq::admin::Connection = Conn::try_from(a.conn)?.into();
+            fedq::admin::user_disable(&conn, &a.name).await?;
+            println!(
+                "disabled {}: they cannot log in, and their tokens no longer work",
+                a.name
+            );
+        }
+        UserCommand::List(a) => {
+            println!(
+                "{}",
+                fedq::admin::user_list(&Conn::try_from(a)?.into()).await?
+            );
+        }
+        UserCommand::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                return Err(CliError::User("type the password on standard input".into()));
+            }
+            println!("{}", fedq_coordinator::auth::hash_password(password)?);
+        }
+    }
+    Ok(())
+}
+
+fn write_secret(path: &std::path::Path, text: &str) -> Result<(), CliError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| CliError::User(format!("cannot create {}: {e}", path.display())))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 #[derive(Args)]
@@ -449,7 +661,7 @@ struct AccuracyArgs {
 
 async fn run_sql(args: SqlArgs) -> Result<(), CliError> {
     let conn = Conn::try_from(args.conn)?;
-    let mut client = FedqClient::connect(&conn.url, &conn.token).await?;
+    let mut client = FedqClient::connect(&conn.url, &conn.user, &conn.password).await?;
     if let Some(e) = args.epsilon {
         client.query(&format!("SET fedq.epsilon = {e}")).await?;
     }
@@ -516,7 +728,7 @@ fn line_is_complete(_buf: &str) -> bool {
 
 async fn run_status(args: ConnArgs) -> Result<(), CliError> {
     let conn = Conn::try_from(args)?;
-    let mut client = FedqClient::connect(&conn.url, &conn.token).await?;
+    let mut client = FedqClient::connect(&conn.url, &conn.user, &conn.password).await?;
     let v = client
         .action(fedq_coordinator::service::ACTION_STATUS)
         .await?;
@@ -524,10 +736,16 @@ async fn run_status(args: ConnArgs) -> Result<(), CliError> {
         let site = n["site"].as_str().unwrap_or("?");
         if n["healthy"].as_bool() == Some(true) {
             let i = &n["info"];
+            let state = if n["compatible"].as_bool() == Some(false) {
+                "INCOMPATIBLE"
+            } else {
+                "up"
+            };
             println!(
-                "{site:<10} up    fedq {} protocol v{}  tables: {}",
+                "{site:<10} {state:<5} fedq {} protocol v{} (coordinator v{})  tables: {}",
                 i["fedq_version"].as_str().unwrap_or("?"),
                 i["protocol_version"],
+                fedq_common::PROTOCOL_VERSION,
                 i["tables"]
                     .as_array()
                     .map(|t| t
@@ -579,12 +797,16 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
             );
             println!("  catalog:     {}", s.catalog_path.display());
             println!("  coordinator: {}", s.coordinator_config_path.display());
-            for (name, p) in &s.researcher_token_paths {
-                println!("  token of {name}: {}", p.display());
+            for (name, p) in &s.researcher_password_paths {
+                println!("  password of researcher {name}: {}", p.display());
             }
-            for (name, p) in &s.officer_token_paths {
-                println!("  officer token of {name}: {}", p.display());
+            for (name, p) in &s.officer_password_paths {
+                println!("  password of officer {name}: {}", p.display());
             }
+            println!(
+                "  certificates (mTLS): {}",
+                cfg.out_dir.join("certs").display()
+            );
         }
         Command::Demo(a) => fedq::demo::run(fedq::demo::DemoConfig::try_from(a)?).await?,
         Command::Budget { command } => {
@@ -646,6 +868,8 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
             })
             .await?
         }
+        Command::Certs { command } => run_certs(command)?,
+        Command::User { command } => run_user(command).await?,
         Command::Bench(a) => {
             let mut queries = Vec::new();
             for q in a.queries {

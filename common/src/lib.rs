@@ -7,6 +7,7 @@
 //! - [`catalog`]: the privacy officer's catalog (tables, columns, bounds, public domains)
 //!   and the query policy. Both coordinator and node load the same catalog file; the node
 //!   uses it to check its local files and to validate every request it receives.
+//! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
 //!
 //! Rules that the types encode:
 //! - A request names a table, a filter, public group keys and partial aggregates. There
@@ -16,6 +17,7 @@
 //!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
 
 pub mod catalog;
+pub mod tls;
 pub mod wire;
 
 pub use catalog::{Catalog, CatalogError, ColumnSpec, ColumnType, Policy, PublicValue, TableSpec};

@@ -4,21 +4,30 @@
 //! listen = "127.0.0.1:50050"     # Flight SQL endpoint for researchers (loopback by default)
 //! catalog = "catalog.toml"       # the privacy officer's catalog, relative to this file
 //! node_timeout_secs = 60         # how long to wait for a node before failing the query
+//! token_ttl_secs = 3600          # lifetime of the bearer token a login returns
+//! allow_partial = false          # true: answer from the sites that responded, stating coverage
+//! max_concurrent_queries_per_researcher = 2
 //!
 //! [policy]
 //! default_epsilon = 1.0
 //! max_epsilon_per_query = 2.0
 //! min_reported_count = 11
 //!
+//! [tls]                          # mTLS to the nodes (or `insecure_dev = true`, development only)
+//! ca = "certs/ca.pem"
+//! cert = "certs/coordinator.pem"
+//! key = "certs/coordinator.key"
+//!
 //! [[nodes]]
 //! site = "site01"
-//! endpoint = "http://127.0.0.1:50101"
+//! endpoint = "https://127.0.0.1:50101"
+//! # tls_name = "site01"         # name in the node's certificate (default: the site)
 //!
 //! ledger = "ledger.sqlite"       # budgets, stored answers and the audit log (SQLite)
 //!
 //! [[researchers]]
 //! name = "alice"
-//! token_sha3_256 = "…"           # SHA3-256 (hex) of the researcher's bearer token
+//! password_argon2 = "$argon2id$…" # initial password hash (`fedq user hash-password`)
 //! epsilon_budget = 10.0          # initial grant; the ledger is authoritative afterwards
 //! delta_budget = 0.0             # optional
 //! renewal_days = 365             # optional: the budget renews every period
@@ -30,7 +39,7 @@
 //!
 //! [[officers]]                   # privacy officers: budget and policy controls
 //! name = "olivia"
-//! token_sha3_256 = "…"
+//! password_argon2 = "$argon2id$…"
 //! ```
 
 use std::net::SocketAddr;
@@ -48,8 +57,29 @@ use crate::error::CoordinatorError;
 pub struct NodeEndpoint {
     /// Site name, as reported to researchers ("sites answered").
     pub site: String,
-    /// gRPC endpoint of the node, e.g. `http://127.0.0.1:50101`.
+    /// gRPC endpoint of the node, e.g. `https://127.0.0.1:50101` (`http://` only with
+    /// `insecure_dev = true`).
     pub endpoint: String,
+    /// Name the node's certificate must carry (default: the site name).
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+impl NodeEndpoint {
+    /// The name the node's TLS certificate must carry.
+    pub fn tls_name(&self) -> &str {
+        self.tls_name.as_deref().unwrap_or(&self.site)
+    }
+}
+
+/// How the coordinator connects to the nodes.
+#[derive(Debug, Clone)]
+pub enum NodeTransport {
+    /// mTLS (the only production mode): the coordinator presents its certificate and
+    /// checks that each node's certificate chains to the CA and names the node's site.
+    Tls(fedq_common::tls::TlsPem),
+    /// Plaintext (`insecure_dev = true`; logs a warning at start).
+    InsecureDev,
 }
 
 /// A researcher allowed to query, with their ε budget.
@@ -58,9 +88,11 @@ pub struct NodeEndpoint {
 pub struct ResearcherConfig {
     /// Researcher name, used in budgets and logs.
     pub name: String,
-    /// Lower-case hex SHA3-256 of the researcher's bearer token. The token itself is never
-    /// stored in config.
-    pub token_sha3_256: String,
+    /// Argon2 hash (PHC string) of the researcher's initial password, seeded into the
+    /// ledger's users at first start (officers manage users afterwards with `fedq user`).
+    /// Without it, the researcher has a budget but cannot log in until an officer adds them.
+    #[serde(default)]
+    pub password_argon2: Option<String>,
     /// Total ε first granted to this researcher (the ledger is authoritative afterwards).
     pub epsilon_budget: f64,
     /// Total δ first granted.
@@ -90,15 +122,15 @@ pub struct DatasetConfig {
     pub renewal_days: Option<f64>,
 }
 
-/// A privacy officer: may grant and revoke budgets and read the policy. Until real
-/// authentication lands, officers hold a static bearer token whose SHA3-256 is here.
+/// A privacy officer: may grant and revoke budgets, manage users and read the policy.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OfficerConfig {
     /// Officer name, recorded as the actor of their audit entries.
     pub name: String,
-    /// Lower-case hex SHA3-256 of the officer's bearer token.
-    pub token_sha3_256: String,
+    /// Argon2 hash (PHC string) of the officer's initial password, seeded into the ledger
+    /// at first start.
+    pub password_argon2: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +141,12 @@ struct RawConfig {
     catalog: PathBuf,
     #[serde(default = "default_timeout")]
     node_timeout_secs: u64,
+    #[serde(default = "default_token_ttl")]
+    token_ttl_secs: u64,
+    #[serde(default)]
+    allow_partial: bool,
+    #[serde(default = "default_per_researcher")]
+    max_concurrent_queries_per_researcher: usize,
     #[serde(default)]
     policy: Policy,
     #[serde(default)]
@@ -121,6 +159,18 @@ struct RawConfig {
     datasets: Vec<DatasetConfig>,
     #[serde(default)]
     officers: Vec<OfficerConfig>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    insecure_dev: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 fn default_ledger() -> PathBuf {
@@ -132,6 +182,12 @@ fn default_listen() -> String {
 }
 fn default_timeout() -> u64 {
     60
+}
+fn default_per_researcher() -> usize {
+    2
+}
+fn default_token_ttl() -> u64 {
+    crate::auth::DEFAULT_TOKEN_TTL.as_secs()
 }
 
 /// Validated coordinator configuration.
@@ -155,6 +211,15 @@ pub struct CoordinatorConfig {
     pub datasets: Vec<DatasetConfig>,
     /// Privacy officers.
     pub officers: Vec<OfficerConfig>,
+    /// mTLS to the nodes, or plaintext for development.
+    pub node_transport: NodeTransport,
+    /// Lifetime of a bearer token issued at login.
+    pub token_ttl: Duration,
+    /// Answer from the sites that responded when some fail or time out (coverage is
+    /// stated in the result metadata); by default any failure fails the query.
+    pub allow_partial: bool,
+    /// Queries one researcher may have running at once; more get `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_queries_per_researcher: usize,
 }
 
 impl CoordinatorConfig {
@@ -204,7 +269,38 @@ impl CoordinatorConfig {
         } else {
             base_dir.join(&raw.ledger)
         };
+        let node_transport = match (raw.tls, raw.insecure_dev) {
+            (Some(_), true) => {
+                return Err(CoordinatorError::Config(format!(
+                    "{origin}: both [tls] and insecure_dev = true are set; remove insecure_dev to use mTLS"
+                )))
+            }
+            (None, false) => {
+                return Err(CoordinatorError::Config(format!(
+                    "{origin}: no [tls] section: the coordinator talks to nodes only over mutual TLS. Add [tls] with ca, cert and key (create development certificates with `fedq certs init` and `fedq certs issue`), or, on a development machine only, set insecure_dev = true"
+                )))
+            }
+            (None, true) => NodeTransport::InsecureDev,
+            (Some(t), false) => NodeTransport::Tls(
+                fedq_common::tls::TlsPem::load(base_dir, &t.ca, &t.cert, &t.key)
+                    .map_err(|e| CoordinatorError::Config(format!("{origin}: {e}")))?,
+            ),
+        };
+        if raw.token_ttl_secs == 0 || raw.token_ttl_secs > 7 * 86_400 {
+            return Err(CoordinatorError::Config(format!(
+                "{origin}: token_ttl_secs must be between 1 and 604800 (a week); tokens should be short-lived"
+            )));
+        }
+        if !(1..=64).contains(&raw.max_concurrent_queries_per_researcher) {
+            return Err(CoordinatorError::Config(format!(
+                "{origin}: max_concurrent_queries_per_researcher must be between 1 and 64"
+            )));
+        }
         let cfg = CoordinatorConfig {
+            max_concurrent_queries_per_researcher: raw.max_concurrent_queries_per_researcher,
+            allow_partial: raw.allow_partial,
+            token_ttl: Duration::from_secs(raw.token_ttl_secs),
+            node_transport,
             ledger,
             datasets: raw.datasets,
             officers: raw.officers,
@@ -230,11 +326,20 @@ impl CoordinatorConfig {
             if !sites.insert(n.site.as_str()) {
                 return bad(format!("site {} is declared twice in [[nodes]]", n.site));
             }
-            if !(n.endpoint.starts_with("http://") || n.endpoint.starts_with("https://")) {
-                return bad(format!(
-                    "node {}: endpoint {:?} must start with http:// or https://",
-                    n.site, n.endpoint
-                ));
+            match &self.node_transport {
+                NodeTransport::Tls(_) if !n.endpoint.starts_with("https://") => {
+                    return bad(format!(
+                        "node {}: endpoint {:?} must start with https:// (nodes are reached over mTLS)",
+                        n.site, n.endpoint
+                    ));
+                }
+                NodeTransport::InsecureDev if !n.endpoint.starts_with("http://") => {
+                    return bad(format!(
+                        "node {}: endpoint {:?} must start with http:// with insecure_dev = true",
+                        n.site, n.endpoint
+                    ));
+                }
+                _ => {}
             }
         }
         let mut names = std::collections::BTreeSet::new();
@@ -242,13 +347,9 @@ impl CoordinatorConfig {
             if !names.insert(r.name.as_str()) {
                 return bad(format!("researcher {} is declared twice", r.name));
             }
-            if r.token_sha3_256.len() != 64
-                || !r.token_sha3_256.chars().all(|c| c.is_ascii_hexdigit())
-            {
-                return bad(format!(
-                    "researcher {}: token_sha3_256 must be 64 hex characters (the SHA3-256 of the token)",
-                    r.name
-                ));
+            if let Some(h) = &r.password_argon2 {
+                crate::auth::check_password_hash(h)
+                    .or_else(|e| bad(format!("researcher {}: password_argon2: {e}", r.name)))?;
             }
             check_budget(
                 &format!("researcher {}", r.name),
@@ -258,29 +359,19 @@ impl CoordinatorConfig {
             )
             .or_else(&bad)?;
         }
-        let mut hashes = std::collections::BTreeSet::new();
-        for r in &self.researchers {
-            hashes.insert(r.token_sha3_256.to_ascii_lowercase());
-        }
         let mut officers = std::collections::BTreeSet::new();
         for o in &self.officers {
             if !officers.insert(o.name.as_str()) {
                 return bad(format!("officer {} is declared twice", o.name));
             }
-            if o.token_sha3_256.len() != 64
-                || !o.token_sha3_256.chars().all(|c| c.is_ascii_hexdigit())
-            {
+            if names.contains(o.name.as_str()) {
                 return bad(format!(
-                    "officer {}: token_sha3_256 must be 64 hex characters (the SHA3-256 of the token)",
+                    "officer {} is also a researcher; a person has one role, so give the officer account its own name",
                     o.name
                 ));
             }
-            if !hashes.insert(o.token_sha3_256.to_ascii_lowercase()) {
-                return bad(format!(
-                    "officer {}: the token is also a researcher's or another officer's; give each person their own token",
-                    o.name
-                ));
-            }
+            crate::auth::check_password_hash(&o.password_argon2)
+                .or_else(|e| bad(format!("officer {}: password_argon2: {e}", o.name)))?;
         }
         let mut datasets = std::collections::BTreeSet::new();
         for d in &self.datasets {

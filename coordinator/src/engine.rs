@@ -24,6 +24,11 @@ use crate::release::{
     META_REPLAY, META_REPLAY_OF, META_SITES_ANSWERED, META_SITES_ASKED,
 };
 
+/// Schema metadata: sites that failed or timed out and were left out (`allow_partial`).
+pub const META_SITES_FAILED: &str = "fedq.sites_failed";
+/// Schema metadata: `answered/asked`, e.g. `37/38`.
+pub const META_COVERAGE: &str = "fedq.coverage";
+
 /// Per-researcher session settings (`SET fedq.epsilon = ...`).
 #[derive(Debug, Clone, Default)]
 pub struct Session {
@@ -109,6 +114,7 @@ pub struct Coordinator {
     catalog: Catalog,
     datasets: Vec<DatasetConfig>,
     sessions: Mutex<HashMap<String, Session>>,
+    max_concurrent_per_researcher: usize,
 }
 
 /// Fresh random id from OpenDP's (OpenSSL-backed) byte source.
@@ -137,12 +143,19 @@ impl Coordinator {
             datasets: config.datasets.clone(),
             planner: Planner::new(&config.catalog)?
                 .with_min_reported_count(config.policy.min_reported_count),
-            pool: NodePool::new(&config.nodes, config.node_timeout)?,
+            pool: NodePool::new(&config.nodes, config.node_timeout, &config.node_transport)?
+                .allow_partial(config.allow_partial),
             ledger,
             policy: config.policy.clone(),
             catalog: config.catalog.clone(),
             sessions: Mutex::new(HashMap::new()),
+            max_concurrent_per_researcher: config.max_concurrent_queries_per_researcher,
         })
+    }
+
+    /// Queries one researcher may have running at once.
+    pub fn max_concurrent_per_researcher(&self) -> usize {
+        self.max_concurrent_per_researcher
     }
 
     /// The catalog.
@@ -350,7 +363,8 @@ impl Coordinator {
                     "outcome": "failed", "reason": e.to_string(),
                 });
                 if let CoordinatorError::NodeUnavailable { site, .. }
-                | CoordinatorError::NodeFailed { site, .. } = &e
+                | CoordinatorError::NodeFailed { site, .. }
+                | CoordinatorError::NodeIncompatible { site, .. } = &e
                 {
                     body["site_failed"] = json!(site);
                 }
@@ -373,6 +387,15 @@ impl Coordinator {
             merged.sites_answered.join(","),
         );
         meta.insert(META_SITES_ASKED.to_string(), self.pool.sites().join(","));
+        meta.insert(META_SITES_FAILED.to_string(), merged.sites_failed.join(","));
+        meta.insert(
+            META_COVERAGE.to_string(),
+            format!(
+                "{}/{}",
+                merged.sites_answered.len(),
+                self.pool.sites().len()
+            ),
+        );
         meta.insert(META_REPLAY.to_string(), "false".to_string());
         meta.insert(META_PLAN_HASH.to_string(), rec.plan_hash.clone());
         let released = release(q, &merged, self.policy.min_reported_count, meta)

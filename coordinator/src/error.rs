@@ -57,6 +57,14 @@ pub enum CoordinatorError {
     /// A node answered with an error. No budget was charged.
     #[error("site {site} could not answer the query (query id {query_id}); no budget was charged. The site's log has the details")]
     NodeFailed { site: String, query_id: String },
+    /// The researcher already has as many queries running as the policy allows.
+    #[error(
+        "you already have {0} queries running, the most allowed at once; wait for one to finish"
+    )]
+    TooManyQueries(usize),
+    /// A node speaks another protocol version. No budget was charged.
+    #[error("site {site} runs an incompatible fedq ({detail}); the query was not answered and no budget was charged. Upgrade the older side")]
+    NodeIncompatible { site: String, detail: String },
     /// A bug or an unexpected condition; details are only logged.
     #[error("internal error (query id {query_id}); the coordinator log has the details")]
     Internal { query_id: String, detail: String },
@@ -103,6 +111,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             CoordinatorError::NodeUnavailable { .. } => Status::unavailable(e.to_string()),
             CoordinatorError::NodeFailed { .. } => Status::unavailable(e.to_string()),
+            CoordinatorError::TooManyQueries(_) => Status::resource_exhausted(e.to_string()),
+            CoordinatorError::NodeIncompatible { .. } => Status::failed_precondition(e.to_string()),
             CoordinatorError::Internal { query_id, detail } => {
                 tracing::error!(query_id = %query_id, detail = %detail, "internal error");
                 Status::internal(e.to_string())

@@ -19,9 +19,9 @@ use datafusion::arrow::datatypes::DataType;
 use fedq_common::wire::META_TRUNCATED_UNITS;
 use fedq_common::{AggregateRequest, NodeInfo, PartialAggregateRequest, PublicValue};
 use futures::TryStreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::NodeEndpoint;
+use crate::config::{NodeEndpoint, NodeTransport};
 use crate::error::CoordinatorError;
 use crate::planner::GroupKey;
 
@@ -38,6 +38,8 @@ pub struct MergedPartials {
     /// Participants whose rows bounding truncated, summed over sites (exact; released
     /// only with noise). `None` if a node did not report it.
     pub truncated_units: Option<i128>,
+    /// Sites that failed or timed out (only non-empty with `allow_partial`).
+    pub sites_failed: Vec<String>,
 }
 
 impl MergedPartials {
@@ -56,14 +58,24 @@ impl MergedPartials {
 pub struct NodePool {
     nodes: Vec<(NodeEndpoint, Channel)>,
     timeout: Duration,
+    allow_partial: bool,
 }
 
 impl NodePool {
-    /// Build the pool (no connection is made until the first query).
-    pub fn new(nodes: &[NodeEndpoint], timeout: Duration) -> Result<NodePool, CoordinatorError> {
+    /// Build the pool (no connection is made until the first query). With mTLS, each
+    /// node's certificate must chain to the CA and carry the node's `tls_name` (its site by
+    /// default), so a node cannot answer in another site's name.
+    pub fn new(
+        nodes: &[NodeEndpoint],
+        timeout: Duration,
+        transport: &NodeTransport,
+    ) -> Result<NodePool, CoordinatorError> {
         let mut out = Vec::new();
+        if let NodeTransport::InsecureDev = transport {
+            tracing::warn!("{}", fedq_common::tls::INSECURE_DEV_WARNING);
+        }
         for n in nodes {
-            let ep = Endpoint::from_shared(n.endpoint.clone())
+            let mut ep = Endpoint::from_shared(n.endpoint.clone())
                 .map_err(|e| {
                     CoordinatorError::Config(format!(
                         "node {}: invalid endpoint {:?}: {e}",
@@ -72,12 +84,35 @@ impl NodePool {
                 })?
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(timeout);
+            if let NodeTransport::Tls(pem) = transport {
+                // rustls uses the process-wide provider; make sure it is ring.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&pem.ca))
+                    .identity(Identity::from_pem(&pem.cert, &pem.key))
+                    .domain_name(n.tls_name().to_string());
+                ep = ep.tls_config(tls).map_err(|e| {
+                    CoordinatorError::Config(format!(
+                        "node {}: TLS setup failed: {e}; check [tls] cert and key ({})",
+                        n.site,
+                        pem.cert_path.display()
+                    ))
+                })?;
+            }
             out.push((n.clone(), ep.connect_lazy()));
         }
         Ok(NodePool {
             nodes: out,
             timeout,
+            allow_partial: false,
         })
+    }
+
+    /// With `true`, a query is answered from the sites that responded (at least one);
+    /// otherwise (the default) any failing or slow site fails the whole query.
+    pub fn allow_partial(mut self, on: bool) -> NodePool {
+        self.allow_partial = on;
+        self
     }
 
     /// Site names, in config order.
@@ -85,7 +120,9 @@ impl NodePool {
         self.nodes.iter().map(|(n, _)| n.site.clone()).collect()
     }
 
-    /// Ask every node, in parallel, and merge. Fails if any node fails.
+    /// Ask every node, in parallel, and merge. Fails if any node fails, unless
+    /// `allow_partial` (then fails only if none answered). Sensitivities need no change for
+    /// a partial answer: each site's contribution bound holds whichever sites answer.
     pub async fn gather(
         &self,
         req: &PartialAggregateRequest,
@@ -116,30 +153,68 @@ impl NodePool {
             truncated_units: Some(0),
             ..Default::default()
         };
+        let mut first_error = None;
         for (site, res) in results {
-            let batches = res?;
-            let truncated = batches
-                .first()
-                .and_then(|b| b.schema().metadata().get(META_TRUNCATED_UNITS).cloned())
-                .and_then(|v| v.parse::<i128>().ok())
-                .filter(|v| *v >= 0);
-            if truncated.is_none() {
-                tracing::warn!(query_id = %req.query_id, site = %site, "node sent no bounding report");
-            }
-            merged.truncated_units = match (merged.truncated_units, truncated) {
-                (Some(a), Some(b)) => a.checked_add(b),
-                _ => None,
-            };
-            for b in &batches {
-                merge_batch(&mut merged, b, req, groups).map_err(|detail| {
-                    tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");
-                    CoordinatorError::NodeFailed {
-                        site: site.clone(),
-                        query_id: req.query_id.clone(),
+            // Merge each site on its own first, so a malformed answer leaves no trace.
+            let site_merged = res.and_then(|batches| {
+                let mut local = MergedPartials::default();
+                for b in &batches {
+                    merge_batch(&mut local, b, req, groups).map_err(|detail| {
+                        tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");
+                        CoordinatorError::NodeFailed {
+                            site: site.clone(),
+                            query_id: req.query_id.clone(),
+                        }
+                    })?;
+                }
+                // The site's bounding report (participants with more than R rows).
+                local.truncated_units = batches
+                    .first()
+                    .and_then(|b| b.schema().metadata().get(META_TRUNCATED_UNITS).cloned())
+                    .and_then(|v| v.parse::<i128>().ok())
+                    .filter(|v| *v >= 0);
+                if local.truncated_units.is_none() {
+                    tracing::warn!(query_id = %req.query_id, site = %site, "node sent no bounding report");
+                }
+                Ok(local)
+            });
+            match site_merged {
+                Ok(local) => {
+                    merged.truncated_units = match (merged.truncated_units, local.truncated_units) {
+                        (Some(a), Some(b)) => a.checked_add(b),
+                        _ => None,
+                    };
+                    for (key, values) in local.groups {
+                        let entry = merged
+                            .groups
+                            .entry(key)
+                            .or_insert_with(|| vec![0; values.len()]);
+                        for (acc, v) in entry.iter_mut().zip(values) {
+                            *acc = acc.checked_add(v).ok_or_else(|| {
+                                CoordinatorError::internal(
+                                    &req.query_id,
+                                    "partial sum overflows i128",
+                                )
+                            })?;
+                        }
                     }
-                })?;
+                    merged.sites_answered.push(site);
+                }
+                Err(e) if self.allow_partial => {
+                    tracing::warn!(query_id = %req.query_id, site = %site, error = %e, "site left out of a partial answer");
+                    merged.sites_failed.push(site);
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
             }
-            merged.sites_answered.push(site);
+        }
+        if merged.sites_answered.is_empty() {
+            return Err(
+                first_error.unwrap_or_else(|| CoordinatorError::NodeUnavailable {
+                    site: "all".into(),
+                    reason: "no site answered".into(),
+                }),
+            );
         }
         Ok(merged)
     }
@@ -180,6 +255,15 @@ async fn fetch(
     let mut client = FlightServiceClient::new(ch).max_decoding_message_size(MAX_NODE_RESPONSE);
     let status_err = |s: tonic::Status| -> CoordinatorError {
         tracing::warn!(query_id, site, code = ?s.code(), message = %s.message(), "node error");
+        if s.code() == tonic::Code::InvalidArgument
+            && s.message().contains("protocol version mismatch")
+        {
+            // The node's message names only the two protocol versions.
+            return CoordinatorError::NodeIncompatible {
+                site: site.to_string(),
+                detail: s.message().to_string(),
+            };
+        }
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 CoordinatorError::NodeUnavailable {

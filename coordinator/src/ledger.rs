@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use sha3::{Digest, Sha3_256};
 
 use crate::audit::{self, canonical_json, chain_hash, VerifyReport, GENESIS};
+use crate::auth::Role;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 
@@ -69,6 +70,12 @@ CREATE TABLE IF NOT EXISTS replays(
   result BLOB NOT NULL,
   created_at INTEGER NOT NULL,
   PRIMARY KEY (researcher, plan_hash)) STRICT;
+CREATE TABLE IF NOT EXISTS users(
+  name TEXT PRIMARY KEY,
+  role TEXT NOT NULL CHECK (role IN ('researcher', 'officer')),
+  password_hash TEXT NOT NULL,
+  disabled INTEGER NOT NULL DEFAULT 0,
+  created_at INTEGER NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS audit(
   seq INTEGER PRIMARY KEY,
   entry TEXT NOT NULL,
@@ -459,6 +466,45 @@ impl Grant {
     }
 }
 
+/// A user as stored in the ledger.
+#[derive(Clone)]
+pub struct UserRow {
+    /// User name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Argon2 PHC hash of the password.
+    pub password_hash: String,
+    /// A disabled user cannot log in.
+    pub disabled: bool,
+}
+
+impl std::fmt::Debug for UserRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRow")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("disabled", &self.disabled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// User names: 1–64 characters, letters, digits, `_`, `-`, `.`, `@`.
+pub fn check_user_name(name: &str) -> Result<(), CoordinatorError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "user name {name:?} must be 1-64 letters, digits, '_', '-', '.' or '@'"
+        )))
+    }
+}
+
 /// The SQLite ledger.
 pub struct Ledger {
     conn: Mutex<Connection>,
@@ -663,6 +709,35 @@ impl Ledger {
                            "renewal_days": renewal, "epsilon_budget": eps, "delta_budget": delta}),
                 )?;
             }
+            let users = config
+                .researchers
+                .iter()
+                .filter_map(|r| Some((&r.name, Role::Researcher, r.password_argon2.as_ref()?)))
+                .chain(
+                    config
+                        .officers
+                        .iter()
+                        .map(|o| (&o.name, Role::Officer, &o.password_argon2)),
+                );
+            for (name, role, hash) in users {
+                let exists: Option<String> = tx
+                    .query_row("SELECT role FROM users WHERE name = ?1", [name], |r| r.get(0))
+                    .optional()?;
+                if exists.is_some() {
+                    continue;
+                }
+                tx.execute(
+                    "INSERT INTO users(name, role, password_hash, disabled, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
+                    params![name, role.as_str(), hash, now],
+                )?;
+                append(
+                    tx,
+                    now,
+                    "user.added",
+                    "coordinator.toml",
+                    json!({"name": name, "role": role}),
+                )?;
+            }
             let previous = get_meta(tx, "policy_hash")?;
             if previous.as_deref() != Some(policy_hash.as_str()) {
                 append(
@@ -805,6 +880,110 @@ impl Ledger {
                        "epsilon_budget": st.epsilon_budget}),
             )?;
             Ok(Ok(st))
+        })
+    }
+
+    /// A user's role, password hash and whether they are disabled.
+    pub fn user(&self, name: &str) -> Result<Option<UserRow>, CoordinatorError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT role, password_hash, disabled FROM users WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .optional()
+        })
+        .map(|o| {
+            o.and_then(|(role, password_hash, disabled)| {
+                Some(UserRow {
+                    name: name.to_string(),
+                    role: Role::parse(&role)?,
+                    password_hash,
+                    disabled: disabled != 0,
+                })
+            })
+        })
+    }
+
+    /// Add a user with an Argon2 password hash. Audited (without the hash).
+    pub fn add_user(
+        &self,
+        actor: &str,
+        name: &str,
+        role: Role,
+        password_hash: &str,
+    ) -> Result<(), CoordinatorError> {
+        check_user_name(name)?;
+        crate::auth::check_password_hash(password_hash)
+            .map_err(CoordinatorError::InvalidArgument)?;
+        self.write(|tx, now| {
+            let exists: Option<String> = tx
+                .query_row("SELECT role FROM users WHERE name = ?1", [name], |r| r.get(0))
+                .optional()?;
+            if exists.is_some() {
+                return Ok(Err(CoordinatorError::InvalidArgument(format!(
+                    "user {name} already exists; disable it with `fedq user disable` or choose another name"
+                ))));
+            }
+            tx.execute(
+                "INSERT INTO users(name, role, password_hash, disabled, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
+                params![name, role.as_str(), password_hash, now],
+            )?;
+            append(tx, now, "user.added", actor, json!({"name": name, "role": role}))?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Disable (or re-enable) a user: a disabled user cannot log in. Audited.
+    pub fn set_user_disabled(
+        &self,
+        actor: &str,
+        name: &str,
+        disabled: bool,
+    ) -> Result<(), CoordinatorError> {
+        self.write(|tx, now| {
+            let n = tx.execute(
+                "UPDATE users SET disabled = ?2 WHERE name = ?1",
+                params![name, disabled as i64],
+            )?;
+            if n == 0 {
+                return Ok(Err(CoordinatorError::InvalidArgument(format!(
+                    "no user {name}; `fedq user list` shows the users"
+                ))));
+            }
+            append(
+                tx,
+                now,
+                if disabled {
+                    "user.disabled"
+                } else {
+                    "user.enabled"
+                },
+                actor,
+                json!({"name": name}),
+            )?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Every user: name, role, disabled (never the hashes).
+    pub fn users(&self) -> Result<Vec<Value>, CoordinatorError> {
+        self.read(|c| {
+            let mut st =
+                c.prepare("SELECT name, role, disabled, created_at FROM users ORDER BY name")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(json!({"name": r.get::<_, String>(0)?, "role": r.get::<_, String>(1)?,
+                              "disabled": r.get::<_, i64>(2)? != 0, "created_at_ms": r.get::<_, i64>(3)?}))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 

@@ -19,7 +19,9 @@
 //! - [`explain`]: `EXPLAIN <query>`: sensitivities, ε split, noise scales and expected errors,
 //!   free of charge.
 //! - [`engine`]: [`Coordinator`], the whole pipeline without a network front end.
-//! - [`service`]: the Flight SQL service and the bearer-token interceptor.
+//! - [`auth`]: users (Argon2 hashes in the ledger), handshake login, short-lived bearer
+//!   tokens and the interceptor that checks them.
+//! - [`service`]: the Flight SQL service and officer actions.
 //! - [`error`]: the one error enum and its single mapping to `tonic::Status`.
 //!
 //! ## Rules this crate enforces
@@ -34,6 +36,7 @@
 //! - Node and internal errors reach researchers only as generic messages with a query id.
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -49,11 +52,12 @@ pub mod service;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub use auth::{AuthInterceptor, Officer, Researcher, Role, Sessions};
 pub use config::CoordinatorConfig;
 pub use engine::Coordinator;
 pub use error::CoordinatorError;
 pub use ledger::{BudgetKind, BudgetStatus, Charge, Grant, Ledger};
-pub use service::{AuthInterceptor, FedqFlightSqlService, Officer, Researcher};
+pub use service::FedqFlightSqlService;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::sync::oneshot;
@@ -119,11 +123,12 @@ pub async fn start_with_ledger(
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "coordinator listens on a non-loopback address");
     }
-    let service = FedqFlightSqlService::new(engine.clone())?;
+    let sessions = Arc::new(Sessions::new(config.token_ttl));
+    let service = FedqFlightSqlService::new(engine.clone(), sessions.clone())?;
     let server = FlightServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let intercepted = tonic::service::interceptor::InterceptedService::new(
         server,
-        AuthInterceptor::new(&config.researchers, &config.officers),
+        AuthInterceptor::new(sessions),
     );
     let (tx, rx) = oneshot::channel::<()>();
     // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs hold small response frames

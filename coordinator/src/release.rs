@@ -756,6 +756,7 @@ columns = [
             groups,
             sites_answered: vec!["a".into()],
             truncated_units: Some(0),
+            sites_failed: vec![],
         };
         let r = release(&q, &merged, 1000, HashMap::new()).await.unwrap();
         let names: Vec<&str> = r

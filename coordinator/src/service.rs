@@ -8,8 +8,9 @@
 //! (some ADBC drivers) still see it. `DoGet(ticket)` streams the result once, and only to
 //! the researcher who asked. Results are aggregates over public domains, so they are small.
 //!
-//! Authentication is outside the service: [`AuthInterceptor`] checks the bearer token of
-//! every call and attaches the [`Researcher`] to the request.
+//! Authentication: the handshake turns Basic credentials (checked against the Argon2 hashes
+//! in the ledger) into a short-lived bearer token; [`crate::auth::AuthInterceptor`] checks
+//! the token of every other call and attaches the [`Researcher`] or [`Officer`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -35,10 +36,9 @@ use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use futures::{stream, Stream, TryStreamExt};
 use prost::Message;
-use sha3::{Digest, Sha3_256};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::{OfficerConfig, ResearcherConfig};
+use crate::auth::{BasicCredentials, Officer, Researcher, Role, Sessions};
 use crate::engine::{parse_session_statement, random_id, Coordinator};
 use crate::error::CoordinatorError;
 use crate::ledger::{BudgetKind, Grant};
@@ -55,6 +55,46 @@ pub const ACTION_BUDGET_REVOKE: &str = "fedq.budget.revoke";
 pub const ACTION_BUDGET_LIST: &str = "fedq.budget.list";
 /// Officer action: the policy, datasets and the hash of catalog + policy as JSON.
 pub const ACTION_POLICY_SHOW: &str = "fedq.policy.show";
+/// Officer action: add a user. Body: [`UserAddRequest`].
+pub const ACTION_USER_ADD: &str = "fedq.user.add";
+/// Officer action: disable a user (their tokens stop working at once). Body: `{"name": ...}`.
+pub const ACTION_USER_DISABLE: &str = "fedq.user.disable";
+/// Officer action: every user with role and state (never password hashes).
+pub const ACTION_USER_LIST: &str = "fedq.user.list";
+
+/// The officer-only actions.
+pub const OFFICER_ACTIONS: [&str; 7] = [
+    ACTION_BUDGET_GRANT,
+    ACTION_BUDGET_REVOKE,
+    ACTION_BUDGET_LIST,
+    ACTION_POLICY_SHOW,
+    ACTION_USER_ADD,
+    ACTION_USER_DISABLE,
+    ACTION_USER_LIST,
+];
+
+/// Body of [`ACTION_USER_ADD`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserAddRequest {
+    /// User name.
+    pub name: String,
+    /// `researcher` or `officer`.
+    pub role: Role,
+    /// The initial password (sent once; only its Argon2 hash is stored).
+    pub password: String,
+}
+
+/// Body of [`ACTION_USER_DISABLE`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDisableRequest {
+    /// User name.
+    pub name: String,
+}
+
+/// Shortest password `fedq.user.add` accepts.
+pub const MIN_PASSWORD_CHARS: usize = 12;
 
 /// Body of [`ACTION_BUDGET_GRANT`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -96,102 +136,54 @@ fn researcher_kind() -> BudgetKind {
 /// How long a planned statement waits for its `DoGet`.
 const PENDING_TTL: Duration = Duration::from_secs(600);
 
-/// The authenticated researcher, attached to each request by [`AuthInterceptor`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Researcher(pub String);
-
-/// An authenticated privacy officer, attached instead of [`Researcher`] for officer tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Officer(pub String);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Researcher,
-    Officer,
+/// Counts each researcher's running queries against a limit.
+pub struct RunningQueries {
+    limit: usize,
+    running: Mutex<HashMap<String, usize>>,
 }
 
-/// Checks `authorization: Bearer <token>` against the SHA3-256 hashes in config and
-/// attaches the caller's role: [`Researcher`] or [`Officer`].
-#[derive(Clone)]
-pub struct AuthInterceptor {
-    tokens: Arc<Vec<([u8; 32], String, Role)>>,
+/// One running query; leaving it (drop) frees the slot.
+pub struct QuerySlot {
+    owner: Arc<RunningQueries>,
+    researcher: String,
 }
 
-fn parse_hash(h: &str) -> Option<[u8; 32]> {
-    hex::decode(h).ok()?.try_into().ok()
-}
-
-impl AuthInterceptor {
-    /// Interceptor for these researchers and officers.
-    pub fn new(researchers: &[ResearcherConfig], officers: &[OfficerConfig]) -> Self {
-        let tokens = researchers
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    parse_hash(&r.token_sha3_256)?,
-                    r.name.clone(),
-                    Role::Researcher,
-                ))
-            })
-            .chain(officers.iter().filter_map(|o| {
-                Some((
-                    parse_hash(&o.token_sha3_256)?,
-                    o.name.clone(),
-                    Role::Officer,
-                ))
-            }))
-            .collect();
-        AuthInterceptor {
-            tokens: Arc::new(tokens),
+impl RunningQueries {
+    /// At most `limit` queries per researcher at once.
+    pub fn new(limit: usize) -> RunningQueries {
+        RunningQueries {
+            limit,
+            running: Mutex::new(HashMap::new()),
         }
     }
 
-    fn authenticate(&self, token: &str) -> Option<(String, Role)> {
-        let digest: [u8; 32] = Sha3_256::digest(token.as_bytes()).into();
-        // Constant-time comparison over every entry, so timing does not reveal which prefix
-        // matched.
-        let mut found = None;
-        for (h, name, role) in self.tokens.iter() {
-            let diff = h
-                .iter()
-                .zip(digest.iter())
-                .fold(0u8, |a, (x, y)| a | (x ^ y));
-            if diff == 0 {
-                found = Some((name.clone(), *role));
-            }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a slot for `researcher`, or refuse if they are at the limit.
+    pub fn enter(self: &Arc<Self>, researcher: &str) -> Result<QuerySlot, CoordinatorError> {
+        let mut map = self.lock();
+        let n = map.entry(researcher.to_string()).or_insert(0);
+        if *n >= self.limit {
+            return Err(CoordinatorError::TooManyQueries(self.limit));
         }
-        found
+        *n += 1;
+        Ok(QuerySlot {
+            owner: Arc::clone(self),
+            researcher: researcher.to_string(),
+        })
     }
 }
 
-impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let Some(header) = header else {
-            return Err(Status::unauthenticated(
-                "missing credentials: send `authorization: Bearer <token>` (fedq sql --token-file, or ADBC option adbc.flight.sql.authorization_header)",
-            ));
-        };
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        match self.authenticate(token.trim()) {
-            Some((name, Role::Researcher)) => {
-                req.extensions_mut().insert(Researcher(name));
-                Ok(req)
+impl Drop for QuerySlot {
+    fn drop(&mut self) {
+        let mut map = self.owner.lock();
+        if let Some(n) = map.get_mut(&self.researcher) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.researcher);
             }
-            Some((name, Role::Officer)) => {
-                req.extensions_mut().insert(Officer(name));
-                Ok(req)
-            }
-            None => Err(Status::unauthenticated(
-                "unknown or revoked token; ask your privacy officer for a valid one",
-            )),
         }
     }
 }
@@ -208,6 +200,8 @@ struct Pending {
 #[derive(Clone)]
 pub struct FedqFlightSqlService {
     engine: Arc<Coordinator>,
+    sessions: Arc<Sessions>,
+    running: Arc<RunningQueries>,
     pending: Arc<Mutex<HashMap<Vec<u8>, Pending>>>,
     sql_info: Arc<SqlInfoData>,
 }
@@ -283,8 +277,11 @@ fn encode_stream(
 }
 
 impl FedqFlightSqlService {
-    /// Service over an engine.
-    pub fn new(engine: Arc<Coordinator>) -> Result<Self, CoordinatorError> {
+    /// Service over an engine; logins issue tokens into `sessions`.
+    pub fn new(
+        engine: Arc<Coordinator>,
+        sessions: Arc<Sessions>,
+    ) -> Result<Self, CoordinatorError> {
         let mut b = SqlInfoDataBuilder::new();
         b.append(SqlInfo::FlightSqlServerName, "fedq");
         b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
@@ -294,7 +291,9 @@ impl FedqFlightSqlService {
             .build()
             .map_err(|e| CoordinatorError::Config(format!("sql info: {e}")))?;
         Ok(FedqFlightSqlService {
+            running: Arc::new(RunningQueries::new(engine.max_concurrent_per_researcher())),
             engine,
+            sessions,
             pending: Arc::new(Mutex::new(HashMap::new())),
             sql_info: Arc::new(sql_info),
         })
@@ -363,6 +362,40 @@ impl FedqFlightSqlService {
                 enc(serde_json::to_value(st))
             }
             ACTION_BUDGET_LIST => enc(serde_json::to_value(ledger.list()?)),
+            ACTION_USER_ADD => {
+                let u: UserAddRequest = serde_json::from_slice(&action.body).map_err(|e| {
+                    CoordinatorError::InvalidArgument(format!(
+                        r#"the body of {ACTION_USER_ADD} must be JSON like {{"name":"carol","role":"researcher","password":"..."}}: {e}"#
+                    ))
+                })?;
+                crate::ledger::check_user_name(&u.name)?;
+                if u.password.chars().count() < MIN_PASSWORD_CHARS {
+                    return Err(CoordinatorError::InvalidArgument(format!(
+                        "the password must have at least {MIN_PASSWORD_CHARS} characters; `fedq user add` generates one if you give none"
+                    )));
+                }
+                let hash = crate::auth::hash_password(&u.password)?;
+                ledger.add_user(officer, &u.name, u.role, &hash)?;
+                tracing::info!(officer, user = %u.name, role = u.role.as_str(), "user added");
+                Ok(serde_json::json!({"name": u.name, "role": u.role, "disabled": false}))
+            }
+            ACTION_USER_DISABLE => {
+                let u: UserDisableRequest = serde_json::from_slice(&action.body).map_err(|e| {
+                    CoordinatorError::InvalidArgument(format!(
+                        r#"the body of {ACTION_USER_DISABLE} must be JSON like {{"name":"carol"}}: {e}"#
+                    ))
+                })?;
+                if u.name == officer {
+                    return Err(CoordinatorError::InvalidArgument(
+                        "you cannot disable your own account; ask another privacy officer".into(),
+                    ));
+                }
+                ledger.set_user_disabled(officer, &u.name, true)?;
+                self.sessions.revoke_user(&u.name);
+                tracing::info!(officer, user = %u.name, "user disabled");
+                Ok(serde_json::json!({"name": u.name, "disabled": true}))
+            }
+            ACTION_USER_LIST => enc(serde_json::to_value(ledger.users()?)),
             _ => Ok(serde_json::json!({
                 "policy": self.engine.policy(),
                 "datasets": self.engine.datasets(),
@@ -394,6 +427,7 @@ impl FedqFlightSqlService {
             let r = self.engine.explain(researcher, inner).await?;
             (r.schema, r.batches)
         } else {
+            let _slot = self.running.enter(researcher)?;
             let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
                 tracing::info!(researcher, error = %e, "query refused at planning");
             })?;
@@ -421,13 +455,55 @@ impl FlightSqlService for FedqFlightSqlService {
         Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
         Status,
     > {
-        // The interceptor has already authenticated the bearer token.
-        let _ = researcher(&request)?;
+        let Some(creds) = request.extensions().get::<BasicCredentials>().cloned() else {
+            return Err(Status::unauthenticated(
+                "log in with `authorization: Basic base64(user:password)` on the handshake; it returns a bearer token for every other call",
+            ));
+        };
+        let row = self.engine.ledger().user(&creds.user)?;
+        let hash = row
+            .as_ref()
+            .map(|r| r.password_hash.clone())
+            .unwrap_or_else(|| crate::auth::dummy_hash().to_string());
+        // Argon2 is deliberately slow: verify off the async workers. Unknown users are
+        // verified against a dummy hash so both cases take as long.
+        let password = creds.password.clone();
+        let matches =
+            tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &hash))
+                .await
+                .map_err(|_| Status::internal("login failed; try again"))?;
+        let user = match row {
+            Some(u) if matches => u,
+            _ => {
+                tracing::warn!(user = %creds.user, outcome = "refused", "login failed");
+                return Err(CoordinatorError::Unauthenticated(
+                    "wrong user name or password".into(),
+                )
+                .into());
+            }
+        };
+        if user.disabled {
+            tracing::warn!(user = %user.name, outcome = "refused", "login of a disabled user");
+            return Err(CoordinatorError::Unauthenticated(format!(
+                "the account {} is disabled; ask your privacy officer",
+                user.name
+            ))
+            .into());
+        }
+        let token = self.sessions.issue(&user.name, user.role)?;
+        tracing::info!(user = %user.name, role = user.role.as_str(), "login");
+        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::internal("could not encode the token"))?;
         let resp = HandshakeResponse {
             protocol_version: 0,
-            payload: Default::default(),
+            payload: token.into_bytes().into(),
         };
-        Ok(Response::new(Box::pin(stream::iter(vec![Ok(resp)]))))
+        let mut response: Response<
+            Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>,
+        > = Response::new(Box::pin(stream::iter(vec![Ok(resp)])));
+        response.metadata_mut().insert("authorization", header);
+        Ok(response)
     }
 
     async fn get_flight_info_statement(
@@ -646,10 +722,7 @@ impl FlightSqlService for FedqFlightSqlService {
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
         let action = request.get_ref().r#type.clone();
         let officer = request.extensions().get::<Officer>().map(|o| o.0.clone());
-        if matches!(
-            action.as_str(),
-            ACTION_BUDGET_GRANT | ACTION_BUDGET_REVOKE | ACTION_BUDGET_LIST | ACTION_POLICY_SHOW
-        ) {
+        if OFFICER_ACTIONS.contains(&action.as_str()) {
             let Some(officer) = officer else {
                 let who = researcher(&request)?;
                 // A denied officer action is audited, and changes nothing.
@@ -680,7 +753,9 @@ impl FlightSqlService for FedqFlightSqlService {
                 let v: Vec<serde_json::Value> = infos
                     .into_iter()
                     .map(|(site, r)| match r {
-                        Ok(i) => serde_json::json!({"site": site, "healthy": true, "info": i}),
+                        Ok(i) => serde_json::json!({"site": site, "healthy": true,
+                            "compatible": i.protocol_version == fedq_common::PROTOCOL_VERSION,
+                            "info": i}),
                         Err(e) => serde_json::json!({"site": site, "healthy": false, "error": e}),
                     })
                     .collect();
@@ -688,7 +763,7 @@ impl FlightSqlService for FedqFlightSqlService {
             }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action `{other}`; fedq supports {ACTION_BUDGET}, {ACTION_STATUS}, and for officers {ACTION_BUDGET_GRANT}, {ACTION_BUDGET_REVOKE}, {ACTION_BUDGET_LIST}, {ACTION_POLICY_SHOW}"
+                    "unknown action `{other}`; fedq supports {ACTION_BUDGET}, {ACTION_STATUS}, and for officers {}", OFFICER_ACTIONS.join(", ")
                 )))
             }
         };
@@ -722,8 +797,42 @@ impl FlightSqlService for FedqFlightSqlService {
                 r#type: ACTION_POLICY_SHOW.into(),
                 description: "Officers: policy, datasets, catalog+policy hash (JSON)".into(),
             }),
+            Ok(ActionType {
+                r#type: ACTION_USER_ADD.into(),
+                description: "Officers: add a researcher or officer with a password".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_USER_DISABLE.into(),
+                description: "Officers: disable a user; their tokens stop working".into(),
+            }),
+            Ok(ActionType {
+                r#type: ACTION_USER_LIST.into(),
+                description: "Officers: every user, role and state (JSON)".into(),
+            }),
         ])
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_researcher_runs_at_most_the_limit_at_once() {
+        let r = Arc::new(RunningQueries::new(2));
+        let a1 = r.enter("alice").unwrap();
+        let _a2 = r.enter("alice").unwrap();
+        assert!(matches!(
+            r.enter("alice"),
+            Err(CoordinatorError::TooManyQueries(2))
+        ));
+        // Others are not affected.
+        let _b = r.enter("bob").unwrap();
+        drop(a1);
+        let _a3 = r.enter("alice").unwrap();
+        let s: Status = r.enter("alice").err().unwrap().into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+    }
 }

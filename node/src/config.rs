@@ -76,6 +76,45 @@ pub struct NodeConfig {
     /// Catalog tables served at this site, by catalog table name. Catalog tables not listed
     /// here are not served.
     pub tables: BTreeMap<String, TableSource>,
+    /// How coordinators connect: mTLS (the default and the only production mode) or
+    /// plaintext for development.
+    pub transport: NodeTransport,
+    /// Resource limits of this node.
+    pub limits: NodeLimits,
+}
+
+/// How much of the hospital's server a node may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLimits {
+    /// A query running longer is stopped and reported as timed out.
+    pub query_timeout: std::time::Duration,
+    /// Queries running at once; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_queries: usize,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            query_timeout: std::time::Duration::from_secs(120),
+            max_concurrent_queries: 4,
+        }
+    }
+}
+
+/// How a node accepts coordinator connections.
+#[derive(Debug, Clone)]
+pub enum NodeTransport {
+    /// mTLS: the coordinator's client certificate must chain to the CA and name a
+    /// coordinator on the allow-list.
+    Tls {
+        /// The federation CA, this node's certificate and key.
+        pem: fedq_common::tls::TlsPem,
+        /// Names (certificate common name or DNS subject-alternative name) of the
+        /// coordinators this node answers.
+        allowed_coordinators: Vec<String>,
+    },
+    /// Plaintext, anyone who can connect is served (`insecure_dev = true`; logs a warning).
+    InsecureDev,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +126,23 @@ struct RawConfig {
     catalog: String,
     #[serde(default)]
     tables: BTreeMap<String, RawTable>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    insecure_dev: bool,
+    #[serde(default)]
+    query_timeout_secs: Option<u64>,
+    #[serde(default)]
+    max_concurrent_queries: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    allowed_coordinators: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,7 +184,7 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         bad(format!(
-            "not a valid node config (expected keys: site, listen, catalog, and [tables.NAME] sections with path and format): {}",
+            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, query_timeout_secs, max_concurrent_queries, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path and format): {}",
             e.to_string().trim_end()
         ))
     })?;
@@ -179,11 +235,57 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
         };
         tables.insert(name, TableSource { path, format });
     }
+    let transport = match (raw.tls, raw.insecure_dev) {
+        (Some(_), true) => {
+            return Err(bad(
+                "both [tls] and insecure_dev = true are set; remove insecure_dev to use mTLS".into(),
+            ))
+        }
+        (None, false) => {
+            return Err(bad(
+                "no [tls] section: a node accepts coordinators only over mutual TLS. Add [tls] with ca, cert, key and allowed_coordinators (create development certificates with `fedq certs init` and `fedq certs issue`), or, on a development machine only, set insecure_dev = true".into(),
+            ))
+        }
+        (None, true) => NodeTransport::InsecureDev,
+        (Some(t), false) => {
+            if t.allowed_coordinators.is_empty()
+                || t.allowed_coordinators.iter().any(|n| n.trim().is_empty())
+            {
+                return Err(bad(
+                    "[tls] allowed_coordinators is empty or has an empty name; list the name in your coordinator's certificate, e.g. [\"coordinator\"]".into(),
+                ));
+            }
+            let pem = fedq_common::tls::TlsPem::load(base, &t.ca, &t.cert, &t.key).map_err(bad)?;
+            NodeTransport::Tls {
+                pem,
+                allowed_coordinators: t.allowed_coordinators,
+            }
+        }
+    };
+    let mut limits = NodeLimits::default();
+    if let Some(t) = raw.query_timeout_secs {
+        if t == 0 || t > 86_400 {
+            return Err(bad(format!(
+                "query_timeout_secs = {t} must be between 1 and 86400"
+            )));
+        }
+        limits.query_timeout = std::time::Duration::from_secs(t);
+    }
+    if let Some(n) = raw.max_concurrent_queries {
+        if n == 0 || n > 1024 {
+            return Err(bad(format!(
+                "max_concurrent_queries = {n} must be between 1 and 1024"
+            )));
+        }
+        limits.max_concurrent_queries = n;
+    }
     Ok(NodeConfig {
+        limits,
         site: raw.site,
         listen,
         catalog,
         catalog_path,
         tables,
+        transport,
     })
 }

@@ -83,6 +83,22 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The caller is not a coordinator this node answers (sent as `PERMISSION_DENIED`).
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The node is running as many queries as it may (sent as `RESOURCE_EXHAUSTED`).
+    #[error("node {site} is busy: {running} queries are running, its limit; retry shortly")]
+    Busy { site: String, running: usize },
+    /// A query ran past the node's `query_timeout_secs` and was stopped.
+    #[error("node {site}: query {query_id} ran longer than {secs} s and was stopped")]
+    TimedOut {
+        site: String,
+        query_id: String,
+        secs: u64,
+    },
+    /// The TLS certificate or key could not be used.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("node server failed: {0}")]
     Server(String),
@@ -104,7 +120,10 @@ impl From<NodeError> for Status {
         match e {
             NodeError::InvalidRequest(m) => Status::invalid_argument(m),
             NodeError::Wire(w) => Status::invalid_argument(w.to_string()),
-            NodeError::Refused(m) => Status::permission_denied(m),
+            NodeError::Refused(m) | NodeError::NotAllowed(m) => Status::permission_denied(m),
+            e @ NodeError::Busy { .. } => Status::resource_exhausted(e.to_string()),
+            // Whether a query is slow can depend on the data: only the limit is reported.
+            e @ NodeError::TimedOut { .. } => Status::deadline_exceeded(e.to_string()),
             NodeError::Execution { site, query_id, .. }
             | NodeError::Internal { site, query_id, .. } => Status::internal(format!(
                 "node {site} could not execute query {query_id}; details are in the node log"
@@ -116,6 +135,7 @@ impl From<NodeError> for Status {
             | NodeError::DataFile { .. }
             | NodeError::SchemaMismatch(_)
             | NodeError::Bind { .. }
+            | NodeError::Tls(_)
             | NodeError::Server(_) => Status::internal(
                 "the node could not serve this request; details are in the node log",
             ),

@@ -96,7 +96,11 @@ mod server;
 mod tests;
 
 pub use bounding::SUM_PRECISION;
+pub use config::NodeTransport;
 pub use config::{NodeConfig, TableFormat, TableSource, DEFAULT_LISTEN};
 pub use engine::{NodeEngine, MAX_QUERY_ID_CHARS};
 pub use error::NodeError;
-pub use server::{start, NodeHandle, NodeService, MAX_DECODING_MESSAGE_BYTES};
+pub use server::{
+    certificate_names, install_crypto_provider, start, Access, NodeHandle, NodeService,
+    MAX_DECODING_MESSAGE_BYTES,
+};

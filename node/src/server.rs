@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, NodeTransport};
 use crate::engine::NodeEngine;
 use crate::error::NodeError;
 
@@ -26,16 +26,129 @@ use crate::error::NodeError;
 /// [`fedq_common::wire::MAX_REQUEST_BYTES`]; anything far larger is cut off by the transport.
 pub const MAX_DECODING_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// Who may call this node.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Anyone who can connect (`insecure_dev = true`): there is no identity to check.
+    InsecureDev,
+    /// Callers whose (already CA-verified) client certificate names one of these.
+    AllowList(Arc<std::collections::BTreeSet<String>>),
+}
+
+impl Access {
+    /// The access rule of a node transport.
+    pub fn of(transport: &NodeTransport) -> Access {
+        match transport {
+            NodeTransport::InsecureDev => Access::InsecureDev,
+            NodeTransport::Tls {
+                allowed_coordinators,
+                ..
+            } => Access::AllowList(Arc::new(allowed_coordinators.iter().cloned().collect())),
+        }
+    }
+}
+
+/// Names a certificate is issued to: its subject common names and DNS alternative names.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable client certificate: {e}"))?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            if let GeneralName::DNSName(d) = gn {
+                names.push(d.to_string());
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// The Flight service: `do_get` with a partial-aggregate ticket, and the node-info action.
 #[derive(Debug, Clone)]
 pub struct NodeService {
     engine: Arc<NodeEngine>,
+    access: Access,
+    limits: crate::config::NodeLimits,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl NodeService {
-    /// A service answering with `engine`.
-    pub fn new(engine: Arc<NodeEngine>) -> Self {
-        NodeService { engine }
+    /// A service answering with `engine` to the callers `access` allows.
+    pub fn new(engine: Arc<NodeEngine>, access: Access) -> Self {
+        Self::with_limits(engine, access, crate::config::NodeLimits::default())
+    }
+
+    /// A service that runs at most `limits.max_concurrent_queries` queries at once, each
+    /// for at most `limits.query_timeout`.
+    pub fn with_limits(
+        engine: Arc<NodeEngine>,
+        access: Access,
+        limits: crate::config::NodeLimits,
+    ) -> Self {
+        NodeService {
+            engine,
+            access,
+            limits,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
+        }
+    }
+
+    /// A slot to run one query. A request waits for one at most `query_timeout`, then gets
+    /// `Busy`, so the node queues briefly but never runs more than its limit at once.
+    pub async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, NodeError> {
+        let busy = || NodeError::Busy {
+            site: self.engine.site().to_string(),
+            running: self.limits.max_concurrent_queries,
+        };
+        match tokio::time::timeout(
+            self.limits.query_timeout,
+            Arc::clone(&self.slots).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(busy()),
+        }
+    }
+
+    /// The calling coordinator's identity, or a refusal (logged here, with what the
+    /// certificate names, for the hospital's own audit).
+    fn caller<T>(&self, req: &Request<T>, what: &str) -> Result<String, Status> {
+        let allowed = match &self.access {
+            Access::InsecureDev => return Ok("(insecure-dev, unauthenticated)".to_string()),
+            Access::AllowList(a) => a,
+        };
+        let site = self.engine.site();
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into());
+        let refuse = |names: String, reason: &str| {
+            tracing::warn!(site, peer = %peer, coordinator = %names, request = what, outcome = "refused", reason, "caller refused");
+            Status::from(NodeError::NotAllowed(format!(
+                "node {site} does not answer this caller: {reason}; the node's operator must add the coordinator's certificate name to allowed_coordinators"
+            )))
+        };
+        let Some(certs) = req.peer_certs() else {
+            return Err(refuse("(no certificate)".into(), "no client certificate"));
+        };
+        let Some(leaf) = certs.first() else {
+            return Err(refuse("(no certificate)".into(), "no client certificate"));
+        };
+        let names = certificate_names(leaf.as_ref())
+            .map_err(|e| refuse("(unparseable certificate)".into(), &e))?;
+        match names.iter().find(|n| allowed.contains(n.as_str())) {
+            Some(n) => Ok(n.clone()),
+            None => Err(refuse(
+                names.join(","),
+                "the certificate names no allowed coordinator",
+            )),
+        }
     }
 
     /// The tonic server wrapper, with the message size limit set.
@@ -102,6 +215,7 @@ impl FlightService for NodeService {
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let started = Instant::now();
+        let who = self.caller(&request, "DoGet")?;
         let ticket = request.into_inner();
         let site = self.engine.site().to_string();
         let req = match PartialAggregateRequest::decode_ticket(&ticket.ticket) {
@@ -109,6 +223,7 @@ impl FlightService for NodeService {
             Err(e) => {
                 tracing::warn!(
                     site = %site,
+                    coordinator = %who,
                     outcome = "refused",
                     error = %e,
                     "undecodable ticket"
@@ -116,13 +231,31 @@ impl FlightService for NodeService {
                 return Err(NodeError::from(e).into());
             }
         };
-        let batches = match self.engine.execute(&req).await {
+        let _slot = match self.slot().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(site = %site, coordinator = %who, query_id = ?req.query_id, outcome = "busy", "request refused: node busy");
+                return Err(e.into());
+            }
+        };
+        let timeout = self.limits.query_timeout;
+        let executed = tokio::time::timeout(timeout, self.engine.execute(&req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(NodeError::TimedOut {
+                    site: site.clone(),
+                    query_id: req.query_id.clone(),
+                    secs: timeout.as_secs(),
+                })
+            });
+        let batches = match executed {
             Ok(b) => b,
             Err(e) => {
                 let ms = started.elapsed().as_millis() as u64;
                 if e.is_refusal() {
                     tracing::warn!(
                         site = %site,
+                        coordinator = %who,
                         query_id = ?req.query_id,
                         table = ?req.table,
                         duration_ms = ms,
@@ -133,6 +266,7 @@ impl FlightService for NodeService {
                 } else {
                     tracing::error!(
                         site = %site,
+                        coordinator = %who,
                         query_id = ?req.query_id,
                         table = ?req.table,
                         duration_ms = ms,
@@ -147,6 +281,7 @@ impl FlightService for NodeService {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         tracing::info!(
             site = %site,
+            coordinator = %who,
             query_id = ?req.query_id,
             table = ?req.table,
             groups = rows,
@@ -187,6 +322,7 @@ impl FlightService for NodeService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        self.caller(&request, "DoAction")?;
         let action = request.into_inner();
         if action.r#type != ACTION_NODE_INFO {
             return Err(Status::unimplemented(format!(
@@ -246,6 +382,29 @@ impl NodeHandle {
 /// Start a node: check the tables, bind `config.listen` and serve Flight in a background task.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let engine = Arc::new(NodeEngine::new(&config).await?);
+    let mut builder = tonic::transport::Server::builder();
+    match &config.transport {
+        NodeTransport::Tls {
+            pem,
+            allowed_coordinators,
+        } => {
+            install_crypto_provider();
+            let tls = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
+                .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca))
+                .timeout(std::time::Duration::from_secs(10));
+            builder = builder.tls_config(tls).map_err(|e| {
+                NodeError::Tls(format!(
+                    "{}: {e}; check [tls] cert and key in the node config",
+                    pem.cert_path.display()
+                ))
+            })?;
+            tracing::info!(site = %config.site, allowed = ?allowed_coordinators, "mTLS on: only allowed coordinators with a certificate from the federation CA");
+        }
+        NodeTransport::InsecureDev => {
+            tracing::warn!(site = %config.site, "{}", fedq_common::tls::INSECURE_DEV_WARNING);
+        }
+    }
     if !config.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %config.listen,
@@ -263,10 +422,15 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         source: e,
     })?;
     let (tx, rx) = oneshot::channel::<()>();
-    let service = NodeService::new(Arc::clone(&engine)).into_server();
+    let service = NodeService::with_limits(
+        Arc::clone(&engine),
+        Access::of(&config.transport),
+        config.limits,
+    )
+    .into_server();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold small response
             // frames back for tens of milliseconds.
@@ -287,4 +451,50 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         shutdown: Some(tx),
         task,
     })
+}
+
+/// Make rustls use the ring provider (the one fedq is built with), once per process.
+pub fn install_crypto_provider() {
+    // Fails only if a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use crate::config::NodeLimits;
+
+    #[tokio::test]
+    async fn limits_parse_and_a_full_node_refuses_with_resource_exhausted() {
+        let fx = crate::tests::Fixture::new();
+        let text = format!(
+            "query_timeout_secs = 1\nmax_concurrent_queries = 1\n{}",
+            crate::tests::NODE_TOML
+        );
+        let cfg = NodeConfig::from_toml_str(&text, fx.dir.path()).unwrap();
+        assert_eq!(
+            cfg.limits,
+            NodeLimits {
+                query_timeout: std::time::Duration::from_secs(1),
+                max_concurrent_queries: 1
+            }
+        );
+        for bad in ["query_timeout_secs = 0\n", "max_concurrent_queries = 0\n"] {
+            let text = format!("{bad}{}", crate::tests::NODE_TOML);
+            let e = NodeConfig::from_toml_str(&text, fx.dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("between 1"), "{e}");
+        }
+        let engine = Arc::new(NodeEngine::new(&cfg).await.unwrap());
+        let svc = NodeService::with_limits(engine, Access::of(&cfg.transport), cfg.limits);
+        let first = svc.slot().await.unwrap();
+        // The second request waits the query timeout for a slot, then is refused.
+        let busy = svc.slot().await.unwrap_err();
+        let status = Status::from(busy);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("busy"), "{}", status.message());
+        drop(first);
+        let _again = svc.slot().await.unwrap();
+    }
 }

@@ -33,7 +33,7 @@
 //! breast-cancer patients).
 //!
 //! The seeded generator is for synthetic data only; it lives in this crate and no privacy
-//! code can reach it. Researcher tokens are credentials and come from the operating
+//! code can reach it. Passwords and certificate keys are credentials and come from the operating
 //! system's RNG, never from the seed.
 //!
 //! ## Output layout
@@ -41,8 +41,12 @@
 //! ```text
 //! <out>/catalog.toml                the privacy officer's catalog (reference_catalog())
 //! <out>/coordinator.toml            listen on base_port, one [[nodes]] per site, researchers
-//! <out>/researchers/<name>.token    alice (ε budget 50) and bob (ε budget 5), mode 0600
-//! <out>/officers/<name>.token       the privacy officer olivia's token, mode 0600
+//! <out>/researchers/<name>.password alice (ε budget 50) and bob (ε budget 5), mode 0600
+//! <out>/officers/<name>.password    the privacy officer olivia's password, mode 0600
+//!                                   (coordinator.toml holds only their Argon2 hashes)
+//! <out>/certs/ca.pem, ca.key       a fresh development CA (keys mode 0600, directory 0700)
+//! <out>/certs/coordinator.{pem,key} the coordinator's certificate (name `coordinator`)
+//! <out>/certs/siteNN.{pem,key}      each node's certificate (name = site)
 //! <out>/ledger.sqlite               (created by the coordinator at first start)
 //! <out>/sites/siteNN/node.toml      site NN listens on base_port + NN
 //! <out>/sites/siteNN/{participants,diagnoses,labs,specimens,variants}.parquet
@@ -53,6 +57,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+pub mod certs;
 mod configs;
 mod plan;
 mod reference;
@@ -78,6 +83,9 @@ pub const RESEARCHERS: [(&str, f64); 2] = [("alice", 50.0), ("bob", 5.0)];
 
 /// The privacy officers written to the coordinator config.
 pub const OFFICERS: [&str; 1] = ["olivia"];
+
+/// Name in the coordinator's certificate, on every generated node's `allowed_coordinators`.
+pub const COORDINATOR_CERT_NAME: &str = "coordinator";
 
 /// Global ε budget of the `biobank` dataset (all tables) in the generated config.
 pub const DATASET_EPSILON: f64 = 1000.0;
@@ -165,10 +173,10 @@ pub struct SynthSummary {
     pub catalog_path: PathBuf,
     /// `coordinator.toml`.
     pub coordinator_config_path: PathBuf,
-    /// `(researcher name, token file)`.
-    pub researcher_token_paths: Vec<(String, PathBuf)>,
-    /// `(officer name, token file)`.
-    pub officer_token_paths: Vec<(String, PathBuf)>,
+    /// `(researcher name, password file)`.
+    pub researcher_password_paths: Vec<(String, PathBuf)>,
+    /// `(officer name, password file)`.
+    pub officer_password_paths: Vec<(String, PathBuf)>,
     /// Address the coordinator listens on.
     pub coordinator_listen: String,
     /// Participants over all sites.
@@ -208,8 +216,10 @@ pub enum SynthError {
     StaleOutput { path: PathBuf, reason: String },
     #[error("cannot render the catalog as TOML: {0}")]
     Catalog(String),
-    #[error("cannot read random bytes from the operating system for researcher tokens: {0}")]
+    #[error("cannot read random bytes from the operating system for passwords and keys: {0}")]
     Random(String),
+    #[error("certificate error: {0}")]
+    Certificate(String),
     #[error("internal error in the synthetic data generator: {0}")]
     Internal(String),
 }
@@ -308,6 +318,13 @@ pub fn generate_with_threads(
     create_dir(&researchers_dir)?;
     configs::restrict_dir(&researchers_dir)?;
 
+    // mTLS between the coordinator and the nodes: a fresh development CA per federation.
+    let certs_dir = out.join("certs");
+    let ca = certs::DevCa::generate("fedq development CA")?;
+    ca.write(&certs_dir)?;
+    configs::restrict_dir(&certs_dir)?;
+    ca.issue_to(&certs_dir, COORDINATOR_CERT_NAME, &[])?;
+
     let catalog = reference_catalog();
     let catalog_path = out.join("catalog.toml");
     configs::write_file(&catalog_path, &configs::catalog_toml(&catalog)?)?;
@@ -324,6 +341,7 @@ pub fn generate_with_threads(
         let port = cfg.base_port.saturating_add(i as u16 + 1);
         let node_config_path = dir.join("node.toml");
         configs::write_file(&node_config_path, &configs::node_toml(&name, port))?;
+        ca.issue_to(&certs_dir, &name, &[])?;
         for (t, n) in &o.rows {
             *total_rows.entry(t.clone()).or_default() += n;
         }
@@ -340,29 +358,29 @@ pub fn generate_with_threads(
     }
 
     let mut researchers = Vec::new();
-    let mut researcher_token_paths = Vec::new();
+    let mut researcher_password_paths = Vec::new();
     for (name, budget) in RESEARCHERS {
-        let token = configs::new_token()?;
-        let path = researchers_dir.join(format!("{name}.token"));
-        configs::write_secret(&path, &format!("{token}\n"))?;
+        let password = configs::new_password()?;
+        let path = researchers_dir.join(format!("{name}.password"));
+        configs::write_secret(&path, &format!("{password}\n"))?;
         researchers.push(configs::Researcher {
             name,
-            token_sha3_256: configs::sha3_hex(&token),
+            password_argon2: configs::argon2_hash(&password)?,
             epsilon_budget: budget,
         });
-        researcher_token_paths.push((name.to_string(), path));
+        researcher_password_paths.push((name.to_string(), path));
     }
     let officers_dir = out.join("officers");
     create_dir(&officers_dir)?;
     configs::restrict_dir(&officers_dir)?;
     let mut officers = Vec::new();
-    let mut officer_token_paths = Vec::new();
+    let mut officer_password_paths = Vec::new();
     for name in OFFICERS {
-        let token = configs::new_token()?;
-        let path = officers_dir.join(format!("{name}.token"));
-        configs::write_secret(&path, &format!("{token}\n"))?;
-        officers.push((name, configs::sha3_hex(&token)));
-        officer_token_paths.push((name.to_string(), path));
+        let password = configs::new_password()?;
+        let path = officers_dir.join(format!("{name}.password"));
+        configs::write_secret(&path, &format!("{password}\n"))?;
+        officers.push((name, configs::argon2_hash(&password)?));
+        officer_password_paths.push((name.to_string(), path));
     }
     let coordinator_config_path = out.join("coordinator.toml");
     configs::write_file(
@@ -374,8 +392,8 @@ pub fn generate_with_threads(
         sites,
         catalog_path,
         coordinator_config_path,
-        researcher_token_paths,
-        officer_token_paths,
+        researcher_password_paths,
+        officer_password_paths,
         coordinator_listen: format!("127.0.0.1:{}", cfg.base_port),
         participants: cfg.participants,
         transferred_participants: plan.transferred(),

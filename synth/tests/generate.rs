@@ -13,7 +13,6 @@ use fedq_synth::{
     TABLES,
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sha3::{Digest, Sha3_256};
 
 fn config(dir: &Path, sites: usize, participants: usize, seed: u64) -> SynthConfig {
     SynthConfig {
@@ -141,23 +140,28 @@ fn catalog_schemas_and_configs() {
         assert_eq!(n["site"].as_str().unwrap(), format!("site{:02}", i + 1));
         assert_eq!(
             n["endpoint"].as_str().unwrap(),
-            format!("http://127.0.0.1:{}", 47_001 + i)
+            format!("https://127.0.0.1:{}", 47_001 + i)
         );
     }
     let researchers = coord["researchers"].as_array().unwrap();
     assert_eq!(researchers.len(), 2);
-    assert_eq!(summary.researcher_token_paths.len(), 2);
-    for ((name, path), r) in summary.researcher_token_paths.iter().zip(researchers) {
+    assert_eq!(summary.researcher_password_paths.len(), 2);
+    for ((name, path), r) in summary.researcher_password_paths.iter().zip(researchers) {
         assert_eq!(r["name"].as_str(), Some(name.as_str()));
-        let token = fs::read_to_string(path).unwrap();
-        assert!(token.ends_with('\n'));
-        let token = token.trim_end();
-        assert_eq!(token.len(), 64);
-        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(
-            r["token_sha3_256"].as_str().unwrap(),
-            hex::encode(Sha3_256::digest(token.as_bytes()))
-        );
+        let password = fs::read_to_string(path).unwrap();
+        assert!(password.ends_with('\n'));
+        let password = password.trim_end();
+        assert_eq!(password.len(), 40);
+        let hash = r["password_argon2"].as_str().unwrap();
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(!hash.contains(password));
+        {
+            use argon2::password_hash::{PasswordHash, PasswordVerifier};
+            let parsed = PasswordHash::new(hash).unwrap();
+            assert!(argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok());
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -177,6 +181,15 @@ fn catalog_schemas_and_configs() {
         assert_eq!(node["listen"].as_str(), Some(listen.as_str()));
         assert_eq!(site.listen, listen);
         assert_eq!(node["catalog"].as_str(), Some("../../catalog.toml"));
+        // mTLS: this site's certificate, the federation CA, the coordinator allowed.
+        let tls = &node["tls"];
+        assert_eq!(
+            tls["cert"].as_str(),
+            Some(format!("../../certs/{}.pem", site.site).as_str())
+        );
+        assert!(site.dir.join(tls["ca"].as_str().unwrap()).is_file());
+        assert!(site.dir.join(tls["key"].as_str().unwrap()).is_file());
+        assert_eq!(tls["allowed_coordinators"][0].as_str(), Some("coordinator"));
         let catalog_from_node = site.dir.join("../../catalog.toml");
         assert_eq!(Catalog::load(&catalog_from_node).unwrap(), catalog);
         for t in TABLES {

@@ -52,13 +52,22 @@ def federation():
         proc.kill()
 
 
-def connect(info, token=None):
+def connect(info, user=None, password=None):
+    """Log in with a user name and password: the driver's Flight handshake (Basic) returns
+    a bearer token that it sends on every later call."""
     return flightsql.connect(
         info["grpc"],
         db_kwargs={
-            adbc_driver_flightsql.DatabaseOptions.AUTHORIZATION_HEADER.value:
-                "Bearer " + (token or info["token"]),
+            "username": user or info["user"],
+            "password": password if password is not None else info["password"],
         },
+    )
+
+
+def connect_with_header(info, header):
+    return flightsql.connect(
+        info["grpc"],
+        db_kwargs={adbc_driver_flightsql.DatabaseOptions.AUTHORIZATION_HEADER.value: header},
     )
 
 
@@ -141,9 +150,27 @@ def test_refusal_reaches_the_client(federation):
         assert "never rows" in str(e.value)
 
 
-def test_wrong_token_is_refused(federation):
-    with connect(federation, token="wrong") as conn:
+def test_wrong_password_is_refused(federation):
+    with pytest.raises(Exception) as e:
+        with connect(federation, password="not-the-password") as conn:
+            conn.cursor().execute("SELECT COUNT(*) FROM participants")
+    assert "wrong user name or password" in str(e.value).lower()
+    assert "UNAUTHENTICATED" in str(e.value).upper()
+
+
+def test_forged_bearer_token_is_refused(federation):
+    with connect_with_header(federation, "Bearer " + "ab" * 32) as conn:
         cur = conn.cursor()
         with pytest.raises(Exception) as e:
             cur.execute("SELECT COUNT(*) FROM participants")
         assert "token" in str(e.value).lower()
+
+
+def test_officer_actions_need_the_officer_role(federation):
+    # The officer logs in with username/password too, but runs no query.
+    with connect(federation, user=federation["officer"],
+                 password=federation["officer_password"]) as conn:
+        cur = conn.cursor()
+        with pytest.raises(Exception) as e:
+            cur.execute("SELECT COUNT(*) FROM participants")
+        assert "officer" in str(e.value).lower()

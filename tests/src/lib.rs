@@ -101,3 +101,119 @@ pub async fn site_context(dir: &Path) -> SessionContext {
     }
     ctx
 }
+
+/// A channel to a synth node at `addr` over mTLS, presenting the certificate `cert_name`
+/// (`coordinator` is the one the generated nodes allow) from the federation in `dir`.
+pub async fn node_channel(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    site: &str,
+    cert_name: &str,
+) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    fedq_node::install_crypto_provider();
+    let certs = dir.join("certs");
+    let read = |n: &str| std::fs::read(certs.join(n)).expect("certificate file");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("{cert_name}.pem")),
+            read(&format!("{cert_name}.key")),
+        ))
+        .domain_name(site);
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect to the node")
+}
+
+/// What a [`FaultProxy`] does with the bytes between the coordinator and a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Forward everything.
+    Pass = 0,
+    /// Hold every byte in both directions (a node that hangs).
+    Stall = 1,
+    /// Forward what the coordinator sends, then cut the connection: the node got the
+    /// request and is gone before it answers (a node killed mid-query).
+    Kill = 2,
+}
+
+/// A test-only TCP proxy in front of a node that injects faults. TLS passes through it
+/// untouched, so the coordinator still verifies the node's certificate. It exists only in
+/// this test crate: nothing in a production config can reach it.
+pub struct FaultProxy {
+    /// Address the coordinator dials instead of the node's.
+    pub addr: std::net::SocketAddr,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl FaultProxy {
+    /// Start forwarding to `upstream` (must be called inside a Tokio runtime).
+    pub fn start(upstream: std::net::SocketAddr) -> FaultProxy {
+        use std::sync::atomic::AtomicU8;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("proxy address");
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+        let mode = std::sync::Arc::new(AtomicU8::new(Fault::Pass as u8));
+        let m = mode.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::select! {
+                            _ = pump(ri, wo, m.clone(), true) => {}
+                            _ = pump(ro, wi, m, false) => {}
+                        }
+                        // Dropping both halves closes both connections.
+                    }
+                });
+            }
+        });
+        FaultProxy { addr, mode }
+    }
+
+    /// Change what the proxy does from now on.
+    pub fn set(&self, fault: Fault) {
+        self.mode
+            .store(fault as u8, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    to_node: bool,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while mode.load(Ordering::SeqCst) == Fault::Stall as u8 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let kill = mode.load(Ordering::SeqCst) == Fault::Kill as u8;
+        if kill && !to_node {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        if kill {
+            return;
+        }
+    }
+}

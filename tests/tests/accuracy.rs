@@ -77,7 +77,9 @@ async fn mean_absolute_error_matches_the_noise_scale() {
     .await
     .unwrap();
     let engine = fed.coordinator.engine.clone();
-    let mut client = FedqClient::connect(&fed.url(), &token).await.unwrap();
+    let mut client = FedqClient::connect(&fed.url(), "acc", &token)
+        .await
+        .unwrap();
 
     // COUNT(*) and SUM(birth_year) are released directly from one statistic each.
     let base =

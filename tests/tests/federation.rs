@@ -206,9 +206,7 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
     assert_eq!(fed.nodes.len(), 3);
     let ctx = union_context(dir).await.unwrap();
     let site_ctx = site_context(dir).await;
-    let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut client = fed.client("alice").await.unwrap();
     let engine = fed.coordinator.engine.clone();
     let mut checked = 0usize;
 
@@ -482,9 +480,7 @@ async fn bounding_keeps_at_most_r_rows_per_participant_per_site() {
     set_rows_per_unit(dir, 5);
     let fed = start(dir).await;
     let engine = fed.coordinator.engine.clone();
-    let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut client = fed.client("alice").await.unwrap();
     for (sql, table) in [
         ("SELECT COUNT(*) FROM labs", "labs"),
         (
@@ -626,9 +622,7 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
     let dir = tmp.path();
     synth(dir, 3, 1500, 13);
     let mut fed = start(dir).await;
-    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut alice = fed.client("alice").await.unwrap();
 
     let expect =
         |r: Result<fedq::client::QueryResult, CliError>, code: tonic::Code, needle: &str| match r {
@@ -726,7 +720,7 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
     );
 
     // Unauthenticated.
-    let mut nobody = FedqClient::connect(&fed.url(), "not-a-token")
+    let mut nobody = FedqClient::connect_with_token(&fed.url(), "not-a-token")
         .await
         .unwrap();
     expect(
@@ -737,9 +731,7 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
 
     // Budget: bob has 5; at ε = 2 two different queries pass, a third is refused with the
     // remainder (an identical query would be a free replay).
-    let mut bob = FedqClient::connect(&fed.url(), &fed.token("bob").unwrap())
-        .await
-        .unwrap();
+    let mut bob = fed.client("bob").await.unwrap();
     bob.query("SET fedq.epsilon = 2").await.unwrap();
     for y in [1950, 1960] {
         let r = bob
@@ -806,9 +798,7 @@ async fn distinct_participants_are_exact_per_site_and_noise_is_bounded() {
     set_rows_per_unit(dir, 1000);
     let fed = start(dir).await;
     let engine = fed.coordinator.engine.clone();
-    let mut client = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut client = fed.client("alice").await.unwrap();
     let cases: [(&str, &str, &[&str], usize); 3] = [
         (
             "SELECT test, COUNT(DISTINCT pid) AS n FROM labs WHERE value > 5 GROUP BY test",

@@ -31,11 +31,8 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
     let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     let node = fedq_node::start(cfg).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", node.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Even with the coordinator's valid certificate, crafted requests are refused.
+    let channel = fedq_tests::node_channel(tmp.path(), node.addr, "site01", "coordinator").await;
     let mut client = FlightServiceClient::new(channel);
 
     let mut cases: Vec<(&str, Vec<u8>, Code, &str)> = Vec::new();
@@ -151,6 +148,100 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         Code::InvalidArgument,
         "not a valid",
     ));
+    let mut r = base();
+    r["max_rows_per_unit"] = json!(u32::MAX);
+    cases.push((
+        "unbounded max_rows_per_unit",
+        ticket(r),
+        Code::PermissionDenied,
+        "max_rows_per_unit",
+    ));
+    let mut r = base();
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "name": "value" }, "lower": 0.0, "upper": 501.0, "precision": 0.01 }]);
+    cases.push((
+        "clamp slightly wider than the catalog",
+        ticket(r),
+        Code::PermissionDenied,
+        "bound",
+    ));
+    let mut r = base();
+    r["aggregates"] = json!([{ "kind": "count_non_null", "column": { "name": "secret_notes" } }]);
+    cases.push((
+        "a column the catalog does not share",
+        ticket(r),
+        Code::PermissionDenied,
+        "secret_notes",
+    ));
+    let mut r = base();
+    r["group_by"] = json!(vec![json!({ "name": "test" }); 5]);
+    cases.push((
+        "too many group columns",
+        ticket(r),
+        Code::InvalidArgument,
+        "group columns",
+    ));
+    let mut r = base();
+    r["group_by"] = json!([{ "name": "value" }]);
+    cases.push((
+        "a group key without a public domain (one group per value)",
+        ticket(r),
+        Code::PermissionDenied,
+        "value",
+    ));
+    let mut r = base();
+    r["aggregates"] = json!(vec![json!({ "kind": "count_rows" }); 65]);
+    cases.push((
+        "too many aggregates",
+        ticket(r),
+        Code::InvalidArgument,
+        "aggregates",
+    ));
+    // A filter nested 40 levels (over the limit of 32) and one nested 2000 levels (past
+    // the JSON decoder's recursion limit, still under the size limit): both refused,
+    // neither overflows the node's stack. The tickets are written as text: a deep
+    // serde_json::Value would overflow this test's own stack.
+    for (what, depth, needle) in [
+        ("a filter nested 40 levels", 40usize, "nested"),
+        ("a filter nested 2000 levels", 2000, "recursion limit"),
+    ] {
+        let f = format!(
+            "{}{}{}",
+            r#"{"expr":"not","input":"#.repeat(depth),
+            r#"{"expr":"column","name":"value"}"#,
+            "}".repeat(depth)
+        );
+        let t = format!(
+            r#"{{"protocol_version":{},"request":{{"query_id":"hostile-1","table":"labs","filter":{f},"group_by":[],"aggregates":[{{"kind":"count_rows"}}],"max_rows_per_unit":20}}}}"#,
+            fedq_common::PROTOCOL_VERSION
+        );
+        assert!(
+            t.len() < fedq_common::wire::MAX_REQUEST_BYTES,
+            "{what}: too long to test depth"
+        );
+        cases.push((what, t.into_bytes(), Code::InvalidArgument, needle));
+    }
+    // Oversized tickets: above the wire limit, and far above the transport's.
+    let mut r = base();
+    r["query_id"] = json!("x".repeat(fedq_common::wire::MAX_REQUEST_BYTES));
+    cases.push((
+        "a ticket above the request size limit",
+        ticket(r),
+        Code::InvalidArgument,
+        "limit",
+    ));
+
+    // Far larger than the node's gRPC message limit: cut off by the transport.
+    let huge = vec![b' '; 4 * fedq_node::MAX_DECODING_MESSAGE_BYTES];
+    match client.do_get(Ticket::new(huge)).await {
+        Err(s) => assert!(
+            matches!(
+                s.code(),
+                Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+            ),
+            "oversized message: {s:?}"
+        ),
+        Ok(_) => panic!("an oversized message was answered"),
+    }
 
     for (what, t, code, needle) in cases {
         match client.do_get(Ticket::new(t)).await {
@@ -169,5 +260,36 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
             }
         }
     }
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_a_catalog_table_it_does_not_share() {
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 300, 4);
+    // This hospital shares only `labs`, although the catalog declares five tables.
+    let p = tmp.path().join("sites/site01/node.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let cut = text.find("\n[tables.").unwrap();
+    let shared = format!("{}\n[tables.labs]\npath = \"labs.parquet\"\n", &text[..cut]);
+    std::fs::write(&p, shared).unwrap();
+    let mut cfg = NodeConfig::load(&p).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    assert_eq!(cfg.tables.keys().collect::<Vec<_>>(), vec!["labs"]);
+    let node = fedq_node::start(cfg).await.unwrap();
+    let channel = fedq_tests::node_channel(tmp.path(), node.addr, "site01", "coordinator").await;
+    let mut client = FlightServiceClient::new(channel);
+    let mut r = base();
+    r["table"] = json!("participants");
+    r["max_rows_per_unit"] = json!(1);
+    let s = match client.do_get(Ticket::new(ticket(r))).await {
+        Err(s) => s,
+        Ok(resp) => match resp.into_inner().message().await {
+            Err(s) => s,
+            Ok(m) => panic!("an unshared table was answered: {m:?}"),
+        },
+    };
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    assert!(s.message().contains("participants"), "{}", s.message());
     node.shutdown().await.unwrap();
 }

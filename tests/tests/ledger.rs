@@ -56,9 +56,7 @@ async fn replays_are_free_and_node_failures_are_refunded_and_audited() {
     let dir = tmp.path();
     synth(dir, 3, 1200, 21);
     let mut fed = start(dir, vec![]).await;
-    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut alice = fed.client("alice").await.unwrap();
     let budget = |v: Value| v["epsilon_spent"].as_f64().unwrap();
 
     let first = alice
@@ -168,7 +166,7 @@ async fn sixty_four_researchers_never_overspend_a_global_budget() {
     );
     std::fs::write(&p, text).unwrap();
     let extra: Vec<_> = (0..64)
-        .map(|i| (format!("r{i:02}"), format!("token-of-r{i:02}"), 100.0))
+        .map(|i| (format!("r{i:02}"), format!("password-of-r{i:02}"), 100.0))
         .collect();
     let fed = start(dir, extra).await;
     let url = fed.url();
@@ -176,9 +174,10 @@ async fn sixty_four_researchers_never_overspend_a_global_budget() {
         .map(|i| {
             let url = url.clone();
             tokio::spawn(async move {
-                let mut c = FedqClient::connect(&url, &format!("token-of-r{i:02}"))
-                    .await
-                    .unwrap();
+                let mut c =
+                    FedqClient::connect(&url, &format!("r{i:02}"), &format!("password-of-r{i:02}"))
+                        .await
+                        .unwrap();
                 match c.query("SELECT COUNT(*) FROM participants").await {
                     Ok(r) => Ok(r.schema.metadata()[META_QUERY_ID].clone()),
                     Err(CliError::Server { code, message }) => Err((code, message)),
@@ -223,13 +222,8 @@ async fn officers_control_budgets_and_changes_are_audited() {
     let dir = tmp.path();
     synth(dir, 2, 600, 23);
     let fed = start(dir, vec![]).await;
-    let officer_token = fed.officer_tokens["olivia"].clone();
-    let mut officer = FedqClient::connect(&fed.url(), &officer_token)
-        .await
-        .unwrap();
-    let mut bob = FedqClient::connect(&fed.url(), &fed.token("bob").unwrap())
-        .await
-        .unwrap();
+    let mut officer = fed.client("olivia").await.unwrap();
+    let mut bob = fed.client("bob").await.unwrap();
 
     // A researcher cannot grant, list or read the policy; the attempt is audited.
     let grant = json!({"kind": "researcher", "name": "bob", "epsilon": 100.0});
@@ -372,9 +366,7 @@ async fn a_join_spends_the_datasets_of_both_tables() {
     );
     std::fs::write(&path, text).unwrap();
     let fed = start(dir, vec![]).await;
-    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut alice = fed.client("alice").await.unwrap();
     alice
         .query("SELECT COUNT(*) FROM participants")
         .await

@@ -90,7 +90,9 @@ async fn answers(dir: &Path) -> (Vec<f64>, f64) {
     let base = "SELECT SUM(value) AS s FROM labs WHERE test = 'HbA1c'";
     let q = engine.plan("priv", base).await.unwrap();
     let exact = engine.gather(&q).await.unwrap().get(&[], 1)[0] as f64 * 0.01;
-    let mut client = FedqClient::connect(&fed.url(), &token).await.unwrap();
+    let mut client = FedqClient::connect(&fed.url(), "priv", &token)
+        .await
+        .unwrap();
     let mut out = Vec::with_capacity(N);
     for k in 0..N {
         let r = client

@@ -6,7 +6,7 @@
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Float64Type;
-use fedq::client::{FedqClient, QueryResult};
+use fedq::client::QueryResult;
 use fedq::federation::{FederationOptions, LocalFederation};
 use fedq::CliError;
 use fedq_common::PublicValue;
@@ -43,9 +43,7 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
     let dir = tmp.path();
     synth(dir, 3, 1500, 21);
     let mut fed = start(dir).await;
-    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut alice = fed.client("alice").await.unwrap();
     let before = alice.action(ACTION_BUDGET).await.unwrap();
     // With a node down a real query fails; EXPLAIN never asks a node, so it still works.
     fed.stop_node(0).await.unwrap();
@@ -178,9 +176,7 @@ async fn avg_is_centred_and_sites_per_participant_scale_the_noise() {
     synth(dir, 3, 1500, 22);
     set_sites_per_unit(dir, 3);
     let fed = start(dir).await;
-    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut alice = fed.client("alice").await.unwrap();
     let engine = fed.coordinator.engine.clone();
 
     // AVG(birth_year), bounds [1900, 2030]: noise for a half-width of 65, not 2030.
@@ -271,9 +267,7 @@ async fn small_cells_are_suppressed_on_noisy_counts_with_a_reason() {
     )
     .await
     .unwrap();
-    let mut alice = FedqClient::connect(&fed.url(), &fed.token("alice").unwrap())
-        .await
-        .unwrap();
+    let mut alice = fed.client("alice").await.unwrap();
     alice.query("SET fedq.epsilon = 2").await.unwrap();
     let engine = fed.coordinator.engine.clone();
     // Group F has ~1500 participants, group M none (the WHERE removes it): far on either

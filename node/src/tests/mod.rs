@@ -74,6 +74,7 @@ columns = [ { name = "pid", type = "utf8" } ]
 pub(crate) const NODE_TOML: &str = r#"
 site = "site01"
 listen = "127.0.0.1:0"
+insecure_dev = true
 catalog = "catalog.toml"
 
 [tables.labs]

@@ -1,0 +1,175 @@
+//! Nodes that fail: killed mid-query, stalled past the timeout, restarted. By default any
+//! failure fails the query and charges nothing; with `allow_partial` the answer comes from
+//! the sites that responded and says so. Budgets are checked after every step.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedq::client::FedqClient;
+use fedq::federation::{FederationOptions, LocalFederation};
+use fedq::CliError;
+use fedq_coordinator::engine::{META_COVERAGE, META_SITES_FAILED};
+use fedq_coordinator::release::{META_EPSILON_SPENT, META_SITES_ANSWERED};
+use fedq_coordinator::service::ACTION_BUDGET;
+use fedq_tests::{Fault, FaultProxy};
+use tonic::Code;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+type Proxies = Arc<Mutex<Vec<(String, FaultProxy)>>>;
+
+async fn federation(dir: &std::path::Path, allow_partial: bool) -> (LocalFederation, Proxies) {
+    fedq_tests::synth(dir, 3, 900, 41);
+    let proxies: Proxies = Arc::new(Mutex::new(Vec::new()));
+    let p = proxies.clone();
+    let fed = LocalFederation::start(
+        dir,
+        FederationOptions {
+            node_timeout: Some(TIMEOUT),
+            allow_partial: Some(allow_partial),
+            node_address: Some(Arc::new(move |site: &str, addr| {
+                let proxy = FaultProxy::start(addr);
+                let a = proxy.addr;
+                p.lock().unwrap().push((site.to_string(), proxy));
+                a
+            })),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("federation");
+    (fed, proxies)
+}
+
+fn set(proxies: &Proxies, site: &str, fault: Fault) {
+    let p = proxies.lock().unwrap();
+    p.iter().find(|(s, _)| s == site).unwrap().1.set(fault);
+}
+
+async fn spent(c: &mut FedqClient) -> f64 {
+    c.action(ACTION_BUDGET).await.unwrap()["epsilon_spent"]
+        .as_f64()
+        .unwrap()
+}
+
+/// A query no earlier one equals (no free replay).
+fn sql(k: u32) -> String {
+    format!(
+        "SELECT COUNT(*) FROM participants WHERE birth_year >= {}",
+        1900 + k
+    )
+}
+
+fn unavailable(r: Result<fedq::client::QueryResult, CliError>, site: &str) {
+    match r {
+        Err(CliError::Server { code, message }) => {
+            assert_eq!(code, Code::Unavailable, "{message}");
+            assert!(message.contains(site), "{message}");
+            assert!(message.contains("no budget was charged"), "{message}");
+        }
+        Err(e) => panic!("expected UNAVAILABLE, got {e}"),
+        Ok(_) => panic!("expected UNAVAILABLE, the query was answered"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn by_default_a_failing_node_fails_the_query_and_charges_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, proxies) = federation(tmp.path(), false).await;
+    let mut alice = fed.client("alice").await.unwrap();
+    let mut expected = 0.0;
+    alice.query(&sql(1)).await.unwrap();
+    expected += 1.0;
+    assert_eq!(spent(&mut alice).await, expected);
+
+    // Killed mid-query: site02 receives the request and its connection dies.
+    set(&proxies, "site02", Fault::Kill);
+    unavailable(alice.query(&sql(2)).await, "site02");
+    assert_eq!(spent(&mut alice).await, expected, "nothing charged");
+
+    // It comes back: the next query works without restarting the coordinator.
+    set(&proxies, "site02", Fault::Pass);
+    let r = alice.query(&sql(3)).await.unwrap();
+    expected += 1.0;
+    assert_eq!(
+        r.schema.metadata()[META_SITES_ANSWERED],
+        "site01,site02,site03"
+    );
+    assert_eq!(spent(&mut alice).await, expected);
+
+    // Stalled past the per-node timeout.
+    set(&proxies, "site02", Fault::Stall);
+    let t = Instant::now();
+    unavailable(alice.query(&sql(4)).await, "site02");
+    let took = t.elapsed();
+    assert!(
+        took >= TIMEOUT,
+        "gave up after {took:?}, before the timeout"
+    );
+    assert!(took < TIMEOUT * 10, "took {took:?}");
+    assert_eq!(spent(&mut alice).await, expected, "nothing charged");
+
+    // The hospital restarts its node (same address); the coordinator was never restarted.
+    set(&proxies, "site02", Fault::Pass);
+    fed.restart_node(1).await.unwrap();
+    let r = alice.query(&sql(5)).await.unwrap();
+    expected += 1.0;
+    assert_eq!(
+        r.schema.metadata()[META_SITES_ANSWERED],
+        "site01,site02,site03"
+    );
+    assert_eq!(r.schema.metadata()[META_COVERAGE], "3/3");
+    assert_eq!(spent(&mut alice).await, expected);
+
+    // The ledger agrees: three released charges, no refund, failures audited.
+    let ledger = fed.coordinator.engine.ledger();
+    let charges = ledger.charges().unwrap();
+    assert_eq!(charges.len(), 3);
+    assert!(charges.iter().all(|c| c.state == "released"));
+    assert!(ledger.verify().unwrap().ok());
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_allow_partial_the_answer_states_its_coverage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fed, proxies) = federation(tmp.path(), true).await;
+    let mut alice = fed.client("alice").await.unwrap();
+
+    set(&proxies, "site02", Fault::Stall);
+    let r = alice.query(&sql(1)).await.unwrap();
+    let md = r.schema.metadata();
+    assert_eq!(md[META_SITES_ANSWERED], "site01,site03");
+    assert_eq!(md[META_SITES_FAILED], "site02");
+    assert_eq!(md[META_COVERAGE], "2/3");
+    assert_eq!(md[META_EPSILON_SPENT], "1");
+    assert_eq!(
+        spent(&mut alice).await,
+        1.0,
+        "charged once, as for a full answer"
+    );
+
+    set(&proxies, "site03", Fault::Kill);
+    let r = alice.query(&sql(2)).await.unwrap();
+    assert_eq!(r.schema.metadata()[META_SITES_ANSWERED], "site01");
+    assert_eq!(r.schema.metadata()[META_COVERAGE], "1/3");
+    assert_eq!(spent(&mut alice).await, 2.0);
+
+    // No site answers: the query fails and nothing is charged.
+    set(&proxies, "site01", Fault::Stall);
+    set(&proxies, "site03", Fault::Stall);
+    match alice.query(&sql(3)).await {
+        Err(CliError::Server { code, message }) => {
+            assert_eq!(code, Code::Unavailable, "{message}")
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    assert_eq!(spent(&mut alice).await, 2.0);
+    for s in ["site01", "site02", "site03"] {
+        set(&proxies, s, Fault::Pass);
+    }
+    let r = alice.query(&sql(4)).await.unwrap();
+    assert_eq!(r.schema.metadata()[META_COVERAGE], "3/3");
+    assert_eq!(r.schema.metadata()[META_SITES_FAILED], "");
+    fed.shutdown().await.unwrap();
+}

@@ -1,0 +1,185 @@
+//! mTLS between the coordinator and the nodes: a node answers only a client whose
+//! certificate chains to the federation CA and names an allowed coordinator; the
+//! coordinator answers only from a node whose certificate chains to the CA and names the
+//! site it meant to reach.
+
+use std::time::Duration;
+
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::Action;
+use fedq_coordinator::config::{NodeEndpoint, NodeTransport};
+use fedq_coordinator::fanout::NodePool;
+use fedq_node::NodeConfig;
+use fedq_synth::certs::DevCa;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// Ask a node for its info over a channel built from `tls` (or plaintext if `None`).
+async fn node_info(addr: &str, tls: Option<ClientTlsConfig>) -> Result<String, tonic::Status> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10));
+    if let Some(t) = tls {
+        ep = ep.tls_config(t).unwrap();
+    }
+    let channel = ep
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+    let mut client = FlightServiceClient::new(channel);
+    let mut s = client
+        .do_action(Action::new(fedq_common::wire::ACTION_NODE_INFO, ""))
+        .await?
+        .into_inner();
+    let first = s.message().await?.expect("an answer");
+    Ok(String::from_utf8(first.body.to_vec()).unwrap())
+}
+
+fn pem(dir: &std::path::Path, name: &str) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(dir.join(format!("{name}.pem"))).unwrap(),
+        std::fs::read(dir.join(format!("{name}.key"))).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answers_only_allowed_coordinators_with_a_federation_certificate() {
+    fedq_node::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 300, 5);
+    let certs = tmp.path().join("certs");
+    let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    assert!(matches!(
+        cfg.transport,
+        fedq_node::NodeTransport::Tls { .. }
+    ));
+    let node = fedq_node::start(cfg).await.unwrap();
+    let addr = node.addr.to_string();
+    let ca = Certificate::from_pem(std::fs::read(certs.join("ca.pem")).unwrap());
+    let with = |ident: Option<(Vec<u8>, Vec<u8>)>, ca: Certificate| {
+        let mut t = ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .domain_name("site01");
+        if let Some((c, k)) = ident {
+            t = t.identity(Identity::from_pem(c, k));
+        }
+        t
+    };
+
+    // The real coordinator's certificate: answered.
+    let info = node_info(
+        &addr,
+        Some(with(Some(pem(&certs, "coordinator")), ca.clone())),
+    )
+    .await
+    .expect("the allowed coordinator is answered");
+    assert!(info.contains("site01"), "{info}");
+
+    // No client certificate: the TLS handshake fails.
+    let e = node_info(&addr, Some(with(None, ca.clone())))
+        .await
+        .expect_err("no client certificate must be refused");
+    assert_ne!(e.code(), tonic::Code::Ok);
+
+    // Plaintext to a TLS node.
+    node_info(&addr, None)
+        .await
+        .expect_err("plaintext must be refused");
+
+    // A certificate named `coordinator` from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let rogue = DevCa::generate("rogue CA").unwrap();
+    rogue.issue_to(other.path(), "coordinator", &[]).unwrap();
+    let e = node_info(
+        &addr,
+        Some(with(Some(pem(other.path(), "coordinator")), ca.clone())),
+    )
+    .await
+    .expect_err("a certificate from another CA must be refused");
+    assert_ne!(e.code(), tonic::Code::Ok);
+
+    // A certificate from the federation CA whose name is not on the allow-list (here:
+    // another site's certificate, and a freshly issued `intruder`).
+    let fed_ca = DevCa::load(&certs).unwrap();
+    fed_ca.issue_to(other.path(), "intruder", &[]).unwrap();
+    for name in ["intruder"] {
+        let e = node_info(&addr, Some(with(Some(pem(other.path(), name)), ca.clone())))
+            .await
+            .expect_err("a name that is not allowed must be refused");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+        assert!(
+            e.message().contains("allowed_coordinators"),
+            "{}",
+            e.message()
+        );
+    }
+    let e = node_info(&addr, Some(with(Some(pem(&certs, "site02")), ca.clone())))
+        .await
+        .expect_err("another site's certificate is not a coordinator's");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_accepts_only_the_node_certificate_of_the_site_it_asked() {
+    fedq_node::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 300, 6);
+    let coord =
+        fedq_coordinator::CoordinatorConfig::load(&tmp.path().join("coordinator.toml")).unwrap();
+    assert!(matches!(coord.node_transport, NodeTransport::Tls(_)));
+
+    // site02's node, reached as if it were site01: its certificate names site02.
+    let mut cfg = NodeConfig::load(&tmp.path().join("sites/site02/node.toml")).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let site02 = fedq_node::start(cfg).await.unwrap();
+
+    // site01's data served with a certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let rogue = DevCa::generate("rogue CA").unwrap();
+    rogue.issue_to(other.path(), "site01", &[]).unwrap();
+    let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    if let fedq_node::NodeTransport::Tls { pem, .. } = &mut cfg.transport {
+        pem.cert = std::fs::read(other.path().join("site01.pem")).unwrap();
+        pem.key = std::fs::read(other.path().join("site01.key")).unwrap();
+    }
+    let rogue_node = fedq_node::start(cfg).await.unwrap();
+
+    let ep = |site: &str, addr: std::net::SocketAddr| NodeEndpoint {
+        site: site.into(),
+        endpoint: format!("https://{addr}"),
+        tls_name: None,
+    };
+    let pool = NodePool::new(
+        &[
+            ep("site01", site02.addr),
+            ep("site02", site02.addr),
+            // Named as the certificate is, so only the CA differs.
+            NodeEndpoint {
+                tls_name: Some("site01".into()),
+                ..ep("site03", rogue_node.addr)
+            },
+        ],
+        Duration::from_secs(10),
+        &coord.node_transport,
+    )
+    .unwrap();
+    let infos = pool.info().await;
+    assert!(
+        infos[0].1.is_err(),
+        "site02's certificate accepted for site01: {:?}",
+        infos[0]
+    );
+    assert_eq!(infos[1].1.as_ref().unwrap().site, "site02");
+    assert!(
+        infos[2].1.is_err(),
+        "a certificate from another CA accepted: {:?}",
+        infos[2]
+    );
+    site02.shutdown().await.unwrap();
+    rogue_node.shutdown().await.unwrap();
+}
