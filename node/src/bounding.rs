@@ -895,6 +895,28 @@ fn count_unit(plan: &BoundingPlan, acc: &mut [i128]) {
     }
 }
 
+/// The clamped fixed-point value of `slot` in a kept row; `None` if it is NULL (or NaN).
+#[inline]
+fn fixed_value(
+    plan: &BoundingPlan,
+    slot: usize,
+    nulls: u64,
+    vals: &[u64],
+    precision: f64,
+    lo_fp: f64,
+    hi_fp: f64,
+) -> Option<i128> {
+    if nulls & (1 << slot) != 0 {
+        return None;
+    }
+    let v = match plan.slots[slot].kind {
+        SlotKind::Int => vals[slot] as i64 as f64,
+        SlotKind::Float => f64::from_bits(vals[slot]),
+        SlotKind::NullOnly => return None,
+    };
+    to_fixed(v, precision, lo_fp, hi_fp)
+}
+
 /// Add one kept row to its group's accumulators.
 #[inline]
 fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
@@ -914,15 +936,7 @@ fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
                 lo_fp,
                 hi_fp,
             } => {
-                if nulls & (1 << slot) != 0 {
-                    continue;
-                }
-                let v = match plan.slots[slot].kind {
-                    SlotKind::Int => vals[slot] as i64 as f64,
-                    SlotKind::Float => f64::from_bits(vals[slot]),
-                    SlotKind::NullOnly => continue,
-                };
-                if let Some(fp) = to_fixed(v, precision, lo_fp, hi_fp) {
+                if let Some(fp) = fixed_value(plan, slot, nulls, vals, precision, lo_fp, hi_fp) {
                     *slot_acc = slot_acc.saturating_add(fp);
                 }
             }
@@ -933,15 +947,7 @@ fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
                 hi_fp,
                 mid_fp,
             } => {
-                if nulls & (1 << slot) != 0 {
-                    continue;
-                }
-                let v = match plan.slots[slot].kind {
-                    SlotKind::Int => vals[slot] as i64 as f64,
-                    SlotKind::Float => f64::from_bits(vals[slot]),
-                    SlotKind::NullOnly => continue,
-                };
-                if let Some(fp) = to_fixed(v, precision, lo_fp, hi_fp) {
+                if let Some(fp) = fixed_value(plan, slot, nulls, vals, precision, lo_fp, hi_fp) {
                     // |fp - mid| <= 2e12 (validated), so the square fits.
                     let d = fp.saturating_sub(mid_fp);
                     *slot_acc = slot_acc.saturating_add(d.saturating_mul(d));
