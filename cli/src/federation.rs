@@ -50,6 +50,9 @@ pub struct FederationOptions {
     pub allow_partial: Option<bool>,
     /// Where the coordinator dials each node (default: the node's own address).
     pub node_address: Option<NodeAddressHook>,
+    /// Override every node's memory limit per query, in bytes (tests use limits far
+    /// below the 1 MiB granularity of `max_query_memory_mb`).
+    pub node_memory_limit: Option<usize>,
 }
 
 impl std::fmt::Debug for FederationOptions {
@@ -74,6 +77,7 @@ impl Default for FederationOptions {
             node_timeout: None,
             allow_partial: None,
             node_address: None,
+            node_memory_limit: None,
         }
     }
 }
@@ -106,6 +110,9 @@ impl LocalFederation {
         for sd in site_dirs(dir)? {
             let mut cfg = NodeConfig::load(&sd.join("node.toml"))?;
             cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            if let Some(bytes) = opts.node_memory_limit {
+                cfg.limits.max_query_memory = bytes;
+            }
             let site = cfg.site.clone();
             let scheme = match cfg.transport {
                 fedq_node::NodeTransport::Tls { .. } => "https",

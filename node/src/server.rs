@@ -476,7 +476,8 @@ mod limit_tests {
             cfg.limits,
             NodeLimits {
                 query_timeout: std::time::Duration::from_secs(1),
-                max_concurrent_queries: 1
+                max_concurrent_queries: 1,
+                ..NodeLimits::default()
             }
         );
         for bad in ["query_timeout_secs = 0\n", "max_concurrent_queries = 0\n"] {
