@@ -163,7 +163,15 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
             format!("grpc://{}", fed.coordinator.addr)
         );
         println!("  cur = conn.cursor(); cur.execute(\"SELECT sex, COUNT(*) FROM participants GROUP BY sex\"); print(cur.fetch_arrow_table())\n");
-        println!("Press Ctrl-C to stop.");
+        if let Some(m) = fed.coordinator.metrics_addr {
+            println!("Prometheus metrics: coordinator http://{m}/metrics");
+        }
+        for (site, n) in fed.sites.iter().zip(&fed.nodes) {
+            if let Some(m) = n.metrics_addr {
+                println!("                    {site} http://{m}/metrics");
+            }
+        }
+        println!("\nPress Ctrl-C to stop.");
         if let Some(p) = &cfg.ready_file {
             let v = serde_json::json!({
                 "url": fed.url(),

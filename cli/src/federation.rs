@@ -113,6 +113,8 @@ impl LocalFederation {
             if let Some(bytes) = opts.node_memory_limit {
                 cfg.limits.max_query_memory = bytes;
             }
+            // Prometheus /metrics on a free loopback port (see `NodeHandle::metrics_addr`).
+            cfg.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
             let site = cfg.site.clone();
             let scheme = match cfg.transport {
                 fedq_node::NodeTransport::Tls { .. } => "https",
@@ -137,6 +139,7 @@ impl LocalFederation {
         let mut cfg = CoordinatorConfig::load(&dir.join("coordinator.toml"))?;
         cfg.nodes = endpoints;
         cfg.listen = opts.coordinator_listen;
+        cfg.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         if let Some(m) = opts.min_reported_count {
             cfg.policy.min_reported_count = m;
         }

@@ -6,6 +6,7 @@
 //! node_timeout_secs = 60         # how long to wait for a node before failing the query
 //! token_ttl_secs = 3600          # lifetime of the bearer token a login returns
 //! allow_partial = false          # true: answer from the sites that responded, stating coverage
+//! metrics_listen = "127.0.0.1:9100"  # optional: Prometheus /metrics over plain HTTP
 //! max_concurrent_queries_per_researcher = 2
 //!
 //! [policy]
@@ -163,6 +164,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     insecure_dev: bool,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +198,8 @@ fn default_token_ttl() -> u64 {
 pub struct CoordinatorConfig {
     /// Address the Flight SQL server binds (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// Where to serve Prometheus `/metrics` (plain HTTP); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
     /// The catalog, loaded and validated.
     pub catalog: Catalog,
     /// Query policy.
@@ -249,6 +254,14 @@ impl CoordinatorConfig {
                 raw.listen
             ))
         })?;
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                CoordinatorError::Config(format!(
+                    "{origin}: metrics_listen = {text:?} is not an address like 127.0.0.1:9100"
+                ))
+            })?),
+        };
         let catalog_path = if raw.catalog.is_absolute() {
             raw.catalog.clone()
         } else {
@@ -310,6 +323,7 @@ impl CoordinatorConfig {
             nodes: raw.nodes,
             researchers: raw.researchers,
             node_timeout: Duration::from_secs(raw.node_timeout_secs),
+            metrics_listen,
         };
         cfg.validate(origin)?;
         Ok(cfg)

@@ -81,6 +81,8 @@ pub struct NodeConfig {
     pub transport: NodeTransport,
     /// Resource limits of this node.
     pub limits: NodeLimits,
+    /// Where to serve Prometheus `/metrics` (plain HTTP); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
     /// The node's own policy per served table (every served table has one): what it shares
     /// on top of the catalog, which it can only narrow.
     pub policy: BTreeMap<String, TablePolicy>,
@@ -170,6 +172,8 @@ struct RawConfig {
     max_concurrent_queries: Option<usize>,
     #[serde(default)]
     max_query_memory_mb: Option<usize>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,7 +237,7 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         bad(format!(
-            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, query_timeout_secs, max_concurrent_queries, max_query_memory_mb, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path, format, columns, max_rows_per_unit and [tables.NAME.clamp] COLUMN = {{ lower, upper }}): {}",
+            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, query_timeout_secs, max_concurrent_queries, max_query_memory_mb, metrics_listen, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path, format, columns, max_rows_per_unit and [tables.NAME.clamp] COLUMN = {{ lower, upper }}): {}",
             e.to_string().trim_end()
         ))
     })?;
@@ -317,6 +321,14 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
             }
         }
     };
+    let metrics_listen = match &raw.metrics_listen {
+        None => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            bad(format!(
+                "`metrics_listen = \"{text}\"` is not an IP address with a port; write e.g. \"127.0.0.1:9101\""
+            ))
+        })?),
+    };
     let mut limits = NodeLimits::default();
     if let Some(mb) = raw.max_query_memory_mb {
         if mb == 0 || mb > 1024 * 1024 {
@@ -345,6 +357,7 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     Ok(NodeConfig {
         limits,
         policy,
+        metrics_listen,
         site: raw.site,
         listen,
         catalog,

@@ -102,6 +102,7 @@ mod config;
 mod engine;
 mod error;
 mod filter;
+mod metrics;
 mod server;
 
 #[cfg(test)]
@@ -115,6 +116,7 @@ pub use config::{
 };
 pub use engine::{NodeEngine, MAX_QUERY_ID_CHARS};
 pub use error::NodeError;
+pub use metrics::NodeMetrics;
 pub use server::{
     certificate_names, install_crypto_provider, start, Access, NodeHandle, NodeService,
     MAX_DECODING_MESSAGE_BYTES,
