@@ -243,7 +243,7 @@ impl NodeEngine {
                 GreedyMemoryPool::new(self.max_query_memory),
                 std::num::NonZeroUsize::MIN.saturating_add(2),
             ));
-            let runtime = RuntimeEnvBuilder::from_runtime_env(&state.runtime_env())
+            let runtime = RuntimeEnvBuilder::from_runtime_env(state.runtime_env())
                 .with_memory_pool(Arc::clone(&pool))
                 .build_arc()
                 .map_err(exec_err)?;
