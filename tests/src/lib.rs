@@ -36,7 +36,7 @@ pub fn set_rows_per_unit(dir: &Path, r: u32) {
         let mut doc: toml::Table =
             toml::from_str(&std::fs::read_to_string(&node_toml).expect("node.toml")).expect("toml");
         if let Some(tables) = doc.get_mut("tables").and_then(|t| t.as_table_mut()) {
-            for t in tables.values_mut().filter_map(|t| t.as_table_mut()) {
+            for t in tables.iter_mut().filter_map(|(_, t)| t.as_table_mut()) {
                 t.remove("max_rows_per_unit");
             }
         }
