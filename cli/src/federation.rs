@@ -27,6 +27,8 @@ pub struct LocalFederation {
     pub passwords: BTreeMap<String, String>,
     /// Officer name -> password (read from `officers/<name>.password`).
     pub officer_passwords: BTreeMap<String, String>,
+    /// Whether the coordinator's researcher endpoint uses TLS.
+    pub researcher_tls: bool,
 }
 
 /// Maps a site and its node's address to the address the coordinator dials (tests put a
@@ -181,6 +183,7 @@ impl LocalFederation {
                 officer_passwords.insert(o.name.clone(), t);
             }
         }
+        let researcher_tls = cfg.researcher_tls.is_some();
         // The config's SQLite ledger (`ledger.sqlite` in the synth directory by default).
         let coordinator = fedq_coordinator::start(cfg).await?;
         Ok(LocalFederation {
@@ -191,12 +194,19 @@ impl LocalFederation {
             coordinator,
             passwords,
             officer_passwords,
+            researcher_tls,
         })
     }
 
-    /// The coordinator's Flight SQL URL.
+    /// The coordinator's Flight SQL URL (`https://` when `[researcher_tls]` is set).
     pub fn url(&self) -> String {
-        format!("http://{}", self.coordinator.addr)
+        let scheme = if self.researcher_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.coordinator.addr)
+    }
+
+    /// The federation CA (PEM), which issued the coordinator's certificate.
+    pub fn ca(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.dir.join("certs").join("ca.pem")).ok()
     }
 
     /// Password of a researcher or officer.
@@ -210,7 +220,14 @@ impl LocalFederation {
 
     /// A client logged in as `user` (a researcher or an officer).
     pub async fn client(&self, user: &str) -> Result<crate::client::FedqClient, CliError> {
-        crate::client::FedqClient::connect(&self.url(), user, &self.password(user)?).await
+        let ca = self.ca();
+        crate::client::FedqClient::connect_with_ca(
+            &self.url(),
+            ca.as_deref(),
+            user,
+            &self.password(user)?,
+        )
+        .await
     }
 
     /// Stop one node (to simulate a site going down). Returns its site name.

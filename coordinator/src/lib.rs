@@ -146,12 +146,27 @@ pub async fn start_with_ledger(
         ),
         None => None,
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &config.researcher_tls {
+        // Fails only if a provider is already installed, which is what we want.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
+            .timeout(std::time::Duration::from_secs(10));
+        builder = builder.tls_config(tls).map_err(|e| {
+            CoordinatorError::Config(format!(
+                "{}: {e}; check [researcher_tls] cert and key",
+                t.cert_path.display()
+            ))
+        })?;
+        tracing::info!(%addr, "researcher endpoint: TLS (grpc+tls://)");
+    }
     let (tx, rx) = oneshot::channel::<()>();
     // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs hold small response frames
     // back for tens of milliseconds.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(intercepted)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;

@@ -139,7 +139,13 @@ pub(crate) fn coordinator_toml(
          [tls]\n\
          ca = \"certs/ca.pem\"\n\
          cert = \"certs/{coord}.pem\"\n\
-         key = \"certs/{coord}.key\"\n",
+         key = \"certs/{coord}.key\"\n\
+         \n\
+         # TLS for researchers (Flight SQL over grpc+tls://; clients pass the CA, e.g.\n\
+         # `fedq sql --ca certs/ca.pem --url https://127.0.0.1:{base_port}`). Uncomment to enable:\n\
+         # [researcher_tls]\n\
+         # cert = \"certs/{coord}.pem\"\n\
+         # key = \"certs/{coord}.key\"\n",
         coord = crate::COORDINATOR_CERT_NAME
     );
     for (site, port) in sites {
