@@ -28,7 +28,7 @@ impl NodeMetrics {
         let requests = IntCounterVec::new(
             konst(Opts::new(
                 "fedq_node_requests_total",
-                "partial-aggregate requests (DoGet) by outcome: ok, refused, busy, over_limit, timed_out, failed",
+                "partial-aggregate requests (DoGet) by outcome: ok, refused, over_limit (busy or over the memory limit), timed_out, failed",
             )),
             &["outcome"],
         )
