@@ -29,12 +29,14 @@ pub struct Connection {
     pub user: String,
     /// Password (logs in through the Flight handshake).
     pub password: String,
+    /// CA (PEM) for a coordinator endpoint with TLS.
+    pub ca: Option<Vec<u8>>,
 }
 
 impl Connection {
     /// Log in and return a client.
     pub async fn client(&self) -> Result<FedqClient, CliError> {
-        FedqClient::connect(&self.url, &self.user, &self.password).await
+        FedqClient::connect_with_ca(&self.url, self.ca.as_deref(), &self.user, &self.password).await
     }
 }
 

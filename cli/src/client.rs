@@ -48,14 +48,25 @@ impl FedqClient {
     /// password: the Flight handshake with Basic credentials returns a bearer token that
     /// every later call carries.
     pub async fn connect(url: &str, user: &str, password: &str) -> Result<FedqClient, CliError> {
-        let channel = open_channel(url).await?;
+        Self::connect_with_ca(url, None, user, password).await
+    }
+
+    /// [`FedqClient::connect`] to a coordinator whose endpoint may use TLS
+    /// (`https://` or `grpc+tls://`): its certificate must chain to `ca` (PEM).
+    pub async fn connect_with_ca(
+        url: &str,
+        ca: Option<&[u8]>,
+        user: &str,
+        password: &str,
+    ) -> Result<FedqClient, CliError> {
+        let channel = open_channel(url, ca).await?;
         let token = login(channel.clone(), user, password).await?;
         Self::with_channel(channel, &token)
     }
 
     /// Connect with a bearer token obtained earlier (see [`login`]).
     pub async fn connect_with_token(url: &str, token: &str) -> Result<FedqClient, CliError> {
-        let channel = open_channel(url).await?;
+        let channel = open_channel(url, None).await?;
         Self::with_channel(channel, token)
     }
 
@@ -127,16 +138,36 @@ impl FedqClient {
     }
 }
 
-async fn open_channel(url: &str) -> Result<Channel, CliError> {
-    Channel::from_shared(url.to_string())
-        .map_err(|e| CliError::User(format!("invalid coordinator URL {url:?}: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| {
-            CliError::User(format!(
-                "cannot connect to the coordinator at {url}: {e}; is `fedq coordinator` running there?"
-            ))
-        })
+async fn open_channel(url: &str, ca: Option<&[u8]>) -> Result<Channel, CliError> {
+    // ADBC spells the schemes grpc:// and grpc+tls://.
+    let dial = if let Some(rest) = url.strip_prefix("grpc+tls://") {
+        format!("https://{rest}")
+    } else if let Some(rest) = url.strip_prefix("grpc://") {
+        format!("http://{rest}")
+    } else {
+        url.to_string()
+    };
+    let mut endpoint = Channel::from_shared(dial.clone())
+        .map_err(|e| CliError::User(format!("invalid coordinator URL {url:?}: {e}")))?;
+    if dial.starts_with("https://") {
+        let Some(ca) = ca else {
+            return Err(CliError::User(format!(
+                "{url} uses TLS: pass --ca FILE (or FEDQ_CA) with the CA that issued the coordinator's certificate"
+            )));
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .map_err(|e| CliError::User(format!("TLS setup for {url}: {e}")))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        CliError::User(format!(
+            "cannot connect to the coordinator at {url}: {e}; is `fedq coordinator` running there?"
+        ))
+    })
 }
 
 /// Log in over `channel`: the Flight handshake with `authorization: Basic` returns the

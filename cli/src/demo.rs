@@ -27,6 +27,8 @@ pub struct DemoConfig {
     pub dir: Option<PathBuf>,
     /// When serving, write `{"url":..,"token":..,"dir":..}` here once ready (for scripts).
     pub ready_file: Option<PathBuf>,
+    /// Serve the researcher endpoint over TLS with the synthetic coordinator certificate.
+    pub researcher_tls: bool,
 }
 
 /// The example research queries, with what each shows.
@@ -86,6 +88,16 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
         base_port: 50050,
     })?;
     println!("  done in {:.1} s", t.elapsed().as_secs_f64());
+    if cfg.researcher_tls {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("coordinator.toml"))?;
+        writeln!(
+            f,
+            "\n[researcher_tls]\ncert = \"certs/coordinator.pem\"\nkey = \"certs/coordinator.key\""
+        )?;
+    }
     let opts = FederationOptions {
         coordinator_listen: if cfg.serve {
             cfg.listen
@@ -148,8 +160,13 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
         let password_file = dir.join("researchers").join("alice.password");
         println!("The federation keeps running. Connect with:\n");
         println!(
-            "  fedq sql --url {} --user alice --password-file {}\n",
+            "  fedq sql --url {}{} --user alice --password-file {}\n",
             fed.url(),
+            if fed.researcher_tls {
+                format!(" --ca {}", dir.join("certs").join("ca.pem").display())
+            } else {
+                String::new()
+            },
             password_file.display()
         );
         println!("or from Python (pip install adbc-driver-flightsql pyarrow):\n");
@@ -163,11 +180,24 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
             format!("grpc://{}", fed.coordinator.addr)
         );
         println!("  cur = conn.cursor(); cur.execute(\"SELECT sex, COUNT(*) FROM participants GROUP BY sex\"); print(cur.fetch_arrow_table())\n");
-        println!("Press Ctrl-C to stop.");
+        if let Some(m) = fed.coordinator.metrics_addr {
+            println!("Prometheus metrics: coordinator http://{m}/metrics");
+        }
+        for (site, n) in fed.sites.iter().zip(&fed.nodes) {
+            if let Some(m) = n.metrics_addr {
+                println!("                    {site} http://{m}/metrics");
+            }
+        }
+        println!("\nPress Ctrl-C to stop.");
         if let Some(p) = &cfg.ready_file {
             let v = serde_json::json!({
                 "url": fed.url(),
-                "grpc": format!("grpc://{}", fed.coordinator.addr),
+                "grpc": if fed.researcher_tls {
+                    format!("grpc+tls://{}", fed.coordinator.addr)
+                } else {
+                    format!("grpc://{}", fed.coordinator.addr)
+                },
+                "ca": dir.join("certs").join("ca.pem"),
                 "user": "alice",
                 "password": fed.password("alice")?,
                 "bob_password": fed.password("bob").unwrap_or_default(),

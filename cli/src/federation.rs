@@ -27,6 +27,8 @@ pub struct LocalFederation {
     pub passwords: BTreeMap<String, String>,
     /// Officer name -> password (read from `officers/<name>.password`).
     pub officer_passwords: BTreeMap<String, String>,
+    /// Whether the coordinator's researcher endpoint uses TLS.
+    pub researcher_tls: bool,
 }
 
 /// Maps a site and its node's address to the address the coordinator dials (tests put a
@@ -50,6 +52,9 @@ pub struct FederationOptions {
     pub allow_partial: Option<bool>,
     /// Where the coordinator dials each node (default: the node's own address).
     pub node_address: Option<NodeAddressHook>,
+    /// Override every node's memory limit per query, in bytes (tests use limits far
+    /// below the 1 MiB granularity of `max_query_memory_mb`).
+    pub node_memory_limit: Option<usize>,
 }
 
 impl std::fmt::Debug for FederationOptions {
@@ -74,6 +79,7 @@ impl Default for FederationOptions {
             node_timeout: None,
             allow_partial: None,
             node_address: None,
+            node_memory_limit: None,
         }
     }
 }
@@ -106,6 +112,11 @@ impl LocalFederation {
         for sd in site_dirs(dir)? {
             let mut cfg = NodeConfig::load(&sd.join("node.toml"))?;
             cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            if let Some(bytes) = opts.node_memory_limit {
+                cfg.limits.max_query_memory = bytes;
+            }
+            // Prometheus /metrics on a free loopback port (see `NodeHandle::metrics_addr`).
+            cfg.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
             let site = cfg.site.clone();
             let scheme = match cfg.transport {
                 fedq_node::NodeTransport::Tls { .. } => "https",
@@ -130,6 +141,7 @@ impl LocalFederation {
         let mut cfg = CoordinatorConfig::load(&dir.join("coordinator.toml"))?;
         cfg.nodes = endpoints;
         cfg.listen = opts.coordinator_listen;
+        cfg.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         if let Some(m) = opts.min_reported_count {
             cfg.policy.min_reported_count = m;
         }
@@ -171,6 +183,7 @@ impl LocalFederation {
                 officer_passwords.insert(o.name.clone(), t);
             }
         }
+        let researcher_tls = cfg.researcher_tls.is_some();
         // The config's SQLite ledger (`ledger.sqlite` in the synth directory by default).
         let coordinator = fedq_coordinator::start(cfg).await?;
         Ok(LocalFederation {
@@ -181,12 +194,19 @@ impl LocalFederation {
             coordinator,
             passwords,
             officer_passwords,
+            researcher_tls,
         })
     }
 
-    /// The coordinator's Flight SQL URL.
+    /// The coordinator's Flight SQL URL (`https://` when `[researcher_tls]` is set).
     pub fn url(&self) -> String {
-        format!("http://{}", self.coordinator.addr)
+        let scheme = if self.researcher_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.coordinator.addr)
+    }
+
+    /// The federation CA (PEM), which issued the coordinator's certificate.
+    pub fn ca(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.dir.join("certs").join("ca.pem")).ok()
     }
 
     /// Password of a researcher or officer.
@@ -200,7 +220,14 @@ impl LocalFederation {
 
     /// A client logged in as `user` (a researcher or an officer).
     pub async fn client(&self, user: &str) -> Result<crate::client::FedqClient, CliError> {
-        crate::client::FedqClient::connect(&self.url(), user, &self.password(user)?).await
+        let ca = self.ca();
+        crate::client::FedqClient::connect_with_ca(
+            &self.url(),
+            ca.as_deref(),
+            user,
+            &self.password(user)?,
+        )
+        .await
     }
 
     /// Stop one node (to simulate a site going down). Returns its site name.

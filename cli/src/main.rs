@@ -320,6 +320,7 @@ impl From<Conn> for fedq::admin::Connection {
             url: c.url,
             user: c.user,
             password: c.password,
+            ca: c.ca,
         }
     }
 }
@@ -377,6 +378,10 @@ struct ConnArgs {
     /// File holding your password (e.g. researchers/alice.password from `fedq synth`).
     #[arg(long, env = "FEDQ_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that issued the coordinator's certificate, for a TLS endpoint
+    /// (`https://` or `grpc+tls://` URLs).
+    #[arg(long, env = "FEDQ_CA")]
+    ca: Option<PathBuf>,
 }
 
 /// Validated connection settings.
@@ -384,6 +389,7 @@ struct Conn {
     url: String,
     user: String,
     password: String,
+    ca: Option<Vec<u8>>,
 }
 
 impl TryFrom<ConnArgs> for Conn {
@@ -419,10 +425,17 @@ impl TryFrom<ConnArgs> for Conn {
                     .ok_or_else(|| CliError::User("pass --user NAME (or set FEDQ_USER)".into()))?
             }
         };
+        let ca = match &a.ca {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                CliError::User(format!("cannot read CA file {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
         Ok(Conn {
             url: a.url,
             user,
             password,
+            ca,
         })
     }
 }
@@ -614,6 +627,10 @@ struct DemoArgs {
     /// With --serve: write connection details as JSON to this file once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Serve the researcher endpoint over TLS (grpc+tls://) with the synthetic
+    /// coordinator certificate; clients pass certs/ca.pem of the federation directory.
+    #[arg(long)]
+    researcher_tls: bool,
 }
 
 impl TryFrom<DemoArgs> for fedq::demo::DemoConfig {
@@ -632,6 +649,7 @@ impl TryFrom<DemoArgs> for fedq::demo::DemoConfig {
             listen: a.listen,
             dir: a.dir,
             ready_file: a.ready_file,
+            researcher_tls: a.researcher_tls,
         })
     }
 }
@@ -661,7 +679,9 @@ struct AccuracyArgs {
 
 async fn run_sql(args: SqlArgs) -> Result<(), CliError> {
     let conn = Conn::try_from(args.conn)?;
-    let mut client = FedqClient::connect(&conn.url, &conn.user, &conn.password).await?;
+    let mut client =
+        FedqClient::connect_with_ca(&conn.url, conn.ca.as_deref(), &conn.user, &conn.password)
+            .await?;
     if let Some(e) = args.epsilon {
         client.query(&format!("SET fedq.epsilon = {e}")).await?;
     }
@@ -728,7 +748,9 @@ fn line_is_complete(_buf: &str) -> bool {
 
 async fn run_status(args: ConnArgs) -> Result<(), CliError> {
     let conn = Conn::try_from(args)?;
-    let mut client = FedqClient::connect(&conn.url, &conn.user, &conn.password).await?;
+    let mut client =
+        FedqClient::connect_with_ca(&conn.url, conn.ca.as_deref(), &conn.user, &conn.password)
+            .await?;
     let v = client
         .action(fedq_coordinator::service::ACTION_STATUS)
         .await?;

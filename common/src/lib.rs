@@ -8,6 +8,8 @@
 //!   and the query policy. Both coordinator and node load the same catalog file; the node
 //!   uses it to check its local files and to validate every request it receives.
 //! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
+//! - [`metrics`]: the Prometheus `/metrics` HTTP endpoint both sides serve (each with its
+//!   own registry).
 //!
 //! Rules that the types encode:
 //! - A request names a table, a filter, public group keys and partial aggregates. There
@@ -17,6 +19,7 @@
 //!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
 
 pub mod catalog;
+pub mod metrics;
 pub mod tls;
 pub mod wire;
 

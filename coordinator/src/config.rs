@@ -6,6 +6,11 @@
 //! node_timeout_secs = 60         # how long to wait for a node before failing the query
 //! token_ttl_secs = 3600          # lifetime of the bearer token a login returns
 //! allow_partial = false          # true: answer from the sites that responded, stating coverage
+//! metrics_listen = "127.0.0.1:9100"  # optional: Prometheus /metrics over plain HTTP
+//!
+//! [researcher_tls]               # optional: TLS on the Flight SQL endpoint (grpc+tls://)
+//! cert = "certs/coordinator.pem"
+//! key = "certs/coordinator.key"
 //! max_concurrent_queries_per_researcher = 2
 //!
 //! [policy]
@@ -163,6 +168,37 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     insecure_dev: bool,
+    #[serde(default)]
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    researcher_tls: Option<RawResearcherTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResearcherTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// TLS on the researcher-facing Flight SQL endpoint: the coordinator's certificate chain
+/// and key (PEM). Researchers verify it with the CA that issued it.
+#[derive(Clone)]
+pub struct ResearcherTls {
+    /// Certificate chain (PEM).
+    pub cert: Vec<u8>,
+    /// Private key (PEM).
+    pub key: Vec<u8>,
+    /// Where the certificate was read from, for messages.
+    pub cert_path: PathBuf,
+}
+
+impl std::fmt::Debug for ResearcherTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResearcherTls")
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +231,10 @@ fn default_token_ttl() -> u64 {
 pub struct CoordinatorConfig {
     /// Address the Flight SQL server binds (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// Where to serve Prometheus `/metrics` (plain HTTP); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the researcher endpoint (`[researcher_tls]`); `None`: plaintext gRPC.
+    pub researcher_tls: Option<ResearcherTls>,
     /// The catalog, loaded and validated.
     pub catalog: Catalog,
     /// Query policy.
@@ -249,6 +289,41 @@ impl CoordinatorConfig {
                 raw.listen
             ))
         })?;
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                CoordinatorError::Config(format!(
+                    "{origin}: metrics_listen = {text:?} is not an address like 127.0.0.1:9100"
+                ))
+            })?),
+        };
+        let researcher_tls = match &raw.researcher_tls {
+            None => None,
+            Some(t) => {
+                let read = |p: &PathBuf, what: &str| {
+                    let path = if p.is_absolute() {
+                        p.clone()
+                    } else {
+                        base_dir.join(p)
+                    };
+                    std::fs::read(&path)
+                        .map(|b| (b, path.clone()))
+                        .map_err(|e| {
+                            CoordinatorError::Config(format!(
+                                "{origin}: [researcher_tls] {what} {}: {e}; fix the path",
+                                path.display()
+                            ))
+                        })
+                };
+                let (cert, cert_path) = read(&t.cert, "cert")?;
+                let (key, _) = read(&t.key, "key")?;
+                Some(ResearcherTls {
+                    cert,
+                    key,
+                    cert_path,
+                })
+            }
+        };
         let catalog_path = if raw.catalog.is_absolute() {
             raw.catalog.clone()
         } else {
@@ -310,6 +385,8 @@ impl CoordinatorConfig {
             nodes: raw.nodes,
             researchers: raw.researchers,
             node_timeout: Duration::from_secs(raw.node_timeout_secs),
+            metrics_listen,
+            researcher_tls,
         };
         cfg.validate(origin)?;
         Ok(cfg)

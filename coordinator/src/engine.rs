@@ -115,6 +115,7 @@ pub struct Coordinator {
     datasets: Vec<DatasetConfig>,
     sessions: Mutex<HashMap<String, Session>>,
     max_concurrent_per_researcher: usize,
+    metrics: crate::metrics::CoordinatorMetrics,
 }
 
 /// Fresh random id from OpenDP's (OpenSSL-backed) byte source.
@@ -150,7 +151,13 @@ impl Coordinator {
             catalog: config.catalog.clone(),
             sessions: Mutex::new(HashMap::new()),
             max_concurrent_per_researcher: config.max_concurrent_queries_per_researcher,
+            metrics: crate::metrics::CoordinatorMetrics::new(),
         })
+    }
+
+    /// The coordinator's metrics (served at `/metrics` when `metrics_listen` is set).
+    pub fn metrics(&self) -> &crate::metrics::CoordinatorMetrics {
+        &self.metrics
     }
 
     /// Queries one researcher may have running at once.
@@ -253,8 +260,11 @@ impl Coordinator {
     ) -> Result<PlannedQuery, CoordinatorError> {
         let eps = self.session_epsilon(researcher);
         let qid = random_id();
+        let started = std::time::Instant::now();
         let planned = self.planner.plan(sql, eps, &qid).await;
         if let Err(e) = &planned {
+            self.metrics
+                .query(crate::metrics::Outcome::of(e), started.elapsed());
             // A refusal is audited like a query; nothing was asked or charged.
             let body = json!({"query_id": qid, "researcher": researcher, "sql": sql,
                 "epsilon": eps, "epsilon_charged": 0.0, "outcome": "refused", "reason": e.to_string()});
@@ -347,6 +357,33 @@ impl Coordinator {
         q: &PlannedQuery,
     ) -> Result<Released, CoordinatorError> {
         let started = std::time::Instant::now();
+        let result = self.execute_counted(researcher, q, started).await;
+        match &result {
+            Ok(r) => {
+                // What the ledger charged for this answer (0 for a replay).
+                let eps = r
+                    .schema
+                    .metadata()
+                    .get(META_EPSILON_SPENT)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                self.metrics.epsilon_spent(researcher, eps);
+                self.metrics
+                    .query(crate::metrics::Outcome::Ok, started.elapsed());
+            }
+            Err(e) => self
+                .metrics
+                .query(crate::metrics::Outcome::of(e), started.elapsed()),
+        }
+        result
+    }
+
+    async fn execute_counted(
+        &self,
+        researcher: &str,
+        q: &PlannedQuery,
+        started: std::time::Instant,
+    ) -> Result<Released, CoordinatorError> {
         let rec = self.query_record(researcher, q);
         if let Some(r) = self.ledger.replay(&rec)? {
             return self.replayed(researcher, q, r);
@@ -364,9 +401,12 @@ impl Coordinator {
                 });
                 if let CoordinatorError::NodeUnavailable { site, .. }
                 | CoordinatorError::NodeFailed { site, .. }
-                | CoordinatorError::NodeIncompatible { site, .. } = &e
+                | CoordinatorError::NodeIncompatible { site, .. }
+                | CoordinatorError::NodeRefused { site, .. }
+                | CoordinatorError::NodeOverLimit { site, .. } = &e
                 {
                     body["site_failed"] = json!(site);
+                    self.metrics.node_error(site);
                 }
                 if let Err(le) = self.ledger.record("query.failed", researcher, body) {
                     tracing::error!(error = %le, query_id = %q.query_id, "could not audit a failed query");
@@ -374,6 +414,9 @@ impl Coordinator {
                 return Err(e);
             }
         };
+        for site in &merged.sites_failed {
+            self.metrics.node_error(site);
+        }
         let (charge, status) = self.ledger.charge(&rec, &merged.sites_answered)?;
         let mut meta = HashMap::new();
         meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());

@@ -65,6 +65,17 @@ pub enum CoordinatorError {
     /// A node speaks another protocol version. No budget was charged.
     #[error("site {site} runs an incompatible fedq ({detail}); the query was not answered and no budget was charged. Upgrade the older side")]
     NodeIncompatible { site: String, detail: String },
+    /// A node refused the request under its own policy (columns it does not share, a
+    /// lower R cap, narrower clamps). The node's message depends only on the request and
+    /// its policy. No budget was charged.
+    #[error("site {site} refused the query under its own policy: {detail}; no budget was charged. Ask the site, or leave out what it does not share")]
+    NodeRefused { site: String, detail: String },
+    /// A node stopped the query at one of its resource limits (memory per query, busy).
+    /// The node's message names only the limit. No budget was charged.
+    #[error(
+        "site {site} stopped the query at its resource limits: {detail}; no budget was charged"
+    )]
+    NodeOverLimit { site: String, detail: String },
     /// A bug or an unexpected condition; details are only logged.
     #[error("internal error (query id {query_id}); the coordinator log has the details")]
     Internal { query_id: String, detail: String },
@@ -113,6 +124,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NodeFailed { .. } => Status::unavailable(e.to_string()),
             CoordinatorError::TooManyQueries(_) => Status::resource_exhausted(e.to_string()),
             CoordinatorError::NodeIncompatible { .. } => Status::failed_precondition(e.to_string()),
+            CoordinatorError::NodeRefused { .. } => Status::permission_denied(e.to_string()),
+            CoordinatorError::NodeOverLimit { .. } => Status::resource_exhausted(e.to_string()),
             CoordinatorError::Internal { query_id, detail } => {
                 tracing::error!(query_id = %query_id, detail = %detail, "internal error");
                 Status::internal(e.to_string())

@@ -246,6 +246,42 @@ impl NodePool {
     }
 }
 
+/// What a node's error status means for the query (logged here with the node's message).
+fn node_status_error(s: tonic::Status, query_id: &str, site: &str) -> CoordinatorError {
+    tracing::warn!(query_id, site, code = ?s.code(), message = %s.message(), "node error");
+    if s.code() == tonic::Code::InvalidArgument && s.message().contains("protocol version mismatch")
+    {
+        // The node's message names only the two protocol versions.
+        return CoordinatorError::NodeIncompatible {
+            site: site.to_string(),
+            detail: s.message().to_string(),
+        };
+    }
+    // A node's refusals and limits depend only on the request, its policy and its
+    // limits, so their text is passed on (shortened) to say what to change.
+    let detail = || s.message().chars().take(400).collect::<String>();
+    match s.code() {
+        tonic::Code::PermissionDenied => CoordinatorError::NodeRefused {
+            site: site.to_string(),
+            detail: detail(),
+        },
+        tonic::Code::ResourceExhausted => CoordinatorError::NodeOverLimit {
+            site: site.to_string(),
+            detail: detail(),
+        },
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            CoordinatorError::NodeUnavailable {
+                site: site.to_string(),
+                reason: "connection failed".into(),
+            }
+        }
+        _ => CoordinatorError::NodeFailed {
+            site: site.to_string(),
+            query_id: query_id.to_string(),
+        },
+    }
+}
+
 async fn fetch(
     ch: Channel,
     ticket: Vec<u8>,
@@ -253,30 +289,7 @@ async fn fetch(
     site: &str,
 ) -> Result<Vec<RecordBatch>, CoordinatorError> {
     let mut client = FlightServiceClient::new(ch).max_decoding_message_size(MAX_NODE_RESPONSE);
-    let status_err = |s: tonic::Status| -> CoordinatorError {
-        tracing::warn!(query_id, site, code = ?s.code(), message = %s.message(), "node error");
-        if s.code() == tonic::Code::InvalidArgument
-            && s.message().contains("protocol version mismatch")
-        {
-            // The node's message names only the two protocol versions.
-            return CoordinatorError::NodeIncompatible {
-                site: site.to_string(),
-                detail: s.message().to_string(),
-            };
-        }
-        match s.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                CoordinatorError::NodeUnavailable {
-                    site: site.to_string(),
-                    reason: "connection failed".into(),
-                }
-            }
-            _ => CoordinatorError::NodeFailed {
-                site: site.to_string(),
-                query_id: query_id.to_string(),
-            },
-        }
-    };
+    let status_err = |s: tonic::Status| node_status_error(s, query_id, site);
     let resp = client
         .do_get(Ticket::new(ticket))
         .await
@@ -382,4 +395,55 @@ fn merge_batch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    /// What the researcher sees when a node answers with an error: a version mismatch
+    /// names both versions (FAILED_PRECONDITION), a node-policy refusal says what the
+    /// site does not share (PERMISSION_DENIED), a node limit names the limit
+    /// (RESOURCE_EXHAUSTED), anything else is generic.
+    #[test]
+    fn node_errors_become_precise_statuses() {
+        let mismatch = fedq_common::WireError::Version {
+            got: fedq_common::PROTOCOL_VERSION + 1,
+        };
+        let cases = [
+            (
+                tonic::Status::invalid_argument(mismatch.to_string()),
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "site site02 runs an incompatible fedq (protocol version mismatch: peer speaks v{}, this build speaks v{}",
+                    fedq_common::PROTOCOL_VERSION + 1,
+                    fedq_common::PROTOCOL_VERSION
+                ),
+            ),
+            (
+                tonic::Status::permission_denied("column `x` of table `labs` (in COUNT) is not shared by this node"),
+                tonic::Code::PermissionDenied,
+                "site site02 refused the query under its own policy: column `x` of table `labs` (in COUNT) is not shared by this node; no budget was charged".to_string(),
+            ),
+            (
+                tonic::Status::resource_exhausted("node site02: query q needed more than its memory limit of 1 MiB and was stopped"),
+                tonic::Code::ResourceExhausted,
+                "site site02 stopped the query at its resource limits: node site02: query q needed more than its memory limit of 1 MiB".to_string(),
+            ),
+            (
+                tonic::Status::internal("node site02 could not execute query q; details are in the node log"),
+                tonic::Code::Unavailable,
+                "site site02 could not answer the query (query id q); no budget was charged".to_string(),
+            ),
+        ];
+        for (status, code, needle) in cases {
+            let e = tonic::Status::from(node_status_error(status, "q", "site02"));
+            assert_eq!(e.code(), code, "{}", e.message());
+            assert!(
+                e.message().contains(&needle),
+                "{:?} lacks {needle:?}",
+                e.message()
+            );
+        }
+    }
 }

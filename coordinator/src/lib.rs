@@ -43,6 +43,7 @@ pub mod error;
 pub mod explain;
 pub mod fanout;
 pub mod ledger;
+pub mod metrics;
 pub mod noise;
 pub mod planner;
 pub mod predicate;
@@ -71,6 +72,9 @@ pub struct CoordinatorHandle {
     pub addr: SocketAddr,
     /// The engine, for in-process use (tests, demo).
     pub engine: Arc<Coordinator>,
+    /// Address of the `/metrics` endpoint, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    _metrics: Option<fedq_common::metrics::MetricsServer>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -130,12 +134,39 @@ pub async fn start_with_ledger(
         server,
         AuthInterceptor::new(sessions),
     );
+    let metrics = match config.metrics_listen {
+        Some(a) => Some(
+            fedq_common::metrics::serve(a, engine.metrics().registry.clone())
+                .await
+                .map_err(|e| {
+                    CoordinatorError::Config(format!(
+                        "cannot serve /metrics on {a}: {e}; choose another address with `metrics_listen`"
+                    ))
+                })?,
+        ),
+        None => None,
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &config.researcher_tls {
+        // Fails only if a provider is already installed, which is what we want.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
+            .timeout(std::time::Duration::from_secs(10));
+        builder = builder.tls_config(tls).map_err(|e| {
+            CoordinatorError::Config(format!(
+                "{}: {e}; check [researcher_tls] cert and key",
+                t.cert_path.display()
+            ))
+        })?;
+        tracing::info!(%addr, "researcher endpoint: TLS (grpc+tls://)");
+    }
     let (tx, rx) = oneshot::channel::<()>();
     // TCP_NODELAY: without it, Nagle's algorithm and delayed ACKs hold small response frames
     // back for tens of milliseconds.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(intercepted)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
@@ -146,6 +177,8 @@ pub async fn start_with_ledger(
     Ok(CoordinatorHandle {
         addr,
         engine,
+        metrics_addr: metrics.as_ref().map(|m| m.addr),
+        _metrics: metrics,
         shutdown: Some(tx),
         task,
     })

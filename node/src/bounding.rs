@@ -633,6 +633,42 @@ impl Bounder {
         }
     }
 
+    /// Heap bytes held by the bounding state (reservoir arena, participant index,
+    /// per-participant counters, group accumulators), from capacities: what the query's
+    /// memory reservation is sized to after each batch.
+    pub fn memory_bytes(&self) -> usize {
+        use std::mem::size_of;
+        fn map<K, V, S>(m: &std::collections::HashMap<K, V, S>) -> usize {
+            m.capacity() * (size_of::<K>() + size_of::<V>() + 1)
+        }
+        let ids = self.ids.bytes.capacity()
+            + self.ids.ends.capacity() * size_of::<usize>()
+            + map(&self.ids.by_hash)
+            + map(&self.ids.overflow)
+            + self.ids.overflow.keys().map(|k| k.len()).sum::<usize>();
+        let arena = self.arena.groups.capacity() * size_of::<u32>()
+            + self.arena.nulls.capacity() * size_of::<u64>()
+            + self.arena.values.capacity() * size_of::<u64>();
+        let accs = match &self.accs {
+            Accumulators::Dense {
+                present, values, ..
+            } => present.capacity() + values.capacity() * size_of::<i128>(),
+            Accumulators::Sparse { naggs, map: m } => map(m) + m.len() * naggs * size_of::<i128>(),
+        };
+        let seen = self
+            .units_seen
+            .as_ref()
+            .map_or(0, |s| s.capacity() * (size_of::<(u32, u32, u32)>() + 1));
+        ids + arena
+            + accs
+            + seen
+            + self.direct_seen.capacity() * size_of::<u32>()
+            + map(&self.known_units)
+            + self.other_units.capacity() * size_of::<u32>()
+            + self.units.capacity() * size_of::<Unit>()
+            + self.gidx.capacity() * size_of::<u32>()
+    }
+
     /// Whether the query stopped because a participant the counts said had at most R rows
     /// had more (the files changed). Recount and run the query again.
     pub fn is_stale(&self) -> bool {

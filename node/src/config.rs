@@ -1,6 +1,6 @@
 //! Node configuration (`node.toml`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -81,6 +81,33 @@ pub struct NodeConfig {
     pub transport: NodeTransport,
     /// Resource limits of this node.
     pub limits: NodeLimits,
+    /// Where to serve Prometheus `/metrics` (plain HTTP); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The node's own policy per served table (every served table has one): what it shares
+    /// on top of the catalog, which it can only narrow.
+    pub policy: BTreeMap<String, TablePolicy>,
+}
+
+/// What a node shares of one table, on top of the catalog (`[tables.NAME]` keys `columns`,
+/// `max_rows_per_unit` and `[tables.NAME.clamp]` in `node.toml`). A hospital can narrow
+/// what the catalog allows, never widen it: requests outside it are refused by the node.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TablePolicy {
+    /// Columns the node shares (the privacy unit is always used for bounding, never
+    /// returned); `None`: every catalog column.
+    pub columns: Option<BTreeSet<String>>,
+    /// Largest R the node accepts; `None`: the catalog's.
+    pub max_rows_per_unit: Option<u32>,
+    /// Widest clamp `(lower, upper)` the node accepts for a sum over a column; columns
+    /// not listed accept the catalog's bounds.
+    pub clamp: BTreeMap<String, (f64, f64)>,
+}
+
+impl TablePolicy {
+    /// Whether the node shares `column` (the privacy unit `unit` always is, for bounding).
+    pub fn shares(&self, column: &str, unit: &str) -> bool {
+        column == unit || self.columns.as_ref().is_none_or(|c| c.contains(column))
+    }
 }
 
 /// How much of the hospital's server a node may take.
@@ -90,13 +117,22 @@ pub struct NodeLimits {
     pub query_timeout: std::time::Duration,
     /// Queries running at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_concurrent_queries: usize,
+    /// Memory one query may use, in bytes: DataFusion's memory pool for the query (the
+    /// join's hash table and any other operator that reserves memory) and the node's own
+    /// bounding state (reservoirs, participant index) share it. A query that needs more
+    /// fails with `RESOURCE_EXHAUSTED`; the node keeps serving.
+    pub max_query_memory: usize,
 }
+
+/// Default `max_query_memory_mb`.
+pub const DEFAULT_MAX_QUERY_MEMORY_MB: usize = 512;
 
 impl Default for NodeLimits {
     fn default() -> Self {
         NodeLimits {
             query_timeout: std::time::Duration::from_secs(120),
             max_concurrent_queries: 4,
+            max_query_memory: DEFAULT_MAX_QUERY_MEMORY_MB * 1024 * 1024,
         }
     }
 }
@@ -134,6 +170,10 @@ struct RawConfig {
     query_timeout_secs: Option<u64>,
     #[serde(default)]
     max_concurrent_queries: Option<usize>,
+    #[serde(default)]
+    max_query_memory_mb: Option<usize>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +191,19 @@ struct RawTable {
     path: String,
     #[serde(default)]
     format: Option<TableFormat>,
+    #[serde(default)]
+    columns: Option<Vec<String>>,
+    #[serde(default)]
+    max_rows_per_unit: Option<u32>,
+    #[serde(default)]
+    clamp: BTreeMap<String, RawClamp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClamp {
+    lower: f64,
+    upper: f64,
 }
 
 impl NodeConfig {
@@ -184,7 +237,7 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         bad(format!(
-            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, query_timeout_secs, max_concurrent_queries, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path and format): {}",
+            "not a valid node config (expected keys: site, listen, catalog, insecure_dev, query_timeout_secs, max_concurrent_queries, max_query_memory_mb, metrics_listen, a [tls] section with ca, cert, key and allowed_coordinators, and [tables.NAME] sections with path, format, columns, max_rows_per_unit and [tables.NAME.clamp] COLUMN = {{ lower, upper }}): {}",
             e.to_string().trim_end()
         ))
     })?;
@@ -208,8 +261,14 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
         ));
     }
     let mut tables = BTreeMap::new();
+    let mut policy = BTreeMap::new();
     for (name, t) in raw.tables {
-        if catalog.table(&name).is_none() {
+        if let Some(spec) = catalog.table(&name) {
+            policy.insert(
+                name.clone(),
+                table_policy(&name, spec, t.columns, t.max_rows_per_unit, &t.clamp).map_err(bad)?,
+            );
+        } else {
             let known: Vec<&str> = catalog.tables.keys().map(String::as_str).collect();
             return Err(bad(format!(
                 "[tables.{name}] is not a table of the catalog {} (catalog tables: {}); rename the section or ask the privacy officer to declare it",
@@ -262,7 +321,23 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
             }
         }
     };
+    let metrics_listen = match &raw.metrics_listen {
+        None => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            bad(format!(
+                "`metrics_listen = \"{text}\"` is not an IP address with a port; write e.g. \"127.0.0.1:9101\""
+            ))
+        })?),
+    };
     let mut limits = NodeLimits::default();
+    if let Some(mb) = raw.max_query_memory_mb {
+        if mb == 0 || mb > 1024 * 1024 {
+            return Err(bad(format!(
+                "max_query_memory_mb = {mb} must be between 1 and 1048576 (1 TiB)"
+            )));
+        }
+        limits.max_query_memory = mb * 1024 * 1024;
+    }
     if let Some(t) = raw.query_timeout_secs {
         if t == 0 || t > 86_400 {
             return Err(bad(format!(
@@ -281,11 +356,91 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     }
     Ok(NodeConfig {
         limits,
+        policy,
+        metrics_listen,
         site: raw.site,
         listen,
         catalog,
         catalog_path,
         tables,
         transport,
+    })
+}
+
+/// Check one table's node policy against the catalog: it may only narrow it.
+fn table_policy(
+    table: &str,
+    spec: &fedq_common::TableSpec,
+    columns: Option<Vec<String>>,
+    max_rows_per_unit: Option<u32>,
+    clamp: &BTreeMap<String, RawClamp>,
+) -> Result<TablePolicy, String> {
+    let known = || {
+        spec.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let columns = match columns {
+        None => None,
+        Some(list) => {
+            let mut set = BTreeSet::new();
+            for c in list {
+                if spec.column(&c).is_none() {
+                    return Err(format!(
+                        "[tables.{table}] columns lists `{c}`, which the catalog does not declare for this table (catalog columns: {}); remove it",
+                        known()
+                    ));
+                }
+                set.insert(c);
+            }
+            Some(set)
+        }
+    };
+    if let Some(r) = max_rows_per_unit {
+        if r == 0 || r > spec.max_rows_per_unit {
+            return Err(format!(
+                "[tables.{table}] max_rows_per_unit = {r} must be between 1 and the catalog's {}; a node can only lower it",
+                spec.max_rows_per_unit
+            ));
+        }
+    }
+    let mut clamps = BTreeMap::new();
+    for (c, b) in clamp {
+        let Some(col) = spec.column(c) else {
+            return Err(format!(
+                "[tables.{table}.clamp] names `{c}`, which the catalog does not declare for this table (catalog columns: {})",
+                known()
+            ));
+        };
+        let Some(cat) = col.bounds() else {
+            return Err(format!(
+                "[tables.{table}.clamp] `{c}`: the catalog declares no bounds for it, so it cannot be summed; remove it"
+            ));
+        };
+        if !columns.as_ref().is_none_or(|s| s.contains(c)) {
+            return Err(format!(
+                "[tables.{table}.clamp] `{c}` is not in this table's `columns`, so it is not shared; remove the clamp or share the column"
+            ));
+        }
+        if !(b.lower.is_finite() && b.upper.is_finite()) || b.lower >= b.upper {
+            return Err(format!(
+                "[tables.{table}.clamp] `{c}` = [{}, {}] needs finite bounds with lower < upper",
+                b.lower, b.upper
+            ));
+        }
+        if b.lower < cat.lower || b.upper > cat.upper {
+            return Err(format!(
+                "[tables.{table}.clamp] `{c}` = [{}, {}] is wider than the catalog's [{}, {}]; a node can only narrow it",
+                b.lower, b.upper, cat.lower, cat.upper
+            ));
+        }
+        clamps.insert(c.clone(), (b.lower, b.upper));
+    }
+    Ok(TablePolicy {
+        columns,
+        max_rows_per_unit,
+        clamp: clamps,
     })
 }

@@ -9,7 +9,12 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::{Column, JoinType};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryPool, TrackConsumersPool,
+};
 use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
@@ -69,6 +74,8 @@ fn proj_index(col: &ColumnRef, proj: &mut Vec<ColumnRef>) -> usize {
 /// A table served by this node.
 struct ServedTable {
     spec: TableSpec,
+    /// The node's own policy for this table (it narrows the catalog).
+    policy: crate::config::TablePolicy,
     /// The table restricted to its catalog columns.
     df: DataFrame,
     /// Rows per participant over the whole table, recounted when found stale.
@@ -92,6 +99,8 @@ pub struct NodeEngine {
     site: String,
     catalog: Catalog,
     tables: BTreeMap<String, ServedTable>,
+    /// Memory one query may use (bytes), see [`crate::config::NodeLimits`].
+    max_query_memory: usize,
 }
 
 impl std::fmt::Debug for NodeEngine {
@@ -130,6 +139,7 @@ impl NodeEngine {
                 name.clone(),
                 ServedTable {
                     spec: spec.clone(),
+                    policy: config.policy.get(name).cloned().unwrap_or_default(),
                     df,
                     counts: RwLock::new(Arc::new(counts)),
                 },
@@ -139,6 +149,7 @@ impl NodeEngine {
             site: config.site.clone(),
             catalog: config.catalog.clone(),
             tables,
+            max_query_memory: config.limits.max_query_memory,
         })
     }
 
@@ -169,7 +180,7 @@ impl NodeEngine {
         &self,
         req: &PartialAggregateRequest,
     ) -> Result<Vec<RecordBatch>, NodeError> {
-        let exec_err = |e| NodeError::Execution {
+        let failed = |e| NodeError::Execution {
             site: self.site.clone(),
             query_id: req.query_id.clone(),
             source: e,
@@ -178,6 +189,25 @@ impl NodeEngine {
             site: self.site.clone(),
             query_id: req.query_id.clone(),
             message: e.0,
+        };
+        let out_of_memory = |detail: String| {
+            // The detail (which operator, how much) stays in the node log.
+            tracing::warn!(site = %self.site, query_id = %req.query_id, limit_bytes = self.max_query_memory, detail = %detail, "query stopped at its memory limit");
+            NodeError::MemoryLimit {
+                site: self.site.clone(),
+                query_id: req.query_id.clone(),
+                limit_mb: self.max_query_memory.div_ceil(1024 * 1024),
+            }
+        };
+        let exec_err = |e: datafusion::error::DataFusionError| {
+            if matches!(
+                e.find_root(),
+                datafusion::error::DataFusionError::ResourcesExhausted(_)
+            ) {
+                out_of_memory(e.to_string())
+            } else {
+                failed(e)
+            }
         };
         // At most two attempts: the second after recounting rows per participant, if the
         // first found the counts stale (the files changed since they were taken).
@@ -206,7 +236,22 @@ impl NodeEngine {
                 .create_physical_plan(&logical)
                 .await
                 .map_err(exec_err)?;
-            let mut stream = execute_stream(physical, state.task_ctx()).map_err(exec_err)?;
+            // A memory pool of its own for this query: DataFusion's operators (the join's
+            // hash table) and the bounder's state reserve from it, so one query cannot take
+            // more than `max_query_memory` and fails cleanly instead.
+            let pool: Arc<dyn MemoryPool> = Arc::new(TrackConsumersPool::new(
+                GreedyMemoryPool::new(self.max_query_memory),
+                std::num::NonZeroUsize::MIN.saturating_add(2),
+            ));
+            let runtime = RuntimeEnvBuilder::from_runtime_env(state.runtime_env())
+                .with_memory_pool(Arc::clone(&pool))
+                .build_arc()
+                .map_err(exec_err)?;
+            let query_state = SessionStateBuilder::new_from_existing(state)
+                .with_runtime_env(runtime)
+                .build();
+            let mut stream = execute_stream(physical, query_state.task_ctx()).map_err(exec_err)?;
+            let reservation = MemoryConsumer::new("fedq bounding").register(&pool);
             let mut bounder = Bounder::with_counts(plan, counts);
             let mut stale = false;
             while let Some(batch) = stream.next().await {
@@ -218,6 +263,9 @@ impl NodeEngine {
                     }
                     return Err(internal(e));
                 }
+                reservation
+                    .try_resize(bounder.memory_bytes())
+                    .map_err(|e| out_of_memory(e.to_string()))?;
             }
             if stale {
                 tracing::warn!(
@@ -328,8 +376,13 @@ impl NodeEngine {
             right_table = Some(rt);
         }
         let scope = Scope {
-            left: Relation { name: tname, spec },
+            left: Relation {
+                name: tname,
+                spec,
+                policy: &table.policy,
+            },
             right: right_table.map(|rt| Relation {
+                policy: &rt.policy,
                 name: req.join.as_ref().map_or("", |j| j.table.as_str()),
                 spec: &rt.spec,
             }),
@@ -353,6 +406,16 @@ impl NodeEngine {
                 spec.max_rows_per_unit,
                 shown(tname)
             )));
+        }
+
+        if let Some(cap) = table.policy.max_rows_per_unit {
+            if req.max_rows_per_unit > cap {
+                return Err(refused(format!(
+                    "max_rows_per_unit {} exceeds this node's cap of {cap} for table {} (its node policy: max_rows_per_unit in [tables.{tname}] of node.toml)",
+                    req.max_rows_per_unit,
+                    shown(tname)
+                )));
+            }
         }
 
         // Projection: privacy unit first, then group keys, then aggregate inputs (deduped).
@@ -489,6 +552,16 @@ impl NodeEngine {
                             b.lower,
                             b.upper
                         )));
+                    }
+                    let rel = scope.relation(name.side)?;
+                    if let Some(&(lo, hi)) = rel.policy.clamp.get(&name.name) {
+                        if lower < lo || upper > hi {
+                            return Err(refused(format!(
+                                "SUM({}) bounds [{lower}, {upper}] are wider than this node accepts, [{lo}, {hi}] (its node policy: [tables.{}.clamp] in node.toml)",
+                                shown(&name.to_string()),
+                                rel.name
+                            )));
+                        }
                     }
                     if precision < b.precision {
                         return Err(refused(format!(

@@ -96,6 +96,14 @@ pub enum NodeError {
         query_id: String,
         secs: u64,
     },
+    /// A query needed more memory than `max_query_memory_mb` allows and was stopped. Only
+    /// the limit is reported (how much a query needs depends on the data).
+    #[error("node {site}: query {query_id} needed more than its memory limit of {limit_mb} MiB and was stopped; narrow the query or ask the site to raise max_query_memory_mb")]
+    MemoryLimit {
+        site: String,
+        query_id: String,
+        limit_mb: usize,
+    },
     /// The TLS certificate or key could not be used.
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -122,6 +130,9 @@ impl From<NodeError> for Status {
             NodeError::Wire(w) => Status::invalid_argument(w.to_string()),
             NodeError::Refused(m) | NodeError::NotAllowed(m) => Status::permission_denied(m),
             e @ NodeError::Busy { .. } => Status::resource_exhausted(e.to_string()),
+            // Like a timeout: whether a query fits can depend on the data, so only the
+            // limit is reported.
+            e @ NodeError::MemoryLimit { .. } => Status::resource_exhausted(e.to_string()),
             // Whether a query is slow can depend on the data: only the limit is reported.
             e @ NodeError::TimedOut { .. } => Status::deadline_exceeded(e.to_string()),
             NodeError::Execution { site, query_id, .. }

@@ -57,6 +57,8 @@ fn invalid(m: String) -> NodeError {
 pub(crate) struct Relation<'a> {
     pub name: &'a str,
     pub spec: &'a TableSpec,
+    /// The node's own policy for the table (shared columns, widest clamps, R cap).
+    pub policy: &'a crate::config::TablePolicy,
 }
 
 /// The tables a request's columns resolve against: the driving table alone, or both sides
@@ -100,6 +102,14 @@ impl<'a> Scope<'a> {
                 shown(rel.name)
             ))
         })?;
+        if !rel.policy.shares(name, &rel.spec.privacy_unit) {
+            return Err(NodeError::Refused(format!(
+                "column {} of table {} (in {role}) is not shared by this node: its node policy (`columns` in [tables.{}] of node.toml) does not list it",
+                shown(name),
+                shown(rel.name),
+                rel.name
+            )));
+        }
         let e = match self.right {
             None => ident(name.to_string()),
             Some(_) => {

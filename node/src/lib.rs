@@ -65,11 +65,23 @@
 //! site = "site01"
 //! listen = "127.0.0.1:50101"        # optional, default 127.0.0.1:50051
 //! catalog = "../../catalog.toml"    # relative to this file
+//! max_query_memory_mb = 512         # optional: memory pool of one query (DataFusion + bounding)
 //!
 //! [tables.participants]
 //! path = "participants.parquet"     # relative to this file; a file or a directory
 //! format = "parquet"                # optional: parquet | csv (inferred from the extension)
+//! # The node's own policy (optional; it can only narrow the catalog):
+//! columns = ["sex", "birth_year"]   # columns shared (the privacy unit is always used)
+//! max_rows_per_unit = 1             # largest R accepted
+//! [tables.participants.clamp]
+//! birth_year = { lower = 1900, upper = 2030 }   # widest clamp accepted for a sum
 //! ```
+//!
+//! A request outside the node's policy is refused (`PERMISSION_DENIED`) and logged with
+//! the coordinator's certificate name, the query id and the reason. Each query runs in a
+//! DataFusion memory pool of `max_query_memory_mb`, which the bounder's own state also
+//! reserves from; a query that needs more fails with `RESOURCE_EXHAUSTED` naming only the
+//! limit.
 //!
 //! At start-up every configured file is checked against the catalog: each catalog column
 //! must exist with exactly the catalog type (Parquet: the file's Arrow schema; CSV: the
@@ -90,6 +102,7 @@ mod config;
 mod engine;
 mod error;
 mod filter;
+mod metrics;
 mod server;
 
 #[cfg(test)]
@@ -97,9 +110,13 @@ mod tests;
 
 pub use bounding::SUM_PRECISION;
 pub use config::NodeTransport;
-pub use config::{NodeConfig, TableFormat, TableSource, DEFAULT_LISTEN};
+pub use config::{
+    NodeConfig, NodeLimits, TableFormat, TablePolicy, TableSource, DEFAULT_LISTEN,
+    DEFAULT_MAX_QUERY_MEMORY_MB,
+};
 pub use engine::{NodeEngine, MAX_QUERY_ID_CHARS};
 pub use error::NodeError;
+pub use metrics::NodeMetrics;
 pub use server::{
     certificate_names, install_crypto_provider, start, Access, NodeHandle, NodeService,
     MAX_DECODING_MESSAGE_BYTES,

@@ -75,6 +75,7 @@ pub struct NodeService {
     access: Access,
     limits: crate::config::NodeLimits,
     slots: Arc<tokio::sync::Semaphore>,
+    metrics: crate::metrics::NodeMetrics,
 }
 
 impl NodeService {
@@ -90,12 +91,19 @@ impl NodeService {
         access: Access,
         limits: crate::config::NodeLimits,
     ) -> Self {
+        let metrics = crate::metrics::NodeMetrics::new(engine.site());
         NodeService {
             engine,
             access,
             limits,
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_queries)),
+            metrics,
         }
+    }
+
+    /// The node's metrics (served at `/metrics` when `metrics_listen` is set).
+    pub fn metrics(&self) -> &crate::metrics::NodeMetrics {
+        &self.metrics
     }
 
     /// A slot to run one query. A request waits for one at most `query_timeout`, then gets
@@ -151,70 +159,12 @@ impl NodeService {
         }
     }
 
-    /// The tonic server wrapper, with the message size limit set.
-    pub fn into_server(self) -> FlightServiceServer<NodeService> {
-        FlightServiceServer::new(self).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
-    }
-}
-
-type BoxedStream<T> = BoxStream<'static, Result<T, Status>>;
-
-fn unimplemented<T>(what: &str) -> Result<T, Status> {
-    Err(Status::unimplemented(format!(
-        "{what} is not supported by a fedq node; use DoGet with a partial-aggregate ticket"
-    )))
-}
-
-#[tonic::async_trait]
-impl FlightService for NodeService {
-    type HandshakeStream = BoxedStream<HandshakeResponse>;
-    type ListFlightsStream = BoxedStream<FlightInfo>;
-    type DoGetStream = BoxedStream<FlightData>;
-    type DoPutStream = BoxedStream<PutResult>;
-    type DoExchangeStream = BoxedStream<FlightData>;
-    type DoActionStream = BoxedStream<arrow_flight::Result>;
-    type ListActionsStream = BoxedStream<ActionType>;
-
-    async fn handshake(
-        &self,
-        _request: Request<Streaming<HandshakeRequest>>,
-    ) -> Result<Response<Self::HandshakeStream>, Status> {
-        unimplemented("Handshake")
-    }
-
-    async fn list_flights(
-        &self,
-        _request: Request<Criteria>,
-    ) -> Result<Response<Self::ListFlightsStream>, Status> {
-        unimplemented("ListFlights")
-    }
-
-    async fn get_flight_info(
-        &self,
-        _request: Request<FlightDescriptor>,
-    ) -> Result<Response<FlightInfo>, Status> {
-        unimplemented("GetFlightInfo")
-    }
-
-    async fn poll_flight_info(
-        &self,
-        _request: Request<FlightDescriptor>,
-    ) -> Result<Response<PollInfo>, Status> {
-        unimplemented("PollFlightInfo")
-    }
-
-    async fn get_schema(
-        &self,
-        _request: Request<FlightDescriptor>,
-    ) -> Result<Response<SchemaResult>, Status> {
-        unimplemented("GetSchema")
-    }
-
-    async fn do_get(
+    /// Answer one `DoGet`: check the caller, decode, validate and run the request.
+    async fn answer(
         &self,
         request: Request<Ticket>,
-    ) -> Result<Response<Self::DoGetStream>, Status> {
-        let started = Instant::now();
+        started: Instant,
+    ) -> Result<Response<BoxedStream<FlightData>>, Status> {
         let who = self.caller(&request, "DoGet")?;
         let ticket = request.into_inner();
         let site = self.engine.site().to_string();
@@ -304,6 +254,78 @@ impl FlightService for NodeService {
         Ok(Response::new(encoded.boxed()))
     }
 
+    /// The tonic server wrapper, with the message size limit set.
+    pub fn into_server(self) -> FlightServiceServer<NodeService> {
+        FlightServiceServer::new(self).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+    }
+}
+
+type BoxedStream<T> = BoxStream<'static, Result<T, Status>>;
+
+fn unimplemented<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "{what} is not supported by a fedq node; use DoGet with a partial-aggregate ticket"
+    )))
+}
+
+#[tonic::async_trait]
+impl FlightService for NodeService {
+    type HandshakeStream = BoxedStream<HandshakeResponse>;
+    type ListFlightsStream = BoxedStream<FlightInfo>;
+    type DoGetStream = BoxedStream<FlightData>;
+    type DoPutStream = BoxedStream<PutResult>;
+    type DoExchangeStream = BoxedStream<FlightData>;
+    type DoActionStream = BoxedStream<arrow_flight::Result>;
+    type ListActionsStream = BoxedStream<ActionType>;
+
+    async fn handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        unimplemented("Handshake")
+    }
+
+    async fn list_flights(
+        &self,
+        _request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unimplemented("ListFlights")
+    }
+
+    async fn get_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        unimplemented("GetFlightInfo")
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        unimplemented("PollFlightInfo")
+    }
+
+    async fn get_schema(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        unimplemented("GetSchema")
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let started = Instant::now();
+        let result = self.answer(request, started).await;
+        self.metrics.record(
+            result.as_ref().map(|_| ()).map_err(Status::code),
+            started.elapsed(),
+        );
+        result
+    }
+
     async fn do_put(
         &self,
         _request: Request<Streaming<FlightData>>,
@@ -358,6 +380,9 @@ impl FlightService for NodeService {
 pub struct NodeHandle {
     /// Address the server is listening on (the real port when the config asked for port 0).
     pub addr: SocketAddr,
+    /// Address of the `/metrics` endpoint, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    _metrics: Option<fedq_common::metrics::MetricsServer>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -426,8 +451,19 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         Arc::clone(&engine),
         Access::of(&config.transport),
         config.limits,
-    )
-    .into_server();
+    );
+    let metrics = match config.metrics_listen {
+        Some(a) => Some(
+            fedq_common::metrics::serve(a, service.metrics().registry.clone())
+                .await
+                .map_err(|e| NodeError::Bind {
+                    addr: a.to_string(),
+                    source: e,
+                })?,
+        ),
+        None => None,
+    };
+    let service = service.into_server();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         builder
@@ -448,6 +484,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     );
     Ok(NodeHandle {
         addr,
+        metrics_addr: metrics.as_ref().map(|m| m.addr),
+        _metrics: metrics,
         shutdown: Some(tx),
         task,
     })
@@ -476,7 +514,8 @@ mod limit_tests {
             cfg.limits,
             NodeLimits {
                 query_timeout: std::time::Duration::from_secs(1),
-                max_concurrent_queries: 1
+                max_concurrent_queries: 1,
+                ..NodeLimits::default()
             }
         );
         for bad in ["query_timeout_secs = 0\n", "max_concurrent_queries = 0\n"] {

@@ -340,7 +340,10 @@ pub fn generate_with_threads(
         // validate() guarantees base_port + sites <= 65535.
         let port = cfg.base_port.saturating_add(i as u16 + 1);
         let node_config_path = dir.join("node.toml");
-        configs::write_file(&node_config_path, &configs::node_toml(&name, port))?;
+        configs::write_file(
+            &node_config_path,
+            &configs::node_toml(&name, port, &catalog),
+        )?;
         ca.issue_to(&certs_dir, &name, &[])?;
         for (t, n) in &o.rows {
             *total_rows.entry(t.clone()).or_default() += n;

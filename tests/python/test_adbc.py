@@ -20,15 +20,15 @@ import pytest
 FEDQ_BIN = os.environ.get("FEDQ_BIN", "target/debug/fedq")
 
 
-@pytest.fixture(scope="module")
-def federation():
+def serve_demo(*extra, sites="3", participants="3000"):
+    """Start `fedq demo --serve`; yield its connection details, then stop it."""
     tmp = tempfile.mkdtemp(prefix="fedq-pytest-")
     ready = os.path.join(tmp, "ready.json")
     proc = subprocess.Popen(
         [
-            FEDQ_BIN, "demo", "--serve", "--sites", "3", "--participants", "3000",
+            FEDQ_BIN, "demo", "--serve", "--sites", sites, "--participants", participants,
             "--listen", "127.0.0.1:0", "--dir", os.path.join(tmp, "fed"),
-            "--ready-file", ready,
+            "--ready-file", ready, *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -50,6 +50,17 @@ def federation():
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def federation():
+    yield from serve_demo()
+
+
+@pytest.fixture(scope="module")
+def tls_federation():
+    """The researcher endpoint over TLS (`[researcher_tls]`), a smaller federation."""
+    yield from serve_demo("--researcher-tls", sites="2", participants="400")
 
 
 def connect(info, user=None, password=None):
@@ -174,3 +185,40 @@ def test_officer_actions_need_the_officer_role(federation):
         with pytest.raises(Exception) as e:
             cur.execute("SELECT COUNT(*) FROM participants")
         assert "officer" in str(e.value).lower()
+
+
+def test_tls_endpoint_with_the_federation_ca(tls_federation):
+    """grpc+tls:// with the federation CA as the trusted root: logs in and answers."""
+    info = tls_federation
+    assert info["grpc"].startswith("grpc+tls://")
+    with open(info["ca"]) as f:
+        ca = f.read()
+    with flightsql.connect(
+        info["grpc"],
+        db_kwargs={
+            "username": info["user"],
+            "password": info["password"],
+            adbc_driver_flightsql.DatabaseOptions.TLS_ROOT_CERTS.value: ca,
+        },
+    ) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT COUNT(*) AS n FROM participants")
+        table = cur.fetch_arrow_table()
+        assert table.num_rows == 1
+        assert table.schema.metadata[b"fedq.epsilon_spent"] == b"1"
+
+
+def test_tls_endpoint_refuses_plaintext_and_unknown_roots(tls_federation):
+    info = tls_federation
+    plain = info["grpc"].replace("grpc+tls://", "grpc://")
+    for uri, extra in [(plain, {}), (info["grpc"], {})]:
+        # Plaintext to a TLS endpoint, and TLS without the federation CA (system roots
+        # do not know it): neither logs in.
+        with pytest.raises(Exception):
+            with flightsql.connect(
+                uri,
+                db_kwargs={"username": info["user"], "password": info["password"], **extra},
+            ) as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT COUNT(*) FROM participants")
+                cur.fetch_arrow_table()

@@ -173,3 +173,133 @@ async fn with_allow_partial_the_answer_states_its_coverage() {
     assert_eq!(r.schema.metadata()[META_SITES_FAILED], "");
     fed.shutdown().await.unwrap();
 }
+
+/// A node whose memory limit per query is far too small for a join: the query fails with
+/// RESOURCE_EXHAUSTED naming the site and the limit only (no data, no operator detail),
+/// nothing is charged, and the nodes answer the next query that fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_a_nodes_memory_limit_fails_cleanly_and_the_node_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 400, 43);
+    let fed = LocalFederation::start(
+        tmp.path(),
+        FederationOptions {
+            node_memory_limit: Some(8 * 1024),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("federation");
+    let mut alice = fed.client("alice").await.unwrap();
+    let join = "SELECT COUNT(*) FROM labs JOIN participants USING (pid)";
+    match alice.query(join).await {
+        Err(CliError::Server { code, message }) => {
+            assert_eq!(code, Code::ResourceExhausted, "{message}");
+            assert!(
+                message.contains("stopped the query at its resource limits"),
+                "{message}"
+            );
+            assert!(message.contains("memory limit of 1 MiB"), "{message}");
+            assert!(message.contains("no budget was charged"), "{message}");
+            // Only the limit: no operator, byte counts or consumer names from DataFusion.
+            assert!(!message.contains("HashJoin"), "{message}");
+            assert!(!message.contains("bytes"), "{message}");
+        }
+        Err(e) => panic!("expected RESOURCE_EXHAUSTED, got {e}"),
+        Ok(_) => panic!("the join fitted in 8 KiB"),
+    }
+    assert_eq!(spent(&mut alice).await, 0.0, "nothing charged");
+    let r = alice
+        .query("SELECT COUNT(*) FROM participants")
+        .await
+        .expect("a small query still runs");
+    assert_eq!(r.schema.metadata()[META_EPSILON_SPENT], "1");
+    assert_eq!(spent(&mut alice).await, 1.0);
+    // A planner refusal, for the metrics below.
+    assert!(alice.query("SELECT pid FROM participants").await.is_err());
+
+    // Prometheus /metrics moved with each query, and ε matches the ledger.
+    let m = scrape(fed.coordinator.metrics_addr.expect("coordinator metrics")).await;
+    assert_eq!(
+        metric(&m, "fedq_queries_total", &[("outcome", "ok")]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fedq_queries_total", &[("outcome", "error")]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fedq_queries_total", &[("outcome", "refused")]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "fedq_refusals_total", &[]), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "fedq_query_duration_seconds_count", &[]),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fedq_epsilon_spent_total", &[("researcher", "alice")]),
+        spent(&mut alice).await,
+        "{m}"
+    );
+    let node_errors: f64 = fed
+        .sites
+        .iter()
+        .map(|s| metric(&m, "fedq_node_errors_total", &[("site", s)]))
+        .sum();
+    assert!(node_errors >= 1.0, "{m}");
+    for (site, node) in fed.sites.iter().zip(&fed.nodes) {
+        let n = scrape(node.metrics_addr.expect("node metrics")).await;
+        let l = |o| [("outcome", o), ("site", site.as_str())];
+        assert_eq!(
+            metric(&n, "fedq_node_requests_total", &l("over_limit")),
+            1.0,
+            "{n}"
+        );
+        assert_eq!(metric(&n, "fedq_node_requests_total", &l("ok")), 1.0, "{n}");
+        assert_eq!(
+            metric(
+                &n,
+                "fedq_node_request_duration_seconds_count",
+                &[("site", site.as_str())]
+            ),
+            2.0,
+            "{n}"
+        );
+        // Counts and durations only: no participant id or other data value.
+        assert!(!n.contains("p00"), "{n}");
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// `GET /metrics` over plain HTTP.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: fedq\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the sample `name` with (at least) these labels; 0 if absent.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map_or(0.0, |(_, v)| v.parse().unwrap())
+}

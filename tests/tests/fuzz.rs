@@ -1,5 +1,7 @@
-//! Property tests (proptest, bounded case counts so CI time stays fixed) over the two
-//! places hostile input enters:
+//! Property tests (proptest) over the two places hostile input enters, each run for a
+//! bounded wall-clock time: rounds of 256 random cases (fresh seeds each round) until
+//! `FEDQ_FUZZ_SECONDS` (default 20; CI sets 60) have passed, at least one round. The
+//! properties run in parallel, so the whole file takes about that long.
 //!
 //! - the node's request decoder and validation: arbitrary bytes and mutated valid tickets
 //!   never panic, and whatever the node accepts is an aggregate request within the
@@ -9,6 +11,7 @@
 //!   returns rows), uses the catalog's R, and groups only on public domains.
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use fedq_common::{AggregateRequest, Catalog, PartialAggregateRequest};
 use fedq_coordinator::planner::Planner;
@@ -95,94 +98,136 @@ fn check_ticket(bytes: &[u8]) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+/// How long each property runs: `FEDQ_FUZZ_SECONDS`, default 20.
+fn fuzz_budget() -> Duration {
+    let secs = match std::env::var("FEDQ_FUZZ_SECONDS") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("FEDQ_FUZZ_SECONDS={v:?} is not a number of seconds")),
+        Err(_) => 20,
+    };
+    Duration::from_secs(secs)
+}
 
-    #[test]
-    fn arbitrary_bytes_never_panic_the_node(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-        check_ticket(&bytes);
+/// Run `round` (one proptest run of 256 cases, a fresh random seed each time) until the
+/// fuzz budget is spent; at least once. A failing case panics with the shrunk input.
+fn for_a_while(name: &str, mut round: impl FnMut(ProptestConfig)) {
+    let deadline = Instant::now() + fuzz_budget();
+    let mut rounds = 0u64;
+    loop {
+        round(ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        rounds += 1;
+        if Instant::now() >= deadline {
+            break;
+        }
     }
+    eprintln!("{name}: {} cases in {rounds} rounds", rounds * 256);
+}
 
-    #[test]
-    fn mutated_valid_tickets_never_panic_the_node(
-        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
-    ) {
-        let mut t = valid_ticket();
-        for (at, byte, op) in edits {
-            let i = at.index(t.len().max(1));
-            match op {
-                0 if i < t.len() => t[i] = byte,
-                1 => t.insert(i.min(t.len()), byte),
-                _ if i < t.len() => { t.remove(i); }
-                _ => {}
+#[test]
+fn arbitrary_bytes_never_panic_the_node() {
+    for_a_while("arbitrary bytes", |config| {
+        proptest!(config, |(bytes in proptest::collection::vec(any::<u8>(), 0..2048))| {
+            check_ticket(&bytes);
+        })
+    });
+}
+
+#[test]
+fn mutated_valid_tickets_never_panic_the_node() {
+    let base = valid_ticket();
+    for_a_while("mutated tickets", |config| {
+        proptest!(config, |(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8))| {
+            let mut t = base.clone();
+            for (at, byte, op) in edits {
+                let i = at.index(t.len().max(1));
+                match op {
+                    0 if i < t.len() => t[i] = byte,
+                    1 => t.insert(i.min(t.len()), byte),
+                    _ if i < t.len() => { t.remove(i); }
+                    _ => {}
+                }
             }
-        }
-        check_ticket(&t);
-    }
+            check_ticket(&t);
+        })
+    });
+}
 
-    #[test]
-    fn structured_requests_are_accepted_only_within_the_catalog(
-        table in prop::sample::select(vec!["labs", "participants", "diagnoses", "nope"]),
-        r in prop::sample::select(vec![0u32, 1, 5, 20, 21, 1000, u32::MAX]),
-        group in prop::sample::select(vec![vec![], vec!["test"], vec!["sex"], vec!["pid"], vec!["value"]]),
-        lower in prop::sample::select(vec![-1e12, -1.0, 0.0, 1.0]),
-        upper in prop::sample::select(vec![1.0, 500.0, 501.0, 1e12]),
-        column in prop::sample::select(vec!["value", "birth_year", "pid", "secret"]),
-    ) {
-        let req = PartialAggregateRequest {
-            query_id: "fuzz".into(),
-            table: table.into(),
-            filter: None,
-            group_by: group.iter().map(|s| fedq_common::wire::ColumnRef::left(*s)).collect(),
-            aggregates: vec![
-                AggregateRequest::CountRows,
-                AggregateRequest::SumFixed { column: column.into(), lower, upper, precision: 0.01 },
-            ],
-            max_rows_per_unit: r,
-            join: None,
-        };
-        let bytes = req.encode_ticket().unwrap();
-        check_ticket(&bytes);
-        let f = fixture();
-        if f.engine.validate(&req).is_ok() {
-            let spec = f.catalog.table(table).unwrap();
-            let col = spec.columns.iter().find(|c| c.name == column).unwrap();
-            prop_assert!(col.lower.is_some_and(|l| lower >= l), "accepted a clamp below the catalog");
-            prop_assert!(col.upper.is_some_and(|u| upper <= u), "accepted a clamp above the catalog");
-        }
-    }
-
-    #[test]
-    fn the_planner_never_panics_and_never_plans_rows(
-        select in prop::sample::select(vec![
-            "*", "value", "COUNT(*)", "COUNT(value)", "SUM(value)", "AVG(value)", "MIN(value)",
-            "COUNT(*) * 2", "test, COUNT(*)", "pid, COUNT(*)", "COUNT(DISTINCT pid)",
-            "SUM(value) + AVG(value)", "value + 1",
-        ]),
-        table in prop::sample::select(vec!["labs", "participants", "nope"]),
-        filter in prop::sample::select(vec![
-            "", " WHERE value > 5", " WHERE CAST(value AS INT) = 1", " WHERE 10 / value > 1",
-            " WHERE test IN ('HbA1c', 'LDL')", " WHERE NOT (value IS NULL) AND value < 1e300",
-            " WHERE pid = 'p0000001'", " WHERE TRY_CAST(value AS INT) = 3",
-        ]),
-        group in prop::sample::select(vec!["", " GROUP BY test", " GROUP BY pid", " GROUP BY value", " GROUP BY sex"]),
-        tail in prop::sample::select(vec!["", " ORDER BY 1", " LIMIT 1", " HAVING COUNT(*) > 3"]),
-    ) {
-        let f = fixture();
-        let sql = format!("SELECT {select} FROM {table}{filter}{group}{tail}");
-        let planner = Planner::new(&f.catalog).unwrap();
-        let planned = f.rt.block_on(planner.plan(&sql, 1.0, "fuzz"));
-        if let Ok(q) = planned {
-            let spec = f.catalog.table(&q.table).unwrap();
-            prop_assert!(!q.request.aggregates.is_empty(), "{sql}: a plan without aggregates");
-            prop_assert!(!q.statistics.is_empty(), "{sql}: nothing noisy released");
-            prop_assert_eq!(q.request.max_rows_per_unit, spec.max_rows_per_unit, "{}", sql);
-            for g in &q.groups {
-                prop_assert!(!g.domain.is_empty(), "{}: group {} without a public domain", sql, g.column);
-                prop_assert!(g.column != spec.privacy_unit, "{}", sql);
+#[test]
+fn structured_requests_are_accepted_only_within_the_catalog() {
+    for_a_while("structured requests", |config| {
+        proptest!(config, |(
+            table in prop::sample::select(vec!["labs", "participants", "diagnoses", "nope"]),
+            r in prop::sample::select(vec![0u32, 1, 5, 20, 21, 1000, u32::MAX]),
+            group in prop::sample::select(vec![vec![], vec!["test"], vec!["sex"], vec!["pid"], vec!["value"]]),
+            lower in prop::sample::select(vec![-1e12, -1.0, 0.0, 1.0]),
+            upper in prop::sample::select(vec![1.0, 500.0, 501.0, 1e12]),
+            column in prop::sample::select(vec!["value", "birth_year", "pid", "secret"]),
+        )| {
+            let req = PartialAggregateRequest {
+                query_id: "fuzz".into(),
+                table: table.into(),
+                filter: None,
+                group_by: group.iter().map(|s| fedq_common::wire::ColumnRef::left(*s)).collect(),
+                aggregates: vec![
+                    AggregateRequest::CountRows,
+                    AggregateRequest::SumFixed { column: column.into(), lower, upper, precision: 0.01 },
+                ],
+                max_rows_per_unit: r,
+                join: None,
+            };
+            let bytes = req.encode_ticket().unwrap();
+            check_ticket(&bytes);
+            let f = fixture();
+            if f.engine.validate(&req).is_ok() {
+                let spec = f.catalog.table(table).unwrap();
+                let col = spec.columns.iter().find(|c| c.name == column).unwrap();
+                prop_assert!(col.lower.is_some_and(|l| lower >= l), "accepted a clamp below the catalog");
+                prop_assert!(col.upper.is_some_and(|u| upper <= u), "accepted a clamp above the catalog");
             }
-            // The node accepts what the planner sends.
-            prop_assert!(f.engine.validate(&q.request).is_ok(), "{}", sql);
-        }
-    }
+        })
+    });
+}
+
+#[test]
+fn the_planner_never_panics_and_never_plans_rows() {
+    for_a_while("planner", |config| {
+        proptest!(config, |(
+            select in prop::sample::select(vec![
+                "*", "value", "COUNT(*)", "COUNT(value)", "SUM(value)", "AVG(value)", "MIN(value)",
+                "COUNT(*) * 2", "test, COUNT(*)", "pid, COUNT(*)", "COUNT(DISTINCT pid)",
+                "SUM(value) + AVG(value)", "value + 1",
+            ]),
+            table in prop::sample::select(vec!["labs", "participants", "nope"]),
+            filter in prop::sample::select(vec![
+                "", " WHERE value > 5", " WHERE CAST(value AS INT) = 1", " WHERE 10 / value > 1",
+                " WHERE test IN ('HbA1c', 'LDL')", " WHERE NOT (value IS NULL) AND value < 1e300",
+                " WHERE pid = 'p0000001'", " WHERE TRY_CAST(value AS INT) = 3",
+            ]),
+            group in prop::sample::select(vec!["", " GROUP BY test", " GROUP BY pid", " GROUP BY value", " GROUP BY sex"]),
+            tail in prop::sample::select(vec!["", " ORDER BY 1", " LIMIT 1", " HAVING COUNT(*) > 3"]),
+        )| {
+            let f = fixture();
+            let sql = format!("SELECT {select} FROM {table}{filter}{group}{tail}");
+            let planner = Planner::new(&f.catalog).unwrap();
+            let planned = f.rt.block_on(planner.plan(&sql, 1.0, "fuzz"));
+            if let Ok(q) = planned {
+                let spec = f.catalog.table(&q.table).unwrap();
+                prop_assert!(!q.request.aggregates.is_empty(), "{sql}: a plan without aggregates");
+                prop_assert!(!q.statistics.is_empty(), "{sql}: nothing noisy released");
+                prop_assert_eq!(q.request.max_rows_per_unit, spec.max_rows_per_unit, "{}", sql);
+                for g in &q.groups {
+                    prop_assert!(!g.domain.is_empty(), "{}: group {} without a public domain", sql, g.column);
+                    prop_assert!(g.column != spec.privacy_unit, "{}", sql);
+                }
+                // The node accepts what the planner sends.
+                prop_assert!(f.engine.validate(&q.request).is_ok(), "{}", sql);
+            }
+        })
+    });
 }

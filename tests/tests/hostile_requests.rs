@@ -124,7 +124,14 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "an old protocol version",
         serde_json::to_vec(&json!({ "protocol_version": 1, "request": base() })).unwrap(),
         Code::InvalidArgument,
-        "protocol version mismatch",
+        // Names both versions.
+        &*Box::leak(
+            format!(
+                "protocol version mismatch: peer speaks v1, this build speaks v{}",
+                fedq_common::PROTOCOL_VERSION
+            )
+            .into_boxed_str(),
+        ),
     ));
     let mut r = base();
     r["max_rows_per_unit"] = json!(1_000_000);
@@ -291,5 +298,153 @@ async fn a_node_refuses_a_catalog_table_it_does_not_share() {
     };
     assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
     assert!(s.message().contains("participants"), "{}", s.message());
+    node.shutdown().await.unwrap();
+}
+
+/// Log lines written while a test runs, for asserting what the node logs.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The node's own policy (node.toml) narrows the catalog: `labs` shares only `test` and
+/// `value`, R up to 10 (catalog 20), sums of `value` within [0, 300] (catalog [0, 500]).
+/// Requests outside it are refused even though the catalog allows them, and each
+/// refusal is logged with the coordinator's certificate name, the query id and the
+/// reason. Current-thread runtime: the node's tasks run on this thread, so the
+/// thread-local log capture sees them.
+#[tokio::test]
+async fn the_node_policy_refuses_what_the_hospital_does_not_share_and_logs_who_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 1, 300, 5);
+    let node_toml = tmp.path().join("sites/site01/node.toml");
+    let mut doc: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&node_toml).unwrap()).unwrap();
+    let labs = doc["tables"]["labs"].as_table().cloned().unwrap();
+    let mut labs = labs;
+    labs.insert(
+        "columns".into(),
+        toml::Value::try_from(["test", "value"]).unwrap(),
+    );
+    labs.insert("max_rows_per_unit".into(), toml::Value::Integer(10));
+    let clamp: toml::Table = toml::from_str("value = { lower = 0.0, upper = 300.0 }").unwrap();
+    labs.insert("clamp".into(), toml::Value::Table(clamp));
+    doc["tables"]
+        .as_table_mut()
+        .unwrap()
+        .insert("labs".into(), toml::Value::Table(labs));
+    std::fs::write(&node_toml, toml::to_string(&doc).unwrap()).unwrap();
+
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut cfg = NodeConfig::load(&node_toml).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let node = fedq_node::start(cfg).await.unwrap();
+    let channel = fedq_tests::node_channel(tmp.path(), node.addr, "site01", "coordinator").await;
+    let mut client = FlightServiceClient::new(channel);
+
+    let mut cases: Vec<(&str, serde_json::Value, &str)> = Vec::new();
+    let mut r = base();
+    r["query_id"] = json!("policy-column");
+    r["max_rows_per_unit"] = json!(10);
+    r["aggregates"] = json!([{ "kind": "count_non_null", "column": { "name": "measured_on" } }]);
+    cases.push((
+        "a catalog column the node does not share",
+        r,
+        "column `measured_on` of table `labs` (in COUNT) is not shared by this node",
+    ));
+    let mut r = base();
+    r["query_id"] = json!("policy-filter");
+    r["max_rows_per_unit"] = json!(10);
+    r["filter"] =
+        json!({ "expr": "is_null", "input": { "expr": "column", "name": "measured_on" } });
+    cases.push((
+        "an unshared column in the filter",
+        r,
+        "`measured_on` of table `labs` (in the filter",
+    ));
+    let mut r = base();
+    r["query_id"] = json!("policy-clamp");
+    r["max_rows_per_unit"] = json!(10);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "name": "value" }, "lower": 0.0, "upper": 400.0, "precision": 0.01 }]);
+    cases.push((
+        "a clamp within the catalog but wider than the node accepts",
+        r,
+        "bounds [0, 400] are wider than this node accepts, [0, 300]",
+    ));
+    let mut r = base();
+    r["query_id"] = json!("policy-r");
+    r["max_rows_per_unit"] = json!(15);
+    cases.push((
+        "R within the catalog's 20 but above the node's cap",
+        r,
+        "max_rows_per_unit 15 exceeds this node's cap of 10",
+    ));
+    for (what, req, needle) in &cases {
+        let status = match client.do_get(Ticket::new(ticket(req.clone()))).await {
+            Ok(resp) => {
+                let mut s = resp.into_inner();
+                match futures::StreamExt::next(&mut s).await {
+                    Some(Err(status)) => status,
+                    other => panic!("{what}: the node answered ({other:?})"),
+                }
+            }
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{what}: {:?} lacks {needle:?}",
+            status.message()
+        );
+        // The hospital's own record: who asked (the certificate's name), which query, why.
+        let query_id = req["query_id"].as_str().unwrap();
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("query_id=\"{query_id}\"")))
+            .unwrap_or_else(|| panic!("{what}: no log line for {query_id} in:\n{text}"));
+        assert!(line.contains("WARN"), "{line}");
+        assert!(
+            line.contains("coordinator=coordinator"),
+            "{what}: no caller identity: {line}"
+        );
+        assert!(line.contains("outcome=\"refused\""), "{line}");
+        assert!(line.contains(needle), "{what}: no reason: {line}");
+    }
+    // Within the node's policy the same node answers.
+    let mut r = base();
+    r["max_rows_per_unit"] = json!(10);
+    r["group_by"] = json!([{ "name": "test" }]);
+    r["aggregates"] = json!([{ "kind": "count_rows" }, { "kind": "sum_fixed", "column": { "name": "value" }, "lower": 0.0, "upper": 300.0, "precision": 0.01 }]);
+    let resp = client.do_get(Ticket::new(ticket(r))).await.unwrap();
+    let batches: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(resp.into_inner())
+        .await
+        .unwrap();
+    assert!(!batches.is_empty());
     node.shutdown().await.unwrap();
 }

@@ -183,3 +183,58 @@ async fn the_coordinator_accepts_only_the_node_certificate_of_the_site_it_asked(
     site02.shutdown().await.unwrap();
     rogue_node.shutdown().await.unwrap();
 }
+
+/// TLS on the researcher endpoint (`[researcher_tls]` in coordinator.toml): `fedq`'s client
+/// connects with the federation CA over `https://` or ADBC's `grpc+tls://`; plaintext,
+/// a missing CA and another CA are each refused before any credentials are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_researcher_endpoint_serves_tls_with_the_configured_certificate() {
+    use fedq::client::FedqClient;
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 1, 300, 6);
+    let coordinator_toml = tmp.path().join("coordinator.toml");
+    let mut text = std::fs::read_to_string(&coordinator_toml).unwrap();
+    text.push_str(
+        "\n[researcher_tls]\ncert = \"certs/coordinator.pem\"\nkey = \"certs/coordinator.key\"\n",
+    );
+    std::fs::write(&coordinator_toml, text).unwrap();
+    let fed = fedq_tests::start(tmp.path()).await;
+    assert!(fed.url().starts_with("https://"), "{}", fed.url());
+
+    let mut alice = fed.client("alice").await.unwrap();
+    let r = alice
+        .query("SELECT COUNT(*) FROM participants")
+        .await
+        .unwrap();
+    assert_eq!(r.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+
+    let ca = fed.ca().unwrap();
+    let password = fed.password("alice").unwrap();
+    let addr = fed.coordinator.addr;
+    let grpc_tls = format!("grpc+tls://{addr}");
+    FedqClient::connect_with_ca(&grpc_tls, Some(&ca), "alice", &password)
+        .await
+        .expect("grpc+tls:// with the CA");
+
+    let err = |r: Result<FedqClient, fedq::CliError>| match r {
+        Ok(_) => panic!("connected"),
+        Err(e) => e.to_string(),
+    };
+    // Plaintext to a TLS endpoint.
+    let e = err(FedqClient::connect(&format!("http://{addr}"), "alice", &password).await);
+    assert!(!e.is_empty());
+    // TLS without a CA: says what to pass.
+    let e = err(FedqClient::connect_with_ca(&grpc_tls, None, "alice", &password).await);
+    assert!(e.contains("--ca"), "{e}");
+    // A certificate from another CA is not trusted.
+    let rogue = DevCa::generate("rogue CA").unwrap();
+    let e = err(FedqClient::connect_with_ca(
+        &grpc_tls,
+        Some(rogue.cert_pem.as_bytes()),
+        "alice",
+        &password,
+    )
+    .await);
+    assert!(!e.is_empty());
+    fed.shutdown().await.unwrap();
+}

@@ -888,3 +888,183 @@ async fn join_refusals() {
     r.filter = Some(bin(BinaryOp::Gt, right_col("y"), lit(Literal::Int64(1))));
     assert_invalid(v(r), "has no join");
 }
+
+/// `labs` as the node shares it: `test` and `value` only, R at most 10, sums of `value`
+/// clamped within [0, 50] at the widest (the catalog allows R = 100 and [0, 100]).
+const POLICY_TOML: &str = r#"
+[tables.labs]
+path = "labs.parquet"
+columns = ["test", "value"]
+max_rows_per_unit = 10
+[tables.labs.clamp]
+value = { lower = 0.0, upper = 50.0 }
+
+[tables.patients]
+path = "patients.csv"
+"#;
+
+fn policy_config(fx: &Fixture, tables: &str) -> Result<crate::NodeConfig, NodeError> {
+    let head = "site = \"site01\"\nlisten = \"127.0.0.1:0\"\ninsecure_dev = true\ncatalog = \"catalog.toml\"\n";
+    crate::NodeConfig::from_toml_str(&format!("{head}{tables}"), fx.dir.path())
+}
+
+#[tokio::test]
+async fn the_node_policy_narrows_the_catalog() {
+    let fx = Fixture::new();
+    let cfg = policy_config(&fx, POLICY_TOML).unwrap();
+    let e = NodeEngine::new(&cfg).await.unwrap();
+    let v = |req| e.validate(&req);
+    let count = || vec![AggregateRequest::CountRows];
+    // Columns the catalog declares but the node does not share, in every role.
+    assert_refused(
+        v(request("labs", &[], vec![count_nn("code")], 10, None)),
+        "column `code` of table `labs` (in COUNT) is not shared by this node",
+    );
+    assert_refused(
+        v(request("labs", &["flag"], count(), 10, None)),
+        "`flag` of table `labs` (in GROUP BY) is not shared",
+    );
+    let by_year = bin(BinaryOp::Gt, col("year"), lit(Literal::Int64(1980)));
+    assert_refused(
+        v(request("labs", &[], count(), 10, Some(by_year))),
+        "`year` of table `labs`",
+    );
+    // R above the node's cap (but within the catalog's 100).
+    assert_refused(
+        v(request("labs", &[], count(), 11, None)),
+        "exceeds this node's cap of 10",
+    );
+    // A clamp within the catalog's [0, 100] but wider than the node's [0, 50].
+    assert_refused(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("value", 0.0, 100.0, 0.01)],
+            10,
+            None,
+        )),
+        "wider than this node accepts, [0, 50]",
+    );
+    assert_refused(
+        v(request(
+            "labs",
+            &[],
+            vec![sum("value", 0.0, 50.5, 0.01)],
+            10,
+            None,
+        )),
+        "wider than this node accepts",
+    );
+    // Within the policy: answered, with the privacy unit used for bounding.
+    let ok = request(
+        "labs",
+        &["test"],
+        vec![AggregateRequest::CountRows, sum("value", 0.0, 50.0, 0.01)],
+        10,
+        Some(bin(BinaryOp::Gt, col("value"), lit(Literal::Float64(0.0)))),
+    );
+    assert!(e.execute(&ok).await.is_ok());
+    assert!(v(request(
+        "labs",
+        &[],
+        vec![sum("value", 10.0, 40.0, 0.01)],
+        3,
+        None
+    ))
+    .is_ok());
+    // A table without policy keys shares what the catalog declares.
+    assert!(v(request("patients", &["sex"], count(), 1, None)).is_ok());
+}
+
+#[test]
+fn node_policy_config_errors_name_the_key_and_the_fix() {
+    let fx = Fixture::new();
+    let cases = [
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\ncolumns = [\"value\", \"weight\"]\n",
+            "columns lists `weight`, which the catalog does not declare",
+        ),
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\nmax_rows_per_unit = 101\n",
+            "max_rows_per_unit = 101 must be between 1 and the catalog's 100",
+        ),
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\nmax_rows_per_unit = 0\n",
+            "max_rows_per_unit = 0",
+        ),
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\n[tables.labs.clamp]\nvalue = { lower = -1.0, upper = 50.0 }\n",
+            "is wider than the catalog's [0, 100]",
+        ),
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\ncolumns = [\"test\"]\n[tables.labs.clamp]\nvalue = { lower = 0.0, upper = 50.0 }\n",
+            "`value` is not in this table's `columns`",
+        ),
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\n[tables.labs.clamp]\ncode = { lower = 0.0, upper = 1.0 }\n",
+            "declares no bounds",
+        ),
+        (
+            "[tables.labs]\npath = \"labs.parquet\"\n[tables.labs.clamp]\nvalue = { lower = 5.0, upper = 5.0 }\n",
+            "lower < upper",
+        ),
+        (
+            "max_query_memory_mb = 0\n",
+            "max_query_memory_mb = 0 must be between 1",
+        ),
+    ];
+    for (tables, needle) in cases {
+        // Top-level keys go before the first table.
+        let text = if tables.starts_with('[') {
+            tables.to_string()
+        } else {
+            format!("{tables}[tables.labs]\npath = \"labs.parquet\"\n")
+        };
+        let e = policy_config(&fx, &text).unwrap_err().to_string();
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+    }
+    let cfg = policy_config(
+        &fx,
+        "max_query_memory_mb = 64\n[tables.labs]\npath = \"labs.parquet\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.limits.max_query_memory, 64 * 1024 * 1024);
+    let cfg = policy_config(&fx, "[tables.labs]\npath = \"labs.parquet\"\n").unwrap();
+    assert_eq!(
+        cfg.limits.max_query_memory,
+        crate::DEFAULT_MAX_QUERY_MEMORY_MB * 1024 * 1024
+    );
+}
+
+/// A query that needs more memory than the node allows one query fails with the limit
+/// only (no data, no operator detail), in DataFusion's hash join as in the bounder's own
+/// reservoirs; the engine keeps answering queries that fit.
+#[tokio::test]
+async fn a_query_over_its_memory_limit_fails_cleanly_and_the_node_keeps_serving() {
+    let fx = Fixture::new();
+    let mut cfg = fx.config();
+    cfg.limits.max_query_memory = 4 * 1024;
+    let e = NodeEngine::new(&cfg).await.unwrap();
+    let join = joined(
+        request("bulk", &[], vec![AggregateRequest::CountRows], 50, None),
+        "encounters",
+    );
+    // Every bulk participant through a reservoir of 5 rows: the arena and the id index.
+    let reservoirs = request("bulk", &["grp"], vec![AggregateRequest::CountRows], 5, None);
+    for req in [join, reservoirs] {
+        let err = e.execute(&req).await.unwrap_err();
+        assert!(
+            matches!(err, NodeError::MemoryLimit { limit_mb: 1, .. }),
+            "{err:?}"
+        );
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "node site01: query q-test needed more than its memory limit of 1 MiB and was stopped; narrow the query or ask the site to raise max_query_memory_mb"
+        );
+        // A small query still runs on the same engine.
+        let small = request("patients", &[], vec![AggregateRequest::CountRows], 1, None);
+        assert!(e.execute(&small).await.is_ok());
+    }
+}

@@ -1,0 +1,83 @@
+//! The node's Prometheus metrics: requests by outcome, refusals, request latency.
+//! Counts and durations only, never data values.
+
+use std::time::Duration;
+
+use fedq_common::metrics::prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+};
+use fedq_common::metrics::LATENCY_BUCKETS;
+
+/// Metrics of one node (its own registry; several nodes may share a process).
+#[derive(Debug, Clone)]
+pub struct NodeMetrics {
+    /// The registry served at `/metrics`.
+    pub registry: Registry,
+    requests: IntCounterVec,
+    refusals: IntCounter,
+    latency: Histogram,
+}
+
+impl NodeMetrics {
+    /// Fresh metrics, labelled with the site name.
+    pub fn new(site: &str) -> NodeMetrics {
+        let registry = Registry::new();
+        let konst = |o: Opts| o.const_label("site", site);
+        // Metric and label names are fixed, valid constants (label values such as the site
+        // name are not validated by prometheus), so these constructors cannot fail.
+        let requests = IntCounterVec::new(
+            konst(Opts::new(
+                "fedq_node_requests_total",
+                "partial-aggregate requests (DoGet) by outcome: ok, refused, over_limit (busy or over the memory limit), timed_out, failed",
+            )),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        let refusals = IntCounter::with_opts(konst(Opts::new(
+            "fedq_node_refusals_total",
+            "requests refused by the node's catalog, its own policy, its limits on request structure, or its caller allow-list",
+        )))
+        .expect("static metric definition");
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "fedq_node_request_duration_seconds",
+                "time from receiving a request to its answer or error",
+            )
+            .const_label("site", site)
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition");
+        for c in [
+            Box::new(requests.clone())
+                as Box<dyn fedq_common::metrics::prometheus::core::Collector>,
+            Box::new(refusals.clone()),
+            Box::new(latency.clone()),
+        ] {
+            if let Err(e) = registry.register(c) {
+                tracing::error!(error = %e, "could not register a node metric");
+            }
+        }
+        NodeMetrics {
+            registry,
+            requests,
+            refusals,
+            latency,
+        }
+    }
+
+    /// Record one request's outcome (from the status it ends with) and duration.
+    pub fn record(&self, result: Result<(), tonic::Code>, elapsed: Duration) {
+        let outcome = match result {
+            Ok(()) => "ok",
+            Err(tonic::Code::PermissionDenied | tonic::Code::InvalidArgument) => "refused",
+            Err(tonic::Code::ResourceExhausted) => "over_limit",
+            Err(tonic::Code::DeadlineExceeded) => "timed_out",
+            Err(_) => "failed",
+        };
+        if outcome == "refused" {
+            self.refusals.inc();
+        }
+        self.requests.with_label_values(&[outcome]).inc();
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+}
