@@ -7,6 +7,8 @@
 //! - [`catalog`]: the privacy officer's catalog (tables, columns, bounds, public domains)
 //!   and the query policy. Both coordinator and node load the same catalog file; the node
 //!   uses it to check its local files and to validate every request it receives.
+//! - [`quantile`]: the public candidate grid of private quantiles and its histogram bins,
+//!   shared so that coordinator and node bin values identically.
 //! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
 //!
 //! Rules that the types encode:
@@ -17,6 +19,7 @@
 //!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
 
 pub mod catalog;
+pub mod quantile;
 pub mod tls;
 pub mod wire;
 
