@@ -453,6 +453,9 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
                                 "{sql}: var/sd {got} vs exact {exact}, bound [{lo}, {hi}]"
                             );
                         }
+                        AggregateOutput::Quantile { .. } => {
+                            unreachable!("no percentiles in SHAPES; see tests/quantiles.rs")
+                        }
                     }
                     // One ALPHA-bound per noisy statistic the check relies on.
                     checked += out.stats().len();
