@@ -1104,7 +1104,7 @@ impl StatBuilder {
         // Every group's histogram must fit the nodes' cell limit, so many groups get a
         // coarser grid: at most 1024 candidates, at most one per fixed-point step.
         let per_group = MAX_HISTOGRAM_CELLS / self.n_groups.max(1) as usize;
-        let max_k = ((per_group + 1) / 2).min(MAX_QUANTILE_CANDIDATES as usize) as u32;
+        let max_k = per_group.div_ceil(2).min(MAX_QUANTILE_CANDIDATES as usize) as u32;
         let k = QuantileGrid::default_candidates(bounds.lower, bounds.upper, prec, max_k);
         let grid = QuantileGrid::for_bounds(bounds.lower, bounds.upper, prec, k).map_err(|e| {
             refuse(format!(

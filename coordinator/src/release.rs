@@ -3,7 +3,9 @@
 //! 1. Every statistic gets discrete Laplace noise on every group of the public domain
 //!    (empty groups included), with scale sensitivity / ε-share.
 //! 2. Aggregates are computed from the noisy statistics: counts and sums directly, AVG as
-//!    mid + noisy centred sum / noisy count, clamped into the declared bounds.
+//!    mid + noisy centred sum / noisy count, clamped into the declared bounds. A percentile
+//!    is the candidate that OpenDP's exponential mechanism selects from the exact histogram
+//!    of each group ([`crate::quantile`]); no Laplace noise is drawn for it.
 //! 3. Small-cell suppression: a noisy count below `min_reported_count` becomes NULL, and so
 //!    does an AVG whose count is suppressed.
 //! 4. The noisy aggregate table replaces the Aggregate node of the researcher's plan, and

@@ -130,6 +130,8 @@ fn expected_sql(
             AggregateRequest::CountRows => "CAST(COUNT(*) AS DOUBLE)".into(),
             // Per site, not over the union: see the test of distinct participants below.
             AggregateRequest::CountUnits => unreachable!("not in SHAPES"),
+            // Percentiles have their own end-to-end test (tests/quantiles.rs).
+            AggregateRequest::QuantileHistogram { .. } => unreachable!("not in SHAPES"),
             AggregateRequest::CountNonNull { column } => {
                 format!("CAST(COUNT({}) AS DOUBLE)", no_nan(&qual(column), floats))
             }

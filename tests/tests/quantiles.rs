@@ -55,7 +55,16 @@ fn drop_lab_value_bounds(dir: &Path) {
 
 /// (researcher SQL, FROM clause of the exact query, WHERE or "", group columns, value
 /// column, whether it joins within sites)
-const SHAPES: &[(&str, &str, &str, &[&str], &str, bool)] = &[
+type Shape = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+    bool,
+);
+
+const SHAPES: &[Shape] = &[
     (
         "SELECT MEDIAN(birth_year) FROM participants",
         "participants",
