@@ -119,6 +119,10 @@ pub struct Statistic {
 ///   [0, H² − a²]; normalised: {Q: 45/116, S: 60/116, N: 11/116}. (STDDEV = √V has the same
 ///   relative weights, scaled by 1/(4V).)
 ///
+/// - A percentile (`MEDIAN`, `PERCENTILE_CONT`, ...): {quantile: 1}. Its error is a rank
+///   error of the exponential mechanism, ∝ 1/ε like a count's, so it is weighted as one
+///   output like a `COUNT`; several percentiles at the same α of one column share it.
+///
 /// Statistics shared by several outputs add their coefficients: `c_i = Σ_o c_{o,i}`.
 /// Minimising `Σ_o Var_o / scale_o = Σ_i c_i / ε_i²` subject to `Σ ε_i = ε` (Lagrange) gives
 /// `ε_i = ε · c_i^{1/3} / Σ_j c_j^{1/3}`. For one AVG that is ε_S = 0.591ε, ε_N = 0.409ε.
