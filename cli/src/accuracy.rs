@@ -174,7 +174,7 @@ pub async fn run(cfg: AccuracyConfig) -> Result<(), CliError> {
                         }
                         _ => None,
                     },
-                    AggregateOutput::Variance { .. } => None,
+                    AggregateOutput::Variance { .. } | AggregateOutput::Quantile { .. } => None,
                 })
                 .collect();
             bounded.insert(ks, vals);

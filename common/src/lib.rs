@@ -7,6 +7,8 @@
 //! - [`catalog`]: the privacy officer's catalog (tables, columns, bounds, public domains)
 //!   and the query policy. Both coordinator and node load the same catalog file; the node
 //!   uses it to check its local files and to validate every request it receives.
+//! - [`quantile`]: the public candidate grid of private quantiles and its histogram bins,
+//!   shared so that coordinator and node bin values identically.
 //! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP endpoint both sides serve (each with its
 //!   own registry).
@@ -20,6 +22,7 @@
 
 pub mod catalog;
 pub mod metrics;
+pub mod quantile;
 pub mod tls;
 pub mod wire;
 

@@ -195,6 +195,19 @@ pub enum AggregateRequest {
         upper: f64,
         precision: f64,
     },
+    /// Histogram of `column`, clamped to `[lower, upper]` in units of `precision` exactly as
+    /// for `SumFixed`, over the public grid of `candidates` quantile candidates
+    /// ([`crate::quantile::QuantileGrid`]): `2·candidates − 1` counts (`List<Int64>`), bin
+    /// `2i` = values equal to candidate i, bin `2i + 1` = values strictly between
+    /// candidates i and i + 1. NULLs (and NaN) are skipped. Exact counts, merged across sites
+    /// by addition; the coordinator scores the candidates from them (OpenDP's quantile score).
+    QuantileHistogram {
+        column: ColumnRef,
+        lower: f64,
+        upper: f64,
+        precision: f64,
+        candidates: u32,
+    },
 }
 
 /// Schema metadata key of a node's response: how many participants had more than R rows
@@ -221,7 +234,8 @@ impl AggregateRequest {
             AggregateRequest::CountRows | AggregateRequest::CountUnits => None,
             AggregateRequest::CountNonNull { column }
             | AggregateRequest::SumFixed { column, .. }
-            | AggregateRequest::SumSquaresFixed { column, .. } => Some(column),
+            | AggregateRequest::SumSquaresFixed { column, .. }
+            | AggregateRequest::QuantileHistogram { column, .. } => Some(column),
         }
     }
 }

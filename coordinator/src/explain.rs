@@ -17,7 +17,10 @@
 //! half-width `t` of the discrete Laplace noise with P(|noise| > t) ≤ 5%, which needs no
 //! data. An AVG's (or VAR's) error depends on the unknown count N, so its row states the
 //! errors of its numerator and denominator statistics and the delta-method half-width at
-//! stated counts (N = 100, 1,000 and 10,000 values).
+//! stated counts (N = 100, 1,000 and 10,000 values). A quantile's statistic row gives its
+//! exponential mechanism's sensitivity and scale in score units and, as `ci95_half_width`,
+//! the rank error (in rows) that its noise causes with 95% probability; its output row
+//! states the candidate grid and what that rank error means for the released value.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,8 +30,11 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::CoordinatorError;
 use crate::noise::DiscreteLaplace;
-use crate::planner::{AggregateOutput, Allocation, PlannedQuery, TRUNCATION_LABEL};
+use crate::planner::{AggregateOutput, Allocation, PlannedQuery, StatisticKind, TRUNCATION_LABEL};
+use crate::quantile::QuantileMechanism;
 use crate::release::{avg_ci95, top_projection_mapping, VarianceShape};
+use fedq_common::quantile::QuantileGrid;
+use fedq_common::AggregateRequest;
 
 /// Schema metadata key: `"true"` on an EXPLAIN answer.
 pub const META_EXPLAIN: &str = "fedq.explain";
@@ -149,12 +155,35 @@ pub fn explain_batch(
     min_reported_count: u64,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), CoordinatorError> {
     let qid = &q.query_id;
-    let mechs: Vec<DiscreteLaplace> = q
-        .statistics
-        .iter()
-        .map(|st| DiscreteLaplace::new(st.sensitivity, &st.epsilon))
-        .collect::<Result<_, _>>()
-        .map_err(|e| CoordinatorError::internal(qid, e))?;
+    // Every statistic's mechanism: discrete Laplace, or for a quantile the exponential
+    // mechanism (whose noise scale is in score units).
+    let mut mechs: Vec<DiscreteLaplace> = Vec::new();
+    let mut quantiles: HashMap<usize, (QuantileMechanism, QuantileGrid)> = HashMap::new();
+    for (i, st) in q.statistics.iter().enumerate() {
+        if let StatisticKind::Quantile {
+            partial, alpha_den, ..
+        } = st.kind
+        {
+            if let Some(AggregateRequest::QuantileHistogram {
+                lower,
+                upper,
+                precision,
+                candidates,
+                ..
+            }) = q.request.aggregates.get(partial)
+            {
+                let grid = QuantileGrid::for_bounds(*lower, *upper, *precision, *candidates)
+                    .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
+                let m = QuantileMechanism::new(st.sensitivity, &st.epsilon, grid.len(), alpha_den)
+                    .map_err(|e| CoordinatorError::internal(qid, e))?;
+                quantiles.insert(i, (m, grid));
+            }
+        }
+        mechs.push(
+            DiscreteLaplace::new(st.sensitivity, &st.epsilon)
+                .map_err(|e| CoordinatorError::internal(qid, e))?,
+        );
+    }
     let eps = |i: usize| q.statistics[i].epsilon.to_f64().value();
     // Output names as the researcher sees them (aliases), else the aggregate's own name.
     let nk = q.groups.len();
@@ -216,6 +245,36 @@ pub fn explain_batch(
     });
     for (i, st) in q.statistics.iter().enumerate() {
         let used: Vec<String> = st.used_by.iter().map(|&j| out_name(j)).collect();
+        if let Some((m, grid)) = quantiles.get(&i) {
+            let bounds_step = match q.request.aggregates.get(match st.kind {
+                StatisticKind::Quantile { partial, .. } => partial,
+                _ => usize::MAX,
+            }) {
+                Some(AggregateRequest::QuantileHistogram { precision, .. }) => *precision,
+                _ => 1.0,
+            };
+            rows.push(Row {
+                item: "statistic",
+                name: st.label.clone(),
+                sensitivity: Some(st.sensitivity as f64),
+                formula: Some(st.formula.clone()),
+                epsilon: Some(eps(i)),
+                delta: Some(0.0),
+                scale: Some(m.scale()),
+                ci95: Some(m.rank_half_width(0.05).ceil()),
+                detail: Some(format!(
+                    "exponential mechanism (OpenDP noisy max, permute-and-flip; pure ε-DP, δ = 0) over {} \
+                     candidates spaced at most {} apart, one selection per group (a participant's R·S rows are \
+                     shared among the groups, so all groups together cost this ε once); sensitivity and noise \
+                     scale in score units. ci95_half_width is a rank error in rows: with 95% probability the \
+                     released candidate's rank is within it of the best candidate's; used by {}",
+                    grid.len(),
+                    num(grid.max_step() as f64 * bounds_step),
+                    used.join(", ")
+                )),
+            });
+            continue;
+        }
         rows.push(Row {
             item: "statistic",
             name: st.label.clone(),
@@ -259,6 +318,33 @@ pub fn explain_batch(
         let hw = |i: usize| mechs[i].half_width(0.05) * q.statistics[i].unit;
         let b = |i: usize| mechs[i].scale() * q.statistics[i].unit;
         let (scale, ci95, detail) = match out {
+            AggregateOutput::Quantile {
+                stat,
+                bounds,
+                grid,
+                alpha,
+            } => {
+                let rank = quantiles
+                    .get(stat)
+                    .map(|(m, _)| m.rank_half_width(0.05).ceil())
+                    .unwrap_or(f64::NAN);
+                (
+                    None,
+                    None,
+                    format!(
+                        "the {alpha} quantile, always one of {} candidates in [{}, {}] spaced at most {} apart. \
+                         With 95% probability the released value v has at most {alpha}·N + t values below it and \
+                         at most (1 − {alpha})·N + t above it (N values in the group), where t = {} rows from the \
+                         noise plus at most half the values in the grid cell that holds the true quantile; no value \
+                         half-width can be stated without the data",
+                        grid.len(),
+                        num(bounds.lower),
+                        num(bounds.upper),
+                        num(grid.max_step() as f64 * bounds.precision),
+                        num(rank),
+                    ),
+                )
+            }
             AggregateOutput::Count { stat } => (
                 Some(b(*stat)),
                 Some(hw(*stat)),

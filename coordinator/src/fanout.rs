@@ -16,6 +16,7 @@ use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, Decimal128Array, Int32Array, Int64Array, RecordBatch,
 };
 use datafusion::arrow::datatypes::DataType;
+use fedq_common::quantile::QuantileGrid;
 use fedq_common::wire::META_TRUNCATED_UNITS;
 use fedq_common::{AggregateRequest, NodeInfo, PartialAggregateRequest, PublicValue};
 use futures::TryStreamExt;
@@ -40,6 +41,10 @@ pub struct MergedPartials {
     pub truncated_units: Option<i128>,
     /// Sites that failed or timed out (only non-empty with `allow_partial`).
     pub sites_failed: Vec<String>,
+    /// Percentile histograms (`QuantileHistogram` partials): (group key, partial index) ->
+    /// exact bin counts summed over sites. The partial's own entry in `groups` is the
+    /// number of binned values.
+    pub histograms: BTreeMap<(Vec<PublicValue>, usize), Vec<i128>>,
 }
 
 impl MergedPartials {
@@ -49,6 +54,14 @@ impl MergedPartials {
             .get(key)
             .cloned()
             .unwrap_or_else(|| vec![0; n_partials])
+    }
+
+    /// Exact bins of histogram partial `partial` in one group (zeros if no site had values).
+    pub fn histogram(&self, key: &[PublicValue], partial: usize, bins: usize) -> Vec<i128> {
+        self.histograms
+            .get(&(key.to_vec(), partial))
+            .cloned()
+            .unwrap_or_else(|| vec![0; bins])
     }
 }
 
@@ -194,6 +207,20 @@ impl NodePool {
                                 CoordinatorError::internal(
                                     &req.query_id,
                                     "partial sum overflows i128",
+                                )
+                            })?;
+                        }
+                    }
+                    for (key, bins) in local.histograms {
+                        let entry = merged
+                            .histograms
+                            .entry(key)
+                            .or_insert_with(|| vec![0; bins.len()]);
+                        for (acc, v) in entry.iter_mut().zip(bins) {
+                            *acc = acc.checked_add(v).ok_or_else(|| {
+                                CoordinatorError::internal(
+                                    &req.query_id,
+                                    "histogram count overflows i128",
                                 )
                             })?;
                         }
@@ -368,13 +395,52 @@ fn merge_batch(
             // Nodes drop such rows themselves; never release a key outside the domain.
             continue;
         }
-        let entry = merged.groups.entry(key).or_insert_with(|| vec![0; na]);
         for (i, a) in req.aggregates.iter().enumerate() {
             let col = b.column(nk + i);
             if col.is_null(row) {
                 return Err(format!("NULL partial in column {}", nk + i));
             }
             let v: i128 = match a {
+                AggregateRequest::QuantileHistogram {
+                    lower,
+                    upper,
+                    precision,
+                    candidates,
+                    ..
+                } => {
+                    let grid = QuantileGrid::for_bounds(*lower, *upper, *precision, *candidates)
+                        .map_err(|e| e.to_string())?;
+                    let list = col
+                        .as_list_opt::<i32>()
+                        .ok_or("histogram partial is not a list")?
+                        .value(row);
+                    let bins = list
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .ok_or("histogram bins are not Int64")?;
+                    if bins.len() != grid.bins() || bins.null_count() > 0 {
+                        return Err(format!(
+                            "histogram has {} bins, expected {}",
+                            bins.len(),
+                            grid.bins()
+                        ));
+                    }
+                    let entry = merged
+                        .histograms
+                        .entry((key.clone(), i))
+                        .or_insert_with(|| vec![0; grid.bins()]);
+                    let mut total: i128 = 0;
+                    for (acc, &c) in entry.iter_mut().zip(bins.values().iter()) {
+                        if c < 0 {
+                            return Err("negative histogram count".into());
+                        }
+                        *acc = acc
+                            .checked_add(c.into())
+                            .ok_or("histogram overflows i128")?;
+                        total += i128::from(c);
+                    }
+                    total
+                }
                 AggregateRequest::CountRows
                 | AggregateRequest::CountNonNull { .. }
                 | AggregateRequest::CountUnits => col
@@ -389,6 +455,10 @@ fn merge_batch(
                     .ok_or("sum partial is not Decimal128")?
                     .value(row),
             };
+            let entry = merged
+                .groups
+                .entry(key.clone())
+                .or_insert_with(|| vec![0; na]);
             entry[i] = entry[i]
                 .checked_add(v)
                 .ok_or("partial sum overflows i128")?;

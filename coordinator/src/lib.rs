@@ -14,6 +14,8 @@
 //!   charges, refunds, stored answers for free replays.
 //! - [`audit`]: the SHA3-256 hash chain of audit entries in the ledger file; verify, export.
 //! - [`noise`]: OpenDP's discrete Laplace sampler, confidence half-widths.
+//! - [`quantile`]: private quantiles (MEDIAN, PERCENTILE_CONT): OpenDP's quantile score from
+//!   the nodes' exact histograms and its exponential mechanism (noisy max) per group.
 //! - [`release`]: noise, AVG, VAR/STDDEV, small-cell suppression (the `fedq_suppressed`
 //!   column), post-processing, Arrow metadata.
 //! - [`explain`]: `EXPLAIN <query>`: sensitivities, ε split, noise scales and expected errors,
@@ -47,6 +49,7 @@ pub mod metrics;
 pub mod noise;
 pub mod planner;
 pub mod predicate;
+pub mod quantile;
 pub mod release;
 pub mod service;
 

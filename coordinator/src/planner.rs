@@ -26,6 +26,7 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use fedq_common::catalog::Bounds;
+use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS, MAX_QUANTILE_CANDIDATES};
 use fedq_common::{
     AggregateRequest, Catalog, ColumnRef, ColumnType, JoinSpec, PartialAggregateRequest,
     PublicValue, Side,
@@ -65,6 +66,15 @@ pub enum StatisticKind {
     /// A sum of squares of values centred on their fixed-point midpoint, computed by the
     /// nodes (`SumSquaresFixed`): the value of partial `partial`, in units of `precision`².
     SumSquares { partial: usize, precision: f64 },
+    /// The α-quantile (α = `alpha_num/alpha_den`) of the values binned by partial `partial`
+    /// (`QuantileHistogram`), released by the exponential mechanism (see
+    /// [`crate::quantile`]). Its `sensitivity` is the L∞ sensitivity of one group's score
+    /// vector, R·S·max(α_num, α_den − α_num), in score units.
+    Quantile {
+        partial: usize,
+        alpha_num: u64,
+        alpha_den: u64,
+    },
 }
 
 /// One noisy statistic, released for every group.
@@ -108,6 +118,10 @@ pub struct Statistic {
 ///   weights {Q: 1, S: 4/3, N: 11/45} under a uniform mean a and, given a, a uniform V in
 ///   [0, H² − a²]; normalised: {Q: 45/116, S: 60/116, N: 11/116}. (STDDEV = √V has the same
 ///   relative weights, scaled by 1/(4V).)
+///
+/// - A percentile (`MEDIAN`, `PERCENTILE_CONT`, ...): {quantile: 1}. Its error is a rank
+///   error of the exponential mechanism, ∝ 1/ε like a count's, so it is weighted as one
+///   output like a `COUNT`; several percentiles at the same α of one column share it.
 ///
 /// Statistics shared by several outputs add their coefficients: `c_i = Σ_o c_{o,i}`.
 /// Minimising `Σ_o Var_o / scale_o = Σ_i c_i / ε_i²` subject to `Σ ε_i = ε` (Lagrange) gives
@@ -178,6 +192,15 @@ pub enum AggregateOutput {
         sample: bool,
         sqrt: bool,
     },
+    /// `MEDIAN`, `PERCENTILE_CONT`, `APPROX_PERCENTILE_CONT`: the candidate of `grid`
+    /// (fixed point, in units of `bounds.precision`) chosen by the quantile statistic.
+    Quantile {
+        stat: usize,
+        bounds: Bounds,
+        grid: QuantileGrid,
+        /// The quantile asked for, in [0, 1] (after `DESC` ordering is turned around).
+        alpha: f64,
+    },
 }
 
 impl AggregateOutput {
@@ -188,13 +211,16 @@ impl AggregateOutput {
             AggregateOutput::Sum { count_stat, .. } => *count_stat,
             AggregateOutput::Avg { count_stat, .. }
             | AggregateOutput::Variance { count_stat, .. } => Some(*count_stat),
+            AggregateOutput::Quantile { .. } => None,
         }
     }
 
     /// Statistics this output is computed from.
     pub fn stats(&self) -> Vec<usize> {
         match self {
-            AggregateOutput::Count { stat } => vec![*stat],
+            AggregateOutput::Count { stat } | AggregateOutput::Quantile { stat, .. } => {
+                vec![*stat]
+            }
             AggregateOutput::Sum {
                 stat, count_stat, ..
             } => std::iter::once(*stat).chain(*count_stat).collect(),
@@ -438,6 +464,22 @@ impl Planner {
         for (j, e) in agg.aggr_expr.iter().enumerate() {
             b.output = j;
             outputs.push(b.aggregate(strip_alias(e), &scope)?);
+        }
+        let cells: usize = b
+            .partials
+            .iter()
+            .map(|a| match a {
+                AggregateRequest::QuantileHistogram { candidates, .. } => {
+                    (2 * *candidates as usize - 1).saturating_mul(n_groups.max(1))
+                }
+                _ => 0,
+            })
+            .sum();
+        if cells > MAX_HISTOGRAM_CELLS {
+            return Err(refuse(format!(
+                "the percentiles of this query need {cells} histogram cells over {n_groups} group(s); \
+                 the nodes allow {MAX_HISTOGRAM_CELLS}: ask for percentiles of fewer columns or group by fewer keys"
+            )));
         }
         let eps = rational(epsilon)?;
         let truncation = TruncationReport {
@@ -827,6 +869,36 @@ struct StatBuilder {
     output: usize,
 }
 
+/// Aggregates answered as private quantiles (DataFusion's names; `quantile_cont` is
+/// `percentile_cont`'s alias, `approx_median` is `approx_percentile_cont(0.5)`).
+const QUANTILE_FUNCTIONS: &[&str] = &[
+    "median",
+    "approx_median",
+    "percentile_cont",
+    "quantile_cont",
+    "approx_percentile_cont",
+];
+
+/// The percentile argument of a quantile aggregate: a numeric literal, possibly negated.
+fn percentile_literal(e: &Expr) -> Option<f64> {
+    match strip_alias(e) {
+        Expr::Literal(v, _) => match v {
+            ScalarValue::Float64(Some(x)) => Some(*x),
+            ScalarValue::Float32(Some(x)) => Some(f64::from(*x)),
+            ScalarValue::Int64(Some(x)) => Some(*x as f64),
+            ScalarValue::Int32(Some(x)) => Some(f64::from(*x)),
+            ScalarValue::Decimal128(Some(x), _, scale) => {
+                Some(*x as f64 / 10f64.powi(i32::from(*scale)))
+            }
+            _ => None,
+        },
+        Expr::Negative(inner) => percentile_literal(inner).map(|x| -x),
+        Expr::Cast(c) => percentile_literal(&c.expr),
+        Expr::TryCast(c) => percentile_literal(&c.expr),
+        _ => None,
+    }
+}
+
 /// Name of an aggregate function as researchers write it.
 fn sql_name(name: &str) -> String {
     match name {
@@ -940,6 +1012,149 @@ impl StatBuilder {
         self.stat(StatisticKind::Count { partial }, 1, "", 1.0, label, cost)
     }
 
+    /// `MEDIAN(x)`, `PERCENTILE_CONT(α) WITHIN GROUP (ORDER BY x)`,
+    /// `APPROX_PERCENTILE_CONT(x, α)` (DataFusion passes the WITHIN GROUP column as the first
+    /// argument): the nodes' histogram of x over a public grid of candidates within x's
+    /// bounds, and one exponential-mechanism selection per group (see [`crate::quantile`]).
+    fn quantile(
+        &mut self,
+        name: &str,
+        p: &datafusion::logical_expr::expr::AggregateFunctionParams,
+        scope: &Scope<'_>,
+    ) -> Result<AggregateOutput, CoordinatorError> {
+        let shown_fn = name.to_uppercase();
+        if p.filter.is_some() {
+            return Err(refuse(
+                "aggregate FILTER (WHERE ...) is not supported; put the condition in WHERE",
+            ));
+        }
+        let usage = "write MEDIAN(col), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY col) or \
+                     APPROX_PERCENTILE_CONT(col, 0.9)";
+        let (arg, mut alpha) = match (name, p.args.as_slice()) {
+            ("median" | "approx_median", [x]) => (strip_alias(x), 0.5),
+            ("median" | "approx_median", _) => {
+                return Err(CoordinatorError::InvalidSql(format!(
+                    "{shown_fn}() takes exactly one argument; {usage}"
+                )))
+            }
+            (_, [x, q]) => {
+                let Some(a) = percentile_literal(q) else {
+                    return Err(refuse(format!(
+                        "{shown_fn}: the percentile must be a literal number between 0 and 1 (e.g. 0.9), \
+                         not `{q}`: the candidates and the noise are fixed before any data is read; {usage}"
+                    )));
+                };
+                (strip_alias(x), a)
+            }
+            (_, [_, _, c]) => {
+                return Err(refuse(format!(
+                    "{shown_fn}: the number of t-digest centroids (`{c}`) does not apply: fedq computes \
+                     percentiles with the exponential mechanism over a public grid; drop the third argument"
+                )))
+            }
+            _ => {
+                return Err(CoordinatorError::InvalidSql(format!(
+                    "{shown_fn} needs a column and a percentile; {usage}"
+                )))
+            }
+        };
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(refuse(format!(
+                "{shown_fn}: percentile {alpha} is outside [0, 1]; use e.g. 0.5 for the median or 0.95 \
+                 for the 95th percentile"
+            )));
+        }
+        match p.order_by.as_slice() {
+            [] => {}
+            [sort] if !sort.asc => alpha = 1.0 - alpha,
+            [_] => {}
+            _ => {
+                return Err(refuse(format!(
+                    "{shown_fn}: order by exactly one column; {usage}"
+                )))
+            }
+        }
+        let Expr::Column(c) = arg else {
+            return Err(refuse(format!(
+                "{shown_fn}({arg}): percentiles of expressions are not supported yet; use a column"
+            )));
+        };
+        let (cref, rel) = scope.column_ref(c)?;
+        let (table, spec) = (rel.table, rel.spec);
+        let shown = scope.label(&rel, &c.name);
+        let col = spec.column(&c.name).ok_or_else(|| {
+            CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
+        })?;
+        if c.name == spec.privacy_unit {
+            return Err(refuse(format!(
+                "`{shown}` is the privacy unit and cannot be aggregated"
+            )));
+        }
+        if !col.ty.is_numeric() {
+            return Err(CoordinatorError::InvalidSql(format!(
+                "{shown_fn}({shown}): {table}.{} is {}, not a number",
+                c.name, col.ty
+            )));
+        }
+        let Some(bounds) = col.bounds() else {
+            return Err(refuse(format!(
+                "{shown_fn}({shown}): column {table}.{} has no declared bounds, so there is no public range to \
+                 take candidates from. The privacy officer must declare `lower`, `upper` (and `precision` \
+                 for non-integers) for it in the catalog",
+                c.name
+            )));
+        };
+        let prec = bounds.precision;
+        // Every group's histogram must fit the nodes' cell limit, so many groups get a
+        // coarser grid: at most 1024 candidates, at most one per fixed-point step.
+        let per_group = MAX_HISTOGRAM_CELLS / self.n_groups.max(1) as usize;
+        let max_k = per_group.div_ceil(2).min(MAX_QUANTILE_CANDIDATES as usize) as u32;
+        let k = QuantileGrid::default_candidates(bounds.lower, bounds.upper, prec, max_k);
+        let grid = QuantileGrid::for_bounds(bounds.lower, bounds.upper, prec, k).map_err(|e| {
+            refuse(format!(
+                "{shown_fn}({shown}): no grid of candidates fits the bounds [{}, {}] at precision {prec} \
+                 with {} group(s) ({e}); group by fewer keys",
+                bounds.lower, bounds.upper, self.n_groups
+            ))
+        })?;
+        let Some((alpha_num, alpha_den)) = crate::quantile::alpha_fraction(alpha) else {
+            return Err(refuse(format!(
+                "{shown_fn}: percentile {alpha} is outside [0, 1]"
+            )));
+        };
+        let partial = self.partial(AggregateRequest::QuantileHistogram {
+            column: cref,
+            lower: bounds.lower,
+            upper: bounds.upper,
+            precision: prec,
+            candidates: k,
+        });
+        let step = crate::quantile::score_step(alpha_num, alpha_den);
+        let label = format!(
+            "quantile {alpha} of {shown} over {k} candidates in [{}, {}] (score units)",
+            grid.candidate(0) as f64 * prec,
+            grid.candidate(grid.len() - 1) as f64 * prec
+        );
+        let stat = self.stat(
+            StatisticKind::Quantile {
+                partial,
+                alpha_num,
+                alpha_den,
+            },
+            u128::from(step),
+            &format!("max(α_num, α_den − α_num) with α = {alpha_num}/{alpha_den}"),
+            1.0,
+            label,
+            1.0,
+        )?;
+        Ok(AggregateOutput::Quantile {
+            stat,
+            bounds,
+            grid,
+            alpha,
+        })
+    }
+
     fn aggregate(
         &mut self,
         e: &Expr,
@@ -985,6 +1200,9 @@ impl StatBuilder {
                 "aggregate FILTER (WHERE ...) is not supported; put the condition in WHERE",
             ));
         }
+        if QUANTILE_FUNCTIONS.contains(&name.as_str()) {
+            return self.quantile(&name, p, scope);
+        }
         if !p.order_by.is_empty() {
             return Err(refuse("ordered aggregates are not supported"));
         }
@@ -993,15 +1211,16 @@ impl StatBuilder {
             "min" | "max" => {
                 return Err(refuse(format!(
                     "{}() reveals one participant's value and has no useful private version; \
-                     use a private percentile instead, MEDIAN(col) or APPROX_PERCENTILE_CONT(col, 0.95) \
-                     (not available in this version), or AVG/STDDEV",
+                     use a private percentile instead: MEDIAN(col), APPROX_PERCENTILE_CONT(col, 0.95) \
+                     or PERCENTILE_CONT(0.95) WITHIN GROUP (ORDER BY col) (0.05 for a low end), or AVG/STDDEV",
                     name.to_uppercase()
                 )))
             }
             other => {
                 return Err(refuse(format!(
                     "aggregate {}() is not supported; use COUNT(*), COUNT(col), SUM(col), AVG(col), \
-                     VAR_SAMP/VAR_POP(col) or STDDEV_SAMP/STDDEV_POP(col)",
+                     VAR_SAMP/VAR_POP(col), STDDEV_SAMP/STDDEV_POP(col), MEDIAN(col) or \
+                     PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY col)",
                     other.to_uppercase()
                 )))
             }
@@ -1279,7 +1498,12 @@ columns = [
         refused("SELECT MAX(value) FROM labs", "APPROX_PERCENTILE_CONT").await;
         refused("SELECT VAR_SAMP(raw) FROM labs", "no declared bounds").await;
         refused("SELECT STDDEV(raw) FROM labs", "no declared bounds").await;
-        refused("SELECT MEDIAN(value) FROM labs", "not supported").await;
+        refused(
+            "SELECT MIN(value) FROM labs",
+            "PERCENTILE_CONT(0.95) WITHIN GROUP",
+        )
+        .await;
+        refused("SELECT MEDIAN(raw) FROM labs", "no declared bounds").await;
         // 10¹³ fixed-point steps: a sum is fine, squares could overflow.
         assert!(plan("SELECT SUM(fine) FROM instruments").await.is_ok());
         refused("SELECT VAR_POP(fine) FROM instruments", "coarser precision").await;
@@ -1481,6 +1705,119 @@ columns = [
             "sex",
         )
         .await;
+    }
+
+    #[tokio::test]
+    async fn quantiles_plan_a_histogram_and_one_exponential_mechanism() {
+        // labs.value in [0, 500] at 0.01: 50001 steps, so 1024 candidates; R = 20, S = 2.
+        let q = plan(
+            "SELECT test, MEDIAN(value) AS m, PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY value) AS p90, \
+             APPROX_PERCENTILE_CONT(value, 0.9) AS a90, COUNT(*) FROM labs WHERE value > 1 GROUP BY test",
+        )
+        .await
+        .unwrap();
+        let hist = AggregateRequest::QuantileHistogram {
+            column: "value".into(),
+            lower: 0.0,
+            upper: 500.0,
+            precision: 0.01,
+            candidates: 1024,
+        };
+        // One histogram shared by all three percentiles, and the row count.
+        assert_eq!(
+            q.request.aggregates,
+            vec![hist, AggregateRequest::CountRows]
+        );
+        let quantiles: Vec<&Statistic> = q
+            .statistics
+            .iter()
+            .filter(|s| matches!(s.kind, StatisticKind::Quantile { .. }))
+            .collect();
+        // MEDIAN: α = 1/2, Δ = R·S·max(1, 1) = 40; p90 and a90 share α = 9000/10000:
+        // Δ = 40·9000. The two 0.9 quantiles are one statistic (one selection, one ε).
+        assert_eq!(quantiles.len(), 2);
+        assert_eq!(
+            quantiles[0].kind,
+            StatisticKind::Quantile {
+                partial: 0,
+                alpha_num: 1,
+                alpha_den: 2
+            }
+        );
+        assert_eq!(quantiles[0].sensitivity, 40);
+        assert_eq!(quantiles[1].sensitivity, 40 * 9000);
+        assert_eq!(quantiles[1].used_by, vec![1, 2]);
+        assert!(quantiles[1]
+            .formula
+            .contains("R·S·max(α_num, α_den − α_num)"));
+        match &q.outputs[1] {
+            AggregateOutput::Quantile { grid, alpha, .. } => {
+                assert_eq!(grid.len(), 1024);
+                assert_eq!(*alpha, 0.9);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The shares, with the bounding report's twentieth, still sum to ε.
+        assert_eq!(total(&q), RBig::ONE);
+
+        // DESC turns the percentile around; integers get a grid on every step.
+        let q = plan(
+            "SELECT PERCENTILE_CONT(0.25) WITHIN GROUP (ORDER BY birth_year DESC) FROM participants",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            q.request.aggregates,
+            vec![AggregateRequest::QuantileHistogram {
+                column: "birth_year".into(),
+                lower: 1900.0,
+                upper: 2030.0,
+                precision: 1.0,
+                candidates: 131,
+            }]
+        );
+        assert!(matches!(q.outputs[0], AggregateOutput::Quantile { alpha, .. } if alpha == 0.75));
+        // A join: the column's own bounds, the driving table's R.
+        let q = plan("SELECT p.sex, MEDIAN(l.value) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex")
+            .await
+            .unwrap();
+        assert_eq!(q.statistics[0].sensitivity, 40);
+        assert!(plan("SELECT APPROX_MEDIAN(birth_year) FROM participants")
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn quantile_refusals_say_what_to_write() {
+        refused(
+            "SELECT PERCENTILE_CONT(1.5) WITHIN GROUP (ORDER BY value) FROM labs",
+            "outside [0, 1]",
+        )
+        .await;
+        refused(
+            "SELECT APPROX_PERCENTILE_CONT(value, -0.1) FROM labs",
+            "outside [0, 1]",
+        )
+        .await;
+        refused(
+            "SELECT APPROX_PERCENTILE_CONT(value, value) FROM labs",
+            "must be a literal number",
+        )
+        .await;
+        refused(
+            "SELECT PERCENTILE_CONT(0.5) WITHIN GROUP (ORDER BY raw) FROM labs",
+            "no declared bounds",
+        )
+        .await;
+        refused("SELECT MEDIAN(raw) FROM labs", "`lower`, `upper`").await;
+        refused(
+            "SELECT APPROX_PERCENTILE_CONT(value, 0.5, 100) FROM labs",
+            "centroids",
+        )
+        .await;
+        refused("SELECT MEDIAN(value * 2) FROM labs", "expressions").await;
+        // DataFusion itself refuses a text column.
+        invalid("SELECT MEDIAN(pid) FROM labs", "median").await;
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 //! 1. Every statistic gets discrete Laplace noise on every group of the public domain
 //!    (empty groups included), with scale sensitivity / ε-share.
 //! 2. Aggregates are computed from the noisy statistics: counts and sums directly, AVG as
-//!    mid + noisy centred sum / noisy count, clamped into the declared bounds.
+//!    mid + noisy centred sum / noisy count, clamped into the declared bounds. A percentile
+//!    is the candidate that OpenDP's exponential mechanism selects from the exact histogram
+//!    of each group ([`crate::quantile`]); no Laplace noise is drawn for it.
 //! 3. Small-cell suppression: a noisy count below `min_reported_count` becomes NULL, and so
 //!    does an AVG whose count is suppressed.
 //! 4. The noisy aggregate table replaces the Aggregate node of the researcher's plan, and
@@ -30,6 +32,8 @@ use crate::error::CoordinatorError;
 use crate::fanout::MergedPartials;
 use crate::noise::DiscreteLaplace;
 use crate::planner::{public_scalar, strip_alias, AggregateOutput, PlannedQuery, StatisticKind};
+use crate::quantile::{self, QuantileMechanism};
+use fedq_common::quantile::QuantileGrid;
 
 /// Field metadata key: which statistic a column is (`count`, `sum`, `avg`).
 pub const META_STATISTIC: &str = "fedq.statistic";
@@ -62,6 +66,20 @@ pub const META_REPLAY: &str = "fedq.replay";
 pub const META_REPLAY_OF: &str = "fedq.replay_of";
 /// Schema metadata: canonical plan hash (the replay key, also in the audit log).
 pub const META_PLAN_HASH: &str = "fedq.plan_hash";
+
+/// Mechanism name of quantile columns (field metadata [`META_MECHANISM`]).
+pub const QUANTILE_MECHANISM: &str = "exponential_mechanism (OpenDP noisy max, permute-and-flip)";
+/// Field metadata key (quantiles): the quantile α in [0, 1].
+pub const META_QUANTILE: &str = "fedq.quantile";
+/// Field metadata key (quantiles): number of public candidates.
+pub const META_CANDIDATES: &str = "fedq.candidates";
+/// Field metadata key (quantiles): largest gap between neighbouring candidates, in the
+/// column's units (the released value is always a candidate).
+pub const META_GRID_STEP: &str = "fedq.grid_step";
+/// Field metadata key (quantiles): with probability ≥ 95% the released candidate's rank is
+/// within this many rows of the best candidate's (the noise part of the error; see
+/// `quantile`). A rank error, not a value error: there is no value half-width.
+pub const META_RANK_ERROR95: &str = "fedq.rank_error95";
 
 /// Field metadata key (VAR/STDDEV): noise scale of the centred sum.
 pub const META_SUM_NOISE_SCALE: &str = "fedq.sum_noise_scale";
@@ -131,10 +149,48 @@ pub async fn release(
     let n_partials = q.request.aggregates.len();
     let exact: Vec<Vec<i128>> = keys.iter().map(|k| merged.get(k, n_partials)).collect();
 
-    // 1. Noisy statistics, one vector per statistic over all groups.
-    let mut mechs = Vec::new();
+    // 1. Noisy statistics, one vector per statistic over all groups: discrete Laplace, or
+    //    for a quantile the index of the candidate the exponential mechanism selects.
+    let mut mechs: Vec<Option<DiscreteLaplace>> = Vec::new();
+    // Per quantile statistic: its noise scale and 95% rank error. (OpenDP measurements are
+    // not `Send`, so none is kept across the post-processing's await.)
+    let mut quantile_mechs: HashMap<usize, (f64, f64)> = HashMap::new();
     let mut noisy: Vec<Vec<i128>> = Vec::new();
-    for st in &q.statistics {
+    for (i, st) in q.statistics.iter().enumerate() {
+        if let StatisticKind::Quantile {
+            partial,
+            alpha_num,
+            alpha_den,
+        } = &st.kind
+        {
+            let Some(AggregateRequest::QuantileHistogram {
+                lower,
+                upper,
+                precision,
+                candidates,
+                ..
+            }) = q.request.aggregates.get(*partial)
+            else {
+                return Err(CoordinatorError::internal(
+                    qid,
+                    "quantile without histogram",
+                ));
+            };
+            let grid = QuantileGrid::for_bounds(*lower, *upper, *precision, *candidates)
+                .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
+            let m = QuantileMechanism::new(st.sensitivity, &st.epsilon, grid.len(), *alpha_den)
+                .map_err(|e| CoordinatorError::internal(qid, e))?;
+            let mut v = Vec::with_capacity(keys.len());
+            for k in &keys {
+                let bins = merged.histogram(k, *partial, grid.bins());
+                let idx = m.select(&quantile::scores(&bins, *alpha_num, *alpha_den))?;
+                v.push(idx as i128);
+            }
+            noisy.push(v);
+            mechs.push(None);
+            quantile_mechs.insert(i, (m.scale(), m.rank_half_width(0.05)));
+            continue;
+        }
         let m = DiscreteLaplace::new(st.sensitivity, &st.epsilon)
             .map_err(|e| CoordinatorError::internal(qid, e))?;
         let mut v = Vec::with_capacity(keys.len());
@@ -146,12 +202,19 @@ pub async fn release(
                 StatisticKind::CentredSum {
                     sum, count, mid_fp, ..
                 } => p[*sum] - mid_fp * p[*count],
+                StatisticKind::Quantile { .. } => unreachable!("handled above"),
             };
             v.push(m.release(x)?);
         }
         noisy.push(v);
-        mechs.push(m);
+        mechs.push(Some(m));
     }
+    let lap = |i: usize| -> Result<&DiscreteLaplace, CoordinatorError> {
+        mechs
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| CoordinatorError::internal(qid, "statistic without Laplace noise"))
+    };
 
     // 2-3. Aggregates from noisy statistics, with suppression decided on noisy counts only.
     let threshold = min_reported_count as i128;
@@ -210,7 +273,7 @@ pub async fn release(
         let mut per_row_ci = false;
         let arr: ArrayRef = match out {
             AggregateOutput::Count { stat } => {
-                let m = &mechs[*stat];
+                let m = lap(*stat)?;
                 meta.insert(META_STATISTIC.into(), "count".into());
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(m.scale()));
                 meta.insert(META_CI95.into(), fmt_num(m.half_width(0.05)));
@@ -226,7 +289,7 @@ pub async fn release(
                 bounds,
                 count_stat,
             } => {
-                let m = &mechs[*stat];
+                let m = lap(*stat)?;
                 let prec = bounds.precision;
                 // Post-processing: a sum of values clamped into [lower, upper] cannot have
                 // the opposite sign of both bounds.
@@ -246,7 +309,7 @@ pub async fn release(
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(m.scale() * prec));
                 meta.insert(META_CI95.into(), fmt_num(m.half_width(0.05) * prec));
                 if let Some(c) = count_stat {
-                    meta.insert(META_COUNT_NOISE_SCALE.into(), fmt_num(mechs[*c].scale()));
+                    meta.insert(META_COUNT_NOISE_SCALE.into(), fmt_num(lap(*c)?.scale()));
                 }
                 let v: Float64Array = noisy[*stat]
                     .iter()
@@ -262,8 +325,8 @@ pub async fn release(
                 mid_fp,
             } => {
                 per_row_ci = true;
-                let ms = &mechs[*sum_stat];
-                let mc = &mechs[*count_stat];
+                let ms = lap(*sum_stat)?;
+                let mc = lap(*count_stat)?;
                 let prec = bounds.precision;
                 meta.insert(META_STATISTIC.into(), "avg".into());
                 meta.insert(META_NOISE_SCALE.into(), fmt_num(ms.scale() * prec));
@@ -300,7 +363,7 @@ pub async fn release(
                 sqrt,
             } => {
                 per_row_ci = true;
-                let (mq, ms, mc) = (&mechs[*sq_stat], &mechs[*sum_stat], &mechs[*count_stat]);
+                let (mq, ms, mc) = (lap(*sq_stat)?, lap(*sum_stat)?, lap(*count_stat)?);
                 let prec = bounds.precision;
                 let shape = VarianceShape {
                     half: *half_fp as f64 * prec,
@@ -340,6 +403,38 @@ pub async fn release(
                 }
                 hidden.push((format!("{HIDDEN_CI}{j}"), Arc::new(Float64Array::from(hws))));
                 Arc::new(Float64Array::from(vals))
+            }
+            AggregateOutput::Quantile {
+                stat,
+                bounds,
+                grid,
+                alpha,
+            } => {
+                let &(scale, rank95) = quantile_mechs
+                    .get(stat)
+                    .ok_or_else(|| CoordinatorError::internal(qid, "quantile without mechanism"))?;
+                let prec = bounds.precision;
+                meta.insert(META_MECHANISM.into(), QUANTILE_MECHANISM.into());
+                meta.insert(META_STATISTIC.into(), "quantile".into());
+                meta.insert(META_QUANTILE.into(), fmt_num(*alpha));
+                meta.insert(META_NOISE_SCALE.into(), fmt_num(scale));
+                meta.insert(META_CANDIDATES.into(), grid.len().to_string());
+                meta.insert(
+                    META_GRID_STEP.into(),
+                    fmt_num(grid.max_step() as f64 * prec),
+                );
+                meta.insert(META_RANK_ERROR95.into(), fmt_num(rank95.ceil()));
+                let v: Float64Array = noisy[*stat]
+                    .iter()
+                    .zip(sup)
+                    .map(|(&idx, &x)| {
+                        (!x).then(|| {
+                            (grid.candidate(idx as usize) as f64 * prec)
+                                .clamp(bounds.lower, bounds.upper)
+                        })
+                    })
+                    .collect();
+                Arc::new(v)
             }
         };
         if threshold > 0 {
@@ -757,6 +852,7 @@ columns = [
             sites_answered: vec!["a".into()],
             truncated_units: Some(0),
             sites_failed: vec![],
+            histograms: Default::default(),
         };
         let r = release(&q, &merged, 1000, HashMap::new()).await.unwrap();
         let names: Vec<&str> = r

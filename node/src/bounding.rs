@@ -23,7 +23,7 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use arrow::array::builder::make_view;
+use arrow::array::builder::{make_view, ListBuilder};
 use arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, Decimal128Array, Float64Array, Int32Array,
     Int32Builder, Int64Array, Int64Builder, StringArray, StringBuilder, StringViewArray,
@@ -31,6 +31,7 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use fedq_common::quantile::QuantileGrid;
 use fedq_common::wire::META_TRUNCATED_UNITS;
 use fedq_common::{ColumnType, PublicValue};
 use opendp::traits::samplers::fill_bytes;
@@ -186,6 +187,18 @@ pub(crate) enum AggPlan {
         hi_fp: f64,
         mid_fp: i128,
     },
+    /// Like `SumFixed`, then one count in the value's bin of `grid` (2k − 1 bins). The
+    /// aggregate's own accumulator cell counts the binned values; the bins occupy
+    /// `grid.bins()` cells from `offset` (after one cell per aggregate, see
+    /// [`BoundingPlan::layout`]).
+    Histogram {
+        slot: usize,
+        precision: f64,
+        lo_fp: f64,
+        hi_fp: f64,
+        grid: QuantileGrid,
+        offset: usize,
+    },
 }
 
 /// The shape of one bounding run.
@@ -198,6 +211,22 @@ pub(crate) struct BoundingPlan {
     pub groups: Vec<GroupCol>,
     pub slots: Vec<ValueSlot>,
     pub aggs: Vec<AggPlan>,
+}
+
+impl BoundingPlan {
+    /// Lay out the accumulator cells of one group: one per aggregate, then each
+    /// histogram's bins (so scalar aggregates keep their index as their cell). Sets the
+    /// histograms' offsets and returns the number of cells per group.
+    fn layout(&mut self) -> usize {
+        let mut width = self.aggs.len();
+        for a in &mut self.aggs {
+            if let AggPlan::Histogram { grid, offset, .. } = a {
+                *offset = width;
+                width += grid.bins();
+            }
+        }
+        width
+    }
 }
 
 /// Uniform integers from OpenDP's CSPRNG (`fill_bytes`, OpenSSL-backed), fetched 4 KiB at a
@@ -594,7 +623,8 @@ impl Bounder {
     }
 
     /// A bounder that aggregates participants with at most R rows in `counts` directly.
-    pub fn with_counts(plan: BoundingPlan, counts: Arc<ParticipantCounts>) -> Self {
+    pub fn with_counts(mut plan: BoundingPlan, counts: Arc<ParticipantCounts>) -> Self {
+        let cells = plan.layout();
         let mut strides = vec![0u32; plan.groups.len()];
         let mut s: u32 = 1;
         for (k, g) in plan.groups.iter().enumerate().rev() {
@@ -607,7 +637,7 @@ impl Bounder {
             .iter()
             .any(|a| matches!(a, AggPlan::CountUnits))
             .then(FxHashSet::default);
-        let mut accs = Accumulators::new(&strides, &plan, plan.aggs.len());
+        let mut accs = Accumulators::new(&strides, &plan, cells);
         if plan.groups.is_empty() {
             accs.row(0);
         }
@@ -956,7 +986,8 @@ fn fixed_value(
 /// Add one kept row to its group's accumulators.
 #[inline]
 fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
-    for (a, slot_acc) in plan.aggs.iter().zip(acc.iter_mut()) {
+    for (i, a) in plan.aggs.iter().enumerate() {
+        let slot_acc = &mut acc[i];
         match *a {
             AggPlan::CountRows => *slot_acc += 1,
             // Counted once per participant and group by the caller.
@@ -987,6 +1018,19 @@ fn fold(plan: &BoundingPlan, acc: &mut [i128], nulls: u64, vals: &[u64]) {
                     // |fp - mid| <= 2e12 (validated), so the square fits.
                     let d = fp.saturating_sub(mid_fp);
                     *slot_acc = slot_acc.saturating_add(d.saturating_mul(d));
+                }
+            }
+            AggPlan::Histogram {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+                grid,
+                offset,
+            } => {
+                if let Some(fp) = fixed_value(plan, slot, nulls, vals, precision, lo_fp, hi_fp) {
+                    *slot_acc += 1;
+                    acc[offset + grid.bin_of(fp)] += 1;
                 }
             }
         }
@@ -1237,6 +1281,9 @@ pub(crate) fn output_schema(plan: &BoundingPlan) -> Schema {
             AggPlan::SumFixed { .. } | AggPlan::SumSquaresFixed { .. } => {
                 DataType::Decimal128(SUM_PRECISION, 0)
             }
+            AggPlan::Histogram { .. } => {
+                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true)))
+            }
         };
         fields.push(Field::new(format!("agg_{i}"), ty, false));
     }
@@ -1249,8 +1296,17 @@ fn build_output(
     keys: &[u32],
     accs: &[i128],
 ) -> BResult<RecordBatch> {
-    let naggs = plan.aggs.len();
-    let cell = |row: usize, i: usize| accs[row * naggs + i];
+    let width = plan
+        .aggs
+        .iter()
+        .map(|a| match a {
+            AggPlan::Histogram { grid, offset, .. } => offset + grid.bins(),
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+        .max(plan.aggs.len());
+    let cell = |row: usize, i: usize| accs[row * width + i];
     let schema = Arc::new(output_schema(plan));
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (k, g) in plan.groups.iter().enumerate() {
@@ -1313,6 +1369,18 @@ fn build_output(
                     .with_precision_and_scale(SUM_PRECISION, 0)
                     .map_err(|e| BoundError(e.to_string()))?,
             ),
+            AggPlan::Histogram { grid, offset, .. } => {
+                let mut b = ListBuilder::new(Int64Builder::new());
+                for row in 0..keys.len() {
+                    for bin in 0..grid.bins() {
+                        let c = cell(row, offset + bin);
+                        b.values()
+                            .append_value(i64::try_from(c).unwrap_or(i64::MAX));
+                    }
+                    b.append(true);
+                }
+                Arc::new(b.finish())
+            }
         };
         columns.push(arr);
     }
@@ -1322,7 +1390,7 @@ fn build_output(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::Int64Array;
+    use arrow::array::{AsArray, Int64Array};
 
     #[test]
     fn fixed_point_conversion() {
@@ -1816,6 +1884,69 @@ mod tests {
         };
         assert_eq!(rows.value(0), kept("A"));
         assert_eq!(rows.value(1), kept("B"));
+    }
+
+    #[test]
+    fn quantile_histograms_count_clamped_values_per_bin_and_group() {
+        // [0, 10] at 1 with 6 candidates 0, 2, 4, 6, 8, 10: 11 bins (= c_i, then between).
+        // A: 4, -3 -> 0, NULL, 5; B: 20 -> 10, 2, 3.
+        let grid = QuantileGrid::new(0, 10, 6).unwrap();
+        let mut p = plan(10);
+        p.aggs.insert(
+            1,
+            AggPlan::Histogram {
+                slot: 0,
+                precision: 1.0,
+                lo_fp: 0.0,
+                hi_fp: 10.0,
+                grid,
+                offset: 0,
+            },
+        );
+        let rows = input(
+            &[
+                Some("p1"),
+                Some("p2"),
+                Some("p1"),
+                Some("p2"),
+                Some("p1"),
+                Some("p2"),
+                Some("p1"),
+            ],
+            &[
+                Some("A"),
+                Some("B"),
+                Some("A"),
+                Some("A"),
+                Some("B"),
+                Some("B"),
+                Some("A"),
+            ],
+            &[Some(4), Some(20), Some(-3), None, Some(2), Some(3), Some(5)],
+        );
+        for mut b in [
+            Bounder::new(p.clone_for_test()),
+            Bounder::with_counts(p.clone_for_test(), counts_of(&[&rows])),
+        ] {
+            b.push(&rows).unwrap();
+            let out = b.finish().unwrap();
+            assert_eq!(out.num_columns(), 1 + 4);
+            let lists = out.column(2).as_list::<i32>();
+            let bins = |row: usize| -> Vec<i64> {
+                lists
+                    .value(row)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec()
+            };
+            //                 0  _  2  _  4  _  6  _  8  _  10
+            assert_eq!(bins(0), [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0]);
+            assert_eq!(bins(1), [0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1]);
+            // The scalar aggregates around it are unchanged: rows, non-null, sum.
+            let rows_out = out_rows(&out.project(&[0, 1, 3, 4]).unwrap());
+            assert_eq!(rows_out[0], ("A".into(), 4, 3, 9));
+            assert_eq!(rows_out[1], ("B".into(), 3, 3, 15));
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
+use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS};
 use fedq_common::wire::{
     MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS,
 };
@@ -474,6 +475,7 @@ impl NodeEngine {
         let mut slots: Vec<ValueSlot> = Vec::new();
         let mut slot_names: Vec<ColumnRef> = Vec::new();
         let mut aggs = Vec::with_capacity(req.aggregates.len());
+        let mut histogram_cells = 0usize;
         for a in &req.aggregates {
             let mut slot_for =
                 |name: &ColumnRef, ty: ColumnType, proj: &mut Vec<ColumnRef>| -> usize {
@@ -509,9 +511,16 @@ impl NodeEngine {
                     lower,
                     upper,
                     precision,
+                }
+                | AggregateRequest::QuantileHistogram {
+                    column: name,
+                    lower,
+                    upper,
+                    precision,
+                    ..
                 } => {
-                    // Sums of squares are validated exactly like sums, with a tighter step
-                    // limit so that squares cannot overflow.
+                    // Sums of squares and percentile histograms are validated exactly like
+                    // sums (squares with a tighter step limit so that they cannot overflow).
                     let squares = matches!(a, AggregateRequest::SumSquaresFixed { .. });
                     let max_steps = if squares {
                         fedq_common::wire::MAX_SQUARES_STEPS
@@ -586,6 +595,34 @@ impl NodeEngine {
                         )));
                     }
                     let slot = slot_for(name, c.ty, &mut proj);
+                    if let AggregateRequest::QuantileHistogram { candidates, .. } = a {
+                        // The grid must be strictly increasing within the bounds, and the
+                        // histograms of all groups must fit the cell limit.
+                        let grid = QuantileGrid::new(lo_fp as i128, hi_fp as i128, *candidates)
+                            .map_err(|e| {
+                                invalid(format!(
+                                    "percentile histogram of {}: {e}",
+                                    shown(&name.to_string())
+                                ))
+                            })?;
+                        histogram_cells = histogram_cells
+                            .saturating_add(grid.bins().saturating_mul(n_groups.max(1)));
+                        if histogram_cells > MAX_HISTOGRAM_CELLS {
+                            return Err(invalid(format!(
+                                "percentile histograms need more than {MAX_HISTOGRAM_CELLS} cells \
+                                 (bins × groups); ask for fewer candidates or fewer groups"
+                            )));
+                        }
+                        aggs.push(AggPlan::Histogram {
+                            slot,
+                            precision,
+                            lo_fp,
+                            hi_fp,
+                            grid,
+                            offset: 0,
+                        });
+                        continue;
+                    }
                     aggs.push(if squares {
                         AggPlan::SumSquaresFixed {
                             slot,

@@ -130,6 +130,8 @@ fn expected_sql(
             AggregateRequest::CountRows => "CAST(COUNT(*) AS DOUBLE)".into(),
             // Per site, not over the union: see the test of distinct participants below.
             AggregateRequest::CountUnits => unreachable!("not in SHAPES"),
+            // Percentiles have their own end-to-end test (tests/quantiles.rs).
+            AggregateRequest::QuantileHistogram { .. } => unreachable!("not in SHAPES"),
             AggregateRequest::CountNonNull { column } => {
                 format!("CAST(COUNT({}) AS DOUBLE)", no_nan(&qual(column), floats))
             }
@@ -452,6 +454,9 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
                                 got >= lo - 1e-9 && got <= hi + 1e-9,
                                 "{sql}: var/sd {got} vs exact {exact}, bound [{lo}, {hi}]"
                             );
+                        }
+                        AggregateOutput::Quantile { .. } => {
+                            unreachable!("no percentiles in SHAPES; see tests/quantiles.rs")
                         }
                     }
                     // One ALPHA-bound per noisy statistic the check relies on.

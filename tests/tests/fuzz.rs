@@ -168,16 +168,20 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
             lower in prop::sample::select(vec![-1e12, -1.0, 0.0, 1.0]),
             upper in prop::sample::select(vec![1.0, 500.0, 501.0, 1e12]),
             column in prop::sample::select(vec!["value", "birth_year", "pid", "secret"]),
+            candidates in prop::sample::select(vec![None, Some(0u32), Some(2), Some(131), Some(1024), Some(1025), Some(u32::MAX)]),
         )| {
+            let numeric = match candidates {
+                None => AggregateRequest::SumFixed { column: column.into(), lower, upper, precision: 0.01 },
+                Some(candidates) => AggregateRequest::QuantileHistogram {
+                    column: column.into(), lower, upper, precision: 0.01, candidates,
+                },
+            };
             let req = PartialAggregateRequest {
                 query_id: "fuzz".into(),
                 table: table.into(),
                 filter: None,
                 group_by: group.iter().map(|s| fedq_common::wire::ColumnRef::left(*s)).collect(),
-                aggregates: vec![
-                    AggregateRequest::CountRows,
-                    AggregateRequest::SumFixed { column: column.into(), lower, upper, precision: 0.01 },
-                ],
+                aggregates: vec![AggregateRequest::CountRows, numeric],
                 max_rows_per_unit: r,
                 join: None,
             };
@@ -189,6 +193,9 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 let col = spec.columns.iter().find(|c| c.name == column).unwrap();
                 prop_assert!(col.lower.is_some_and(|l| lower >= l), "accepted a clamp below the catalog");
                 prop_assert!(col.upper.is_some_and(|u| upper <= u), "accepted a clamp above the catalog");
+                if let Some(k) = candidates {
+                    prop_assert!((2..=fedq_common::quantile::MAX_QUANTILE_CANDIDATES).contains(&k));
+                }
             }
         })
     });
@@ -201,7 +208,9 @@ fn the_planner_never_panics_and_never_plans_rows() {
             select in prop::sample::select(vec![
                 "*", "value", "COUNT(*)", "COUNT(value)", "SUM(value)", "AVG(value)", "MIN(value)",
                 "COUNT(*) * 2", "test, COUNT(*)", "pid, COUNT(*)", "COUNT(DISTINCT pid)",
-                "SUM(value) + AVG(value)", "value + 1",
+                "SUM(value) + AVG(value)", "value + 1", "MEDIAN(value)",
+                "PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY value)", "APPROX_PERCENTILE_CONT(value, 1.5)",
+                "APPROX_PERCENTILE_CONT(value, 0.1), COUNT(*)",
             ]),
             table in prop::sample::select(vec!["labs", "participants", "nope"]),
             filter in prop::sample::select(vec![

@@ -1068,3 +1068,57 @@ async fn a_query_over_its_memory_limit_fails_cleanly_and_the_node_keeps_serving(
         assert!(e.execute(&small).await.is_ok());
     }
 }
+
+#[tokio::test]
+async fn percentile_histograms_are_validated_like_sums_and_exact() {
+    use arrow::array::AsArray;
+    let (_fx, e) = engine().await;
+    let h = |lower: f64, upper: f64, candidates: u32| AggregateRequest::QuantileHistogram {
+        column: "year".into(),
+        lower,
+        upper,
+        precision: 1.0,
+        candidates,
+    };
+    let v = |a| e.validate(&request("labs", &[], vec![a], 1, None));
+    assert_refused(v(h(1800.0, 2030.0, 10)), "wider than the catalog");
+    assert_invalid(v(h(1900.0, 2030.0, 1)), "at least 2 candidates");
+    assert_invalid(v(h(1900.0, 2030.0, 5000)), "at most 1024");
+    assert_invalid(v(h(1990.0, 1995.0, 10)), "do not fit");
+    assert!(v(h(1900.0, 2030.0, 131)).is_ok());
+
+    // Years 1980×3, 1975×3, 2001×2, 1990 on a grid of every year in [1970, 2010]: bin 2i
+    // holds year 1970 + i. Grouped by year, each group has its own histogram.
+    let out = e
+        .execute(&request(
+            "labs",
+            &[],
+            vec![h(1970.0, 2010.0, 41)],
+            100,
+            None,
+        ))
+        .await
+        .unwrap();
+    let list = out[0].column(0).as_list::<i32>().value(0);
+    let bins = list
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .values()
+        .to_vec();
+    let mut want = vec![0i64; 81];
+    want[10] = 3;
+    want[20] = 3;
+    want[40] = 1;
+    want[62] = 2;
+    assert_eq!(bins, want);
+    // A coarser grid (1970, 1980, …, 2010): 1975 and 2001 fall between candidates.
+    let out = e
+        .execute(&request("labs", &[], vec![h(1970.0, 2010.0, 5)], 100, None))
+        .await
+        .unwrap();
+    let list = out[0].column(0).as_list::<i32>().value(0);
+    let bins = list
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .values()
+        .to_vec();
+    assert_eq!(bins, vec![0, 3, 3, 0, 1, 0, 0, 2, 0]);
+}
