@@ -67,6 +67,7 @@ fn valid_ticket() -> Vec<u8> {
             },
         ],
         max_rows_per_unit: 20,
+        max_groups_per_unit: None,
         join: None,
     };
     let f = fixture();
@@ -139,6 +140,7 @@ proptest! {
                 AggregateRequest::SumFixed { column: column.into(), lower, upper, precision: 0.01 },
             ],
             max_rows_per_unit: r,
+            max_groups_per_unit: None,
             join: None,
         };
         let bytes = req.encode_ticket().unwrap();
