@@ -186,7 +186,7 @@ columns = [
             .plan("SELECT AVG(birth_year) AS a FROM participants", 1.0, "q")
             .await
             .unwrap();
-        let (schema, batches) = fedq_coordinator::explain::explain_batch(&q, 0.0, 11).unwrap();
+        let (schema, batches) = fedq_coordinator::explain::explain_batch(&q, 11).unwrap();
         let out = render(&schema, &batches).unwrap();
         let header = out.lines().next().unwrap();
         assert!(header.contains("sensitivity") && header.contains("ci95_half_width"));

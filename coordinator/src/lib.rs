@@ -14,6 +14,8 @@
 //!   charges, refunds, stored answers for free replays.
 //! - [`audit`]: the SHA3-256 hash chain of audit entries in the ledger file; verify, export.
 //! - [`noise`]: OpenDP's discrete Laplace sampler, confidence half-widths.
+//! - [`selection`]: DP partition selection (OpenDP `make_laplace_threshold`) for GROUP BY
+//!   keys without a public domain.
 //! - [`release`]: noise, AVG, VAR/STDDEV, small-cell suppression (the `fedq_suppressed`
 //!   column), post-processing, Arrow metadata.
 //! - [`explain`]: `EXPLAIN <query>`: sensitivities, ε split, noise scales and expected errors,
@@ -25,9 +27,10 @@
 //! - [`error`]: the one error enum and its single mapping to `tonic::Status`.
 //!
 //! ## Rules this crate enforces
-//! - Only aggregates over one catalog table are answered; anything that would return rows,
-//!   aggregate an unbounded column, or group by a key without a public domain is refused
-//!   with a reason (fail closed).
+//! - Only aggregates over one catalog table (or two joined on the privacy unit) are
+//!   answered; anything that would return rows or aggregate an unbounded column is refused
+//!   with a reason (fail closed). A GROUP BY key without a public domain is answered only
+//!   through DP partition selection, which needs the table's G and the policy's δ.
 //! - Sensitivities come only from the catalog: R (rows per participant), S (sites per
 //!   participant), clamp bounds and precision.
 //! - The budget is charged after every node answered and before any noise is drawn, in one
@@ -47,6 +50,7 @@ pub mod noise;
 pub mod planner;
 pub mod predicate;
 pub mod release;
+pub mod selection;
 pub mod service;
 
 use std::net::SocketAddr;
