@@ -6,8 +6,9 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use fedq_coordinator::explain::META_EXPLAIN;
 use fedq_coordinator::release::{
-    META_CI95, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_MAX_ROWS, META_SITES_ANSWERED,
-    META_SITES_ASKED, META_TRUNCATED, META_TRUNCATED_CI95,
+    META_CI95, META_DELTA_SPENT, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_MAX_ROWS,
+    META_SELECTION_THRESHOLD, META_SITES_ANSWERED, META_SITES_ASKED, META_TRUNCATED,
+    META_TRUNCATED_CI95,
 };
 
 use crate::CliError;
@@ -147,6 +148,12 @@ fn render_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, C
             .map(|a| a.split(',').filter(|s| !s.is_empty()).count())
             .unwrap_or(n_ans);
         out.push_str(&format!("sites answered: {n_ans}/{n_ask} ({ans})\n"));
+    }
+    if let Some(t) = md.get(META_SELECTION_THRESHOLD) {
+        let d = md.get(META_DELTA_SPENT).map(String::as_str).unwrap_or("?");
+        out.push_str(&format!(
+            "groups: only those whose noisy number of participants is at least {t} are shown (partition selection; δ spent: {d})\n"
+        ));
     }
     if let (Some(t), Some(ci)) = (md.get(META_TRUNCATED), md.get(META_TRUNCATED_CI95)) {
         let r = md.get(META_MAX_ROWS).map(String::as_str).unwrap_or("R");
