@@ -222,8 +222,13 @@ pub async fn release(
     for i in 0..nk {
         let ty = agg_fields.field(i).data_type().clone();
         let vals: Vec<ScalarValue> = keys.iter().map(|k| public_scalar(&k[i], &ty)).collect();
-        let arr = ScalarValue::iter_to_array(vals)
-            .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
+        // Partition selection may release no group at all.
+        let arr = if vals.is_empty() {
+            datafusion::arrow::array::new_empty_array(&ty)
+        } else {
+            ScalarValue::iter_to_array(vals)
+                .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?
+        };
         let arr = cast(&arr, &ty).map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
         fields.push(Field::new(format!("c{i}"), ty, true));
         columns.push(arr);
