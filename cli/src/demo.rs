@@ -53,12 +53,18 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
         "How many diagnosis rows are type 2 diabetes (E11)?",
         "SELECT COUNT(*) AS e11_rows FROM diagnoses WHERE code = 'E11'",
     ),
+    (
+        "Which diagnosis codes are most common among BRCA2 carriers? (codes have no public list: \
+         only codes with enough participants pass DP partition selection, which costs δ)",
+        "SELECT code, COUNT(*) AS n FROM diagnoses JOIN variants USING (pid) WHERE gene = 'BRCA2' \
+         GROUP BY code ORDER BY n DESC LIMIT 10",
+    ),
 ];
 
 /// Queries fedq refuses, shown in the demo.
 pub const DEMO_REFUSED: &[&str] = &[
     "SELECT * FROM labs",
-    "SELECT code, COUNT(*) FROM diagnoses GROUP BY code",
+    "SELECT pid, COUNT(*) FROM diagnoses GROUP BY pid",
     "SELECT MAX(value) FROM labs",
 ];
 

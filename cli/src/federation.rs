@@ -150,7 +150,7 @@ impl LocalFederation {
                 name: name.clone(),
                 password_argon2: Some(fedq_coordinator::auth::hash_password(password)?),
                 epsilon_budget: *budget,
-                delta_budget: 0.0,
+                delta_budget: fedq_synth::RESEARCHER_DELTA,
                 renewal_days: None,
             });
         }

@@ -6,8 +6,9 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use fedq_coordinator::explain::META_EXPLAIN;
 use fedq_coordinator::release::{
-    META_CI95, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_MAX_ROWS, META_SITES_ANSWERED,
-    META_SITES_ASKED, META_TRUNCATED, META_TRUNCATED_CI95,
+    META_CI95, META_DELTA_SPENT, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_MAX_ROWS,
+    META_SELECTION_THRESHOLD, META_SITES_ANSWERED, META_SITES_ASKED, META_TRUNCATED,
+    META_TRUNCATED_CI95,
 };
 
 use crate::CliError;
@@ -148,6 +149,12 @@ fn render_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<String, C
             .unwrap_or(n_ans);
         out.push_str(&format!("sites answered: {n_ans}/{n_ask} ({ans})\n"));
     }
+    if let Some(t) = md.get(META_SELECTION_THRESHOLD) {
+        let d = md.get(META_DELTA_SPENT).map(String::as_str).unwrap_or("?");
+        out.push_str(&format!(
+            "groups: only those whose noisy number of participants is at least {t} are shown (partition selection; δ spent: {d})\n"
+        ));
+    }
     if let (Some(t), Some(ci)) = (md.get(META_TRUNCATED), md.get(META_TRUNCATED_CI95)) {
         let r = md.get(META_MAX_ROWS).map(String::as_str).unwrap_or("R");
         let ci = ci
@@ -186,7 +193,7 @@ columns = [
             .plan("SELECT AVG(birth_year) AS a FROM participants", 1.0, "q")
             .await
             .unwrap();
-        let (schema, batches) = fedq_coordinator::explain::explain_batch(&q, 0.0, 11).unwrap();
+        let (schema, batches) = fedq_coordinator::explain::explain_batch(&q, 11).unwrap();
         let out = render(&schema, &batches).unwrap();
         let header = out.lines().next().unwrap();
         assert!(header.contains("sensitivity") && header.contains("ci95_half_width"));

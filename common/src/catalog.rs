@@ -168,7 +168,8 @@ pub struct TableSpec {
     pub privacy_unit: String,
     /// R: rows one participant may contribute to one query at one site, after the filter.
     pub max_rows_per_unit: u32,
-    /// G: groups one participant may contribute to when keys are not public (later issue).
+    /// G: groups one participant may contribute to at one site when GROUP BY keys have no
+    /// public domain (DP partition selection); such queries are refused without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_groups_per_unit: Option<u32>,
     /// Columns, in file order.
@@ -347,7 +348,9 @@ pub struct Policy {
     /// Largest ε one query may spend.
     #[serde(default = "default_max_epsilon")]
     pub max_epsilon_per_query: f64,
-    /// δ per query (used by partition selection in a later issue; 0 for pure ε-DP).
+    /// δ charged by a query that needs it: GROUP BY keys without a public domain go
+    /// through DP partition selection, which is (ε, δ)-DP at this δ. 0 refuses such
+    /// queries; pure ε-DP queries are charged δ = 0 whatever this says.
     #[serde(default)]
     pub delta_per_query: f64,
     /// Noisy counts below this are shown as suppressed (NULL); 0 disables suppression.

@@ -68,7 +68,8 @@ pub struct PartialAggregateRequest {
     /// Row filter, applied (after the join) before contribution bounding.
     #[serde(default)]
     pub filter: Option<Predicate>,
-    /// Group keys: catalog columns with a declared public domain.
+    /// Group keys: catalog columns with a declared public domain, or, with
+    /// `max_groups_per_unit` set, any groupable catalog column (partition selection).
     #[serde(default)]
     pub group_by: Vec<ColumnRef>,
     /// Partial aggregates, returned in this order.
@@ -76,6 +77,14 @@ pub struct PartialAggregateRequest {
     /// Rows per participant kept after the filter (and the join) (R). At most the
     /// catalog's value for `table`, the driving table.
     pub max_rows_per_unit: u32,
+    /// G, for DP partition selection: the group keys have no public domain, so the node
+    /// keeps each participant's rows in at most this many groups (before bounding to R
+    /// rows) and returns only the groups it observed. At most the catalog's
+    /// `max_groups_per_unit` of the driving table. The coordinator releases a group only if
+    /// it passes a noisy threshold. Omitted (public domains only) when `None`, so tickets
+    /// without it are unchanged; a node that predates it rejects it as an unknown field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u32>,
 }
 
 /// An inner equi-join of the request's table with `table` on the privacy unit:
@@ -488,6 +497,7 @@ mod tests {
                 },
             ],
             max_rows_per_unit: 10,
+            max_groups_per_unit: None,
         }
     }
 
@@ -544,6 +554,18 @@ mod tests {
             e.to_string().contains("v1") && e.to_string().contains("v2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn open_group_requests_carry_g_and_public_ones_omit_it() {
+        let json = String::from_utf8(sample().encode_ticket().unwrap()).unwrap();
+        assert!(!json.contains("max_groups_per_unit"), "{json}");
+        let mut r = sample();
+        r.max_groups_per_unit = Some(5);
+        let t = r.encode_ticket().unwrap();
+        let json = String::from_utf8(t.clone()).unwrap();
+        assert!(json.contains(r#""max_groups_per_unit":5"#), "{json}");
+        assert_eq!(PartialAggregateRequest::decode_ticket(&t).unwrap(), r);
     }
 
     #[test]

@@ -143,7 +143,8 @@ impl Coordinator {
         Ok(Coordinator {
             datasets: config.datasets.clone(),
             planner: Planner::new(&config.catalog)?
-                .with_min_reported_count(config.policy.min_reported_count),
+                .with_min_reported_count(config.policy.min_reported_count)
+                .with_delta_per_query(config.policy.delta_per_query),
             pool: NodePool::new(&config.nodes, config.node_timeout, &config.node_transport)?
                 .allow_partial(config.allow_partial),
             ledger,
@@ -282,7 +283,8 @@ impl Coordinator {
             sql: q.sql.clone(),
             plan_hash: plan_hash(q, self.policy.min_reported_count),
             epsilon: q.epsilon,
-            delta: self.policy.delta_per_query,
+            // Only partition selection spends δ; every other mechanism is pure ε-DP.
+            delta: q.delta,
             datasets: self
                 .datasets
                 .iter()
@@ -299,6 +301,17 @@ impl Coordinator {
                     TRUNCATION_LABEL.to_string(),
                     q.truncation.epsilon.to_string(),
                 )))
+                .chain(q.selection.iter().map(|s| {
+                    (
+                        format!(
+                            "{} (δ = {}, threshold T = {})",
+                            crate::selection::SELECTION_LABEL,
+                            s.delta,
+                            s.threshold
+                        ),
+                        s.epsilon.to_string(),
+                    )
+                }))
                 .collect(),
         }
     }
@@ -470,11 +483,7 @@ impl Coordinator {
     /// expected errors. Asks no node and charges nothing; audited as `query.explained`.
     pub async fn explain(&self, researcher: &str, sql: &str) -> Result<Released, CoordinatorError> {
         let q = self.plan(researcher, sql).await?;
-        let (schema, batches) = crate::explain::explain_batch(
-            &q,
-            self.policy.delta_per_query,
-            self.policy.min_reported_count,
-        )?;
+        let (schema, batches) = crate::explain::explain_batch(&q, self.policy.min_reported_count)?;
         let body = json!({"query_id": q.query_id, "researcher": researcher, "sql": sql,
             "epsilon": q.epsilon, "epsilon_charged": 0.0, "outcome": "explained",
             "plan_hash": plan_hash(&q, self.policy.min_reported_count)});

@@ -29,6 +29,13 @@ pub enum CoordinatorError {
         remaining: f64,
         total: f64,
     },
+    /// The query spends δ (partition selection) and a δ budget (the researcher's, or a
+    /// dataset's when `dataset` is set) cannot cover it.
+    #[error("the δ budget{} cannot cover this query's δ = {requested:e} (GROUP BY a key without a public domain spends δ); nothing was charged. Ask your privacy officer for a δ budget, or group by columns with a public domain", .dataset.as_ref().map(|d| format!(" of dataset {d}")).unwrap_or_default())]
+    DeltaBudgetExhausted {
+        requested: f64,
+        dataset: Option<String>,
+    },
     /// A global dataset budget cannot cover the query. The remaining amount is not shown:
     /// it depends on other researchers' spending.
     #[error("the global privacy budget of dataset {dataset} cannot cover ε = {requested}; nothing was charged. Ask your privacy officer")]
@@ -100,7 +107,8 @@ impl From<CoordinatorError> for Status {
             }
             CoordinatorError::Refused(_) => Status::permission_denied(e.to_string()),
             CoordinatorError::BudgetExhausted { .. } => Status::resource_exhausted(e.to_string()),
-            CoordinatorError::DatasetBudgetExhausted { .. } => {
+            CoordinatorError::DatasetBudgetExhausted { .. }
+            | CoordinatorError::DeltaBudgetExhausted { .. } => {
                 Status::resource_exhausted(e.to_string())
             }
             CoordinatorError::NoBudget(_) | CoordinatorError::Forbidden(_) => {

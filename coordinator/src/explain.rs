@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `query` | total ε and δ, R, S, the allocation rule and the suppression threshold |
 //! | `node request` | the exact typed request every node would receive (JSON) |
-//! | `statistic` | each noisy statistic: L1 sensitivity (and its formula), ε share, noise scale, expected 95% error |
+//! | `statistic` | each noisy statistic: L1 sensitivity (and its formula), ε share, noise scale, expected 95% error; with partition selection, its threshold, ε and δ |
 //! | `output` | each aggregate the researcher asked for: its ε and expected 95% error |
 //!
 //! All values are in the column's own units. The 95% error of a count or sum is the
@@ -148,12 +148,13 @@ fn num(x: f64) -> String {
     }
 }
 
-/// The EXPLAIN table of a planned query under the policy's δ and suppression threshold.
+/// The EXPLAIN table of a planned query under the policy's suppression threshold. δ is the
+/// query's own (the policy's `delta_per_query` with partition selection, else 0).
 pub fn explain_batch(
     q: &PlannedQuery,
-    delta_per_query: f64,
     min_reported_count: u64,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), CoordinatorError> {
+    let delta_per_query = q.delta;
     let qid = &q.query_id;
     // Every statistic's mechanism: discrete Laplace, or for a quantile the exponential
     // mechanism (whose noise scale is in score units).
@@ -217,10 +218,17 @@ pub fn explain_batch(
         ci95: None,
         detail: Some(format!(
             "would charge ε = {} and δ = {delta_per_query} (EXPLAIN itself is free and reads no data); \
-             R = {} rows per participant, S = {} sites per participant; ε split: {}; {suppression}",
+             R = {} rows per participant, S = {} sites per participant{}; ε split: {}; {suppression}",
             q.epsilon,
             q.max_rows_per_unit,
             q.max_sites_per_unit,
+            match &q.selection {
+                Some(sel) => format!(
+                    ", G = {} groups per participant (partition selection)",
+                    sel.max_groups_per_unit
+                ),
+                None => String::new(),
+            },
             match q.allocation {
                 Allocation::Balanced => "balanced, ε_i ∝ c_i^(1/3) (minimises the outputs' summed relative variance)",
                 Allocation::Even => "even",
@@ -310,6 +318,35 @@ pub fn explain_batch(
                 crate::release::META_TRUNCATED,
                 q.max_rows_per_unit,
                 crate::planner::TRUNCATION_SHARE_DENOMINATOR
+            )),
+        });
+    }
+    if let Some(sel) = &q.selection {
+        let m = DiscreteLaplace::new(sel.l1 as u128, &sel.epsilon)
+            .map_err(|e| CoordinatorError::internal(qid, e))?;
+        let keys: Vec<&str> = q.groups.iter().map(|g| g.column.as_str()).collect();
+        rows.push(Row {
+            item: "statistic",
+            name: crate::selection::SELECTION_LABEL.to_string(),
+            sensitivity: Some(sel.l1 as f64),
+            formula: Some(sel.formula(q.max_rows_per_unit, q.max_sites_per_unit)),
+            epsilon: Some(sel.epsilon.to_f64().value()),
+            delta: Some(sel.delta),
+            scale: Some(sel.scale),
+            ci95: Some(m.half_width(0.05)),
+            detail: Some(format!(
+                "GROUP BY {} has no public domain: a group is released only if its noisy number of \
+                 participants is at least T = {} (OpenDP make_laplace_threshold, scale {}; its privacy map \
+                 gives ε = {}, δ = {:e}); groups with far fewer participants are never shown, a group of \
+                 one participant with probability below δ. Each participant counts in at most G = {} groups \
+                 per site (the node keeps the G where it has most rows). 1/{} of ε",
+                keys.join(", "),
+                sel.threshold,
+                num(sel.scale),
+                num(sel.map_epsilon),
+                sel.map_delta,
+                sel.max_groups_per_unit,
+                crate::selection::SELECTION_SHARE_DENOMINATOR
             )),
         });
     }

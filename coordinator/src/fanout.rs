@@ -387,7 +387,9 @@ fn merge_batch(
         let mut in_domain = true;
         for (k, g) in groups.iter().enumerate() {
             match key_value(b.column(k).as_ref(), row)? {
-                Some(v) if g.domain.contains(&v) => key.push(v),
+                // Open keys (partition selection) take any observed value: nothing is
+                // released for a group unless it passes the threshold.
+                Some(v) if !g.public || g.domain.contains(&v) => key.push(v),
                 _ => in_domain = false,
             }
         }

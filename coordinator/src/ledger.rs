@@ -1241,6 +1241,15 @@ fn covers(row: &Row, now: i64, q: &QueryRecord) -> Option<CoordinatorError> {
     let eps = charge_units(q.epsilon, EPS_UNIT);
     let delta = charge_units(q.delta, DELTA_UNIT);
     let st = r.status(now);
+    if r.eps_spent.saturating_add(eps) <= r.eps_granted
+        && r.delta_spent.saturating_add(delta) > r.delta_granted
+    {
+        // ε would do; only δ (partition selection) is missing.
+        return Some(CoordinatorError::DeltaBudgetExhausted {
+            requested: q.delta,
+            dataset: (r.kind == BudgetKind::Dataset).then(|| r.name.clone()),
+        });
+    }
     if r.eps_spent.saturating_add(eps) > r.eps_granted
         || r.delta_spent.saturating_add(delta) > r.delta_granted
     {

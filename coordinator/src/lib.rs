@@ -16,6 +16,8 @@
 //! - [`noise`]: OpenDP's discrete Laplace sampler, confidence half-widths.
 //! - [`quantile`]: private quantiles (MEDIAN, PERCENTILE_CONT): OpenDP's quantile score from
 //!   the nodes' exact histograms and its exponential mechanism (noisy max) per group.
+//! - [`selection`]: DP partition selection (OpenDP `make_laplace_threshold`) for GROUP BY
+//!   keys without a public domain.
 //! - [`release`]: noise, AVG, VAR/STDDEV, small-cell suppression (the `fedq_suppressed`
 //!   column), post-processing, Arrow metadata.
 //! - [`explain`]: `EXPLAIN <query>`: sensitivities, ε split, noise scales and expected errors,
@@ -27,9 +29,10 @@
 //! - [`error`]: the one error enum and its single mapping to `tonic::Status`.
 //!
 //! ## Rules this crate enforces
-//! - Only aggregates over one catalog table are answered; anything that would return rows,
-//!   aggregate an unbounded column, or group by a key without a public domain is refused
-//!   with a reason (fail closed).
+//! - Only aggregates over one catalog table (or two joined on the privacy unit) are
+//!   answered; anything that would return rows or aggregate an unbounded column is refused
+//!   with a reason (fail closed). A GROUP BY key without a public domain is answered only
+//!   through DP partition selection, which needs the table's G and the policy's δ.
 //! - Sensitivities come only from the catalog: R (rows per participant), S (sites per
 //!   participant), clamp bounds and precision.
 //! - The budget is charged after every node answered and before any noise is drawn, in one
@@ -51,6 +54,7 @@ pub mod planner;
 pub mod predicate;
 pub mod quantile;
 pub mod release;
+pub mod selection;
 pub mod service;
 
 use std::net::SocketAddr;

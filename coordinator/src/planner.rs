@@ -35,8 +35,9 @@ use fedq_common::{
 use crate::error::CoordinatorError;
 use crate::noise::rational;
 use crate::predicate::{to_predicate, Relation, Scope};
+use crate::selection::{PartitionSelection, SELECTION_SHARE_DENOMINATOR};
 
-/// A GROUP BY key with its public domain.
+/// A GROUP BY key with its public domain, or without one (partition selection).
 #[derive(Debug, Clone)]
 pub struct GroupKey {
     /// Column name (`table.column` in a join).
@@ -45,8 +46,12 @@ pub struct GroupKey {
     pub column_ref: ColumnRef,
     /// Declared type.
     pub ty: ColumnType,
-    /// Public domain, released in full.
+    /// Public domain, released in full (empty when `public` is false).
     pub domain: Vec<PublicValue>,
+    /// Whether `domain` is the key's public domain. A query with any key without one goes
+    /// through partition selection, and then every key is treated as open (`false`): only
+    /// observed key combinations that pass the threshold are released.
+    pub public: bool,
 }
 
 /// What a released statistic measures, in integer units.
@@ -272,6 +277,11 @@ pub struct PlannedQuery {
     pub allocation: Allocation,
     /// The noisy report of how many participants bounding truncated.
     pub truncation: TruncationReport,
+    /// DP partition selection, when a GROUP BY key has no public domain.
+    pub selection: Option<PartitionSelection>,
+    /// δ the query is charged: the policy's `delta_per_query` with partition selection,
+    /// else 0 (every other mechanism is pure ε-DP).
+    pub delta: f64,
 }
 
 /// Plans SQL against the catalog.
@@ -280,6 +290,7 @@ pub struct Planner {
     catalog: Catalog,
     min_reported_count: u64,
     allocation: Allocation,
+    delta_per_query: f64,
 }
 
 fn refuse(msg: impl Into<String>) -> CoordinatorError {
@@ -321,7 +332,15 @@ impl Planner {
             catalog: catalog.clone(),
             min_reported_count: 0,
             allocation: Allocation::Balanced,
+            delta_per_query: 0.0,
         })
+    }
+
+    /// With the policy's δ per query, which partition selection (GROUP BY keys without a
+    /// public domain) spends; 0 (the default) refuses such queries.
+    pub fn with_delta_per_query(mut self, delta: f64) -> Self {
+        self.delta_per_query = delta;
+        self
     }
 
     /// With small-cell suppression at `min_reported_count` (policy): every SUM then carries
@@ -402,8 +421,9 @@ impl Planner {
             });
         }
 
-        // GROUP BY -> public keys.
+        // GROUP BY -> keys, public or (partition selection) not.
         let mut groups = Vec::new();
+        let mut open_keys: Vec<(String, String, String)> = Vec::new();
         for g in &agg.group_expr {
             let Expr::Column(c) = strip_alias(g) else {
                 return Err(refuse(format!(
@@ -420,14 +440,24 @@ impl Planner {
                     c.name, rel.table
                 ))
             })?;
-            let Some(domain) = &col.public_values else {
+            if c.name == rel.spec.privacy_unit {
                 return Err(refuse(format!(
-                    "GROUP BY `{label}`: the column has no public domain, so its groups could reveal single participants. \
-                     The privacy officer must declare `public_values` for {}.{} in the catalog \
-                     (DP partition selection for such keys is not available yet). Columns you can group by: {}",
-                    rel.table, c.name, public_columns(rel.spec)
+                    "GROUP BY `{label}`: grouping by the privacy unit makes every group one participant; \
+                     count participants with COUNT(DISTINCT {label}) instead"
                 )));
-            };
+            }
+            if !matches!(
+                col.ty,
+                ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
+            ) {
+                return Err(refuse(format!(
+                    "GROUP BY `{label}`: keys must be text, integer or boolean columns, not {}",
+                    col.ty
+                )));
+            }
+            if col.public_values.is_none() {
+                open_keys.push((label.clone(), rel.table.to_string(), c.name.clone()));
+            }
             if groups.iter().any(|k: &GroupKey| k.column_ref == column_ref) {
                 return Err(CoordinatorError::InvalidSql(format!(
                     "column `{label}` appears twice in GROUP BY"
@@ -437,11 +467,51 @@ impl Planner {
                 column: label,
                 column_ref,
                 ty: col.ty,
-                domain: domain.clone(),
+                domain: col.public_values.clone().unwrap_or_default(),
+                public: true,
             });
         }
-        let n_groups: usize = groups.iter().map(|g| g.domain.len()).product();
-        if n_groups > fedq_common::wire::MAX_GROUPS {
+        // Keys without a public domain: DP partition selection, which needs G (of the
+        // driving table, whose R applies too) and δ.
+        let max_groups = match open_keys.first() {
+            None => None,
+            Some((label, ktable, kcol)) => {
+                let Some(g) = spec.max_groups_per_unit else {
+                    return Err(refuse(format!(
+                        "GROUP BY `{label}`: the column has no public domain, so its groups could reveal single participants. \
+                         Such groups are released only through DP partition selection, which needs the privacy officer to declare \
+                         `max_groups_per_unit` (G, the groups one participant may count in) for table `{table}`{join_note}; \
+                         or declare `public_values` for {ktable}.{kcol}. Columns you can group by now: {}",
+                        public_columns(spec),
+                        join_note = if src.right.is_some() {
+                            " (the driving table of the join, whose R and G apply)"
+                        } else {
+                            ""
+                        },
+                    )));
+                };
+                if self.delta_per_query.is_nan() || self.delta_per_query <= 0.0 {
+                    return Err(refuse(format!(
+                        "GROUP BY `{label}`: the column has no public domain, so its groups are released only through DP \
+                         partition selection, which costs δ, and the policy's delta_per_query is 0. Ask the privacy officer \
+                         to set `[policy] delta_per_query` (e.g. 1e-7) and to grant you a δ budget, or group by columns with \
+                         a public domain: {}",
+                        public_columns(spec)
+                    )));
+                }
+                for k in &mut groups {
+                    k.public = false;
+                    k.domain.clear();
+                }
+                Some(g)
+            }
+        };
+        let n_groups: usize = match max_groups {
+            // A participant counts in at most G groups at a site.
+            Some(g) => g as usize,
+            None => groups.iter().map(|g| g.domain.len()).product(),
+        };
+        if max_groups.is_none() && n_groups > fedq_common::wire::MAX_GROUPS {
             return Err(refuse(format!(
                 "the GROUP BY keys have {n_groups} combinations; the limit is {}",
                 fedq_common::wire::MAX_GROUPS
@@ -486,9 +556,24 @@ impl Planner {
             sensitivity: u128::from(self.catalog.max_sites_per_unit),
             epsilon: eps.clone() / RBig::from(TRUNCATION_SHARE_DENOMINATOR),
         };
+        let selection = match max_groups {
+            None => None,
+            Some(g) => {
+                let partial = b.partial(AggregateRequest::CountUnits);
+                Some(PartitionSelection::new(
+                    partial,
+                    g,
+                    spec.max_rows_per_unit,
+                    self.catalog.max_sites_per_unit,
+                    eps.clone() / RBig::from(SELECTION_SHARE_DENOMINATOR),
+                    self.delta_per_query,
+                )?)
+            }
+        };
+        let selection_eps = selection.as_ref().map_or(RBig::ZERO, |s| s.epsilon.clone());
         allocate(
             &mut b.statistics,
-            eps.clone() - truncation.epsilon.clone(),
+            eps.clone() - truncation.epsilon.clone() - selection_eps,
             self.allocation,
         )?;
 
@@ -500,6 +585,7 @@ impl Planner {
             group_by: groups.iter().map(|g| g.column_ref.clone()).collect(),
             aggregates: b.partials,
             max_rows_per_unit: spec.max_rows_per_unit,
+            max_groups_per_unit: max_groups,
         };
         Ok(PlannedQuery {
             query_id: query_id.to_string(),
@@ -517,6 +603,12 @@ impl Planner {
             max_sites_per_unit: self.catalog.max_sites_per_unit,
             allocation: self.allocation,
             truncation,
+            delta: if selection.is_some() {
+                self.delta_per_query
+            } else {
+                0.0
+            },
+            selection,
         })
     }
 }
@@ -1482,7 +1574,7 @@ columns = [
         .await;
         refused(
             "SELECT pid, COUNT(*) FROM labs GROUP BY pid",
-            "public domain",
+            "privacy unit",
         )
         .await;
         refused(
@@ -1692,7 +1784,7 @@ columns = [
         .await;
         refused(
             "SELECT p.pid, COUNT(*) FROM labs l JOIN participants p USING (pid) GROUP BY p.pid",
-            "public domain",
+            "privacy unit",
         )
         .await;
         refused(

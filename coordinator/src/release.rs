@@ -1,7 +1,9 @@
 //! Noise and post-processing: from exact merged partials to the researcher's Arrow result.
 //!
 //! 1. Every statistic gets discrete Laplace noise on every group of the public domain
-//!    (empty groups included), with scale sensitivity / ε-share.
+//!    (empty groups included), with scale sensitivity / ε-share. Keys without a public
+//!    domain release only the observed groups that pass DP partition selection
+//!    ([`crate::selection`]).
 //! 2. Aggregates are computed from the noisy statistics: counts and sums directly, AVG as
 //!    mid + noisy centred sum / noisy count, clamped into the declared bounds. A percentile
 //!    is the candidate that OpenDP's exponential mechanism selects from the exact histogram
@@ -93,6 +95,11 @@ pub const META_TRUNCATED: &str = "fedq.truncated_participants";
 pub const META_TRUNCATED_CI95: &str = "fedq.truncated_participants_ci95";
 /// Schema metadata: R, the rows per participant kept by bounding.
 pub const META_MAX_ROWS: &str = "fedq.max_rows_per_unit";
+/// Schema metadata (partition selection): a group is released only if its noisy number of
+/// participants is at least this.
+pub const META_SELECTION_THRESHOLD: &str = "fedq.selection_threshold";
+/// Schema metadata: δ charged for this query (partition selection; absent when 0).
+pub const META_DELTA_SPENT: &str = "fedq.delta_spent";
 
 /// Columns with this prefix ride through post-processing and are removed at the end.
 const HIDDEN_PREFIX: &str = "__fedq_";
@@ -132,6 +139,33 @@ fn all_keys(q: &PlannedQuery) -> Vec<Vec<PublicValue>> {
     keys
 }
 
+/// The groups that pass partition selection: observed key combinations, merged over sites,
+/// thresholded on a noisy participant count (see [`crate::selection`]).
+fn selected_keys(
+    q: &PlannedQuery,
+    sel: &crate::selection::PartitionSelection,
+    merged: &MergedPartials,
+) -> Result<Vec<Vec<PublicValue>>, CoordinatorError> {
+    let observed: Vec<&Vec<PublicValue>> = merged.groups.keys().collect();
+    let mut counts = HashMap::with_capacity(observed.len());
+    for (i, (_, partials)) in merged.groups.iter().enumerate() {
+        let i = u32::try_from(i)
+            .map_err(|_| CoordinatorError::internal(&q.query_id, "too many observed groups"))?;
+        let c = partials
+            .get(sel.partial)
+            .and_then(|c| i64::try_from(*c).ok())
+            .ok_or_else(|| {
+                CoordinatorError::internal(&q.query_id, "participant count out of range")
+            })?;
+        counts.insert(i, c);
+    }
+    Ok(sel
+        .select(&counts)?
+        .into_iter()
+        .map(|i| observed[i as usize].clone())
+        .collect())
+}
+
 fn fmt_num(x: f64) -> String {
     format!("{x}")
 }
@@ -145,7 +179,11 @@ pub async fn release(
     schema_meta: HashMap<String, String>,
 ) -> Result<Released, CoordinatorError> {
     let qid = &q.query_id;
-    let keys = all_keys(q);
+    // Every group of the public domain, or only those that pass partition selection.
+    let keys = match &q.selection {
+        None => all_keys(q),
+        Some(sel) => selected_keys(q, sel, merged)?,
+    };
     let n_partials = q.request.aggregates.len();
     let exact: Vec<Vec<i128>> = keys.iter().map(|k| merged.get(k, n_partials)).collect();
 
@@ -247,8 +285,13 @@ pub async fn release(
     for i in 0..nk {
         let ty = agg_fields.field(i).data_type().clone();
         let vals: Vec<ScalarValue> = keys.iter().map(|k| public_scalar(&k[i], &ty)).collect();
-        let arr = ScalarValue::iter_to_array(vals)
-            .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
+        // Partition selection may release no group at all.
+        let arr = if vals.is_empty() {
+            datafusion::arrow::array::new_empty_array(&ty)
+        } else {
+            ScalarValue::iter_to_array(vals)
+                .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?
+        };
         let arr = cast(&arr, &ty).map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
         fields.push(Field::new(format!("c{i}"), ty, true));
         columns.push(arr);
@@ -540,6 +583,10 @@ pub async fn release(
     let mut schema_meta = schema_meta;
     // The bounding report, with its own share of ε (already charged).
     schema_meta.insert(META_MAX_ROWS.into(), q.max_rows_per_unit.to_string());
+    if let Some(sel) = &q.selection {
+        schema_meta.insert(META_SELECTION_THRESHOLD.into(), sel.threshold.to_string());
+        schema_meta.insert(META_DELTA_SPENT.into(), q.delta.to_string());
+    }
     if let Some(t) = merged.truncated_units {
         let m = DiscreteLaplace::new(q.truncation.sensitivity, &q.truncation.epsilon)
             .map_err(|e| CoordinatorError::internal(qid, e))?;

@@ -34,6 +34,7 @@ use crate::bounding::{
 use crate::config::{NodeConfig, TableFormat, TableSource};
 use crate::error::NodeError;
 use crate::filter::{self, Relation, Scope, LEFT_ALIAS, RIGHT_ALIAS};
+use crate::selection::{self, OpenKey, Selection};
 
 /// Longest query id a node accepts.
 pub const MAX_QUERY_ID_CHARS: usize = 256;
@@ -92,6 +93,9 @@ struct Prepared<'a> {
     /// Whether the request joins a second table (then the driving table's rows per
     /// participant say nothing about the joined rows, see [`NodeEngine::execute`]).
     joined: bool,
+    /// With open group keys (partition selection): the keys and G, the unoptimised
+    /// projected rows (`c0..`) and their column count.
+    selection: Option<(Selection, DataFrame, usize)>,
 }
 
 /// The node's query engine: a DataFusion session over the local tables, restricted to the
@@ -214,12 +218,34 @@ impl NodeEngine {
         // first found the counts stale (the files changed since they were taken).
         for attempt in 0..2 {
             let Prepared {
-                plan,
+                mut plan,
                 state,
                 logical,
                 table,
                 joined,
+                selection,
             } = self.prepare(req)?;
+            // Open group keys: bound each participant to G groups first (see `selection`);
+            // the bounder then sees one Int64 key numbering the observed groups.
+            let (state, logical, dict) = match selection {
+                None => (state, logical, None),
+                Some((sel, df, n_cols)) => {
+                    let (rows, dict) = selection::bound_groups(df, &sel, n_cols)
+                        .await
+                        .map_err(exec_err)?;
+                    plan.groups = vec![GroupCol::new(
+                        selection::GIDX.to_string(),
+                        ColumnType::Int64,
+                        (0..dict.len() as i64).map(PublicValue::Int).collect(),
+                        1,
+                    )];
+                    for slot in &mut plan.slots {
+                        slot.proj = selection::shifted(slot.proj);
+                    }
+                    let (state, logical) = rows.into_parts();
+                    (state, logical, Some((sel, dict)))
+                }
+            };
             // A joined participant can have up to (rows on the left) × (rows on the right)
             // rows, so the driving table's start-up counts do not bound its joined rows.
             // Joined requests use no counts: every participant goes through a reservoir of
@@ -283,6 +309,11 @@ impl NodeEngine {
                 continue;
             }
             let out = bounder.finish().map_err(internal)?;
+            let out = match &dict {
+                None => out,
+                Some((sel, dict)) => selection::expand_keys(out, sel, dict)
+                    .map_err(|e| internal(crate::bounding::BoundError(e)))?,
+            };
             return Ok(vec![out]);
         }
         Err(internal(crate::bounding::BoundError(
@@ -418,6 +449,33 @@ impl NodeEngine {
                 )));
             }
         }
+        // G: with open group keys (partition selection), each participant's rows are kept
+        // in at most G groups, at most the catalog's G of the driving table.
+        let max_groups = match req.max_groups_per_unit {
+            None => None,
+            Some(0) => return Err(invalid("max_groups_per_unit must be at least 1".into())),
+            Some(g) => match spec.max_groups_per_unit {
+                None => {
+                    return Err(refused(format!(
+                        "cannot group by keys without a public domain over table {}: the catalog declares no max_groups_per_unit (G) for it",
+                        shown(tname)
+                    )))
+                }
+                Some(cat) if g > cat => {
+                    return Err(refused(format!(
+                        "max_groups_per_unit {g} exceeds the catalog's {cat} for table {}",
+                        shown(tname)
+                    )))
+                }
+                Some(_) => Some(g),
+            },
+        };
+        if max_groups.is_some() && req.group_by.is_empty() {
+            return Err(invalid(
+                "max_groups_per_unit is only meaningful with GROUP BY keys".into(),
+            ));
+        }
+        let mut open_keys = Vec::new();
 
         // Projection: privacy unit first, then group keys, then aggregate inputs (deduped).
         let mut proj: Vec<ColumnRef> = vec![ColumnRef::left(spec.privacy_unit.clone())];
@@ -438,12 +496,6 @@ impl NodeEngine {
                     shown(&gname)
                 )));
             }
-            let Some(domain) = &c.public_values else {
-                return Err(refused(format!(
-                    "cannot group by {}: the catalog declares no public domain (public_values) for it",
-                    shown(&gname)
-                )));
-            };
             if !matches!(
                 c.ty,
                 ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
@@ -454,6 +506,24 @@ impl NodeEngine {
                     c.ty
                 )));
             }
+            if max_groups.is_some() {
+                // Any value may be a group; only the coordinator's threshold releases one.
+                let p = proj_index(g, &mut proj);
+                if p != open_keys.len() + 1 {
+                    return Err(invalid(format!("GROUP BY lists {} twice", shown(&gname))));
+                }
+                open_keys.push(OpenKey {
+                    name: gname,
+                    ty: c.ty,
+                });
+                continue;
+            }
+            let Some(domain) = &c.public_values else {
+                return Err(refused(format!(
+                    "cannot group by {}: the catalog declares no public domain (public_values) for it",
+                    shown(&gname)
+                )));
+            };
             // Deduplicated, in catalog order.
             let mut distinct = BTreeSet::new();
             let values: Vec<PublicValue> = domain
@@ -659,9 +729,10 @@ impl NodeEngine {
             .map(|(i, c)| {
                 let (e, _) = scope.column(c.side, &c.name, "the projection")?;
                 // Joined columns are qualified by side; name them by position so that equal
-                // names on both sides cannot clash (the bounder reads by position).
-                Ok(if scope.right.is_some() {
-                    e.alias(format!("c{i}"))
+                // names on both sides cannot clash (the bounder reads by position). Open
+                // group keys are bounded by name (`selection`), so they need it too.
+                Ok(if scope.right.is_some() || max_groups.is_some() {
+                    e.alias(selection::proj_name(i))
                 } else {
                     e
                 })
@@ -701,9 +772,20 @@ impl NodeEngine {
         if let Some(predicate) = predicate {
             df = df.filter(predicate).map_err(plan_err)?;
         }
+        let n_cols = proj_exprs.len();
         let df = df.select(proj_exprs).map_err(plan_err)?;
-        let (state, logical) = df.into_parts();
+        let (state, logical) = df.clone().into_parts();
         let logical = state.optimize(&logical).map_err(plan_err)?;
+        let selection = max_groups.map(|g| {
+            (
+                Selection {
+                    keys: open_keys,
+                    max_groups: g,
+                },
+                df,
+                n_cols,
+            )
+        });
 
         Ok(Prepared {
             plan: BoundingPlan {
@@ -717,6 +799,7 @@ impl NodeEngine {
             logical,
             table,
             joined: req.join.is_some(),
+            selection,
         })
     }
 }

@@ -46,6 +46,16 @@
 //!    requests use no counts and every participant goes through a reservoir. The hash
 //!    join materialises its build side (the projected columns of one table).
 //!
+//! 7. **Groups without a public domain are bounded to G per participant.** A request with
+//!    `max_groups_per_unit` (G, at most the driving table's catalog G; refused when the
+//!    catalog declares none) may group by columns without `public_values`. Rows with a
+//!    NULL key are dropped, then each participant keeps its rows in at most G groups (the
+//!    G in which it has the most rows, ties by the smallest key: a rule that reads only
+//!    that participant's rows), then at most R rows. The response lists only the groups
+//!    observed after that. It is the one data-dependent key output of a node, and goes only
+//!    to the coordinator, which releases a group only through DP partition selection
+//!    (`selection.rs`).
+//!
 //! Filters are total by construction: the node type-checks them so
 //! that no implicit cast can fail on a row; conversions must be `TRY_CAST`, division only by
 //! a numeric literal other than 0 and -1, `LIKE` only on text.
@@ -103,6 +113,7 @@ mod engine;
 mod error;
 mod filter;
 mod metrics;
+mod selection;
 mod server;
 
 #[cfg(test)]

@@ -132,7 +132,8 @@ pub(crate) fn coordinator_toml(
          [policy]\n\
          default_epsilon = 1.0\n\
          max_epsilon_per_query = 2.0\n\
-         delta_per_query = 0.0\n\
+         # spent only by GROUP BY keys without a public domain (DP partition selection)\n\
+         delta_per_query = {delta:?}\n\
          min_reported_count = 11\n\
          \n\
          # mTLS to the nodes: node certificates must chain to this CA and name their site.\n\
@@ -146,7 +147,8 @@ pub(crate) fn coordinator_toml(
          # [researcher_tls]\n\
          # cert = \"certs/{coord}.pem\"\n\
          # key = \"certs/{coord}.key\"\n",
-        coord = crate::COORDINATOR_CERT_NAME
+        coord = crate::COORDINATOR_CERT_NAME,
+        delta = crate::DELTA_PER_QUERY
     );
     for (site, port) in sites {
         let _ = write!(
@@ -157,8 +159,8 @@ pub(crate) fn coordinator_toml(
     for r in researchers {
         let _ = write!(
             out,
-            "\n[[researchers]]\nname = \"{}\"\n# initial password (Argon2id); officers manage users with `fedq user`\npassword_argon2 = \"{}\"\nepsilon_budget = {:?}\n",
-            r.name, r.password_argon2, r.epsilon_budget
+            "\n[[researchers]]\nname = \"{}\"\n# initial password (Argon2id); officers manage users with `fedq user`\npassword_argon2 = \"{}\"\nepsilon_budget = {:?}\ndelta_budget = {:?}\n",
+            r.name, r.password_argon2, r.epsilon_budget, crate::RESEARCHER_DELTA
         );
     }
     let tables: Vec<String> = crate::reference::TABLES
@@ -168,9 +170,10 @@ pub(crate) fn coordinator_toml(
     let _ = write!(
         out,
         "\n# A global budget over all tables: bounds what researchers learn together.\n\
-         [[datasets]]\nname = \"biobank\"\ntables = [{}]\nepsilon_budget = {:?}\n",
+         [[datasets]]\nname = \"biobank\"\ntables = [{}]\nepsilon_budget = {:?}\ndelta_budget = {:?}\n",
         tables.join(", "),
-        crate::DATASET_EPSILON
+        crate::DATASET_EPSILON,
+        crate::DATASET_DELTA
     );
     for (name, hash) in officers {
         let _ = write!(

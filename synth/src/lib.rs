@@ -90,6 +90,17 @@ pub const COORDINATOR_CERT_NAME: &str = "coordinator";
 /// Global ε budget of the `biobank` dataset (all tables) in the generated config.
 pub const DATASET_EPSILON: f64 = 1000.0;
 
+/// `[policy] delta_per_query` of the generated config: the δ a query with GROUP BY keys
+/// without a public domain (partition selection) spends. Well below 1/n for the full-scale
+/// federation (772,000 participants).
+pub const DELTA_PER_QUERY: f64 = 1e-7;
+
+/// δ budget of each generated researcher: 100 partition-selected queries.
+pub const RESEARCHER_DELTA: f64 = 1e-5;
+
+/// Global δ budget of the `biobank` dataset.
+pub const DATASET_DELTA: f64 = 1e-3;
+
 /// What to generate, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynthConfig {

@@ -694,12 +694,14 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
         Code::InvalidArgument,
         "sum",
     );
+    // A key without a public domain is answered through partition selection
+    // (tests/partition_selection.rs), but never the privacy unit itself.
     expect(
         alice
-            .query("SELECT code, COUNT(*) FROM diagnoses GROUP BY code")
+            .query("SELECT pid, COUNT(*) FROM diagnoses GROUP BY pid")
             .await,
         Code::PermissionDenied,
-        "public_values",
+        "privacy unit",
     );
     expect(
         alice

@@ -70,6 +70,7 @@ fn valid_ticket() -> Vec<u8> {
             },
         ],
         max_rows_per_unit: 20,
+        max_groups_per_unit: None,
         join: None,
     };
     let f = fixture();
@@ -183,6 +184,7 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 group_by: group.iter().map(|s| fedq_common::wire::ColumnRef::left(*s)).collect(),
                 aggregates: vec![AggregateRequest::CountRows, numeric],
                 max_rows_per_unit: r,
+                max_groups_per_unit: None,
                 join: None,
             };
             let bytes = req.encode_ticket().unwrap();

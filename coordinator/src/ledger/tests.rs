@@ -498,3 +498,44 @@ fn verify_detects_every_kind_of_tampering() {
     assert_eq!(last["verified"], true);
     assert_eq!(text.lines().count(), 10);
 }
+
+#[test]
+fn delta_is_charged_and_its_own_refusal_names_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    l.grant(
+        "test",
+        &Grant {
+            kind: BudgetKind::Researcher,
+            name: "a".into(),
+            epsilon: 10.0,
+            delta: 2e-7,
+            renewal_days: None,
+        },
+    )
+    .unwrap();
+    let with_delta = |qid: &str| QueryRecord {
+        delta: 1e-7,
+        ..rec("a", qid, 1.0, &[])
+    };
+    let (c1, st) = l.charge(&with_delta("q1"), &sites()).unwrap();
+    assert!((st.delta_spent - 1e-7).abs() < 1e-18);
+    let (c2, _) = l.charge(&with_delta("q2"), &sites()).unwrap();
+    // ε remains, δ does not: the refusal says δ, and nothing is charged.
+    let e = l.charge(&with_delta("q3"), &sites()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::DeltaBudgetExhausted { dataset: None, .. }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("δ budget"), "{e}");
+    let st = l.status(BudgetKind::Researcher, "a").unwrap();
+    assert!((st.epsilon_spent - 2.0).abs() < 1e-12);
+    // A pure ε-DP query (δ = 0) still runs.
+    let (c4, _) = l.charge(&rec("a", "q4", 1.0, &[]), &sites()).unwrap();
+    for c in [c1, c2, c4] {
+        l.released(c, b"answer").unwrap();
+    }
+}

@@ -588,7 +588,7 @@ async fn info_lists_served_tables() {
     assert_eq!(info.protocol_version, fedq_common::PROTOCOL_VERSION);
     assert_eq!(
         info.tables,
-        ["broken", "bulk", "encounters", "labs", "patients"]
+        ["broken", "bulk", "encounters", "labs", "patients", "stays"]
     );
 }
 
@@ -1121,4 +1121,177 @@ async fn percentile_histograms_are_validated_like_sums_and_exact() {
         .values()
         .to_vec();
     assert_eq!(bins, vec![0, 3, 3, 0, 1, 0, 0, 2, 0]);
+}
+
+fn open(mut req: PartialAggregateRequest, g: u32) -> PartialAggregateRequest {
+    req.max_groups_per_unit = Some(g);
+    req
+}
+
+#[tokio::test]
+async fn open_keys_keep_each_participant_in_at_most_g_groups() {
+    let (_fx, e) = engine().await;
+    let aggs = vec![
+        AggregateRequest::CountRows,
+        AggregateRequest::CountUnits,
+        sum("days", 0.0, 30.0, 1.0),
+    ];
+    let out = e
+        .execute(&open(
+            request("stays", &["code"], aggs.clone(), 10, None),
+            2,
+        ))
+        .await
+        .unwrap();
+    let schema = out[0].schema();
+    assert_eq!(schema.field(0).name(), "code");
+    assert_eq!(schema.field(0).data_type(), &DataType::Utf8);
+    // a keeps X (3 rows) and Y (2, tied with Z, smaller key); b keeps Y and Z (its NULL
+    // codes are dropped); c keeps U and V (all tied). W is nobody's choice, so it is not
+    // even observed. days 40 of c's U clamps to 30.
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["U"], &[1, 1, 30]),
+            keyed(&["V"], &[1, 1, 14]),
+            keyed(&["X"], &[3, 1, 13]),
+            keyed(&["Y"], &[3, 2, 22]),
+            keyed(&["Z"], &[1, 1, 10]),
+        ]
+    );
+    // G = 1: a keeps X, b keeps Y (tie, smaller key), c keeps U.
+    let out = e
+        .execute(&open(
+            request("stays", &["code"], aggs.clone(), 10, None),
+            1,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["U"], &[1, 1, 30]),
+            keyed(&["X"], &[3, 1, 13]),
+            keyed(&["Y"], &[1, 1, 11]),
+        ]
+    );
+    // The filter applies before the choice: without X, a keeps Y and Z (2 rows each).
+    let not_x = bin(BinaryOp::NotEq, col("code"), lit(Literal::Utf8("X".into())));
+    let out = e
+        .execute(&open(
+            request("stays", &["code"], aggs.clone(), 10, Some(not_x)),
+            2,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["U"], &[1, 1, 30]),
+            keyed(&["V"], &[1, 1, 14]),
+            keyed(&["Y"], &[3, 2, 22]),
+            keyed(&["Z"], &[3, 2, 17]),
+        ]
+    );
+    // Two open keys, one of them an integer: groups are (code, ward) pairs. a: (X,1) 2 rows,
+    // then (Y,2) 2 rows beats (Z,1) 2 rows by key; b: (Y,1), (Z,1); c: (U,3), (V,3).
+    let out = e
+        .execute(&open(
+            request(
+                "stays",
+                &["code", "ward"],
+                vec![AggregateRequest::CountRows],
+                10,
+                None,
+            ),
+            2,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out[0].schema().field(1).data_type(), &DataType::Int64);
+    assert_eq!(
+        rows(&out, 2),
+        vec![
+            keyed(&["U", "3"], &[1]),
+            keyed(&["V", "3"], &[1]),
+            keyed(&["X", "1"], &[2]),
+            keyed(&["Y", "1"], &[1]),
+            keyed(&["Y", "2"], &[2]),
+            keyed(&["Z", "1"], &[1]),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn open_keys_bound_rows_to_r_after_the_groups() {
+    let (_fx, e) = engine().await;
+    // R = 2 after G = 2: a keeps 2 of its 5 rows in X and Y, b and c keep both of theirs.
+    for _ in 0..20 {
+        let out = e
+            .execute(&open(
+                request(
+                    "stays",
+                    &["code"],
+                    vec![AggregateRequest::CountRows],
+                    2,
+                    None,
+                ),
+                2,
+            ))
+            .await
+            .unwrap();
+        let r = rows(&out, 1);
+        let total: i128 = r.iter().map(|(_, v)| v[0]).sum();
+        assert_eq!(total, 6, "{r:?}");
+        assert!(
+            r.iter()
+                .all(|(k, _)| ["U", "V", "X", "Y", "Z"].contains(&k[0].as_str())),
+            "{r:?}"
+        );
+        let xy: i128 = r
+            .iter()
+            .filter(|(k, _)| k[0] == "X" || k[0] == "Y")
+            .map(|(_, v)| v[0])
+            .sum();
+        // a's 2 rows, plus b's Y.
+        assert_eq!(xy, 3, "{r:?}");
+    }
+}
+
+#[tokio::test]
+async fn open_key_refusals() {
+    let (_fx, e) = engine().await;
+    let count = || vec![AggregateRequest::CountRows];
+    let v = |req| e.validate(&req);
+    // Without G, a key without a public domain is refused, as before.
+    assert_refused(
+        v(request("stays", &["code"], count(), 1, None)),
+        "no public domain",
+    );
+    // labs declares no G.
+    assert_refused(
+        v(open(request("labs", &["code"], count(), 1, None), 1)),
+        "declares no max_groups_per_unit",
+    );
+    assert_refused(
+        v(open(request("stays", &["code"], count(), 1, None), 3)),
+        "exceeds the catalog's 2",
+    );
+    assert_invalid(
+        v(open(request("stays", &["code"], count(), 1, None), 0)),
+        "at least 1",
+    );
+    assert_invalid(
+        v(open(request("stays", &[], count(), 1, None), 1)),
+        "only meaningful with GROUP BY",
+    );
+    assert_refused(
+        v(open(request("stays", &["pid"], count(), 1, None), 1)),
+        "privacy unit",
+    );
+    assert!(v(open(
+        request("stays", &["code", "ward"], count(), 10, None),
+        2
+    ))
+    .is_ok());
 }

@@ -66,6 +66,16 @@ columns = [
   { name = "raw", type = "float64", nullable = true },
 ]
 
+[tables.stays]
+max_rows_per_unit = 10
+max_groups_per_unit = 2
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "code", type = "utf8", nullable = true },
+  { name = "ward", type = "int64" },
+  { name = "days", type = "int64", lower = 0, upper = 30 },
+]
+
 [tables.elsewhere]
 max_rows_per_unit = 5
 columns = [ { name = "pid", type = "utf8" } ]
@@ -92,6 +102,9 @@ path = "broken.csv"
 
 [tables.encounters]
 path = "encounters.parquet"
+
+[tables.stays]
+path = "stays.parquet"
 "#;
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
@@ -294,6 +307,56 @@ fn encounters_batch() -> RecordBatch {
     ])
 }
 
+/// `stays` (G = 2, `code` and `ward` without a public domain), rows as (pid, code, ward,
+/// days): `a` has X×3, Y×2, Z×2, W×1; `b` has Z, Y and two NULL codes; `c` has W, V, U.
+/// The G = 2 groups each keeps (most rows first, ties by the smaller key): `a` X, Y; `b`
+/// Y, Z; `c` U, V.
+pub(crate) fn stays_batch() -> RecordBatch {
+    let rows: Vec<(&str, Option<&str>, i64, i64)> = vec![
+        ("a", Some("Z"), 1, 1),
+        ("a", Some("X"), 1, 2),
+        ("a", Some("Y"), 2, 3),
+        ("a", Some("X"), 1, 4),
+        ("a", Some("W"), 2, 5),
+        ("a", Some("Z"), 1, 6),
+        ("a", Some("X"), 2, 7),
+        ("a", Some("Y"), 2, 8),
+        ("b", None, 1, 9),
+        ("b", Some("Z"), 1, 10),
+        ("b", Some("Y"), 1, 11),
+        ("b", None, 1, 12),
+        ("c", Some("W"), 3, 13),
+        ("c", Some("V"), 3, 14),
+        ("c", Some("U"), 3, 40),
+    ];
+    batch(vec![
+        (
+            "pid",
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "code",
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "ward",
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "days",
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+            )),
+        ),
+    ])
+}
+
 /// A temporary directory with the catalog, the data files and `node.toml`.
 pub(crate) struct Fixture {
     pub dir: TempDir,
@@ -308,6 +371,7 @@ impl Fixture {
         std::fs::create_dir(p.join("bulk")).unwrap();
         write_parquet(&p.join("bulk").join("part-0.parquet"), &bulk_batch());
         write_parquet(&p.join("encounters.parquet"), &encounters_batch());
+        write_parquet(&p.join("stays.parquet"), &stays_batch());
         std::fs::write(
             p.join("patients.csv"),
             "pid,sex,birth_year,comment\np1,F,1980,hello\np2,M,1850,x\np3,F,2100,\np4,X,1990,\np5,,1970,\n",
@@ -349,6 +413,7 @@ pub(crate) fn request(
         group_by: group_by.iter().map(|s| (*s).into()).collect(),
         aggregates,
         max_rows_per_unit: r,
+        max_groups_per_unit: None,
     }
 }
 
