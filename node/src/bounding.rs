@@ -1783,7 +1783,7 @@ mod tests {
             })
             .collect();
         let ys: Vec<Option<i32>> = (0..n)
-            .map(|i| (i % 9 != 0).then_some((i as i32 * 7919) % 200 - 50))
+            .map(|i| (i % 9 != 0).then_some((i * 7919) % 200 - 50))
             .collect();
         let zs: Vec<Option<i64>> = (0..n)
             .map(|i| (i % 4 != 0).then_some(i as i64 * 3 - 100))

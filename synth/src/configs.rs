@@ -210,7 +210,9 @@ pub(crate) fn node_toml(site: &str, port: u16, catalog: &Catalog) -> String {
          # Each table: its file, then what this hospital shares of it (its own policy, which\n\
          # can only narrow the catalog): the columns, the largest rows per participant (R),\n\
          # and the widest clamp bounds it accepts for sums. Requests outside it are refused\n\
-         # and logged with the coordinator's certificate name.\n",
+         # and logged with the coordinator's certificate name. R and the clamps are left at\n\
+         # the catalog's (commented out below, with its current values), so that the node\n\
+         # follows the privacy officer's changes; uncomment one to narrow it.\n",
         coord = crate::COORDINATOR_CERT_NAME,
         mem = fedq_node_defaults::MAX_QUERY_MEMORY_MB,
         metrics_port = port.saturating_add(1000),
@@ -228,7 +230,7 @@ pub(crate) fn node_toml(site: &str, port: u16, catalog: &Catalog) -> String {
             .collect();
         let _ = write!(
             out,
-            "columns = [{}]\nmax_rows_per_unit = {}\n",
+            "columns = [{}]\n# max_rows_per_unit = {}\n",
             shared.join(", "),
             spec.max_rows_per_unit
         );
@@ -238,14 +240,14 @@ pub(crate) fn node_toml(site: &str, port: u16, catalog: &Catalog) -> String {
             .filter_map(|c| {
                 c.bounds().map(|b| {
                     format!(
-                        "{} = {{ lower = {:?}, upper = {:?} }}\n",
+                        "# {} = {{ lower = {:?}, upper = {:?} }}\n",
                         c.name, b.lower, b.upper
                     )
                 })
             })
             .collect();
         if !clamps.is_empty() {
-            let _ = write!(out, "[tables.{t}.clamp]\n{}", clamps.concat());
+            let _ = write!(out, "# [tables.{t}.clamp]\n{}", clamps.concat());
         }
     }
     out

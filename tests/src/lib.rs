@@ -20,8 +20,8 @@ pub fn synth(dir: &Path, sites: usize, participants: usize, seed: u64) {
     .expect("synth");
 }
 
-/// Rewrite `max_rows_per_unit` of every table in the catalog (e.g. to rule out truncation),
-/// and drop the nodes' own R caps so that they follow it.
+/// Rewrite `max_rows_per_unit` of every table in the catalog (e.g. to rule out truncation).
+/// Synth leaves the nodes' own R caps commented out, so the nodes follow it.
 pub fn set_rows_per_unit(dir: &Path, r: u32) {
     let p = dir.join("catalog.toml");
     let mut cat = fedq_common::Catalog::load(&p).expect("catalog");
@@ -29,19 +29,6 @@ pub fn set_rows_per_unit(dir: &Path, r: u32) {
         t.max_rows_per_unit = r;
     }
     std::fs::write(&p, toml::to_string(&cat).expect("toml")).expect("write catalog");
-    // Synth writes each node's own policy with the catalog's R: let the nodes follow the
-    // new R (no node-local cap).
-    for site in std::fs::read_dir(dir.join("sites")).expect("sites") {
-        let node_toml = site.expect("site").path().join("node.toml");
-        let mut doc: toml::Table =
-            toml::from_str(&std::fs::read_to_string(&node_toml).expect("node.toml")).expect("toml");
-        if let Some(tables) = doc.get_mut("tables").and_then(|t| t.as_table_mut()) {
-            for t in tables.iter_mut().filter_map(|(_, t)| t.as_table_mut()) {
-                t.remove("max_rows_per_unit");
-            }
-        }
-        std::fs::write(&node_toml, toml::to_string(&doc).expect("toml")).expect("write node.toml");
-    }
 }
 
 /// Rewrite the catalog's `max_sites_per_unit` (S).
