@@ -55,6 +55,18 @@ pub const ACCURACY_QUERIES: &[(&str, &str)] = &[
         "hba1c_by_sex_join",
         "SELECT p.sex, COUNT(*), AVG(l.value) FROM labs l JOIN participants p USING (pid) WHERE l.test = 'HbA1c' GROUP BY p.sex",
     ),
+    (
+        "creatinine_median_type",
+        "SELECT p.participant_type, MEDIAN(l.value) FROM labs l JOIN participants p USING (pid) WHERE l.test = 'creatinine' GROUP BY p.participant_type",
+    ),
+    (
+        "birth_year_p90_by_sex",
+        "SELECT sex, APPROX_PERCENTILE_CONT(birth_year, 0.9) FROM participants GROUP BY sex",
+    ),
+    (
+        "brca2_codes_selected",
+        "SELECT code, COUNT(*) FROM diagnoses JOIN variants USING (pid) WHERE gene = 'BRCA2' GROUP BY code",
+    ),
 ];
 
 /// Settings of `fedq accuracy`.
@@ -68,13 +80,16 @@ pub struct AccuracyConfig {
 
 fn cell_f64(b: &RecordBatch, col: usize, row: usize) -> Option<f64> {
     use datafusion::arrow::array::{Array, AsArray};
-    use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type};
+    use datafusion::arrow::datatypes::{
+        DataType, Decimal128Type, Float64Type, Int32Type, Int64Type,
+    };
     let a = b.column(col);
     if a.is_null(row) {
         return None;
     }
     match a.data_type() {
         DataType::Int64 => Some(a.as_primitive::<Int64Type>().value(row) as f64),
+        DataType::Int32 => Some(f64::from(a.as_primitive::<Int32Type>().value(row))),
         DataType::Float64 => Some(a.as_primitive::<Float64Type>().value(row)),
         DataType::Decimal128(_, s) => {
             Some(a.as_primitive::<Decimal128Type>().value(row) as f64 / 10f64.powi(*s as i32))
