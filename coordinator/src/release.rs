@@ -240,7 +240,13 @@ pub async fn release(
                 StatisticKind::CentredSum {
                     sum, count, mid_fp, ..
                 } => p[*sum] - mid_fp * p[*count],
-                StatisticKind::Quantile { .. } => unreachable!("handled above"),
+                // Selected by the exponential mechanism above, never Laplace-noised.
+                StatisticKind::Quantile { .. } => {
+                    return Err(CoordinatorError::internal(
+                        qid,
+                        "a quantile statistic reached the Laplace path",
+                    ))
+                }
             };
             v.push(m.release(x)?);
         }
