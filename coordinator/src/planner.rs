@@ -409,8 +409,8 @@ impl Planner {
 
         // WHERE (and extra join conditions) -> wire predicate.
         let mut predicate = None;
-        for f in filters {
-            let p = to_predicate(&f, &scope)?;
+        for f in &filters {
+            let p = to_predicate(f, &scope)?;
             predicate = Some(match predicate {
                 None => p,
                 Some(prev) => fedq_common::Predicate::Binary {
@@ -470,6 +470,27 @@ impl Planner {
                 domain: col.public_values.clone().unwrap_or_default(),
                 public: true,
             });
+        }
+        // A WHERE that admits only some values of a public key (`kind IN ('serum',
+        // 'plasma')`, `test = 'HbA1c'`) narrows the released domain to them: the query text
+        // is public, and the other groups would only ever be noise around zero.
+        for k in groups.iter_mut() {
+            for f in &filters {
+                let Some(allowed) = literal_set(f, &k.column_ref, &scope) else {
+                    continue;
+                };
+                let narrowed: Vec<PublicValue> = k
+                    .domain
+                    .iter()
+                    .filter(|v| allowed.iter().any(|s| public_matches(v, s)))
+                    .cloned()
+                    .collect();
+                // An empty intersection keeps the full domain: every group is then noise
+                // around zero, which is the honest answer, and the shape stays the same.
+                if !narrowed.is_empty() {
+                    k.domain = narrowed;
+                }
+            }
         }
         // Keys without a public domain: DP partition selection, which needs G (of the
         // driving table, whose R applies too) and δ.
@@ -1486,6 +1507,92 @@ impl StatBuilder {
     }
 }
 
+/// The literals a WHERE condition restricts `key` to, if it does: `key = lit`,
+/// `key IN (lit, …)` (not negated), an OR of those on the same key, or an AND with one of
+/// them on either side. Casts around the column are looked through.
+fn literal_set(f: &Expr, key: &ColumnRef, scope: &Scope) -> Option<Vec<ScalarValue>> {
+    fn is_key(e: &Expr, key: &ColumnRef, scope: &Scope) -> bool {
+        match e {
+            Expr::Column(c) => scope.column_ref(c).is_ok_and(|(r, _)| &r == key),
+            Expr::Cast(c) => is_key(&c.expr, key, scope),
+            Expr::TryCast(c) => is_key(&c.expr, key, scope),
+            _ => false,
+        }
+    }
+    fn literal(e: &Expr) -> Option<ScalarValue> {
+        match e {
+            Expr::Literal(v, _) => Some(v.clone()),
+            Expr::Cast(c) => literal(&c.expr),
+            _ => None,
+        }
+    }
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    match f {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => {
+            if is_key(left, key, scope) {
+                literal(right).map(|v| vec![v])
+            } else if is_key(right, key, scope) {
+                literal(left).map(|v| vec![v])
+            } else {
+                None
+            }
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Or,
+            right,
+        }) => {
+            let mut l = literal_set(left, key, scope)?;
+            l.extend(literal_set(right, key, scope)?);
+            Some(l)
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) => match (
+            literal_set(left, key, scope),
+            literal_set(right, key, scope),
+        ) {
+            (Some(a), Some(b)) => Some(a.into_iter().filter(|x| b.contains(x)).collect()),
+            (a, b) => a.or(b),
+        },
+        Expr::InList(il) if !il.negated && is_key(&il.expr, key, scope) => {
+            il.list.iter().map(literal).collect()
+        }
+        _ => None,
+    }
+}
+
+/// Whether public value `v` equals literal `s` (text, integer or boolean).
+fn public_matches(v: &PublicValue, s: &ScalarValue) -> bool {
+    match (v, s) {
+        (
+            PublicValue::Text(t),
+            ScalarValue::Utf8(Some(x))
+            | ScalarValue::Utf8View(Some(x))
+            | ScalarValue::LargeUtf8(Some(x)),
+        ) => t == x,
+        (PublicValue::Int(i), s) => match s {
+            ScalarValue::Int8(Some(x)) => *i == i64::from(*x),
+            ScalarValue::Int16(Some(x)) => *i == i64::from(*x),
+            ScalarValue::Int32(Some(x)) => *i == i64::from(*x),
+            ScalarValue::Int64(Some(x)) => i == x,
+            ScalarValue::UInt8(Some(x)) => *i == i64::from(*x),
+            ScalarValue::UInt16(Some(x)) => *i == i64::from(*x),
+            ScalarValue::UInt32(Some(x)) => *i == i64::from(*x),
+            ScalarValue::UInt64(Some(x)) => i64::try_from(*x).is_ok_and(|x| x == *i),
+            _ => false,
+        },
+        (PublicValue::Bool(b), ScalarValue::Boolean(Some(x))) => b == x,
+        _ => false,
+    }
+}
+
 /// The value of a public domain entry as a DataFusion scalar of `ty`.
 pub fn public_scalar(v: &PublicValue, ty: &DataType) -> ScalarValue {
     match (v, ty) {
@@ -1546,6 +1653,47 @@ columns = [
                 assert!(e.to_string().contains(needle), "{sql}: {e}")
             }
             other => panic!("{sql}: expected refusal containing {needle:?}, got {other:?}"),
+        }
+    }
+
+    /// A WHERE that admits only some values of a public key narrows the released domain
+    /// to them (in catalog order), and the sensitivity of a per-group statistic follows.
+    #[tokio::test]
+    async fn where_on_a_public_key_narrows_its_domain() {
+        let domain = |q: &PlannedQuery| -> Vec<String> {
+            q.groups[0].domain.iter().map(|v| v.to_string()).collect()
+        };
+        let all = ["HbA1c", "glucose", "LDL", "creatinine"];
+        for (sql, want) in [
+            (
+                "SELECT test, COUNT(*) FROM labs WHERE test IN ('LDL', 'HbA1c') GROUP BY test",
+                vec!["HbA1c", "LDL"],
+            ),
+            (
+                "SELECT test, COUNT(*) FROM labs WHERE value > 1 AND (test = 'glucose' OR test = 'LDL') GROUP BY test",
+                vec!["glucose", "LDL"],
+            ),
+            (
+                "SELECT test, COUNT(*) FROM labs WHERE 'creatinine' = test GROUP BY test",
+                vec!["creatinine"],
+            ),
+            // Not a restriction to listed values: the whole domain.
+            (
+                "SELECT test, COUNT(*) FROM labs WHERE test NOT IN ('LDL') GROUP BY test",
+                all.to_vec(),
+            ),
+            (
+                "SELECT test, COUNT(*) FROM labs WHERE test = 'LDL' OR value > 3 GROUP BY test",
+                all.to_vec(),
+            ),
+            // Values outside the domain only: the whole domain (noise around zero).
+            (
+                "SELECT test, COUNT(*) FROM labs WHERE test = 'nope' GROUP BY test",
+                all.to_vec(),
+            ),
+        ] {
+            let q = plan(sql).await.unwrap();
+            assert_eq!(domain(&q), want, "{sql}");
         }
     }
 
