@@ -12,7 +12,10 @@ use crate::catalog::ColumnType;
 ///
 /// v2: joins on the privacy unit ([`JoinSpec`]) and column references qualified by side
 /// ([`ColumnRef`], [`Side`]); group keys are `ColumnRef`s.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// v3: percentile histograms ([`AggregateRequest::QuantileHistogram`]) and partition
+/// selection (`max_groups_per_unit`); a v2 node would refuse either as a malformed ticket,
+/// so the bump turns that into a clear version mismatch.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest ticket a node accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -551,7 +554,7 @@ mod tests {
             PartialAggregateRequest::decode_ticket(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(matches!(e, WireError::Version { got: 1 }));
         assert!(
-            e.to_string().contains("v1") && e.to_string().contains("v2"),
+            e.to_string().contains("v1") && e.to_string().contains(&format!("v{PROTOCOL_VERSION}")),
             "{e}"
         );
     }

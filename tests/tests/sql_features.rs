@@ -270,10 +270,11 @@ async fn small_cells_are_suppressed_on_noisy_counts_with_a_reason() {
     let mut alice = fed.client("alice").await.unwrap();
     alice.query("SET fedq.epsilon = 2").await.unwrap();
     let engine = fed.coordinator.engine.clone();
-    // Group F has ~1500 participants, group M none (the WHERE removes it): far on either
-    // side of the threshold, so the noisy decision is certain up to 1e-12 per count.
+    // Group F has ~1500 participants, group M none (the WHERE removes its rows): far on
+    // either side of the threshold, so the noisy decision is certain up to 1e-12 per count.
+    // (`sex <> 'M'` rather than `sex = 'F'`, which would narrow the released groups to F.)
     let sql = "SELECT sex, COUNT(*) AS n, SUM(birth_year) AS s, AVG(birth_year) AS a, \
-               STDDEV(birth_year) AS sd FROM participants WHERE sex = 'F' GROUP BY sex ORDER BY sex";
+               STDDEV(birth_year) AS sd FROM participants WHERE sex <> 'M' GROUP BY sex ORDER BY sex";
     let q = engine.plan("alice", sql).await.unwrap();
     let merged = engine.gather(&q).await.unwrap();
     let f_key = vec![PublicValue::Text("F".into())];
@@ -332,7 +333,7 @@ async fn small_cells_are_suppressed_on_noisy_counts_with_a_reason() {
 
     // A SUM alone is suppressed by its own noisy count.
     let r = alice
-        .query("SELECT sex, SUM(birth_year) AS total FROM participants WHERE sex = 'M' GROUP BY sex ORDER BY sex")
+        .query("SELECT sex, SUM(birth_year) AS total FROM participants WHERE sex <> 'F' GROUP BY sex ORDER BY sex")
         .await
         .unwrap();
     let b = &r.batches[0];
