@@ -218,3 +218,16 @@ async fn pump(
         }
     }
 }
+
+/// The `query.charged` entries of the audit log in `dir`'s ledger, oldest first (read after
+/// the federation has shut down).
+pub fn charged_entries(dir: &Path) -> Vec<serde_json::Value> {
+    let path = dir.join("ledger.sqlite");
+    let conn = fedq_coordinator::audit::open_read_only(&path).expect("open audit log");
+    fedq_coordinator::audit::read_rows(&conn, &path)
+        .expect("read audit log")
+        .into_iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.entry).expect("audit entry is JSON"))
+        .filter(|e| e["kind"] == "query.charged")
+        .collect()
+}

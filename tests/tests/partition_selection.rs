@@ -241,14 +241,7 @@ async fn partition_selected_query_through_flight_sql_charges_epsilon_and_delta()
     }
     // The audit log records the selection in the query's ε split.
     fed.shutdown().await.unwrap();
-    let path = dir.join("ledger.sqlite");
-    let conn = fedq_coordinator::audit::open_read_only(&path).unwrap();
-    let charged: Vec<serde_json::Value> = fedq_coordinator::audit::read_rows(&conn, &path)
-        .unwrap()
-        .into_iter()
-        .map(|r| serde_json::from_str::<serde_json::Value>(&r.entry).unwrap())
-        .filter(|e| e["kind"] == "query.charged")
-        .collect();
+    let charged = fedq_tests::charged_entries(dir);
     assert_eq!(charged.len(), 1);
     assert_eq!(
         charged[0]["body"]["delta"].as_f64(),

@@ -381,14 +381,7 @@ async fn histograms_are_exact_and_released_quantiles_are_near_the_best_candidate
     fed.shutdown().await.unwrap();
 
     // 5. The audit log's ε split names the quantile with its share.
-    let path = dir.join("ledger.sqlite");
-    let conn = fedq_coordinator::audit::open_read_only(&path).unwrap();
-    let charged: Vec<serde_json::Value> = fedq_coordinator::audit::read_rows(&conn, &path)
-        .unwrap()
-        .into_iter()
-        .map(|r| serde_json::from_str::<serde_json::Value>(&r.entry).unwrap())
-        .filter(|e| e["kind"] == "query.charged")
-        .collect();
+    let charged = fedq_tests::charged_entries(dir);
     assert_eq!(charged.len(), SHAPES.len());
     let split = charged[0]["body"]["epsilon_split"].to_string();
     assert!(split.contains("quantile 0.5 of birth_year"), "{split}");

@@ -218,14 +218,7 @@ async fn avg_is_centred_and_sites_per_participant_scale_the_noise() {
     fed.shutdown().await.unwrap();
 
     // The audit log records the split of each charged query.
-    let path = dir.join("ledger.sqlite");
-    let conn = fedq_coordinator::audit::open_read_only(&path).unwrap();
-    let charged: Vec<serde_json::Value> = fedq_coordinator::audit::read_rows(&conn, &path)
-        .unwrap()
-        .into_iter()
-        .map(|r| serde_json::from_str::<serde_json::Value>(&r.entry).unwrap())
-        .filter(|e| e["kind"] == "query.charged")
-        .collect();
+    let charged = fedq_tests::charged_entries(dir);
     assert_eq!(charged.len(), 2);
     let split = charged[0]["body"]["epsilon_split"].as_array().unwrap();
     let labels: Vec<&str> = split
