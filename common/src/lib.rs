@@ -7,6 +7,9 @@
 //! - [`catalog`]: the privacy officer's catalog (tables, columns, bounds, public domains)
 //!   and the query policy. Both coordinator and node load the same catalog file; the node
 //!   uses it to check its local files and to validate every request it receives.
+//! - [`group_key`]: GROUP BY keys (columns, `CASE` labels, integer buckets, date parts)
+//!   and the public domain each derives from the catalog, shared so that coordinator and
+//!   node agree on the released groups.
 //! - [`quantile`]: the public candidate grid of private quantiles and its histogram bins,
 //!   shared so that coordinator and node bin values identically.
 //! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
@@ -21,6 +24,7 @@
 //!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
 
 pub mod catalog;
+pub mod group_key;
 pub mod metrics;
 pub mod quantile;
 pub mod tls;
@@ -28,6 +32,6 @@ pub mod wire;
 
 pub use catalog::{Catalog, CatalogError, ColumnSpec, ColumnType, Policy, PublicValue, TableSpec};
 pub use wire::{
-    AggregateRequest, BinaryOp, ColumnRef, JoinSpec, Literal, NodeInfo, PartialAggregateRequest,
-    Predicate, Side, WireError, PROTOCOL_VERSION,
+    AggregateRequest, BinaryOp, ColumnRef, GroupKey, JoinSpec, Literal, NodeInfo,
+    PartialAggregateRequest, Predicate, Side, WireError, PROTOCOL_VERSION,
 };

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::ColumnType;
+pub use crate::group_key::GroupKey;
 
 /// Version of the coordinator-node protocol. Bumped on any incompatible change.
 ///
@@ -15,7 +16,8 @@ use crate::catalog::ColumnType;
 /// v3: percentile histograms ([`AggregateRequest::QuantileHistogram`]) and partition
 /// selection (`max_groups_per_unit`); a v2 node would refuse either as a malformed ticket,
 /// so the bump turns that into a clear version mismatch.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// v4: group keys are [`GroupKey`]s: columns, `CASE` labels, integer buckets and date parts.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest ticket a node accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -55,7 +57,7 @@ pub struct TicketEnvelope {
 
 /// One typed partial-aggregate request: "over `table` (inner-joined with `join.table` on
 /// the privacy unit, if `join` is set), keep rows matching `filter`, bound each participant
-/// to `max_rows_per_unit` rows, group by `group_by` (public domains only), and return these
+/// to `max_rows_per_unit` rows, group by `group_by`, and return these
 /// partial aggregates".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,10 +73,11 @@ pub struct PartialAggregateRequest {
     /// Row filter, applied (after the join) before contribution bounding.
     #[serde(default)]
     pub filter: Option<Predicate>,
-    /// Group keys: catalog columns with a declared public domain, or, with
-    /// `max_groups_per_unit` set, any groupable catalog column (partition selection).
+    /// Group keys: columns or bucketed columns whose public domain follows from the key and
+    /// the catalog ([`GroupKey::domain`]), or, with `max_groups_per_unit` set, any groupable
+    /// key (partition selection).
     #[serde(default)]
-    pub group_by: Vec<ColumnRef>,
+    pub group_by: Vec<GroupKey>,
     /// Partial aggregates, returned in this order.
     pub aggregates: Vec<AggregateRequest>,
     /// Rows per participant kept after the filter (and the join) (R). At most the
@@ -450,6 +453,13 @@ impl PartialAggregateRequest {
                 req.group_by.len()
             )));
         }
+        let key_nodes: usize = req.group_by.iter().map(GroupKey::node_count).sum();
+        let key_depth = req.group_by.iter().map(GroupKey::depth).max().unwrap_or(0);
+        if key_depth > MAX_EXPR_DEPTH || key_nodes > MAX_EXPR_NODES {
+            return Err(WireError::Malformed(format!(
+                "group key conditions exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+            )));
+        }
         if req.aggregates.is_empty() || req.aggregates.len() > MAX_AGGREGATES {
             return Err(WireError::Malformed(format!(
                 "{} aggregates; between 1 and {MAX_AGGREGATES} are allowed",
@@ -531,14 +541,17 @@ mod tests {
         // Without a join, no `join` key and no `side` anywhere: columns are the table's.
         let json = String::from_utf8(sample().encode_ticket().unwrap()).unwrap();
         assert!(!json.contains("join") && !json.contains("side"), "{json}");
-        assert!(json.contains(r#""group_by":[{"name":"test"}]"#), "{json}");
+        assert!(
+            json.contains(r#""group_by":[{"key":"column","column":{"name":"test"}}]"#),
+            "{json}"
+        );
         let mut r = sample();
         r.join = Some(JoinSpec {
             table: "participants".into(),
             left_on: "pid".into(),
             right_on: "pid".into(),
         });
-        r.group_by = vec![ColumnRef::right("sex")];
+        r.group_by = vec![ColumnRef::right("sex").into()];
         r.filter = Some(Predicate::Column {
             name: "birth_year".into(),
             side: Side::Right,

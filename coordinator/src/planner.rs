@@ -26,10 +26,11 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use fedq_common::catalog::Bounds;
+use fedq_common::group_key::{DateField, KeyDomain};
 use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS, MAX_QUANTILE_CANDIDATES};
 use fedq_common::{
-    AggregateRequest, Catalog, ColumnRef, ColumnType, JoinSpec, PartialAggregateRequest,
-    PublicValue, Side,
+    AggregateRequest, Catalog, ColumnRef, ColumnSpec, ColumnType, JoinSpec, Literal,
+    PartialAggregateRequest, PublicValue, Side,
 };
 
 use crate::error::CoordinatorError;
@@ -40,11 +41,12 @@ use crate::selection::{PartitionSelection, SELECTION_SHARE_DENOMINATOR};
 /// A GROUP BY key with its public domain, or without one (partition selection).
 #[derive(Debug, Clone)]
 pub struct GroupKey {
-    /// Column name (`table.column` in a join).
+    /// How the key is shown: the column name (`table.column` in a join), or the bucketing
+    /// expression.
     pub column: String,
-    /// The column as the node request names it.
-    pub column_ref: ColumnRef,
-    /// Declared type.
+    /// The key as the node request names it.
+    pub key: fedq_common::GroupKey,
+    /// Type of the key's values.
     pub ty: ColumnType,
     /// Public domain, released in full (empty when `public` is false).
     pub domain: Vec<PublicValue>,
@@ -422,61 +424,77 @@ impl Planner {
         }
 
         // GROUP BY -> keys, public or (partition selection) not.
-        let mut groups = Vec::new();
-        let mut open_keys: Vec<(String, String, String)> = Vec::new();
+        let mut groups: Vec<GroupKey> = Vec::new();
+        // Keys without a public domain: (label, what the officer could declare instead).
+        let mut open_keys: Vec<(String, String)> = Vec::new();
         for g in &agg.group_expr {
-            let Expr::Column(c) = strip_alias(g) else {
-                return Err(refuse(format!(
-                    "GROUP BY `{g}`: only plain columns with a declared public domain can be grouped on \
-                     (bucketed keys come with partition selection); group by a column such as {}",
-                    public_columns(spec)
-                )));
+            let g = strip_alias(g);
+            let (key, label, col) = group_key(g, &scope, spec)?;
+            let ty = key
+                .output_type(col)
+                .map_err(|e| refuse(format!("GROUP BY `{label}`: {}", e.0)))?;
+            if let (fedq_common::GroupKey::Column { .. }, Some(c)) = (&key, col) {
+                if !matches!(
+                    c.ty,
+                    ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
+                ) {
+                    return Err(refuse(format!(
+                        "GROUP BY `{label}`: keys must be text, integer or boolean columns, not {}; \
+                         bucket numbers with `column / n` or a CASE with literal labels",
+                        c.ty
+                    )));
+                }
+            }
+            let domain = key
+                .domain(col)
+                .map_err(|e| refuse(format!("GROUP BY `{label}`: {}", e.0)))?;
+            let (domain, public) = match domain {
+                KeyDomain::Public(values) => (values, true),
+                KeyDomain::Open => {
+                    let qualified = |c: &ColumnRef| {
+                        let t = match (c.side, scope.right) {
+                            (Side::Right, Some(r)) => r.table,
+                            _ => scope.left.table,
+                        };
+                        format!("{t}.{}", c.name)
+                    };
+                    let declare = match (&key, key.column()) {
+                        (fedq_common::GroupKey::Column { .. }, Some(c)) => {
+                            format!("declare `public_values` for {}", qualified(c))
+                        }
+                        (fedq_common::GroupKey::IntBucket { .. }, Some(c)) => format!(
+                            "declare `lower` and `upper` bounds for {} (giving at most {} buckets)",
+                            qualified(c),
+                            fedq_common::group_key::MAX_DERIVED_DOMAIN
+                        ),
+                        _ => "group by month or quarter, whose domains are public".to_string(),
+                    };
+                    open_keys.push((label.clone(), declare));
+                    (Vec::new(), false)
+                }
             };
-            let (column_ref, rel) = scope.column_ref(c)?;
-            let label = scope.label(&rel, &c.name);
-            let col = rel.spec.column(&c.name).ok_or_else(|| {
-                CoordinatorError::InvalidSql(format!(
-                    "column `{}` is not in table `{}`",
-                    c.name, rel.table
-                ))
-            })?;
-            if c.name == rel.spec.privacy_unit {
-                return Err(refuse(format!(
-                    "GROUP BY `{label}`: grouping by the privacy unit makes every group one participant; \
-                     count participants with COUNT(DISTINCT {label}) instead"
-                )));
-            }
-            if !matches!(
-                col.ty,
-                ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
-            ) {
-                return Err(refuse(format!(
-                    "GROUP BY `{label}`: keys must be text, integer or boolean columns, not {}",
-                    col.ty
-                )));
-            }
-            if col.public_values.is_none() {
-                open_keys.push((label.clone(), rel.table.to_string(), c.name.clone()));
-            }
-            if groups.iter().any(|k: &GroupKey| k.column_ref == column_ref) {
+            if groups.iter().any(|k| k.key == key) {
                 return Err(CoordinatorError::InvalidSql(format!(
-                    "column `{label}` appears twice in GROUP BY"
+                    "`{label}` appears twice in GROUP BY"
                 )));
             }
             groups.push(GroupKey {
                 column: label,
-                column_ref,
-                ty: col.ty,
-                domain: col.public_values.clone().unwrap_or_default(),
-                public: true,
+                key,
+                ty,
+                domain,
+                public,
             });
         }
         // A WHERE that admits only some values of a public key (`kind IN ('serum',
         // 'plasma')`, `test = 'HbA1c'`) narrows the released domain to them: the query text
         // is public, and the other groups would only ever be noise around zero.
         for k in groups.iter_mut() {
+            let fedq_common::GroupKey::Column { column } = &k.key else {
+                continue;
+            };
             for f in &filters {
-                let Some(allowed) = literal_set(f, &k.column_ref, &scope) else {
+                let Some(allowed) = literal_set(f, column, &scope) else {
                     continue;
                 };
                 let narrowed: Vec<PublicValue> = k
@@ -496,13 +514,13 @@ impl Planner {
         // driving table, whose R applies too) and δ.
         let max_groups = match open_keys.first() {
             None => None,
-            Some((label, ktable, kcol)) => {
+            Some((label, declare)) => {
                 let Some(g) = spec.max_groups_per_unit else {
                     return Err(refuse(format!(
-                        "GROUP BY `{label}`: the column has no public domain, so its groups could reveal single participants. \
+                        "GROUP BY `{label}`: the key has no public domain, so its groups could reveal single participants. \
                          Such groups are released only through DP partition selection, which needs the privacy officer to declare \
                          `max_groups_per_unit` (G, the groups one participant may count in) for table `{table}`{join_note}; \
-                         or declare `public_values` for {ktable}.{kcol}. Columns you can group by now: {}",
+                         or {declare}. Columns you can group by now: {}",
                         public_columns(spec),
                         join_note = if src.right.is_some() {
                             " (the driving table of the join, whose R and G apply)"
@@ -603,7 +621,7 @@ impl Planner {
             table: table.clone(),
             join,
             filter: predicate,
-            group_by: groups.iter().map(|g| g.column_ref.clone()).collect(),
+            group_by: groups.iter().map(|g| g.key.clone()).collect(),
             aggregates: b.partials,
             max_rows_per_unit: spec.max_rows_per_unit,
             max_groups_per_unit: max_groups,
@@ -661,6 +679,168 @@ fn allocate(
         st.epsilon = epsilon.clone() * w / total.clone();
     }
     Ok(())
+}
+
+/// Recognise one GROUP BY expression: a column, a `CASE` with literal labels, an integer
+/// bucket (`column / n`, `column / n * n`) or a date part. Returns the wire key, its label
+/// and its column's catalog entry (none for `CASE`).
+fn group_key<'s>(
+    g: &Expr,
+    scope: &Scope<'s>,
+    spec: &fedq_common::TableSpec,
+) -> Result<(fedq_common::GroupKey, String, Option<&'s ColumnSpec>), CoordinatorError> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let label = g.to_string();
+    let unsupported = || {
+        refuse(format!(
+            "GROUP BY `{g}`: group by a column with a public domain (such as {}), a CASE with literal labels \
+             (CASE WHEN birth_year < 1960 THEN 'before 1960' ELSE '1960 on' END), an integer column divided by a \
+             number (birth_year / 10, or birth_year / 10 * 10), or date_part('year' | 'quarter' | 'month', a date column)",
+            public_columns(spec)
+        ))
+    };
+    // A column of the query, checked against the catalog and the privacy unit.
+    let column = |e: &Expr| -> Result<(ColumnRef, String, &'s ColumnSpec), CoordinatorError> {
+        let Expr::Column(c) = strip_alias(e) else {
+            return Err(unsupported());
+        };
+        let (column_ref, rel) = scope.column_ref(c)?;
+        let label = scope.label(&rel, &c.name);
+        let col = rel.spec.column(&c.name).ok_or_else(|| {
+            CoordinatorError::InvalidSql(format!(
+                "column `{}` is not in table `{}`",
+                c.name, rel.table
+            ))
+        })?;
+        if c.name == rel.spec.privacy_unit {
+            return Err(refuse(format!(
+                "GROUP BY `{label}`: grouping by the privacy unit makes every group one participant; \
+                 count participants with COUNT(DISTINCT {label}) instead"
+            )));
+        }
+        Ok((column_ref, label, col))
+    };
+    let int_literal = |e: &Expr| match strip_alias(e) {
+        Expr::Literal(v, _) => match crate::predicate::literal(v) {
+            Ok(Literal::Int64(i)) => Some(i),
+            _ => None,
+        },
+        _ => None,
+    };
+    let bucket = |e: &Expr, multiplier: i64| -> Result<_, CoordinatorError> {
+        let Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Divide,
+            right,
+        }) = strip_alias(e)
+        else {
+            return Err(unsupported());
+        };
+        let divisor = int_literal(right).ok_or_else(|| {
+            refuse(format!(
+                "GROUP BY `{g}`: an integer bucket divides by an integer literal, such as birth_year / 10"
+            ))
+        })?;
+        let (column, _, col) = column(left)?;
+        Ok((
+            fedq_common::GroupKey::IntBucket {
+                column,
+                divisor,
+                multiplier,
+            },
+            label.clone(),
+            Some(col),
+        ))
+    };
+    match g {
+        Expr::Column(_) => {
+            let (column, label, col) = column(g)?;
+            Ok((fedq_common::GroupKey::Column { column }, label, Some(col)))
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            op: Operator::Divide,
+            ..
+        }) => bucket(g, 1),
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Multiply,
+            right,
+        }) => match (int_literal(right), int_literal(left)) {
+            (Some(m), _) => bucket(left, m),
+            (None, Some(m)) => bucket(right, m),
+            (None, None) => Err(unsupported()),
+        },
+        Expr::Case(case) => {
+            let else_expr = case.else_expr.as_deref().ok_or_else(|| {
+                refuse(format!(
+                    "GROUP BY `{g}`: a CASE key needs an ELSE label, such as ELSE 'other': rows matching no WHEN would \
+                     form a NULL group"
+                ))
+            })?;
+            let label_of = |e: &Expr| {
+                match strip_alias(e) {
+                Expr::Literal(v, _) => match crate::predicate::literal(v) {
+                    Ok(l @ (Literal::Utf8(_) | Literal::Int64(_))) => Ok(l),
+                    _ => Err(refuse(format!(
+                        "GROUP BY `{g}`: CASE labels must be text or integer literals, not `{e}`"
+                    ))),
+                },
+                _ => Err(refuse(format!(
+                    "GROUP BY `{g}`: CASE labels must be literals such as 'under 40', not `{e}`, so that the groups \
+                     are known before the data is read"
+                ))),
+            }
+            };
+            let mut branches = Vec::with_capacity(case.when_then_expr.len());
+            for (w, t) in &case.when_then_expr {
+                let cond = match &case.expr {
+                    // CASE x WHEN v THEN …: the condition is x = v.
+                    Some(base) => fedq_common::Predicate::Binary {
+                        op: fedq_common::BinaryOp::Eq,
+                        left: Box::new(to_predicate(base, scope)?),
+                        right: Box::new(to_predicate(w, scope)?),
+                    },
+                    None => to_predicate(w, scope)?,
+                };
+                branches.push(fedq_common::group_key::CaseBranch {
+                    when: cond,
+                    then: label_of(t)?,
+                });
+            }
+            Ok((
+                fedq_common::GroupKey::Case {
+                    branches,
+                    otherwise: label_of(else_expr)?,
+                },
+                label,
+                None,
+            ))
+        }
+        Expr::ScalarFunction(f) if f.name() == "date_part" => {
+            let [field, arg] = f.args.as_slice() else {
+                return Err(unsupported());
+            };
+            let field = match strip_alias(field) {
+                Expr::Literal(v, _) => match crate::predicate::literal(v) {
+                    Ok(Literal::Utf8(s)) => DateField::parse(&s),
+                    _ => None,
+                },
+                _ => None,
+            }
+            .ok_or_else(|| {
+                refuse(format!(
+                    "GROUP BY `{g}`: date_part keys take 'year', 'quarter' or 'month'"
+                ))
+            })?;
+            let (column, _, col) = column(arg)?;
+            Ok((
+                fedq_common::GroupKey::DatePart { field, column },
+                label,
+                Some(col),
+            ))
+        }
+        _ => Err(unsupported()),
+    }
 }
 
 fn public_columns(spec: &fedq_common::TableSpec) -> String {
@@ -1794,7 +1974,7 @@ columns = [
                 right_on: "pid".into(),
             })
         );
-        assert_eq!(r.group_by, vec![ColumnRef::right("sex")]);
+        assert_eq!(r.group_by, vec![ColumnRef::right("sex").into()]);
         assert!(r.aggregates.contains(&AggregateRequest::SumFixed {
             column: ColumnRef::left("value"),
             lower: 0.0,
@@ -1850,7 +2030,7 @@ columns = [
         .await
         .unwrap();
         assert_eq!(q.request.max_rows_per_unit, 15);
-        assert_eq!(q.request.group_by, vec![ColumnRef::right("sex")]);
+        assert_eq!(q.request.group_by, vec![ColumnRef::right("sex").into()]);
 
         // A side may be a filtered subquery.
         let q = plan(
@@ -2080,7 +2260,7 @@ columns = [
             .unwrap();
         // R = 20 rows per participant, S = 2 sites.
         assert_eq!(q.request.max_rows_per_unit, 20);
-        assert_eq!(q.request.group_by, vec![ColumnRef::left("test")]);
+        assert_eq!(q.request.group_by, vec![ColumnRef::left("test").into()]);
         assert_eq!(q.statistics.len(), 3);
         assert_eq!(q.statistics[0].sensitivity, 40); // COUNT(*)
         assert_eq!(q.statistics[1].sensitivity, 40); // COUNT(value)

@@ -18,12 +18,13 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
+use fedq_common::group_key::KeyDomain;
 use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS};
 use fedq_common::wire::{
     MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS,
 };
 use fedq_common::{
-    AggregateRequest, Catalog, ColumnRef, ColumnType, NodeInfo, PartialAggregateRequest,
+    AggregateRequest, Catalog, ColumnRef, ColumnType, GroupKey, NodeInfo, PartialAggregateRequest,
     PublicValue, TableSpec, PROTOCOL_VERSION,
 };
 use futures::StreamExt;
@@ -63,11 +64,30 @@ pub(crate) fn shown(s: &str) -> String {
 }
 
 /// Position of `col` in the projection, appending it if needed.
-fn proj_index(col: &ColumnRef, proj: &mut Vec<ColumnRef>) -> usize {
-    match proj.iter().position(|p| p == col) {
+/// One projected column: a catalog column, or a bucketed group key's expression.
+#[derive(Debug, Clone, PartialEq)]
+enum ProjItem {
+    Col(ColumnRef),
+    Key(Expr),
+}
+
+fn proj_index(col: &ColumnRef, proj: &mut Vec<ProjItem>) -> usize {
+    match proj.iter().position(|p| *p == ProjItem::Col(col.clone())) {
         Some(i) => i,
         None => {
-            proj.push(col.clone());
+            proj.push(ProjItem::Col(col.clone()));
+            proj.len() - 1
+        }
+    }
+}
+
+/// Position of `item` in the projection: a column already there is reused, an expression
+/// is always added.
+fn proj_item(item: ProjItem, proj: &mut Vec<ProjItem>) -> usize {
+    match item {
+        ProjItem::Col(c) => proj_index(&c, proj),
+        ProjItem::Key(_) => {
+            proj.push(item);
             proj.len() - 1
         }
     }
@@ -346,6 +366,13 @@ impl NodeEngine {
                 req.aggregates.len()
             )));
         }
+        if req.group_by.iter().map(GroupKey::depth).max().unwrap_or(0) > MAX_EXPR_DEPTH
+            || req.group_by.iter().map(GroupKey::node_count).sum::<usize>() > MAX_EXPR_NODES
+        {
+            return Err(invalid(format!(
+                "group key conditions exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+            )));
+        }
         if let Some(f) = &req.filter {
             if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
                 return Err(invalid(format!(
@@ -478,67 +505,83 @@ impl NodeEngine {
         let mut open_keys = Vec::new();
 
         // Projection: privacy unit first, then group keys, then aggregate inputs (deduped).
-        let mut proj: Vec<ColumnRef> = vec![ColumnRef::left(spec.privacy_unit.clone())];
+        let mut proj: Vec<ProjItem> =
+            vec![ProjItem::Col(ColumnRef::left(spec.privacy_unit.clone()))];
 
-        // Group keys.
+        // Group keys: columns, or bucketed columns computed by an expression. The node
+        // derives each key's domain itself, from the key and its catalog ([`GroupKey::domain`]).
         let mut groups = Vec::with_capacity(req.group_by.len());
         let mut n_groups: usize = 1;
-        let mut seen = BTreeSet::new();
-        for g in &req.group_by {
-            let c = column(g, "GROUP BY")?;
-            let gname = g.to_string();
-            if !seen.insert(g.clone()) {
+        for (i, g) in req.group_by.iter().enumerate() {
+            let gname = match g {
+                GroupKey::Column { column } => column.to_string(),
+                _ => format!("key{i}"),
+            };
+            if req.group_by[..i].contains(g) {
                 return Err(invalid(format!("GROUP BY lists {} twice", shown(&gname))));
             }
-            if privacy_unit(g)? {
-                return Err(refused(format!(
-                    "cannot group by the privacy unit column {}: each group would be one participant",
-                    shown(&gname)
-                )));
+            let col_spec = match g.column() {
+                Some(c) => {
+                    if privacy_unit(c)? {
+                        return Err(refused(format!(
+                            "cannot group by the privacy unit column {}: each group would be one participant",
+                            shown(&c.to_string())
+                        )));
+                    }
+                    Some(column(c, "GROUP BY")?)
+                }
+                None => None,
+            };
+            if let (GroupKey::Column { .. }, Some(c)) = (g, col_spec) {
+                if !matches!(
+                    c.ty,
+                    ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
+                ) {
+                    return Err(refused(format!(
+                        "cannot group by {} of type {}: group keys must be utf8, int32, int64 or boolean",
+                        shown(&gname),
+                        c.ty
+                    )));
+                }
             }
-            if !matches!(
-                c.ty,
-                ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
-            ) {
-                return Err(refused(format!(
-                    "cannot group by {} of type {}: group keys must be utf8, int32, int64 or boolean",
-                    shown(&gname),
-                    c.ty
-                )));
-            }
+            let key_err = |e: fedq_common::group_key::KeyError| {
+                invalid(format!("GROUP BY key {}: {}", i + 1, e.0))
+            };
+            let ty = g.output_type(col_spec).map_err(key_err)?;
+            let domain = g.domain(col_spec).map_err(key_err)?;
+            let item = match g {
+                GroupKey::Column { column } => ProjItem::Col(column.clone()),
+                _ => ProjItem::Key(filter::group_key_expr(g, &scope, g.clamp_range(col_spec))?),
+            };
             if max_groups.is_some() {
                 // Any value may be a group; only the coordinator's threshold releases one.
-                let p = proj_index(g, &mut proj);
+                let p = proj_item(item, &mut proj);
                 if p != open_keys.len() + 1 {
                     return Err(invalid(format!("GROUP BY lists {} twice", shown(&gname))));
                 }
-                open_keys.push(OpenKey {
-                    name: gname,
-                    ty: c.ty,
-                });
+                open_keys.push(OpenKey { name: gname, ty });
                 continue;
             }
-            let Some(domain) = &c.public_values else {
-                return Err(refused(format!(
-                    "cannot group by {}: the catalog declares no public domain (public_values) for it",
-                    shown(&gname)
-                )));
+            let KeyDomain::Public(values) = domain else {
+                return Err(refused(match g {
+                    GroupKey::Column { .. } => format!(
+                        "cannot group by {}: the catalog declares no public domain (public_values) for it",
+                        shown(&gname)
+                    ),
+                    _ => format!(
+                        "cannot group by key {}: no public domain follows from the catalog's bounds of its column",
+                        i + 1
+                    ),
+                }));
             };
-            // Deduplicated, in catalog order.
-            let mut distinct = BTreeSet::new();
-            let values: Vec<PublicValue> = domain
-                .iter()
-                .filter(|v| distinct.insert(*v))
-                .cloned()
-                .collect();
             n_groups = n_groups.saturating_mul(values.len());
             if n_groups > MAX_GROUPS {
                 return Err(invalid(format!(
                     "the GROUP BY columns have more than {MAX_GROUPS} combinations of public values"
                 )));
             }
-            let p = proj_index(g, &mut proj);
-            groups.push(GroupCol::new(gname, c.ty, values, p));
+            let p = proj_item(item, &mut proj);
+            groups.push(GroupCol::new(gname, ty, values, p));
         }
 
         // Aggregates.
@@ -548,7 +591,7 @@ impl NodeEngine {
         let mut histogram_cells = 0usize;
         for a in &req.aggregates {
             let mut slot_for =
-                |name: &ColumnRef, ty: ColumnType, proj: &mut Vec<ColumnRef>| -> usize {
+                |name: &ColumnRef, ty: ColumnType, proj: &mut Vec<ProjItem>| -> usize {
                     if let Some(i) = slot_names.iter().position(|s| s == name) {
                         return i;
                     }
@@ -726,8 +769,12 @@ impl NodeEngine {
         let proj_exprs = proj
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let (e, _) = scope.column(c.side, &c.name, "the projection")?;
+            .map(|(i, item)| {
+                let e = match item {
+                    ProjItem::Col(c) => scope.column(c.side, &c.name, "the projection")?.0,
+                    // Bucketed keys are computed, so they need a name in any case.
+                    ProjItem::Key(e) => return Ok(e.clone().alias(selection::proj_name(i))),
+                };
                 // Joined columns are qualified by side; name them by position so that equal
                 // names on both sides cannot clash (the bounder reads by position). Open
                 // group keys are bounded by name (`selection`), so they need it too.

@@ -11,9 +11,11 @@
 //! its own table's catalog columns and becomes a column qualified by that side's alias in
 //! the join (see [`Scope`]).
 
+use arrow::datatypes::DataType;
 use datafusion::common::{Column, ScalarValue};
-use datafusion::logical_expr::{binary_expr, ident, lit, try_cast, Expr, Operator};
-use fedq_common::{BinaryOp, ColumnType, Literal, Predicate, Side, TableSpec};
+use datafusion::functions::datetime::expr_fn::date_part;
+use datafusion::logical_expr::{binary_expr, cast, ident, lit, try_cast, when, Expr, Operator};
+use fedq_common::{BinaryOp, ColumnType, GroupKey, Literal, Predicate, Side, TableSpec};
 
 use crate::engine::shown;
 use crate::error::NodeError;
@@ -134,6 +136,62 @@ pub(crate) fn translate(p: &Predicate, scope: &Scope<'_>) -> Result<Expr, NodeEr
         )));
     }
     Ok(e)
+}
+
+/// The DataFusion expression computing a bucketed group key ([`GroupKey`] other than a
+/// plain column), of the key's output type (Utf8 or Int64). `clamp` is the key's
+/// [`GroupKey::clamp_range`]. Every form is total: `CASE` conditions are translated like
+/// filters, integer buckets divide by a validated positive literal and cannot overflow
+/// (the multiplier is at most the divisor), and date parts of a date always exist.
+pub(crate) fn group_key_expr(
+    key: &GroupKey,
+    scope: &Scope<'_>,
+    clamp: Option<(i64, i64)>,
+) -> Result<Expr, NodeError> {
+    let plan_err = |e: datafusion::error::DataFusionError| {
+        invalid(format!("the group key could not be built: {e}"))
+    };
+    match key {
+        GroupKey::Column { column } => Ok(scope.column(column.side, &column.name, "GROUP BY")?.0),
+        GroupKey::Case {
+            branches,
+            otherwise,
+        } => {
+            let mut builder: Option<
+                datafusion::logical_expr::conditional_expressions::CaseBuilder,
+            > = None;
+            for b in branches {
+                let cond = translate(&b.when, scope)?;
+                let (then, _) = literal(&b.then);
+                builder = Some(match builder {
+                    None => when(cond, then),
+                    Some(mut c) => c.when(cond, then),
+                });
+            }
+            let mut builder = builder
+                .ok_or_else(|| invalid("a CASE key needs at least one WHEN branch".into()))?;
+            builder.otherwise(literal(otherwise).0).map_err(plan_err)
+        }
+        GroupKey::IntBucket {
+            column,
+            divisor,
+            multiplier,
+        } => {
+            let (e, _) = scope.column(column.side, &column.name, "GROUP BY")?;
+            let mut x = cast(e, DataType::Int64);
+            if let Some((lo, hi)) = clamp {
+                x = when(x.clone().lt(lit(lo)), lit(lo))
+                    .when(x.clone().gt(lit(hi)), lit(hi))
+                    .otherwise(x)
+                    .map_err(plan_err)?;
+            }
+            Ok((x / lit(*divisor)) * lit(*multiplier))
+        }
+        GroupKey::DatePart { field, column } => {
+            let (e, _) = scope.column(column.side, &column.name, "GROUP BY")?;
+            Ok(cast(date_part(lit(field.name()), e), DataType::Int64))
+        }
+    }
 }
 
 fn literal(v: &Literal) -> (Expr, Ty) {

@@ -95,7 +95,10 @@ fn check_ticket(bytes: &[u8]) {
             .expect("accepted table is in the catalog");
         assert!(!req.aggregates.is_empty());
         assert!(req.max_rows_per_unit >= 1 && req.max_rows_per_unit <= spec.max_rows_per_unit);
-        assert!(!req.group_by.iter().any(|g| g.name == spec.privacy_unit));
+        assert!(!req
+            .group_by
+            .iter()
+            .any(|g| g.column().is_some_and(|c| c.name == spec.privacy_unit)));
     }
 }
 
@@ -181,7 +184,7 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 query_id: "fuzz".into(),
                 table: table.into(),
                 filter: None,
-                group_by: group.iter().map(|s| fedq_common::wire::ColumnRef::left(*s)).collect(),
+                group_by: group.iter().map(|s| fedq_common::GroupKey::from(*s)).collect(),
                 aggregates: vec![AggregateRequest::CountRows, numeric],
                 max_rows_per_unit: r,
                 max_groups_per_unit: None,

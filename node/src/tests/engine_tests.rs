@@ -805,7 +805,7 @@ async fn joins_bound_rows_per_participant_after_the_join() {
         request("bulk", &[], vec![AggregateRequest::CountRows], 50, None),
         "encounters",
     );
-    req.group_by = vec![fedq_common::ColumnRef::right("kind")];
+    req.group_by = vec![fedq_common::ColumnRef::right("kind").into()];
     req.filter = Some(bin(BinaryOp::Gt, right_col("y"), lit(Literal::Int64(1))));
     let r = rows(&e.execute(&req).await.unwrap(), 1);
     let total: i128 = r.iter().map(|x| x.1[0]).sum();
@@ -873,7 +873,7 @@ async fn join_refusals() {
     }];
     assert_refused(v(r), "unknown column `grp`");
     let mut r = base();
-    r.group_by = vec![fedq_common::ColumnRef::right("pid")];
+    r.group_by = vec![fedq_common::ColumnRef::right("pid").into()];
     assert_refused(v(r), "privacy unit");
     let mut r = base();
     r.aggregates = vec![AggregateRequest::SumFixed {
@@ -1294,4 +1294,250 @@ async fn open_key_refusals() {
         2
     ))
     .is_ok());
+}
+
+fn keyed_by(
+    mut req: PartialAggregateRequest,
+    keys: Vec<fedq_common::GroupKey>,
+) -> PartialAggregateRequest {
+    req.group_by = keys;
+    req
+}
+
+fn bucket(column: &str, divisor: i64, multiplier: i64) -> fedq_common::GroupKey {
+    fedq_common::GroupKey::IntBucket {
+        column: column.into(),
+        divisor,
+        multiplier,
+    }
+}
+
+#[tokio::test]
+async fn bucketed_keys_group_exactly_and_clamp_to_the_bounds() {
+    use fedq_common::group_key::{CaseBranch, DateField};
+    let (_fx, e) = engine().await;
+
+    // Decades of birth_year over its bounds [1900, 2030]: 1850 clamps into the 1900s and
+    // 2100 into the 2030s, as sums clamp them; nothing is dropped.
+    let req = keyed_by(
+        request(
+            "patients",
+            &[],
+            vec![
+                AggregateRequest::CountRows,
+                sum("birth_year", 1900.0, 2030.0, 1.0),
+            ],
+            1,
+            None,
+        ),
+        vec![bucket("birth_year", 10, 10)],
+    );
+    let out = e.execute(&req).await.unwrap();
+    assert_eq!(out[0].schema().field(0).data_type(), &DataType::Int64);
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["1900"], &[1, 1900]),
+            keyed(&["1970"], &[1, 1970]),
+            keyed(&["1980"], &[1, 1980]),
+            keyed(&["1990"], &[1, 1990]),
+            keyed(&["2030"], &[1, 2030]),
+        ]
+    );
+
+    // CASE: the first true condition wins; a NULL condition is not true.
+    let case = fedq_common::GroupKey::Case {
+        branches: vec![
+            CaseBranch {
+                when: bin(BinaryOp::GtEq, col("value"), lit(Literal::Float64(100.0))),
+                then: Literal::Utf8("high".into()),
+            },
+            CaseBranch {
+                when: bin(
+                    BinaryOp::Eq,
+                    col("test"),
+                    lit(Literal::Utf8("HbA1c".into())),
+                ),
+                then: Literal::Utf8("a1c".into()),
+            },
+        ],
+        otherwise: Literal::Utf8("other".into()),
+    };
+    let out = e
+        .execute(&keyed_by(
+            request("labs", &[], vec![AggregateRequest::CountRows], 100, None),
+            vec![case.clone(), "site_code".into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&out, 2),
+        vec![
+            // In domain order: the labels as the CASE lists them.
+            keyed(&["high", "1"], &[1]),
+            keyed(&["high", "2"], &[1]),
+            keyed(&["a1c", "1"], &[2]),
+            keyed(&["other", "1"], &[2]),
+            keyed(&["other", "2"], &[3]),
+        ]
+    );
+
+    // Months and quarters of measured_on.
+    let part = |field| fedq_common::GroupKey::DatePart {
+        field,
+        column: "measured_on".into(),
+    };
+    let out = e
+        .execute(&keyed_by(
+            request("labs", &[], vec![AggregateRequest::CountRows], 100, None),
+            vec![part(DateField::Quarter)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&out, 1),
+        vec![
+            keyed(&["1"], &[4]),
+            keyed(&["2"], &[3]),
+            keyed(&["3"], &[1]),
+            keyed(&["4"], &[1]),
+        ]
+    );
+    let out = e
+        .execute(&keyed_by(
+            request("labs", &[], vec![AggregateRequest::CountRows], 100, None),
+            vec![part(DateField::Month)],
+        ))
+        .await
+        .unwrap();
+    let months: Vec<_> = rows(&out, 1)
+        .into_iter()
+        .map(|(k, v)| (k[0].clone(), v[0]))
+        .collect();
+    let want: Vec<(String, i128)> = [(1, 2), (2, 1), (3, 1), (5, 1), (6, 2), (7, 1), (12, 1)]
+        .into_iter()
+        .map(|(m, n)| (m.to_string(), n))
+        .collect();
+    assert_eq!(months, want);
+
+    // A bucket of a column without bounds has no public domain: with G, it is an open key
+    // bounded like any other (`stays`: ward / 2, every participant in at most 2 groups).
+    let out = e
+        .execute(&open(
+            keyed_by(
+                request(
+                    "stays",
+                    &[],
+                    vec![
+                        AggregateRequest::CountRows,
+                        AggregateRequest::CountUnits,
+                        sum("days", 0.0, 30.0, 1.0),
+                    ],
+                    10,
+                    None,
+                ),
+                vec![bucket("ward", 2, 1)],
+            ),
+            2,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&out, 1),
+        vec![keyed(&["0"], &[8, 2, 55]), keyed(&["1"], &[7, 2, 80])]
+    );
+}
+
+#[tokio::test]
+async fn malformed_bucketed_keys_are_refused() {
+    let (_fx, e) = engine().await;
+    let count = || vec![AggregateRequest::CountRows];
+    let v = |keys: Vec<fedq_common::GroupKey>, table: &str| {
+        e.validate(&keyed_by(request(table, &[], count(), 1, None), keys))
+    };
+    // Divisor and multiplier: positive, multiplier at most the divisor (so no overflow).
+    assert_invalid(v(vec![bucket("birth_year", 0, 1)], "patients"), "divisor");
+    assert_invalid(
+        v(vec![bucket("birth_year", 10, 11)], "patients"),
+        "multiplier",
+    );
+    // Wrong column types.
+    assert_invalid(v(vec![bucket("sex", 10, 1)], "patients"), "integer column");
+    assert_invalid(
+        v(
+            vec![fedq_common::GroupKey::DatePart {
+                field: fedq_common::group_key::DateField::Month,
+                column: "value".into(),
+            }],
+            "labs",
+        ),
+        "date32",
+    );
+    // The privacy unit, even bucketed.
+    assert_refused(v(vec![bucket("pid", 10, 1)], "patients"), "privacy unit");
+    // No public domain and no G: refused, not released.
+    assert_refused(v(vec![bucket("ward", 2, 1)], "stays"), "no public domain");
+    assert_refused(
+        v(
+            vec![fedq_common::GroupKey::DatePart {
+                field: fedq_common::group_key::DateField::Year,
+                column: "measured_on".into(),
+            }],
+            "labs",
+        ),
+        "no public domain",
+    );
+    // CASE: a NULL label, mixed label types, a condition on an unknown column.
+    let case = |then: Literal, otherwise: Literal, when: Predicate| {
+        vec![fedq_common::GroupKey::Case {
+            branches: vec![fedq_common::group_key::CaseBranch { when, then }],
+            otherwise,
+        }]
+    };
+    let cond = || bin(BinaryOp::Eq, col("test"), lit(Literal::Utf8("LDL".into())));
+    assert_invalid(
+        v(
+            case(Literal::Utf8("a".into()), Literal::Null, cond()),
+            "labs",
+        ),
+        "ELSE",
+    );
+    assert_invalid(
+        v(
+            case(Literal::Utf8("a".into()), Literal::Int64(1), cond()),
+            "labs",
+        ),
+        "all be text or all be integers",
+    );
+    assert_refused(
+        v(
+            case(
+                Literal::Utf8("a".into()),
+                Literal::Utf8("b".into()),
+                bin(BinaryOp::Eq, col("secret"), lit(Literal::Utf8("s".into()))),
+            ),
+            "labs",
+        ),
+        "unknown column",
+    );
+    // A CASE condition must be boolean.
+    assert_invalid(
+        v(
+            case(
+                Literal::Utf8("a".into()),
+                Literal::Utf8("b".into()),
+                col("value"),
+            ),
+            "labs",
+        ),
+        "not boolean",
+    );
+    // The same key twice.
+    assert_invalid(
+        v(
+            vec![bucket("birth_year", 10, 1), bucket("birth_year", 10, 1)],
+            "patients",
+        ),
+        "twice",
+    );
 }

@@ -1,0 +1,489 @@
+//! GROUP BY keys on the wire, and the public domain each one has.
+//!
+//! A key is a catalog column or a *bucketed* column: a `CASE` with literal labels, an
+//! integer division (`birth_year / 10`, optionally `* 10`), or a calendar field of a date
+//! (`date_part('month', measured_on)`). Every form is a total function of one row, so each
+//! row lands in exactly one group and bucketing changes no sensitivity.
+//!
+//! [`GroupKey::domain`] derives the key's public domain from the key itself and the
+//! catalog, identically on both sides: the coordinator to plan the released groups, the node
+//! to check that it returns only those. Where no public domain follows from the catalog, the
+//! key is [`KeyDomain::Open`] and its groups can only be released through DP partition
+//! selection.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{ColumnSpec, ColumnType, PublicValue};
+use crate::wire::{ColumnRef, Literal, Predicate};
+
+/// Most `WHEN` branches in one `CASE` key.
+pub const MAX_CASE_BRANCHES: usize = 64;
+/// Most values of a domain derived from a column's bounds (`birth_year / 10` over
+/// `[1900, 2030]` has 14). A wider one is treated as having no public domain.
+pub const MAX_DERIVED_DOMAIN: usize = 1_000;
+/// Largest divisor or multiplier of an integer bucket.
+pub const MAX_BUCKET_FACTOR: i64 = 1_000_000_000;
+
+/// One GROUP BY key of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "key", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GroupKey {
+    /// A catalog column, grouped by its value.
+    Column { column: ColumnRef },
+    /// `CASE WHEN b₁.when THEN b₁.then … ELSE otherwise END`: the label of the first
+    /// branch whose condition is true (a NULL condition is not true), else `otherwise`.
+    /// The labels (text, or integers) are the key's public domain: they come from the
+    /// query, not the data.
+    Case {
+        branches: Vec<CaseBranch>,
+        otherwise: Literal,
+    },
+    /// `column / divisor * multiplier` of an integer column, with integer division that
+    /// truncates towards zero (as SQL does). With a domain derived from the column's
+    /// bounds, the value is first clamped to them, as sums clamp it, so a value outside
+    /// the bounds lands in the first or last bucket rather than in no bucket.
+    IntBucket {
+        column: ColumnRef,
+        divisor: i64,
+        multiplier: i64,
+    },
+    /// `date_part(field, column)` of a date column, as an integer.
+    DatePart { field: DateField, column: ColumnRef },
+}
+
+/// One `WHEN … THEN …` of a [`GroupKey::Case`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseBranch {
+    /// Condition, in the filter language.
+    pub when: Predicate,
+    /// Label of the rows for which it is the first true condition.
+    pub then: Literal,
+}
+
+/// A calendar field of a date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DateField {
+    /// Calendar year. Dates carry no bounds in the catalog, so its domain is open.
+    Year,
+    /// Quarter, 1 to 4.
+    Quarter,
+    /// Month, 1 to 12.
+    Month,
+}
+
+impl DateField {
+    /// The field as `date_part` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DateField::Year => "year",
+            DateField::Quarter => "quarter",
+            DateField::Month => "month",
+        }
+    }
+
+    /// Parse a `date_part` field name (case-insensitive).
+    pub fn parse(s: &str) -> Option<DateField> {
+        match s.to_ascii_lowercase().as_str() {
+            "year" | "years" => Some(DateField::Year),
+            "quarter" | "quarters" => Some(DateField::Quarter),
+            "month" | "months" => Some(DateField::Month),
+            _ => None,
+        }
+    }
+}
+
+/// The public domain of a key, as far as the key and the catalog determine it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyDomain {
+    /// Every value the key can take (after clamping), deduplicated: released in full.
+    Public(Vec<PublicValue>),
+    /// No public domain: only partition selection may release its groups.
+    Open,
+}
+
+/// Why a key is malformed for its column (the message names the fix).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(pub String);
+
+impl From<ColumnRef> for GroupKey {
+    fn from(column: ColumnRef) -> Self {
+        GroupKey::Column { column }
+    }
+}
+
+impl From<&str> for GroupKey {
+    fn from(name: &str) -> Self {
+        GroupKey::Column {
+            column: ColumnRef::left(name),
+        }
+    }
+}
+
+impl GroupKey {
+    /// The column the key reads, for every form but `CASE` (whose conditions may read any).
+    pub fn column(&self) -> Option<&ColumnRef> {
+        match self {
+            GroupKey::Column { column }
+            | GroupKey::IntBucket { column, .. }
+            | GroupKey::DatePart { column, .. } => Some(column),
+            GroupKey::Case { .. } => None,
+        }
+    }
+
+    /// The type of the key's values: the column's for a plain column, Utf8 or Int64 for a
+    /// `CASE` (its labels), Int64 for buckets and date parts.
+    pub fn output_type(&self, column: Option<&ColumnSpec>) -> Result<ColumnType, KeyError> {
+        match self {
+            GroupKey::Column { .. } => column
+                .map(|c| c.ty)
+                .ok_or_else(|| KeyError("the key's column is not in the catalog".into())),
+            GroupKey::Case { .. } => Ok(match self.case_labels()?.first() {
+                Some(PublicValue::Text(_)) => ColumnType::Utf8,
+                _ => ColumnType::Int64,
+            }),
+            GroupKey::IntBucket { .. } | GroupKey::DatePart { .. } => Ok(ColumnType::Int64),
+        }
+    }
+
+    /// Structural size: expression nodes in `CASE` conditions (0 for other forms).
+    pub fn node_count(&self) -> usize {
+        match self {
+            GroupKey::Case { branches, .. } => {
+                branches.iter().map(|b| b.when.node_count() + 1).sum()
+            }
+            _ => 0,
+        }
+    }
+
+    /// Deepest `CASE` condition (0 for other forms).
+    pub fn depth(&self) -> usize {
+        match self {
+            GroupKey::Case { branches, .. } => {
+                branches.iter().map(|b| b.when.depth()).max().unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The labels of a `CASE` key, deduplicated in order of first appearance (`ELSE` last).
+    /// Every label must be a text or an integer literal, all of one kind.
+    fn case_labels(&self) -> Result<Vec<PublicValue>, KeyError> {
+        let GroupKey::Case {
+            branches,
+            otherwise,
+        } = self
+        else {
+            return Ok(vec![]);
+        };
+        if branches.is_empty() {
+            return Err(KeyError("a CASE key needs at least one WHEN branch".into()));
+        }
+        if branches.len() > MAX_CASE_BRANCHES {
+            return Err(KeyError(format!(
+                "a CASE key has {} WHEN branches; the limit is {MAX_CASE_BRANCHES}",
+                branches.len()
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        let mut labels = Vec::new();
+        for l in branches.iter().map(|b| &b.then).chain([otherwise]) {
+            let v = match l {
+                Literal::Utf8(s) => PublicValue::Text(s.clone()),
+                Literal::Int64(i) => PublicValue::Int(*i),
+                Literal::Null => {
+                    return Err(KeyError(
+                        "a CASE key needs a label in every THEN and an ELSE label: a NULL label would be a group the results cannot show; write ELSE 'other'".into(),
+                    ))
+                }
+                other => {
+                    return Err(KeyError(format!(
+                        "CASE labels must be text or integer literals, not {other:?}"
+                    )))
+                }
+            };
+            if std::mem::discriminant(&v) != std::mem::discriminant(labels.first().unwrap_or(&v)) {
+                return Err(KeyError(
+                    "CASE labels must all be text or all be integers".into(),
+                ));
+            }
+            if seen.insert(v.clone()) {
+                labels.push(v);
+            }
+        }
+        Ok(labels)
+    }
+
+    /// Check the key against its column (`None` for `CASE`) and derive its domain.
+    pub fn domain(&self, column: Option<&ColumnSpec>) -> Result<KeyDomain, KeyError> {
+        let need = |what: &str| {
+            column.ok_or_else(|| {
+                KeyError(format!("the column of a {what} key is not in the catalog"))
+            })
+        };
+        match self {
+            GroupKey::Column { .. } => {
+                let c = need("GROUP BY")?;
+                Ok(match &c.public_values {
+                    Some(values) => KeyDomain::Public(dedup(values.iter().cloned())),
+                    None => KeyDomain::Open,
+                })
+            }
+            GroupKey::Case { .. } => Ok(KeyDomain::Public(self.case_labels()?)),
+            GroupKey::IntBucket {
+                divisor,
+                multiplier,
+                ..
+            } => {
+                let c = need("integer bucket")?;
+                if !matches!(c.ty, ColumnType::Int32 | ColumnType::Int64) {
+                    return Err(KeyError(format!(
+                        "`{}` is {}: integer division buckets need an integer column",
+                        c.name, c.ty
+                    )));
+                }
+                if !(1..=MAX_BUCKET_FACTOR).contains(divisor) {
+                    return Err(KeyError(format!(
+                        "bucket divisor {divisor} must be between 1 and {MAX_BUCKET_FACTOR}"
+                    )));
+                }
+                if !(1..=*divisor).contains(multiplier) {
+                    return Err(KeyError(format!(
+                        "bucket multiplier {multiplier} must be between 1 and the divisor {divisor} (write `x / 10 * 10`)"
+                    )));
+                }
+                if let Some(values) = &c.public_values {
+                    return Ok(KeyDomain::Public(dedup(values.iter().filter_map(
+                        |v| match v {
+                            PublicValue::Int(x) => Some(PublicValue::Int(x / divisor * multiplier)),
+                            _ => None,
+                        },
+                    ))));
+                }
+                Ok(match self.clamp_range(Some(c)) {
+                    Some((lo, hi)) => {
+                        let (a, b) = (lo / divisor, hi / divisor);
+                        if b - a >= MAX_DERIVED_DOMAIN as i64 {
+                            KeyDomain::Open
+                        } else {
+                            KeyDomain::Public(
+                                (a..=b).map(|q| PublicValue::Int(q * multiplier)).collect(),
+                            )
+                        }
+                    }
+                    None => KeyDomain::Open,
+                })
+            }
+            GroupKey::DatePart { field, .. } => {
+                let c = need("date_part")?;
+                if c.ty != ColumnType::Date32 {
+                    return Err(KeyError(format!(
+                        "`{}` is {}: date_part keys need a date32 column",
+                        c.name, c.ty
+                    )));
+                }
+                Ok(match field {
+                    DateField::Year => KeyDomain::Open,
+                    DateField::Quarter => {
+                        KeyDomain::Public((1..=4).map(PublicValue::Int).collect())
+                    }
+                    DateField::Month => KeyDomain::Public((1..=12).map(PublicValue::Int).collect()),
+                })
+            }
+        }
+    }
+
+    /// For an integer bucket whose domain comes from its column's bounds (no public values),
+    /// the integer range `[ceil(lower), floor(upper)]` the node clamps values to first.
+    pub fn clamp_range(&self, column: Option<&ColumnSpec>) -> Option<(i64, i64)> {
+        let GroupKey::IntBucket { divisor, .. } = self else {
+            return None;
+        };
+        let c = column?;
+        if c.public_values.is_some() {
+            return None;
+        }
+        let (lo, hi) = (c.lower?, c.upper?);
+        // Bounds beyond i64 cannot be integer values anyway.
+        let lo = lo.ceil().clamp(i64::MIN as f64, i64::MAX as f64) as i64;
+        let hi = hi.floor().clamp(i64::MIN as f64, i64::MAX as f64) as i64;
+        if lo > hi || hi / divisor - lo / divisor >= MAX_DERIVED_DOMAIN as i64 {
+            return None;
+        }
+        Some((lo, hi))
+    }
+}
+
+fn dedup(values: impl Iterator<Item = PublicValue>) -> Vec<PublicValue> {
+    let mut seen = BTreeSet::new();
+    values.filter(|v| seen.insert(v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn int_col(lower: Option<f64>, upper: Option<f64>) -> ColumnSpec {
+        ColumnSpec {
+            name: "birth_year".into(),
+            ty: ColumnType::Int32,
+            nullable: false,
+            lower,
+            upper,
+            precision: None,
+            public_values: None,
+        }
+    }
+
+    #[test]
+    fn decades_come_from_the_bounds() {
+        let k = GroupKey::IntBucket {
+            column: "birth_year".into(),
+            divisor: 10,
+            multiplier: 1,
+        };
+        let c = int_col(Some(1900.0), Some(2030.0));
+        assert_eq!(
+            k.domain(Some(&c)).unwrap(),
+            KeyDomain::Public((190..=203).map(PublicValue::Int).collect())
+        );
+        assert_eq!(k.clamp_range(Some(&c)), Some((1900, 2030)));
+        let k10 = GroupKey::IntBucket {
+            column: "birth_year".into(),
+            divisor: 10,
+            multiplier: 10,
+        };
+        let KeyDomain::Public(d) = k10.domain(Some(&c)).unwrap() else {
+            panic!("open")
+        };
+        assert_eq!(d.first(), Some(&PublicValue::Int(1900)));
+        assert_eq!(d.last(), Some(&PublicValue::Int(2030)));
+        // No bounds, or too many buckets: open (partition selection).
+        assert_eq!(
+            k.domain(Some(&int_col(None, None))).unwrap(),
+            KeyDomain::Open
+        );
+        let wide = int_col(Some(0.0), Some(1e9));
+        assert_eq!(k.domain(Some(&wide)).unwrap(), KeyDomain::Open);
+        assert_eq!(k.clamp_range(Some(&wide)), None);
+        // Truncation towards zero, as SQL divides integers.
+        let neg = int_col(Some(-15.0), Some(15.0));
+        assert_eq!(
+            k.domain(Some(&neg)).unwrap(),
+            KeyDomain::Public((-1..=1).map(PublicValue::Int).collect())
+        );
+    }
+
+    #[test]
+    fn bad_buckets_are_refused() {
+        let c = int_col(Some(1900.0), Some(2030.0));
+        for (d, m) in [(0, 1), (-10, 1), (10, 0), (10, 20)] {
+            let k = GroupKey::IntBucket {
+                column: "birth_year".into(),
+                divisor: d,
+                multiplier: m,
+            };
+            assert!(k.domain(Some(&c)).is_err(), "{d} {m}");
+        }
+        let mut text = c.clone();
+        text.ty = ColumnType::Utf8;
+        let k = GroupKey::IntBucket {
+            column: "birth_year".into(),
+            divisor: 10,
+            multiplier: 1,
+        };
+        assert!(k.domain(Some(&text)).is_err());
+    }
+
+    #[test]
+    fn case_labels_are_the_domain() {
+        let when = |v: i64| Predicate::Binary {
+            op: crate::wire::BinaryOp::Lt,
+            left: Box::new(Predicate::column("birth_year")),
+            right: Box::new(Predicate::Literal {
+                value: Literal::Int64(v),
+            }),
+        };
+        let k = GroupKey::Case {
+            branches: vec![
+                CaseBranch {
+                    when: when(1950),
+                    then: Literal::Utf8("old".into()),
+                },
+                CaseBranch {
+                    when: when(1990),
+                    then: Literal::Utf8("mid".into()),
+                },
+                CaseBranch {
+                    when: when(1960),
+                    then: Literal::Utf8("old".into()),
+                },
+            ],
+            otherwise: Literal::Utf8("young".into()),
+        };
+        assert_eq!(
+            k.domain(None).unwrap(),
+            KeyDomain::Public(vec![
+                PublicValue::Text("old".into()),
+                PublicValue::Text("mid".into()),
+                PublicValue::Text("young".into())
+            ])
+        );
+        assert_eq!(k.output_type(None).unwrap(), ColumnType::Utf8);
+        let mut no_else = k.clone();
+        if let GroupKey::Case { otherwise, .. } = &mut no_else {
+            *otherwise = Literal::Null;
+        }
+        assert!(no_else.domain(None).unwrap_err().0.contains("ELSE"));
+        let mut mixed = k.clone();
+        if let GroupKey::Case { otherwise, .. } = &mut mixed {
+            *otherwise = Literal::Int64(3);
+        }
+        assert!(mixed.domain(None).is_err());
+    }
+
+    #[test]
+    fn date_parts_have_calendar_domains() {
+        let mut c = int_col(None, None);
+        c.ty = ColumnType::Date32;
+        let k = |field| GroupKey::DatePart {
+            field,
+            column: "measured_on".into(),
+        };
+        assert_eq!(
+            k(DateField::Month).domain(Some(&c)).unwrap(),
+            KeyDomain::Public((1..=12).map(PublicValue::Int).collect())
+        );
+        assert_eq!(
+            k(DateField::Year).domain(Some(&c)).unwrap(),
+            KeyDomain::Open
+        );
+        assert!(k(DateField::Month)
+            .domain(Some(&int_col(None, None)))
+            .is_err());
+        assert_eq!(DateField::parse("YEAR"), Some(DateField::Year));
+        assert_eq!(DateField::parse("dow"), None);
+    }
+
+    #[test]
+    fn keys_round_trip_as_json() {
+        let k = GroupKey::DatePart {
+            field: DateField::Month,
+            column: ColumnRef::right("measured_on"),
+        };
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(
+            json,
+            r#"{"key":"date_part","field":"month","column":{"side":"right","name":"measured_on"}}"#
+        );
+        assert_eq!(serde_json::from_str::<GroupKey>(&json).unwrap(), k);
+        assert!(serde_json::from_str::<GroupKey>(
+            r#"{"key":"column","column":{"name":"sex"},"sql":"x"}"#
+        )
+        .is_err());
+    }
+}
