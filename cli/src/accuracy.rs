@@ -64,6 +64,19 @@ pub const ACCURACY_QUERIES: &[(&str, &str)] = &[
         "SELECT sex, APPROX_PERCENTILE_CONT(birth_year, 0.9) FROM participants GROUP BY sex",
     ),
     (
+        "participants_by_decade",
+        "SELECT birth_year / 10 * 10, COUNT(*) FROM participants GROUP BY 1",
+    ),
+    (
+        "hba1c_by_cohort_case",
+        "SELECT CASE WHEN p.birth_year < 1960 THEN 'before 1960' WHEN p.birth_year < 1980 THEN '1960-1979' ELSE '1980 on' END, \
+         COUNT(*), COUNT(DISTINCT l.pid) FROM labs l JOIN participants p USING (pid) WHERE l.test = 'HbA1c' GROUP BY 1",
+    ),
+    (
+        "hba1c_by_month",
+        "SELECT date_part('month', measured_on), COUNT(*) FROM labs WHERE test = 'HbA1c' GROUP BY 1",
+    ),
+    (
         "brca2_codes_selected",
         "SELECT code, COUNT(*) FROM diagnoses JOIN variants USING (pid) WHERE gene = 'BRCA2' GROUP BY code",
     ),

@@ -46,6 +46,16 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
         "SELECT test, COUNT(*) AS results, AVG(value) AS mean_value FROM labs WHERE measured_on >= DATE '2020-01-01' GROUP BY test ORDER BY test",
     ),
     (
+        "Participants by decade of birth (the decades follow from birth_year's bounds [1900, 2030], so empty ones are released too)",
+        "SELECT birth_year / 10 * 10 AS decade, COUNT(*) AS n FROM participants GROUP BY birth_year / 10 * 10 ORDER BY decade",
+    ),
+    (
+        "HbA1c results by age cohort (CASE buckets with literal labels)",
+        "SELECT CASE WHEN p.birth_year < 1960 THEN 'born before 1960' WHEN p.birth_year < 1980 THEN '1960 to 1979' \
+         ELSE '1980 or later' END AS cohort, COUNT(*) AS results, COUNT(DISTINCT l.pid) AS patients \
+         FROM labs l JOIN participants p USING (pid) WHERE l.test = 'HbA1c' GROUP BY 1 ORDER BY cohort",
+    ),
+    (
         "Stored serum and plasma volume",
         "SELECT kind, SUM(volume_ml) AS total_ml FROM specimens WHERE status = 'stored' AND kind IN ('serum', 'plasma') GROUP BY kind ORDER BY kind",
     ),

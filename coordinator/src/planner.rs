@@ -460,7 +460,19 @@ impl Planner {
                     };
                     let declare = match (&key, key.column()) {
                         (fedq_common::GroupKey::Column { .. }, Some(c)) => {
-                            format!("declare `public_values` for {}", qualified(c))
+                            let bucket = match col {
+                                Some(spec)
+                                    if spec.bounds().is_some()
+                                        && matches!(
+                                            spec.ty,
+                                            ColumnType::Int32 | ColumnType::Int64
+                                        ) =>
+                                {
+                                    format!(", or group by buckets such as `{label} / 10`")
+                                }
+                                _ => String::new(),
+                            };
+                            format!("declare `public_values` for {}{bucket}", qualified(c))
                         }
                         (fedq_common::GroupKey::IntBucket { .. }, Some(c)) => format!(
                             "declare `lower` and `upper` bounds for {} (giving at most {} buckets)",
@@ -690,10 +702,10 @@ fn group_key<'s>(
     spec: &fedq_common::TableSpec,
 ) -> Result<(fedq_common::GroupKey, String, Option<&'s ColumnSpec>), CoordinatorError> {
     use datafusion::logical_expr::{BinaryExpr, Operator};
-    let label = g.to_string();
+    let label = g.human_display().to_string();
     let unsupported = || {
         refuse(format!(
-            "GROUP BY `{g}`: group by a column with a public domain (such as {}), a CASE with literal labels \
+            "GROUP BY `{label}`: group by a column with a public domain (such as {}), a CASE with literal labels \
              (CASE WHEN birth_year < 1960 THEN 'before 1960' ELSE '1960 on' END), an integer column divided by a \
              number (birth_year / 10, or birth_year / 10 * 10), or date_part('year' | 'quarter' | 'month', a date column)",
             public_columns(spec)
@@ -738,7 +750,7 @@ fn group_key<'s>(
         };
         let divisor = int_literal(right).ok_or_else(|| {
             refuse(format!(
-                "GROUP BY `{g}`: an integer bucket divides by an integer literal, such as birth_year / 10"
+                "GROUP BY `{label}`: an integer bucket divides by an integer literal, such as birth_year / 10"
             ))
         })?;
         let (column, _, col) = column(left)?;
@@ -773,7 +785,7 @@ fn group_key<'s>(
         Expr::Case(case) => {
             let else_expr = case.else_expr.as_deref().ok_or_else(|| {
                 refuse(format!(
-                    "GROUP BY `{g}`: a CASE key needs an ELSE label, such as ELSE 'other': rows matching no WHEN would \
+                    "GROUP BY `{label}`: a CASE key needs an ELSE label, such as ELSE 'other': rows matching no WHEN would \
                      form a NULL group"
                 ))
             })?;
@@ -782,11 +794,11 @@ fn group_key<'s>(
                 Expr::Literal(v, _) => match crate::predicate::literal(v) {
                     Ok(l @ (Literal::Utf8(_) | Literal::Int64(_))) => Ok(l),
                     _ => Err(refuse(format!(
-                        "GROUP BY `{g}`: CASE labels must be text or integer literals, not `{e}`"
+                        "GROUP BY `{label}`: CASE labels must be text or integer literals, not `{e}`"
                     ))),
                 },
                 _ => Err(refuse(format!(
-                    "GROUP BY `{g}`: CASE labels must be literals such as 'under 40', not `{e}`, so that the groups \
+                    "GROUP BY `{label}`: CASE labels must be literals such as 'under 40', not `{e}`, so that the groups \
                      are known before the data is read"
                 ))),
             }
@@ -829,7 +841,7 @@ fn group_key<'s>(
             }
             .ok_or_else(|| {
                 refuse(format!(
-                    "GROUP BY `{g}`: date_part keys take 'year', 'quarter' or 'month'"
+                    "GROUP BY `{label}`: date_part keys take 'year', 'quarter' or 'month'"
                 ))
             })?;
             let (column, _, col) = column(arg)?;

@@ -1,0 +1,317 @@
+//! Bucketed GROUP BY keys end to end: `CASE` labels, integer buckets (`birth_year / 10`,
+//! `birth_year / 10 * 10`) and date parts (`date_part`, `EXTRACT`).
+//!
+//! - The pre-noise merged partials of each shape (one table, a join, and a date part that
+//!   falls back to partition selection) equal DataFusion over the union of the site files.
+//!   R is raised so that row bounding truncates nothing, which makes them exact.
+//! - Through Flight SQL, a bucketed query releases every bucket of the derived public
+//!   domain (empty ones included), under the researcher's alias, and each noisy count lies
+//!   within its discrete Laplace tail bound at 1e-12 of the exact count: 14 bounds, so a
+//!   spurious failure has probability below 1e-10.
+//! - Refusals: a CASE without ELSE or with a non-literal label, division by a column, a
+//!   float column, an unsupported date field, the privacy unit, and a bucket with no public
+//!   domain and no G; each message says what to write instead.
+
+use std::collections::BTreeMap;
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Int64Type;
+use fedq_common::group_key::{DateField, GroupKey};
+use fedq_common::AggregateRequest;
+use fedq_coordinator::noise::discrete_laplace_half_width;
+use fedq_coordinator::planner::StatisticKind;
+use fedq_coordinator::CoordinatorError;
+use fedq_tests::{cell, key, set_rows_per_unit, site_context, start, synth};
+
+/// Merged partials keyed by the display of their group key values, as
+/// `[COUNT(*), <the partial of `second`>]`.
+fn merged_rows(
+    merged: &fedq_coordinator::fanout::MergedPartials,
+    aggregates: &[AggregateRequest],
+    second: &AggregateRequest,
+) -> BTreeMap<Vec<String>, Vec<i128>> {
+    let rows = aggregates
+        .iter()
+        .position(|a| *a == AggregateRequest::CountRows)
+        .expect("COUNT(*) partial");
+    let other = aggregates
+        .iter()
+        .position(|a| a == second)
+        .expect("second partial");
+    merged
+        .groups
+        .iter()
+        .map(|(k, p)| {
+            (
+                k.iter().map(|v| v.to_string()).collect(),
+                vec![p[rows], p[other]],
+            )
+        })
+        .filter(|(_, v)| v[0] != 0)
+        .collect()
+}
+
+/// DataFusion's answer to `sql`, whose first `n_keys` columns are the keys and the rest
+/// integers.
+async fn exact(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+    n_keys: usize,
+) -> BTreeMap<Vec<String>, Vec<i128>> {
+    let mut out = BTreeMap::new();
+    for b in ctx.sql(sql).await.unwrap().collect().await.unwrap() {
+        for row in 0..b.num_rows() {
+            out.insert(
+                (0..n_keys).map(|c| key(&b, c, row)).collect(),
+                (n_keys..b.num_columns())
+                    .map(|c| cell(&b, c, row).unwrap() as i128)
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bucketed_partials_equal_datafusion_over_the_union() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 3000, 29);
+    // No row truncation, so that the expected values are exact.
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+
+    // (researcher's SQL, the partial besides COUNT(*), DataFusion's SQL, key count)
+    let units = AggregateRequest::CountUnits;
+    let by_sum = AggregateRequest::SumFixed {
+        column: "birth_year".into(),
+        lower: 1900.0,
+        upper: 2030.0,
+        precision: 1.0,
+    };
+    let non_null = AggregateRequest::CountNonNull {
+        column: "value".into(),
+    };
+    let shapes: Vec<(&str, AggregateRequest, &str, usize)> = vec![
+        (
+            "SELECT birth_year / 10 * 10 AS decade, COUNT(*), SUM(birth_year) FROM participants \
+             GROUP BY birth_year / 10 * 10",
+            by_sum.clone(),
+            "SELECT CAST(birth_year / 10 * 10 AS BIGINT), COUNT(*), SUM(birth_year) FROM participants GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT CASE WHEN birth_year < 1960 THEN 'before 1960' WHEN birth_year < 1990 THEN '1960 to 1989' \
+             ELSE '1990 on' END AS cohort, sex, COUNT(*), SUM(birth_year) FROM participants GROUP BY 1, sex",
+            by_sum.clone(),
+            "SELECT CASE WHEN birth_year < 1960 THEN 'before 1960' WHEN birth_year < 1990 THEN '1960 to 1989' \
+             ELSE '1990 on' END, sex, COUNT(*), SUM(birth_year) FROM participants GROUP BY 1, 2",
+            2,
+        ),
+        (
+            "SELECT CASE test WHEN 'HbA1c' THEN 'glycaemic' WHEN 'glucose' THEN 'glycaemic' ELSE 'other' END AS kind, \
+             COUNT(*), COUNT(value) FROM labs GROUP BY 1",
+            non_null.clone(),
+            "SELECT CASE test WHEN 'HbA1c' THEN 'glycaemic' WHEN 'glucose' THEN 'glycaemic' ELSE 'other' END, \
+             COUNT(*), COUNT(value) FROM labs GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT EXTRACT(MONTH FROM measured_on) AS month, COUNT(*), COUNT(DISTINCT pid) FROM labs \
+             WHERE test = 'HbA1c' GROUP BY 1",
+            units.clone(),
+            // Distinct participants per month and site, summed over sites.
+            "SELECT m, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, \
+             CAST(date_part('month', measured_on) AS BIGINT) AS m, COUNT(*) AS n, COUNT(DISTINCT pid) AS u \
+             FROM labs WHERE test = 'HbA1c' GROUP BY 1, 2) GROUP BY m",
+            1,
+        ),
+        (
+            "SELECT date_part('quarter', diagnosed_on) AS q, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses GROUP BY 1",
+            units.clone(),
+            "SELECT q, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, \
+             CAST(date_part('quarter', diagnosed_on) AS BIGINT) AS q, COUNT(*) AS n, COUNT(DISTINCT pid) AS u \
+             FROM diagnoses GROUP BY 1, 2) GROUP BY q",
+            1,
+        ),
+        (
+            // A bucket of the joined table's column.
+            "SELECT p.birth_year / 10 AS decade, COUNT(*), COUNT(l.value) FROM labs l JOIN participants p \
+             USING (pid) WHERE l.test = 'HbA1c' GROUP BY 1",
+            AggregateRequest::CountNonNull {
+                column: "value".into(),
+            },
+            "SELECT CAST(p.birth_year / 10 AS BIGINT), COUNT(*), COUNT(l.value) FROM labs l JOIN participants p \
+             ON l.pid = p.pid AND l.fedq_site = p.fedq_site WHERE l.test = 'HbA1c' GROUP BY 1",
+            1,
+        ),
+    ];
+    for (sql, second, want_sql, n_keys) in shapes {
+        let q = engine.plan("alice", sql).await.unwrap();
+        assert!(q.selection.is_none(), "{sql}: a public domain");
+        let merged = engine.gather(&q).await.unwrap();
+        let got = merged_rows(&merged, &q.request.aggregates, &second);
+        let want = exact(&ctx, want_sql, n_keys).await;
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(got, want, "{sql}");
+    }
+
+    // The derived domains the coordinator planned.
+    let q = engine
+        .plan(
+            "alice",
+            "SELECT birth_year / 10 * 10, COUNT(*) FROM participants GROUP BY 1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        q.request.group_by,
+        vec![GroupKey::IntBucket {
+            column: "birth_year".into(),
+            divisor: 10,
+            multiplier: 10
+        }]
+    );
+    let decades: Vec<String> = q.groups[0].domain.iter().map(|v| v.to_string()).collect();
+    assert_eq!(decades.first().map(String::as_str), Some("1900"));
+    assert_eq!(decades.last().map(String::as_str), Some("2030"));
+    assert_eq!(decades.len(), 14);
+
+    // The calendar year of a date has no public domain (dates carry no bounds): it falls
+    // back to partition selection, with each participant's rows at a site kept in its G = 4
+    // years with the most rows (ties by the earliest year).
+    let q = engine
+        .plan(
+            "alice",
+            "SELECT date_part('year', measured_on) AS y, COUNT(*), COUNT(DISTINCT pid) FROM labs GROUP BY 1",
+        )
+        .await
+        .unwrap();
+    assert!(q.selection.is_some(), "partition selection");
+    assert_eq!(
+        q.request.group_by,
+        vec![GroupKey::DatePart {
+            field: DateField::Year,
+            column: "measured_on".into()
+        }]
+    );
+    let merged = engine.gather(&q).await.unwrap();
+    let got = merged_rows(&merged, &q.request.aggregates, &units);
+    let want = exact(
+        &ctx,
+        "WITH per AS (SELECT fedq_site, pid, CAST(date_part('year', measured_on) AS BIGINT) AS y, COUNT(*) AS n \
+                      FROM labs GROUP BY 1, 2, 3), \
+              ranked AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY fedq_site, pid ORDER BY n DESC, y ASC) AS rn FROM per) \
+         SELECT y, CAST(SUM(n) AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM ranked WHERE rn <= 4 GROUP BY y",
+        1,
+    )
+    .await;
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decades_are_released_in_full_under_the_alias_within_their_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 2000, 31);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let mut alice = fed.client("alice").await.unwrap();
+
+    let sql = "SELECT birth_year / 10 * 10 AS decade, COUNT(*) AS n FROM participants \
+               GROUP BY birth_year / 10 * 10 ORDER BY decade";
+    // Participants have one row each (R = 1), so the exact partials are deterministic.
+    let q = engine.plan("alice", sql).await.unwrap();
+    let merged = engine.gather(&q).await.unwrap();
+    let st = &q.statistics[0];
+    let StatisticKind::Count { partial } = st.kind else {
+        panic!("COUNT(*) is a count: {:?}", st.kind)
+    };
+    let t = discrete_laplace_half_width(st.sensitivity as f64 / st.epsilon.to_f64().value(), 1e-12);
+
+    let r = alice.query(sql).await.unwrap();
+    let names: Vec<&str> = r
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    assert_eq!(&names[..2], ["decade", "n"]);
+    let mut decades = Vec::new();
+    for b in &r.batches {
+        let n = b.column(1).as_primitive::<Int64Type>();
+        for row in 0..b.num_rows() {
+            let decade: i64 = key(b, 0, row).parse().unwrap();
+            decades.push(decade);
+            let exact = merged.get(
+                &[fedq_common::PublicValue::Int(decade)],
+                q.request.aggregates.len(),
+            )[partial];
+            assert!(
+                (n.value(row) as f64 - exact as f64).abs() <= t,
+                "decade {decade}: noisy {} vs exact {exact}, bound {t}",
+                n.value(row)
+            );
+        }
+    }
+    // Every decade of the bounds [1900, 2030], empty ones included, in order.
+    assert_eq!(decades, (190..=203).map(|d| d * 10).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bucketed_keys_that_cannot_be_bounded_are_refused_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 300, 37);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let cases = [
+        (
+            "SELECT CASE WHEN birth_year < 1960 THEN 'old' END, COUNT(*) FROM participants GROUP BY 1",
+            "ELSE 'other'",
+        ),
+        (
+            "SELECT CASE WHEN birth_year < 1960 THEN sex ELSE 'x' END, COUNT(*) FROM participants GROUP BY 1",
+            "CASE labels must be literals",
+        ),
+        (
+            "SELECT birth_year / birth_year, COUNT(*) FROM participants GROUP BY 1",
+            "divides by an integer literal",
+        ),
+        (
+            "SELECT volume_ml / 10, COUNT(*) FROM specimens GROUP BY 1",
+            "integer column",
+        ),
+        (
+            "SELECT birth_year / 10 * 100, COUNT(*) FROM participants GROUP BY 1",
+            "multiplier 100 must be between 1 and the divisor 10",
+        ),
+        (
+            "SELECT date_part('dow', measured_on), COUNT(*) FROM labs GROUP BY 1",
+            "'year', 'quarter' or 'month'",
+        ),
+        (
+            "SELECT date_part('month', birth_year), COUNT(*) FROM participants GROUP BY 1",
+            "",
+        ),
+        (
+            "SELECT birth_year % 10, COUNT(*) FROM participants GROUP BY 1",
+            "birth_year / 10 * 10",
+        ),
+        (
+            // No public domain (dates have no bounds) and participants declare no G.
+            "SELECT date_part('year', enrolled_on), COUNT(*) FROM participants GROUP BY 1",
+            "max_groups_per_unit",
+        ),
+    ];
+    for (sql, needle) in cases {
+        match engine.plan("alice", sql).await {
+            Err(e @ (CoordinatorError::Refused(_) | CoordinatorError::InvalidSql(_))) => {
+                assert!(e.to_string().contains(needle), "{sql}: {e}")
+            }
+            other => panic!("{sql}: expected a refusal containing {needle:?}, got {other:?}"),
+        }
+    }
+}
