@@ -13,7 +13,16 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use fedq_common::group_key::{DateField, GroupKey};
 use fedq_common::{AggregateRequest, Catalog, PartialAggregateRequest};
+
+fn bucket(column: &str, divisor: i64, multiplier: i64) -> GroupKey {
+    GroupKey::IntBucket {
+        column: column.into(),
+        divisor,
+        multiplier,
+    }
+}
 use fedq_coordinator::planner::Planner;
 use fedq_node::{NodeConfig, NodeEngine};
 use proptest::prelude::*;
@@ -99,6 +108,16 @@ fn check_ticket(bytes: &[u8]) {
             .group_by
             .iter()
             .any(|g| g.column().is_some_and(|c| c.name == spec.privacy_unit)));
+        for g in &req.group_by {
+            if let GroupKey::IntBucket {
+                divisor,
+                multiplier,
+                ..
+            } = g
+            {
+                assert!(*divisor >= 1 && (1..=*divisor).contains(multiplier));
+            }
+        }
     }
 }
 
@@ -168,7 +187,14 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
         proptest!(config, |(
             table in prop::sample::select(vec!["labs", "participants", "diagnoses", "nope"]),
             r in prop::sample::select(vec![0u32, 1, 5, 20, 21, 1000, u32::MAX]),
-            group in prop::sample::select(vec![vec![], vec!["test"], vec!["sex"], vec!["pid"], vec!["value"]]),
+            group in prop::sample::select(vec![
+                vec![], vec!["test".into()], vec!["sex".into()], vec!["pid".into()], vec!["value".into()],
+                vec![bucket("birth_year", 10, 10)], vec![bucket("birth_year", 0, 1)],
+                vec![bucket("birth_year", 10, 11)], vec![bucket("birth_year", i64::MIN, 1)],
+                vec![bucket("value", 10, 1)], vec![bucket("pid", 10, 1)],
+                vec![GroupKey::DatePart { field: DateField::Month, column: "measured_on".into() }],
+                vec![GroupKey::DatePart { field: DateField::Year, column: "measured_on".into() }],
+            ]),
             lower in prop::sample::select(vec![-1e12, -1.0, 0.0, 1.0]),
             upper in prop::sample::select(vec![1.0, 500.0, 501.0, 1e12]),
             column in prop::sample::select(vec!["value", "birth_year", "pid", "secret"]),
@@ -184,7 +210,7 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 query_id: "fuzz".into(),
                 table: table.into(),
                 filter: None,
-                group_by: group.iter().map(|s| fedq_common::GroupKey::from(*s)).collect(),
+                group_by: group.clone(),
                 aggregates: vec![AggregateRequest::CountRows, numeric],
                 max_rows_per_unit: r,
                 max_groups_per_unit: None,
@@ -223,7 +249,13 @@ fn the_planner_never_panics_and_never_plans_rows() {
                 " WHERE test IN ('HbA1c', 'LDL')", " WHERE NOT (value IS NULL) AND value < 1e300",
                 " WHERE pid = 'p0000001'", " WHERE TRY_CAST(value AS INT) = 3",
             ]),
-            group in prop::sample::select(vec!["", " GROUP BY test", " GROUP BY pid", " GROUP BY value", " GROUP BY sex"]),
+            group in prop::sample::select(vec![
+                "", " GROUP BY test", " GROUP BY pid", " GROUP BY value", " GROUP BY sex",
+                " GROUP BY birth_year / 10", " GROUP BY birth_year / 10 * 10", " GROUP BY birth_year / 0",
+                " GROUP BY value / 10", " GROUP BY CASE WHEN value > 5 THEN 'a' ELSE 'b' END",
+                " GROUP BY CASE WHEN value > 5 THEN 'a' END", " GROUP BY CASE test WHEN 'LDL' THEN 1 ELSE 2 END",
+                " GROUP BY date_part('month', measured_on)", " GROUP BY EXTRACT(YEAR FROM measured_on)",
+            ]),
             tail in prop::sample::select(vec!["", " ORDER BY 1", " LIMIT 1", " HAVING COUNT(*) > 3"]),
         )| {
             let f = fixture();

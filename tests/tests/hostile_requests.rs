@@ -71,7 +71,7 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "return_rows",
     ));
     let mut r = base();
-    r["group_by"] = json!([{ "name": "pid" }]);
+    r["group_by"] = json!([{ "key": "column", "column": { "name": "pid" } }]);
     cases.push((
         "group by the participant id",
         ticket(r),
@@ -97,7 +97,7 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "self-joins",
     ));
     let mut r = join("participants", "pid", "pid");
-    r["group_by"] = json!([{ "side": "right", "name": "pid" }]);
+    r["group_by"] = json!([{ "key": "column", "column": { "side": "right", "name": "pid" } }]);
     cases.push((
         "group by the joined table's participant id",
         ticket(r),
@@ -180,7 +180,10 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "secret_notes",
     ));
     let mut r = base();
-    r["group_by"] = json!(vec![json!({ "name": "test" }); 5]);
+    r["group_by"] = json!(vec![
+        json!({ "key": "column", "column": { "name": "test" } });
+        5
+    ]);
     cases.push((
         "too many group columns",
         ticket(r),
@@ -188,12 +191,54 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "group columns",
     ));
     let mut r = base();
-    r["group_by"] = json!([{ "name": "value" }]);
+    r["group_by"] = json!([{ "key": "column", "column": { "name": "value" } }]);
     cases.push((
         "a group key without a public domain (one group per value)",
         ticket(r),
         Code::PermissionDenied,
         "value",
+    ));
+    // Bucketed keys: the node derives the domain itself and refuses what it cannot bound.
+    let mut r = base();
+    r["group_by"] = json!([{ "key": "int_bucket", "column": { "name": "pid" }, "divisor": 10, "multiplier": 1 }]);
+    cases.push((
+        "a bucket of the participant id",
+        ticket(r),
+        Code::PermissionDenied,
+        "privacy unit",
+    ));
+    let mut r = base();
+    r["group_by"] =
+        json!([{ "key": "date_part", "field": "year", "column": { "name": "measured_on" } }]);
+    cases.push((
+        "calendar years without G (no public domain)",
+        ticket(r),
+        Code::PermissionDenied,
+        "no public domain",
+    ));
+    let mut r = base();
+    r["group_by"] = json!([{ "key": "case", "branches": [{ "when": { "expr": "column", "name": "value" }, "then": { "type": "utf8", "value": "x" } }], "otherwise": { "type": "utf8", "value": "y" } }]);
+    cases.push((
+        "a CASE whose condition is not boolean",
+        ticket(r),
+        Code::InvalidArgument,
+        "boolean",
+    ));
+    let mut r = base();
+    r["group_by"] = json!([{ "key": "case", "branches": [{ "when": { "expr": "literal", "value": { "type": "boolean", "value": true } }, "then": { "type": "utf8", "value": "x" } }], "otherwise": { "type": "null" } }]);
+    cases.push((
+        "a CASE with a NULL label",
+        ticket(r),
+        Code::InvalidArgument,
+        "ELSE",
+    ));
+    let mut r = base();
+    r["group_by"] = json!([{ "key": "column", "column": { "name": "test" } }, { "key": "sql", "text": "SELECT pid FROM labs" }]);
+    cases.push((
+        "a group key of an unknown form (SQL text)",
+        ticket(r),
+        Code::InvalidArgument,
+        "not a valid",
     ));
     let mut r = base();
     r["aggregates"] = json!(vec![json!({ "kind": "count_rows" }); 65]);
@@ -439,7 +484,7 @@ async fn the_node_policy_refuses_what_the_hospital_does_not_share_and_logs_who_a
     // Within the node's policy the same node answers.
     let mut r = base();
     r["max_rows_per_unit"] = json!(10);
-    r["group_by"] = json!([{ "name": "test" }]);
+    r["group_by"] = json!([{ "key": "column", "column": { "name": "test" } }]);
     r["aggregates"] = json!([{ "kind": "count_rows" }, { "kind": "sum_fixed", "column": { "name": "value" }, "lower": 0.0, "upper": 300.0, "precision": 0.01 }]);
     let resp = client.do_get(Ticket::new(ticket(r))).await.unwrap();
     let batches: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(resp.into_inner())
