@@ -203,6 +203,45 @@ pub fn explain_batch(
     } else {
         "no small-cell suppression".to_string()
     };
+    // Which groups the answer will have, before any data is read.
+    let groups = if q.groups.is_empty() {
+        "one group (no GROUP BY)".to_string()
+    } else if q.selection.is_some() {
+        format!(
+            "groups of {}: only those that pass partition selection",
+            q.groups
+                .iter()
+                .map(|g| g.column.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        let product: usize = q.groups.iter().map(|g| g.domain.len()).product();
+        let each: Vec<String> = q
+            .groups
+            .iter()
+            .map(|g| {
+                let how = match &g.key {
+                    fedq_common::GroupKey::Column { .. } => "public values",
+                    fedq_common::GroupKey::Case { .. } => "CASE labels",
+                    fedq_common::GroupKey::IntBucket { .. } => "buckets of the column's bounds",
+                    fedq_common::GroupKey::DatePart { .. } => "calendar values",
+                };
+                let shown: Vec<String> = g.domain.iter().take(6).map(|v| v.to_string()).collect();
+                let more = if g.domain.len() > 6 { ", …" } else { "" };
+                format!(
+                    "{}: {} {how} ({}{more})",
+                    g.column,
+                    g.domain.len(),
+                    shown.join(", ")
+                )
+            })
+            .collect();
+        format!(
+            "{product} group(s), every one released (empty ones as noise): {}",
+            each.join("; ")
+        )
+    };
     rows.push(Row {
         item: "query",
         name: format!(
@@ -218,7 +257,7 @@ pub fn explain_batch(
         ci95: None,
         detail: Some(format!(
             "would charge ε = {} and δ = {delta_per_query} (EXPLAIN itself is free and reads no data); \
-             R = {} rows per participant, S = {} sites per participant{}; ε split: {}; {suppression}",
+             R = {} rows per participant, S = {} sites per participant{}; {groups}; ε split: {}; {suppression}",
             q.epsilon,
             q.max_rows_per_unit,
             q.max_sites_per_unit,

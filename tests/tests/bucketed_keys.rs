@@ -7,7 +7,7 @@
 //! - Through Flight SQL, a bucketed query releases every bucket of the derived public
 //!   domain (empty ones included), under the researcher's alias, and each noisy count lies
 //!   within its discrete Laplace tail bound at 1e-12 of the exact count: 14 bounds, so a
-//!   spurious failure has probability below 1e-10.
+//!   spurious failure has probability below 1e-10. EXPLAIN lists the buckets.
 //! - Refusals: a CASE without ELSE or with a non-literal label, division by a column, a
 //!   float column, an unsupported date field, the privacy unit, and a bucket with no public
 //!   domain and no G; each message says what to write instead.
@@ -258,6 +258,20 @@ async fn decades_are_released_in_full_under_the_alias_within_their_noise() {
     }
     // Every decade of the bounds [1900, 2030], empty ones included, in order.
     assert_eq!(decades, (190..=203).map(|d| d * 10).collect::<Vec<i64>>());
+
+    // EXPLAIN says which groups the answer will have, before any data is read.
+    let r = alice.query(&format!("EXPLAIN {sql}")).await.unwrap();
+    let b = &r.batches[0];
+    let detail = b
+        .column(b.schema().index_of("detail").unwrap())
+        .as_string::<i32>();
+    assert!(
+        detail
+            .value(0)
+            .contains("14 group(s), every one released (empty ones as noise): participants.birth_year / 10 * 10: 14 buckets of the column's bounds (1900, 1910,"),
+        "{}",
+        detail.value(0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
