@@ -1140,13 +1140,8 @@ pub(crate) fn to_fixed(v: f64, precision: f64, lo_fp: f64, hi_fp: f64) -> Option
     // Round half away from zero without a libm call: `q - trunc(q)` is exact below 2^52.
     let t = q as i64;
     let frac = q - t as f64;
-    let r = if frac >= 0.5 {
-        t + 1
-    } else if frac <= -0.5 {
-        t - 1
-    } else {
-        t
-    };
+    // Without branches: the fraction is random per row, so a branch would mispredict.
+    let r = t + i64::from(frac >= 0.5) - i64::from(frac <= -0.5);
     let r = (r as f64).max(lo_fp).min(hi_fp) as i64;
     Some(i128::from(r))
 }
@@ -1164,7 +1159,28 @@ fn group_indices(
     out.resize(n, 0);
     for ((g, key), &stride) in groups.iter().zip(keys).zip(strides) {
         match (key, &g.index) {
-            // The common case, specialised: short text keys read as views.
+            // The most common case, branch-free: no NULL keys and every domain value short
+            // enough to be inlined in its view. Equal inline views are equal strings (length
+            // and zero-padded bytes), and a longer value's view has another length, so
+            // comparing each view with every domain view finds the index without a branch
+            // per comparison (a search mispredicts on every row).
+            (KeyArray::Utf8(Text::View(arr)), DomainIndex::Utf8Small(vals))
+                if arr.null_count() == 0 && vals.iter().all(|(_, d)| *d != u128::MAX) =>
+            {
+                let views = &arr.views()[..n];
+                for (idx, &v) in out.iter_mut().zip(views) {
+                    let mut p = u32::MAX;
+                    for (k, (_, d)) in vals.iter().enumerate() {
+                        p = if *d == v { k as u32 } else { p };
+                    }
+                    *idx = if *idx == u32::MAX || p == u32::MAX {
+                        u32::MAX
+                    } else {
+                        *idx + p * stride
+                    };
+                }
+            }
+            // Short text keys read as views.
             (KeyArray::Utf8(Text::View(arr)), DomainIndex::Utf8Small(vals)) => {
                 let views = arr.views();
                 for (row, idx) in out.iter_mut().enumerate() {
@@ -1392,6 +1408,65 @@ mod tests {
     use super::*;
     use arrow::array::{AsArray, Int64Array};
 
+    /// Text keys read as views find their domain index the same way on every path: the
+    /// branch-free one (no NULLs, an all-inline domain), the searching one (NULLs present,
+    /// or a domain value too long to inline) and a plain Utf8 array. Values that are
+    /// prefixes, extensions or longer than a view can hold never match.
+    #[test]
+    fn text_keys_find_their_domain_index_on_every_path() {
+        let text = |v: &[&str]| {
+            v.iter()
+                .map(|s| PublicValue::Text(s.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let rows = [
+            "HbA1c",
+            "LDL",
+            "a value longer than twelve bytes",
+            "LDLx",
+            "",
+            "LD",
+            "LDL",
+            "HbA1c",
+        ];
+        for domain in [
+            text(&["HbA1c", "LDL"]),
+            text(&["HbA1c", "LDL", "a domain value longer than twelve"]),
+        ] {
+            let g = GroupCol::new("g".into(), ColumnType::Utf8, domain, 0);
+            let want: Vec<u32> = rows
+                .iter()
+                .map(|r| match *r {
+                    "HbA1c" => 0,
+                    "LDL" => 1,
+                    _ => u32::MAX,
+                })
+                .collect();
+            let views = StringViewArray::from_iter_values(rows);
+            let mut with_null: Vec<Option<&str>> = rows.iter().map(|r| Some(*r)).collect();
+            with_null.push(None);
+            let mut want_null = want.clone();
+            want_null.push(u32::MAX);
+            let nullable = StringViewArray::from(with_null.clone());
+            let plain = StringArray::from(with_null);
+            for (keys, want) in [
+                (KeyArray::Utf8(Text::View(&views)), &want),
+                (KeyArray::Utf8(Text::View(&nullable)), &want_null),
+                (KeyArray::Utf8(Text::Utf8(&plain)), &want_null),
+            ] {
+                let mut out = Vec::new();
+                group_indices(
+                    std::slice::from_ref(&g),
+                    &[1],
+                    &[keys],
+                    want.len(),
+                    &mut out,
+                );
+                assert_eq!(&out, want);
+            }
+        }
+    }
+
     #[test]
     fn fixed_point_conversion() {
         // [0, 100] at 0.01 -> [0, 10000].
@@ -1405,6 +1480,10 @@ mod tests {
         assert_eq!(f(f64::NAN), None);
         // Rounding is half away from zero.
         assert_eq!(to_fixed(-2.5, 1.0, -10.0, 10.0), Some(-3));
+        assert_eq!(to_fixed(2.5, 1.0, -10.0, 10.0), Some(3));
+        assert_eq!(to_fixed(2.49, 1.0, -10.0, 10.0), Some(2));
+        assert_eq!(to_fixed(-2.49, 1.0, -10.0, 10.0), Some(-2));
+        assert_eq!(to_fixed(-0.4, 1.0, -10.0, 10.0), Some(0));
     }
 
     /// Each of n = 10 rows offered to a reservoir of R = 3 must be kept with probability
