@@ -132,6 +132,44 @@ pub struct ColumnSpec {
     /// empty groups included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_values: Option<Vec<PublicValue>>,
+    /// Earliest date of a date32 column, `YYYY-MM-DD`. With `latest`, the public range from
+    /// which a `date_part('year', column)` key takes its domain (every year in between);
+    /// dates outside it are counted in its first or last year.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest: Option<String>,
+    /// Latest date of a date32 column, `YYYY-MM-DD` (see `earliest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<String>,
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date (proleptic Gregorian), or `None` if it is
+/// not one.
+pub fn parse_date(s: &str) -> Option<i32> {
+    let mut parts = s.split('-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i32, u32, u32) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in_month = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if d == 0 || d > days_in_month {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400) as u32;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe as i32 - 719_468)
 }
 
 /// Declared clamp bounds of a numeric column.
@@ -143,6 +181,14 @@ pub struct Bounds {
 }
 
 impl ColumnSpec {
+    /// The declared date range of a date32 column: `(earliest, latest)` as days since
+    /// 1970-01-01 and their years, if both are declared and valid.
+    pub fn date_range(&self) -> Option<((i32, i32), (i32, i32))> {
+        let (e, l) = (self.earliest.as_deref()?, self.latest.as_deref()?);
+        let year = |s: &str| s.get(..4).and_then(|y| y.parse::<i32>().ok());
+        Some(((parse_date(e)?, parse_date(l)?), (year(e)?, year(l)?)))
+    }
+
     /// Clamp bounds, if the column declares them.
     pub fn bounds(&self) -> Option<Bounds> {
         let (lower, upper) = (self.lower?, self.upper?);
@@ -295,6 +341,39 @@ impl Catalog {
                         ));
                     }
                 }
+                if c.earliest.is_some() || c.latest.is_some() {
+                    if c.ty != ColumnType::Date32 {
+                        return bad(format!(
+                            "table {tname}, column {}: earliest/latest are only allowed on date32 columns, not {}",
+                            c.name, c.ty
+                        ));
+                    }
+                    for (key, v) in [("earliest", &c.earliest), ("latest", &c.latest)] {
+                        match v {
+                            None => {
+                                return bad(format!(
+                                    "table {tname}, column {}: declare both earliest and latest",
+                                    c.name
+                                ))
+                            }
+                            Some(d) if parse_date(d).is_none() => {
+                                return bad(format!(
+                                    "table {tname}, column {}: {key} = {d:?} is not a date; write it as \"YYYY-MM-DD\", e.g. \"2000-01-01\"",
+                                    c.name
+                                ))
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    if let Some(((e, l), _)) = c.date_range() {
+                        if e > l {
+                            return bad(format!(
+                                "table {tname}, column {}: earliest must not be after latest",
+                                c.name
+                            ));
+                        }
+                    }
+                }
                 if let Some(vals) = &c.public_values {
                     if vals.is_empty() {
                         return bad(format!(
@@ -413,8 +492,31 @@ columns = [
   { name = "test", type = "utf8", public_values = ["HbA1c", "LDL"] },
   { name = "value", type = "float64", nullable = true, lower = 0.0, upper = 500.0, precision = 0.01 },
   { name = "year", type = "int32", lower = 1900, upper = 2030 },
+  { name = "measured_on", type = "date32", earliest = "2000-01-01", latest = "2026-12-31" },
 ]
 "#;
+
+    #[test]
+    fn dates_parse_like_days_since_the_epoch() {
+        assert_eq!(parse_date("1970-01-01"), Some(0));
+        assert_eq!(parse_date("2000-03-01"), Some(11_017));
+        assert_eq!(parse_date("2024-02-29"), Some(19_782));
+        assert_eq!(parse_date("1969-12-31"), Some(-1));
+        for bad in [
+            "2023-02-29",
+            "2000-13-01",
+            "2000-1-01",
+            "20000101",
+            "2000-01-01x",
+            "",
+            "2000-00-10",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+        let c = Catalog::from_toml(GOOD, "t").unwrap();
+        let d = c.table("labs").unwrap().column("measured_on").unwrap();
+        assert_eq!(d.date_range(), Some(((10_957, 20_818), (2000, 2026))));
+    }
 
     #[test]
     fn parses_and_derives_bounds() {
@@ -445,6 +547,25 @@ columns = [
             (
                 "max_rows_per_unit",
                 GOOD.replace("max_rows_per_unit = 20", "max_rows_per_unit = 0"),
+            ),
+            (
+                "write it as \"YYYY-MM-DD\"",
+                GOOD.replace("\"2026-12-31\"", "\"31/12/2026\""),
+            ),
+            (
+                "declare both earliest and latest",
+                GOOD.replace(", latest = \"2026-12-31\"", ""),
+            ),
+            (
+                "earliest must not be after latest",
+                GOOD.replace("\"2000-01-01\"", "\"2027-01-01\""),
+            ),
+            (
+                "only allowed on date32 columns",
+                GOOD.replace(
+                    "type = \"int32\", lower = 1900, upper = 2030",
+                    "type = \"int32\", lower = 1900, upper = 2030, earliest = \"2000-01-01\", latest = \"2001-01-01\"",
+                ),
             ),
         ] {
             let e = Catalog::from_toml(&text, "t").unwrap_err().to_string();

@@ -67,7 +67,8 @@ pub struct CaseBranch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DateField {
-    /// Calendar year. Dates carry no bounds in the catalog, so its domain is open.
+    /// Calendar year: its domain is every year from the column's `earliest` to its
+    /// `latest` date, or open if the catalog declares no such range.
     Year,
     /// Quarter, 1 to 4.
     Quarter,
@@ -287,7 +288,14 @@ impl GroupKey {
                     )));
                 }
                 Ok(match field {
-                    DateField::Year => KeyDomain::Open,
+                    DateField::Year => match c.date_range() {
+                        Some((_, (first, last))) if last - first < MAX_DERIVED_DOMAIN as i32 => {
+                            KeyDomain::Public(
+                                (first..=last).map(|y| PublicValue::Int(y.into())).collect(),
+                            )
+                        }
+                        _ => KeyDomain::Open,
+                    },
                     DateField::Quarter => {
                         KeyDomain::Public((1..=4).map(PublicValue::Int).collect())
                     }
@@ -297,9 +305,23 @@ impl GroupKey {
         }
     }
 
-    /// For an integer bucket whose domain comes from its column's bounds (no public values),
-    /// the integer range `[ceil(lower), floor(upper)]` the node clamps values to first.
+    /// The range the node clamps a key's input to before computing it, when the key's
+    /// domain comes from that range: for an integer bucket over its column's bounds (no
+    /// public values), `[ceil(lower), floor(upper)]`; for the year of a date column with a
+    /// declared `earliest`/`latest`, those dates as days since 1970-01-01.
     pub fn clamp_range(&self, column: Option<&ColumnSpec>) -> Option<(i64, i64)> {
+        if let GroupKey::DatePart {
+            field: DateField::Year,
+            ..
+        } = self
+        {
+            return match self.domain(column) {
+                Ok(KeyDomain::Public(_)) => column?
+                    .date_range()
+                    .map(|((e, l), _)| (i64::from(e), i64::from(l))),
+                _ => None,
+            };
+        }
         let GroupKey::IntBucket { divisor, .. } = self else {
             return None;
         };
@@ -336,6 +358,8 @@ mod tests {
             upper,
             precision: None,
             public_values: None,
+            earliest: None,
+            latest: None,
         }
     }
 
@@ -462,6 +486,19 @@ mod tests {
             k(DateField::Year).domain(Some(&c)).unwrap(),
             KeyDomain::Open
         );
+        assert_eq!(k(DateField::Year).clamp_range(Some(&c)), None);
+        // With a declared date range: its years, and dates clamped into it.
+        c.earliest = Some("2019-06-01".into());
+        c.latest = Some("2024-01-31".into());
+        assert_eq!(
+            k(DateField::Year).domain(Some(&c)).unwrap(),
+            KeyDomain::Public((2019..=2024).map(PublicValue::Int).collect())
+        );
+        assert_eq!(
+            k(DateField::Year).clamp_range(Some(&c)),
+            Some((18_048, 19_753))
+        );
+        assert_eq!(k(DateField::Month).clamp_range(Some(&c)), None);
         assert!(k(DateField::Month)
             .domain(Some(&int_col(None, None)))
             .is_err());

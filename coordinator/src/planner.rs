@@ -479,7 +479,12 @@ impl Planner {
                             qualified(c),
                             fedq_common::group_key::MAX_DERIVED_DOMAIN
                         ),
-                        _ => "group by month or quarter, whose domains are public".to_string(),
+                        (fedq_common::GroupKey::DatePart { .. }, Some(c)) => format!(
+                            "declare the date range of {} (`earliest` and `latest`, \"YYYY-MM-DD\") in the catalog, \
+                             or group by month or quarter, whose domains are public",
+                            qualified(c)
+                        ),
+                        _ => "group by keys with a public domain".to_string(),
                     };
                     open_keys.push((label.clone(), declare));
                     (Vec::new(), false)

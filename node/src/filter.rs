@@ -188,7 +188,19 @@ pub(crate) fn group_key_expr(
             Ok((x / lit(*divisor)) * lit(*multiplier))
         }
         GroupKey::DatePart { field, column } => {
-            let (e, _) = scope.column(column.side, &column.name, "GROUP BY")?;
+            let (mut e, _) = scope.column(column.side, &column.name, "GROUP BY")?;
+            if let Some((lo, hi)) = clamp {
+                let day = |d: i64| {
+                    i32::try_from(d)
+                        .map(|d| lit(ScalarValue::Date32(Some(d))))
+                        .map_err(|_| invalid("a date bound is out of range".into()))
+                };
+                let (lo, hi) = (day(lo)?, day(hi)?);
+                e = when(e.clone().lt(lo.clone()), lo)
+                    .when(e.clone().gt(hi.clone()), hi)
+                    .otherwise(e)
+                    .map_err(plan_err)?;
+            }
             Ok(cast(date_part(lit(field.name()), e), DataType::Int64))
         }
     }

@@ -85,6 +85,7 @@ pub(crate) fn catalog_toml(cat: &Catalog) -> Result<String, SynthError> {
          #   max_groups_per_unit (G)  groups one participant may touch when keys are not public\n\
          #   lower/upper/precision    clamp bounds and fixed-point step of numeric columns\n\
          #   public_values            the public domain of a GROUP BY key\n\
+         #   earliest/latest          the public date range of a date column (its years' domain)\n\
          # Anything not declared here is refused.\n\n",
     );
     for (k, v) in keys_of(cat, &["max_sites_per_unit"], "tables")? {

@@ -37,8 +37,24 @@ fn col(name: &str, ty: ColumnType) -> ColumnSpec {
         upper: None,
         precision: None,
         public_values: None,
+        earliest: None,
+        latest: None,
     }
 }
+
+/// A date column with the public range of the synthetic records.
+fn dated(name: &str) -> ColumnSpec {
+    ColumnSpec {
+        earliest: Some(DATES_FROM.to_string()),
+        latest: Some(DATES_TO.to_string()),
+        ..col(name, ColumnType::Date32)
+    }
+}
+
+/// Public range of every synthetic date: records start in 2000 and end by 2026.
+pub const DATES_FROM: &str = "2000-01-01";
+/// See [`DATES_FROM`].
+pub const DATES_TO: &str = "2026-12-31";
 
 fn public(name: &str, values: &[&str]) -> ColumnSpec {
     ColumnSpec {
@@ -105,7 +121,7 @@ pub fn reference_catalog() -> Catalog {
                 public("sex", &SEXES),
                 bounded("birth_year", ColumnType::Int32, 1900.0, 2030.0, None),
                 public("participant_type", &PARTICIPANT_TYPES),
-                col("enrolled_on", ColumnType::Date32),
+                dated("enrolled_on"),
             ],
         ),
     );
@@ -114,11 +130,7 @@ pub fn reference_catalog() -> Catalog {
         table(
             15,
             Some(5),
-            vec![
-                pid(),
-                col("code", ColumnType::Utf8),
-                col("diagnosed_on", ColumnType::Date32),
-            ],
+            vec![pid(), col("code", ColumnType::Utf8), dated("diagnosed_on")],
         ),
     );
     tables.insert(
@@ -133,7 +145,7 @@ pub fn reference_catalog() -> Catalog {
                     nullable: true,
                     ..bounded("value", ColumnType::Float64, 0.0, 500.0, Some(0.01))
                 },
-                col("measured_on", ColumnType::Date32),
+                dated("measured_on"),
             ],
         ),
     );
@@ -184,6 +196,16 @@ pub fn arrow_schema(table: &TableSpec) -> Schema {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every generated date (records from RECORDS_FROM to RECORDS_TO; enrolment within
+    /// them) lies in the declared public range, so no date is clamped into its first or
+    /// last year.
+    #[test]
+    fn declared_date_ranges_cover_the_generated_dates() {
+        use fedq_common::catalog::parse_date;
+        assert_eq!(parse_date(DATES_FROM), Some(crate::plan::RECORDS_FROM));
+        assert_eq!(parse_date(DATES_TO), Some(crate::plan::RECORDS_TO));
+    }
 
     #[test]
     fn reference_catalog_is_valid() {

@@ -39,6 +39,21 @@ pub fn set_sites_per_unit(dir: &Path, s: u32) {
     std::fs::write(&p, toml::to_string(&cat).expect("toml")).expect("write catalog");
 }
 
+/// Remove the declared date range (`earliest`/`latest`) of `table.column` from the catalog,
+/// so that its calendar years have no public domain.
+pub fn drop_date_range(dir: &Path, table: &str, column: &str) {
+    let p = dir.join("catalog.toml");
+    let mut cat = fedq_common::Catalog::load(&p).expect("catalog");
+    let c = cat
+        .tables
+        .get_mut(table)
+        .and_then(|t| t.columns.iter_mut().find(|c| c.name == column))
+        .expect("column in the catalog");
+    c.earliest = None;
+    c.latest = None;
+    std::fs::write(&p, toml::to_string(&cat).expect("toml")).expect("write catalog");
+}
+
 /// Start a federation with suppression off (so every noisy value can be checked).
 pub async fn start(dir: &Path) -> LocalFederation {
     LocalFederation::start(

@@ -3,7 +3,9 @@
 //!
 //! - The pre-noise merged partials of each shape (one table, a join, and a date part that
 //!   falls back to partition selection) equal DataFusion over the union of the site files.
-//!   R is raised so that row bounding truncates nothing, which makes them exact.
+//!   R is raised so that row bounding truncates nothing, which makes them exact. Years of a
+//!   date with a declared range are public; without one they fall back to partition
+//!   selection.
 //! - Through Flight SQL, a bucketed query releases every bucket of the derived public
 //!   domain (empty ones included), under the researcher's alias, and each noisy count lies
 //!   within its discrete Laplace tail bound at 1e-12 of the exact count: 14 bounds, so a
@@ -21,7 +23,7 @@ use fedq_common::AggregateRequest;
 use fedq_coordinator::noise::discrete_laplace_half_width;
 use fedq_coordinator::planner::StatisticKind;
 use fedq_coordinator::CoordinatorError;
-use fedq_tests::{cell, key, set_rows_per_unit, site_context, start, synth};
+use fedq_tests::{cell, drop_date_range, key, set_rows_per_unit, site_context, start, synth};
 
 /// Merged partials keyed by the display of their group key values, as
 /// `[COUNT(*), <the partial of `second`>]`.
@@ -79,6 +81,8 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
     synth(dir, 3, 3000, 29);
     // No row truncation, so that the expected values are exact.
     set_rows_per_unit(dir, 10_000);
+    // Diagnosis dates without a declared range: their years have no public domain.
+    drop_date_range(dir, "diagnoses", "diagnosed_on");
     let fed = start(dir).await;
     let engine = fed.coordinator.engine.clone();
     let ctx = site_context(dir).await;
@@ -126,6 +130,15 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
             "SELECT m, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, \
              CAST(date_part('month', measured_on) AS BIGINT) AS m, COUNT(*) AS n, COUNT(DISTINCT pid) AS u \
              FROM labs WHERE test = 'HbA1c' GROUP BY 1, 2) GROUP BY m",
+            1,
+        ),
+        (
+            // Years of a date column with a declared range (2000 to 2026): public.
+            "SELECT date_part('year', measured_on) AS y, COUNT(*), COUNT(DISTINCT pid) FROM labs GROUP BY 1",
+            units.clone(),
+            "SELECT y, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, \
+             CAST(date_part('year', measured_on) AS BIGINT) AS y, COUNT(*) AS n, COUNT(DISTINCT pid) AS u \
+             FROM labs GROUP BY 1, 2) GROUP BY y",
             1,
         ),
         (
@@ -179,13 +192,13 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
     assert_eq!(decades.last().map(String::as_str), Some("2030"));
     assert_eq!(decades.len(), 14);
 
-    // The calendar year of a date has no public domain (dates carry no bounds): it falls
-    // back to partition selection, with each participant's rows at a site kept in its G = 4
+    // The calendar year of a date without a declared range has no public domain: it falls
+    // back to partition selection, with each participant's rows at a site kept in its G = 5
     // years with the most rows (ties by the earliest year).
     let q = engine
         .plan(
             "alice",
-            "SELECT date_part('year', measured_on) AS y, COUNT(*), COUNT(DISTINCT pid) FROM labs GROUP BY 1",
+            "SELECT date_part('year', diagnosed_on) AS y, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses GROUP BY 1",
         )
         .await
         .unwrap();
@@ -194,20 +207,21 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
         q.request.group_by,
         vec![GroupKey::DatePart {
             field: DateField::Year,
-            column: "measured_on".into()
+            column: "diagnosed_on".into()
         }]
     );
     let merged = engine.gather(&q).await.unwrap();
     let got = merged_rows(&merged, &q.request.aggregates, &units);
     let want = exact(
         &ctx,
-        "WITH per AS (SELECT fedq_site, pid, CAST(date_part('year', measured_on) AS BIGINT) AS y, COUNT(*) AS n \
-                      FROM labs GROUP BY 1, 2, 3), \
+        "WITH per AS (SELECT fedq_site, pid, CAST(date_part('year', diagnosed_on) AS BIGINT) AS y, COUNT(*) AS n \
+                      FROM diagnoses GROUP BY 1, 2, 3), \
               ranked AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY fedq_site, pid ORDER BY n DESC, y ASC) AS rn FROM per) \
-         SELECT y, CAST(SUM(n) AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM ranked WHERE rn <= 4 GROUP BY y",
+         SELECT y, CAST(SUM(n) AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM ranked WHERE rn <= 5 GROUP BY y",
         1,
     )
     .await;
+    assert!(want.len() > 5, "the test needs more years than G");
     assert_eq!(got, want);
 }
 
@@ -279,6 +293,7 @@ async fn bucketed_keys_that_cannot_be_bounded_are_refused_with_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     synth(dir, 2, 300, 37);
+    drop_date_range(dir, "participants", "enrolled_on");
     let fed = start(dir).await;
     let engine = fed.coordinator.engine.clone();
     let cases = [
@@ -315,7 +330,7 @@ async fn bucketed_keys_that_cannot_be_bounded_are_refused_with_the_fix() {
             "birth_year / 10 * 10",
         ),
         (
-            // No public domain (dates have no bounds) and participants declare no G.
+            // No public domain (no declared date range) and participants declare no G.
             "SELECT date_part('year', enrolled_on), COUNT(*) FROM participants GROUP BY 1",
             "max_groups_per_unit",
         ),

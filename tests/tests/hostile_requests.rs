@@ -208,13 +208,22 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "privacy unit",
     ));
     let mut r = base();
-    r["group_by"] =
-        json!([{ "key": "date_part", "field": "year", "column": { "name": "measured_on" } }]);
+    r["group_by"] = json!([{ "key": "int_bucket", "column": { "name": "value" }, "divisor": 10, "multiplier": 1 }]);
     cases.push((
-        "calendar years without G (no public domain)",
+        "an integer bucket of a float column",
         ticket(r),
-        Code::PermissionDenied,
-        "no public domain",
+        Code::InvalidArgument,
+        "integer column",
+    ));
+    let mut r = base();
+    r["group_by"] = json!([{ "key": "int_bucket", "column": { "name": "birth_year" }, "divisor": 10, "multiplier": 11 }]);
+    r["table"] = json!("participants");
+    r["max_rows_per_unit"] = json!(1);
+    cases.push((
+        "a bucket multiplier above its divisor (could overflow)",
+        ticket(r),
+        Code::InvalidArgument,
+        "multiplier",
     ));
     let mut r = base();
     r["group_by"] = json!([{ "key": "case", "branches": [{ "when": { "expr": "column", "name": "value" }, "then": { "type": "utf8", "value": "x" } }], "otherwise": { "type": "utf8", "value": "y" } }]);

@@ -1541,3 +1541,31 @@ async fn malformed_bucketed_keys_are_refused() {
         "twice",
     );
 }
+
+#[tokio::test]
+async fn years_of_a_date_range_are_public_and_dates_clamp_into_it() {
+    let fx = Fixture::new();
+    // The labs dates run from 2023-12-31 to 2024-07-01; declare 2024 only.
+    std::fs::write(
+        fx.dir.path().join("catalog.toml"),
+        CATALOG.replace(
+            r#"{ name = "measured_on", type = "date32" }"#,
+            r#"{ name = "measured_on", type = "date32", earliest = "2024-01-01", latest = "2024-12-31" }"#,
+        ),
+    )
+    .unwrap();
+    let e = NodeEngine::new(&fx.config()).await.unwrap();
+    let year = fedq_common::GroupKey::DatePart {
+        field: fedq_common::group_key::DateField::Year,
+        column: "measured_on".into(),
+    };
+    let out = e
+        .execute(&keyed_by(
+            request("labs", &[], vec![AggregateRequest::CountRows], 100, None),
+            vec![year],
+        ))
+        .await
+        .unwrap();
+    // 2023-12-31 is counted in 2024, the range's first year: nothing is dropped.
+    assert_eq!(rows(&out, 1), vec![keyed(&["2024"], &[9])]);
+}
