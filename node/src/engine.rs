@@ -14,7 +14,7 @@ use datafusion::execution::memory_pool::{
 };
 use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
@@ -294,10 +294,10 @@ impl NodeEngine {
                 .with_memory_pool(Arc::clone(&pool))
                 .build_arc()
                 .map_err(exec_err)?;
-            let query_state = SessionStateBuilder::new_from_existing(state)
-                .with_runtime_env(runtime)
-                .build();
-            let mut stream = execute_stream(physical, query_state.task_ctx()).map_err(exec_err)?;
+            // The task context takes the query's runtime directly: rebuilding a whole
+            // session state for it would re-register every function on every request.
+            let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
+            let mut stream = execute_stream(physical, task).map_err(exec_err)?;
             let reservation = MemoryConsumer::new("fedq bounding").register(&pool);
             let mut bounder = Bounder::with_counts(plan, counts);
             let mut stale = false;
