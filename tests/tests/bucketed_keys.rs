@@ -10,7 +10,8 @@
 //!   domain (empty ones included), under the researcher's alias, and each noisy count lies
 //!   within its discrete Laplace tail bound at 1e-12 of the exact count: 14 bounds, so a
 //!   spurious failure has probability below 1e-10. EXPLAIN lists the buckets.
-//! - Refusals: a CASE without ELSE or with a non-literal label, division by a column, a
+//! - Refusals: a CASE without ELSE, with a non-literal label or a non-total condition,
+//!   division by a column, a
 //!   float column, an unsupported date field, the privacy unit, and a bucket with no public
 //!   domain and no G; each message says what to write instead.
 
@@ -324,6 +325,11 @@ async fn bucketed_keys_that_cannot_be_bounded_are_refused_with_the_fix() {
         (
             "SELECT date_part('month', birth_year), COUNT(*) FROM participants GROUP BY 1",
             "",
+        ),
+        (
+            // A CASE condition must be total, like a WHERE.
+            "SELECT CASE WHEN CAST(volume_ml AS INT) > 10 THEN 'big' ELSE 'small' END, COUNT(*) FROM specimens GROUP BY 1",
+            "TRY_CAST",
         ),
         (
             "SELECT birth_year % 10, COUNT(*) FROM participants GROUP BY 1",
