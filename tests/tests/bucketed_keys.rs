@@ -10,10 +10,9 @@
 //!   domain (empty ones included), under the researcher's alias, and each noisy count lies
 //!   within its discrete Laplace tail bound at 1e-12 of the exact count: 14 bounds, so a
 //!   spurious failure has probability below 1e-10. EXPLAIN lists the buckets.
-//! - Refusals: a CASE without ELSE, with a non-literal label or a non-total condition,
-//!   division by a column, a
-//!   float column, an unsupported date field, the privacy unit, and a bucket with no public
-//!   domain and no G; each message says what to write instead.
+//! - Refusals: a CASE without ELSE, with a non-literal label or a non-total condition;
+//!   division by a column; a float column; an unsupported date field; the privacy unit; and
+//!   a key with no public domain and no G. Each message says what to write instead.
 
 use std::collections::BTreeMap;
 
