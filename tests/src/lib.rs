@@ -1,6 +1,7 @@
 //! Shared fixtures for fedq's end-to-end tests: a synthetic federation on loopback, and
 //! exact expected values computed with DataFusion over the union of the sites' files.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
@@ -90,6 +91,65 @@ pub fn key(b: &RecordBatch, col: usize, row: usize) -> String {
         .expect("fmt")
         .value(row)
         .to_string()
+}
+
+/// Merged exact partials keyed by the display of their group key values, each row holding
+/// the values of `partials` in that order (every one must be in `aggregates`). Groups whose
+/// partials are all zero are left out: public domains include empty groups, which an exact
+/// DataFusion answer never lists.
+pub fn merged_rows(
+    merged: &fedq_coordinator::fanout::MergedPartials,
+    aggregates: &[fedq_common::AggregateRequest],
+    partials: &[fedq_common::AggregateRequest],
+) -> BTreeMap<Vec<String>, Vec<i128>> {
+    let at: Vec<usize> = partials
+        .iter()
+        .map(|p| {
+            aggregates
+                .iter()
+                .position(|a| a == p)
+                .unwrap_or_else(|| panic!("no partial {p:?} in {aggregates:?}"))
+        })
+        .collect();
+    merged
+        .groups
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.iter().map(|x| x.to_string()).collect(),
+                at.iter().map(|&i| v[i]).collect::<Vec<i128>>(),
+            )
+        })
+        .filter(|(_, v)| v.iter().any(|&x| x != 0))
+        .collect()
+}
+
+/// DataFusion's answer to `sql`, keyed like [`merged_rows`]: its first `n_keys` columns are
+/// the keys, the others integers.
+pub async fn exact_rows(
+    ctx: &SessionContext,
+    sql: &str,
+    n_keys: usize,
+) -> BTreeMap<Vec<String>, Vec<i128>> {
+    let mut out = BTreeMap::new();
+    for b in ctx
+        .sql(sql)
+        .await
+        .expect("plan the exact query")
+        .collect()
+        .await
+        .expect("run the exact query")
+    {
+        for row in 0..b.num_rows() {
+            out.insert(
+                (0..n_keys).map(|c| key(&b, c, row)).collect(),
+                (n_keys..b.num_columns())
+                    .map(|c| cell(&b, c, row).expect("no NULL in an exact count") as i128)
+                    .collect(),
+            );
+        }
+    }
+    out
 }
 
 /// Every catalog table as the union of the sites' files, with the site's index as an

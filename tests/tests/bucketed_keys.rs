@@ -14,8 +14,6 @@
 //!   division by a column; a float column; an unsupported date field; the privacy unit; and
 //!   a key with no public domain and no G. Each message says what to write instead.
 
-use std::collections::BTreeMap;
-
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Int64Type;
 use fedq_common::group_key::{DateField, GroupKey};
@@ -23,56 +21,9 @@ use fedq_common::AggregateRequest;
 use fedq_coordinator::noise::discrete_laplace_half_width;
 use fedq_coordinator::planner::StatisticKind;
 use fedq_coordinator::CoordinatorError;
-use fedq_tests::{cell, drop_date_range, key, set_rows_per_unit, site_context, start, synth};
-
-/// Merged partials keyed by the display of their group key values, as
-/// `[COUNT(*), <the partial of `second`>]`.
-fn merged_rows(
-    merged: &fedq_coordinator::fanout::MergedPartials,
-    aggregates: &[AggregateRequest],
-    second: &AggregateRequest,
-) -> BTreeMap<Vec<String>, Vec<i128>> {
-    let rows = aggregates
-        .iter()
-        .position(|a| *a == AggregateRequest::CountRows)
-        .expect("COUNT(*) partial");
-    let other = aggregates
-        .iter()
-        .position(|a| a == second)
-        .expect("second partial");
-    merged
-        .groups
-        .iter()
-        .map(|(k, p)| {
-            (
-                k.iter().map(|v| v.to_string()).collect(),
-                vec![p[rows], p[other]],
-            )
-        })
-        .filter(|(_, v)| v[0] != 0)
-        .collect()
-}
-
-/// DataFusion's answer to `sql`, whose first `n_keys` columns are the keys and the rest
-/// integers.
-async fn exact(
-    ctx: &datafusion::prelude::SessionContext,
-    sql: &str,
-    n_keys: usize,
-) -> BTreeMap<Vec<String>, Vec<i128>> {
-    let mut out = BTreeMap::new();
-    for b in ctx.sql(sql).await.unwrap().collect().await.unwrap() {
-        for row in 0..b.num_rows() {
-            out.insert(
-                (0..n_keys).map(|c| key(&b, c, row)).collect(),
-                (n_keys..b.num_columns())
-                    .map(|c| cell(&b, c, row).unwrap() as i128)
-                    .collect(),
-            );
-        }
-    }
-    out
-}
+use fedq_tests::{
+    drop_date_range, exact_rows, key, merged_rows, set_rows_per_unit, site_context, start, synth,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bucketed_partials_equal_datafusion_over_the_union() {
@@ -165,8 +116,12 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
         let q = engine.plan("alice", sql).await.unwrap();
         assert!(q.selection.is_none(), "{sql}: a public domain");
         let merged = engine.gather(&q).await.unwrap();
-        let got = merged_rows(&merged, &q.request.aggregates, &second);
-        let want = exact(&ctx, want_sql, n_keys).await;
+        let got = merged_rows(
+            &merged,
+            &q.request.aggregates,
+            &[AggregateRequest::CountRows, second],
+        );
+        let want = exact_rows(&ctx, want_sql, n_keys).await;
         assert!(!want.is_empty(), "{sql}");
         assert_eq!(got, want, "{sql}");
     }
@@ -211,8 +166,12 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
         }]
     );
     let merged = engine.gather(&q).await.unwrap();
-    let got = merged_rows(&merged, &q.request.aggregates, &units);
-    let want = exact(
+    let got = merged_rows(
+        &merged,
+        &q.request.aggregates,
+        &[AggregateRequest::CountRows, units],
+    );
+    let want = exact_rows(
         &ctx,
         "WITH per AS (SELECT fedq_site, pid, CAST(date_part('year', diagnosed_on) AS BIGINT) AS y, COUNT(*) AS n \
                       FROM diagnoses GROUP BY 1, 2, 3), \

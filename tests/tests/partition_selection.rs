@@ -24,7 +24,9 @@ use fedq_coordinator::planner::Planner;
 use fedq_coordinator::release::{release, META_DELTA_SPENT, META_SELECTION_THRESHOLD};
 use fedq_coordinator::selection::SELECTION_LABEL;
 use fedq_coordinator::service::ACTION_BUDGET;
-use fedq_tests::{cell, key, set_rows_per_unit, site_context, start, synth};
+use fedq_tests::{
+    cell, exact_rows, key, merged_rows, set_rows_per_unit, site_context, start, synth,
+};
 
 /// G of `diagnoses` in the synthetic catalog.
 const G: u32 = 5;
@@ -34,7 +36,7 @@ const G: u32 = 5;
 async fn bounded_by_code(
     ctx: &datafusion::prelude::SessionContext,
     rows: &str,
-) -> BTreeMap<String, (i128, i128)> {
+) -> BTreeMap<Vec<String>, Vec<i128>> {
     let sql = format!(
         "WITH src AS ({rows}), \
               per AS (SELECT fedq_site, pid, code, COUNT(*) AS n FROM src WHERE code IS NOT NULL \
@@ -43,44 +45,25 @@ async fn bounded_by_code(
                          FROM per) \
          SELECT code, CAST(SUM(n) AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM ranked WHERE rn <= {G} GROUP BY code"
     );
-    let mut out = BTreeMap::new();
-    for b in ctx.sql(&sql).await.unwrap().collect().await.unwrap() {
-        for row in 0..b.num_rows() {
-            out.insert(
-                key(&b, 0, row),
-                (
-                    cell(&b, 1, row).unwrap() as i128,
-                    cell(&b, 2, row).unwrap() as i128,
-                ),
-            );
-        }
-    }
-    out
+    exact_rows(ctx, &sql, 1).await
 }
 
-/// Merged (rows, participants) per code from the gathered partials.
+/// Merged (rows, participants) per code from the gathered partials; codes are text.
 fn merged_by_code(
     merged: &MergedPartials,
     aggregates: &[AggregateRequest],
-) -> BTreeMap<String, (i128, i128)> {
-    let rows = aggregates
-        .iter()
-        .position(|a| *a == AggregateRequest::CountRows)
-        .unwrap();
-    let units = aggregates
-        .iter()
-        .position(|a| *a == AggregateRequest::CountUnits)
-        .unwrap();
-    merged
-        .groups
-        .iter()
-        .map(|(k, p)| {
-            let PublicValue::Text(code) = &k[0] else {
-                panic!("code is text: {k:?}")
-            };
-            (code.clone(), (p[rows], p[units]))
-        })
-        .collect()
+) -> BTreeMap<Vec<String>, Vec<i128>> {
+    for k in merged.groups.keys() {
+        assert!(
+            matches!(k[..], [PublicValue::Text(_)]),
+            "code is text: {k:?}"
+        );
+    }
+    merged_rows(
+        merged,
+        aggregates,
+        &[AggregateRequest::CountRows, AggregateRequest::CountUnits],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -118,7 +101,7 @@ async fn partition_selected_partials_are_exact_after_g_bounding() {
         .collect()
         .await
         .unwrap();
-    let total: i128 = want.values().map(|v| v.0).sum();
+    let total: i128 = want.values().map(|v| v[0]).sum();
     assert!(
         (cell(&all_rows[0], 0, 0).unwrap() as i128) > total,
         "G bounding must drop rows in this data"
