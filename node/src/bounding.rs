@@ -21,6 +21,7 @@
 //! read as Utf8View is compared by view.
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arrow::array::builder::{make_view, ListBuilder};
@@ -434,10 +435,21 @@ impl UnitIndex {
 /// only a shortcut: every directly aggregated participant is still counted during the query,
 /// and more than R rows (the files changed since the counts were taken) stops the query
 /// (see [`Bounder::is_stale`]) rather than letting a participant contribute more than R.
+///
+/// The counting pass also notes whether each participant's rows came in one run (files
+/// sorted or grouped by participant), which lets the bounder sample a participant's rows
+/// as soon as its run ends (see [`Bounder`]). That too is only a shortcut: a participant
+/// seen again after its run was sampled stops the query, which then runs without it.
 #[derive(Debug, Default)]
 pub(crate) struct ParticipantCounts {
     ids: UnitIndex,
     counts: Vec<u32>,
+    /// Batches counted.
+    batches: usize,
+    /// Runs of a participant already seen in an earlier run.
+    repeat_runs: usize,
+    /// Set when a query found a participant's rows in more than one run.
+    scattered: AtomicBool,
 }
 
 impl ParticipantCounts {
@@ -446,6 +458,7 @@ impl ParticipantCounts {
         let arr = text_array(pids)?;
         let pids = Text::new(&arr)?;
         let n = arr.len();
+        self.batches += 1;
         let mut i = 0;
         while i < n {
             if pids.is_null(i) {
@@ -460,6 +473,8 @@ impl ParticipantCounts {
             let (id, new) = self.ids.get_or_insert(pid)?;
             if new {
                 self.counts.push(0);
+            } else {
+                self.repeat_runs += 1;
             }
             let c = &mut self.counts[id as usize];
             *c = c.saturating_add(u32::try_from(end - i).unwrap_or(u32::MAX));
@@ -472,6 +487,18 @@ impl ParticipantCounts {
     pub fn participants(&self) -> usize {
         self.counts.len()
     }
+
+    /// Whether each participant's rows seem to come in one run. A run split by a batch
+    /// boundary counts as a repeat, so up to one repeat per batch is allowed.
+    pub fn grouped_by_participant(&self) -> bool {
+        self.repeat_runs <= self.batches && !self.scattered.load(Ordering::Relaxed)
+    }
+
+    /// Record that a query found a participant's rows in more than one run: later queries
+    /// on these counts send every participant with more than R rows through a reservoir.
+    pub fn mark_scattered(&self) {
+        self.scattered.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Where the rows of one participant go.
@@ -479,9 +506,15 @@ impl ParticipantCounts {
 enum Target {
     /// Known to have at most R rows: aggregated directly. Index into the counts.
     Direct(usize),
+    /// Known to have more than R rows in the table, and not seen yet in this query. Index
+    /// into the counts.
+    Known(usize),
     /// Through the reservoir with this unit index.
     Reservoir(usize),
 }
+
+/// Mark in `direct_seen` of a participant whose run was sampled on the spot.
+const SAMPLED: u32 = u32::MAX;
 
 /// A text column of one batch: Utf8, or Utf8View (how Parquet text is read).
 #[derive(Clone, Copy)]
@@ -586,14 +619,32 @@ fn downcast<T: 'static>(a: &ArrayRef) -> BResult<&T> {
 }
 
 /// Streaming bounder: feed batches with [`Bounder::push`], then [`Bounder::finish`].
+///
+/// Each batch is bounded in two passes. The first walks the participants' runs and decides
+/// which rows are kept now: rows of direct participants, and every row of a participant
+/// whose whole set of rows is one run inside this batch, sampled down to R on the spot
+/// (uniformly, as a reservoir would). Rows that are dropped, or that go into a reservoir,
+/// are sent to a spare "trash" group. The second pass folds the batch into the accumulators
+/// one aggregate at a time, without a branch per row.
+///
+/// A run is known to hold all of a participant's rows when the table's counting pass saw
+/// rows grouped by participant, the run lies strictly inside its batch (a row of someone
+/// else before and after it), and the participant has not been seen before. Batches are
+/// contiguous stretches of the table's rows, so the participant's rows cannot continue
+/// elsewhere. That is checked rather than trusted: a participant seen again after its run
+/// was sampled stops the query ([`Bounder::is_scattered`]), and the engine runs it again
+/// with every participant of more than R rows in a reservoir.
 pub(crate) struct Bounder {
     plan: BoundingPlan,
     /// Stride of each group column in the group index.
     strides: Vec<u32>,
     /// Rows per participant in the whole table, when known.
     counts: Arc<ParticipantCounts>,
-    /// Rows aggregated directly so far, per participant of `counts`.
+    /// Per participant of `counts`: rows aggregated directly so far, or [`SAMPLED`] once
+    /// its run was sampled on the spot.
     direct_seen: Vec<u32>,
+    /// Whether complete runs may be sampled on the spot (see above).
+    sample_runs: bool,
     /// Reservoir unit of each participant of `counts` that has one.
     known_units: FxHashMap<u32, u32>,
     /// Participants absent from `counts` (their reservoir unit has the same index).
@@ -603,13 +654,27 @@ pub(crate) struct Bounder {
     units: Vec<Unit>,
     arena: Arena,
     accs: Accumulators,
+    /// Group index of rows that are not folded in now (dropped, or kept in a reservoir).
+    trash: u32,
     rng: RandomBytes,
     stale: bool,
+    scattered: bool,
+    /// Participants whose run was sampled on the spot and had more than R rows.
+    truncated_runs: usize,
     /// The participant expected next: files are usually sorted by participant, in the order
     /// they were counted, so checking the next id first avoids most hash lookups.
     cursor: u32,
     /// Group index per row of the current batch (reused buffer).
     gidx: Vec<u32>,
+    /// Row positions of the run being sampled (reused buffer).
+    picks: Vec<u32>,
+    /// Per input column, whether each row of the batch has a value (reused buffers).
+    valid: Vec<Vec<bool>>,
+    /// Fixed-point values of one input column in a chunk of rows, per-lane and per-group
+    /// sums (reused buffers, see [`Bounder::fold_kept`]).
+    fixed: Vec<i64>,
+    lanes: Vec<i64>,
+    sums: Vec<i64>,
     /// With a `CountUnits` aggregate: the (participant, group) pairs already counted, the
     /// participant as `(0, counts index)` for direct ones and `(1, unit)` for reservoirs.
     units_seen: Option<FxHashSet<(u32, u32, u32)>>,
@@ -622,7 +687,8 @@ impl Bounder {
         Self::with_counts(plan, Arc::new(ParticipantCounts::default()))
     }
 
-    /// A bounder that aggregates participants with at most R rows in `counts` directly.
+    /// A bounder that aggregates participants with at most R rows in `counts` directly, and
+    /// samples the others' runs on the spot when `counts` saw rows grouped by participant.
     pub fn with_counts(mut plan: BoundingPlan, counts: Arc<ParticipantCounts>) -> Self {
         let cells = plan.layout();
         let mut strides = vec![0u32; plan.groups.len()];
@@ -643,6 +709,7 @@ impl Bounder {
         }
         Bounder {
             direct_seen: vec![0; counts.participants()],
+            sample_runs: counts.grouped_by_participant(),
             counts,
             plan,
             strides,
@@ -654,13 +721,28 @@ impl Bounder {
                 width,
                 ..Arena::default()
             },
+            trash: accs.trash(),
             accs,
             rng: RandomBytes::new(),
             stale: false,
+            scattered: false,
+            truncated_runs: 0,
             cursor: 0,
             gidx: Vec::new(),
+            picks: Vec::new(),
+            valid: Vec::new(),
+            fixed: Vec::new(),
+            lanes: Vec::new(),
+            sums: Vec::new(),
             units_seen,
         }
+    }
+
+    /// Send every participant with more than R rows through a reservoir, whatever the
+    /// counts saw: for inputs whose order is not the table's (partition selection).
+    pub fn without_run_sampling(mut self) -> Self {
+        self.sample_runs = false;
+        self
     }
 
     /// Heap bytes held by the bounding state (reservoir arena, participant index,
@@ -696,13 +778,23 @@ impl Bounder {
             + map(&self.known_units)
             + self.other_units.capacity() * size_of::<u32>()
             + self.units.capacity() * size_of::<Unit>()
-            + self.gidx.capacity() * size_of::<u32>()
+            + (self.gidx.capacity() + self.picks.capacity()) * size_of::<u32>()
+            + self.valid.iter().map(Vec::capacity).sum::<usize>()
+            + (self.fixed.capacity() + self.lanes.capacity() + self.sums.capacity())
+                * size_of::<i64>()
     }
 
     /// Whether the query stopped because a participant the counts said had at most R rows
     /// had more (the files changed). Recount and run the query again.
     pub fn is_stale(&self) -> bool {
         self.stale
+    }
+
+    /// Whether the query stopped because a participant whose run was sampled on the spot
+    /// had rows elsewhere too. Mark the counts ([`ParticipantCounts::mark_scattered`]) and
+    /// run the query again.
+    pub fn is_scattered(&self) -> bool {
+        self.scattered
     }
 
     /// Number of participants seen so far.
@@ -724,36 +816,37 @@ impl Bounder {
             if self.counts.counts[id as usize] as usize <= r {
                 return Ok(Target::Direct(id as usize));
             }
-        }
-        let next = self.units.len();
-        let (unit, new) = match known {
-            Some(id) => match self.known_units.get(&id) {
-                Some(&u) => (u as usize, false),
-                None => {
-                    self.known_units.insert(id, next as u32);
-                    (next, true)
-                }
-            },
-            None => {
-                let (i, new) = self.ids.get_or_insert(pid)?;
-                if new {
-                    self.other_units.push(next as u32);
-                    (next, true)
-                } else {
-                    (self.other_units[i as usize] as usize, false)
-                }
+            if self.direct_seen[id as usize] == SAMPLED {
+                self.scattered = true;
+                return Err(BoundError(
+                    "a participant's rows came in more than one run".into(),
+                ));
             }
-        };
-        if new {
-            if u32::try_from(next).is_err() {
-                return Err(BoundError("too many participants".into()));
-            }
-            self.units.push(Unit {
-                off: self.arena.rows(),
-                ..Unit::default()
+            return Ok(match self.known_units.get(&id) {
+                Some(&u) => Target::Reservoir(u as usize),
+                None => Target::Known(id as usize),
             });
         }
-        Ok(Target::Reservoir(unit))
+        let next = self.units.len();
+        let (i, new) = self.ids.get_or_insert(pid)?;
+        if !new {
+            return Ok(Target::Reservoir(self.other_units[i as usize] as usize));
+        }
+        self.other_units.push(next as u32);
+        self.new_unit()
+    }
+
+    /// A new, empty reservoir.
+    fn new_unit(&mut self) -> BResult<Target> {
+        let next = self.units.len();
+        if u32::try_from(next).is_err() {
+            return Err(BoundError("too many participants".into()));
+        }
+        self.units.push(Unit {
+            off: self.arena.rows(),
+            ..Unit::default()
+        });
+        Ok(Target::Reservoir(next))
     }
 
     /// Consume one batch of filtered, projected rows.
@@ -807,17 +900,20 @@ impl Bounder {
             });
         }
 
-        // Group index of every row, column by column (u32::MAX: dropped).
+        // Group index of every row, column by column. Rows whose key is NULL or outside the
+        // public domain (u32::MAX) are dropped before bounding: they never count towards R.
         let mut gidx = std::mem::take(&mut self.gidx);
         group_indices(&self.plan.groups, &self.strides, &keys, n, &mut gidx);
+        let trash = self.trash;
+        for g in gidx.iter_mut() {
+            *g = (*g).min(trash);
+        }
 
-        let mut row_vals = vec![0u64; vals.len()];
         let mut i = 0;
-        let result = loop {
-            if i >= n {
-                break Ok(());
-            }
+        let mut result = Ok(());
+        while i < n {
             if pids.is_null(i) {
+                gidx[i] = trash;
                 i += 1;
                 continue;
             }
@@ -828,86 +924,238 @@ impl Bounder {
             while end < n && !pids.is_null(end) && pids.same(i, end) {
                 end += 1;
             }
-            let target = match self.target(pid) {
-                Ok(t) => t,
-                Err(e) => break Err(e),
-            };
-            if let Err(e) = self.run(target, i..end, &gidx, &vals, &mut row_vals) {
-                break Err(e);
+            result = self.run(pid, i..end, n, &mut gidx, &vals);
+            if result.is_err() {
+                break;
             }
             i = end;
-        };
+        }
+        if result.is_ok() {
+            self.fold_kept(&gidx, &vals);
+        }
         self.gidx = gidx;
         result
     }
 
-    /// Bound the rows `rows` of one participant.
+    /// Bound the rows `rows` of one participant, in a batch of `n` rows: leave the rows kept
+    /// now in `gidx`, and send the others to the trash group.
     fn run(
         &mut self,
-        target: Target,
+        pid: &str,
         rows: std::ops::Range<usize>,
-        gidx: &[u32],
+        n: usize,
+        gidx: &mut [u32],
         vals: &[ValArray],
-        row_vals: &mut [u64],
     ) -> BResult<()> {
         let r = self.plan.max_rows;
-        for row in rows {
-            // Rows whose key is NULL or outside the public domain are dropped before
-            // bounding: they never count towards R.
-            let group = gidx[row];
-            if group == u32::MAX {
-                continue;
+        let trash = self.trash;
+        let inside = rows.start > 0 && rows.end < n;
+        let target = match self.target(pid)? {
+            Target::Known(id) if self.sample_runs && inside => {
+                self.direct_seen[id] = SAMPLED;
+                self.sample_run(rows.clone(), gidx)?;
+                self.count_units(0, id as u32, &gidx[rows]);
+                return Ok(());
             }
-            {
-                let mut nulls = 0u64;
-                for (k, v) in vals.iter().enumerate() {
-                    let (is_null, bits) = match v {
-                        ValArray::Int32(a) => (a.is_null(row), a.value(row) as i64 as u64),
-                        ValArray::Int64(a) => (a.is_null(row), a.value(row) as u64),
-                        // NaN counts as NULL everywhere (COUNT(col) and SUM alike), so a NaN
-                        // can never be counted yet contribute nothing to a centred sum.
-                        ValArray::Float64(a) => {
-                            let x = a.value(row);
-                            (a.is_null(row) || x.is_nan(), x.to_bits())
-                        }
-                        ValArray::Any(a) => (a.is_null(row), 0),
-                    };
-                    if is_null {
-                        nulls |= 1 << k;
-                    }
-                    row_vals[k] = bits;
+            Target::Known(id) => {
+                let unit = self.units.len() as u32;
+                self.known_units.insert(id as u32, unit);
+                self.new_unit()?
+            }
+            t => t,
+        };
+        match target {
+            Target::Direct(id) => {
+                let kept = gidx[rows.clone()].iter().filter(|&&g| g != trash).count();
+                let seen = &mut self.direct_seen[id];
+                *seen = seen.saturating_add(u32::try_from(kept).unwrap_or(u32::MAX));
+                if *seen as usize > r {
+                    self.stale = true;
+                    return Err(BoundError(
+                        "participant counts are stale: the table's files changed".into(),
+                    ));
                 }
-                match target {
-                    Target::Direct(id) => {
-                        let seen = &mut self.direct_seen[id];
-                        *seen += 1;
-                        if *seen as usize > r {
-                            self.stale = true;
-                            return Err(BoundError(
-                                "participant counts are stale: the table's files changed".into(),
-                            ));
-                        }
-                        let acc = self.accs.row(group);
-                        fold(&self.plan, acc, nulls, row_vals);
-                        if let Some(seen) = &mut self.units_seen {
-                            if seen.insert((0, id as u32, group)) {
-                                count_unit(&self.plan, acc);
-                            }
-                        }
+                self.count_units(0, id as u32, &gidx[rows]);
+            }
+            Target::Reservoir(u) => {
+                let mut row_vals = vec![0u64; vals.len()];
+                for row in rows {
+                    let group = gidx[row];
+                    if group == trash {
+                        continue;
                     }
-                    Target::Reservoir(u) => offer(
+                    let nulls = row_values(vals, row, &mut row_vals);
+                    offer(
                         &mut self.units[u],
                         &mut self.arena,
                         r,
                         group,
                         nulls,
-                        row_vals,
+                        &row_vals,
                         &mut self.rng,
-                    )?,
+                    )?;
+                    gidx[row] = trash;
                 }
+            }
+            Target::Known(_) => {
+                return Err(BoundError("participant without a reservoir".into()));
             }
         }
         Ok(())
+    }
+
+    /// Keep R rows of a participant's complete run, chosen uniformly at random among its
+    /// rows that are not dropped (a partial Fisher-Yates shuffle of their positions, with as
+    /// many draws as the smaller of the kept and the dropped rows), and trash the others.
+    fn sample_run(&mut self, rows: std::ops::Range<usize>, gidx: &mut [u32]) -> BResult<()> {
+        let r = self.plan.max_rows;
+        let trash = self.trash;
+        self.picks.clear();
+        self.picks
+            .extend(rows.filter(|&row| gidx[row] != trash).map(|row| row as u32));
+        let m = self.picks.len();
+        if m <= r {
+            return Ok(());
+        }
+        self.truncated_runs += 1;
+        // After k steps, picks[..k] is a uniform random k-subset of the positions.
+        let k = r.min(m - r);
+        for step in 0..k {
+            let j = step + self.rng.below((m - step) as u64)? as usize;
+            self.picks.swap(step, j);
+        }
+        let dropped = if k == r {
+            &self.picks[r..]
+        } else {
+            &self.picks[..k]
+        };
+        for &row in dropped {
+            gidx[row as usize] = trash;
+        }
+        Ok(())
+    }
+
+    /// With a `CountUnits` aggregate, count participant `(kind, id)` once in each group of
+    /// its kept rows `groups`.
+    fn count_units(&mut self, kind: u32, id: u32, groups: &[u32]) {
+        if let Some(seen) = &mut self.units_seen {
+            for &g in groups {
+                if g != self.trash && seen.insert((kind, id, g)) {
+                    count_unit(&self.plan, self.accs.row(g));
+                }
+            }
+        }
+    }
+
+    /// Fold the rows of a batch that are kept now (every row whose group is not the trash
+    /// group) into the accumulators, one aggregate at a time. Counts and sums are added up
+    /// per chunk of [`CHUNK`] rows in `i64` (see [`group_sums`]), then into the `i128`
+    /// accumulators.
+    fn fold_kept(&mut self, gidx: &[u32], vals: &[ValArray]) {
+        let Accumulators::Dense {
+            naggs,
+            present,
+            values,
+        } = &mut self.accs
+        else {
+            // A sparse group space: row by row.
+            let mut row_vals = vec![0u64; vals.len()];
+            for (row, &g) in gidx.iter().enumerate() {
+                if g != self.trash {
+                    let nulls = row_values(vals, row, &mut row_vals);
+                    fold(&self.plan, self.accs.row(g), nulls, &row_vals);
+                }
+            }
+            return;
+        };
+        let w = *naggs;
+        let groups = present.len();
+        let n = gidx.len();
+        // Which values are neither NULL nor NaN, once per input column.
+        let valid = &mut self.valid;
+        valid.resize_with(vals.len(), Vec::new);
+        for (v, out) in vals.iter().zip(valid.iter_mut()) {
+            not_null(v, n, out);
+        }
+        let (lanes, sums, fixed) = (&mut self.lanes, &mut self.sums, &mut self.fixed);
+        for (c, chunk) in gidx.chunks(CHUNK).enumerate() {
+            let rows = c * CHUNK..c * CHUNK + chunk.len();
+            group_sums(chunk, groups, lanes, sums, |_| 1);
+            for (p, &s) in present.iter_mut().zip(sums.iter()) {
+                *p |= s > 0;
+            }
+            let rows_per_group = sums.clone();
+            for (i, a) in self.plan.aggs.iter().enumerate() {
+                let cell = |g: usize| g * w + i;
+                match *a {
+                    AggPlan::CountRows => {
+                        for (g, &s) in rows_per_group.iter().enumerate() {
+                            values[cell(g)] += i128::from(s);
+                        }
+                    }
+                    // Counted once per participant and group while bounding.
+                    AggPlan::CountUnits => {}
+                    AggPlan::CountNonNull { slot } => {
+                        let ok = &valid[slot][rows.clone()];
+                        group_sums(chunk, groups, lanes, sums, |r| i64::from(ok[r]));
+                        for (g, &s) in sums.iter().enumerate() {
+                            values[cell(g)] += i128::from(s);
+                        }
+                    }
+                    AggPlan::SumFixed {
+                        slot,
+                        precision,
+                        lo_fp,
+                        hi_fp,
+                    } => {
+                        let ok = &valid[slot][rows.clone()];
+                        fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                        // |fp| <= 1e15, so a chunk's sum fits in i64.
+                        group_sums(chunk, groups, lanes, sums, |r| fixed[r] & -i64::from(ok[r]));
+                        for (g, &s) in sums.iter().enumerate() {
+                            let c = &mut values[cell(g)];
+                            *c = c.saturating_add(i128::from(s));
+                        }
+                    }
+                    AggPlan::SumSquaresFixed {
+                        slot,
+                        precision,
+                        lo_fp,
+                        hi_fp,
+                        mid_fp,
+                    } => {
+                        let ok = &valid[slot][rows.clone()];
+                        fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                        for (r, &g) in chunk.iter().enumerate() {
+                            if ok[r] {
+                                // |fp - mid| <= 2e12 (validated), so the square fits.
+                                let d = i128::from(fixed[r]).saturating_sub(mid_fp);
+                                let c = &mut values[cell(g as usize)];
+                                *c = c.saturating_add(d.saturating_mul(d));
+                            }
+                        }
+                    }
+                    AggPlan::Histogram {
+                        slot,
+                        precision,
+                        lo_fp,
+                        hi_fp,
+                        grid,
+                        offset,
+                    } => {
+                        let ok = &valid[slot][rows.clone()];
+                        fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                        for (r, &g) in chunk.iter().enumerate() {
+                            if ok[r] {
+                                let g = g as usize;
+                                values[cell(g)] += 1;
+                                values[g * w + offset + grid.bin_of(i128::from(fixed[r]))] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Fold the reservoirs into the per-group accumulators and build the response batch.
@@ -919,6 +1167,7 @@ impl Bounder {
             arena,
             mut accs,
             mut units_seen,
+            truncated_runs,
             ..
         } = self;
         let w = arena.width;
@@ -935,10 +1184,11 @@ impl Bounder {
                 }
             }
         }
-        let truncated = units
-            .iter()
-            .filter(|u| u.seen > plan.max_rows as u64)
-            .count();
+        let truncated = truncated_runs
+            + units
+                .iter()
+                .filter(|u| u.seen > plan.max_rows as u64)
+                .count();
         let (keys, values) = accs.into_sorted();
         let out = build_output(&plan, &strides, &keys, &values)?;
         let schema = out.schema().as_ref().clone().with_metadata(
@@ -948,6 +1198,108 @@ impl Bounder {
         );
         out.with_schema(Arc::new(schema))
             .map_err(|e| BoundError(e.to_string()))
+    }
+}
+
+/// The values of row `row` into `out` as stored in a reservoir (integers as i64 bits,
+/// floats as f64 bits), and its NULL mask (bit k: slot k is NULL, or NaN).
+#[inline]
+fn row_values(vals: &[ValArray], row: usize, out: &mut [u64]) -> u64 {
+    let mut nulls = 0u64;
+    for (k, v) in vals.iter().enumerate() {
+        let (is_null, bits) = match v {
+            ValArray::Int32(a) => (a.is_null(row), a.value(row) as i64 as u64),
+            ValArray::Int64(a) => (a.is_null(row), a.value(row) as u64),
+            // NaN counts as NULL everywhere (COUNT(col) and SUM alike), so a NaN can never
+            // be counted yet contribute nothing to a centred sum.
+            ValArray::Float64(a) => {
+                let x = a.value(row);
+                (a.is_null(row) || x.is_nan(), x.to_bits())
+            }
+            ValArray::Any(a) => (a.is_null(row), 0),
+        };
+        if is_null {
+            nulls |= 1 << k;
+        }
+        out[k] = bits;
+    }
+    nulls
+}
+
+/// Rows folded per chunk: with values within ±1e15, a chunk's sum fits in an `i64`.
+const CHUNK: usize = 8192;
+
+/// Interleaved copies of the per-group sums in [`group_sums`].
+const LANES: usize = 4;
+
+/// Per group `g`, the sum of `f(r)` over the rows `r` of `chunk` whose group is `g`, into
+/// `out[g]`. Consecutive rows add into different copies of the groups (`LANES` of them),
+/// so that rows of the same group do not each wait for the previous addition.
+#[inline]
+fn group_sums(
+    chunk: &[u32],
+    groups: usize,
+    lanes: &mut Vec<i64>,
+    out: &mut Vec<i64>,
+    f: impl Fn(usize) -> i64,
+) {
+    lanes.clear();
+    lanes.resize(groups * LANES, 0);
+    let mut quads = chunk.chunks_exact(LANES);
+    let mut base = 0;
+    for quad in &mut quads {
+        for (l, &g) in quad.iter().enumerate() {
+            lanes[g as usize * LANES + l] += f(base + l);
+        }
+        base += LANES;
+    }
+    for (l, &g) in quads.remainder().iter().enumerate() {
+        lanes[g as usize * LANES + l] += f(base + l);
+    }
+    out.clear();
+    out.extend(lanes.chunks_exact(LANES).map(|c| c.iter().sum::<i64>()));
+}
+
+/// Whether each of the first `n` values of `v` is neither NULL nor NaN, into `out`.
+fn not_null(v: &ValArray, n: usize, out: &mut Vec<bool>) {
+    out.clear();
+    let nulls = match v {
+        ValArray::Int32(a) => a.nulls(),
+        ValArray::Int64(a) => a.nulls(),
+        ValArray::Float64(a) => a.nulls(),
+        // Only NULL-ness is kept: no value to sum.
+        ValArray::Any(a) => a.nulls(),
+    };
+    match nulls {
+        None => out.resize(n, true),
+        Some(b) => out.extend(b.iter().take(n)),
+    }
+    if let ValArray::Float64(a) = v {
+        for (ok, x) in out.iter_mut().zip(a.values().iter()) {
+            *ok &= !x.is_nan();
+        }
+    }
+}
+
+/// The clamped fixed-point value of each row of `rows` of `v` into `fixed`, as
+/// [`fixed_value`] does row by row. NULL, NaN and a column with no values give some value
+/// within the bounds, which the caller masks with [`not_null`].
+fn fixed_column(
+    v: &ValArray,
+    rows: std::ops::Range<usize>,
+    precision: f64,
+    lo_fp: f64,
+    hi_fp: f64,
+    fixed: &mut Vec<i64>,
+) {
+    fixed.clear();
+    let (lo, hi) = (lo_fp as i64, hi_fp as i64);
+    let fp = |x: f64| round_clamp(x / precision, lo, hi);
+    match v {
+        ValArray::Int32(a) => fixed.extend(a.values()[rows].iter().map(|&x| fp(f64::from(x)))),
+        ValArray::Int64(a) => fixed.extend(a.values()[rows].iter().map(|&x| fp(x as f64))),
+        ValArray::Float64(a) => fixed.extend(a.values()[rows].iter().map(|&x| fp(x))),
+        ValArray::Any(_) => fixed.resize(rows.len(), 0),
     }
 }
 
@@ -1060,16 +1412,28 @@ impl Accumulators {
             _ => 1,
         };
         if n_groups.saturating_mul(naggs.max(1)) <= DENSE_CELLS {
+            // One more group, the last: the trash group of rows not folded in.
             Accumulators::Dense {
                 naggs,
-                present: vec![false; n_groups],
-                values: vec![0; n_groups * naggs],
+                present: vec![false; n_groups + 1],
+                values: vec![0; (n_groups + 1) * naggs],
             }
         } else {
             Accumulators::Sparse {
                 naggs,
                 map: FxHashMap::default(),
             }
+        }
+    }
+
+    /// The group index of rows that are not folded in: one past the last group when dense
+    /// (a spare row, never output), else `u32::MAX` (never folded).
+    fn trash(&self) -> u32 {
+        match self {
+            Accumulators::Dense { present, .. } => {
+                u32::try_from(present.len() - 1).unwrap_or(u32::MAX)
+            }
+            Accumulators::Sparse { .. } => u32::MAX,
         }
     }
 
@@ -1107,7 +1471,8 @@ impl Accumulators {
             } => {
                 let mut keys = Vec::new();
                 let mut out = Vec::new();
-                for (g, &p) in present.iter().enumerate() {
+                let groups = present.len() - 1;
+                for (g, &p) in present[..groups].iter().enumerate() {
                     if p {
                         keys.push(g as u32);
                         out.extend_from_slice(&values[g * naggs..(g + 1) * naggs]);
@@ -1129,21 +1494,34 @@ impl Accumulators {
 /// `clamp(round(v / precision), lo_fp, hi_fp)`, rounding half away from zero; `None` for
 /// NaN (treated as NULL). `lo_fp` and `hi_fp` are integers within ±1e15.
 pub(crate) fn to_fixed(v: f64, precision: f64, lo_fp: f64, hi_fp: f64) -> Option<i128> {
+    to_fixed_i64(v, precision, lo_fp, hi_fp).map(i128::from)
+}
+
+/// [`to_fixed`] as an `i64` (the clamped value is within ±1e15).
+#[inline]
+fn to_fixed_i64(v: f64, precision: f64, lo_fp: f64, hi_fp: f64) -> Option<i64> {
     let q = v / precision;
     if q.is_nan() {
         return None;
     }
-    // Clamping to one step beyond the bounds first keeps `q` well inside i64 (and ±inf
-    // finite) and does not change the result: anything beyond rounds to beyond, then clamps.
-    // `max`/`min` rather than `clamp` so that this can never panic.
-    let q = q.max(lo_fp - 1.0).min(hi_fp + 1.0);
-    // Round half away from zero without a libm call: `q - trunc(q)` is exact below 2^52.
-    let t = q as i64;
+    Some(round_clamp(q, lo_fp as i64, hi_fp as i64))
+}
+
+/// `clamp(round(q), lo, hi)`, rounding half away from zero, without a branch or a libm
+/// call (a branch on the fraction, random per row, would mispredict). NaN gives a value in
+/// `[lo, hi]`: callers treat NaN as NULL before.
+#[inline]
+fn round_clamp(q: f64, lo: i64, hi: i64) -> i64 {
+    // The conversion saturates (NaN gives 0); clamping to one step beyond the bounds
+    // changes nothing within them (trunc(q) stays inside), and keeps what follows far from
+    // overflow: anything beyond rounds to beyond, then clamps.
+    let t = (q as i64)
+        .max(lo.saturating_sub(1))
+        .min(hi.saturating_add(1));
+    // Exact below 2^52; from 2^52 on, `q` is an integer.
     let frac = q - t as f64;
-    // Without branches: the fraction is random per row, so a branch would mispredict.
     let r = t + i64::from(frac >= 0.5) - i64::from(frac <= -0.5);
-    let r = (r as f64).max(lo_fp).min(hi_fp) as i64;
-    Some(i128::from(r))
+    r.max(lo).min(hi)
 }
 
 /// Group index of each of the `n` rows into `out` (`u32::MAX` where a key is NULL or
@@ -1484,6 +1862,29 @@ mod tests {
         assert_eq!(to_fixed(2.49, 1.0, -10.0, 10.0), Some(2));
         assert_eq!(to_fixed(-2.49, 1.0, -10.0, 10.0), Some(-2));
         assert_eq!(to_fixed(-0.4, 1.0, -10.0, 10.0), Some(0));
+        // Far beyond the bounds and beyond i64, both ways, and the widest bounds.
+        assert_eq!(f(1e300), Some(10000));
+        assert_eq!(f(-1e300), Some(0));
+        assert_eq!(f(9.3e18 * 0.01), Some(10000));
+        assert_eq!(f(-9.3e18 * 0.01), Some(0));
+        let wide = |v| to_fixed(v, 1.0, -1e15, 1e15);
+        assert_eq!(wide(999_999_999_999_999.4), Some(999_999_999_999_999));
+        assert_eq!(wide(-999_999_999_999_999.5), Some(-1_000_000_000_000_000));
+        assert_eq!(wide(4_503_599_627_370_497.0), Some(1_000_000_000_000_000));
+        assert_eq!(wide(-1e16), Some(-1_000_000_000_000_000));
+        // The column conversion gives the same values as the row one.
+        let xs = Float64Array::from(vec![5.5, 3.333, -1.0, 1e300, -0.005, 0.005, 99.995]);
+        let mut col = Vec::new();
+        fixed_column(
+            &ValArray::Float64(&xs),
+            0..xs.len(),
+            0.01,
+            0.0,
+            10000.0,
+            &mut col,
+        );
+        let rows: Vec<i64> = xs.values().iter().map(|&x| f(x).unwrap() as i64).collect();
+        assert_eq!(col, rows);
     }
 
     /// Each of n = 10 rows offered to a reservoir of R = 3 must be kept with probability
@@ -2064,5 +2465,195 @@ mod tests {
         let out = b.finish().unwrap();
         assert_eq!(out.num_rows(), 1);
         assert_eq!(out.num_columns(), 3);
+    }
+
+    /// A batch `[q, p × 10, s]` with `x = 2^position` on p's rows (NULL on the others), so
+    /// that the sum of `x` in the output says which of p's rows were kept.
+    fn one_run_batch() -> RecordBatch {
+        let mut pids = vec![Some("q")];
+        pids.extend([Some("p"); 10]);
+        pids.push(Some("s"));
+        let mut xs = vec![None];
+        xs.extend((0..10).map(|pos| Some(1i64 << pos)));
+        xs.push(None);
+        input(&pids, &[Some("A"); 12], &xs)
+    }
+
+    fn wide_sum_plan(r: usize) -> BoundingPlan {
+        let mut p = plan(r);
+        p.aggs = vec![
+            AggPlan::CountRows,
+            AggPlan::SumFixed {
+                slot: 0,
+                precision: 1.0,
+                lo_fp: 0.0,
+                hi_fp: 1e12,
+            },
+        ];
+        p
+    }
+
+    /// A participant whose rows are one run inside a batch is sampled on the spot, without a
+    /// reservoir, and keeps every position with probability R/10: 3/10 when R draws pick
+    /// the kept rows, 7/10 when 10 − R draws pick the dropped ones. With T = 20000 trials
+    /// per R, Hoeffding gives P(|p̂ − p| ≥ 0.025) ≤ 2 exp(−25) per position; with a union
+    /// bound over the 20 positions the false-failure probability is below 6e-10.
+    #[test]
+    fn complete_runs_are_sampled_on_the_spot_uniformly() {
+        const T: usize = 20_000;
+        let batch = one_run_batch();
+        let counts = counts_of(&[&batch]);
+        assert!(counts.grouped_by_participant());
+        for r in [3usize, 7] {
+            let mut kept = [0usize; 10];
+            for _ in 0..T {
+                let mut b = Bounder::with_counts(wide_sum_plan(r), Arc::clone(&counts));
+                b.push(&batch).unwrap();
+                assert!(b.units.is_empty());
+                let out = b.finish().unwrap();
+                assert_eq!(out.schema().metadata()[META_TRUNCATED_UNITS], "1");
+                let rows = out.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+                // q and s (one row each, direct) and R of p's rows.
+                assert_eq!(rows.value(0), 2 + r as i64);
+                let sum = out
+                    .column(2)
+                    .as_primitive::<arrow::datatypes::Decimal128Type>();
+                let bits = sum.value(0);
+                assert_eq!(bits.count_ones() as usize, r);
+                for (pos, k) in kept.iter_mut().enumerate() {
+                    *k += usize::from(bits & (1 << pos) != 0);
+                }
+            }
+            let want = r as f64 / 10.0;
+            for (pos, &k) in kept.iter().enumerate() {
+                let p = k as f64 / T as f64;
+                assert!(
+                    (p - want).abs() < 0.025,
+                    "R = {r}: position {pos} kept with frequency {p}"
+                );
+            }
+        }
+    }
+
+    /// A participant seen again after its run was sampled stops the bounder as scattered;
+    /// once the counts are marked, the same input goes through reservoirs and R holds.
+    #[test]
+    fn a_participant_seen_after_its_sampled_run_stops_the_bounder() {
+        let b1 = one_run_batch();
+        let b2 = input(
+            &[Some("t"), Some("p"), Some("p"), Some("u")],
+            &[Some("A"); 4],
+            &[None, Some(1 << 10), Some(1 << 11), None],
+        );
+        let counts = counts_of(&[&b1, &b2]);
+        // One repeat run (p) in two batches: still looks grouped by participant.
+        assert!(counts.grouped_by_participant());
+        let mut b = Bounder::with_counts(wide_sum_plan(3), Arc::clone(&counts));
+        b.push(&b1).unwrap();
+        assert!(b.push(&b2).is_err());
+        assert!(b.is_scattered());
+        assert!(!b.is_stale());
+
+        counts.mark_scattered();
+        assert!(!counts.grouped_by_participant());
+        for _ in 0..50 {
+            let mut b = Bounder::with_counts(wide_sum_plan(3), Arc::clone(&counts));
+            b.push(&b1).unwrap();
+            b.push(&b2).unwrap();
+            assert_eq!(b.units.len(), 1);
+            let out = b.finish().unwrap();
+            let rows = out.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+            // q, s, t and u (direct) and 3 of p's 12 rows.
+            assert_eq!(rows.value(0), 4 + 3);
+            let sum = out
+                .column(2)
+                .as_primitive::<arrow::datatypes::Decimal128Type>();
+            assert_eq!(sum.value(0).count_ones(), 3);
+        }
+    }
+
+    /// Counts of rows that interleave participants never let a run be sampled on the spot.
+    #[test]
+    fn interleaved_counts_keep_every_heavy_participant_in_a_reservoir() {
+        let pids = [
+            Some("a"),
+            Some("p"),
+            Some("q"),
+            Some("p"),
+            Some("q"),
+            Some("b"),
+        ];
+        let batch = input(&pids, &[Some("A"); 6], &[Some(1); 6]);
+        let counts = counts_of(&[&batch]);
+        assert!(!counts.grouped_by_participant());
+        let mut b = Bounder::with_counts(plan(1), counts);
+        b.push(&batch).unwrap();
+        assert_eq!(b.units.len(), 2);
+        let out = b.finish().unwrap();
+        assert_eq!(out_rows(&out)[0].1, 4);
+    }
+
+    /// Runs sampled on the spot with at most R kept rows (after the filter and the dropped
+    /// keys) are aggregated exactly: the same answer as every participant in a reservoir.
+    /// NULL and out-of-domain keys do not count towards R, and a NULL participant ends a run.
+    #[test]
+    fn sampled_runs_within_r_are_exact() {
+        // Counted over the unfiltered table: p1, p2, p3 with 5 rows each, R = 3.
+        let full_pids: Vec<Option<&str>> = ["p1", "p2", "p3"]
+            .iter()
+            .flat_map(|p| [Some(*p); 5])
+            .collect();
+        let full = input(&full_pids, &[Some("A"); 15], &[Some(1); 15]);
+        let counts = counts_of(&[&full]);
+        // After a filter: p1 at the start and p3 at the end (reservoirs), p2 inside with
+        // five rows of which three have a key in the domain, then a NULL participant.
+        let filtered = input(
+            &[
+                Some("p1"),
+                Some("p1"),
+                Some("p2"),
+                Some("p2"),
+                Some("p2"),
+                Some("p2"),
+                Some("p2"),
+                None,
+                Some("p3"),
+            ],
+            &[
+                Some("A"),
+                Some("B"),
+                Some("A"),
+                None,
+                Some("C"),
+                Some("B"),
+                Some("A"),
+                Some("A"),
+                Some("B"),
+            ],
+            &[
+                Some(1),
+                Some(2),
+                Some(3),
+                Some(100),
+                Some(100),
+                None,
+                Some(5),
+                Some(100),
+                Some(7),
+            ],
+        );
+        let mut sampled = Bounder::with_counts(plan(3), counts);
+        sampled.push(&filtered).unwrap();
+        assert_eq!(sampled.units.len(), 2);
+        let mut reservoir = Bounder::new(plan(3));
+        reservoir.push(&filtered).unwrap();
+        let (s, r) = (sampled.finish().unwrap(), reservoir.finish().unwrap());
+        assert_eq!(s.schema().metadata()[META_TRUNCATED_UNITS], "0");
+        assert_eq!(s.columns(), r.columns());
+        // A: 1 + 3 + 5; B: 2 + NULL + 7.
+        assert_eq!(
+            out_rows(&s),
+            vec![("A".into(), 3, 3, 9), ("B".into(), 3, 2, 9)]
+        );
     }
 }

@@ -234,9 +234,12 @@ impl NodeEngine {
                 failed(e)
             }
         };
-        // At most two attempts: the second after recounting rows per participant, if the
-        // first found the counts stale (the files changed since they were taken).
-        for attempt in 0..2 {
+        // A stale count (the files changed since they were taken) is retried once, after
+        // recounting rows per participant; a participant found in more than one run is
+        // retried with every participant of more than R rows in a reservoir (see
+        // `Bounder`). Each can happen once per set of counts.
+        let mut recounted = false;
+        for _attempt in 0..4 {
             let Prepared {
                 mut plan,
                 state,
@@ -247,6 +250,8 @@ impl NodeEngine {
             } = self.prepare(req)?;
             // Open group keys: bound each participant to G groups first (see `selection`);
             // the bounder then sees one Int64 key numbering the observed groups.
+            // Partition selection reorders rows: no run is sampled on the spot.
+            let in_table_order = selection.is_none();
             let (state, logical, dict) = match selection {
                 None => (state, logical, None),
                 Some((sel, df, n_cols)) => {
@@ -299,13 +304,21 @@ impl NodeEngine {
             let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
             let mut stream = execute_stream(physical, task).map_err(exec_err)?;
             let reservation = MemoryConsumer::new("fedq bounding").register(&pool);
-            let mut bounder = Bounder::with_counts(plan, counts);
+            let mut bounder = Bounder::with_counts(plan, Arc::clone(&counts));
+            if !in_table_order {
+                bounder = bounder.without_run_sampling();
+            }
             let mut stale = false;
+            let mut scattered = false;
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(exec_err)?;
                 if let Err(e) = bounder.push(&batch) {
-                    if bounder.is_stale() && attempt == 0 {
+                    if bounder.is_stale() && !recounted {
                         stale = true;
+                        break;
+                    }
+                    if bounder.is_scattered() {
+                        scattered = true;
                         break;
                     }
                     return Err(internal(e));
@@ -314,7 +327,17 @@ impl NodeEngine {
                     .try_resize(bounder.memory_bytes())
                     .map_err(|e| out_of_memory(e.to_string()))?;
             }
+            if scattered {
+                tracing::info!(
+                    site = %self.site,
+                    table = %req.table,
+                    "a participant's rows are not in one run; rerunning with reservoirs"
+                );
+                counts.mark_scattered();
+                continue;
+            }
             if stale {
+                recounted = true;
                 tracing::warn!(
                     site = %self.site,
                     table = %req.table,

@@ -370,6 +370,42 @@ async fn bounding_samples_uniformly() {
     assert!((p - 0.25).abs() < 0.052, "fraction in A = {p}");
 }
 
+/// A participant whose rows are split between two files: the first run is sampled on the
+/// spot, the second reveals it, and the query is rerun with reservoirs, so the participant
+/// still contributes exactly R rows (sampling both runs would have let it give 2R).
+#[tokio::test]
+async fn a_participant_split_across_files_still_gives_at_most_r_rows() {
+    let fx = Fixture::new();
+    let extra = batch(vec![
+        ("pid", Arc::new(StringArray::from(vec!["u000"; 6]))),
+        ("grp", Arc::new(StringArray::from(vec!["A"; 6]))),
+        ("x", Arc::new(Int64Array::from(vec![1i64; 6]))),
+    ]);
+    write_parquet(&fx.dir.path().join("bulk").join("part-1.parquet"), &extra);
+    let e = NodeEngine::new(&fx.config()).await.unwrap();
+    let only = Predicate::InList {
+        input: Box::new(col("pid")),
+        list: ["s1", "u000", "u001"]
+            .iter()
+            .map(|p| lit(Literal::Utf8(p.to_string())))
+            .collect(),
+        negated: false,
+    };
+    for _ in 0..10 {
+        let req = request(
+            "bulk",
+            &["grp"],
+            vec![AggregateRequest::CountRows],
+            5,
+            Some(only.clone()),
+        );
+        let out = e.execute(&req).await.unwrap();
+        let total: i128 = rows(&out, 1).iter().map(|r| r.1[0]).sum();
+        // s1: its 3 rows; u000 (46 rows) and u001 (40): 5 each.
+        assert_eq!(total, 3 + 5 + 5);
+    }
+}
+
 fn assert_refused(r: Result<(), NodeError>, needle: &str) {
     match r {
         Err(NodeError::Refused(m)) => assert!(m.contains(needle), "{needle:?} not in {m:?}"),
