@@ -75,8 +75,71 @@ pub(crate) struct GroupCol {
     /// Public domain, deduplicated, in catalog order.
     pub values: Vec<PublicValue>,
     index: DomainIndex,
+    /// With a small text domain whose values all fit inside a view: a hash table of the
+    /// views, the fast path of [`group_indices`].
+    views: Option<ViewTable>,
     /// Position in the projected batch.
     pub proj: usize,
+}
+
+/// A collision-free hash table from inline string views to domain indices: one multiply
+/// and one comparison per row, without a branch. Equal inline views are equal strings
+/// (length and zero-padded bytes), and a longer string's view has another length, so a
+/// view matches a slot only if it is that domain value.
+#[derive(Debug)]
+struct ViewTable {
+    /// `(view, index)`; `u128::MAX` (the view of no string) where empty.
+    slots: Vec<(u128, u32)>,
+    mul: u64,
+    shift: u32,
+}
+
+impl ViewTable {
+    /// A table for `views` (distinct inline views), found by trying multipliers; `None` if
+    /// none is collision-free within 256 slots (never for up to 16 values in practice).
+    fn new(views: &[u128]) -> Option<ViewTable> {
+        let min_bits = (views.len() * 2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(1);
+        for bits in min_bits..=8 {
+            let mut mul: u64 = 0x9E37_79B9_7F4A_7C15;
+            for _ in 0..256 {
+                let mut slots = vec![(u128::MAX, u32::MAX); 1 << bits];
+                let shift = 64 - bits;
+                let fits = views.iter().enumerate().all(|(k, &v)| {
+                    let slot = &mut slots[Self::hash(v, mul, shift)];
+                    if slot.0 == u128::MAX {
+                        *slot = (v, k as u32);
+                        true
+                    } else {
+                        slot.0 == v
+                    }
+                });
+                if fits {
+                    return Some(ViewTable { slots, mul, shift });
+                }
+                mul = mul.wrapping_add(0x6A09_E667_F3BC_C909) | 1;
+            }
+        }
+        None
+    }
+
+    #[inline]
+    fn hash(v: u128, mul: u64, shift: u32) -> usize {
+        ((v as u64 ^ (v >> 64) as u64).wrapping_mul(mul) >> shift) as usize
+    }
+
+    /// The domain index of a view, or `u32::MAX`.
+    #[inline]
+    fn get(&self, v: u128) -> u32 {
+        let (d, k) = self.slots[Self::hash(v, self.mul, self.shift)];
+        if d == v {
+            k
+        } else {
+            u32::MAX
+        }
+    }
 }
 
 impl GroupCol {
@@ -134,11 +197,18 @@ impl GroupCol {
                     .collect(),
             ),
         };
+        let views = match &index {
+            DomainIndex::Utf8Small(vals) if vals.iter().all(|(_, d)| *d != u128::MAX) => {
+                ViewTable::new(&vals.iter().map(|(_, d)| *d).collect::<Vec<_>>())
+            }
+            _ => None,
+        };
         GroupCol {
             name,
             ty,
             values,
             index,
+            views,
             proj,
         }
     }
@@ -1538,19 +1608,13 @@ fn group_indices(
     for ((g, key), &stride) in groups.iter().zip(keys).zip(strides) {
         match (key, &g.index) {
             // The most common case, branch-free: no NULL keys and every domain value short
-            // enough to be inlined in its view. Equal inline views are equal strings (length
-            // and zero-padded bytes), and a longer value's view has another length, so
-            // comparing each view with every domain view finds the index without a branch
-            // per comparison (a search mispredicts on every row).
-            (KeyArray::Utf8(Text::View(arr)), DomainIndex::Utf8Small(vals))
-                if arr.null_count() == 0 && vals.iter().all(|(_, d)| *d != u128::MAX) =>
-            {
+            // enough to be inlined in its view, looked up in the views' hash table (a
+            // search would mispredict on every row).
+            (KeyArray::Utf8(Text::View(arr)), _) if arr.null_count() == 0 && g.views.is_some() => {
+                let Some(table) = &g.views else { continue };
                 let views = &arr.views()[..n];
                 for (idx, &v) in out.iter_mut().zip(views) {
-                    let mut p = u32::MAX;
-                    for (k, (_, d)) in vals.iter().enumerate() {
-                        p = if *d == v { k as u32 } else { p };
-                    }
+                    let p = table.get(v);
                     *idx = if *idx == u32::MAX || p == u32::MAX {
                         u32::MAX
                     } else {
@@ -1841,6 +1905,29 @@ mod tests {
                     &mut out,
                 );
                 assert_eq!(&out, want);
+            }
+        }
+    }
+
+    /// The views' hash table finds every value of domains of up to 16 short, similar
+    /// values, and nothing else (prefixes, extensions, other lengths, long strings).
+    #[test]
+    fn view_tables_find_exactly_their_domain() {
+        for n in 1..=16 {
+            let domain: Vec<String> = (0..n).map(|k| format!("v{k:02}")).collect();
+            let views: Vec<u128> = domain
+                .iter()
+                .map(|s| make_view(s.as_bytes(), 0, 0))
+                .collect();
+            let table = ViewTable::new(&views).expect("a table for a small domain");
+            for (k, v) in views.iter().enumerate() {
+                assert_eq!(table.get(*v), k as u32);
+            }
+            for other in ["v", "v0", "v000", "v16", "w00", "", "a much longer string"] {
+                let v = make_view(other.as_bytes(), 0, 0);
+                if !domain.iter().any(|d| d == other) {
+                    assert_eq!(table.get(v), u32::MAX, "{other}");
+                }
             }
         }
     }
