@@ -1342,7 +1342,16 @@ fn not_null(v: &ValArray, n: usize, out: &mut Vec<bool>) {
     };
     match nulls {
         None => out.resize(n, true),
-        Some(b) => out.extend(b.iter().take(n)),
+        Some(b) => {
+            // 64 validity bits at a time, without a branch per row.
+            let chunks = b.inner().bit_chunks();
+            for c in chunks.iter() {
+                out.extend((0..64).map(|k| (c >> k) & 1 == 1));
+            }
+            let rem = chunks.remainder_bits();
+            out.extend((0..chunks.remainder_len()).map(|k| (rem >> k) & 1 == 1));
+            out.resize(n, false);
+        }
     }
     if let ValArray::Float64(a) = v {
         for (ok, x) in out.iter_mut().zip(a.values().iter()) {
@@ -2513,6 +2522,29 @@ mod tests {
             let rows_out = out_rows(&out.project(&[0, 1, 3, 4]).unwrap());
             assert_eq!(rows_out[0], ("A".into(), 4, 3, 9));
             assert_eq!(rows_out[1], ("B".into(), 3, 3, 15));
+        }
+    }
+
+    /// Validity read 64 bits at a time matches `is_null` row by row, on sliced arrays (a
+    /// bit offset) of lengths around the chunk size, with NaN as not valid.
+    #[test]
+    fn validity_in_bit_chunks_matches_rows() {
+        let xs: Vec<Option<f64>> = (0..300)
+            .map(|i| match i % 7 {
+                0 | 3 => None,
+                5 => Some(f64::NAN),
+                _ => Some(i as f64),
+            })
+            .collect();
+        let all = Float64Array::from(xs);
+        for (off, len) in [(0, 300), (3, 64), (5, 65), (13, 127), (1, 1), (70, 0), (9, 200)] {
+            let a = all.slice(off, len);
+            let mut out = Vec::new();
+            not_null(&ValArray::Float64(&a), len, &mut out);
+            let want: Vec<bool> = (0..len)
+                .map(|i| !a.is_null(i) && !a.value(i).is_nan())
+                .collect();
+            assert_eq!(out, want, "offset {off}, length {len}");
         }
     }
 
