@@ -272,6 +272,47 @@ pub(crate) enum AggPlan {
     },
 }
 
+impl AggPlan {
+    /// The value slot the aggregate reads, if any.
+    fn input(&self) -> Option<usize> {
+        match *self {
+            AggPlan::CountRows | AggPlan::CountUnits => None,
+            AggPlan::CountNonNull { slot }
+            | AggPlan::SumFixed { slot, .. }
+            | AggPlan::SumSquaresFixed { slot, .. }
+            | AggPlan::Histogram { slot, .. } => Some(slot),
+        }
+    }
+
+    /// For aggregates of clamped fixed-point values: the slot, the precision and the
+    /// bounds in fixed point.
+    fn fixed_input(&self) -> Option<(usize, f64, f64, f64)> {
+        match *self {
+            AggPlan::SumFixed {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+            }
+            | AggPlan::SumSquaresFixed {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+                ..
+            }
+            | AggPlan::Histogram {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+                ..
+            } => Some((slot, precision, lo_fp, hi_fp)),
+            _ => None,
+        }
+    }
+}
+
 /// The shape of one bounding run.
 #[derive(Debug)]
 pub(crate) struct BoundingPlan {
@@ -1157,6 +1198,15 @@ impl Bounder {
             let rows_per_group = sums.clone();
             for (i, a) in self.plan.aggs.iter().enumerate() {
                 let cell = |g: usize| g * w + i;
+                // The aggregate's input column: which rows have a value, and, for sums and
+                // histograms, their clamped fixed-point values.
+                let ok: &[bool] = match a.input() {
+                    Some(slot) => &valid[slot][rows.clone()],
+                    None => &[],
+                };
+                if let Some((slot, precision, lo_fp, hi_fp)) = a.fixed_input() {
+                    fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                }
                 match *a {
                     AggPlan::CountRows => {
                         for (g, &s) in rows_per_group.iter().enumerate() {
@@ -1165,21 +1215,13 @@ impl Bounder {
                     }
                     // Counted once per participant and group while bounding.
                     AggPlan::CountUnits => {}
-                    AggPlan::CountNonNull { slot } => {
-                        let ok = &valid[slot][rows.clone()];
+                    AggPlan::CountNonNull { .. } => {
                         group_sums(chunk, groups, lanes, sums, |r| i64::from(ok[r]));
                         for (g, &s) in sums.iter().enumerate() {
                             values[cell(g)] += i128::from(s);
                         }
                     }
-                    AggPlan::SumFixed {
-                        slot,
-                        precision,
-                        lo_fp,
-                        hi_fp,
-                    } => {
-                        let ok = &valid[slot][rows.clone()];
-                        fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                    AggPlan::SumFixed { .. } => {
                         // |fp| <= 1e15, so a chunk's sum fits in i64.
                         group_sums(chunk, groups, lanes, sums, |r| fixed[r] & -i64::from(ok[r]));
                         for (g, &s) in sums.iter().enumerate() {
@@ -1187,15 +1229,7 @@ impl Bounder {
                             *c = c.saturating_add(i128::from(s));
                         }
                     }
-                    AggPlan::SumSquaresFixed {
-                        slot,
-                        precision,
-                        lo_fp,
-                        hi_fp,
-                        mid_fp,
-                    } => {
-                        let ok = &valid[slot][rows.clone()];
-                        fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                    AggPlan::SumSquaresFixed { mid_fp, .. } => {
                         for (r, &g) in chunk.iter().enumerate() {
                             if ok[r] {
                                 // |fp - mid| <= 2e12 (validated), so the square fits.
@@ -1205,16 +1239,7 @@ impl Bounder {
                             }
                         }
                     }
-                    AggPlan::Histogram {
-                        slot,
-                        precision,
-                        lo_fp,
-                        hi_fp,
-                        grid,
-                        offset,
-                    } => {
-                        let ok = &valid[slot][rows.clone()];
-                        fixed_column(&vals[slot], rows.clone(), precision, lo_fp, hi_fp, fixed);
+                    AggPlan::Histogram { grid, offset, .. } => {
                         for (r, &g) in chunk.iter().enumerate() {
                             if ok[r] {
                                 let g = g as usize;
@@ -2537,7 +2562,15 @@ mod tests {
             })
             .collect();
         let all = Float64Array::from(xs);
-        for (off, len) in [(0, 300), (3, 64), (5, 65), (13, 127), (1, 1), (70, 0), (9, 200)] {
+        for (off, len) in [
+            (0, 300),
+            (3, 64),
+            (5, 65),
+            (13, 127),
+            (1, 1),
+            (70, 0),
+            (9, 200),
+        ] {
             let a = all.slice(off, len);
             let mut out = Vec::new();
             not_null(&ValArray::Float64(&a), len, &mut out);
