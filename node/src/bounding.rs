@@ -4,21 +4,26 @@
 //! `[privacy unit, group keys…, aggregate inputs…]`. Rows with a NULL participant, or a
 //! group key that is NULL or outside its public domain, are dropped first and never count
 //! towards R. Each participant then contributes at most R rows, sampled uniformly at random
-//! among its rows (Algorithm R, randomness from OpenDP), to per-group accumulators: row
-//! counts, non-null counts and exact fixed-point sums.
+//! among its rows (randomness from OpenDP), to per-group accumulators: row counts, non-null
+//! counts and exact fixed-point sums.
 //!
-//! Two paths give that same result:
+//! Three paths give that same result:
 //! - **direct**: a participant with at most R rows in the whole table (counted once when
 //!   the node starts, [`ParticipantCounts`]) has at most R rows after any filter, so its
 //!   rows go straight into the accumulators. Its rows are still counted during the query,
 //!   and more than R (the files changed) stops the query, which the engine then reruns
 //!   after recounting: counts are a shortcut, never a bound that is trusted.
-//! - **reservoir**: every other participant keeps a reservoir of at most R rows (group
-//!   index and needed input values only) in one shared arena, folded in at the end.
+//! - **sampled run**: a participant with more rows whose rows form one run strictly inside
+//!   a batch, in a table the count saw grouped by participant, has all its rows in that run:
+//!   R of them are chosen there (partial Fisher-Yates). A participant seen again after that
+//!   stops the query, which the engine reruns with reservoirs (see [`Bounder`]).
+//! - **reservoir**: every other participant keeps a reservoir of at most R rows (Algorithm
+//!   R; group index and needed input values only) in one shared arena, folded in at the end.
 //!
 //! Files are usually sorted by participant, so rows come in runs: each run is looked up
 //! once, the next participant in counting order is tried before any hash lookup, and text
-//! read as Utf8View is compared by view.
+//! read as Utf8View is compared by view. Kept rows are folded per batch, one aggregate at a
+//! time ([`Bounder`]).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
