@@ -790,6 +790,10 @@ pub(crate) struct Bounder {
     /// sums (reused buffers, see [`Bounder::fold_kept`]).
     fixed: Vec<i64>,
     lanes: Vec<i64>,
+    /// Kept rows per group in a chunk (reused buffer).
+    rows_per_group: Vec<i64>,
+    /// One row's values as stored in a reservoir (reused buffer).
+    row_vals: Vec<u64>,
     sums: Vec<i64>,
     /// With a `CountUnits` aggregate: the (participant, group) pairs already counted, the
     /// participant as `(0, counts index)` for direct ones and `(1, unit)` for reservoirs.
@@ -849,6 +853,8 @@ impl Bounder {
             valid: Vec::new(),
             fixed: Vec::new(),
             lanes: Vec::new(),
+            rows_per_group: Vec::new(),
+            row_vals: vec![0; width],
             sums: Vec::new(),
             units_seen,
         }
@@ -896,8 +902,12 @@ impl Bounder {
             + self.units.capacity() * size_of::<Unit>()
             + (self.gidx.capacity() + self.picks.capacity()) * size_of::<u32>()
             + self.valid.iter().map(Vec::capacity).sum::<usize>()
-            + (self.fixed.capacity() + self.lanes.capacity() + self.sums.capacity())
+            + (self.fixed.capacity()
+                + self.lanes.capacity()
+                + self.sums.capacity()
+                + self.rows_per_group.capacity())
                 * size_of::<i64>()
+            + self.row_vals.capacity() * size_of::<u64>()
     }
 
     /// Whether the query stopped because a participant the counts said had at most R rows
@@ -1094,20 +1104,19 @@ impl Bounder {
                 self.count_units(0, id as u32, &gidx[rows]);
             }
             Target::Reservoir(u) => {
-                let mut row_vals = vec![0u64; vals.len()];
                 for row in rows {
                     let group = gidx[row];
                     if group == trash {
                         continue;
                     }
-                    let nulls = row_values(vals, row, &mut row_vals);
+                    let nulls = row_values(vals, row, &mut self.row_vals);
                     offer(
                         &mut self.units[u],
                         &mut self.arena,
                         r,
                         group,
                         nulls,
-                        &row_vals,
+                        &self.row_vals,
                         &mut self.rng,
                     )?;
                     gidx[row] = trash;
@@ -1175,11 +1184,10 @@ impl Bounder {
         } = &mut self.accs
         else {
             // A sparse group space: row by row.
-            let mut row_vals = vec![0u64; vals.len()];
             for (row, &g) in gidx.iter().enumerate() {
                 if g != self.trash {
-                    let nulls = row_values(vals, row, &mut row_vals);
-                    fold(&self.plan, self.accs.row(g), nulls, &row_vals);
+                    let nulls = row_values(vals, row, &mut self.row_vals);
+                    fold(&self.plan, self.accs.row(g), nulls, &self.row_vals);
                 }
             }
             return;
@@ -1194,13 +1202,13 @@ impl Bounder {
             not_null(v, n, out);
         }
         let (lanes, sums, fixed) = (&mut self.lanes, &mut self.sums, &mut self.fixed);
+        let rows_per_group = &mut self.rows_per_group;
         for (c, chunk) in gidx.chunks(CHUNK).enumerate() {
             let rows = c * CHUNK..c * CHUNK + chunk.len();
-            group_sums(chunk, groups, lanes, sums, |_| 1);
-            for (p, &s) in present.iter_mut().zip(sums.iter()) {
+            group_sums(chunk, groups, lanes, rows_per_group, |_| 1);
+            for (p, &s) in present.iter_mut().zip(rows_per_group.iter()) {
                 *p |= s > 0;
             }
-            let rows_per_group = sums.clone();
             for (i, a) in self.plan.aggs.iter().enumerate() {
                 let cell = |g: usize| g * w + i;
                 // The aggregate's input column: which rows have a value, and, for sums and
