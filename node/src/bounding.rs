@@ -22,8 +22,8 @@
 //!
 //! Files are usually sorted by participant, so rows come in runs: each run is looked up
 //! once, the next participant in counting order is tried before any hash lookup, and text
-//! read as Utf8View is compared by view. Kept rows are folded per batch, one aggregate at a
-//! time ([`Bounder`]).
+//! read as Utf8View is compared by view. Kept rows are folded per batch: row counts with
+//! COUNT and SUM of one column in one pass, other aggregates one at a time ([`Bounder`]).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -741,7 +741,8 @@ fn downcast<T: 'static>(a: &ArrayRef) -> BResult<&T> {
 /// whose whole set of rows is one run inside this batch, sampled down to R on the spot
 /// (uniformly, as a reservoir would). Rows that are dropped, or that go into a reservoir,
 /// are sent to a spare "trash" group. The second pass folds the batch into the accumulators
-/// one aggregate at a time, without a branch per row.
+/// without a branch per row: row counts with COUNT and SUM of one column (AVG) in one
+/// pass, any other set of aggregates one aggregate at a time.
 ///
 /// A run is known to hold all of a participant's rows when the table's counting pass saw
 /// rows grouped by participant, the run lies strictly inside its batch (a row of someone
@@ -795,6 +796,8 @@ pub(crate) struct Bounder {
     /// One row's values as stored in a reservoir (reused buffer).
     row_vals: Vec<u64>,
     sums: Vec<i64>,
+    /// Per group, non-null values of a chunk (see [`group_sums3`]).
+    non_null: Vec<i64>,
     /// With a `CountUnits` aggregate: the (participant, group) pairs already counted, the
     /// participant as `(0, counts index)` for direct ones and `(1, unit)` for reservoirs.
     units_seen: Option<FxHashSet<(u32, u32, u32)>>,
@@ -856,6 +859,7 @@ impl Bounder {
             rows_per_group: Vec::new(),
             row_vals: vec![0; width],
             sums: Vec::new(),
+            non_null: Vec::new(),
             units_seen,
         }
     }
@@ -905,7 +909,8 @@ impl Bounder {
             + (self.fixed.capacity()
                 + self.lanes.capacity()
                 + self.sums.capacity()
-                + self.rows_per_group.capacity())
+                + self.rows_per_group.capacity()
+                + self.non_null.capacity())
                 * size_of::<i64>()
             + self.row_vals.capacity() * size_of::<u64>()
     }
@@ -1173,9 +1178,10 @@ impl Bounder {
     }
 
     /// Fold the rows of a batch that are kept now (every row whose group is not the trash
-    /// group) into the accumulators, one aggregate at a time. Counts and sums are added up
-    /// per chunk of [`CHUNK`] rows in `i64` (see [`group_sums`]), then into the `i128`
-    /// accumulators.
+    /// group) into the accumulators: in one pass when the aggregates read one column at
+    /// most (see [`single_input`] and [`group_sums3`]), else one aggregate at a time.
+    /// Counts and sums are added up per chunk of [`CHUNK`] rows in `i64` (see
+    /// [`group_sums`]), then into the `i128` accumulators.
     fn fold_kept(&mut self, gidx: &[u32], vals: &[ValArray]) {
         let Accumulators::Dense {
             naggs,
@@ -1202,9 +1208,48 @@ impl Bounder {
             not_null(v, n, out);
         }
         let (lanes, sums, fixed) = (&mut self.lanes, &mut self.sums, &mut self.fixed);
-        let rows_per_group = &mut self.rows_per_group;
+        let (rows_per_group, non_null) = (&mut self.rows_per_group, &mut self.non_null);
+        let single = single_input(&self.plan.aggs);
         for (c, chunk) in gidx.chunks(CHUNK).enumerate() {
             let rows = c * CHUNK..c * CHUNK + chunk.len();
+            if let Some((slot, sum)) = single {
+                // Row counts, and COUNT and SUM of one column: one pass folds them all.
+                let ok = &valid[slot][rows.clone()];
+                match sum {
+                    Some((precision, lo_fp, hi_fp)) => {
+                        fixed_column(&vals[slot], rows, precision, lo_fp, hi_fp, fixed);
+                        group_sums3::<true>(chunk, groups, lanes, ok, fixed);
+                    }
+                    None => group_sums3::<false>(chunk, groups, lanes, ok, &[]),
+                }
+                rows_per_group.clear();
+                non_null.clear();
+                sums.clear();
+                for cell in lanes.chunks_exact(3 * LANES) {
+                    let total = |k: usize| (0..LANES).map(|l| cell[l * 3 + k]).sum::<i64>();
+                    rows_per_group.push(total(0));
+                    non_null.push(total(1));
+                    sums.push(total(2));
+                }
+                for (p, &s) in present.iter_mut().zip(rows_per_group.iter()) {
+                    *p |= s > 0;
+                }
+                for (i, a) in self.plan.aggs.iter().enumerate() {
+                    let from: &[i64] = match a {
+                        AggPlan::CountRows => rows_per_group,
+                        AggPlan::CountNonNull { .. } => non_null,
+                        AggPlan::SumFixed { .. } => sums,
+                        // Counted once per participant and group while bounding; nothing
+                        // else passes `single_input`.
+                        _ => continue,
+                    };
+                    for (g, &s) in from.iter().enumerate() {
+                        let c = &mut values[g * w + i];
+                        *c = c.saturating_add(i128::from(s));
+                    }
+                }
+                continue;
+            }
             group_sums(chunk, groups, lanes, rows_per_group, |_| 1);
             for (p, &s) in present.iter_mut().zip(rows_per_group.iter()) {
                 *p |= s > 0;
@@ -1366,6 +1411,75 @@ fn group_sums(
     }
     out.clear();
     out.extend(lanes.chunks_exact(LANES).map(|c| c.iter().sum::<i64>()));
+}
+
+/// When every aggregate is a row count, a participant count, or a COUNT or SUM of one and
+/// the same column (with the same bounds): that column's slot and, with a SUM, its
+/// precision and bounds in fixed point.
+#[allow(clippy::type_complexity)]
+fn single_input(aggs: &[AggPlan]) -> Option<(usize, Option<(f64, f64, f64)>)> {
+    let mut slot = None;
+    let mut sum = None;
+    for a in aggs {
+        let (s, this_sum) = match *a {
+            AggPlan::CountRows | AggPlan::CountUnits => continue,
+            AggPlan::CountNonNull { slot } => (slot, None),
+            AggPlan::SumFixed {
+                slot,
+                precision,
+                lo_fp,
+                hi_fp,
+            } => (slot, Some((precision, lo_fp, hi_fp))),
+            _ => return None,
+        };
+        if *slot.get_or_insert(s) != s {
+            return None;
+        }
+        if let Some(t) = this_sum {
+            if *sum.get_or_insert(t) != t {
+                return None;
+            }
+        }
+    }
+    slot.map(|s| (s, sum))
+}
+
+/// Per group `g` of `chunk`, three sums at once, into `lanes` as [`group_sums`] lays them
+/// out with three values per lane: rows, rows whose value is not NULL (`ok`), and, with
+/// `SUM`, the sum of their `fixed` values (the third is 0 without).
+#[inline]
+fn group_sums3<const SUM: bool>(
+    chunk: &[u32],
+    groups: usize,
+    lanes: &mut Vec<i64>,
+    ok: &[bool],
+    fixed: &[i64],
+) {
+    lanes.clear();
+    lanes.resize(groups * LANES * 3, 0);
+    let ok = &ok[..chunk.len()];
+    let fixed = if SUM { &fixed[..chunk.len()] } else { &[] };
+    let mut add = |r: usize, l: usize, g: u32| {
+        let cell = &mut lanes[(g as usize * LANES + l) * 3..][..3];
+        let o = i64::from(ok[r]);
+        cell[0] += 1;
+        cell[1] += o;
+        if SUM {
+            // |fp| <= 1e15, so a chunk's sum fits in i64.
+            cell[2] += fixed[r] & -o;
+        }
+    };
+    let mut quads = chunk.chunks_exact(LANES);
+    let mut base = 0;
+    for quad in &mut quads {
+        for (l, &g) in quad.iter().enumerate() {
+            add(base + l, l, g);
+        }
+        base += LANES;
+    }
+    for (l, &g) in quads.remainder().iter().enumerate() {
+        add(base + l, l, g);
+    }
 }
 
 /// Whether each of the first `n` values of `v` is neither NULL nor NaN, into `out`.
@@ -2374,8 +2488,10 @@ mod tests {
     /// With R large enough to keep every row, the direct path and the reservoir path give the
     /// same partials for every aggregate and input type, with NULLs, NaN and values beyond
     /// the bounds, and with participants whose rows span batches.
-    #[test]
-    fn column_and_row_folds_agree_on_every_aggregate() {
+    /// 300 rows of 43 participants (7 rows each, one run split across the two batches),
+    /// with NULL participants, keys NULL or outside the domain {A, B}, and float, int32
+    /// and int64 values with NULLs, NaN and values far beyond the bounds.
+    fn mixed_batches() -> (RecordBatch, RecordBatch) {
         let n = 300;
         let pids: Vec<Option<String>> = (0..n)
             .map(|i| (i % 37 != 5).then(|| format!("p{:03}", i / 7)))
@@ -2420,73 +2536,90 @@ mod tests {
             ],
         )
         .unwrap();
-        let plan = || {
-            let values: Vec<PublicValue> = ["A", "B"]
-                .iter()
-                .map(|s| PublicValue::Text(s.to_string()))
-                .collect();
-            let slot = |ty: ColumnType, kind: SlotKind, proj: usize| ValueSlot { ty, kind, proj };
-            BoundingPlan {
-                max_rows: 50,
-                pid_proj: 0,
-                groups: vec![GroupCol::new("g".into(), ColumnType::Utf8, values, 1)],
-                slots: vec![
-                    slot(ColumnType::Float64, SlotKind::Float, 2),
-                    slot(ColumnType::Int32, SlotKind::Int, 3),
-                    slot(ColumnType::Int64, SlotKind::Int, 4),
-                ],
-                aggs: vec![
-                    AggPlan::CountRows,
-                    AggPlan::CountUnits,
-                    AggPlan::CountNonNull { slot: 0 },
-                    AggPlan::CountNonNull { slot: 1 },
-                    AggPlan::SumFixed {
-                        slot: 0,
-                        precision: 0.1,
-                        lo_fp: -100.0,
-                        hi_fp: 500.0,
-                    },
-                    AggPlan::SumFixed {
-                        slot: 1,
-                        precision: 1.0,
-                        lo_fp: -10.0,
-                        hi_fp: 100.0,
-                    },
-                    AggPlan::SumSquaresFixed {
-                        slot: 0,
-                        precision: 0.1,
-                        lo_fp: -100.0,
-                        hi_fp: 500.0,
-                        mid_fp: 200,
-                    },
-                    AggPlan::SumSquaresFixed {
-                        slot: 2,
-                        precision: 1.0,
-                        lo_fp: -50.0,
-                        hi_fp: 700.0,
-                        mid_fp: 325,
-                    },
-                ],
-            }
-        };
         // Two halves, so that a participant's run spans batches.
-        let (b1, b2) = (batch.slice(0, 150), batch.slice(150, 150));
+        (batch.slice(0, 150), batch.slice(150, 150))
+    }
+
+    /// A plan over [`mixed_batches`]: R = 50 (no participant is truncated), key `g` over
+    /// {A, B}, slots x (0), y (1) and z (2).
+    fn mixed_plan(aggs: Vec<AggPlan>) -> BoundingPlan {
+        let values: Vec<PublicValue> = ["A", "B"]
+            .iter()
+            .map(|s| PublicValue::Text(s.to_string()))
+            .collect();
+        let slot = |ty: ColumnType, kind: SlotKind, proj: usize| ValueSlot { ty, kind, proj };
+        BoundingPlan {
+            max_rows: 50,
+            pid_proj: 0,
+            groups: vec![GroupCol::new("g".into(), ColumnType::Utf8, values, 1)],
+            slots: vec![
+                slot(ColumnType::Float64, SlotKind::Float, 2),
+                slot(ColumnType::Int32, SlotKind::Int, 3),
+                slot(ColumnType::Int64, SlotKind::Int, 4),
+            ],
+            aggs,
+        }
+    }
+
+    /// [`mixed_batches`] through the column folds (every participant direct) and through
+    /// the row folds (every participant in a reservoir, folded row by row at the end).
+    fn column_and_row_folds(aggs: &[AggPlan]) -> (RecordBatch, RecordBatch) {
+        let (b1, b2) = mixed_batches();
         let counts = counts_of(&[&b1, &b2]);
-        let mut direct = Bounder::with_counts(plan(), counts);
-        let mut reservoir = Bounder::new(plan());
+        let copy = || mixed_plan(aggs.to_vec());
+        let mut direct = Bounder::with_counts(copy(), counts);
+        let mut reservoir = Bounder::new(copy());
         for b in [&b1, &b2] {
             direct.push(b).unwrap();
             reservoir.push(b).unwrap();
         }
         assert!(direct.units.is_empty());
         assert_eq!(reservoir.units.len(), 43);
-        let (d, r) = (direct.finish().unwrap(), reservoir.finish().unwrap());
+        (direct.finish().unwrap(), reservoir.finish().unwrap())
+    }
+
+    #[test]
+    fn column_and_row_folds_agree_on_every_aggregate() {
+        let aggs = vec![
+            AggPlan::CountRows,
+            AggPlan::CountUnits,
+            AggPlan::CountNonNull { slot: 0 },
+            AggPlan::CountNonNull { slot: 1 },
+            AggPlan::SumFixed {
+                slot: 0,
+                precision: 0.1,
+                lo_fp: -100.0,
+                hi_fp: 500.0,
+            },
+            AggPlan::SumFixed {
+                slot: 1,
+                precision: 1.0,
+                lo_fp: -10.0,
+                hi_fp: 100.0,
+            },
+            AggPlan::SumSquaresFixed {
+                slot: 0,
+                precision: 0.1,
+                lo_fp: -100.0,
+                hi_fp: 500.0,
+                mid_fp: 200,
+            },
+            AggPlan::SumSquaresFixed {
+                slot: 2,
+                precision: 1.0,
+                lo_fp: -50.0,
+                hi_fp: 700.0,
+                mid_fp: 325,
+            },
+        ];
+        assert_eq!(single_input(&aggs), None);
+        let (d, r) = column_and_row_folds(&aggs);
         assert_eq!(d.num_rows(), 2);
         assert_eq!(d.columns(), r.columns());
         // Spot checks against values computed by hand from the generator.
         let rows = d.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
         let kept = |g: &str| {
-            (0..n)
+            (0..300)
                 .filter(|&i| i % 37 != 5)
                 .filter(|&i| match i % 5 {
                     0 => g == "A",
@@ -2498,6 +2631,55 @@ mod tests {
         };
         assert_eq!(rows.value(0), kept("A"));
         assert_eq!(rows.value(1), kept("B"));
+    }
+
+    /// Row counts with COUNT and SUM of one column are folded in one pass; it must give
+    /// what the row folds give, for each column type, with and without a SUM, in any order.
+    #[test]
+    fn one_pass_folds_of_one_column_agree_with_row_folds() {
+        let sum = |slot, precision, lo_fp, hi_fp| AggPlan::SumFixed {
+            slot,
+            precision,
+            lo_fp,
+            hi_fp,
+        };
+        let cases = vec![
+            vec![
+                AggPlan::CountRows,
+                AggPlan::CountNonNull { slot: 0 },
+                sum(0, 0.1, -100.0, 500.0),
+            ],
+            vec![
+                sum(1, 1.0, -10.0, 100.0),
+                AggPlan::CountUnits,
+                AggPlan::CountNonNull { slot: 1 },
+            ],
+            vec![AggPlan::CountNonNull { slot: 2 }, AggPlan::CountRows],
+            vec![
+                sum(2, 1.0, -50.0, 700.0),
+                AggPlan::CountRows,
+                sum(2, 1.0, -50.0, 700.0),
+            ],
+        ];
+        for aggs in cases {
+            assert!(
+                single_input(&aggs).is_some(),
+                "{aggs:?} takes the one-pass fold"
+            );
+            let (d, r) = column_and_row_folds(&aggs);
+            assert_eq!(d.num_rows(), 2);
+            assert_eq!(d.columns(), r.columns(), "{aggs:?}");
+        }
+        // Two bounds for one column, or two columns, take the general fold.
+        assert_eq!(
+            single_input(&[sum(0, 0.1, -100.0, 500.0), sum(0, 0.1, 0.0, 500.0)]),
+            None
+        );
+        let two = [
+            AggPlan::CountNonNull { slot: 0 },
+            AggPlan::CountNonNull { slot: 1 },
+        ];
+        assert_eq!(single_input(&two), None);
     }
 
     #[test]
