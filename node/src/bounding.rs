@@ -1524,8 +1524,7 @@ fn fixed_column(
     fixed: &mut Vec<i64>,
 ) {
     fixed.clear();
-    let (lo, hi) = (lo_fp as i64, hi_fp as i64);
-    let fp = |x: f64| round_clamp(x / precision, lo, hi);
+    let fp = |x: f64| round_clamp(x / precision, lo_fp, hi_fp);
     match v {
         ValArray::Int32(a) => fixed.extend(a.values()[rows].iter().map(|&x| fp(f64::from(x)))),
         ValArray::Int64(a) => fixed.extend(a.values()[rows].iter().map(|&x| fp(x as f64))),
@@ -1735,25 +1734,32 @@ fn to_fixed_i64(v: f64, precision: f64, lo_fp: f64, hi_fp: f64) -> Option<i64> {
     if q.is_nan() {
         return None;
     }
-    Some(round_clamp(q, lo_fp as i64, hi_fp as i64))
+    Some(round_clamp(q, lo_fp, hi_fp))
 }
 
-/// `clamp(round(q), lo, hi)`, rounding half away from zero, without a branch or a libm
-/// call (a branch on the fraction, random per row, would mispredict). NaN gives a value in
-/// `[lo, hi]`: callers treat NaN as NULL before.
+/// `clamp(round(q), lo, hi)`, rounding half away from zero, without a branch, a libm
+/// call or a float-to-integer conversion, so that a loop over a column is vectorised.
+/// `lo` and `hi` are integers within ±1e15 (validated). NaN gives a value in `[lo, hi]`:
+/// callers treat NaN as NULL before.
 #[inline]
-fn round_clamp(q: f64, lo: i64, hi: i64) -> i64 {
-    // The conversion saturates (NaN gives 0); clamping to one step beyond the bounds
-    // changes nothing within them (trunc(q) stays inside), and keeps what follows far from
-    // overflow: anything beyond rounds to beyond, then clamps.
-    let t = (q as i64)
-        .max(lo.saturating_sub(1))
-        .min(hi.saturating_add(1));
-    // Exact below 2^52; from 2^52 on, `q` is an integer.
-    let frac = q - t as f64;
-    let r = t + i64::from(frac >= 0.5) - i64::from(frac <= -0.5);
-    r.max(lo).min(hi)
+fn round_clamp(q: f64, lo: f64, hi: f64) -> i64 {
+    // Clamping first changes nothing: the bounds are integers, so whatever rounds outside
+    // them is clamped outside them too. NaN becomes `lo`.
+    let q = q.max(lo).min(hi);
+    // |q| <= 1e15 < 2^51, so `q + MAGIC` lies in [2^52, 2^53), where doubles are the
+    // integers: the addition rounds `q` to the nearest integer (ties to even), which the
+    // low bits of the sum hold in two's complement, and subtracting MAGIC again is exact.
+    let sum = q + MAGIC;
+    let nearest = sum.to_bits() as i64 - MAGIC.to_bits() as i64;
+    // Exact (the operands are within 0.5 of each other, or one is 0).
+    let diff = q - (sum - MAGIC);
+    // Ties went to even; move those that went towards zero away from it.
+    nearest + i64::from(diff == 0.5 && q > 0.0) - i64::from(diff == -0.5 && q < 0.0)
 }
+
+/// 1.5 × 2^52: added to a double of magnitude below 2^51, rounds it to an integer held in
+/// the low bits of the sum (see [`round_clamp`]).
+const MAGIC: f64 = 6_755_399_441_055_744.0;
 
 /// Group index of each of the `n` rows into `out` (`u32::MAX` where a key is NULL or
 /// outside its public domain), one key column at a time.
@@ -2133,6 +2139,71 @@ mod tests {
         );
         let rows: Vec<i64> = xs.values().iter().map(|&x| f(x).unwrap() as i64).collect();
         assert_eq!(col, rows);
+    }
+
+    /// `round_clamp` against the standard library's rounding (half away from zero, through
+    /// libm) followed by a clamp, on and around half-integers at every magnitude up to the
+    /// bounds, on arbitrary bit patterns, and beyond the bounds.
+    #[test]
+    fn round_clamp_is_round_half_away_from_zero_then_clamp() {
+        let next = |x: f64, k: i64| f64::from_bits((x.to_bits() as i64 + k) as u64);
+        let mut qs = vec![
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.49999999999999994,
+        ];
+        let mut m = 1.0f64;
+        while m <= 2e15 {
+            for base in [
+                m,
+                m + 0.5,
+                m - 0.5,
+                m * 1.37 + 0.5,
+                (m * 0.71).floor() + 0.5,
+            ] {
+                for b in [base, -base] {
+                    for k in -3..=3 {
+                        qs.push(next(b, k));
+                    }
+                }
+            }
+            m *= 1.9;
+        }
+        // Arbitrary doubles: a fixed sequence of bit patterns, finite and not NaN.
+        let mut h: u64 = 0x243F_6A88_85A3_08D3;
+        for _ in 0..200_000 {
+            h = h
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(0x632B_E59B_D9B4_E019);
+            let x = f64::from_bits(h);
+            if x.is_finite() {
+                qs.push(x);
+                // And the same magnitude scaled into the bounds' range.
+                qs.push(x % 3e15);
+            }
+        }
+        qs.extend([
+            1e300,
+            -1e300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            5e-324,
+            -5e-324,
+        ]);
+        for (lo, hi) in [(-1e15, 1e15), (0.0, 10000.0), (-7.0, 3.0), (5.0, 5.0)] {
+            for &q in &qs {
+                let want = q.round().clamp(lo, hi) as i64;
+                assert_eq!(round_clamp(q, lo, hi), want, "q = {q:e} in [{lo}, {hi}]");
+            }
+            let nan = round_clamp(f64::NAN, lo, hi);
+            assert!((lo as i64..=hi as i64).contains(&nan));
+        }
     }
 
     /// Each of n = 10 rows offered to a reservoir of R = 3 must be kept with probability
