@@ -291,7 +291,7 @@ impl AggPlan {
 
     /// For aggregates of clamped fixed-point values: the slot, the precision and the
     /// bounds in fixed point.
-    fn fixed_input(&self) -> Option<(usize, f64, f64, f64)> {
+    fn fixed_input(&self) -> Option<FixedInput> {
         match *self {
             AggPlan::SumFixed {
                 slot,
@@ -317,6 +317,9 @@ impl AggPlan {
         }
     }
 }
+
+/// An aggregate's fixed-point input: slot, precision, and the bounds in fixed point.
+type FixedInput = (usize, f64, f64, f64);
 
 /// The shape of one bounding run.
 #[derive(Debug)]
@@ -1216,7 +1219,7 @@ impl Bounder {
                 // Row counts, and COUNT and SUM of one column: one pass folds them all.
                 let ok = &valid[slot][rows.clone()];
                 match sum {
-                    Some((precision, lo_fp, hi_fp)) => {
+                    Some((_, precision, lo_fp, hi_fp)) => {
                         fixed_column(&vals[slot], rows, precision, lo_fp, hi_fp, fixed);
                         group_sums3::<true>(chunk, groups, lanes, ok, fixed);
                     }
@@ -1415,28 +1418,22 @@ fn group_sums(
 
 /// When every aggregate is a row count, a participant count, or a COUNT or SUM of one and
 /// the same column (with the same bounds): that column's slot and, with a SUM, its
-/// precision and bounds in fixed point.
-#[allow(clippy::type_complexity)]
-fn single_input(aggs: &[AggPlan]) -> Option<(usize, Option<(f64, f64, f64)>)> {
+/// [`AggPlan::fixed_input`].
+fn single_input(aggs: &[AggPlan]) -> Option<(usize, Option<FixedInput>)> {
     let mut slot = None;
     let mut sum = None;
     for a in aggs {
-        let (s, this_sum) = match *a {
+        match a {
             AggPlan::CountRows | AggPlan::CountUnits => continue,
-            AggPlan::CountNonNull { slot } => (slot, None),
-            AggPlan::SumFixed {
-                slot,
-                precision,
-                lo_fp,
-                hi_fp,
-            } => (slot, Some((precision, lo_fp, hi_fp))),
+            AggPlan::CountNonNull { .. } | AggPlan::SumFixed { .. } => {}
             _ => return None,
-        };
+        }
+        let s = a.input()?;
         if *slot.get_or_insert(s) != s {
             return None;
         }
-        if let Some(t) = this_sum {
-            if *sum.get_or_insert(t) != t {
+        if let Some(f) = a.fixed_input() {
+            if *sum.get_or_insert(f) != f {
                 return None;
             }
         }
