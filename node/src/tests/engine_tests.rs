@@ -294,13 +294,7 @@ async fn bounding_keeps_at_most_r_rows_per_participant() {
     let total = |out: &[RecordBatch]| -> i128 { rows(out, 1).iter().map(|r| r.1[0]).sum() };
 
     // R large enough: everything (50 + 3 rows).
-    let req = request(
-        "bulk",
-        &["grp"],
-        vec![AggregateRequest::CountRows],
-        50,
-        only(&["big", "s1"]),
-    );
+    let req = bulk_rows_by_grp(50, only(&["big", "s1"]));
     assert_eq!(total(&e.execute(&req).await.unwrap()), 53);
 
     // R = 5: `big` contributes exactly 5 rows, `s1` its 3.
@@ -351,13 +345,7 @@ async fn bounding_samples_uniformly() {
     };
     let (mut in_a, mut n) = (0i128, 0i128);
     for _ in 0..40 {
-        let req = request(
-            "bulk",
-            &["grp"],
-            vec![AggregateRequest::CountRows],
-            1,
-            Some(filter.clone()),
-        );
+        let req = bulk_rows_by_grp(1, Some(filter.clone()));
         for (k, v) in rows(&e.execute(&req).await.unwrap(), 1) {
             if k[0] == "A" {
                 in_a += v[0];
@@ -392,18 +380,23 @@ async fn a_participant_split_across_files_still_gives_at_most_r_rows() {
         negated: false,
     };
     for _ in 0..10 {
-        let req = request(
-            "bulk",
-            &["grp"],
-            vec![AggregateRequest::CountRows],
-            5,
-            Some(only.clone()),
-        );
+        let req = bulk_rows_by_grp(5, Some(only.clone()));
         let out = e.execute(&req).await.unwrap();
         let total: i128 = rows(&out, 1).iter().map(|r| r.1[0]).sum();
         // s1: its 3 rows; u000 (46 rows) and u001 (40): 5 each.
         assert_eq!(total, 3 + 5 + 5);
     }
+}
+
+/// `SELECT grp, COUNT(*) FROM bulk [WHERE filter] GROUP BY grp` with R = `r`.
+fn bulk_rows_by_grp(r: u32, filter: Option<Predicate>) -> PartialAggregateRequest {
+    request(
+        "bulk",
+        &["grp"],
+        vec![AggregateRequest::CountRows],
+        r,
+        filter,
+    )
 }
 
 fn assert_refused(r: Result<(), NodeError>, needle: &str) {
@@ -1086,7 +1079,7 @@ async fn a_query_over_its_memory_limit_fails_cleanly_and_the_node_keeps_serving(
         "encounters",
     );
     // Every bulk participant through a reservoir of 5 rows: the arena and the id index.
-    let reservoirs = request("bulk", &["grp"], vec![AggregateRequest::CountRows], 5, None);
+    let reservoirs = bulk_rows_by_grp(5, None);
     for req in [join, reservoirs] {
         let err = e.execute(&req).await.unwrap_err();
         assert!(
