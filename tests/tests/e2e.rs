@@ -1,0 +1,15 @@
+//! End-to-end suites of a fedq federation, one module per file, linked into one test binary
+//! (see `tests/Cargo.toml`). Run one suite with `cargo test -p fedq-tests --test e2e -- ledger::`.
+
+mod accuracy;
+mod auth;
+mod bucketed_keys;
+mod faults;
+mod federation;
+mod hostile_requests;
+mod ledger;
+mod partition_selection;
+mod privacy;
+mod quantiles;
+mod sql_features;
+mod tls;
