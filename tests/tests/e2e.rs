@@ -1,5 +1,5 @@
 //! End-to-end suites of a fedq federation, one module per file, linked into one test binary
-//! (see `tests/Cargo.toml`). Run one suite with `cargo test -p fedq-tests --test e2e -- ledger::`.
+//! (see `tests/Cargo.toml`). Run one suite with `cargo test --workspace --test e2e -- ledger::`.
 
 mod accuracy;
 mod auth;
