@@ -22,7 +22,9 @@
 //!
 //! Files are usually sorted by participant, so rows come in runs: each run is looked up
 //! once, the next participant in counting order is tried before any hash lookup, and text
-//! read as Utf8View is compared by view. Kept rows are folded per batch: row counts with
+//! read as Utf8View is compared by view. A table that is one file can instead be read by
+//! row position: the counts then know which participant owns each stretch of rows
+//! ([`RowOwners`]), and the participant-id column is not read at all. Kept rows are folded per batch: row counts with
 //! COUNT and SUM of one column in one pass, other aggregates one at a time ([`Bounder`]).
 
 use std::hash::BuildHasher;
@@ -328,6 +330,9 @@ pub(crate) struct BoundingPlan {
     pub max_rows: usize,
     /// Position of the privacy unit in the projected batch.
     pub pid_proj: usize,
+    /// Whether that column holds each row's position in the table's one file instead of
+    /// the participant id: the owners are then looked up in [`ParticipantCounts::owners`].
+    pub pid_rows: bool,
     pub groups: Vec<GroupCol>,
     pub slots: Vec<ValueSlot>,
     pub aggs: Vec<AggPlan>,
@@ -569,27 +574,64 @@ pub(crate) struct ParticipantCounts {
     repeat_runs: usize,
     /// Set when a query found a participant's rows in more than one run.
     scattered: AtomicBool,
+    /// With the rows' positions in their file (see [`ParticipantCounts::add_at`]): the runs
+    /// found so far, as (first row, rows, participant or [`NO_OWNER`]).
+    pieces: Option<Vec<(u64, u64, u32)>>,
+    /// Which participant owns each row of the file, when the counts saw the rows' positions,
+    /// the rows grouped by participant, and every row exactly once.
+    owners: Option<RowOwners>,
 }
 
 impl ParticipantCounts {
     /// Count the non-NULL participant ids of one batch.
     pub fn add(&mut self, pids: &ArrayRef) -> BResult<()> {
+        self.add_rows(pids, None)
+    }
+
+    /// Count the participant ids of one batch of a single-file table, and note which rows
+    /// of the file they own: `rows` holds each row's position in the file
+    /// (`file_row_index()`). Call [`ParticipantCounts::seal`] after the last batch.
+    pub fn add_at(&mut self, pids: &ArrayRef, rows: &ArrayRef) -> BResult<()> {
+        let rows = downcast::<Int64Array>(rows)?;
+        if rows.null_count() > 0 || rows.len() != pids.len() {
+            return Err(BoundError("row positions do not match the batch".into()));
+        }
+        self.add_rows(pids, Some(rows.values()))
+    }
+
+    fn add_rows(&mut self, pids: &ArrayRef, rows: Option<&[i64]>) -> BResult<()> {
         let arr = text_array(pids)?;
         let pids = Text::new(&arr)?;
         let n = arr.len();
         self.batches += 1;
+        let mut pieces = rows.map(|_| self.pieces.get_or_insert_with(Vec::new));
+        // A run also ends where the positions jump (they should not, without a filter).
+        let next_to = |i: usize, j: usize| rows.is_none_or(|r| r[j] == r[i] + (j - i) as i64);
         let mut i = 0;
         while i < n {
             if pids.is_null(i) {
-                i += 1;
+                let mut end = i + 1;
+                while end < n && pids.is_null(end) && next_to(i, end) {
+                    end += 1;
+                }
+                if let (Some(p), Some(r)) = (pieces.as_mut(), rows) {
+                    p.push((r[i] as u64, (end - i) as u64, NO_OWNER));
+                }
+                i = end;
                 continue;
             }
             let pid = pids.value(i);
             let mut end = i + 1;
-            while end < n && !pids.is_null(end) && pids.same(i, end) {
+            while end < n && !pids.is_null(end) && pids.same(i, end) && next_to(i, end) {
                 end += 1;
             }
             let (id, new) = self.ids.get_or_insert(pid)?;
+            if let (Some(p), Some(r)) = (pieces.as_mut(), rows) {
+                if r[i] < 0 || id == NO_OWNER {
+                    return Err(BoundError("row position out of range".into()));
+                }
+                p.push((r[i] as u64, (end - i) as u64, id));
+            }
             if new {
                 self.counts.push(0);
             } else {
@@ -613,10 +655,128 @@ impl ParticipantCounts {
         self.repeat_runs <= self.batches && !self.scattered.load(Ordering::Relaxed)
     }
 
+    /// After the last batch given to [`ParticipantCounts::add_at`]: keep the rows' owners if
+    /// the rows are grouped by participant and their positions cover `0..rows` exactly once
+    /// (else the owners would take as much memory as the rows, or be wrong). Returns whether
+    /// they were kept.
+    pub fn seal(&mut self, rows: u64) -> bool {
+        self.owners = None;
+        let Some(mut pieces) = self.pieces.take() else {
+            return false;
+        };
+        if !self.grouped_by_participant() {
+            return false;
+        }
+        pieces.sort_unstable_by_key(|p| p.0);
+        let mut starts = Vec::new();
+        let mut ids: Vec<u32> = Vec::new();
+        let mut next = 0u64;
+        for (start, len, id) in pieces {
+            if start != next {
+                return false;
+            }
+            next = start.saturating_add(len);
+            if ids.last() != Some(&id) {
+                starts.push(start);
+                ids.push(id);
+            }
+        }
+        if next != rows {
+            return false;
+        }
+        starts.shrink_to_fit();
+        ids.shrink_to_fit();
+        self.owners = Some(RowOwners { starts, ids, rows });
+        true
+    }
+
+    /// Which participant owns each row of the file, if known (see [`ParticipantCounts::seal`]).
+    pub fn owners(&self) -> Option<&RowOwners> {
+        self.owners.as_ref()
+    }
+
     /// Record that a query found a participant's rows in more than one run: later queries
     /// on these counts send every participant with more than R rows through a reservoir.
     pub fn mark_scattered(&self) {
         self.scattered.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Owner of rows whose participant id is NULL (they are dropped).
+const NO_OWNER: u32 = u32::MAX;
+
+/// Which participant owns each row of a single-file table, as runs of row positions: run
+/// `k` is rows `starts[k]..starts[k + 1]` (the last ends at `rows`), owned by participant
+/// `ids[k]` of the [`ParticipantCounts`] (or nobody, [`NO_OWNER`]). With it a query reads
+/// each row's position in the file (`file_row_index()`, which the Parquet reader makes up
+/// without reading anything) instead of decoding the participant-id column, the largest
+/// column the bounder reads. The engine uses it only while the file is the one that was
+/// counted (same length, modification time and inode, checked before and after the scan).
+#[derive(Debug)]
+pub(crate) struct RowOwners {
+    starts: Vec<u64>,
+    ids: Vec<u32>,
+    rows: u64,
+}
+
+impl RowOwners {
+    /// Run `k` or a later one that holds row `r` (`r` is below `self.rows`): the run after
+    /// `k` is tried first, as a scan gives rows in order, else a binary search.
+    #[inline]
+    fn find(&self, k: usize, r: u64) -> usize {
+        let end = |k: usize| self.starts.get(k + 1).copied().unwrap_or(self.rows);
+        if self.starts.get(k).is_some_and(|&s| s <= r) && r < end(k) {
+            k
+        } else if r >= end(k) && r < end(k + 1) {
+            k + 1
+        } else {
+            self.starts.partition_point(|&s| s <= r).saturating_sub(1)
+        }
+    }
+
+    /// Split a batch by owner: `out` gets `(owner, end)` for each stretch of rows
+    /// `previous end..end` that one participant (or nobody, [`NO_OWNER`]) owns, given
+    /// each row's position in `rows`. Positions in ascending order (as a scan gives them)
+    /// are split a whole run at a time; others row by row.
+    fn runs_of(&self, rows: &[i64], out: &mut Vec<(u32, u32)>) -> BResult<()> {
+        out.clear();
+        let n = rows.len();
+        if u32::try_from(n).is_err() {
+            return Err(BoundError("batch too large".into()));
+        }
+        let ascending = rows.windows(2).all(|w| w[0] < w[1]);
+        let (mut i, mut k) = (0usize, 0usize);
+        while i < n {
+            let r = u64::try_from(rows[i])
+                .ok()
+                .filter(|&r| r < self.rows)
+                .ok_or_else(|| BoundError("row position out of range".into()))?;
+            k = self.find(k, r);
+            let Some(&id) = self.ids.get(k) else {
+                return Err(BoundError("row position out of range".into()));
+            };
+            let j = if ascending {
+                // Rows i.. are ascending from r >= 0; those below the run's end are its.
+                let end = self.starts.get(k + 1).copied().unwrap_or(self.rows);
+                let guess = i + usize::try_from(end - r).unwrap_or(usize::MAX).min(n - i);
+                // Consecutive positions up to the guess: exactly the run's rows.
+                if rows[guess - 1] - rows[i] == (guess - 1 - i) as i64 {
+                    guess
+                } else {
+                    i + rows[i..].partition_point(|&x| (x as u64) < end)
+                }
+            } else {
+                i + 1
+            };
+            // Batches have far fewer than 2^32 rows (checked above the loop).
+            let end = j as u32;
+            match out.last_mut() {
+                Some((last, e)) if *last == id => *e = end,
+                _ => out.push((id, end)),
+            }
+            i = j;
+        }
+        Ok(())
     }
 }
 
@@ -786,6 +946,8 @@ pub(crate) struct Bounder {
     cursor: u32,
     /// Group index per row of the current batch (reused buffer).
     gidx: Vec<u32>,
+    /// The current batch split by owner, from the rows' positions (reused buffer).
+    owner_runs: Vec<(u32, u32)>,
     /// Row positions of the run being sampled (reused buffer).
     picks: Vec<u32>,
     /// Per input column, whether each row of the batch has a value (reused buffers).
@@ -855,6 +1017,7 @@ impl Bounder {
             truncated_runs: 0,
             cursor: 0,
             gidx: Vec::new(),
+            owner_runs: Vec::new(),
             picks: Vec::new(),
             valid: Vec::new(),
             fixed: Vec::new(),
@@ -908,6 +1071,7 @@ impl Bounder {
             + self.other_units.capacity() * size_of::<u32>()
             + self.units.capacity() * size_of::<Unit>()
             + (self.gidx.capacity() + self.picks.capacity()) * size_of::<u32>()
+            + self.owner_runs.capacity() * size_of::<(u32, u32)>()
             + self.valid.iter().map(Vec::capacity).sum::<usize>()
             + (self.fixed.capacity()
                 + self.lanes.capacity()
@@ -939,7 +1103,6 @@ impl Bounder {
 
     /// Where the rows of `pid` go.
     fn target(&mut self, pid: &str) -> BResult<Target> {
-        let r = self.plan.max_rows;
         let known = if self.counts.ids.is(self.cursor, pid) {
             Some(self.cursor)
         } else {
@@ -947,19 +1110,7 @@ impl Bounder {
         };
         if let Some(id) = known {
             self.cursor = id.saturating_add(1);
-            if self.counts.counts[id as usize] as usize <= r {
-                return Ok(Target::Direct(id as usize));
-            }
-            if self.direct_seen[id as usize] == SAMPLED {
-                self.scattered = true;
-                return Err(BoundError(
-                    "a participant's rows came in more than one run".into(),
-                ));
-            }
-            return Ok(match self.known_units.get(&id) {
-                Some(&u) => Target::Reservoir(u as usize),
-                None => Target::Known(id as usize),
-            });
+            return self.known_target(id);
         }
         let next = self.units.len();
         let (i, new) = self.ids.get_or_insert(pid)?;
@@ -968,6 +1119,27 @@ impl Bounder {
         }
         self.other_units.push(next as u32);
         self.new_unit()
+    }
+
+    /// Where the rows of participant `id` of the counts go.
+    fn known_target(&mut self, id: u32) -> BResult<Target> {
+        let r = self.plan.max_rows;
+        let Some(&count) = self.counts.counts.get(id as usize) else {
+            return Err(BoundError("participant missing from the counts".into()));
+        };
+        if count as usize <= r {
+            return Ok(Target::Direct(id as usize));
+        }
+        if self.direct_seen[id as usize] == SAMPLED {
+            self.scattered = true;
+            return Err(BoundError(
+                "a participant's rows came in more than one run".into(),
+            ));
+        }
+        Ok(match self.known_units.get(&id) {
+            Some(&u) => Target::Reservoir(u as usize),
+            None => Target::Known(id as usize),
+        })
     }
 
     /// A new, empty reservoir.
@@ -996,8 +1168,7 @@ impl Bounder {
                 Err(BoundError(format!("batch has no column {i}")))
             }
         };
-        let pid_arr = text_array(col(self.plan.pid_proj)?)?;
-        let pids = Text::new(&pid_arr)?;
+        let pid_col = col(self.plan.pid_proj)?;
 
         let mut key_owned = Vec::with_capacity(self.plan.groups.len());
         for g in &self.plan.groups {
@@ -1043,11 +1214,32 @@ impl Bounder {
             *g = (*g).min(trash);
         }
 
+        let result = if self.plan.pid_rows {
+            self.owned_runs(pid_col, n, &mut gidx, &vals)
+        } else {
+            self.id_runs(pid_col, n, &mut gidx, &vals)
+        };
+        if result.is_ok() {
+            self.fold_kept(&gidx, &vals);
+        }
+        self.gidx = gidx;
+        result
+    }
+
+    /// Bound a batch's runs of participants given by their ids.
+    fn id_runs(
+        &mut self,
+        pid_col: &ArrayRef,
+        n: usize,
+        gidx: &mut [u32],
+        vals: &[ValArray],
+    ) -> BResult<()> {
+        let pid_arr = text_array(pid_col)?;
+        let pids = Text::new(&pid_arr)?;
         let mut i = 0;
-        let mut result = Ok(());
         while i < n {
             if pids.is_null(i) {
-                gidx[i] = trash;
+                gidx[i] = self.trash;
                 i += 1;
                 continue;
             }
@@ -1058,16 +1250,45 @@ impl Bounder {
             while end < n && !pids.is_null(end) && pids.same(i, end) {
                 end += 1;
             }
-            result = self.run(pid, i..end, n, &mut gidx, &vals);
-            if result.is_err() {
-                break;
-            }
+            let target = self.target(pid)?;
+            self.run(target, i..end, n, gidx, vals)?;
             i = end;
         }
-        if result.is_ok() {
-            self.fold_kept(&gidx, &vals);
+        Ok(())
+    }
+
+    /// Bound a batch's runs of participants given by their rows' positions in the file.
+    fn owned_runs(
+        &mut self,
+        pid_col: &ArrayRef,
+        n: usize,
+        gidx: &mut [u32],
+        vals: &[ValArray],
+    ) -> BResult<()> {
+        let rows = downcast::<Int64Array>(pid_col)?;
+        if rows.null_count() > 0 {
+            return Err(BoundError("row positions with NULLs".into()));
         }
-        self.gidx = gidx;
+        let counts = Arc::clone(&self.counts);
+        let owners = counts
+            .owners()
+            .ok_or_else(|| BoundError("row positions without their owners".into()))?;
+        let mut runs = std::mem::take(&mut self.owner_runs);
+        let result = owners.runs_of(rows.values(), &mut runs).and_then(|()| {
+            let mut i = 0;
+            for &(id, end) in &runs {
+                let end = end as usize;
+                if id == NO_OWNER {
+                    gidx[i..end].fill(self.trash);
+                } else {
+                    let target = self.known_target(id)?;
+                    self.run(target, i..end, n, gidx, vals)?;
+                }
+                i = end;
+            }
+            Ok(())
+        });
+        self.owner_runs = runs;
         result
     }
 
@@ -1075,7 +1296,7 @@ impl Bounder {
     /// now in `gidx`, and send the others to the trash group.
     fn run(
         &mut self,
-        pid: &str,
+        target: Target,
         rows: std::ops::Range<usize>,
         n: usize,
         gidx: &mut [u32],
@@ -1084,7 +1305,7 @@ impl Bounder {
         let r = self.plan.max_rows;
         let trash = self.trash;
         let inside = rows.start > 0 && rows.end < n;
-        let target = match self.target(pid)? {
+        let target = match target {
             Target::Known(id) if self.sample_runs && inside => {
                 self.direct_seen[id] = SAMPLED;
                 self.sample_run(rows.clone(), gidx)?;
@@ -2243,6 +2464,7 @@ mod tests {
             BoundingPlan {
                 max_rows: self.max_rows,
                 pid_proj: self.pid_proj,
+                pid_rows: self.pid_rows,
                 groups: self
                     .groups
                     .iter()
@@ -2270,6 +2492,7 @@ mod tests {
         BoundingPlan {
             max_rows: r,
             pid_proj: 0,
+            pid_rows: false,
             groups: vec![GroupCol::new("g".into(), ColumnType::Utf8, values, 1)],
             slots: vec![ValueSlot {
                 ty: ColumnType::Int64,
@@ -2361,6 +2584,223 @@ mod tests {
             c.add(b.column(0)).unwrap();
         }
         Arc::new(c)
+    }
+
+    /// `batch` with its participant ids replaced by the rows' positions in the file, from
+    /// `first`: what the engine reads instead of the ids when it has the rows' owners.
+    fn by_position(batch: &RecordBatch, first: i64) -> RecordBatch {
+        let n = batch.num_rows() as i64;
+        let mut cols = batch.columns().to_vec();
+        cols[0] = Arc::new(Int64Array::from_iter_values(first..first + n));
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields[0] = Field::new("row", DataType::Int64, false);
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    }
+
+    fn positions(v: Vec<i64>) -> ArrayRef {
+        Arc::new(Int64Array::from(v))
+    }
+
+    /// Counts of `batches`, read in this order from one file, with the rows' owners.
+    fn owned_counts(batches: &[&RecordBatch]) -> Arc<ParticipantCounts> {
+        let mut c = ParticipantCounts::default();
+        let mut first = 0i64;
+        for b in batches {
+            let n = b.num_rows() as i64;
+            c.add_at(b.column(0), &positions((first..first + n).collect()))
+                .unwrap();
+            first += n;
+        }
+        assert!(c.seal(first as u64));
+        Arc::new(c)
+    }
+
+    #[test]
+    fn row_owners_find_each_rows_participant() {
+        // p1 p1 NULL p2 | p2 p2 p3 NULL NULL: p2's run crosses the batch boundary.
+        let b1 = input(
+            &[Some("p1"), Some("p1"), None, Some("p2")],
+            &[Some("A"); 4],
+            &[Some(1); 4],
+        );
+        let b2 = input(
+            &[Some("p2"), Some("p2"), Some("p3"), None, None],
+            &[Some("A"); 5],
+            &[Some(1); 5],
+        );
+        let counts = owned_counts(&[&b1, &b2]);
+        let owners = counts.owners().unwrap();
+        assert_eq!(owners.starts, vec![0, 2, 3, 6, 7]);
+        let p = |s: &str| counts.ids.get(s).unwrap();
+        let (p1, p2, p3) = (p("p1"), p("p2"), p("p3"));
+        let mut out = Vec::new();
+        // Each row's owner, from the runs.
+        let mut owners_of = |rows: &[i64]| -> Vec<u32> {
+            owners.runs_of(rows, &mut out).unwrap();
+            let mut ids = Vec::new();
+            for &(id, end) in &out {
+                ids.resize(end as usize, id);
+            }
+            assert_eq!(ids.len(), rows.len());
+            ids
+        };
+        let all: Vec<i64> = (0..9).collect();
+        assert_eq!(
+            owners_of(&all),
+            vec![p1, p1, NO_OWNER, p2, p2, p2, p3, NO_OWNER, NO_OWNER]
+        );
+        // Stretches of the file, as batches give them.
+        assert_eq!(owners_of(&[3, 4, 5, 6]), vec![p2, p2, p2, p3]);
+        assert_eq!(owners_of(&[1, 2, 3]), vec![p1, NO_OWNER, p2]);
+        // After a filter: gaps, and jumps over several runs.
+        assert_eq!(owners_of(&[1, 5, 6, 8]), vec![p1, p2, p3, NO_OWNER]);
+        assert_eq!(owners_of(&[0, 1, 3, 5]), vec![p1, p1, p2, p2]);
+        // Out of order (row by row): back to the start, and repeats.
+        assert_eq!(
+            owners_of(&[1, 6, 8, 0, 5, 3, 3]),
+            vec![p1, p3, NO_OWNER, p1, p2, p2, p2]
+        );
+        // Positions the file does not have are refused.
+        for bad in [&[9][..], &[-1], &[0, 9], &[7, 2, 9], &[i64::MIN, 0]] {
+            assert!(owners.runs_of(bad, &mut out).is_err(), "{bad:?}");
+        }
+        assert_eq!(counts.counts[p2 as usize], 3);
+    }
+
+    #[test]
+    fn row_owners_are_kept_only_for_an_exact_grouped_cover() {
+        let b = input(&[Some("p1"), Some("p2")], &[Some("A"); 2], &[Some(1); 2]);
+        let seal = |parts: &[Vec<i64>], rows: u64| {
+            let mut c = ParticipantCounts::default();
+            for v in parts {
+                c.add_at(b.column(0), &positions(v.clone())).unwrap();
+            }
+            let kept = c.seal(rows);
+            assert_eq!(kept, c.owners().is_some());
+            kept
+        };
+        assert!(seal(&[vec![0, 1], vec![2, 3]], 4));
+        assert!(!seal(&[vec![0, 2]], 3), "a row never read");
+        assert!(!seal(&[vec![0, 1], vec![1, 2]], 3), "a row read twice");
+        assert!(!seal(&[vec![0, 1]], 3), "fewer rows than the file");
+        assert!(!seal(&[vec![0, 1]], 1), "more rows than the file");
+        // Rows not grouped by participant: the owners would take as much memory as the rows.
+        let s = input(
+            &[Some("p1"), Some("p2"), Some("p1"), Some("p2"), Some("p1")],
+            &[Some("A"); 5],
+            &[Some(1); 5],
+        );
+        let mut c = ParticipantCounts::default();
+        c.add_at(s.column(0), &positions((0..5).collect())).unwrap();
+        assert!(!c.seal(5));
+        // Counted without positions: nothing to keep.
+        let mut c = ParticipantCounts::default();
+        c.add(b.column(0)).unwrap();
+        assert!(!c.seal(2));
+        // Positions that do not fit the batch are refused.
+        let mut c = ParticipantCounts::default();
+        assert!(c.add_at(b.column(0), &positions(vec![0])).is_err());
+        let nulls: ArrayRef = Arc::new(Int64Array::from(vec![Some(0), None]));
+        assert!(c.add_at(b.column(0), &nulls).is_err());
+    }
+
+    /// The same rows bounded by participant id and by row position give the same answer:
+    /// exactly with R above every participant's rows, and with R = 2, where sampling is
+    /// random, in the counts and sums that do not depend on which rows are kept (each
+    /// participant's rows are in one group, with one value).
+    #[test]
+    fn position_and_id_paths_agree() {
+        // p1: 2 rows in A (2) and one in C (outside the domain, dropped before bounding);
+        // p2: 1 in B (3); p3: 6 in A (1), across the batches; NULL id; p4: 3 in B (5);
+        // p5: 1 in A with a NULL value.
+        let b1 = input(
+            &[
+                Some("p1"),
+                Some("p1"),
+                Some("p1"),
+                Some("p2"),
+                Some("p3"),
+                Some("p3"),
+                Some("p3"),
+                Some("p3"),
+            ],
+            &[
+                Some("A"),
+                Some("C"),
+                Some("A"),
+                Some("B"),
+                Some("A"),
+                Some("A"),
+                Some("A"),
+                Some("A"),
+            ],
+            &[
+                Some(2),
+                Some(9),
+                Some(2),
+                Some(3),
+                Some(1),
+                Some(1),
+                Some(1),
+                Some(1),
+            ],
+        );
+        let b2 = input(
+            &[
+                Some("p3"),
+                Some("p3"),
+                None,
+                Some("p4"),
+                Some("p4"),
+                Some("p4"),
+                Some("p5"),
+            ],
+            &[
+                Some("A"),
+                Some("A"),
+                Some("B"),
+                Some("B"),
+                Some("B"),
+                Some("B"),
+                Some("A"),
+            ],
+            &[Some(1), Some(1), Some(7), Some(5), Some(5), Some(5), None],
+        );
+        let by_id = counts_of(&[&b1, &b2]);
+        let owned = owned_counts(&[&b1, &b2]);
+        let (p1, p2) = (by_position(&b1, 0), by_position(&b2, 8));
+        let cases = [
+            (10, vec![("A".into(), 9, 8, 10), ("B".into(), 4, 4, 18)]),
+            (2, vec![("A".into(), 5, 4, 6), ("B".into(), 3, 3, 13)]),
+        ];
+        for (r, expect) in cases {
+            for _ in 0..20 {
+                let mut ids = Bounder::with_counts(plan(r), Arc::clone(&by_id));
+                ids.push(&b1).unwrap();
+                ids.push(&b2).unwrap();
+                assert_eq!(out_rows(&ids.finish().unwrap()), expect, "by id, R = {r}");
+                let mut pos_plan = plan(r);
+                pos_plan.pid_rows = true;
+                let mut pos = Bounder::with_counts(pos_plan, Arc::clone(&owned));
+                pos.push(&p1).unwrap();
+                pos.push(&p2).unwrap();
+                assert_eq!(
+                    out_rows(&pos.finish().unwrap()),
+                    expect,
+                    "by position, R = {r}"
+                );
+            }
+        }
+        // Positions without owners are an error, never guessed.
+        let mut pos_plan = plan(2);
+        pos_plan.pid_rows = true;
+        let mut pos = Bounder::with_counts(pos_plan, Arc::clone(&by_id));
+        assert!(pos.push(&p1).is_err());
     }
 
     /// With counts, participants with at most R rows are aggregated directly and the others
@@ -2619,6 +3059,7 @@ mod tests {
         BoundingPlan {
             max_rows: 50,
             pid_proj: 0,
+            pid_rows: false,
             groups: vec![GroupCol::new("g".into(), ColumnType::Utf8, values, 1)],
             slots: vec![
                 slot(ColumnType::Float64, SlotKind::Float, 2),

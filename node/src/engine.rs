@@ -15,6 +15,7 @@ use datafusion::execution::memory_pool::{
 use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::TaskContext;
+use datafusion::functions::core::expr_fn::file_row_index;
 use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
@@ -100,8 +101,37 @@ struct ServedTable {
     policy: crate::config::TablePolicy,
     /// The table restricted to its catalog columns.
     df: DataFrame,
-    /// Rows per participant over the whole table, recounted when found stale.
-    counts: RwLock<Arc<ParticipantCounts>>,
+    /// The table's one Parquet file, when its `path` names a file: rows can then be told
+    /// apart by their position in it (see [`crate::bounding::RowOwners`]).
+    file: Option<PathBuf>,
+    /// Rows per participant over the whole table, recounted when found stale, and the
+    /// identity of `file` when they were counted.
+    counts: RwLock<(Arc<ParticipantCounts>, Option<FileStamp>)>,
+}
+
+/// What identifies a file's contents cheaply: length, modification time and inode. A file
+/// rewritten or replaced gets another stamp (within the file system's time resolution).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: std::time::SystemTime,
+    inode: u64,
+}
+
+impl FileStamp {
+    /// The file's stamp now, or `None` if it cannot be read.
+    fn of(path: &Path) -> Option<FileStamp> {
+        let m = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(FileStamp {
+            len: m.len(),
+            modified: m.modified().ok()?,
+            inode,
+        })
+    }
 }
 
 /// A validated request, ready to run.
@@ -110,9 +140,6 @@ struct Prepared<'a> {
     state: SessionState,
     logical: LogicalPlan,
     table: &'a ServedTable,
-    /// Whether the request joins a second table (then the driving table's rows per
-    /// participant say nothing about the joined rows, see [`NodeEngine::execute`]).
-    joined: bool,
     /// With open group keys (partition selection): the keys and G, the unoptimised
     /// projected rows (`c0..`) and their column count.
     selection: Option<(Selection, DataFrame, usize)>,
@@ -158,7 +185,9 @@ impl NodeEngine {
                     message: format!("[tables.{name}] is not a table of the catalog"),
                 })?;
             let df = load_table(&ctx, name, spec, source).await?;
-            let counts = count_participants(&df, spec)
+            let file = (source.format == TableFormat::Parquet && source.path.is_file())
+                .then(|| source.path.clone());
+            let counts = count_participants(&df, spec, file.as_deref())
                 .await
                 .map_err(|e| NodeError::DataFile {
                     table: name.clone(),
@@ -171,7 +200,8 @@ impl NodeEngine {
                     spec: spec.clone(),
                     policy: config.policy.get(name).cloned().unwrap_or_default(),
                     df,
-                    counts: RwLock::new(Arc::new(counts)),
+                    file,
+                    counts: RwLock::new((Arc::new(counts.0), counts.1)),
                 },
             );
         }
@@ -201,7 +231,7 @@ impl NodeEngine {
     /// Check a request against the catalog and the served tables, and plan it, without
     /// reading any data.
     pub fn validate(&self, req: &PartialAggregateRequest) -> Result<(), NodeError> {
-        self.prepare(req).map(|_| ())
+        self.prepare(req, false).map(|_| ())
     }
 
     /// Validate and run a request. Returns one record batch: the group columns, then
@@ -245,14 +275,39 @@ impl NodeEngine {
         // `Bounder`). Each can happen once per set of counts.
         let mut recounted = false;
         for _attempt in 0..4 {
+            // A joined participant can have up to (rows on the left) × (rows on the right)
+            // rows, so the driving table's start-up counts do not bound its joined rows.
+            // Joined requests use no counts: every participant goes through a reservoir of
+            // R rows, whatever its counts say.
+            let served = self.tables.get(&req.table);
+            let (counts, stamp) = match served {
+                Some(t) if req.join.is_none() => t
+                    .counts
+                    .read()
+                    .map(|c| (Arc::clone(&c.0), c.1.clone()))
+                    .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?,
+                _ => (Arc::new(ParticipantCounts::default()), None),
+            };
+            // Rows are told apart by their position in the file only while the file is the
+            // one that was counted; a changed file is recounted first.
+            let file = served.and_then(|t| t.file.as_deref());
+            let current = file.and_then(FileStamp::of);
+            if stamp.is_some() && stamp != current && !recounted {
+                if let (Some(t), Some(_)) = (served, file) {
+                    recounted = true;
+                    tracing::warn!(site = %self.site, table = %req.table, "the table's file changed since its rows were counted; recounting");
+                    self.recount(t).await.map_err(exec_err)?;
+                    continue;
+                }
+            }
+            let by_position = stamp.is_some() && stamp == current && counts.owners().is_some();
             let Prepared {
                 mut plan,
                 state,
                 logical,
                 table,
-                joined,
                 selection,
-            } = self.prepare(req)?;
+            } = self.prepare(req, by_position)?;
             // Open group keys: bound each participant to G groups first (see `selection`);
             // the bounder then sees one Int64 key numbering the observed groups.
             // Partition selection reorders rows: no run is sampled on the spot.
@@ -278,19 +333,6 @@ impl NodeEngine {
                     (state, logical, Some((sel, dict)))
                 }
             };
-            // A joined participant can have up to (rows on the left) × (rows on the right)
-            // rows, so the driving table's start-up counts do not bound its joined rows.
-            // Joined requests use no counts: every participant goes through a reservoir of
-            // R rows, whatever its counts say.
-            let counts = if joined {
-                Arc::new(ParticipantCounts::default())
-            } else {
-                table
-                    .counts
-                    .read()
-                    .map(|c| Arc::clone(&c))
-                    .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?
-            };
             // The logical plan is optimised already: `SessionState::create_physical_plan`
             // would run every optimiser rule over it a second time, on every request.
             let physical = state
@@ -314,6 +356,7 @@ impl NodeEngine {
             let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
             let mut stream = execute_stream(physical, task).map_err(exec_err)?;
             let reservation = MemoryConsumer::new("fedq bounding").register(&pool);
+            let used_positions = plan.pid_rows;
             let mut bounder = Bounder::with_counts(plan, Arc::clone(&counts));
             if !in_table_order {
                 bounder = bounder.without_run_sampling();
@@ -346,6 +389,16 @@ impl NodeEngine {
                 counts.mark_scattered();
                 continue;
             }
+            // Row positions name their owners only if the file did not change during the
+            // scan either.
+            if used_positions && file.and_then(FileStamp::of) != stamp {
+                if recounted {
+                    return Err(internal(crate::bounding::BoundError(
+                        "the table's file kept changing during the query".into(),
+                    )));
+                }
+                stale = true;
+            }
             if stale {
                 recounted = true;
                 tracing::warn!(
@@ -353,12 +406,7 @@ impl NodeEngine {
                     table = %req.table,
                     "rows per participant changed since they were counted; recounting"
                 );
-                let fresh = count_participants(&table.df, &table.spec)
-                    .await
-                    .map_err(exec_err)?;
-                if let Ok(mut c) = table.counts.write() {
-                    *c = Arc::new(fresh);
-                }
+                self.recount(table).await.map_err(exec_err)?;
                 continue;
             }
             let out = bounder.finish().map_err(internal)?;
@@ -374,7 +422,24 @@ impl NodeEngine {
         )))
     }
 
-    fn prepare(&self, req: &PartialAggregateRequest) -> Result<Prepared<'_>, NodeError> {
+    /// Count the rows per participant of `table` again (its files changed).
+    async fn recount(&self, table: &ServedTable) -> Result<(), datafusion::error::DataFusionError> {
+        let (fresh, stamp) =
+            count_participants(&table.df, &table.spec, table.file.as_deref()).await?;
+        if let Ok(mut c) = table.counts.write() {
+            *c = (Arc::new(fresh), stamp);
+        }
+        Ok(())
+    }
+
+    /// Validate `req` and plan it. With `by_position`, the plan reads each row's position
+    /// in the table's file instead of the participant id when it can (one table, no open
+    /// group keys): the caller has checked that the counts' row owners match the file.
+    fn prepare(
+        &self,
+        req: &PartialAggregateRequest,
+        by_position: bool,
+    ) -> Result<Prepared<'_>, NodeError> {
         let invalid = |m: String| NodeError::InvalidRequest(m);
         let refused = |m: String| NodeError::Refused(m);
 
@@ -799,7 +864,7 @@ impl NodeEngine {
             Some(f) => Some(filter::translate(f, &scope)?),
             None => None,
         };
-        let proj_exprs = proj
+        let mut proj_exprs = proj
             .iter()
             .enumerate()
             .map(|(i, item)| {
@@ -818,6 +883,19 @@ impl NodeEngine {
                 })
             })
             .collect::<Result<Vec<_>, NodeError>>()?;
+        // The participant id is read only to tell participants apart. When the caller has
+        // the owners of the file's rows, read each row's position instead: the Parquet
+        // reader makes it up without decoding anything, and the id column is the widest
+        // one the bounder reads. Not with a join or open keys (their plans need the id),
+        // nor when the id is also a group key or an aggregate input.
+        let pid_rows = by_position
+            && req.join.is_none()
+            && max_groups.is_none()
+            && groups.iter().all(|g| g.proj != 0)
+            && slots.iter().all(|s| s.proj != 0);
+        if pid_rows {
+            proj_exprs[0] = file_row_index().alias("row");
+        }
 
         let plan_err = |e: datafusion::error::DataFusionError| {
             tracing::info!(
@@ -871,6 +949,7 @@ impl NodeEngine {
             plan: BoundingPlan {
                 max_rows: req.max_rows_per_unit as usize,
                 pid_proj: 0,
+                pid_rows,
                 groups,
                 slots,
                 aggs,
@@ -878,31 +957,66 @@ impl NodeEngine {
             state,
             logical,
             table,
-            joined: req.join.is_some(),
             selection,
         })
     }
 }
 
+#[cfg(test)]
+impl NodeEngine {
+    /// For tests: whether `table` is one file, whether its counts know its rows' owners,
+    /// and how many participants they counted.
+    pub(crate) fn counted(&self, table: &str) -> (bool, bool, usize) {
+        let t = &self.tables[table];
+        let c = t.counts.read().unwrap();
+        (
+            t.file.is_some(),
+            c.0.owners().is_some() && c.1.is_some(),
+            c.0.participants(),
+        )
+    }
+
+    /// For tests: whether `req` would read row positions instead of participant ids.
+    pub(crate) fn plans_by_position(&self, req: &PartialAggregateRequest) -> bool {
+        self.prepare(req, true).unwrap().plan.pid_rows
+    }
+}
+
 /// Count rows per participant over the whole table (no filter), streaming only the
-/// privacy-unit column.
+/// privacy-unit column. For a table that is one Parquet `file`, also note which rows each
+/// participant owns ([`ParticipantCounts::seal`]) and the file's stamp, if it did not change
+/// while it was read.
 async fn count_participants(
     df: &DataFrame,
     spec: &TableSpec,
-) -> Result<ParticipantCounts, datafusion::error::DataFusionError> {
-    let mut stream = df
-        .clone()
-        .select(vec![ident(spec.privacy_unit.clone())])?
-        .execute_stream()
-        .await?;
+    file: Option<&Path>,
+) -> Result<(ParticipantCounts, Option<FileStamp>), datafusion::error::DataFusionError> {
+    let before = file.and_then(FileStamp::of);
+    let mut cols = vec![ident(spec.privacy_unit.clone())];
+    if before.is_some() {
+        cols.push(file_row_index().alias("row"));
+    }
+    let mut stream = df.clone().select(cols)?.execute_stream().await?;
     let mut counts = ParticipantCounts::default();
+    let mut rows = 0u64;
+    let bound_err =
+        |e: crate::bounding::BoundError| datafusion::error::DataFusionError::Execution(e.0);
     while let Some(batch) = stream.next().await {
         let batch = batch?;
-        counts
-            .add(batch.column(0))
-            .map_err(|e| datafusion::error::DataFusionError::Execution(e.0))?;
+        rows += batch.num_rows() as u64;
+        if before.is_some() {
+            counts
+                .add_at(batch.column(0), batch.column(1))
+                .map_err(bound_err)?;
+        } else {
+            counts.add(batch.column(0)).map_err(bound_err)?;
+        }
     }
-    Ok(counts)
+    let stamp = match (before, file.and_then(FileStamp::of)) {
+        (Some(b), Some(a)) if a == b && counts.seal(rows) => Some(b),
+        _ => None,
+    };
+    Ok((counts, stamp))
 }
 
 /// The files that make up a table: the file itself, or the directory's files with the

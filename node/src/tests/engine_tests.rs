@@ -1598,3 +1598,45 @@ async fn years_of_a_date_range_are_public_and_dates_clamp_into_it() {
     // 2023-12-31 is counted in 2024, the range's first year: nothing is dropped.
     assert_eq!(rows(&out, 1), vec![keyed(&["2024"], &[9])]);
 }
+
+/// A table that is one Parquet file is read by row position (the counts know each row's
+/// owner); a directory of files keeps reading participant ids.
+#[tokio::test]
+async fn single_file_tables_are_read_by_row_position() {
+    let (_fx, e) = engine().await;
+    assert_eq!(e.counted("labs"), (true, true, 4));
+    assert!(!e.counted("bulk").0);
+    assert!(!e.counted("bulk").1);
+    let req = request(
+        "labs",
+        &["test"],
+        vec![AggregateRequest::CountRows],
+        100,
+        None,
+    );
+    assert!(e.plans_by_position(&req));
+    // The participant id as an aggregate input: read as it is.
+    let req = request("labs", &[], vec![count_nn("pid")], 100, None);
+    assert!(!e.plans_by_position(&req));
+}
+
+/// The owners of a file's rows are used only while the file is the one counted: a file
+/// rewritten under a running node, with other participants in the same rows, is recounted
+/// before its rows are attributed, so no participant contributes more than R rows.
+#[tokio::test]
+async fn a_rewritten_file_is_recounted_before_its_rows_are_attributed() {
+    let (fx, e) = engine().await;
+    let one_each = request("labs", &[], vec![AggregateRequest::CountRows], 1, None);
+    // p1, p2, p3, p4: one row each at R = 1.
+    let out = e.execute(&one_each).await.unwrap();
+    assert_eq!(rows(&out, 0)[0].1[0], 4);
+    // The same rows, all of one participant.
+    let b = labs_batch(false, false);
+    let mut cols = b.columns().to_vec();
+    cols[0] = Arc::new(StringArray::from(vec!["p9"; b.num_rows()]));
+    let rewritten = RecordBatch::try_new(b.schema(), cols).unwrap();
+    write_parquet(&fx.dir.path().join("labs.parquet"), &rewritten);
+    let out = e.execute(&one_each).await.unwrap();
+    assert_eq!(rows(&out, 0)[0].1[0], 1);
+    assert_eq!(e.counted("labs"), (true, true, 1));
+}
