@@ -24,8 +24,9 @@
 //! once, the next participant in counting order is tried before any hash lookup, and text
 //! read as Utf8View is compared by view. A table that is one file can instead be read by
 //! row position: the counts then know which participant owns each stretch of rows
-//! ([`RowOwners`]), and the participant-id column is not read at all. Kept rows are folded per batch: row counts with
-//! COUNT and SUM of one column in one pass, other aggregates one at a time ([`Bounder`]).
+//! ([`RowOwners`]), and the participant-id column is not read at all. Kept rows are folded
+//! per batch: row counts with COUNT and SUM of one column in one pass, other aggregates one
+//! at a time ([`Bounder`]).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -606,7 +607,9 @@ impl ParticipantCounts {
         self.batches += 1;
         let mut pieces = rows.map(|_| self.pieces.get_or_insert_with(Vec::new));
         // A run also ends where the positions jump (they should not, without a filter).
-        let next_to = |i: usize, j: usize| rows.is_none_or(|r| r[j] == r[i] + (j - i) as i64);
+        let next_to = |i: usize, j: usize| {
+            rows.is_none_or(|r| r[i].checked_add((j - i) as i64) == Some(r[j]))
+        };
         let mut i = 0;
         while i < n {
             if pids.is_null(i) {
