@@ -723,14 +723,19 @@ pub(crate) struct RowOwners {
 }
 
 impl RowOwners {
+    /// The row after the last one of run `k`.
+    #[inline]
+    fn end(&self, k: usize) -> u64 {
+        self.starts.get(k + 1).copied().unwrap_or(self.rows)
+    }
+
     /// Run `k` or a later one that holds row `r` (`r` is below `self.rows`): the run after
     /// `k` is tried first, as a scan gives rows in order, else a binary search.
     #[inline]
     fn find(&self, k: usize, r: u64) -> usize {
-        let end = |k: usize| self.starts.get(k + 1).copied().unwrap_or(self.rows);
-        if self.starts.get(k).is_some_and(|&s| s <= r) && r < end(k) {
+        if self.starts.get(k).is_some_and(|&s| s <= r) && r < self.end(k) {
             k
-        } else if r >= end(k) && r < end(k + 1) {
+        } else if r >= self.end(k) && r < self.end(k + 1) {
             k + 1
         } else {
             self.starts.partition_point(|&s| s <= r).saturating_sub(1)
@@ -760,7 +765,7 @@ impl RowOwners {
             };
             let j = if ascending {
                 // Rows i.. are ascending from r >= 0; those below the run's end are its.
-                let end = self.starts.get(k + 1).copied().unwrap_or(self.rows);
+                let end = self.end(k);
                 let guess = i + usize::try_from(end - r).unwrap_or(usize::MAX).min(n - i);
                 // Consecutive positions up to the guess: exactly the run's rows.
                 if rows[guess - 1] - rows[i] == (guess - 1 - i) as i64 {

@@ -104,9 +104,16 @@ struct ServedTable {
     /// The table's one Parquet file, when its `path` names a file: rows can then be told
     /// apart by their position in it (see [`crate::bounding::RowOwners`]).
     file: Option<PathBuf>,
-    /// Rows per participant over the whole table, recounted when found stale, and the
-    /// identity of `file` when they were counted.
-    counts: RwLock<(Arc<ParticipantCounts>, Option<FileStamp>)>,
+    /// Rows per participant over the whole table, recounted when found stale.
+    counts: RwLock<Counted>,
+}
+
+/// A table's rows per participant, and the stamp of its one file when they were counted
+/// (only when the counts know the owners of the file's rows, see [`count_participants`]).
+#[derive(Debug, Clone)]
+struct Counted {
+    counts: Arc<ParticipantCounts>,
+    stamp: Option<FileStamp>,
 }
 
 /// What identifies a file's contents cheaply: length, modification time and inode. A file
@@ -201,7 +208,7 @@ impl NodeEngine {
                     policy: config.policy.get(name).cloned().unwrap_or_default(),
                     df,
                     file,
-                    counts: RwLock::new((Arc::new(counts.0), counts.1)),
+                    counts: RwLock::new(counts),
                 },
             );
         }
@@ -280,13 +287,16 @@ impl NodeEngine {
             // Joined requests use no counts: every participant goes through a reservoir of
             // R rows, whatever its counts say.
             let served = self.tables.get(&req.table);
-            let (counts, stamp) = match served {
+            let Counted { counts, stamp } = match served {
                 Some(t) if req.join.is_none() => t
                     .counts
                     .read()
-                    .map(|c| (Arc::clone(&c.0), c.1.clone()))
+                    .map(|c| c.clone())
                     .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?,
-                _ => (Arc::new(ParticipantCounts::default()), None),
+                _ => Counted {
+                    counts: Arc::new(ParticipantCounts::default()),
+                    stamp: None,
+                },
             };
             // Rows are told apart by their position in the file only while the file is the
             // one that was counted; a changed file is recounted first.
@@ -424,10 +434,9 @@ impl NodeEngine {
 
     /// Count the rows per participant of `table` again (its files changed).
     async fn recount(&self, table: &ServedTable) -> Result<(), datafusion::error::DataFusionError> {
-        let (fresh, stamp) =
-            count_participants(&table.df, &table.spec, table.file.as_deref()).await?;
+        let fresh = count_participants(&table.df, &table.spec, table.file.as_deref()).await?;
         if let Ok(mut c) = table.counts.write() {
-            *c = (Arc::new(fresh), stamp);
+            *c = fresh;
         }
         Ok(())
     }
@@ -971,8 +980,8 @@ impl NodeEngine {
         let c = t.counts.read().unwrap();
         (
             t.file.is_some(),
-            c.0.owners().is_some() && c.1.is_some(),
-            c.0.participants(),
+            c.counts.owners().is_some() && c.stamp.is_some(),
+            c.counts.participants(),
         )
     }
 
@@ -990,7 +999,7 @@ async fn count_participants(
     df: &DataFrame,
     spec: &TableSpec,
     file: Option<&Path>,
-) -> Result<(ParticipantCounts, Option<FileStamp>), datafusion::error::DataFusionError> {
+) -> Result<Counted, datafusion::error::DataFusionError> {
     let before = file.and_then(FileStamp::of);
     let mut cols = vec![ident(spec.privacy_unit.clone())];
     if before.is_some() {
@@ -1016,7 +1025,10 @@ async fn count_participants(
         (Some(b), Some(a)) if a == b && counts.seal(rows) => Some(b),
         _ => None,
     };
-    Ok((counts, stamp))
+    Ok(Counted {
+        counts: Arc::new(counts),
+        stamp,
+    })
 }
 
 /// The files that make up a table: the file itself, or the directory's files with the
