@@ -117,10 +117,14 @@ pub struct NodeLimits {
     pub query_timeout: std::time::Duration,
     /// Queries running at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_concurrent_queries: usize,
-    /// Memory one query may use, in bytes: DataFusion's memory pool for the query (the
-    /// join's hash table and any other operator that reserves memory) and the node's own
-    /// bounding state (reservoirs, participant index) share it. A query that needs more
-    /// fails with `RESOURCE_EXHAUSTED`; the node keeps serving.
+    /// Memory one query may use, in bytes (`max_query_memory_mb`). It is not enforced while
+    /// a query runs: whether a query crosses a limit depends on its data (a WHERE
+    /// calibrated to the threshold flips it with one participant), so no query is stopped
+    /// on memory. Instead the node checks at start-up, and again when a table's files
+    /// change, that the worst query over its tables fits it (the two largest tables
+    /// joined, see `engine::WORST_CASE_FACTOR`, plus the largest accumulators a request can
+    /// ask for): it refuses to start otherwise, naming the table, the estimate and the
+    /// value to set, and refuses requests on a table that grew past it, before reading.
     pub max_query_memory: usize,
 }
 

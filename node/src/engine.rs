@@ -9,9 +9,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::{Column, JoinType};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
-use datafusion::execution::memory_pool::{
-    GreedyMemoryPool, MemoryConsumer, MemoryPool, TrackConsumersPool,
-};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, UnboundedMemoryPool};
 use datafusion::execution::options::{CsvReadOptions, ParquetReadOptions};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::TaskContext;
@@ -106,6 +104,16 @@ struct ServedTable {
     file: Option<PathBuf>,
     /// Rows per participant over the whole table, recounted when found stale.
     counts: RwLock<Counted>,
+    /// Where the table's files are (to estimate its size again after a recount).
+    source: TableSource,
+    /// Estimated bytes of the table's catalog columns in memory ([`table_bytes`]), taken
+    /// at start-up and after each recount.
+    bytes: std::sync::atomic::AtomicU64,
+    /// Whether every query over this table fits `max_query_memory_mb` by the worst case
+    /// ([`MemoryBound`]). Checked at start-up (the node does not start otherwise); turns
+    /// false only when a recount finds the table grown past it, and then every request
+    /// on the table is refused in validation, before reading.
+    fits: std::sync::atomic::AtomicBool,
 }
 
 /// A table's rows per participant, and the stamp of its one file when they were counted
@@ -201,6 +209,7 @@ impl NodeEngine {
                     path: source.path.display().to_string(),
                     message: format!("cannot count rows per participant: {e}"),
                 })?;
+            let bytes = table_bytes(name, spec, source)?;
             tables.insert(
                 name.clone(),
                 ServedTable {
@@ -209,15 +218,91 @@ impl NodeEngine {
                     df,
                     file,
                     counts: RwLock::new(counts),
+                    source: source.clone(),
+                    bytes: std::sync::atomic::AtomicU64::new(bytes),
+                    fits: std::sync::atomic::AtomicBool::new(true),
                 },
             );
         }
-        Ok(NodeEngine {
+        let engine = NodeEngine {
             site: config.site.clone(),
             catalog: config.catalog.clone(),
             tables,
             max_query_memory: config.limits.max_query_memory,
+        };
+        // No query can fail on memory at run time, so the node refuses to start unless the
+        // worst query over its tables fits the limit.
+        if let Some(bound) = engine.worst_query() {
+            if bound.bytes() > engine.max_query_memory as u64 {
+                return Err(NodeError::Config {
+                    origin: format!("site {}", engine.site),
+                    message: bound.refusal(engine.max_query_memory),
+                });
+            }
+            tracing::info!(site = %engine.site, worst_query_bytes = bound.bytes(), limit_bytes = engine.max_query_memory, "the worst query over the served tables fits max_query_memory_mb");
+        }
+        Ok(engine)
+    }
+
+    /// The memory bound of the worst query over this node's tables: the two largest
+    /// tables joined (or the only one).
+    fn worst_query(&self) -> Option<MemoryBound> {
+        let mut sizes: Vec<(String, u64)> = self
+            .tables
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect();
+        sizes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut it = sizes.into_iter();
+        let largest = it.next()?;
+        Some(MemoryBound {
+            largest,
+            other: it.next(),
         })
+    }
+
+    /// The memory bound of the worst query reading `name`: the table joined with the
+    /// largest other served table.
+    fn worst_query_over(&self, name: &str) -> Option<MemoryBound> {
+        let own = self.tables.get(name)?;
+        let other = self
+            .tables
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)));
+        Some(MemoryBound {
+            largest: (
+                name.to_string(),
+                own.bytes.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            other,
+        })
+    }
+
+    /// A refusal, before reading, of a request on a table that no longer fits the memory
+    /// limit (its files grew since the node started). The message depends only on the
+    /// configuration: the table, the site and the limit.
+    fn check_fits(&self, name: &str, table: &ServedTable) -> Result<(), NodeError> {
+        if table.fits.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(NodeError::Refused(format!(
+            "table {} no longer fits this node's memory limit for one query (max_query_memory_mb = {}) since its files changed; the operator of site {} must raise max_query_memory_mb and restart the node",
+            shown(name),
+            self.max_query_memory.div_ceil(1024 * 1024),
+            self.site
+        )))
     }
 
     /// Site name.
@@ -238,12 +323,28 @@ impl NodeEngine {
     /// Check a request against the catalog and the served tables, and plan it, without
     /// reading any data.
     pub fn validate(&self, req: &PartialAggregateRequest) -> Result<(), NodeError> {
-        self.prepare(req, false).map(|_| ())
+        self.prepare(req, false, true).map(|_| ())
     }
 
-    /// Validate and run a request. Returns one record batch: the group columns, then
-    /// `agg_0`, `agg_1`, … (see the crate docs).
+    /// Validate and run a request. Returns one record batch (several, of at most
+    /// `MAX_GROUPS` rows each, when partition selection observed more groups): the group
+    /// columns, then `agg_0`, `agg_1`, … (see the crate docs).
+    ///
+    /// Every refusal it returns is raised before any row is read: validation comes first,
+    /// and a refusal after a read (a retry after a recount) is turned into
+    /// [`NodeError::Internal`]. No error depends on how much memory the query needs (its
+    /// pool never refuses); see [`WORST_CASE_FACTOR`] for how the limit is kept instead.
     pub async fn execute(
+        &self,
+        req: &PartialAggregateRequest,
+    ) -> Result<Vec<RecordBatch>, NodeError> {
+        self.validate(req)?;
+        self.execute_validated(req).await
+    }
+
+    /// [`NodeEngine::execute`] for a request the caller has just validated
+    /// ([`NodeEngine::validate`]), as the Flight service does before it waits for a slot.
+    pub(crate) async fn execute_validated(
         &self,
         req: &PartialAggregateRequest,
     ) -> Result<Vec<RecordBatch>, NodeError> {
@@ -257,25 +358,10 @@ impl NodeEngine {
             query_id: req.query_id.clone(),
             message: e.0,
         };
-        let out_of_memory = |detail: String| {
-            // The detail (which operator, how much) stays in the node log.
-            tracing::warn!(site = %self.site, query_id = %req.query_id, limit_bytes = self.max_query_memory, detail = %detail, "query stopped at its memory limit");
-            NodeError::MemoryLimit {
-                site: self.site.clone(),
-                query_id: req.query_id.clone(),
-                limit_mb: self.max_query_memory.div_ceil(1024 * 1024),
-            }
-        };
-        let exec_err = |e: datafusion::error::DataFusionError| {
-            if matches!(
-                e.find_root(),
-                datafusion::error::DataFusionError::ResourcesExhausted(_)
-            ) {
-                out_of_memory(e.to_string())
-            } else {
-                failed(e)
-            }
-        };
+        let exec_err = failed;
+        // Whether data may have been read already (a recount, an earlier attempt): from then
+        // on no error may claim to be a refusal before reading (see `NodeError::stage`).
+        let mut read_any = false;
         // A stale count (the files changed since they were taken) is retried once, after
         // recounting rows per participant; a participant found in more than one run is
         // retried with every participant of more than R rows in a reservoir (see
@@ -305,19 +391,33 @@ impl NodeEngine {
             if stamp.is_some() && stamp != current && !recounted {
                 if let (Some(t), Some(_)) = (served, file) {
                     recounted = true;
+                    read_any = true;
                     tracing::warn!(site = %self.site, table = %req.table, "the table's file changed since its rows were counted; recounting");
                     self.recount(t).await.map_err(exec_err)?;
                     continue;
                 }
             }
             let by_position = stamp.is_some() && stamp == current && counts.owners().is_some();
+            // Validation depends only on the request, the catalog, the node's policy and
+            // configuration, so a request that passed it once passes it again; should it
+            // not after data was read, the error must not pass for a refusal before reading.
+            let prepared = match self.prepare(req, by_position, !read_any) {
+                Ok(p) => p,
+                Err(e) if read_any => {
+                    return Err(internal(crate::bounding::BoundError(format!(
+                        "the request was refused after data was read: {e}"
+                    ))))
+                }
+                Err(e) => return Err(e),
+            };
+            read_any = true;
             let Prepared {
                 mut plan,
                 state,
                 logical,
                 table,
                 selection,
-            } = self.prepare(req, by_position)?;
+            } = prepared;
             // Open group keys: bound each participant to G groups first (see `selection`);
             // the bounder then sees one Int64 key numbering the observed groups.
             // Partition selection reorders rows: no run is sampled on the spot.
@@ -350,13 +450,16 @@ impl NodeEngine {
                 .create_physical_plan(&logical, &state)
                 .await
                 .map_err(exec_err)?;
-            // A memory pool of its own for this query: DataFusion's operators (the join's
-            // hash table) and the bounder's state reserve from it, so one query cannot take
-            // more than `max_query_memory` and fails cleanly instead.
-            let pool: Arc<dyn MemoryPool> = Arc::new(TrackConsumersPool::new(
-                GreedyMemoryPool::new(self.max_query_memory),
-                std::num::NonZeroUsize::MIN.saturating_add(2),
-            ));
+            // A memory pool of its own for this query, which never refuses: how much memory
+            // a query needs depends on its data (a WHERE calibrated to a threshold moves
+            // it by one participant's rows), so a query stopped at a limit would release a
+            // bit that one participant can flip. The limit is instead checked against the
+            // worst case of every query when the node starts and when a table is recounted
+            // (see `MemoryBound`), so a query's outcome never depends on how much it used.
+            // The pool only tracks what DataFusion's operators and the bounder reserve, for
+            // the node log.
+            let pool: Arc<dyn MemoryPool> = Arc::new(UnboundedMemoryPool::default());
+            let mut peak_reserved = 0usize;
             let runtime = RuntimeEnvBuilder::from_runtime_env(state.runtime_env())
                 .with_memory_pool(Arc::clone(&pool))
                 .build_arc()
@@ -386,10 +489,10 @@ impl NodeEngine {
                     }
                     return Err(internal(e));
                 }
-                reservation
-                    .try_resize(bounder.memory_bytes())
-                    .map_err(|e| out_of_memory(e.to_string()))?;
+                reservation.resize(bounder.memory_bytes());
+                peak_reserved = peak_reserved.max(pool.reserved());
             }
+            tracing::debug!(site = %self.site, query_id = %req.query_id, peak_reserved_bytes = peak_reserved, "query memory");
             if scattered {
                 tracing::info!(
                     site = %self.site,
@@ -425,7 +528,7 @@ impl NodeEngine {
                 Some((sel, dict)) => selection::expand_keys(out, sel, dict)
                     .map_err(|e| internal(crate::bounding::BoundError(e)))?,
             };
-            return Ok(vec![out]);
+            return Ok(in_batches(out));
         }
         Err(internal(crate::bounding::BoundError(
             "rows per participant kept changing during the query".into(),
@@ -438,16 +541,49 @@ impl NodeEngine {
         if let Ok(mut c) = table.counts.write() {
             *c = fresh;
         }
+        // The files changed: estimate the table's size again. A table grown past the memory
+        // limit is refused from the next request on, in validation (the query running now
+        // finishes: it must not fail on its data).
+        let name = self
+            .tables
+            .iter()
+            .find(|(_, t)| std::ptr::eq(*t, table))
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        match table_bytes(&name, &table.spec, &table.source) {
+            Ok(bytes) => table
+                .bytes
+                .store(bytes, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(site = %self.site, table = %name, error = %e, "cannot estimate the table's size after its files changed; refusing its requests");
+                table
+                    .fits
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        if let Some(bound) = self.worst_query_over(&name) {
+            let fits = bound.bytes() <= self.max_query_memory as u64;
+            if !fits {
+                tracing::error!(site = %self.site, table = %name, "{}", bound.refusal(self.max_query_memory));
+            }
+            table.fits.store(fits, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
     /// Validate `req` and plan it. With `by_position`, the plan reads each row's position
     /// in the table's file instead of the participant id when it can (one table, no open
     /// group keys): the caller has checked that the counts' row owners match the file.
+    ///
+    /// With `check_fits`, a table that grew past the memory limit since the node started is
+    /// refused (before reading); without, as for a query already reading, it is not: a
+    /// query that started must not fail on what it read.
     fn prepare(
         &self,
         req: &PartialAggregateRequest,
         by_position: bool,
+        check_fits: bool,
     ) -> Result<Prepared<'_>, NodeError> {
         let invalid = |m: String| NodeError::InvalidRequest(m);
         let refused = |m: String| NodeError::Refused(m);
@@ -503,6 +639,9 @@ impl NodeEngine {
                 self.site
             )));
         };
+        if check_fits {
+            self.check_fits(tname, table)?;
+        }
         let spec = &table.spec;
 
         // Join: a second served catalog table, inner-joined on both privacy units.
@@ -538,6 +677,9 @@ impl NodeEngine {
                     shown(&j.left_on),
                     shown(&j.right_on)
                 )));
+            }
+            if check_fits {
+                self.check_fits(rname, rt)?;
             }
             right_table = Some(rt);
         }
@@ -985,10 +1127,156 @@ impl NodeEngine {
         )
     }
 
+    /// For tests: the memory bound of the worst query over the served tables.
+    pub(crate) fn worst_query_bytes(&self) -> u64 {
+        self.worst_query().map_or(0, |b| b.bytes())
+    }
+
     /// For tests: whether `req` would read row positions instead of participant ids.
     pub(crate) fn plans_by_position(&self, req: &PartialAggregateRequest) -> bool {
-        self.prepare(req, true).unwrap().plan.pid_rows
+        self.prepare(req, true, true).unwrap().plan.pid_rows
     }
+}
+
+/// How many times the in-memory size of the tables a query reads bounds the memory the
+/// query holds (besides its accumulators, [`ACCUMULATOR_BYTES`]). A query holds at most:
+///
+/// 1. the build side of a join: the projected columns of one table, at most that table
+///    (1×), and its hash table, a hash and a link per row (16 bytes, no more than the
+///    participant id's 16-byte view or CSV text already counted per row: ≤ 1×);
+/// 2. the bounder's state: the participant index (each id once: ≤ the id column) and the
+///    reservoirs, at most R rows per participant of the rows it reads, each a group number,
+///    a null mask and one 8-byte value per input column — no wider than the Arrow values
+///    it read plus 12 bytes a row (≤ 1×);
+/// 3. with partition selection, the rows per (participant, group), their ranks and the
+///    kept pairs, each at most one row per input row of the key and id columns (≤ 1×);
+///
+/// plus one batch in flight per operator. 4 × (the two largest tables) covers 1–3 together.
+/// The factor is an estimate of DataFusion's and the bounder's own overheads, not a proof;
+/// what makes a query's outcome independent of its data is that no query is stopped on
+/// memory at all (its pool never refuses), and this start-up check only keeps the worst
+/// case within what the operator allowed. Not covered: a joined participant with a rows on
+/// one side and b on the other can keep up to min(R, a·b) joined rows, more than a + b
+/// when R is large; and with partition selection, one accumulator row (every requested
+/// aggregate, and every percentile histogram's bins) per observed group, which is at most
+/// one per row read.
+pub(crate) const WORST_CASE_FACTOR: u64 = 4;
+
+/// Bytes of the largest accumulators any request can ask for with public group keys: at
+/// most [`MAX_GROUPS`] groups × [`MAX_AGGREGATES`] `i128` cells, plus
+/// [`MAX_HISTOGRAM_CELLS`] histogram bins, plus a map entry per group (64 bytes).
+pub(crate) const ACCUMULATOR_BYTES: u64 =
+    ((MAX_GROUPS * MAX_AGGREGATES + MAX_HISTOGRAM_CELLS) * 16 + MAX_GROUPS * 64) as u64;
+
+/// The worst case of one query's memory over a pair of tables (or one table): what no
+/// query over them can exceed, from the tables' estimated sizes and public constants only.
+#[derive(Debug, Clone)]
+struct MemoryBound {
+    /// The table the bound is for (the largest), with its estimated bytes.
+    largest: (String, u64),
+    /// The largest other table it can be joined with, if any.
+    other: Option<(String, u64)>,
+}
+
+impl MemoryBound {
+    /// [`WORST_CASE_FACTOR`] × (both tables) + [`ACCUMULATOR_BYTES`].
+    fn bytes(&self) -> u64 {
+        let tables = self
+            .largest
+            .1
+            .saturating_add(self.other.as_ref().map_or(0, |o| o.1));
+        WORST_CASE_FACTOR
+            .saturating_mul(tables)
+            .saturating_add(ACCUMULATOR_BYTES)
+    }
+
+    /// What the operator reads when the bound exceeds `limit` bytes: the table(s), the
+    /// estimate and the fix.
+    fn refusal(&self, limit: usize) -> String {
+        let mib = |b: u64| b.div_ceil(1024 * 1024);
+        let (name, bytes) = &self.largest;
+        let pair = match &self.other {
+            Some((o, ob)) => format!(
+                "table `{name}` (about {} MiB in memory) joined with table `{o}` (about {} MiB)",
+                mib(*bytes),
+                mib(*ob)
+            ),
+            None => format!("table `{name}` (about {} MiB in memory)", mib(*bytes)),
+        };
+        format!(
+            "{pair} can need up to {} MiB for one query ({WORST_CASE_FACTOR} × the tables + {} MiB of accumulators), more than max_query_memory_mb = {}; a query is never stopped at the limit (that would make its outcome depend on the data), so the node must allow the worst case: raise max_query_memory_mb to at least {} in the node config, or serve smaller tables",
+            mib(self.bytes()),
+            mib(ACCUMULATOR_BYTES),
+            limit.div_ceil(1024 * 1024),
+            mib(self.bytes())
+        )
+    }
+}
+
+/// Estimated bytes of a table's catalog columns once read into Arrow arrays. Parquet: from
+/// each file's footer, per row group and catalog column, the larger of the column chunk's
+/// uncompressed size and its rows × the type's width (dictionary and run-length encodings
+/// are smaller on disk than in memory), plus for text the 16-byte `Utf8View` view of each
+/// row on top of the string bytes, plus a validity bit per row. CSV: the files' size (the
+/// text holds every value). Reads no row.
+fn table_bytes(name: &str, spec: &TableSpec, source: &TableSource) -> Result<u64, NodeError> {
+    let files = data_files(name, source)?;
+    let err = |f: &Path, m: String| NodeError::DataFile {
+        table: name.to_string(),
+        path: f.display().to_string(),
+        message: m,
+    };
+    let mut total: u64 = 0;
+    for f in &files {
+        match source.format {
+            TableFormat::Csv => {
+                let len = std::fs::metadata(f)
+                    .map_err(|e| err(f, e.to_string()))?
+                    .len();
+                total = total.saturating_add(len);
+            }
+            TableFormat::Parquet => {
+                let file = std::fs::File::open(f).map_err(|e| err(f, e.to_string()))?;
+                let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| err(f, format!("not a readable Parquet file: {e}")))?;
+                for rg in builder.metadata().row_groups() {
+                    let rows = rg.num_rows().max(0) as u64;
+                    for c in &spec.columns {
+                        let on_disk: u64 = rg
+                            .columns()
+                            .iter()
+                            .filter(|cc| cc.column_path().parts().first() == Some(&c.name))
+                            .map(|cc| cc.uncompressed_size().max(0) as u64)
+                            .sum();
+                        let in_memory = match c.ty {
+                            ColumnType::Utf8 => on_disk.saturating_add(16 * rows),
+                            ColumnType::Boolean => on_disk.max(rows.div_ceil(8)),
+                            ColumnType::Int32 | ColumnType::Date32 => on_disk.max(4 * rows),
+                            ColumnType::Int64 | ColumnType::Float64 => on_disk.max(8 * rows),
+                        };
+                        total = total
+                            .saturating_add(in_memory)
+                            .saturating_add(rows.div_ceil(8));
+                    }
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// A response as batches of at most [`MAX_GROUPS`] rows each (one batch, possibly empty,
+/// when it has fewer), each with the response's schema and metadata. Only partition
+/// selection can observe more groups than that; the coordinator merges every batch.
+fn in_batches(out: RecordBatch) -> Vec<RecordBatch> {
+    let n = out.num_rows();
+    if n <= MAX_GROUPS {
+        return vec![out];
+    }
+    (0..n)
+        .step_by(MAX_GROUPS)
+        .map(|off| out.slice(off, MAX_GROUPS.min(n - off)))
+        .collect()
 }
 
 /// Count rows per participant over the whole table (no filter), streaming only the

@@ -1,6 +1,8 @@
 //! Node errors and their one mapping to gRPC statuses.
 
+use fedq_common::outcome::{FailureStage, FAILURE_STAGE_METADATA};
 use fedq_common::{CatalogError, WireError};
+use tonic::metadata::MetadataValue;
 use tonic::Status;
 
 /// Everything that can go wrong in a node.
@@ -14,8 +16,13 @@ use tonic::Status;
 ///   depend on the data, so the peer only learns that the query failed; the details stay in
 ///   the node log.
 ///
+/// Every error also says *when* it happened ([`NodeError::stage`]): refused before any row
+/// was read (the coordinator may refund the query), or not (it stays charged: whether it
+/// happened may depend on a participant).
+///
 /// The conversion to [`tonic::Status`] (`impl From<NodeError> for Status`) is the only place
-/// where node errors are turned into what a peer sees.
+/// where node errors are turned into what a peer sees, and it attaches the stage to every
+/// status as metadata [`FAILURE_STAGE_METADATA`].
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The node config file could not be read.
@@ -96,14 +103,6 @@ pub enum NodeError {
         query_id: String,
         secs: u64,
     },
-    /// A query needed more memory than `max_query_memory_mb` allows and was stopped. Only
-    /// the limit is reported (how much a query needs depends on the data).
-    #[error("node {site}: query {query_id} needed more than its memory limit of {limit_mb} MiB and was stopped; narrow the query or ask the site to raise max_query_memory_mb")]
-    MemoryLimit {
-        site: String,
-        query_id: String,
-        limit_mb: usize,
-    },
     /// The TLS certificate or key could not be used.
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -120,19 +119,51 @@ impl NodeError {
             NodeError::InvalidRequest(_) | NodeError::Refused(_) | NodeError::Wire(_)
         )
     }
+
+    /// When the error happened relative to reading data, as the coordinator's refund rule
+    /// needs it (see [`fedq_common::outcome`]).
+    ///
+    /// [`FailureStage::BeforeData`] only for errors that depend on nothing but the request,
+    /// the catalog, the node's policy and configuration and its load, and that the node
+    /// raises before its first row is read: a ticket that does not decode, a request
+    /// validation refuses, a caller not on the allow-list, no free query slot. Everything
+    /// else — a failure while or after reading, a timeout, anything the node cannot prove
+    /// happened before reading — is [`FailureStage::AfterData`], so only an explicit claim
+    /// can be refunded. (`NodeService::answer` validates before it takes a slot or reads,
+    /// and `NodeEngine::execute` turns a refusal raised after reading into
+    /// [`NodeError::Internal`], so a `BeforeData` error never follows a read.)
+    pub fn stage(&self) -> FailureStage {
+        match self {
+            NodeError::InvalidRequest(_)
+            | NodeError::Refused(_)
+            | NodeError::Wire(_)
+            | NodeError::NotAllowed(_)
+            | NodeError::Busy { .. } => FailureStage::BeforeData,
+            NodeError::Execution { .. }
+            | NodeError::Internal { .. }
+            | NodeError::TimedOut { .. }
+            | NodeError::ConfigRead { .. }
+            | NodeError::Config { .. }
+            | NodeError::Catalog { .. }
+            | NodeError::MissingFile { .. }
+            | NodeError::DataFile { .. }
+            | NodeError::SchemaMismatch(_)
+            | NodeError::Bind { .. }
+            | NodeError::Tls(_)
+            | NodeError::Server(_) => FailureStage::AfterData,
+        }
+    }
 }
 
 /// The single place where node errors become what a peer sees.
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
-        match e {
+        let stage = e.stage();
+        let mut status = match e {
             NodeError::InvalidRequest(m) => Status::invalid_argument(m),
             NodeError::Wire(w) => Status::invalid_argument(w.to_string()),
             NodeError::Refused(m) | NodeError::NotAllowed(m) => Status::permission_denied(m),
             e @ NodeError::Busy { .. } => Status::resource_exhausted(e.to_string()),
-            // Like a timeout: whether a query fits can depend on the data, so only the
-            // limit is reported.
-            e @ NodeError::MemoryLimit { .. } => Status::resource_exhausted(e.to_string()),
             // Whether a query is slow can depend on the data: only the limit is reported.
             e @ NodeError::TimedOut { .. } => Status::deadline_exceeded(e.to_string()),
             NodeError::Execution { site, query_id, .. }
@@ -150,6 +181,66 @@ impl From<NodeError> for Status {
             | NodeError::Server(_) => Status::internal(
                 "the node could not serve this request; details are in the node log",
             ),
+        };
+        status.metadata_mut().insert(
+            FAILURE_STAGE_METADATA,
+            MetadataValue::from_static(stage.as_str()),
+        );
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage_of(status: &Status) -> Option<&str> {
+        status
+            .metadata()
+            .get(FAILURE_STAGE_METADATA)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn every_status_says_whether_the_node_had_read_data() {
+        let site = || "s".to_string();
+        let q = || "q".to_string();
+        let before = [
+            NodeError::InvalidRequest("bad".into()),
+            NodeError::Refused("no".into()),
+            NodeError::Wire(WireError::Malformed("x".into())),
+            NodeError::NotAllowed("who".into()),
+            NodeError::Busy {
+                site: site(),
+                running: 1,
+            },
+        ];
+        let after = [
+            NodeError::Internal {
+                site: site(),
+                query_id: q(),
+                message: "m".into(),
+            },
+            NodeError::Execution {
+                site: site(),
+                query_id: q(),
+                source: datafusion::error::DataFusionError::Execution("e".into()),
+            },
+            NodeError::TimedOut {
+                site: site(),
+                query_id: q(),
+                secs: 1,
+            },
+            NodeError::SchemaMismatch("m".into()),
+            NodeError::Server("down".into()),
+        ];
+        for e in before {
+            assert_eq!(e.stage(), FailureStage::BeforeData, "{e:?}");
+            assert_eq!(stage_of(&Status::from(e)), Some("before-data"));
+        }
+        for e in after {
+            assert_eq!(e.stage(), FailureStage::AfterData, "{e:?}");
+            assert_eq!(stage_of(&Status::from(e)), Some("after-data"));
         }
     }
 }

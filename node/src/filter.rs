@@ -4,8 +4,10 @@
 //! expression is total: DataFusion never has to insert a cast that could fail on some row
 //! (which would turn a row's value into an observable error). Comparisons are allowed only
 //! between values of the same kind (numbers with numbers, text with text, dates with dates,
-//! booleans with booleans, or NULL); `LIKE` only applies to text; division only by a numeric
-//! literal other than 0 and -1. Conversions must be written as `TRY_CAST`.
+//! booleans with booleans, or NULL); `LIKE` only applies to text, and its pattern is
+//! compiled here ([`fedq_common::like::check_like_pattern`]) so it cannot fail on a batch;
+//! division only by a numeric literal other than 0 and -1. Conversions must be written as
+//! `TRY_CAST`.
 //!
 //! In a joined request a column names its side ([`Side`]); each side is resolved against
 //! its own table's catalog columns and becomes a column qualified by that side's alias in
@@ -405,6 +407,11 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
                     t.name()
                 )));
             }
+            // The pattern is compiled here, before any row is read, exactly as Arrow's
+            // kernel compiles it on a batch: a pattern that could fail on some batch (and so
+            // fail or not depending on whether a row reached it) is refused now, whatever
+            // the data.
+            fedq_common::like::check_like_pattern(pattern).map_err(invalid)?;
             let pat = lit(pattern.clone());
             let like = match (*negated, *case_insensitive) {
                 (false, false) => e.like(pat),
@@ -415,8 +422,52 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
             Ok((like, Ty::Col(ColumnType::Boolean)))
         }
         Predicate::TryCast { input, to } => {
-            let (e, _) = rec(input)?;
-            Ok((try_cast(e, to.arrow_type()), Ty::Col(*to)))
+            let (e, from) = rec(input)?;
+            try_cast_total(e, from, *to)
         }
     }
+}
+
+/// Days since 1970-01-01 of -262000-01-01 and +262000-12-31: dates in this range can be
+/// written as text (Arrow formats a date through chrono, whose dates end a little beyond
+/// the years ±262000, and fails on a date outside them even in `TRY_CAST`).
+const SHOWN_DAYS: (i32, i32) = (-96_413_063, 94_974_372);
+
+/// `TRY_CAST(e AS to)` for an `e` of static type `from`, total on every value:
+///
+/// - a conversion Arrow has no kernel for (e.g. boolean to date, date to float) fails when
+///   the query is planned, whatever the data; it is refused here instead, before reading;
+/// - a date outside the range chrono can write fails Arrow's cast to text even in safe
+///   mode, so only for rows whose date is in [`SHOWN_DAYS`]: a date outside it becomes
+///   NULL first (`CASE WHEN e BETWEEN … THEN e END`), like any other value `TRY_CAST`
+///   cannot convert.
+///
+/// Every other cast between catalog types is safe in Arrow (a value that does not convert
+/// is NULL). Text columns are scanned as `Utf8View` and text literals are `Utf8`, so both
+/// must have a kernel.
+fn try_cast_total(e: Expr, from: Ty, to: ColumnType) -> Result<(Expr, Ty), NodeError> {
+    let target = to.arrow_type();
+    if let Ty::Col(f) = from {
+        let sources = match f {
+            ColumnType::Utf8 => vec![DataType::Utf8, DataType::Utf8View],
+            other => vec![other.arrow_type()],
+        };
+        if !sources
+            .iter()
+            .all(|s| arrow::compute::can_cast_types(s, &target))
+        {
+            return Err(invalid(format!(
+                "TRY_CAST from {f} to {to} is not supported; convert through another type"
+            )));
+        }
+    }
+    let e = if from == Ty::Col(ColumnType::Date32) && to == ColumnType::Utf8 {
+        let day = |d: i32| lit(ScalarValue::Date32(Some(d)));
+        when(e.clone().between(day(SHOWN_DAYS.0), day(SHOWN_DAYS.1)), e)
+            .end()
+            .map_err(|err| invalid(format!("TRY_CAST could not be built: {err}")))?
+    } else {
+        e
+    };
+    Ok((try_cast(e, target), Ty::Col(to)))
 }

@@ -75,7 +75,7 @@
 //! site = "site01"
 //! listen = "127.0.0.1:50101"        # optional, default 127.0.0.1:50051
 //! catalog = "../../catalog.toml"    # relative to this file
-//! max_query_memory_mb = 512         # optional: memory pool of one query (DataFusion + bounding)
+//! max_query_memory_mb = 512         # optional: the worst query must fit (checked at start-up)
 //!
 //! [tables.participants]
 //! path = "participants.parquet"     # relative to this file; a file or a directory
@@ -88,10 +88,19 @@
 //! ```
 //!
 //! A request outside the node's policy is refused (`PERMISSION_DENIED`) and logged with
-//! the coordinator's certificate name, the query id and the reason. Each query runs in a
-//! DataFusion memory pool of `max_query_memory_mb`, which the bounder's own state also
-//! reserves from; a query that needs more fails with `RESOURCE_EXHAUSTED` naming only the
-//! limit.
+//! the coordinator's certificate name, the query id and the reason. No query is stopped on
+//! memory: how much a query needs depends on its data, so stopping it at a limit would be
+//! a bit one participant can flip. Instead the node refuses to start unless the worst query
+//! over its tables fits `max_query_memory_mb` (the two largest tables joined, times a
+//! documented factor, plus the largest accumulators a request can ask for; the tables'
+//! sizes are estimated from the Parquet footers or the CSV file sizes), and a table that
+//! grows past it while the node runs is refused before reading, with a message naming only
+//! the table, the site and the limit.
+//!
+//! Every error status carries metadata `fedq-failure-stage`: `before-data` for a refusal
+//! raised before any row was read (an undecodable or invalid request, the node's policy, a
+//! caller not allowed, no free slot), which the coordinator may refund, and `after-data`
+//! for everything else.
 //!
 //! At start-up every configured file is checked against the catalog: each catalog column
 //! must exist with exactly the catalog type (Parquet: the file's Arrow schema; CSV: the

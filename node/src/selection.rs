@@ -14,7 +14,10 @@
 //!    carry their group's number as a single Int64 key `fedq_gidx`, whose domain `0..n` the
 //!    ordinary [`crate::bounding::Bounder`] then treats like a public one (R rows per
 //!    participant, clamping, exact sums);
-//! 4. the response maps the numbers back to the key values.
+//! 4. the response maps the numbers back to the key values. There is no cap on the number
+//!    of observed groups (a cap that fails the query would be a deterministic bit one
+//!    participant can flip); a response with more than `MAX_GROUPS` groups is sent as
+//!    several batches.
 //!
 //! The observed keys are the only data-dependent key output of a node. They go to the
 //! coordinator only, which never releases a group without the noisy threshold.
@@ -31,7 +34,6 @@ use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{col, lit, ExprFunctionExt};
 use datafusion::prelude::SessionContext;
-use fedq_common::wire::MAX_GROUPS;
 use fedq_common::ColumnType;
 
 /// Name of the group-number column the bounder sees.
@@ -137,12 +139,11 @@ pub(crate) async fn bound_groups(
         )),
     };
     let all = concat_batches(&schema, &batches)?;
+    // Every observed group is kept, however many there are: failing the query above some
+    // number of groups would be a bit one participant can flip (one more group at the
+    // threshold). The response is split into batches of at most `MAX_GROUPS` rows instead
+    // (`NodeEngine::execute`), and the coordinator merges any number of them.
     let n = all.num_rows();
-    if n > MAX_GROUPS {
-        return Err(DataFusionError::Execution(format!(
-            "{n} observed groups, more than the {MAX_GROUPS} a response may carry"
-        )));
-    }
     let mut dict_cols: Vec<ArrayRef> = all.columns().to_vec();
     dict_cols.push(Arc::new(Int64Array::from_iter_values(0..n as i64)));
     let mut dict_fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();

@@ -159,7 +159,10 @@ impl NodeService {
         }
     }
 
-    /// Answer one `DoGet`: check the caller, decode, validate and run the request.
+    /// Answer one `DoGet`: check the caller, decode, validate, then take a slot and run the
+    /// request. Every error status carries its [`fedq_common::outcome::FailureStage`] (see
+    /// `impl From<NodeError> for Status`); a failure while encoding the response is
+    /// [`NodeError::Internal`], after data.
     async fn answer(
         &self,
         request: Request<Ticket>,
@@ -181,6 +184,22 @@ impl NodeService {
                 return Err(NodeError::from(e).into());
             }
         };
+        // Everything that can refuse the request is checked here, before it waits for a
+        // slot or reads a row: a refusal then depends only on the request, the catalog and
+        // the node's policy and configuration, and says so (`FailureStage::BeforeData`), so
+        // the coordinator may refund it. What fails later is after data and stays charged.
+        if let Err(e) = self.engine.validate(&req) {
+            tracing::warn!(
+                site = %site,
+                coordinator = %who,
+                query_id = ?req.query_id,
+                table = ?req.table,
+                outcome = "refused",
+                error = %e,
+                "request refused"
+            );
+            return Err(e.into());
+        }
         let _slot = match self.slot().await {
             Ok(s) => s,
             Err(e) => {
@@ -189,7 +208,7 @@ impl NodeService {
             }
         };
         let timeout = self.limits.query_timeout;
-        let executed = tokio::time::timeout(timeout, self.engine.execute(&req))
+        let executed = tokio::time::timeout(timeout, self.engine.execute_validated(&req))
             .await
             .unwrap_or_else(|_| {
                 Err(NodeError::TimedOut {

@@ -174,47 +174,52 @@ async fn with_allow_partial_the_answer_states_its_coverage() {
     fed.shutdown().await.unwrap();
 }
 
-/// A node whose memory limit per query is far too small for a join: the query fails with
-/// RESOURCE_EXHAUSTED naming the site and the limit only (no data, no operator detail),
-/// nothing is charged, and the nodes answer the next query that fits.
+/// A node's memory limit is not enforced while a query runs (whether a query crosses it
+/// would depend on its data, a bit one participant can flip): a node whose worst query
+/// over its tables (the two largest joined) does not fit `max_query_memory_mb` refuses to
+/// start, naming the tables, the estimate and the fix; with a limit that fits, the join the
+/// old per-query limit stopped answers, and the nodes keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_query_over_a_nodes_memory_limit_fails_cleanly_and_the_node_keeps_serving() {
+async fn a_node_whose_worst_query_exceeds_its_memory_limit_refuses_to_start_and_queries_are_never_stopped(
+) {
     let tmp = tempfile::tempdir().unwrap();
     fedq_tests::synth(tmp.path(), 2, 400, 43);
-    let fed = LocalFederation::start(
+    let refused = LocalFederation::start(
         tmp.path(),
         FederationOptions {
             node_memory_limit: Some(8 * 1024),
             ..Default::default()
         },
     )
-    .await
-    .expect("federation");
-    let mut alice = fed.client("alice").await.unwrap();
-    let join = "SELECT COUNT(*) FROM labs JOIN participants USING (pid)";
-    match alice.query(join).await {
-        Err(CliError::Server { code, message }) => {
-            assert_eq!(code, Code::ResourceExhausted, "{message}");
+    .await;
+    match refused {
+        Err(e) => {
+            let message = e.to_string();
+            assert!(message.contains("max_query_memory_mb = 1"), "{message}");
             assert!(
-                message.contains("stopped the query at its resource limits"),
+                message.contains("raise max_query_memory_mb to at least"),
                 "{message}"
             );
-            assert!(message.contains("memory limit of 1 MiB"), "{message}");
-            assert!(message.contains("no budget was charged"), "{message}");
-            // Only the limit: no operator, byte counts or consumer names from DataFusion.
-            assert!(!message.contains("HashJoin"), "{message}");
-            assert!(!message.contains("bytes"), "{message}");
+            assert!(message.contains("joined with table `"), "{message}");
         }
-        Err(e) => panic!("expected RESOURCE_EXHAUSTED, got {e}"),
-        Ok(_) => panic!("the join fitted in 8 KiB"),
+        Ok(_) => panic!("a node started with 8 KiB for its worst query"),
     }
-    assert_eq!(spent(&mut alice).await, 0.0, "nothing charged");
+    let fed = LocalFederation::start(tmp.path(), FederationOptions::default())
+        .await
+        .expect("federation");
+    let mut alice = fed.client("alice").await.unwrap();
+    // The join that stopped at the old limit of 8 KiB per query answers.
+    let r = alice
+        .query("SELECT COUNT(*) FROM labs JOIN participants USING (pid)")
+        .await
+        .expect("the join answers");
+    assert_eq!(r.schema.metadata()[META_EPSILON_SPENT], "1");
     let r = alice
         .query("SELECT COUNT(*) FROM participants")
         .await
-        .expect("a small query still runs");
+        .expect("a small query runs");
     assert_eq!(r.schema.metadata()[META_EPSILON_SPENT], "1");
-    assert_eq!(spent(&mut alice).await, 1.0);
+    assert_eq!(spent(&mut alice).await, 2.0);
     // A planner refusal, for the metrics below.
     assert!(alice.query("SELECT pid FROM participants").await.is_err());
 
@@ -222,12 +227,12 @@ async fn a_query_over_a_nodes_memory_limit_fails_cleanly_and_the_node_keeps_serv
     let m = scrape(fed.coordinator.metrics_addr.expect("coordinator metrics")).await;
     assert_eq!(
         metric(&m, "fedq_queries_total", &[("outcome", "ok")]),
-        1.0,
+        2.0,
         "{m}"
     );
     assert_eq!(
         metric(&m, "fedq_queries_total", &[("outcome", "error")]),
-        1.0,
+        0.0,
         "{m}"
     );
     assert_eq!(
@@ -246,21 +251,15 @@ async fn a_query_over_a_nodes_memory_limit_fails_cleanly_and_the_node_keeps_serv
         spent(&mut alice).await,
         "{m}"
     );
-    let node_errors: f64 = fed
-        .sites
-        .iter()
-        .map(|s| metric(&m, "fedq_node_errors_total", &[("site", s)]))
-        .sum();
-    assert!(node_errors >= 1.0, "{m}");
     for (site, node) in fed.sites.iter().zip(&fed.nodes) {
         let n = scrape(node.metrics_addr.expect("node metrics")).await;
         let l = |o| [("outcome", o), ("site", site.as_str())];
         assert_eq!(
             metric(&n, "fedq_node_requests_total", &l("over_limit")),
-            1.0,
+            0.0,
             "{n}"
         );
-        assert_eq!(metric(&n, "fedq_node_requests_total", &l("ok")), 1.0, "{n}");
+        assert_eq!(metric(&n, "fedq_node_requests_total", &l("ok")), 2.0, "{n}");
         assert_eq!(
             metric(
                 &n,

@@ -1,6 +1,7 @@
 //! Tests over small Parquet and CSV fixtures written into a temporary directory.
 
 mod engine_tests;
+mod outcome_tests;
 mod server_tests;
 
 use std::path::Path;

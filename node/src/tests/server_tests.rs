@@ -250,3 +250,117 @@ async fn flight_do_get_answers_and_refuses_with_status_codes() {
         "the server still accepts connections after shutdown"
     );
 }
+
+/// The failure stage a status carries (`fedq-failure-stage`).
+fn stage(s: &Status) -> Option<String> {
+    s.metadata()
+        .get(fedq_common::outcome::FAILURE_STAGE_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Every error status says whether the node had read data: refusals of the request itself
+/// (undecodable, invalid, outside the catalog, a LIKE pattern that cannot compile) are
+/// `before-data`, which the coordinator may refund; a failure while reading is
+/// `after-data`.
+#[tokio::test]
+async fn every_error_status_says_whether_the_node_had_read_data() {
+    let fx = Fixture::new();
+    let node = start(fx.config()).await.unwrap();
+    let addr = node.addr;
+    let t = |r: PartialAggregateRequest| r.encode_ticket().unwrap();
+    let count = || vec![AggregateRequest::CountRows];
+    let long_like = Predicate::Like {
+        input: Box::new(col("code")),
+        pattern: "_".repeat(20_000),
+        negated: false,
+        case_insensitive: true,
+    };
+    let refusals = [
+        (b"SELECT * FROM labs".to_vec(), Code::InvalidArgument),
+        (
+            t(request("nope", &[], count(), 1, None)),
+            Code::PermissionDenied,
+        ),
+        (
+            t(request("labs", &[], count(), 1000, None)),
+            Code::PermissionDenied,
+        ),
+        (
+            t(request("labs", &[], count(), 1, Some(long_like))),
+            Code::InvalidArgument,
+        ),
+    ];
+    for (ticket, code) in refusals {
+        let (batches, status) = get(addr, ticket).await;
+        assert!(batches.is_empty());
+        let s = status.expect("a refusal");
+        assert_eq!(s.code(), code, "{s:?}");
+        assert_eq!(stage(&s).as_deref(), Some("before-data"), "{s:?}");
+    }
+    // A failure while reading (the file changed under the node and a value no longer
+    // parses): after data.
+    fx.break_csv();
+    let (batches, status) = get(
+        addr,
+        t(request(
+            "broken",
+            &[],
+            vec![sum("n", 0.0, 10.0, 1.0)],
+            1,
+            None,
+        )),
+    )
+    .await;
+    assert!(batches.is_empty());
+    let s = status.expect("a failure");
+    assert_eq!(s.code(), Code::Internal);
+    assert_eq!(stage(&s).as_deref(), Some("after-data"), "{s:?}");
+    node.shutdown().await.unwrap();
+}
+
+/// A node with no free query slot refuses with `RESOURCE_EXHAUSTED`, before reading; an
+/// invalid request is refused at once, even while the node is busy, since validation runs
+/// before a request waits for a slot.
+#[tokio::test]
+async fn a_busy_node_refuses_before_reading_and_validates_before_waiting() {
+    use crate::config::NodeLimits;
+    use crate::server::{Access, NodeService};
+    let fx = Fixture::new();
+    let engine = std::sync::Arc::new(NodeEngine::new(&fx.config()).await.unwrap());
+    let limits = NodeLimits {
+        query_timeout: std::time::Duration::from_secs(1),
+        max_concurrent_queries: 1,
+        ..NodeLimits::default()
+    };
+    let svc = NodeService::with_limits(engine, Access::InsecureDev, limits);
+    let held = svc.slot().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc.clone().into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let ok = request("labs", &[], vec![AggregateRequest::CountRows], 100, None);
+    let (_, status) = get(addr, ok.encode_ticket().unwrap()).await;
+    let s = status.expect("busy");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("busy"), "{}", s.message());
+    assert_eq!(stage(&s).as_deref(), Some("before-data"));
+    let bad = request("nope", &[], vec![AggregateRequest::CountRows], 1, None);
+    let started = std::time::Instant::now();
+    let (_, status) = get(addr, bad.encode_ticket().unwrap()).await;
+    let s = status.expect("refused");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert_eq!(stage(&s).as_deref(), Some("before-data"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "the invalid request waited for a slot"
+    );
+    drop(held);
+    let (batches, status) = get(addr, ok.encode_ticket().unwrap()).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(rows(&batches, 0), vec![keyed(&[], &[9])]);
+    server.abort();
+}
