@@ -367,7 +367,9 @@ impl NodeEngine {
         // retried with every participant of more than R rows in a reservoir (see
         // `Bounder`). Each can happen once per set of counts.
         let mut recounted = false;
-        for _attempt in 0..4 {
+        // Set when a plan could not read row positions in the scan (see below).
+        let mut positions_unusable = false;
+        for _attempt in 0..5 {
             // A joined participant can have up to (rows on the left) × (rows on the right)
             // rows, so the driving table's start-up counts do not bound its joined rows.
             // Joined requests use no counts: every participant goes through a reservoir of
@@ -397,7 +399,10 @@ impl NodeEngine {
                     continue;
                 }
             }
-            let by_position = stamp.is_some() && stamp == current && counts.owners().is_some();
+            let by_position = stamp.is_some()
+                && stamp == current
+                && counts.owners().is_some()
+                && !positions_unusable;
             // Validation depends only on the request, the catalog, the node's policy and
             // configuration, so a request that passed it once passes it again; should it
             // not after data was read, the error must not pass for a refusal before reading.
@@ -450,6 +455,15 @@ impl NodeEngine {
                 .create_physical_plan(&logical, &state)
                 .await
                 .map_err(exec_err)?;
+            // A row's position exists only inside the Parquet scan: if the planner kept
+            // `file_row_index()` in an operator above it (some filters stop the projection
+            // from being pushed into the scan), that operator would fail on its first
+            // non-empty batch, so whether the query fails would depend on the data. Plan
+            // again with the participant id instead. Decided from the plan only.
+            if plan.pid_rows && row_index_outside_scan(physical.as_ref()) {
+                positions_unusable = true;
+                continue;
+            }
             // A memory pool of its own for this query, which never refuses: how much memory
             // a query needs depends on its data (a WHERE calibrated to a threshold moves
             // it by one participant's rows), so a query stopped at a limit would release a
@@ -1263,6 +1277,22 @@ fn table_bytes(name: &str, spec: &TableSpec, source: &TableSource) -> Result<u64
         }
     }
     Ok(total)
+}
+
+/// Whether an operator other than the scan itself evaluates `file_row_index()`, which only
+/// the Parquet scan can produce.
+fn row_index_outside_scan(plan: &dyn datafusion::physical_plan::ExecutionPlan) -> bool {
+    if plan.name() != "DataSourceExec" {
+        let line = datafusion::physical_plan::displayable(plan)
+            .one_line()
+            .to_string();
+        if line.contains("file_row_index") {
+            return true;
+        }
+    }
+    plan.children()
+        .into_iter()
+        .any(|c| row_index_outside_scan(c.as_ref()))
 }
 
 /// A response as batches of at most [`MAX_GROUPS`] rows each (one batch, possibly empty,
