@@ -277,3 +277,612 @@ fn the_planner_never_panics_and_never_plans_rows() {
         })
     });
 }
+
+// ---- whatever a node's validation accepts, it answers (issue 13) ----
+
+/// A node serving one table `x` of extreme values: i64 and i32 at their edges, ±inf, NaN,
+/// -0.0 and the largest and smallest floats, NULLs, empty, non-ASCII and very long text,
+/// dates at the edges of i32 days. Participants have 1 to 6 rows.
+struct Extreme {
+    _dir: tempfile::TempDir,
+    engine: Arc<NodeEngine>,
+    rt: tokio::runtime::Runtime,
+}
+
+const EXTREME_CATALOG: &str = r#"
+[tables.x]
+privacy_unit = "pid"
+max_rows_per_unit = 5
+max_groups_per_unit = 3
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "i", type = "int64", nullable = true, lower = -1000, upper = 1000 },
+  { name = "j", type = "int32", nullable = true, lower = -100, upper = 100 },
+  { name = "f", type = "float64", nullable = true, lower = -1e6, upper = 1e6, precision = 0.001 },
+  { name = "s", type = "utf8", nullable = true, public_values = ["a", "", "ǅ"] },
+  { name = "t", type = "utf8", nullable = true },
+  { name = "d", type = "date32", nullable = true, earliest = "1990-01-01", latest = "2030-12-31" },
+  { name = "e", type = "date32", nullable = true },
+  { name = "b", type = "boolean", nullable = true, public_values = [true, false] },
+]
+"#;
+
+fn extreme() -> &'static Extreme {
+    static F: OnceLock<Extreme> = OnceLock::new();
+    F.get_or_init(|| {
+        use datafusion::arrow::array::{
+            ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array,
+            StringArray,
+        };
+        use datafusion::arrow::datatypes::{Field, Schema};
+        use datafusion::arrow::record_batch::RecordBatch;
+        let dir = tempfile::tempdir().unwrap();
+        let long = "ǅ".repeat(5000) + &"x".repeat(100_000);
+        let ints = [i64::MIN, i64::MAX, 0, -1, 1, i64::MIN + 1, 1000, -1001];
+        let i32s = [i32::MIN, i32::MAX, 0, -1, 100, -101, i32::MIN + 1];
+        let floats = [
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            -0.0,
+            0.0,
+            f64::MAX,
+            f64::MIN,
+            f64::MIN_POSITIVE,
+            1e-300,
+            9.2233720368547758e18,
+            -9.2233720368547758e18,
+            2.5,
+        ];
+        let texts: Vec<Option<String>> = vec![
+            Some(String::new()),
+            Some("a".into()),
+            Some("ǅ".into()),
+            Some("ß".into()),
+            Some("%_\\".into()),
+            Some("\u{1F600}".into()),
+            Some("\0".into()),
+            Some(long),
+            Some("İstanbul".into()),
+            Some("123".into()),
+            Some("-9223372036854775809".into()),
+            Some("1e400".into()),
+            Some("2024-02-30".into()),
+            Some("true".into()),
+            None,
+        ];
+        let dates = [i32::MIN, i32::MAX, 0, -1, 7305, 2_932_896, -719_528, i32::MIN + 1];
+        let n = 60;
+        let mut pid = Vec::new();
+        let mut p = 0;
+        while pid.len() < n {
+            for _ in 0..(p % 6 + 1) {
+                pid.push(format!("p{p:03}"));
+            }
+            p += 1;
+        }
+        pid.truncate(n);
+        let nth = |k: usize, i: usize| k.wrapping_mul(i).wrapping_add(i / 3);
+        let null_every = |i: usize, m: usize| i % m == m - 1;
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("pid", Arc::new(StringArray::from(pid))),
+            (
+                "i",
+                Arc::new(Int64Array::from(
+                    (0..n)
+                        .map(|i| (!null_every(i, 7)).then(|| ints[nth(3, i) % ints.len()]))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "j",
+                Arc::new(Int32Array::from(
+                    (0..n)
+                        .map(|i| (!null_every(i, 5)).then(|| i32s[nth(5, i) % i32s.len()]))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "f",
+                Arc::new(Float64Array::from(
+                    (0..n)
+                        .map(|i| (!null_every(i, 9)).then(|| floats[nth(7, i) % floats.len()]))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "s",
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|i| texts[nth(11, i) % texts.len()].clone())
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "t",
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|i| texts[nth(13, i) % texts.len()].clone())
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "d",
+                Arc::new(Date32Array::from(
+                    (0..n)
+                        .map(|i| (!null_every(i, 6)).then(|| dates[nth(3, i) % dates.len()]))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "e",
+                Arc::new(Date32Array::from(
+                    (0..n)
+                        .map(|i| (!null_every(i, 4)).then(|| dates[nth(5, i) % dates.len()]))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "b",
+                Arc::new(BooleanArray::from(
+                    (0..n)
+                        .map(|i| (!null_every(i, 3)).then_some(i % 2 == 0))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+        ];
+        let schema = Arc::new(Schema::new(
+            cols.iter()
+                .map(|(name, a)| Field::new(*name, a.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let batch =
+            RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect())
+                .unwrap();
+        let f = std::fs::File::create(dir.path().join("x.parquet")).unwrap();
+        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        std::fs::write(dir.path().join("catalog.toml"), EXTREME_CATALOG).unwrap();
+        std::fs::write(
+            dir.path().join("node.toml"),
+            "site = \"edge\"\nlisten = \"127.0.0.1:0\"\ninsecure_dev = true\ncatalog = \"catalog.toml\"\n[tables.x]\npath = \"x.parquet\"\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cfg = NodeConfig::load(&dir.path().join("node.toml")).unwrap();
+        let engine = Arc::new(rt.block_on(NodeEngine::new(&cfg)).unwrap());
+        Extreme {
+            _dir: dir,
+            engine,
+            rt,
+        }
+    })
+}
+
+mod arb {
+    use fedq_common::group_key::{CaseBranch, DateField, GroupKey};
+    use fedq_common::{AggregateRequest, BinaryOp, ColumnType, Literal, Predicate};
+    use proptest::prelude::*;
+
+    fn c(name: &str) -> Predicate {
+        Predicate::column(name)
+    }
+    fn l(value: Literal) -> Predicate {
+        Predicate::Literal { value }
+    }
+    fn bin(op: BinaryOp, a: Predicate, b: Predicate) -> Predicate {
+        Predicate::Binary {
+            op,
+            left: Box::new(a),
+            right: Box::new(b),
+        }
+    }
+    fn try_cast(p: Predicate, to: ColumnType) -> Predicate {
+        Predicate::TryCast {
+            input: Box::new(p),
+            to,
+        }
+    }
+
+    pub fn ty() -> impl Strategy<Value = ColumnType> {
+        prop::sample::select(vec![
+            ColumnType::Utf8,
+            ColumnType::Boolean,
+            ColumnType::Int32,
+            ColumnType::Int64,
+            ColumnType::Float64,
+            ColumnType::Date32,
+        ])
+    }
+
+    fn int_lit() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            prop::sample::select(vec![
+                i64::MIN,
+                i64::MAX,
+                i64::MIN + 1,
+                0,
+                1,
+                -1,
+                2,
+                -2,
+                i32::MIN as i64,
+                i32::MAX as i64,
+                i32::MAX as i64 + 1,
+                1000,
+            ]),
+            any::<i64>(),
+        ]
+    }
+
+    fn float_lit() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            prop::sample::select(vec![
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                f64::NAN,
+                -0.0,
+                0.0,
+                f64::MAX,
+                f64::MIN,
+                f64::MIN_POSITIVE,
+                0.5,
+                -1.0,
+                1e-300,
+                9.3e18,
+            ]),
+            any::<f64>(),
+        ]
+    }
+
+    /// LIKE patterns: wildcards, escapes, regex metacharacters, case-folding and
+    /// non-ASCII letters, up to and beyond the length limit.
+    pub fn pattern() -> impl Strategy<Value = String> {
+        let chars = prop::sample::select(vec![
+            'a',
+            'A',
+            '_',
+            '%',
+            '\\',
+            'ǅ',
+            'ß',
+            'k',
+            'K',
+            'ſ',
+            'Σ',
+            '.',
+            '*',
+            '(',
+            '[',
+            '{',
+            '$',
+            '^',
+            '|',
+            '?',
+            '+',
+            'İ',
+            '\u{1F600}',
+            '\0',
+            '\n',
+        ]);
+        prop_oneof![
+            prop::collection::vec(chars.clone(), 0..12),
+            prop::collection::vec(chars, 200..300),
+            (1usize..400).prop_map(|n| vec!['_'; n]),
+        ]
+        .prop_map(|v| v.into_iter().collect())
+    }
+
+    fn text_lit() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "",
+                "a",
+                "ǅ",
+                "123",
+                "-1",
+                "1e400",
+                "NaN",
+                "inf",
+                "2024-02-30",
+                "2024-01-01",
+                "true",
+                "x",
+                "9223372036854775808",
+                "+5",
+                " 7 ",
+            ])
+            .prop_map(str::to_string),
+            pattern(),
+        ]
+    }
+
+    fn date_lit() -> impl Strategy<Value = i32> {
+        prop_oneof![
+            prop::sample::select(vec![i32::MIN, i32::MAX, 0, -1, 7305, -719_528, 2_932_896]),
+            any::<i32>(),
+        ]
+    }
+
+    /// A numeric expression.
+    pub fn num(depth: u32) -> BoxedStrategy<Predicate> {
+        let leaf = prop_oneof![
+            prop::sample::select(vec!["i", "j", "f"]).prop_map(c),
+            int_lit().prop_map(|v| l(Literal::Int64(v))),
+            float_lit().prop_map(|v| l(Literal::Float64(v))),
+        ];
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        let d = depth - 1;
+        prop_oneof![
+            3 => leaf,
+            2 => (
+                prop::sample::select(vec![BinaryOp::Plus, BinaryOp::Minus, BinaryOp::Multiply]),
+                num(d),
+                num(d)
+            )
+                .prop_map(|(op, a, b)| bin(op, a, b)),
+            1 => (num(d), prop_oneof![
+                int_lit().prop_map(|v| l(Literal::Int64(v))),
+                float_lit().prop_map(|v| l(Literal::Float64(v))),
+            ])
+                .prop_map(|(a, b)| bin(BinaryOp::Divide, a, b)),
+            2 => (any_expr(d), prop::sample::select(vec![
+                ColumnType::Int32, ColumnType::Int64, ColumnType::Float64,
+            ]))
+                .prop_map(|(e, to)| try_cast(e, to)),
+        ]
+        .boxed()
+    }
+
+    /// A text expression.
+    pub fn text(depth: u32) -> BoxedStrategy<Predicate> {
+        let leaf = prop_oneof![
+            prop::sample::select(vec!["s", "t", "pid"]).prop_map(c),
+            text_lit().prop_map(|v| l(Literal::Utf8(v))),
+        ];
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        prop_oneof![
+            3 => leaf,
+            1 => any_expr(depth - 1).prop_map(|e| try_cast(e, ColumnType::Utf8)),
+        ]
+        .boxed()
+    }
+
+    /// A date expression.
+    pub fn date(depth: u32) -> BoxedStrategy<Predicate> {
+        let leaf = prop_oneof![
+            prop::sample::select(vec!["d", "e"]).prop_map(c),
+            date_lit().prop_map(|v| l(Literal::Date32(v))),
+        ];
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        prop_oneof![
+            3 => leaf,
+            1 => any_expr(depth - 1).prop_map(|e| try_cast(e, ColumnType::Date32)),
+        ]
+        .boxed()
+    }
+
+    /// An expression of any type (NULL included).
+    pub fn any_expr(depth: u32) -> BoxedStrategy<Predicate> {
+        prop_oneof![
+            num(depth),
+            text(depth),
+            date(depth),
+            boolean(depth),
+            Just(l(Literal::Null)),
+        ]
+        .boxed()
+    }
+
+    fn cmp() -> impl Strategy<Value = BinaryOp> {
+        prop::sample::select(vec![
+            BinaryOp::Eq,
+            BinaryOp::NotEq,
+            BinaryOp::Lt,
+            BinaryOp::LtEq,
+            BinaryOp::Gt,
+            BinaryOp::GtEq,
+        ])
+    }
+
+    /// Two expressions of one kind (so that most comparisons validate).
+    fn same_kind(depth: u32) -> BoxedStrategy<(Predicate, Predicate)> {
+        prop_oneof![
+            (num(depth), num(depth)),
+            (text(depth), text(depth)),
+            (date(depth), date(depth)),
+            (any_expr(depth), any_expr(depth)),
+        ]
+        .boxed()
+    }
+
+    /// A boolean expression: the filter language.
+    pub fn boolean(depth: u32) -> BoxedStrategy<Predicate> {
+        let leaf = prop_oneof![
+            Just(c("b")),
+            any::<bool>().prop_map(|v| l(Literal::Boolean(v))),
+            (text(0), pattern(), any::<bool>(), any::<bool>()).prop_map(|(e, p, n, ci)| {
+                Predicate::Like {
+                    input: Box::new(e),
+                    pattern: p,
+                    negated: n,
+                    case_insensitive: ci,
+                }
+            }),
+        ];
+        if depth == 0 {
+            return leaf.boxed();
+        }
+        let d = depth - 1;
+        prop_oneof![
+            2 => leaf,
+            3 => (cmp(), same_kind(d)).prop_map(|(op, (a, b))| bin(op, a, b)),
+            2 => (prop::sample::select(vec![BinaryOp::And, BinaryOp::Or]), boolean(d), boolean(d))
+                .prop_map(|(op, a, b)| bin(op, a, b)),
+            1 => boolean(d).prop_map(|e| Predicate::Not { input: Box::new(e) }),
+            1 => any_expr(d).prop_map(|e| Predicate::IsNull { input: Box::new(e) }),
+            1 => any_expr(d).prop_map(|e| Predicate::IsNotNull { input: Box::new(e) }),
+            1 => (same_kind(d), prop::collection::vec(any_expr(0), 0..4), any::<bool>())
+                .prop_map(|((a, b), mut list, negated)| {
+                    list.push(b);
+                    Predicate::InList { input: Box::new(a), list, negated }
+                }),
+            1 => (same_kind(d), num(0), any::<bool>()).prop_map(|((a, lo), hi, negated)| {
+                Predicate::Between {
+                    input: Box::new(a),
+                    low: Box::new(lo),
+                    high: Box::new(hi),
+                    negated,
+                }
+            }),
+            2 => (text(d), pattern(), any::<bool>(), any::<bool>()).prop_map(|(e, p, n, ci)| {
+                Predicate::Like {
+                    input: Box::new(e),
+                    pattern: p,
+                    negated: n,
+                    case_insensitive: ci,
+                }
+            }),
+            1 => any_expr(d).prop_map(|e| try_cast(e, ColumnType::Boolean)),
+        ]
+        .boxed()
+    }
+
+    pub fn group_key() -> BoxedStrategy<GroupKey> {
+        prop_oneof![
+            prop::sample::select(vec!["s", "b", "t", "i", "j"])
+                .prop_map(|n| GroupKey::Column { column: n.into() }),
+            (
+                prop::sample::select(vec!["i", "j"]),
+                prop::sample::select(vec![1i64, 2, 7, 10, 100, 1000, i64::MAX]),
+                prop::sample::select(vec![1i64, 2, 10])
+            )
+                .prop_map(|(col, divisor, m)| GroupKey::IntBucket {
+                    column: col.into(),
+                    divisor,
+                    multiplier: m.min(divisor),
+                }),
+            (
+                prop::sample::select(vec![DateField::Year, DateField::Quarter, DateField::Month]),
+                prop::sample::select(vec!["d", "e"])
+            )
+                .prop_map(|(field, col)| GroupKey::DatePart {
+                    field,
+                    column: col.into()
+                }),
+            (prop::collection::vec(boolean(2), 1..3), any::<bool>()).prop_map(|(conds, ints)| {
+                let label = |k: usize| {
+                    if ints {
+                        Literal::Int64(k as i64)
+                    } else {
+                        Literal::Utf8(format!("l{k}"))
+                    }
+                };
+                GroupKey::Case {
+                    branches: conds
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, when)| CaseBranch {
+                            when,
+                            then: label(k),
+                        })
+                        .collect(),
+                    otherwise: label(99),
+                }
+            }),
+        ]
+        .boxed()
+    }
+
+    pub fn aggregate() -> BoxedStrategy<AggregateRequest> {
+        let col = prop::sample::select(vec!["i", "j", "f"]);
+        prop_oneof![
+            Just(AggregateRequest::CountRows),
+            Just(AggregateRequest::CountUnits),
+            prop::sample::select(vec!["i", "j", "f", "s", "t", "d", "b"])
+                .prop_map(|c| AggregateRequest::CountNonNull { column: c.into() }),
+            (col, 0usize..3).prop_map(|(c, k)| {
+                let (lower, upper, precision) = match c {
+                    "i" => [(-1000.0, 1000.0, 1.0), (0.0, 10.0, 1.0), (-1.0, 1.0, 1.0)][k],
+                    "j" => [(-100.0, 100.0, 1.0), (0.0, 10.0, 1.0), (-1.0, 1.0, 1.0)][k],
+                    _ => [(-1e6, 1e6, 0.001), (0.0, 1.0, 0.5), (-1.0, 1.0, 0.001)][k],
+                };
+                match k {
+                    0 => AggregateRequest::SumFixed {
+                        column: c.into(),
+                        lower,
+                        upper,
+                        precision,
+                    },
+                    1 => AggregateRequest::SumSquaresFixed {
+                        column: c.into(),
+                        lower,
+                        upper,
+                        precision,
+                    },
+                    _ => AggregateRequest::QuantileHistogram {
+                        column: c.into(),
+                        lower,
+                        upper,
+                        precision,
+                        candidates: 3,
+                    },
+                }
+            }),
+        ]
+        .boxed()
+    }
+}
+
+/// Run one request at the extreme node: if validation accepts it, execution must answer.
+fn validated_requests_answer(req: &PartialAggregateRequest) -> Result<(), TestCaseError> {
+    let f = extreme();
+    match f.engine.validate(req) {
+        Ok(()) => {
+            let got = f.rt.block_on(f.engine.execute(req));
+            prop_assert!(
+                got.is_ok(),
+                "validation accepted {} but execution failed: {:?}",
+                serde_json::to_string(req).unwrap_or_default(),
+                got.err()
+            );
+        }
+        Err(e) => prop_assert!(
+            e.is_refusal(),
+            "validation failed with a non-refusal: {e:?}"
+        ),
+    }
+    Ok(())
+}
+
+#[test]
+fn whatever_a_node_validates_it_answers_over_extreme_values() {
+    for_a_while("validated requests answer", |config| {
+        proptest!(config, |(
+            filter in proptest::option::weighted(0.9, arb::boolean(3)),
+            keys in proptest::collection::vec(arb::group_key(), 0..3),
+            aggregates in proptest::collection::vec(arb::aggregate(), 1..4),
+            r in 1u32..6,
+            open in proptest::option::weighted(0.3, 1u32..4),
+        )| {
+            let req = PartialAggregateRequest {
+                query_id: "edge".into(),
+                table: "x".into(),
+                filter,
+                join: None,
+                group_by: keys,
+                aggregates,
+                max_rows_per_unit: r,
+                max_groups_per_unit: open,
+            };
+            validated_requests_answer(&req)?;
+        })
+    });
+}
