@@ -53,6 +53,22 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// Whether `TRY_CAST` from this type to `to` has an Arrow kernel (for text, both from
+    /// `Utf8` and `Utf8View`). Without one, a node's physical planning fails, so both sides
+    /// refuse these before any row is read: boolean ↔ date32 and float64 ↔ date32. Every
+    /// other pair converts, with NULL for a value that does not. The node's tests check
+    /// this table against Arrow's `can_cast_types` for every pair.
+    pub fn try_cast_supported(self, to: ColumnType) -> bool {
+        use ColumnType as T;
+        !matches!(
+            (self, to),
+            (T::Boolean, T::Date32)
+                | (T::Date32, T::Boolean)
+                | (T::Float64, T::Date32)
+                | (T::Date32, T::Float64)
+        )
+    }
+
     /// The Arrow type a local file must have for this column.
     pub fn arrow_type(self) -> DataType {
         match self {

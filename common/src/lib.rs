@@ -12,6 +12,10 @@
 //!   node agree on the released groups.
 //! - [`quantile`]: the public candidate grid of private quantiles and its histogram bins,
 //!   shared so that coordinator and node bin values identically.
+//! - [`like`]: the check of `LIKE`/`ILIKE` patterns both sides run before any row is read,
+//!   so a pattern never fails on a batch.
+//! - [`outcome`]: the [`outcome::FailureStage`] a node's error carries: refused before
+//!   reading data (refundable) or not.
 //! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP endpoint both sides serve (each with its
 //!   own registry).
@@ -25,7 +29,9 @@
 
 pub mod catalog;
 pub mod group_key;
+pub mod like;
 pub mod metrics;
+pub mod outcome;
 pub mod quantile;
 pub mod tls;
 pub mod wire;

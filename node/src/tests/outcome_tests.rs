@@ -369,3 +369,29 @@ async fn try_cast_is_total_on_extreme_dates_and_unsupported_casts_are_refused() 
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+#[test]
+fn the_shared_try_cast_table_agrees_with_arrow_for_every_pair_of_catalog_types() {
+    use arrow::datatypes::DataType;
+    use fedq_common::ColumnType as T;
+    let all = [
+        T::Utf8,
+        T::Boolean,
+        T::Int32,
+        T::Int64,
+        T::Float64,
+        T::Date32,
+    ];
+    for from in all {
+        let sources = match from {
+            T::Utf8 => vec![DataType::Utf8, DataType::Utf8View],
+            other => vec![other.arrow_type()],
+        };
+        for to in all {
+            let arrow = sources
+                .iter()
+                .all(|s| arrow::compute::can_cast_types(s, &to.arrow_type()));
+            assert_eq!(from.try_cast_supported(to), arrow, "{from} -> {to}");
+        }
+    }
+}
