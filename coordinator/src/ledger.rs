@@ -138,15 +138,23 @@ pub fn check_amount(what: &str, v: f64, max: f64) -> Result<(), CoordinatorError
     Ok(())
 }
 
-/// Units of a charge: rounded up (artefacts of binary floating point within 10⁻⁶ of a
-/// unit are rounded to it).
+/// Units of a charge: rounded up, and at least one unit for any positive amount, so no
+/// released answer is ever charged 0 (`SET fedq.epsilon = 1e-16` costs one unit, 10⁻⁹ ε).
+/// Artefacts of binary floating point within 10⁻⁶ of a whole unit (0.1·10⁹ is
+/// 100000000.00000001) are rounded to it: at most 10⁻¹⁵ ε, far below the noise's own
+/// calibration error.
 fn charge_units(v: f64, unit: f64) -> i64 {
     let x = v * unit;
     let r = x.round();
-    if (x - r).abs() < 1e-6 {
+    let units = if (x - r).abs() < 1e-6 {
         r as i64
     } else {
         x.ceil() as i64
+    };
+    if v > 0.0 {
+        units.max(1)
+    } else {
+        units
     }
 }
 
@@ -392,7 +400,8 @@ impl QueryRecord {
     }
 }
 
-/// Proof of a charge: give it to [`Ledger::released`] or [`Ledger::refund`].
+/// Proof of a charge: give it to [`Ledger::released`], [`Ledger::failed_after_data`] or
+/// [`Ledger::refund`].
 #[derive(Debug, PartialEq)]
 #[must_use = "a charge must be released or refunded"]
 pub struct Charge {
@@ -426,8 +435,53 @@ pub struct ChargeRow {
 pub struct Replay {
     /// Query id of the charged original.
     pub original_query_id: String,
-    /// The released result, Arrow IPC stream bytes.
-    pub ipc: Vec<u8>,
+    /// What the charged original released.
+    pub outcome: StoredOutcome,
+}
+
+/// What a charged query released, stored so that the identical query (same researcher,
+/// same canonical plan) gets the same outcome again at no cost, instead of a fresh draw of
+/// the noise.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredOutcome {
+    /// The answer, Arrow IPC stream bytes.
+    Answer(Vec<u8>),
+    /// Post-processing of the noisy statistics failed (e.g. a division by a noisy zero):
+    /// the error, a function of the noisy values and the query only, is itself a charged
+    /// release.
+    PostProcessingError(String),
+}
+
+/// Stored error outcomes start with this tag; an Arrow IPC stream never does (it starts
+/// with the 0xFFFFFFFF continuation marker or a message length), so ledgers written before
+/// error outcomes existed read unchanged.
+const STORED_ERROR_TAG: &[u8] = b"fedq.post_processing_error\n";
+
+impl StoredOutcome {
+    fn to_blob(&self) -> Vec<u8> {
+        match self {
+            StoredOutcome::Answer(ipc) => ipc.clone(),
+            StoredOutcome::PostProcessingError(m) => {
+                let mut b = STORED_ERROR_TAG.to_vec();
+                b.extend_from_slice(m.as_bytes());
+                b
+            }
+        }
+    }
+
+    fn from_blob(b: Vec<u8>) -> StoredOutcome {
+        match b.strip_prefix(STORED_ERROR_TAG) {
+            Some(m) => StoredOutcome::PostProcessingError(String::from_utf8_lossy(m).into_owned()),
+            None => StoredOutcome::Answer(b),
+        }
+    }
+
+    fn audit_outcome(&self) -> &'static str {
+        match self {
+            StoredOutcome::Answer(_) => "released",
+            StoredOutcome::PostProcessingError(_) => "post_processing_error",
+        }
+    }
 }
 
 /// An officer's grant, validated.
@@ -1027,11 +1081,12 @@ impl Ledger {
 
     /// Charge the query to the researcher's budget and to every dataset budget, in one
     /// transaction with its audit entry, or refuse (audited) and charge nothing. Returns
-    /// the charge and the researcher's budget after it.
+    /// the charge and the researcher's budget after it. The coordinator charges before any
+    /// node has the request; `sites_dispatched` are the sites it goes to.
     pub fn charge(
         &self,
         q: &QueryRecord,
-        sites_answered: &[String],
+        sites_dispatched: &[String],
     ) -> Result<(Charge, BudgetStatus), CoordinatorError> {
         check_amount("ε", q.epsilon, MAX_EPSILON)?;
         check_amount("δ", q.delta, 1.0)?;
@@ -1062,7 +1117,7 @@ impl Ledger {
                         q.plan_hash, eps, delta, now],
             )?;
             let mut body = q.audit_body();
-            body["sites_answered"] = json!(sites_answered);
+            body["sites_dispatched"] = json!(sites_dispatched);
             body["outcome"] = json!("charged");
             append(tx, now, "query.charged", &q.researcher, body)?;
             let status = rows[0].status(now);
@@ -1084,7 +1139,11 @@ impl Ledger {
     /// This commit does not wait for the disk (the charge itself did): if a power loss undoes
     /// it, the charge stays `charged` (spent, never refunded) and the replay is lost, so the
     /// researcher pays again for the same query. Both err on the safe side.
-    pub fn released(&self, charge: Charge, result_ipc: &[u8]) -> Result<(), CoordinatorError> {
+    pub fn released(
+        &self,
+        charge: Charge,
+        outcome: &StoredOutcome,
+    ) -> Result<(), CoordinatorError> {
         self.write_with(false, |tx, now| {
             let n = tx.execute(
                 "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
@@ -1099,15 +1158,48 @@ impl Ledger {
             tx.execute(
                 "INSERT OR IGNORE INTO replays(researcher, plan_hash, query_id, result, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![charge.researcher, charge.plan_hash, charge.query_id, result_ipc, now],
+                params![charge.researcher, charge.plan_hash, charge.query_id, outcome.to_blob(), now],
             )?;
+            let mut body = json!({"query_id": charge.query_id, "researcher": charge.researcher,
+                       "plan_hash": charge.plan_hash, "epsilon": charge.epsilon,
+                       "outcome": outcome.audit_outcome()});
+            if let StoredOutcome::PostProcessingError(m) = outcome {
+                body["error"] = json!(m);
+            }
+            append(tx, now, "query.released", &charge.researcher, body)?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Keep a charge whose query failed after a node may have read data: the failure
+    /// itself could depend on a participant, so it is a release and is never refunded. The
+    /// charge is settled (state `released`, with no stored answer: the same query asks the
+    /// nodes again, and is charged again) and audited as `query.failed` with the ε charged.
+    pub fn failed_after_data(
+        &self,
+        charge: Charge,
+        site: &str,
+        reason: &str,
+    ) -> Result<(), CoordinatorError> {
+        self.write(|tx, now| {
+            let n = tx.execute(
+                "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
+                params![charge.query_id, now],
+            )?;
+            if n == 0 {
+                return Ok(Err(CoordinatorError::internal(
+                    &charge.query_id,
+                    "settling a charge that is not outstanding",
+                )));
+            }
             append(
                 tx,
                 now,
-                "query.released",
+                "query.failed",
                 &charge.researcher,
                 json!({"query_id": charge.query_id, "researcher": charge.researcher,
-                       "plan_hash": charge.plan_hash, "epsilon": charge.epsilon, "outcome": "released"}),
+                       "plan_hash": charge.plan_hash, "epsilon_charged": charge.epsilon,
+                       "site_failed": site, "outcome": "failed_after_data", "reason": reason}),
             )?;
             Ok(Ok(()))
         })
@@ -1189,7 +1281,7 @@ impl Ledger {
         })?;
         Ok(Some(Replay {
             original_query_id: original,
-            ipc,
+            outcome: StoredOutcome::from_blob(ipc),
         }))
     }
 

@@ -71,7 +71,8 @@ fn charges_refunds_once_and_refuses() {
         let (c, _) = l
             .charge(&rec("a", &format!("p{i}"), 0.1, &[]), &sites())
             .unwrap();
-        l.released(c, b"x").unwrap();
+        l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+            .unwrap();
     }
     assert!(l.charge(&rec("a", "p10", 0.1, &[]), &sites()).is_err());
     let st = l.status(BudgetKind::Researcher, "a").unwrap();
@@ -88,7 +89,8 @@ fn charges_refunds_once_and_refuses() {
         plan_hash: c.plan_hash.clone(),
         epsilon: c.epsilon,
     };
-    l.released(c, b"x").unwrap();
+    l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+        .unwrap();
     l.refund(copy, "too late").unwrap();
     assert_eq!(
         l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
@@ -148,7 +150,8 @@ fn revoke_and_dataset_budgets() {
     for i in 0..4 {
         for r in ["a", "b"] {
             if let Ok((c, _)) = l.charge(&rec(r, &format!("{r}{i}"), 1.0, &["bio"]), &sites()) {
-                l.released(c, b"x").unwrap();
+                l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+                    .unwrap();
                 ok += 1;
             }
         }
@@ -170,7 +173,8 @@ fn revoke_and_dataset_budgets() {
     ));
     grant(&l, BudgetKind::Researcher, "a", 1.0);
     let (c, _) = l.charge(&rec("a", "y2", 0.1, &[]), &sites()).unwrap();
-    l.released(c, b"x").unwrap();
+    l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+        .unwrap();
     // Partial revoke lowers the total but never gives back what was spent.
     let st = l
         .revoke("o", BudgetKind::Researcher, "b", Some(100.0))
@@ -196,7 +200,8 @@ fn renewal_starts_a_new_period() {
     )
     .unwrap();
     let (c, _) = l.charge(&rec("a", "q1", 1.0, &[]), &sites()).unwrap();
-    l.released(c, b"x").unwrap();
+    l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+        .unwrap();
     assert!(l.charge(&rec("a", "q2", 1.0, &[]), &sites()).is_err());
     // Move the period start back two days: the budget renews at the next charge.
     {
@@ -212,7 +217,8 @@ fn renewal_starts_a_new_period() {
         0.0
     );
     let (c, _) = l.charge(&rec("a", "q3", 1.0, &[]), &sites()).unwrap();
-    l.released(c, b"x").unwrap();
+    l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+        .unwrap();
     assert!(l.verify().unwrap().ok());
 }
 
@@ -237,7 +243,10 @@ fn many_threads_and_connections_never_overspend() {
                 s.spawn(move || {
                     // One charge against researcher a's budget of 1 (0.1 each)...
                     let a = match l.charge(&rec("a", &format!("a{i}"), 0.1, &[]), &sites()) {
-                        Ok((c, _)) => l.released(c, b"x").map(|_| 1).unwrap_or(0),
+                        Ok((c, _)) => l
+                            .released(c, &StoredOutcome::Answer(b"x".to_vec()))
+                            .map(|_| 1)
+                            .unwrap_or(0),
                         Err(_) => 0,
                     };
                     // ...and one by researcher i against the shared dataset budget of 5.
@@ -245,7 +254,10 @@ fn many_threads_and_connections_never_overspend() {
                         &rec(&format!("r{i}"), &format!("d{i}"), 0.5, &["bio"]),
                         &sites(),
                     ) {
-                        Ok((c, _)) => l.released(c, b"x").map(|_| 1).unwrap_or(0),
+                        Ok((c, _)) => l
+                            .released(c, &StoredOutcome::Answer(b"x".to_vec()))
+                            .map(|_| 1)
+                            .unwrap_or(0),
                         Err(_) => 0,
                     };
                     (a, d)
@@ -284,17 +296,79 @@ fn replays_are_stored_per_researcher_and_plan() {
     let q = rec("a", "q1", 1.0, &[]);
     assert!(l.replay(&q).unwrap().is_none());
     let (c, _) = l.charge(&q, &sites()).unwrap();
-    l.released(c, b"answer").unwrap();
+    l.released(c, &StoredOutcome::Answer(b"answer".to_vec()))
+        .unwrap();
     let mut again = q.clone();
     again.query_id = "q2".into();
     let r = l.replay(&again).unwrap().unwrap();
-    assert_eq!(r.ipc, b"answer");
+    assert_eq!(r.outcome, StoredOutcome::Answer(b"answer".to_vec()));
     assert_eq!(r.original_query_id, "q1");
     // Another researcher's identical plan is not a replay for them.
     let mut other = again.clone();
     other.researcher = "b".into();
     assert!(l.replay(&other).unwrap().is_none());
     assert!(l.verify().unwrap().ok());
+}
+
+#[test]
+fn a_post_processing_error_is_charged_and_replayed_like_an_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    let q = rec("a", "q1", 0.25, &[]);
+    let (c, _) = l.charge(&q, &sites()).unwrap();
+    let err = StoredOutcome::PostProcessingError("Divide by zero error".into());
+    l.released(c, &err).unwrap();
+    let mut again = q.clone();
+    again.query_id = "q2".into();
+    let r = l.replay(&again).unwrap().unwrap();
+    assert_eq!(r.outcome, err);
+    // Charged once, never refunded, and the replay is free.
+    let st = l.status(BudgetKind::Researcher, "a").unwrap();
+    assert_eq!(st.epsilon_spent, 0.25);
+    assert!(l.verify().unwrap().ok());
+}
+
+#[test]
+fn a_failure_after_data_was_read_keeps_its_charge_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    let q = rec("a", "q1", 0.5, &[]);
+    let (c, _) = l.charge(&q, &sites()).unwrap();
+    let copy = Charge {
+        query_id: c.query_id.clone(),
+        researcher: c.researcher.clone(),
+        plan_hash: c.plan_hash.clone(),
+        epsilon: c.epsilon,
+    };
+    l.failed_after_data(c, "s1", "timed out").unwrap();
+    // A later refund of the same charge changes nothing: it is settled.
+    l.refund(copy, "too late").unwrap();
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        0.5
+    );
+    assert!(l.replay(&q).unwrap().is_none(), "nothing to replay");
+    assert!(l.verify().unwrap().ok());
+}
+
+#[test]
+fn any_positive_charge_costs_at_least_one_ledger_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 1.0);
+    assert_eq!(charge_units(1e-16, 1e9), 1);
+    assert_eq!(charge_units(1e-30, 1e18), 1);
+    assert_eq!(charge_units(0.0, 1e9), 0);
+    // Rounded up, with binary artefacts of whole units forgiven.
+    assert_eq!(charge_units(0.1, 1e9), 100_000_000);
+    assert_eq!(charge_units(1.0000000001, 1e9), 1_000_000_001);
+    assert_eq!(charge_units(1.00000000001, 1e9), 1_000_000_001);
+    let (c, st) = l.charge(&rec("a", "tiny", 1e-16, &[]), &sites()).unwrap();
+    assert_eq!(st.epsilon_spent, 1e-9, "one unit, not zero");
+    l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+        .unwrap();
 }
 
 #[test]
@@ -337,7 +411,8 @@ fn corrupt_foreign_and_locked_files_get_clear_errors() {
         0.0
     );
     let (c, _) = l.charge(&rec("a", "q", 0.1, &[]), &sites()).unwrap();
-    l.released(c, b"x").unwrap();
+    l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+        .unwrap();
     assert!(l.verify().unwrap().ok());
 }
 
@@ -350,7 +425,8 @@ fn sample(dir: &Path) -> std::path::PathBuf {
         let (c, _) = l
             .charge(&rec("a", &format!("q{i}"), 1.0, &[]), &sites())
             .unwrap();
-        l.released(c, b"x").unwrap();
+        l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
+            .unwrap();
     }
     // 1 grant + 4 × (charged, released) = 9 entries.
     assert_eq!(audit::verify(&path, None).unwrap().entries, 9);
@@ -536,6 +612,7 @@ fn delta_is_charged_and_its_own_refusal_names_delta() {
     // A pure ε-DP query (δ = 0) still runs.
     let (c4, _) = l.charge(&rec("a", "q4", 1.0, &[]), &sites()).unwrap();
     for c in [c1, c2, c4] {
-        l.released(c, b"answer").unwrap();
+        l.released(c, &StoredOutcome::Answer(b"answer".to_vec()))
+            .unwrap();
     }
 }
