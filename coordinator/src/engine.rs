@@ -17,12 +17,13 @@ use crate::audit::canonical_json;
 use crate::config::{CoordinatorConfig, DatasetConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{MergedPartials, NodePool};
-use crate::ledger::{BudgetKind, BudgetStatus, Ledger, QueryRecord, Replay};
+use crate::ledger::{BudgetKind, BudgetStatus, Ledger, QueryRecord, Replay, StoredOutcome};
 use crate::planner::{PlannedQuery, Planner, TRUNCATION_LABEL};
 use crate::release::{
     release, Released, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_PLAN_HASH, META_QUERY_ID,
     META_REPLAY, META_REPLAY_OF, META_SITES_ANSWERED, META_SITES_ASKED,
 };
+use tonic::Status;
 
 /// Schema metadata: sites that failed or timed out and were left out (`allow_partial`).
 pub const META_SITES_FAILED: &str = "fedq.sites_failed";
@@ -323,7 +324,21 @@ impl Coordinator {
         q: &PlannedQuery,
         r: Replay,
     ) -> Result<Released, CoordinatorError> {
-        let (schema, batches) = from_ipc(&r.ipc)
+        let ipc = match r.outcome {
+            StoredOutcome::Answer(ipc) => ipc,
+            StoredOutcome::PostProcessingError(message) => {
+                tracing::info!(query_id = %q.query_id, researcher, replay_of = %r.original_query_id, "post-processing error replayed at no cost");
+                return Err(CoordinatorError::PostProcessing {
+                    query_id: q.query_id.clone(),
+                    message,
+                    charge: format!(
+                        "This is the stored outcome of the identical query {}, returned at no cost.",
+                        r.original_query_id
+                    ),
+                });
+            }
+        };
+        let (schema, batches) = from_ipc(&ipc)
             .map_err(|e| CoordinatorError::internal(&q.query_id, format!("stored answer: {e}")))?;
         let status = self.budget(researcher)?;
         let mut meta = schema.metadata().clone();
@@ -356,14 +371,21 @@ impl Coordinator {
         self.pool.info().await
     }
 
-    /// Run a planned query end to end: replay, fan out, charge, noise, post-process.
+    /// Run a planned query end to end: replay, probe, charge, fan out, noise,
+    /// post-process.
     ///
-    /// Order matters: an identical earlier query (same canonical plan, same researcher) is
-    /// answered from the ledger at no cost; otherwise all nodes must answer before anything
-    /// is charged (a node that is down costs nothing, and is audited); the charge commits
-    /// before any noise is sampled; the answer is stored and the charge marked released
-    /// before it leaves; if release fails after the charge, the charge is refunded since
-    /// nothing was released.
+    /// Every outcome the researcher sees is either a function of public inputs or a charged
+    /// release (ARCHITECTURE.md, "Observable outcomes"), hence the order:
+    /// 1. an identical earlier query (same canonical plan, same researcher) gets its stored
+    ///    outcome, an answer or a post-processing error, at no cost;
+    /// 2. the sites are probed before the request is sent: an unreachable site fails the
+    ///    query uncharged (or, with `allow_partial`, is left out), since nothing was read;
+    /// 3. the query is charged before any node receives it (the budget check is the
+    ///    charge's own, audited);
+    /// 4. the nodes are asked. If every failing site proves it refused before reading data,
+    ///    the charge is refunded; any other failure keeps it (`NodeFailedAfterData`);
+    /// 5. noise and post-processing: the outcome, an answer or a post-processing error, is
+    ///    stored with the charge marked released before it leaves.
     pub async fn execute(
         &self,
         researcher: &str,
@@ -384,11 +406,32 @@ impl Coordinator {
                 self.metrics
                     .query(crate::metrics::Outcome::Ok, started.elapsed());
             }
-            Err(e) => self
-                .metrics
-                .query(crate::metrics::Outcome::of(e), started.elapsed()),
+            Err(e) => {
+                if let CoordinatorError::NodeFailedAfterData { epsilon, .. } = e {
+                    self.metrics.epsilon_spent(researcher, *epsilon);
+                }
+                self.metrics
+                    .query(crate::metrics::Outcome::of(e), started.elapsed())
+            }
         }
         result
+    }
+
+    /// Audit a query that failed before anything was charged (`query.failed`, ε 0).
+    fn audit_uncharged_failure(&self, rec: &QueryRecord, e: &CoordinatorError) {
+        let mut body = json!({
+            "query_id": rec.query_id, "researcher": rec.researcher, "sql": rec.sql,
+            "plan_hash": rec.plan_hash, "epsilon": rec.epsilon, "delta": rec.delta,
+            "sites_asked": rec.sites_asked, "epsilon_charged": 0.0,
+            "outcome": "failed", "reason": e.to_string(),
+        });
+        if let Some(site) = e.site() {
+            body["site_failed"] = json!(site);
+            self.metrics.node_error(site);
+        }
+        if let Err(le) = self.ledger.record("query.failed", &rec.researcher, body) {
+            tracing::error!(error = %le, query_id = %rec.query_id, "could not audit a failed query");
+        }
     }
 
     async fn execute_counted(
@@ -401,36 +444,35 @@ impl Coordinator {
         if let Some(r) = self.ledger.replay(&rec)? {
             return self.replayed(researcher, q, r);
         }
-        // Tell the researcher before any node is asked if a budget cannot cover it.
-        self.ledger.precheck(&rec)?;
-        let merged = match self.gather(q).await {
-            Ok(m) => m,
-            Err(e) => {
-                let mut body = json!({
-                    "query_id": rec.query_id, "researcher": rec.researcher, "sql": rec.sql,
-                    "plan_hash": rec.plan_hash, "epsilon": rec.epsilon, "delta": rec.delta,
-                    "sites_asked": rec.sites_asked, "epsilon_charged": 0.0,
-                    "outcome": "failed", "reason": e.to_string(),
-                });
-                if let CoordinatorError::NodeUnavailable { site, .. }
-                | CoordinatorError::NodeFailed { site, .. }
-                | CoordinatorError::NodeIncompatible { site, .. }
-                | CoordinatorError::NodeRefused { site, .. }
-                | CoordinatorError::NodeOverLimit { site, .. } = &e
-                {
-                    body["site_failed"] = json!(site);
-                    self.metrics.node_error(site);
-                }
-                if let Err(le) = self.ledger.record("query.failed", researcher, body) {
-                    tracing::error!(error = %le, query_id = %q.query_id, "could not audit a failed query");
-                }
+        // Which sites the request goes to: decided before any of them has it.
+        let dispatch = self.pool.probe().await;
+        let unreachable: Vec<String> = dispatch
+            .unreachable
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect();
+        if let Some((_, e)) = dispatch.unreachable.into_iter().next() {
+            if !self.pool.allows_partial() || dispatch.reachable.is_empty() {
+                self.audit_uncharged_failure(&rec, &e);
                 return Err(e);
             }
+        }
+        // Charged before any node reads data (this is also the budget check).
+        let (charge, status) = self
+            .ledger
+            .charge(&rec, &self.sites_of(&dispatch.reachable))?;
+        let mut merged = match self
+            .pool
+            .gather_from(&dispatch.reachable, &q.request, &q.groups)
+            .await
+        {
+            Ok(m) => m,
+            Err(f) => return Err(self.settle_failure(&rec, charge, f.failure)),
         };
         for site in &merged.sites_failed {
             self.metrics.node_error(site);
         }
-        let (charge, status) = self.ledger.charge(&rec, &merged.sites_answered)?;
+        merged.sites_failed.splice(0..0, unreachable);
         let mut meta = HashMap::new();
         meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());
         meta.insert(META_EPSILON_SPENT.to_string(), q.epsilon.to_string());
@@ -465,15 +507,72 @@ impl Coordinator {
         match released {
             Ok((r, ipc)) => {
                 // Committed before the answer leaves: after this it is never refunded.
-                self.ledger.released(charge, &ipc)?;
+                self.ledger.released(charge, &StoredOutcome::Answer(ipc))?;
                 tracing::info!(query_id = %q.query_id, researcher, epsilon = q.epsilon,
                     sites = merged.sites_answered.len(), elapsed_ms = started.elapsed().as_millis() as u64,
                     "query released");
                 Ok(r)
             }
             Err(e) => {
-                self.ledger.refund(charge, &e.to_string())?;
-                Err(e)
+                // The noise was drawn: the failure is a release of noisy values, charged
+                // and stored so that asking again returns it, not a fresh draw.
+                let message = match e {
+                    CoordinatorError::PostProcessing { message, .. } => message,
+                    other => {
+                        tracing::error!(query_id = %q.query_id, error = ?other, "release failed after the noise was drawn");
+                        Status::from(other).message().to_string()
+                    }
+                };
+                self.ledger
+                    .released(charge, &StoredOutcome::PostProcessingError(message.clone()))?;
+                Err(CoordinatorError::PostProcessing {
+                    query_id: q.query_id.clone(),
+                    message,
+                    charge: format!("ε = {} was charged, because the failure depends on the noisy values; asking the same query again returns this error at no cost.", q.epsilon),
+                })
+            }
+        }
+    }
+
+    /// Site names of config indexes.
+    fn sites_of(&self, idx: &[usize]) -> Vec<String> {
+        let all = self.pool.sites();
+        idx.iter().filter_map(|i| all.get(*i).cloned()).collect()
+    }
+
+    /// A gather that failed after the charge: refunded only if the deciding site proved it
+    /// refused before reading data (then no site failed after data); otherwise the charge
+    /// stays and the researcher learns only which site failed.
+    fn settle_failure(
+        &self,
+        rec: &QueryRecord,
+        charge: crate::ledger::Charge,
+        f: crate::fanout::SiteFailure,
+    ) -> CoordinatorError {
+        self.metrics.node_error(&f.site);
+        match f.stage {
+            fedq_common::outcome::FailureStage::BeforeData => {
+                if let Err(le) = self.ledger.refund(charge, &f.error.to_string()) {
+                    tracing::error!(error = %le, query_id = %rec.query_id, "could not refund a query refused before data");
+                    return le;
+                }
+                self.audit_uncharged_failure(rec, &f.error);
+                f.error
+            }
+            fedq_common::outcome::FailureStage::AfterData => {
+                let epsilon = charge.epsilon;
+                if let Err(le) =
+                    self.ledger
+                        .failed_after_data(charge, &f.site, &f.error.to_string())
+                {
+                    tracing::error!(error = %le, query_id = %rec.query_id, "could not settle a failed query");
+                    return le;
+                }
+                CoordinatorError::NodeFailedAfterData {
+                    site: f.site,
+                    query_id: rec.query_id.clone(),
+                    epsilon,
+                }
             }
         }
     }

@@ -83,12 +83,44 @@ pub enum CoordinatorError {
         "site {site} stopped the query at its resource limits: {detail}; no budget was charged"
     )]
     NodeOverLimit { site: String, detail: String },
+    /// A site failed after it may have read data (a fault, a timeout, a malformed
+    /// answer). Whether a query fails there could depend on a participant, so the failure
+    /// is a release: ε stays charged. The node's details stay in its log.
+    #[error("site {site} failed while answering query {query_id}; ε = {epsilon} stays charged, because a failure after a site has read data could depend on that data. The site's log has the details; retrying asks (and charges) again")]
+    NodeFailedAfterData {
+        site: String,
+        query_id: String,
+        epsilon: f64,
+    },
+    /// Post-processing of the noisy statistics failed (e.g. a division by a noisy zero).
+    /// The message depends only on the query and the noisy values, so it is released like
+    /// an answer: charged, and stored so the identical query returns it again for free.
+    #[error("query {query_id}: computing the answer from the noisy statistics failed: {message}. {charge} Rewrite the expression so it cannot fail (e.g. NULLIF(x, 0) as a divisor)")]
+    PostProcessing {
+        query_id: String,
+        message: String,
+        /// What this outcome cost, said in words (charged now, or a free replay).
+        charge: String,
+    },
     /// A bug or an unexpected condition; details are only logged.
     #[error("internal error (query id {query_id}); the coordinator log has the details")]
     Internal { query_id: String, detail: String },
 }
 
 impl CoordinatorError {
+    /// The site a node error names, if any.
+    pub fn site(&self) -> Option<&str> {
+        match self {
+            CoordinatorError::NodeUnavailable { site, .. }
+            | CoordinatorError::NodeFailed { site, .. }
+            | CoordinatorError::NodeIncompatible { site, .. }
+            | CoordinatorError::NodeRefused { site, .. }
+            | CoordinatorError::NodeOverLimit { site, .. }
+            | CoordinatorError::NodeFailedAfterData { site, .. } => Some(site),
+            _ => None,
+        }
+    }
+
     /// An internal error with a detail that is only logged.
     pub fn internal(query_id: &str, detail: impl Into<String>) -> Self {
         CoordinatorError::Internal {
@@ -130,6 +162,9 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             CoordinatorError::NodeUnavailable { .. } => Status::unavailable(e.to_string()),
             CoordinatorError::NodeFailed { .. } => Status::unavailable(e.to_string()),
+            // Not UNAVAILABLE: a client that retries it automatically would pay again.
+            CoordinatorError::NodeFailedAfterData { .. } => Status::aborted(e.to_string()),
+            CoordinatorError::PostProcessing { .. } => Status::invalid_argument(e.to_string()),
             CoordinatorError::TooManyQueries(_) => Status::resource_exhausted(e.to_string()),
             CoordinatorError::NodeIncompatible { .. } => Status::failed_precondition(e.to_string()),
             CoordinatorError::NodeRefused { .. } => Status::permission_denied(e.to_string()),

@@ -16,6 +16,7 @@ use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, Decimal128Array, Int32Array, Int64Array, RecordBatch,
 };
 use datafusion::arrow::datatypes::DataType;
+use fedq_common::outcome::{FailureStage, FAILURE_STAGE_METADATA};
 use fedq_common::quantile::QuantileGrid;
 use fedq_common::wire::META_TRUNCATED_UNITS;
 use fedq_common::{AggregateRequest, NodeInfo, PartialAggregateRequest, PublicValue};
@@ -63,6 +64,36 @@ impl MergedPartials {
             .cloned()
             .unwrap_or_else(|| vec![0; bins])
     }
+}
+
+/// A site that did not answer, and whether it proved it failed before reading data.
+#[derive(Debug)]
+pub struct SiteFailure {
+    /// The site.
+    pub site: String,
+    /// [`FailureStage::BeforeData`] only when the node's status said so explicitly; any
+    /// transport error, time-out or malformed answer is [`FailureStage::AfterData`].
+    pub stage: FailureStage,
+    /// What the researcher is told if this failure decides the query's outcome.
+    pub error: CoordinatorError,
+}
+
+/// Why a gather produced no partials: the failure that decides the outcome (one after
+/// data if any site failed after data, so the query stays charged).
+#[derive(Debug)]
+pub struct GatherFailure {
+    /// The deciding site's failure.
+    pub failure: SiteFailure,
+}
+
+/// Which sites a query goes to: those reachable before the request is sent. Reachability
+/// is decided before any node sees the request, so it depends on no data.
+#[derive(Debug, Default)]
+pub struct Dispatch {
+    /// Indexes (config order) of the sites that answered the probe.
+    pub reachable: Vec<usize>,
+    /// Sites that did not, with the error to report.
+    pub unreachable: Vec<(String, CoordinatorError)>,
 }
 
 /// Lazily connected clients for every node; a node that restarts is reconnected
@@ -133,115 +164,180 @@ impl NodePool {
         self.nodes.iter().map(|(n, _)| n.site.clone()).collect()
     }
 
-    /// Ask every node, in parallel, and merge. Fails if any node fails, unless
-    /// `allow_partial` (then fails only if none answered). Sensitivities need no change for
-    /// a partial answer: each site's contribution bound holds whichever sites answer.
+    /// Whether partial answers are allowed (`allow_partial`).
+    pub fn allows_partial(&self) -> bool {
+        self.allow_partial
+    }
+
+    /// Probe every site before a request is sent: a site is reachable if it answers the
+    /// node-info action within the probe time-out and speaks this protocol version. Only
+    /// this may decide, with `allow_partial`, which sites a query goes to: it happens before
+    /// any node has the request, so it depends on no data.
+    pub async fn probe(&self) -> Dispatch {
+        let limit = self.timeout.min(Duration::from_secs(5));
+        let futs = self.nodes.iter().map(|(node, ch)| async move {
+            let info = tokio::time::timeout(limit, node_info(ch.clone()))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {} s", limit.as_secs())));
+            let site = node.site.clone();
+            match info {
+                Ok(i) if i.protocol_version == fedq_common::PROTOCOL_VERSION => Ok(()),
+                Ok(i) => Err(CoordinatorError::NodeIncompatible {
+                    site,
+                    detail: format!(
+                        "protocol version mismatch: the site speaks v{}, this coordinator v{}",
+                        i.protocol_version,
+                        fedq_common::PROTOCOL_VERSION
+                    ),
+                }),
+                Err(reason) => {
+                    tracing::warn!(site = %site, reason = %reason, "site unreachable before dispatch");
+                    Err(CoordinatorError::NodeUnavailable {
+                        site,
+                        reason: "it did not answer before the query was sent".into(),
+                    })
+                }
+            }
+        });
+        let mut d = Dispatch::default();
+        for (i, r) in futures::future::join_all(futs)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match r {
+                Ok(()) => d.reachable.push(i),
+                Err(e) => d.unreachable.push((self.nodes[i].0.site.clone(), e)),
+            }
+        }
+        d
+    }
+
+    /// Probe, then ask every reachable site (all of them unless `allow_partial`) and merge.
+    /// For tests and benchmarks, which want the exact partials of all sites.
     pub async fn gather(
         &self,
         req: &PartialAggregateRequest,
         groups: &[GroupKey],
     ) -> Result<MergedPartials, CoordinatorError> {
-        let ticket = req
-            .encode_ticket()
-            .map_err(|e| CoordinatorError::internal(&req.query_id, e.to_string()))?;
-        let futs = self.nodes.iter().map(|(node, ch)| {
-            let ticket = ticket.clone();
-            async move {
-                let res = tokio::time::timeout(
-                    self.timeout,
-                    fetch(ch.clone(), ticket, &req.query_id, &node.site),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(CoordinatorError::NodeUnavailable {
-                        site: node.site.clone(),
-                        reason: format!("no answer within {} s", self.timeout.as_secs()),
-                    })
-                });
-                (node.site.clone(), res)
+        let d = self.probe().await;
+        if let Some((_, e)) = d.unreachable.into_iter().next() {
+            if !self.allow_partial || d.reachable.is_empty() {
+                return Err(e);
             }
-        });
+        }
+        self.gather_from(&d.reachable, req, groups)
+            .await
+            .map_err(|f| f.failure.error)
+    }
+
+    /// Ask the sites `sites` (indexes in config order), in parallel, and merge their
+    /// partials exactly.
+    ///
+    /// Which sites answer must not depend on data, so only a failure the node proved
+    /// happened before it read anything ([`FailureStage::BeforeData`]: a refusal on the
+    /// request, its policy or its load) may leave a site out, and only with
+    /// `allow_partial`. Any failure after data (or unproven) fails the query, with or
+    /// without `allow_partial`, and is reported as such so that the caller keeps the
+    /// charge. Sensitivities need no change for a partial answer: each site's contribution
+    /// bound holds whichever sites answer.
+    pub async fn gather_from(
+        &self,
+        sites: &[usize],
+        req: &PartialAggregateRequest,
+        groups: &[GroupKey],
+    ) -> Result<MergedPartials, GatherFailure> {
+        let ticket = req.encode_ticket().map_err(|e| GatherFailure {
+            failure: SiteFailure {
+                site: "coordinator".into(),
+                stage: FailureStage::BeforeData,
+                error: CoordinatorError::internal(&req.query_id, e.to_string()),
+            },
+        })?;
+        let futs = sites
+            .iter()
+            .filter_map(|i| self.nodes.get(*i))
+            .map(|(node, ch)| {
+                let ticket = ticket.clone();
+                async move {
+                    let res = tokio::time::timeout(
+                        self.timeout,
+                        fetch(ch.clone(), ticket, &req.query_id, &node.site),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        // The node may have read data: unproven, so after data.
+                        Err(SiteFailure {
+                            site: node.site.clone(),
+                            stage: FailureStage::AfterData,
+                            error: CoordinatorError::NodeUnavailable {
+                                site: node.site.clone(),
+                                reason: format!("no answer within {} s", self.timeout.as_secs()),
+                            },
+                        })
+                    });
+                    (node.site.clone(), res)
+                }
+            });
         let results = futures::future::join_all(futs).await;
         let mut merged = MergedPartials {
             truncated_units: Some(0),
             ..Default::default()
         };
-        let mut first_error = None;
+        let mut before_data: Vec<SiteFailure> = Vec::new();
+        let mut after_data: Option<SiteFailure> = None;
         for (site, res) in results {
             // Merge each site on its own first, so a malformed answer leaves no trace.
             let site_merged = res.and_then(|batches| {
-                let mut local = MergedPartials::default();
-                for b in &batches {
-                    merge_batch(&mut local, b, req, groups).map_err(|detail| {
-                        tracing::error!(query_id = %req.query_id, site = %site, %detail, "malformed node answer");
-                        CoordinatorError::NodeFailed {
-                            site: site.clone(),
-                            query_id: req.query_id.clone(),
-                        }
-                    })?;
-                }
-                // The site's bounding report (participants with more than R rows).
-                local.truncated_units = batches
-                    .first()
-                    .and_then(|b| b.schema().metadata().get(META_TRUNCATED_UNITS).cloned())
-                    .and_then(|v| v.parse::<i128>().ok())
-                    .filter(|v| *v >= 0);
-                if local.truncated_units.is_none() {
-                    tracing::warn!(query_id = %req.query_id, site = %site, "node sent no bounding report");
-                }
-                Ok(local)
+                merge_site(&batches, req, groups).map_err(|error| SiteFailure {
+                    site: site.clone(),
+                    stage: FailureStage::AfterData,
+                    error,
+                })
             });
             match site_merged {
                 Ok(local) => {
-                    merged.truncated_units = match (merged.truncated_units, local.truncated_units) {
-                        (Some(a), Some(b)) => a.checked_add(b),
-                        _ => None,
-                    };
-                    for (key, values) in local.groups {
-                        let entry = merged
-                            .groups
-                            .entry(key)
-                            .or_insert_with(|| vec![0; values.len()]);
-                        for (acc, v) in entry.iter_mut().zip(values) {
-                            *acc = acc.checked_add(v).ok_or_else(|| {
-                                CoordinatorError::internal(
-                                    &req.query_id,
-                                    "partial sum overflows i128",
-                                )
-                            })?;
-                        }
-                    }
-                    for (key, bins) in local.histograms {
-                        let entry = merged
-                            .histograms
-                            .entry(key)
-                            .or_insert_with(|| vec![0; bins.len()]);
-                        for (acc, v) in entry.iter_mut().zip(bins) {
-                            *acc = acc.checked_add(v).ok_or_else(|| {
-                                CoordinatorError::internal(
-                                    &req.query_id,
-                                    "histogram count overflows i128",
-                                )
-                            })?;
-                        }
-                    }
+                    add_site(&mut merged, local, &req.query_id).map_err(|error| GatherFailure {
+                        failure: SiteFailure {
+                            site: site.clone(),
+                            stage: FailureStage::AfterData,
+                            error,
+                        },
+                    })?;
                     merged.sites_answered.push(site);
                 }
-                Err(e) if self.allow_partial => {
-                    tracing::warn!(query_id = %req.query_id, site = %site, error = %e, "site left out of a partial answer");
-                    merged.sites_failed.push(site);
-                    first_error.get_or_insert(e);
+                Err(f) => {
+                    tracing::warn!(query_id = %req.query_id, site = %f.site, stage = f.stage.as_str(), error = %f.error, "site failed");
+                    match f.stage {
+                        FailureStage::AfterData => {
+                            after_data.get_or_insert(f);
+                        }
+                        FailureStage::BeforeData => before_data.push(f),
+                    }
                 }
-                Err(e) => return Err(e),
             }
         }
+        if let Some(failure) = after_data {
+            return Err(GatherFailure { failure });
+        }
+        if !before_data.is_empty() && (!self.allow_partial || merged.sites_answered.is_empty()) {
+            let failure = before_data.remove(0);
+            return Err(GatherFailure { failure });
+        }
+        merged
+            .sites_failed
+            .extend(before_data.into_iter().map(|f| f.site));
         if merged.sites_answered.is_empty() {
-            return Err(
-                first_error.unwrap_or_else(|| CoordinatorError::NodeUnavailable {
+            return Err(GatherFailure {
+                failure: SiteFailure {
                     site: "all".into(),
-                    reason: "no site answered".into(),
-                }),
-            );
+                    stage: FailureStage::BeforeData,
+                    error: CoordinatorError::NodeUnavailable {
+                        site: "all".into(),
+                        reason: "no site was asked".into(),
+                    },
+                },
+            });
         }
         Ok(merged)
     }
@@ -249,22 +345,7 @@ impl NodePool {
     /// Ask every node for its [`NodeInfo`]; `Err` holds the reason a node is unhealthy.
     pub async fn info(&self) -> Vec<(String, Result<NodeInfo, String>)> {
         let futs = self.nodes.iter().map(|(node, ch)| async move {
-            let mut client = FlightServiceClient::new(ch.clone());
-            let action = Action::new(fedq_common::wire::ACTION_NODE_INFO, "");
-            let res = async {
-                let mut stream = client
-                    .do_action(action)
-                    .await
-                    .map_err(|s| s.message().to_string())?
-                    .into_inner();
-                let first = stream
-                    .message()
-                    .await
-                    .map_err(|s| s.message().to_string())?
-                    .ok_or_else(|| "empty answer".to_string())?;
-                serde_json::from_slice::<NodeInfo>(&first.body).map_err(|e| e.to_string())
-            };
-            let r = tokio::time::timeout(Duration::from_secs(5), res)
+            let r = tokio::time::timeout(Duration::from_secs(5), node_info(ch.clone()))
                 .await
                 .unwrap_or_else(|_| Err("no answer within 5 s".into()));
             (node.site.clone(), r)
@@ -273,9 +354,110 @@ impl NodePool {
     }
 }
 
+/// One node's [`NodeInfo`] (Flight action [`fedq_common::wire::ACTION_NODE_INFO`]).
+async fn node_info(ch: Channel) -> Result<NodeInfo, String> {
+    let mut client = FlightServiceClient::new(ch);
+    let action = Action::new(fedq_common::wire::ACTION_NODE_INFO, "");
+    let mut stream = client
+        .do_action(action)
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+        .ok_or_else(|| "empty answer".to_string())?;
+    serde_json::from_slice::<NodeInfo>(&first.body).map_err(|e| e.to_string())
+}
+
+/// One site's answer merged on its own, with its bounding report.
+fn merge_site(
+    batches: &[RecordBatch],
+    req: &PartialAggregateRequest,
+    groups: &[GroupKey],
+) -> Result<MergedPartials, CoordinatorError> {
+    let mut local = MergedPartials::default();
+    for b in batches {
+        merge_batch(&mut local, b, req, groups).map_err(|detail| {
+            tracing::error!(query_id = %req.query_id, %detail, "malformed node answer");
+            CoordinatorError::internal(&req.query_id, "a site sent a malformed answer")
+        })?;
+    }
+    // The site's bounding report (participants with more than R rows).
+    local.truncated_units = batches
+        .first()
+        .and_then(|b| b.schema().metadata().get(META_TRUNCATED_UNITS).cloned())
+        .and_then(|v| v.parse::<i128>().ok())
+        .filter(|v| *v >= 0);
+    if local.truncated_units.is_none() {
+        tracing::warn!(query_id = %req.query_id, "node sent no bounding report");
+    }
+    Ok(local)
+}
+
+/// Add one site's partials to the merged ones, exactly.
+fn add_site(
+    merged: &mut MergedPartials,
+    local: MergedPartials,
+    query_id: &str,
+) -> Result<(), CoordinatorError> {
+    merged.truncated_units = match (merged.truncated_units, local.truncated_units) {
+        (Some(a), Some(b)) => a.checked_add(b),
+        _ => None,
+    };
+    for (key, values) in local.groups {
+        let entry = merged
+            .groups
+            .entry(key)
+            .or_insert_with(|| vec![0; values.len()]);
+        for (acc, v) in entry.iter_mut().zip(values) {
+            *acc = acc.checked_add(v).ok_or_else(|| {
+                CoordinatorError::internal(query_id, "partial sum overflows i128")
+            })?;
+        }
+    }
+    for (key, bins) in local.histograms {
+        let entry = merged
+            .histograms
+            .entry(key)
+            .or_insert_with(|| vec![0; bins.len()]);
+        for (acc, v) in entry.iter_mut().zip(bins) {
+            *acc = acc.checked_add(v).ok_or_else(|| {
+                CoordinatorError::internal(query_id, "histogram count overflows i128")
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// What a node's error status means for the query (logged here with the node's message).
-fn node_status_error(s: tonic::Status, query_id: &str, site: &str) -> CoordinatorError {
-    tracing::warn!(query_id, site, code = ?s.code(), message = %s.message(), "node error");
+/// Only a status that says it was refused before data ([`FAILURE_STAGE_METADATA`]) keeps
+/// its code's meaning and message; anything else is a failure after data.
+fn node_status_error(s: tonic::Status, query_id: &str, site: &str) -> SiteFailure {
+    let stage = FailureStage::from_metadata(
+        s.metadata()
+            .get(FAILURE_STAGE_METADATA)
+            .and_then(|v| v.to_str().ok()),
+    );
+    tracing::warn!(query_id, site, code = ?s.code(), stage = stage.as_str(), message = %s.message(), "node error");
+    let error = match stage {
+        FailureStage::AfterData => CoordinatorError::NodeFailed {
+            site: site.to_string(),
+            query_id: query_id.to_string(),
+        },
+        FailureStage::BeforeData => refusal_error(&s, query_id, site),
+    };
+    SiteFailure {
+        site: site.to_string(),
+        stage,
+        error,
+    }
+}
+
+/// The error of a node's refusal before data. Its text depends only on the request, the
+/// node's policy and its limits, so it is passed on (shortened) to say what to change.
+fn refusal_error(s: &tonic::Status, query_id: &str, site: &str) -> CoordinatorError {
     if s.code() == tonic::Code::InvalidArgument && s.message().contains("protocol version mismatch")
     {
         // The node's message names only the two protocol versions.
@@ -284,8 +466,6 @@ fn node_status_error(s: tonic::Status, query_id: &str, site: &str) -> Coordinato
             detail: s.message().to_string(),
         };
     }
-    // A node's refusals and limits depend only on the request, its policy and its
-    // limits, so their text is passed on (shortened) to say what to change.
     let detail = || s.message().chars().take(400).collect::<String>();
     match s.code() {
         tonic::Code::PermissionDenied => CoordinatorError::NodeRefused {
@@ -314,7 +494,7 @@ async fn fetch(
     ticket: Vec<u8>,
     query_id: &str,
     site: &str,
-) -> Result<Vec<RecordBatch>, CoordinatorError> {
+) -> Result<Vec<RecordBatch>, SiteFailure> {
     let mut client = FlightServiceClient::new(ch).max_decoding_message_size(MAX_NODE_RESPONSE);
     let status_err = |s: tonic::Status| node_status_error(s, query_id, site);
     let resp = client
@@ -329,9 +509,13 @@ async fn fetch(
         FlightError::Tonic(s) => status_err(*s),
         other => {
             tracing::warn!(query_id, site, error = %other, "undecodable node answer");
-            CoordinatorError::NodeFailed {
+            SiteFailure {
                 site: site.to_string(),
-                query_id: query_id.to_string(),
+                stage: FailureStage::AfterData,
+                error: CoordinatorError::NodeFailed {
+                    site: site.to_string(),
+                    query_id: query_id.to_string(),
+                },
             }
         }
     })
@@ -479,12 +663,19 @@ mod status_tests {
     /// (RESOURCE_EXHAUSTED), anything else is generic.
     #[test]
     fn node_errors_become_precise_statuses() {
+        let before = |mut s: tonic::Status| {
+            s.metadata_mut().insert(
+                FAILURE_STAGE_METADATA,
+                tonic::metadata::MetadataValue::from_static(FailureStage::BeforeData.as_str()),
+            );
+            s
+        };
         let mismatch = fedq_common::WireError::Version {
             got: fedq_common::PROTOCOL_VERSION + 1,
         };
         let cases = [
             (
-                tonic::Status::invalid_argument(mismatch.to_string()),
+                before(tonic::Status::invalid_argument(mismatch.to_string())),
                 tonic::Code::FailedPrecondition,
                 format!(
                     "site site02 runs an incompatible fedq (protocol version mismatch: peer speaks v{}, this build speaks v{}",
@@ -493,29 +684,42 @@ mod status_tests {
                 ),
             ),
             (
-                tonic::Status::permission_denied("column `x` of table `labs` (in COUNT) is not shared by this node"),
+                before(tonic::Status::permission_denied("column `x` of table `labs` (in COUNT) is not shared by this node")),
                 tonic::Code::PermissionDenied,
                 "site site02 refused the query under its own policy: column `x` of table `labs` (in COUNT) is not shared by this node; no budget was charged".to_string(),
             ),
             (
-                tonic::Status::resource_exhausted("node site02: query q needed more than its memory limit of 1 MiB and was stopped"),
+                before(tonic::Status::resource_exhausted("node site02 is busy: 4 queries are running, its limit; retry shortly")),
                 tonic::Code::ResourceExhausted,
-                "site site02 stopped the query at its resource limits: node site02: query q needed more than its memory limit of 1 MiB".to_string(),
-            ),
-            (
-                tonic::Status::internal("node site02 could not execute query q; details are in the node log"),
-                tonic::Code::Unavailable,
-                "site site02 could not answer the query (query id q); no budget was charged".to_string(),
+                "site site02 stopped the query at its resource limits: node site02 is busy".to_string(),
             ),
         ];
         for (status, code, needle) in cases {
-            let e = tonic::Status::from(node_status_error(status, "q", "site02"));
+            let f = node_status_error(status, "q", "site02");
+            assert_eq!(f.stage, FailureStage::BeforeData);
+            let e = tonic::Status::from(f.error);
             assert_eq!(e.code(), code, "{}", e.message());
             assert!(
                 e.message().contains(&needle),
                 "{:?} lacks {needle:?}",
                 e.message()
             );
+        }
+    }
+
+    #[test]
+    fn a_node_status_without_a_before_data_claim_is_a_failure_after_data() {
+        // Whatever its code and text: a transport error, a time-out, an old node, or a
+        // node's own failure. Its message is never passed on.
+        for status in [
+            tonic::Status::internal("node site02 could not execute query q"),
+            tonic::Status::unavailable("tcp connect error"),
+            tonic::Status::permission_denied("looks like a refusal, but claims no stage"),
+            tonic::Status::resource_exhausted("memory limit"),
+        ] {
+            let f = node_status_error(status, "q", "site02");
+            assert_eq!(f.stage, FailureStage::AfterData);
+            assert!(matches!(f.error, CoordinatorError::NodeFailed { .. }));
         }
     }
 }

@@ -220,6 +220,9 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 | Expr::Literal(ScalarValue::LargeUtf8(Some(p)), _) => p.clone(),
                 _ => return Err(refuse("the pattern of LIKE must be a string literal")),
             };
+            // Checked here as every node checks it: a pattern a batch could fail to compile
+            // would make a node's outcome depend on its rows.
+            fedq_common::like::check_like_pattern(&pattern).map_err(refuse)?;
             Predicate::Like {
                 input: rec(&l.expr)?,
                 pattern,
@@ -227,10 +230,19 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 case_insensitive: l.case_insensitive,
             }
         }
-        Expr::TryCast(c) => Predicate::TryCast {
-            input: rec(&c.expr)?,
-            to: column_type(c.field.data_type())?,
-        },
+        Expr::TryCast(c) => {
+            let input = rec(&c.expr)?;
+            let to = column_type(c.field.data_type())?;
+            // As every node checks: a cast without an Arrow kernel fails at the node.
+            for from in input_types(&input, scope) {
+                if !from.try_cast_supported(to) {
+                    return Err(refuse(format!(
+                        "TRY_CAST from {from} to {to} is not supported; convert through another type"
+                    )));
+                }
+            }
+            Predicate::TryCast { input, to }
+        }
         Expr::Cast(c) => match c.expr.as_ref() {
             Expr::Literal(v, _) => {
                 let folded = v.cast_to(c.field.data_type()).map_err(|_| {
@@ -360,4 +372,35 @@ pub fn column_type(
             )))
         }
     })
+}
+
+/// The types a translated filter expression can have at a node (several where the node's
+/// numeric typing could give either), for the `TRY_CAST` check.
+fn input_types(p: &Predicate, scope: &Scope<'_>) -> Vec<ColumnType> {
+    use fedq_common::Literal as L;
+    match p {
+        Predicate::Column { name, side } => {
+            let rel = match side {
+                Side::Left => Some(scope.left),
+                Side::Right => scope.right,
+            };
+            rel.and_then(|r| r.spec.column(name))
+                .map(|c| vec![c.ty])
+                .unwrap_or_default()
+        }
+        Predicate::Literal { value } => match value {
+            L::Null => vec![],
+            L::Boolean(_) => vec![ColumnType::Boolean],
+            L::Int64(_) => vec![ColumnType::Int64],
+            L::Float64(_) => vec![ColumnType::Float64],
+            L::Utf8(_) => vec![ColumnType::Utf8],
+            L::Date32(_) => vec![ColumnType::Date32],
+        },
+        Predicate::TryCast { to, .. } => vec![*to],
+        Predicate::Binary {
+            op: BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply | BinaryOp::Divide,
+            ..
+        } => vec![ColumnType::Int32, ColumnType::Int64, ColumnType::Float64],
+        _ => vec![ColumnType::Boolean],
+    }
 }

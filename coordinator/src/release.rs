@@ -533,15 +533,17 @@ pub async fn release(
         .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
     let plan = replace_aggregate(&q.plan, &scan)
         .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
+    // Post-processing reads only the noisy table and the query, so its errors (a division
+    // by a noisy zero, an overflow) are functions of released values: the engine charges
+    // and stores them like an answer.
+    let post = |e: datafusion::error::DataFusionError| CoordinatorError::PostProcessing {
+        query_id: qid.clone(),
+        message: e.to_string(),
+        charge: String::new(),
+    };
     let ctx = SessionContext::new();
-    let df = ctx
-        .execute_logical_plan(plan)
-        .await
-        .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
-    let out_batches = df
-        .collect()
-        .await
-        .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?;
+    let df = ctx.execute_logical_plan(plan).await.map_err(post)?;
+    let out_batches = df.collect().await.map_err(post)?;
 
     // 5. Metadata, the suppression flag column, and removal of the hidden columns.
     let n_aggs = agg_fields.fields().len() - nk;
