@@ -306,3 +306,107 @@ pub fn charged_entries(dir: &Path) -> Vec<serde_json::Value> {
         .filter(|e| e["kind"] == "query.charged")
         .collect()
 }
+
+/// Copy a federation directory (configs, site files), so that a neighbouring federation can
+/// be made from it.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("dir entry");
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).expect("copy file");
+        }
+    }
+}
+
+/// Every Parquet file of every site of the federation in `dir`.
+fn site_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for site in std::fs::read_dir(dir.join("sites")).expect("sites dir") {
+        let site = site.expect("site entry").path();
+        for f in std::fs::read_dir(&site).expect("site dir") {
+            let f = f.expect("file entry").path();
+            if f.extension().is_some_and(|e| e == "parquet") {
+                out.push(f);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let f = std::fs::File::open(path).expect("open parquet");
+    datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .expect("parquet reader")
+        .build()
+        .expect("parquet reader")
+        .map(|b| b.expect("parquet batch"))
+        .collect()
+}
+
+/// Remove participant `pid` from every table at every site of the federation in `dir` (the
+/// neighbouring federation of add/remove DP). Returns how many rows were removed.
+pub fn remove_participant(dir: &Path, pid: &str) -> usize {
+    use datafusion::arrow::array::{BooleanArray, StringArray};
+    let mut removed = 0;
+    for path in site_files(dir) {
+        let batches = read_parquet(&path);
+        let Some(schema) = batches.first().map(|b| b.schema()) else {
+            continue;
+        };
+        let mut kept = Vec::new();
+        for b in &batches {
+            let ids = b
+                .column_by_name("pid")
+                .expect("pid column")
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("pid is utf8");
+            let keep: BooleanArray = ids.iter().map(|v| Some(v != Some(pid))).collect();
+            let k = datafusion::arrow::compute::filter_record_batch(b, &keep).expect("filter");
+            removed += b.num_rows() - k.num_rows();
+            kept.push(k);
+        }
+        let out = std::fs::File::create(&path).expect("rewrite parquet");
+        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(out, schema, None)
+            .expect("parquet writer");
+        for b in &kept {
+            w.write(b).expect("write batch");
+        }
+        w.close().expect("close parquet");
+    }
+    removed
+}
+
+/// The first participant (in site and file order) whose `participants` row satisfies
+/// `pred(birth_year)`.
+pub fn participant_born(dir: &Path, pred: impl Fn(i32) -> bool) -> String {
+    use datafusion::arrow::array::{Int32Array, StringArray};
+    for path in site_files(dir) {
+        if path.file_stem().is_none_or(|s| s != "participants") {
+            continue;
+        }
+        for b in read_parquet(&path) {
+            let ids = b.column_by_name("pid").expect("pid");
+            let ids = ids
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("utf8 pid");
+            let years = b.column_by_name("birth_year").expect("birth_year");
+            let years = years
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .expect("int32 year");
+            for i in 0..b.num_rows() {
+                if years.is_valid(i) && pred(years.value(i)) {
+                    return ids.value(i).to_string();
+                }
+            }
+        }
+    }
+    panic!("no participant with such a birth year")
+}

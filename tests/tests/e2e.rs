@@ -4,6 +4,7 @@
 mod accuracy;
 mod auth;
 mod bucketed_keys;
+mod failures;
 mod faults;
 mod federation;
 mod hostile_requests;

@@ -330,8 +330,8 @@ fn extreme() -> &'static Extreme {
             f64::MIN,
             f64::MIN_POSITIVE,
             1e-300,
-            9.2233720368547758e18,
-            -9.2233720368547758e18,
+            9.223_372_036_854_776e18,
+            -9.223_372_036_854_776e18,
             2.5,
         ];
         let texts: Vec<Option<String>> = vec![
@@ -483,17 +483,6 @@ mod arb {
             input: Box::new(p),
             to,
         }
-    }
-
-    pub fn ty() -> impl Strategy<Value = ColumnType> {
-        prop::sample::select(vec![
-            ColumnType::Utf8,
-            ColumnType::Boolean,
-            ColumnType::Int32,
-            ColumnType::Int64,
-            ColumnType::Float64,
-            ColumnType::Date32,
-        ])
     }
 
     fn int_lit() -> impl Strategy<Value = i64> {

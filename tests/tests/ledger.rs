@@ -138,7 +138,7 @@ async fn replays_are_free_and_node_failures_are_refunded_and_audited() {
         "epsilon",
         "delta",
         "sites_asked",
-        "sites_answered",
+        "sites_dispatched",
         "outcome",
     ] {
         assert!(

@@ -24,24 +24,11 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::ArrowWriter;
 use fedq::client::FedqClient;
 use fedq::federation::{FederationOptions, LocalFederation};
-use fedq_tests::{cell, set_rows_per_unit, set_sites_per_unit, synth};
+use fedq_tests::{cell, copy_dir, set_rows_per_unit, set_sites_per_unit, synth};
 
 const N: usize = 2000;
 const ALPHA: f64 = 5e-11;
 const EPSILON: f64 = 1.0;
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// Add participant `pid` with `rows` HbA1c results of `value` to a labs file.
 fn add_participant(labs: &Path, pid: &str, rows: usize, value: f64) {
