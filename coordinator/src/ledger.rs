@@ -169,6 +169,27 @@ fn grant_units(v: f64, unit: f64) -> i64 {
     }
 }
 
+/// Mark an outstanding charge final (state `released`: an answer, a post-processing error
+/// or a failure after data was released), or say it was not outstanding.
+fn settle(
+    tx: &Transaction,
+    charge: &Charge,
+    now: i64,
+) -> rusqlite::Result<Result<(), CoordinatorError>> {
+    let n = tx.execute(
+        "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
+        params![charge.query_id, now],
+    )?;
+    Ok(if n == 0 {
+        Err(CoordinatorError::internal(
+            &charge.query_id,
+            "settling a charge that is not outstanding",
+        ))
+    } else {
+        Ok(())
+    })
+}
+
 /// Whose budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1145,20 +1166,19 @@ impl Ledger {
         outcome: &StoredOutcome,
     ) -> Result<(), CoordinatorError> {
         self.write_with(false, |tx, now| {
-            let n = tx.execute(
-                "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
-                params![charge.query_id, now],
-            )?;
-            if n == 0 {
-                return Ok(Err(CoordinatorError::internal(
-                    &charge.query_id,
-                    "release of a charge that is not outstanding",
-                )));
+            if let Err(e) = settle(tx, &charge, now)? {
+                return Ok(Err(e));
             }
             tx.execute(
                 "INSERT OR IGNORE INTO replays(researcher, plan_hash, query_id, result, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![charge.researcher, charge.plan_hash, charge.query_id, outcome.to_blob(), now],
+                params![
+                    charge.researcher,
+                    charge.plan_hash,
+                    charge.query_id,
+                    outcome.to_blob(),
+                    now
+                ],
             )?;
             let mut body = json!({"query_id": charge.query_id, "researcher": charge.researcher,
                        "plan_hash": charge.plan_hash, "epsilon": charge.epsilon,
@@ -1182,15 +1202,8 @@ impl Ledger {
         reason: &str,
     ) -> Result<(), CoordinatorError> {
         self.write(|tx, now| {
-            let n = tx.execute(
-                "UPDATE charges SET state = 'released', settled_at = ?2 WHERE query_id = ?1 AND state = 'charged'",
-                params![charge.query_id, now],
-            )?;
-            if n == 0 {
-                return Ok(Err(CoordinatorError::internal(
-                    &charge.query_id,
-                    "settling a charge that is not outstanding",
-                )));
+            if let Err(e) = settle(tx, &charge, now)? {
+                return Ok(Err(e));
             }
             append(
                 tx,
