@@ -161,6 +161,14 @@ impl GroupKey {
         }
     }
 
+    /// Its conditions (the `WHEN`s of a `CASE` key; none for other forms).
+    pub fn predicates(&self) -> Vec<&Predicate> {
+        match self {
+            GroupKey::Case { branches, .. } => branches.iter().map(|b| &b.when).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Deepest `CASE` condition (0 for other forms).
     pub fn depth(&self) -> usize {
         match self {

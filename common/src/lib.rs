@@ -14,6 +14,9 @@
 //!   shared so that coordinator and node bin values identically.
 //! - [`like`]: the check of `LIKE`/`ILIKE` patterns both sides run before any row is read,
 //!   so a pattern never fails on a batch.
+//! - [`participant_set`]: the sets of participants that `IN`/`EXISTS` subqueries,
+//!   `INTERSECT` and `EXCEPT` test, each decided from a participant's own rows, and the
+//!   check both sides run on them.
 //! - [`outcome`]: the [`outcome::FailureStage`] a node's error carries: refused before
 //!   reading data (refundable) or not.
 //! - [`tls`]: reading the `[tls]` PEM files both sides use for mTLS.
@@ -32,6 +35,7 @@ pub mod group_key;
 pub mod like;
 pub mod metrics;
 pub mod outcome;
+pub mod participant_set;
 pub mod quantile;
 pub mod tls;
 pub mod wire;
@@ -39,5 +43,5 @@ pub mod wire;
 pub use catalog::{Catalog, CatalogError, ColumnSpec, ColumnType, Policy, PublicValue, TableSpec};
 pub use wire::{
     AggregateRequest, BinaryOp, ColumnRef, GroupKey, JoinSpec, Literal, NodeInfo,
-    PartialAggregateRequest, Predicate, Side, WireError, PROTOCOL_VERSION,
+    PartialAggregateRequest, ParticipantSet, Predicate, Side, WireError, PROTOCOL_VERSION,
 };

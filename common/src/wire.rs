@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::ColumnType;
 pub use crate::group_key::GroupKey;
+pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 
 /// Version of the coordinator-node protocol. Bumped on any incompatible change.
 ///
@@ -17,7 +18,8 @@ pub use crate::group_key::GroupKey;
 /// selection (`max_groups_per_unit`); a v2 node would refuse either as a malformed ticket,
 /// so the bump turns that into a clear version mismatch.
 /// v4: group keys are [`GroupKey`]s: columns, `CASE` labels, integer buckets and date parts.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// v5: filters and `CASE` keys may test [`ParticipantSet`]s ([`Predicate::InSet`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest ticket a node accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -336,6 +338,15 @@ pub enum Predicate {
         input: Box<Predicate>,
         to: ColumnType,
     },
+    /// `unit [NOT] IN set`: whether the row's participant (the privacy unit of `side`'s
+    /// table) is in a [`ParticipantSet`] decided from that participant's own rows at this
+    /// site (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`). Never NULL.
+    InSet {
+        #[serde(default, skip_serializing_if = "Side::is_left")]
+        side: Side,
+        set: Box<ParticipantSet>,
+        negated: bool,
+    },
 }
 
 impl Predicate {
@@ -371,6 +382,34 @@ impl Predicate {
             Predicate::Between {
                 input, low, high, ..
             } => vec![input, low, high],
+            Predicate::InSet { set, .. } => set.filters(),
+        }
+    }
+
+    /// The participant sets it tests, outermost first (not those nested in their filters).
+    pub fn participant_sets(&self) -> Vec<&ParticipantSet> {
+        let mut out = Vec::new();
+        self.collect_sets(&mut out);
+        out
+    }
+
+    fn collect_sets<'a>(&'a self, out: &mut Vec<&'a ParticipantSet>) {
+        if let Predicate::InSet { set, .. } = self {
+            out.push(set);
+            return;
+        }
+        for c in self.children() {
+            c.collect_sets(out);
+        }
+    }
+
+    /// Whether it reads a column of `side` (outside the participant sets it tests, whose
+    /// filters read their own tables).
+    pub fn reads_side(&self, side: Side) -> bool {
+        match self {
+            Predicate::Column { side: s, .. } => *s == side,
+            Predicate::InSet { side: s, .. } => *s == side,
+            _ => self.children().iter().any(|c| c.reads_side(side)),
         }
     }
 
@@ -390,8 +429,11 @@ impl Predicate {
     }
 
     fn collect_columns<'a>(&'a self, out: &mut Vec<&'a str>) {
-        if let Predicate::Column { name, .. } = self {
-            out.push(name);
+        match self {
+            Predicate::Column { name, .. } => out.push(name),
+            // The set's filters read its own table.
+            Predicate::InSet { .. } => return,
+            _ => {}
         }
         for c in self.children() {
             c.collect_columns(out);
@@ -400,6 +442,27 @@ impl Predicate {
 }
 
 impl PartialAggregateRequest {
+    /// Every participant set its filter and group keys test (outermost ones; nested sets
+    /// are inside their filters).
+    pub fn participant_sets(&self) -> Vec<&ParticipantSet> {
+        let mut out: Vec<&ParticipantSet> = Vec::new();
+        if let Some(f) = &self.filter {
+            out.extend(f.participant_sets());
+        }
+        for k in &self.group_by {
+            for p in k.predicates() {
+                out.extend(p.participant_sets());
+            }
+        }
+        out
+    }
+
+    /// How many `Rows` leaves its participant sets have, nested ones included (at most
+    /// [`MAX_SET_LEAVES`]).
+    pub fn set_leaf_count(&self) -> usize {
+        self.participant_sets().iter().map(|s| s.leaf_count()).sum()
+    }
+
     /// Encode as a Flight ticket for the current protocol version.
     pub fn encode_ticket(&self) -> Result<Vec<u8>, WireError> {
         let env = TicketEnvelope {
@@ -464,6 +527,12 @@ impl PartialAggregateRequest {
             return Err(WireError::Malformed(format!(
                 "{} aggregates; between 1 and {MAX_AGGREGATES} are allowed",
                 req.aggregates.len()
+            )));
+        }
+        let leaves = req.set_leaf_count();
+        if leaves > MAX_SET_LEAVES {
+            return Err(WireError::Malformed(format!(
+                "the request tests {leaves} participant subqueries; the limit is {MAX_SET_LEAVES}"
             )));
         }
         Ok(req)

@@ -20,11 +20,11 @@ use datafusion::physical_plan::execute_stream;
 use fedq_common::group_key::KeyDomain;
 use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS};
 use fedq_common::wire::{
-    MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS,
+    MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS, MAX_SET_LEAVES,
 };
 use fedq_common::{
     AggregateRequest, Catalog, ColumnRef, ColumnType, GroupKey, NodeInfo, PartialAggregateRequest,
-    PublicValue, TableSpec, PROTOCOL_VERSION,
+    PublicValue, Side, TableSpec, PROTOCOL_VERSION,
 };
 use futures::StreamExt;
 
@@ -35,6 +35,7 @@ use crate::config::{NodeConfig, TableFormat, TableSource};
 use crate::error::NodeError;
 use crate::filter::{self, Relation, Scope, LEFT_ALIAS, RIGHT_ALIAS};
 use crate::selection::{self, OpenKey, Selection};
+use crate::sets::{self, SetNames};
 
 /// Longest query id a node accepts.
 pub const MAX_QUERY_ID_CHARS: usize = 256;
@@ -93,12 +94,12 @@ fn proj_item(item: ProjItem, proj: &mut Vec<ProjItem>) -> usize {
 }
 
 /// A table served by this node.
-struct ServedTable {
-    spec: TableSpec,
+pub(crate) struct ServedTable {
+    pub(crate) spec: TableSpec,
     /// The node's own policy for this table (it narrows the catalog).
-    policy: crate::config::TablePolicy,
+    pub(crate) policy: crate::config::TablePolicy,
     /// The table restricted to its catalog columns.
-    df: DataFrame,
+    pub(crate) df: DataFrame,
     /// The table's one Parquet file, when its `path` names a file: rows can then be told
     /// apart by their position in it (see [`crate::bounding::RowOwners`]).
     file: Option<PathBuf>,
@@ -305,6 +306,26 @@ impl NodeEngine {
         )))
     }
 
+    /// A served catalog table, or the refusal (before reading) of a request that names a
+    /// table outside the catalog, not served here, or grown past the memory limit.
+    pub(crate) fn served(&self, name: &str) -> Result<&ServedTable, NodeError> {
+        if self.catalog.table(name).is_none() {
+            return Err(NodeError::Refused(format!(
+                "unknown table {}: it is not in the catalog",
+                shown(name)
+            )));
+        }
+        let Some(table) = self.tables.get(name) else {
+            return Err(NodeError::Refused(format!(
+                "table {} is not served at site {}",
+                shown(name),
+                self.site
+            )));
+        };
+        self.check_fits(name, table)?;
+        Ok(table)
+    }
+
     /// Site name.
     pub fn site(&self) -> &str {
         &self.site
@@ -376,7 +397,7 @@ impl NodeEngine {
             // R rows, whatever its counts say.
             let served = self.tables.get(&req.table);
             let Counted { counts, stamp } = match served {
-                Some(t) if req.join.is_none() => t
+                Some(t) if req.join.is_none() && req.participant_sets().is_empty() => t
                     .counts
                     .read()
                     .map(|c| c.clone())
@@ -426,7 +447,8 @@ impl NodeEngine {
             // Open group keys: bound each participant to G groups first (see `selection`);
             // the bounder then sees one Int64 key numbering the observed groups.
             // Partition selection reorders rows: no run is sampled on the spot.
-            let in_table_order = selection.is_none();
+            // So do the joins of participant sets.
+            let in_table_order = selection.is_none() && req.participant_sets().is_empty();
             // `prepare` optimised the request's own plan; partition selection builds another.
             let (state, logical, dict) = match selection {
                 None => (state, logical, None),
@@ -697,6 +719,21 @@ impl NodeEngine {
             }
             right_table = Some(rt);
         }
+        // Participant sets (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`): checked
+        // against the catalog like the coordinator checks them, then each distinct one gets
+        // a column in the frame (see `crate::sets`).
+        let mut set_names = SetNames::default();
+        let tested = req.participant_sets();
+        let leaves: usize = tested.iter().map(|s| s.leaf_count()).sum();
+        if leaves > MAX_SET_LEAVES {
+            return Err(invalid(format!(
+                "the request tests {leaves} participant subqueries; the limit is {MAX_SET_LEAVES}"
+            )));
+        }
+        for s in &tested {
+            s.check(&self.catalog).map_err(|e| refused(e.0))?;
+        }
+        let set_cols = sets::set_columns(tested, &mut set_names);
         let scope = Scope {
             left: Relation {
                 name: tname,
@@ -708,6 +745,7 @@ impl NodeEngine {
                 name: req.join.as_ref().map_or("", |j| j.table.as_str()),
                 spec: &rt.spec,
             }),
+            sets: &set_cols,
         };
         let column = |c: &ColumnRef, role: &str| scope.column(c.side, &c.name, role).map(|x| x.1);
         let privacy_unit = |c: &ColumnRef| {
@@ -1055,6 +1093,7 @@ impl NodeEngine {
         // nor when the id is also a group key or an aggregate input.
         let pid_rows = by_position
             && req.join.is_none()
+            && set_cols.is_empty()
             && max_groups.is_none()
             && groups.iter().all(|g| g.proj != 0)
             && slots.iter().all(|s| s.proj != 0);
@@ -1091,6 +1130,12 @@ impl NodeEngine {
             df = left
                 .join_on(right, JoinType::Inner, [on])
                 .map_err(join_err)?;
+        }
+        if !set_cols.is_empty() {
+            let unit = scope
+                .column(Side::Left, &spec.privacy_unit, "the participant subqueries")?
+                .0;
+            df = sets::attach(self, df, unit, &set_cols, &mut set_names)?;
         }
         if let Some(predicate) = predicate {
             df = df.filter(predicate).map_err(plan_err)?;

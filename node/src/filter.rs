@@ -72,6 +72,9 @@ pub(crate) struct Relation<'a> {
 pub(crate) struct Scope<'a> {
     pub left: Relation<'a>,
     pub right: Option<Relation<'a>>,
+    /// The participant sets the request tests, each with the column that carries its
+    /// members' ids in the frame (see `crate::sets`).
+    pub sets: &'a [crate::sets::SetColumn],
 }
 
 /// DataFusion alias of the driving table in a join.
@@ -424,6 +427,23 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
         Predicate::TryCast { input, to } => {
             let (e, from) = rec(input)?;
             try_cast_total(e, from, *to)
+        }
+        Predicate::InSet { side, set, negated } => {
+            scope.relation(*side)?;
+            let Some(sc) = scope.sets.iter().find(|c| &c.set == set.as_ref()) else {
+                return Err(invalid(
+                    "a participant set was not prepared for this request".into(),
+                ));
+            };
+            // The set's column is the member's id after the left join, NULL otherwise:
+            // never an error, and never NULL itself.
+            let member = Expr::Column(Column::new_unqualified(&sc.column));
+            let e = if *negated {
+                member.is_null()
+            } else {
+                member.is_not_null()
+            };
+            Ok((e, Ty::Col(ColumnType::Boolean)))
         }
     }
 }

@@ -124,6 +124,7 @@ mod filter;
 mod metrics;
 mod selection;
 mod server;
+mod sets;
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 mod engine_tests;
 mod outcome_tests;
 mod server_tests;
+mod set_tests;
 
 use std::path::Path;
 use std::sync::Arc;

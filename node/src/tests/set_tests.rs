@@ -1,0 +1,175 @@
+//! Participant sets at the node (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`, `UNION`,
+//! `HAVING COUNT(*) >= k`), over the labs fixture (see `engine_tests`) and the patients
+//! CSV: p1 F, p2 M, p3 F, p4 X, p5 NULL. Labs rows per participant: p1 3 (2 HbA1c, LDL),
+//! p2 3 (HbA1c, 2 glucose), p3 2 (LDL, other), p4 1 (NULL test).
+
+use fedq_common::{AggregateRequest, BinaryOp, GroupKey, Literal, ParticipantSet, Predicate};
+
+use super::*;
+use crate::{NodeEngine, NodeError};
+
+async fn engine() -> (Fixture, NodeEngine) {
+    let fx = Fixture::new();
+    let e = NodeEngine::new(&fx.config()).await.unwrap();
+    (fx, e)
+}
+
+fn eq(column: &str, value: &str) -> Predicate {
+    bin(BinaryOp::Eq, col(column), lit(Literal::Utf8(value.into())))
+}
+
+fn set(table: &str, filter: Option<Predicate>, min_rows: u32) -> ParticipantSet {
+    ParticipantSet::Rows {
+        table: table.into(),
+        filter,
+        min_rows,
+    }
+}
+
+fn in_set(s: ParticipantSet, negated: bool) -> Predicate {
+    Predicate::InSet {
+        side: Default::default(),
+        set: Box::new(s),
+        negated,
+    }
+}
+
+/// Labs rows whose participant passes `filter`.
+async fn labs_rows(e: &NodeEngine, filter: Predicate) -> i128 {
+    let req = request(
+        "labs",
+        &[],
+        vec![AggregateRequest::CountRows],
+        100,
+        Some(filter),
+    );
+    let out = e.execute(&req).await.unwrap();
+    rows(&out, 0)[0].1[0]
+}
+
+fn hba1c(min_rows: u32) -> ParticipantSet {
+    set("labs", Some(eq("test", "HbA1c")), min_rows)
+}
+
+fn women() -> ParticipantSet {
+    set("patients", Some(eq("sex", "F")), 1)
+}
+
+#[tokio::test]
+async fn a_set_keeps_exactly_the_rows_of_its_members() {
+    let (_fx, e) = engine().await;
+    // p1 and p3 are women: 3 + 2 rows; the others 3 + 1.
+    assert_eq!(labs_rows(&e, in_set(women(), false)).await, 5);
+    assert_eq!(labs_rows(&e, in_set(women(), true)).await, 4);
+    // HbA1c at least twice: p1 only. At least once: p1 and p2.
+    assert_eq!(labs_rows(&e, in_set(hba1c(2), false)).await, 3);
+    assert_eq!(labs_rows(&e, in_set(hba1c(1), false)).await, 6);
+    assert_eq!(labs_rows(&e, in_set(hba1c(3), false)).await, 0);
+    // Combinations: {p1, p2} ∩ {p1, p3} = {p1}; {p1, p2} \ {p1, p3} = {p2};
+    // {p3} ∪ {p2} = {p2, p3}.
+    let both = ParticipantSet::Intersect {
+        left: Box::new(hba1c(1)),
+        right: Box::new(women()),
+    };
+    assert_eq!(labs_rows(&e, in_set(both, false)).await, 3);
+    let but_not = ParticipantSet::Except {
+        left: Box::new(hba1c(1)),
+        right: Box::new(women()),
+    };
+    assert_eq!(labs_rows(&e, in_set(but_not, false)).await, 3);
+    let either = ParticipantSet::Union {
+        left: Box::new(set("labs", Some(eq("test", "other")), 1)),
+        right: Box::new(set("patients", Some(eq("sex", "M")), 1)),
+    };
+    assert_eq!(labs_rows(&e, in_set(either, false)).await, 5);
+    // Nested: LDL tests of women: p1 and p3.
+    let nested = set(
+        "labs",
+        Some(bin(
+            BinaryOp::And,
+            eq("test", "LDL"),
+            in_set(women(), false),
+        )),
+        1,
+    );
+    assert_eq!(labs_rows(&e, in_set(nested, false)).await, 5);
+    // The same set twice, and a set ORed with a row condition.
+    let twice = bin(
+        BinaryOp::And,
+        in_set(women(), false),
+        in_set(women(), false),
+    );
+    assert_eq!(labs_rows(&e, twice).await, 5);
+    let or = bin(BinaryOp::Or, in_set(women(), false), eq("test", "glucose"));
+    assert_eq!(labs_rows(&e, or).await, 7);
+}
+
+#[tokio::test]
+async fn a_set_tested_in_a_case_key_splits_every_row_into_its_label() {
+    let (_fx, e) = engine().await;
+    let key = GroupKey::Case {
+        branches: vec![fedq_common::group_key::CaseBranch {
+            when: in_set(hba1c(1), false),
+            then: Literal::Utf8("tested".into()),
+        }],
+        otherwise: Literal::Utf8("never tested".into()),
+    };
+    let mut req = request(
+        "labs",
+        &[],
+        vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
+        100,
+        None,
+    );
+    req.group_by = vec![key];
+    let out = e.execute(&req).await.unwrap();
+    let mut got = rows(&out, 1);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            keyed(&["never tested"], &[3, 2]),
+            keyed(&["tested"], &[6, 2])
+        ]
+    );
+}
+
+fn assert_refused(r: Result<(), NodeError>, needle: &str) {
+    match r {
+        Err(NodeError::Refused(m)) => assert!(m.contains(needle), "{needle:?} not in {m:?}"),
+        other => panic!("expected a refusal containing {needle:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sets_a_node_cannot_answer_are_refused_before_reading() {
+    let (_fx, e) = engine().await;
+    let v = |s: ParticipantSet| {
+        e.validate(&request(
+            "labs",
+            &[],
+            vec![AggregateRequest::CountRows],
+            100,
+            Some(in_set(s, false)),
+        ))
+    };
+    assert_refused(v(set("elsewhere", None, 1)), "not served");
+    assert_refused(v(set("nope", None, 1)), "not in the catalog");
+    assert_refused(v(set("labs", None, 0)), "between 1");
+    assert_refused(
+        v(set("patients", Some(eq("test", "HbA1c")), 1)),
+        "does not have",
+    );
+    let nine = (0..9).fold(None, |acc: Option<Predicate>, i| {
+        let p = in_set(set("labs", Some(eq("test", &format!("t{i}"))), 1), false);
+        Some(match acc {
+            None => p,
+            Some(a) => bin(BinaryOp::And, a, p),
+        })
+    });
+    let req = request("labs", &[], vec![AggregateRequest::CountRows], 100, nine);
+    match e.validate(&req) {
+        Err(NodeError::InvalidRequest(m)) => assert!(m.contains("the limit is 8"), "{m}"),
+        other => panic!("expected the leaf limit, got {other:?}"),
+    }
+}
