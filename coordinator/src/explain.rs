@@ -9,6 +9,7 @@
 //! | `item` | what it shows |
 //! |---|---|
 //! | `query` | total ε and δ, R, S, the allocation rule and the suppression threshold |
+//! | `participant set` | each set of participants a subquery tests (`IN`, `EXISTS`, `INTERSECT`, `EXCEPT`), and where membership is decided |
 //! | `node request` | the exact typed request every node would receive (JSON) |
 //! | `statistic` | each noisy statistic: L1 sensitivity (and its formula), ε share, noise scale, expected 95% error; with partition selection, its threshold, ε and δ |
 //! | `output` | each aggregate the researcher asked for: its ε and expected 95% error |
@@ -274,6 +275,24 @@ pub fn explain_batch(
             },
         )),
     });
+    // Each participant set the filter or keys test: participant-local, so the
+    // sensitivities above are unchanged; each site decides membership from its own rows.
+    for set in q.request.participant_sets() {
+        rows.push(Row {
+            item: "participant set",
+            name: set.tables().join(", "),
+            sensitivity: None,
+            formula: None,
+            epsilon: None,
+            delta: None,
+            scale: None,
+            ci95: None,
+            detail: Some(format!(
+                "{}; decided at each site from the participant's own rows there (a participant at two sites is tested at each), so it changes no sensitivity",
+                set.describe()
+            )),
+        });
+    }
     let mut request = q.request.clone();
     request.query_id.clear();
     rows.push(Row {

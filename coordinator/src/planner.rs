@@ -391,6 +391,7 @@ impl Planner {
                 spec,
             },
             right: None,
+            catalog: &self.catalog,
         };
         let mut filters = src.filters.clone();
         let mut join = None;
@@ -643,6 +644,13 @@ impl Planner {
             max_rows_per_unit: spec.max_rows_per_unit,
             max_groups_per_unit: max_groups,
         };
+        let leaves = request.set_leaf_count();
+        if leaves > fedq_common::participant_set::MAX_SET_LEAVES {
+            return Err(refuse(format!(
+                "the query tests {leaves} participant subqueries; the limit is {}: combine conditions on the same table in one subquery (`pid IN (SELECT pid FROM diagnoses WHERE code IN ('E11', 'I10'))`)",
+                fedq_common::participant_set::MAX_SET_LEAVES
+            )));
+        }
         Ok(PlannedQuery {
             query_id: query_id.to_string(),
             sql: sql.to_string(),
@@ -931,7 +939,8 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
         | LogicalPlan::Distinct(_) => {
             if plan.expressions().iter().any(contains_subquery) {
                 return Err(refuse(
-                    "subqueries are not supported: each query reads one table with one aggregate",
+                    "subqueries are not supported above the aggregate (in the select list, HAVING or ORDER BY); \
+                     test the participant in WHERE instead: `WHERE pid IN (SELECT pid FROM <table> WHERE ...)`",
                 ));
             }
             let inputs = plan.inputs();
@@ -1007,11 +1016,9 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
             })
         }
         LogicalPlan::Filter(f) => {
-            if contains_subquery(&f.predicate) {
-                return Err(refuse(
-                    "subqueries are not supported: each query reads one table, or two joined on the privacy unit; filter with literals instead",
-                ));
-            }
+            // Subqueries in WHERE are translated with the rest of the filter: only those
+            // that test the participant against a participant set are accepted
+            // (`crate::cohort`).
             let mut s = source_below(&f.input)?;
             s.filters.push(f.predicate.clone());
             Ok(s)

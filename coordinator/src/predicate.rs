@@ -8,7 +8,7 @@
 
 use datafusion::common::{Column, ScalarValue};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
-use fedq_common::{BinaryOp, ColumnRef, ColumnType, Literal, Predicate, Side, TableSpec};
+use fedq_common::{BinaryOp, Catalog, ColumnRef, ColumnType, Literal, Predicate, Side, TableSpec};
 
 use crate::error::CoordinatorError;
 
@@ -34,18 +34,26 @@ pub struct Scope<'a> {
     pub left: Relation<'a>,
     /// The joined table, if any.
     pub right: Option<Relation<'a>>,
+    /// The catalog, for the tables of subqueries.
+    pub catalog: &'a Catalog,
 }
 
 impl<'a> Scope<'a> {
-    /// One table.
-    pub fn single(table: &'a str, spec: &'a TableSpec) -> Scope<'a> {
+    /// One table, whose columns the plan qualifies with `qualifier` (its alias or name).
+    pub fn single(
+        table: &'a str,
+        qualifier: &'a str,
+        spec: &'a TableSpec,
+        catalog: &'a Catalog,
+    ) -> Scope<'a> {
         Scope {
             left: Relation {
                 table,
-                qualifier: table,
+                qualifier,
                 spec,
             },
             right: None,
+            catalog,
         }
     }
 
@@ -267,9 +275,11 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 f.name()
             )))
         }
-        Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_) => {
+        Expr::InSubquery(s) => crate::cohort::in_subquery(&s.expr, &s.subquery, s.negated, scope)?,
+        Expr::Exists(s) => crate::cohort::exists(&s.subquery, s.negated, scope)?,
+        Expr::ScalarSubquery(_) => {
             return Err(refuse(
-                "subqueries are not supported: each query reads one table; filter with literals instead",
+                "scalar subqueries are not supported in WHERE: comparing a row with a value computed over other participants' rows makes one participant's result depend on the others'. Test the participant instead: `pid IN (SELECT pid FROM <table> WHERE ...)`",
             ))
         }
         Expr::AggregateFunction(_) => {

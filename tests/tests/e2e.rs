@@ -4,6 +4,7 @@
 mod accuracy;
 mod auth;
 mod bucketed_keys;
+mod cohorts;
 mod failures;
 mod faults;
 mod federation;

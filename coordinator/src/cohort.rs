@@ -1,0 +1,482 @@
+//! Participant sets from SQL subqueries: `IN`, `NOT IN`, `EXISTS`, `NOT EXISTS`,
+//! `INTERSECT`, `EXCEPT`, `UNION`, and `GROUP BY pid HAVING COUNT(*) >= k`.
+//!
+//! A subquery is accepted when it describes a set of participants decided from each
+//! participant's own rows ([`ParticipantSet`]): it must return the privacy unit of one
+//! catalog table (for `IN`), or be correlated on it and nothing else (for `EXISTS`).
+//! Anything that compares one participant's rows with another's is refused with a message
+//! saying why and what to write instead. The node checks the same set against the same
+//! catalog ([`ParticipantSet::check`]).
+
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{
+    Aggregate, BinaryExpr, Expr, JoinType, LogicalPlan, Operator, Subquery,
+};
+use fedq_common::participant_set::MAX_SET_LEAVES;
+use fedq_common::{ParticipantSet, Predicate, Side};
+
+use crate::error::CoordinatorError;
+use crate::predicate::{to_predicate, Scope};
+
+fn refuse(msg: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Refused(msg.into())
+}
+
+/// What to write instead of a subquery fedq cannot answer.
+const WRITE_INSTEAD: &str = "write `pid IN (SELECT pid FROM <table> WHERE ...)`, `[NOT] EXISTS (SELECT 1 FROM <table> t WHERE t.pid = <outer>.pid AND ...)`, or combine such sets with INTERSECT, EXCEPT and UNION";
+
+/// `expr [NOT] IN (subquery)`: `expr` must be the participant of a table of `scope`.
+pub fn in_subquery(
+    expr: &Expr,
+    subquery: &Subquery,
+    negated: bool,
+    scope: &Scope<'_>,
+) -> Result<Predicate, CoordinatorError> {
+    let side = unit_side(expr, scope).ok_or_else(|| {
+        refuse(format!(
+            "`{expr} IN (subquery)` compares a value with other participants' rows; only the participant (the privacy unit) may be tested against a subquery, since a participant's result must depend on their own rows only: {WRITE_INSTEAD}"
+        ))
+    })?;
+    if !subquery.outer_ref_columns.is_empty() {
+        return Err(refuse(format!(
+            "a correlated `IN` subquery is not supported; {WRITE_INSTEAD}"
+        )));
+    }
+    let set = set_of(&subquery.subquery, scope)?;
+    finish(side, set, negated, scope)
+}
+
+/// `[NOT] EXISTS (subquery)`: the subquery must be correlated on the participant only.
+pub fn exists(
+    subquery: &Subquery,
+    negated: bool,
+    scope: &Scope<'_>,
+) -> Result<Predicate, CoordinatorError> {
+    let mut plan = subquery.subquery.as_ref();
+    // The select list of EXISTS does not matter; neither does DISTINCT.
+    loop {
+        plan = match plan {
+            LogicalPlan::Projection(p) => p.input.as_ref(),
+            LogicalPlan::Distinct(d) => d.input().as_ref(),
+            LogicalPlan::SubqueryAlias(_) | LogicalPlan::Filter(_) | LogicalPlan::TableScan(_) => {
+                break
+            }
+            other => {
+                return Err(refuse(format!(
+                    "EXISTS over {} is not supported; {WRITE_INSTEAD}",
+                    other.display()
+                )))
+            }
+        };
+    }
+    let mut filters = Vec::new();
+    let mut inner = plan;
+    while let LogicalPlan::Filter(f) = inner {
+        filters.push(&f.predicate);
+        inner = f.input.as_ref();
+    }
+    let (table, qualifier) = scan(inner)?;
+    let spec = table_spec(scope, &table)?;
+    let mut conjuncts = Vec::new();
+    for f in filters {
+        split_and(f, &mut conjuncts);
+    }
+    let mut side = None;
+    let mut rest = Vec::new();
+    for c in conjuncts {
+        match correlation(c, scope, &spec.privacy_unit) {
+            Some(s) if side.is_none() => side = Some(s),
+            _ => rest.push(c),
+        }
+    }
+    let Some(side) = side else {
+        return Err(refuse(format!(
+            "EXISTS must be correlated on the participant, e.g. `EXISTS (SELECT 1 FROM {table} t WHERE t.{} = <outer table>.<its participant column> AND ...)`; without it, it asks whether anybody at the site has such a row",
+            spec.privacy_unit
+        )));
+    };
+    let inner_scope = Scope::single(&table, &qualifier, spec, scope.catalog);
+    let filter = conjoin(&rest, &inner_scope)?;
+    let set = ParticipantSet::Rows {
+        table,
+        filter,
+        min_rows: 1,
+    };
+    finish(side, set, negated, scope)
+}
+
+fn finish(
+    side: Side,
+    set: ParticipantSet,
+    negated: bool,
+    scope: &Scope<'_>,
+) -> Result<Predicate, CoordinatorError> {
+    set.check(scope.catalog).map_err(|e| refuse(e.0))?;
+    if set.leaf_count() > MAX_SET_LEAVES {
+        return Err(refuse(format!(
+            "the query tests {} participant subqueries; the limit is {MAX_SET_LEAVES}",
+            set.leaf_count()
+        )));
+    }
+    Ok(Predicate::InSet {
+        side,
+        set: Box::new(set),
+        negated,
+    })
+}
+
+/// The side whose privacy unit `e` is, if it is one.
+fn unit_side(e: &Expr, scope: &Scope<'_>) -> Option<Side> {
+    let Expr::Column(c) = strip(e) else {
+        return None;
+    };
+    let (side, rel) = scope.resolve(c).ok()?;
+    (rel.spec.privacy_unit == c.name).then_some(side)
+}
+
+/// `outer.unit = inner.unit` (either way round): the outer side it correlates.
+fn correlation(e: &Expr, scope: &Scope<'_>, inner_unit: &str) -> Option<Side> {
+    let Expr::BinaryExpr(BinaryExpr {
+        left,
+        op: Operator::Eq,
+        right,
+    }) = e
+    else {
+        return None;
+    };
+    let pair = |o: &Expr, i: &Expr| match (strip(o), strip(i)) {
+        (Expr::OuterReferenceColumn(_, oc), Expr::Column(ic)) if ic.name == inner_unit => {
+            unit_side(&Expr::Column(oc.clone()), scope)
+        }
+        _ => None,
+    };
+    pair(left, right).or_else(|| pair(right, left))
+}
+
+fn strip(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip(&a.expr),
+        Expr::Cast(c) => strip(&c.expr),
+        other => other,
+    }
+}
+
+fn split_and<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) => {
+            split_and(left, out);
+            split_and(right, out);
+        }
+        other => out.push(other),
+    }
+}
+
+/// The conjunction of `filters` as one wire predicate, refusing any outer reference.
+fn conjoin(filters: &[&Expr], scope: &Scope<'_>) -> Result<Option<Predicate>, CoordinatorError> {
+    let mut out: Option<Predicate> = None;
+    for f in filters {
+        let mut outer = false;
+        let _ = datafusion::common::tree_node::TreeNode::apply(*f, |x| {
+            if matches!(x, Expr::OuterReferenceColumn(..)) {
+                outer = true;
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        if outer {
+            return Err(refuse(format!(
+                "a subquery may refer to the outer query only through the participant (`t.pid = outer.pid`); `{f}` compares the subquery's rows with the outer row, which is not a set of participants: {WRITE_INSTEAD}"
+            )));
+        }
+        let p = to_predicate(f, scope)?;
+        out = Some(match out {
+            None => p,
+            Some(prev) => Predicate::Binary {
+                op: fedq_common::BinaryOp::And,
+                left: Box::new(prev),
+                right: Box::new(p),
+            },
+        });
+    }
+    Ok(out)
+}
+
+fn table_spec<'a>(
+    scope: &Scope<'a>,
+    table: &str,
+) -> Result<&'a fedq_common::TableSpec, CoordinatorError> {
+    scope.catalog.table(table).ok_or_else(|| {
+        CoordinatorError::InvalidSql(format!("table `{table}` is not in the catalog"))
+    })
+}
+
+/// The catalog table and qualifier of a scan (under any aliases).
+fn scan(plan: &LogicalPlan) -> Result<(String, String), CoordinatorError> {
+    match plan {
+        LogicalPlan::TableScan(t) => {
+            if !t.filters.is_empty() || t.fetch.is_some() {
+                return Err(refuse("a subquery's scan cannot carry filters or a limit"));
+            }
+            let name = t.table_name.table().to_string();
+            Ok((name.clone(), name))
+        }
+        LogicalPlan::SubqueryAlias(a) => {
+            let (table, _) = scan(a.input.as_ref())?;
+            Ok((table, a.alias.table().to_string()))
+        }
+        other => Err(refuse(format!(
+            "a subquery over {} is not supported; {WRITE_INSTEAD}",
+            other.display()
+        ))),
+    }
+}
+
+/// A relation being read as a participant set.
+enum Rel<'p> {
+    /// Rows of a catalog table, with the filters over them and, once grouped by the
+    /// participant, the name of its `COUNT(*)` column and the `HAVING` bound on it.
+    Rows {
+        table: String,
+        qualifier: String,
+        filters: Vec<&'p Expr>,
+        grouped: Option<Grouped>,
+    },
+    /// Already one column of participant ids.
+    Set(ParticipantSet),
+}
+
+struct Grouped {
+    count_column: Option<String>,
+    min_rows: u32,
+}
+
+/// The participant set an uncorrelated subquery returns: it must return only the privacy
+/// unit of a catalog table (or sets of them combined with INTERSECT, EXCEPT and UNION).
+pub fn set_of(plan: &LogicalPlan, scope: &Scope<'_>) -> Result<ParticipantSet, CoordinatorError> {
+    match rel(plan, scope)? {
+        Rel::Set(s) => Ok(s),
+        Rel::Rows { table, .. } => Err(refuse(format!(
+            "the subquery over `{table}` must return only the participant column (`SELECT pid FROM {table} ...`); {WRITE_INSTEAD}"
+        ))),
+    }
+}
+
+fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, CoordinatorError> {
+    match plan {
+        LogicalPlan::TableScan(_) => {
+            let (table, qualifier) = scan(plan)?;
+            table_spec(scope, &table)?;
+            Ok(Rel::Rows {
+                table,
+                qualifier,
+                filters: Vec::new(),
+                grouped: None,
+            })
+        }
+        LogicalPlan::SubqueryAlias(a) => match rel(a.input.as_ref(), scope)? {
+            Rel::Rows {
+                table,
+                filters,
+                grouped,
+                ..
+            } => Ok(Rel::Rows {
+                table,
+                qualifier: a.alias.table().to_string(),
+                filters,
+                grouped,
+            }),
+            set => Ok(set),
+        },
+        LogicalPlan::Filter(f) => match rel(f.input.as_ref(), scope)? {
+            Rel::Rows {
+                table,
+                qualifier,
+                mut filters,
+                grouped: None,
+            } => {
+                filters.push(&f.predicate);
+                Ok(Rel::Rows {
+                    table,
+                    qualifier,
+                    filters,
+                    grouped: None,
+                })
+            }
+            Rel::Rows {
+                table,
+                qualifier,
+                filters,
+                grouped: Some(g),
+            } => {
+                let min_rows = having(&f.predicate, &g)?;
+                Ok(Rel::Rows {
+                    table,
+                    qualifier,
+                    filters,
+                    grouped: Some(Grouped {
+                        min_rows: g.min_rows.max(min_rows),
+                        ..g
+                    }),
+                })
+            }
+            Rel::Set(_) => Err(refuse(format!(
+                "a filter over a combination of participant sets is not supported; filter inside each subquery: {WRITE_INSTEAD}"
+            ))),
+        },
+        LogicalPlan::Aggregate(a) => grouped_by_unit(a, scope),
+        LogicalPlan::Distinct(d) => rel(d.input().as_ref(), scope),
+        LogicalPlan::Projection(p) => {
+            let input = rel(p.input.as_ref(), scope)?;
+            let [e] = p.expr.as_slice() else {
+                return Err(refuse(format!(
+                    "a participant subquery must return one column, the participant; {WRITE_INSTEAD}"
+                )));
+            };
+            match input {
+                Rel::Set(s) => Ok(Rel::Set(s)),
+                Rel::Rows {
+                    table,
+                    qualifier,
+                    filters,
+                    grouped,
+                } => {
+                    let spec = table_spec(scope, &table)?;
+                    let inner = Scope::single(&table, &qualifier, spec, scope.catalog);
+                    if unit_side(e, &inner).is_none() {
+                        return Err(refuse(format!(
+                            "the subquery over `{table}` returns `{e}`; a participant subquery must return the participant column `{}`: {WRITE_INSTEAD}",
+                            spec.privacy_unit
+                        )));
+                    }
+                    let filter = conjoin(&filters, &inner)?;
+                    Ok(Rel::Set(ParticipantSet::Rows {
+                        table,
+                        filter,
+                        min_rows: grouped.map_or(1, |g| g.min_rows),
+                    }))
+                }
+            }
+        }
+        LogicalPlan::Union(u) => {
+            let mut sets = u
+                .inputs
+                .iter()
+                .map(|i| set_of(i.as_ref(), scope))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter();
+            let first = sets
+                .next()
+                .ok_or_else(|| refuse("an empty UNION is not a participant set"))?;
+            Ok(Rel::Set(sets.fold(first, |l, r| ParticipantSet::Union {
+                left: Box::new(l),
+                right: Box::new(r),
+            })))
+        }
+        LogicalPlan::Join(j)
+            if matches!(j.join_type, JoinType::LeftSemi | JoinType::LeftAnti)
+                && j.on.len() == 1
+                && j.filter.is_none() =>
+        {
+            let left = Box::new(set_of(j.left.as_ref(), scope)?);
+            let right = Box::new(set_of(j.right.as_ref(), scope)?);
+            Ok(Rel::Set(if j.join_type == JoinType::LeftSemi {
+                ParticipantSet::Intersect { left, right }
+            } else {
+                ParticipantSet::Except { left, right }
+            }))
+        }
+        other => Err(refuse(format!(
+            "a subquery with {} is not supported as a participant set; {WRITE_INSTEAD}",
+            other.display()
+        ))),
+    }
+}
+
+/// `GROUP BY pid` (with `COUNT(*)` at most) over a table's rows.
+fn grouped_by_unit<'p>(a: &'p Aggregate, scope: &Scope<'_>) -> Result<Rel<'p>, CoordinatorError> {
+    let Rel::Rows {
+        table,
+        qualifier,
+        filters,
+        grouped: None,
+    } = rel(a.input.as_ref(), scope)?
+    else {
+        return Err(refuse(format!(
+            "a GROUP BY over a combination of participant sets is not supported; {WRITE_INSTEAD}"
+        )));
+    };
+    let spec = table_spec(scope, &table)?;
+    let inner = Scope::single(&table, &qualifier, spec, scope.catalog);
+    let by_unit = matches!(a.group_expr.as_slice(), [g] if unit_side(g, &inner).is_some());
+    if !by_unit {
+        return Err(refuse(format!(
+            "a GROUP BY inside a participant subquery must group by the participant only (`GROUP BY {}`); {WRITE_INSTEAD}",
+            spec.privacy_unit
+        )));
+    }
+    let count_column = match a.aggr_expr.as_slice() {
+        [] => None,
+        [e] if is_count_rows(e) => Some(a.schema.field(1).name().clone()),
+        _ => {
+            return Err(refuse(
+                "a participant subquery grouped by the participant may only test `HAVING COUNT(*) >= k`; other per-participant aggregates are not supported yet",
+            ))
+        }
+    };
+    Ok(Rel::Rows {
+        table,
+        qualifier,
+        filters,
+        grouped: Some(Grouped {
+            count_column,
+            min_rows: 1,
+        }),
+    })
+}
+
+fn is_count_rows(e: &Expr) -> bool {
+    let Expr::AggregateFunction(f) = strip(e) else {
+        return false;
+    };
+    f.func.name() == "count"
+        && !f.params.distinct
+        && f.params.filter.is_none()
+        && matches!(f.params.args.as_slice(), [Expr::Literal(v, _)] if !v.is_null())
+}
+
+/// `HAVING COUNT(*) >= k` (or `> k`, either way round): k.
+fn having(p: &Expr, g: &Grouped) -> Result<u32, CoordinatorError> {
+    let bad = || {
+        refuse("a participant subquery may only filter its groups with `HAVING COUNT(*) >= k` (or `> k`)")
+    };
+    let Some(count) = &g.count_column else {
+        return Err(bad());
+    };
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = strip(p) else {
+        return Err(bad());
+    };
+    let is_count = |e: &Expr| matches!(strip(e), Expr::Column(c) if &c.name == count);
+    let int = |e: &Expr| match strip(e) {
+        Expr::Literal(ScalarValue::Int64(Some(k)), _) => Some(*k),
+        Expr::Literal(v, _) => v
+            .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
+            .ok()
+            .and_then(|x| match x {
+                ScalarValue::Int64(k) => k,
+                _ => None,
+            }),
+        _ => None,
+    };
+    let k = match (is_count(left), is_count(right), op) {
+        (true, false, Operator::GtEq) => int(right),
+        (true, false, Operator::Gt) => int(right).map(|k| k.saturating_add(1)),
+        (false, true, Operator::LtEq) => int(left),
+        (false, true, Operator::Lt) => int(left).map(|k| k.saturating_add(1)),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(u32::try_from(k.max(1)).unwrap_or(u32::MAX))
+}

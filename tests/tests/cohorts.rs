@@ -1,0 +1,263 @@
+//! Cohorts: semi-joins and anti-joins on the participant (issue 14, part 2), end to end.
+//!
+//! - The pre-noise merged partials of each accepted shape (`IN`, `NOT IN`, `EXISTS`,
+//!   `NOT EXISTS`, `INTERSECT`, `EXCEPT`, `UNION`, `HAVING COUNT(*) >= k`, a set nested in
+//!   a set, a set with a join, a set as a `CASE` key) equal DataFusion over the union of
+//!   the site files, with membership decided per site (each subquery correlated on the
+//!   site as well as the participant). R is raised so that bounding truncates nothing.
+//! - Subqueries that are not participant sets are refused with a message that says why and
+//!   what to write instead.
+//! - A neighbouring pair through Flight SQL: two federations that differ in one participant
+//!   of the cohort answer a cohort count (a semi-join and an anti-join) at ε = 2 (the
+//!   policy's largest) within
+//!   the noise of each other: |a − b| ≤ Δ + 2t, where t is the discrete Laplace half-width
+//!   at 1e-12, so a spurious failure has probability below 2e-12.
+
+use fedq::federation::FederationOptions;
+use fedq_common::AggregateRequest;
+use fedq_coordinator::noise::discrete_laplace_half_width;
+use fedq_coordinator::planner::StatisticKind;
+use fedq_coordinator::CoordinatorError;
+use fedq_tests::{
+    copy_dir, exact_rows, merged_rows, remove_participant, set_rows_per_unit, site_context, start,
+    synth,
+};
+
+/// The participant of a row, told apart per site (membership is decided per site).
+const P: &str = "p.pid || '#' || CAST(p.fedq_site AS VARCHAR)";
+
+fn keyed(table_alias: &str) -> String {
+    format!("{table_alias}.pid || '#' || CAST({table_alias}.fedq_site AS VARCHAR)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 2500, 61);
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let d = keyed("d");
+    let l = keyed("l");
+    let v = keyed("v");
+    // (researcher's SQL, DataFusion's SQL with per-site membership, key count)
+    let shapes: Vec<(String, String, usize)> = vec![
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')".into(),
+            format!("SELECT COUNT(*) FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11')"),
+            0,
+        ),
+        (
+            "SELECT sex, COUNT(*) FROM participants WHERE pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10') GROUP BY sex".into(),
+            format!("SELECT p.sex, COUNT(*) FROM participants p WHERE {P} NOT IN (SELECT {d} FROM diagnoses d WHERE d.code = 'I10') GROUP BY p.sex"),
+            1,
+        ),
+        (
+            "SELECT sex, COUNT(*) FROM participants p WHERE EXISTS (SELECT 1 FROM diagnoses d WHERE d.pid = p.pid AND d.code LIKE 'E1%') GROUP BY sex".into(),
+            format!("SELECT p.sex, COUNT(*) FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code LIKE 'E1%') GROUP BY p.sex"),
+            1,
+        ),
+        (
+            "SELECT test, COUNT(*) FROM labs l WHERE NOT EXISTS (SELECT 1 FROM diagnoses d WHERE l.pid = d.pid AND d.code = 'E11') GROUP BY test".into(),
+            format!("SELECT l.test, COUNT(*) FROM labs l WHERE {l} NOT IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11') GROUP BY l.test"),
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11' INTERSECT SELECT pid FROM diagnoses WHERE code = 'I10')".into(),
+            format!("SELECT COUNT(*) FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11' INTERSECT SELECT {d} FROM diagnoses d WHERE d.code = 'I10')"),
+            0,
+        ),
+        (
+            "SELECT sex, COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11' EXCEPT SELECT pid FROM labs WHERE test = 'HbA1c') GROUP BY sex".into(),
+            format!("SELECT p.sex, COUNT(*) FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11' EXCEPT SELECT {l} FROM labs l WHERE l.test = 'HbA1c') GROUP BY p.sex"),
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'C50' UNION SELECT pid FROM variants WHERE gene = 'BRCA1')".into(),
+            format!("SELECT COUNT(*) FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'C50' UNION SELECT {v} FROM variants v WHERE v.gene = 'BRCA1')"),
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM labs WHERE test = 'HbA1c' GROUP BY pid HAVING COUNT(*) >= 3)".into(),
+            format!("SELECT COUNT(*) FROM participants p WHERE {P} IN (SELECT {l} FROM labs l WHERE l.test = 'HbA1c' GROUP BY l.pid, l.fedq_site HAVING COUNT(*) >= 3)"),
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'N18' AND pid IN (SELECT pid FROM labs WHERE test = 'creatinine'))".into(),
+            format!("SELECT COUNT(*) FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'N18' AND {d} IN (SELECT {l} FROM labs l WHERE l.test = 'creatinine'))"),
+            0,
+        ),
+        (
+            "SELECT p.sex, COUNT(*) FROM labs l JOIN participants p USING (pid) WHERE l.test = 'HbA1c' AND p.pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') GROUP BY p.sex".into(),
+            format!("SELECT p.sex, COUNT(*) FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site WHERE l.test = 'HbA1c' AND {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11') GROUP BY p.sex"),
+            1,
+        ),
+        (
+            "SELECT sex, COUNT(*) FROM participants WHERE birth_year < 1960 OR pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') GROUP BY sex".into(),
+            format!("SELECT p.sex, COUNT(*) FROM participants p WHERE p.birth_year < 1960 OR {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11') GROUP BY p.sex"),
+            1,
+        ),
+        (
+            "SELECT CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 'E11' ELSE 'other' END AS dm, \
+             COUNT(*) FROM participants GROUP BY 1".into(),
+            // DataFusion runs no subquery in a key: the same set as a left join.
+            format!("SELECT CASE WHEN e.k IS NOT NULL THEN 'E11' ELSE 'other' END, COUNT(*) FROM participants p \
+             LEFT JOIN (SELECT DISTINCT {d} AS k FROM diagnoses d WHERE d.code = 'E11') e ON {P} = e.k GROUP BY 1"),
+            1,
+        ),
+    ];
+    for (sql, want_sql, n_keys) in &shapes {
+        let q = engine
+            .plan("alice", sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(
+            !q.request.participant_sets().is_empty(),
+            "{sql}: a participant set"
+        );
+        let merged = engine
+            .gather(&q)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got = merged_rows(
+            &merged,
+            &q.request.aggregates,
+            &[AggregateRequest::CountRows],
+        );
+        let want = exact_rows(&ctx, want_sql, *n_keys).await;
+        assert!(!want.is_empty(), "{sql}");
+        assert!(want.values().all(|v| v[0] > 0), "{sql}: a non-empty cohort");
+        assert_eq!(got, want, "{sql}");
+    }
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subqueries_that_are_not_participant_sets_are_refused_with_what_to_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 1, 100, 7);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let eight: Vec<String> = (0..9)
+        .map(|i| format!("pid IN (SELECT pid FROM diagnoses WHERE code = 'X{i}')"))
+        .collect();
+    let refused: Vec<(String, &str)> = vec![
+        (
+            "SELECT COUNT(*) FROM diagnoses WHERE code IN (SELECT code FROM diagnoses WHERE diagnosed_on < DATE '2010-01-01')".into(),
+            "only the participant (the privacy unit) may be tested against a subquery",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE EXISTS (SELECT 1 FROM diagnoses WHERE code = 'E11')".into(),
+            "EXISTS must be correlated on the participant",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p WHERE EXISTS (SELECT 1 FROM diagnoses d WHERE d.pid = p.pid AND d.diagnosed_on > p.enrolled_on)".into(),
+            "may refer to the outer query only through the participant",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT code FROM diagnoses)".into(),
+            "must return the participant column `pid`",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses GROUP BY pid HAVING MAX(diagnosed_on) > DATE '2020-01-01')".into(),
+            "HAVING COUNT(*) >= k",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses GROUP BY pid, code)".into(),
+            "must group by the participant only",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11' LIMIT 10)".into(),
+            "is not supported as a participant set",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants WHERE birth_year > (SELECT AVG(birth_year) FROM participants)".into(),
+            "scalar subqueries are not supported in WHERE",
+        ),
+        (
+            format!("SELECT COUNT(*) FROM participants WHERE {}", eight.join(" AND ")),
+            "the limit is 8",
+        ),
+    ];
+    for (sql, why) in &refused {
+        match engine.plan("alice", sql).await {
+            Err(CoordinatorError::Refused(m)) | Err(CoordinatorError::InvalidSql(m)) => {
+                assert!(
+                    m.contains(why),
+                    "{sql}\n  refused with: {m}\n  expected: {why}"
+                );
+            }
+            Err(e) => panic!("{sql}: unexpected error {e}"),
+            Ok(q) => panic!("{sql}: accepted as {:?}", q.request.filter),
+        }
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// Two federations identical but for one participant in the cohort (with a diagnosis of
+/// E11 and no I10 at their site): the cohort count, released at ε = 2 on each, differs by
+/// at most the sensitivity plus the two noises' half-widths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cohort_count_on_neighbouring_federations_differs_only_within_the_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    synth(&a, 2, 600, 17);
+    copy_dir(&a, &b);
+    let sql = "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') \
+               AND pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10')";
+    // A participant of the cohort in `a`, found with DataFusion over the site files.
+    let ctx = site_context(&a).await;
+    let d = keyed("d");
+    let rows = ctx
+        .sql(&format!(
+            "SELECT p.pid FROM participants p WHERE {P} IN (SELECT {d} FROM diagnoses d WHERE d.code = 'E11') \
+             AND {P} NOT IN (SELECT {d} FROM diagnoses d WHERE d.code = 'I10') ORDER BY p.pid LIMIT 1"
+        ))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let pid = fedq_tests::key(&rows[0], 0, 0);
+    assert!(
+        remove_participant(&b, &pid) > 0,
+        "the neighbour lacks {pid}"
+    );
+
+    let mut released = Vec::new();
+    let mut bound = 0.0;
+    for dir in [&a, &b] {
+        let fed = fedq::federation::LocalFederation::start(
+            dir,
+            FederationOptions {
+                min_reported_count: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let engine = fed.coordinator.engine.clone();
+        let q = engine.plan("alice", sql).await.unwrap();
+        let st = &q.statistics[0];
+        assert!(matches!(st.kind, StatisticKind::Count { .. }));
+        let scale = st.sensitivity as f64 / st.epsilon.to_f64().value() * (q.epsilon / 2.0);
+        bound = discrete_laplace_half_width(scale, 1e-12);
+        let delta = st.sensitivity as f64;
+        let mut alice = fed.client("alice").await.unwrap();
+        alice.query("SET fedq.epsilon = 2").await.unwrap();
+        let r = alice.query(sql).await.unwrap();
+        let n = fedq_tests::cell(&r.batches[0], 0, 0).expect("a count");
+        released.push((n, delta));
+        fed.shutdown().await.unwrap();
+    }
+    let (na, delta) = released[0];
+    let (nb, _) = released[1];
+    assert!(
+        (na - nb).abs() <= delta + 2.0 * bound,
+        "released {na} and {nb}: more apart than Δ = {delta} plus twice the noise bound {bound}"
+    );
+}
