@@ -56,6 +56,14 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
          FROM labs l JOIN participants p USING (pid) WHERE l.test = 'HbA1c' GROUP BY 1 ORDER BY cohort",
     ),
     (
+        "Diabetes (E11) but never hypertension (I10), by sex: a cohort of IN / NOT IN subqueries. \
+         Each hospital decides membership from its own rows, so a patient with I10 recorded at \
+         another hospital still counts here: the exact answer below decides it over all hospitals",
+        "SELECT sex, COUNT(*) AS patients FROM participants \
+         WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') \
+         AND pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10') GROUP BY sex ORDER BY sex",
+    ),
+    (
         "Stored serum and plasma volume",
         "SELECT kind, SUM(volume_ml) AS total_ml FROM specimens WHERE status = 'stored' AND kind IN ('serum', 'plasma') GROUP BY kind ORDER BY kind",
     ),

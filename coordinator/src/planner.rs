@@ -1963,8 +1963,8 @@ columns = [
         .await;
         refused("SELECT COUNT(*) OVER () FROM labs", "window").await;
         refused(
-            "SELECT COUNT(*) FROM labs WHERE pid IN (SELECT pid FROM participants)",
-            "subqueries",
+            "SELECT COUNT(*) FROM labs WHERE value > (SELECT AVG(value) FROM labs)",
+            "scalar subqueries are not supported",
         )
         .await;
         refused(
