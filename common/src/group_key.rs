@@ -51,6 +51,17 @@ pub enum GroupKey {
     },
     /// `date_part(field, column)` of a date column, as an integer.
     DatePart { field: DateField, column: ColumnRef },
+    /// A condition that is never NULL (`pid IN (SELECT pid FROM …)`, `x IS NULL`, and
+    /// `NOT`/`AND`/`OR` of such, see [`Predicate::never_null`]), as a boolean key: its
+    /// domain is {true, false}, and every row is in one of the two groups.
+    Condition { when: Predicate },
+    /// A column whose values the query lists (`WHERE code IN ('C50', 'C34') GROUP BY
+    /// code`): the list comes from the query text, so it is the key's public domain, even
+    /// for a column the catalog gives none. Exactly the listed groups are released.
+    Listed {
+        column: ColumnRef,
+        values: Vec<PublicValue>,
+    },
 }
 
 /// One `WHEN … THEN …` of a [`GroupKey::Case`].
@@ -130,9 +141,10 @@ impl GroupKey {
     pub fn column(&self) -> Option<&ColumnRef> {
         match self {
             GroupKey::Column { column }
+            | GroupKey::Listed { column, .. }
             | GroupKey::IntBucket { column, .. }
             | GroupKey::DatePart { column, .. } => Some(column),
-            GroupKey::Case { .. } => None,
+            GroupKey::Case { .. } | GroupKey::Condition { .. } => None,
         }
     }
 
@@ -140,7 +152,7 @@ impl GroupKey {
     /// `CASE` (its labels), Int64 for buckets and date parts.
     pub fn output_type(&self, column: Option<&ColumnSpec>) -> Result<ColumnType, KeyError> {
         match self {
-            GroupKey::Column { .. } => column
+            GroupKey::Column { .. } | GroupKey::Listed { .. } => column
                 .map(|c| c.ty)
                 .ok_or_else(|| KeyError("the key's column is not in the catalog".into())),
             GroupKey::Case { .. } => Ok(match self.case_labels()?.first() {
@@ -148,6 +160,7 @@ impl GroupKey {
                 _ => ColumnType::Int64,
             }),
             GroupKey::IntBucket { .. } | GroupKey::DatePart { .. } => Ok(ColumnType::Int64),
+            GroupKey::Condition { .. } => Ok(ColumnType::Boolean),
         }
     }
 
@@ -157,6 +170,7 @@ impl GroupKey {
             GroupKey::Case { branches, .. } => {
                 branches.iter().map(|b| b.when.node_count() + 1).sum()
             }
+            GroupKey::Condition { when } => when.node_count() + 1,
             _ => 0,
         }
     }
@@ -165,6 +179,7 @@ impl GroupKey {
     pub fn predicates(&self) -> Vec<&Predicate> {
         match self {
             GroupKey::Case { branches, .. } => branches.iter().map(|b| &b.when).collect(),
+            GroupKey::Condition { when } => vec![when],
             _ => Vec::new(),
         }
     }
@@ -175,6 +190,7 @@ impl GroupKey {
             GroupKey::Case { branches, .. } => {
                 branches.iter().map(|b| b.when.depth()).max().unwrap_or(0)
             }
+            GroupKey::Condition { when } => when.depth(),
             _ => 0,
         }
     }
@@ -242,7 +258,44 @@ impl GroupKey {
                     None => KeyDomain::Open,
                 })
             }
+            GroupKey::Listed { values, .. } => {
+                let c = need("GROUP BY")?;
+                if values.is_empty() || values.len() > MAX_DERIVED_DOMAIN {
+                    return Err(KeyError(format!(
+                        "a listed key needs 1 to {MAX_DERIVED_DOMAIN} values, not {}",
+                        values.len()
+                    )));
+                }
+                for v in values {
+                    let fits = matches!(
+                        (v, c.ty),
+                        (PublicValue::Text(_), ColumnType::Utf8)
+                            | (PublicValue::Int(_), ColumnType::Int32 | ColumnType::Int64)
+                            | (PublicValue::Bool(_), ColumnType::Boolean)
+                    );
+                    if !fits {
+                        return Err(KeyError(format!(
+                            "the listed value {v} is not a value of `{}` ({})",
+                            c.name, c.ty
+                        )));
+                    }
+                }
+                Ok(KeyDomain::Public(dedup(values.iter().cloned())))
+            }
             GroupKey::Case { .. } => Ok(KeyDomain::Public(self.case_labels()?)),
+            GroupKey::Condition { when } => {
+                if !when.never_null() {
+                    return Err(KeyError(
+                        "a condition used as a key may be NULL on some rows, which would form a group the results cannot show; \
+                         write CASE WHEN <condition> THEN 'yes' ELSE 'no' END"
+                            .into(),
+                    ));
+                }
+                Ok(KeyDomain::Public(vec![
+                    PublicValue::Bool(false),
+                    PublicValue::Bool(true),
+                ]))
+            }
             GroupKey::IntBucket {
                 divisor,
                 multiplier,
@@ -530,5 +583,33 @@ mod tests {
             r#"{"key":"column","column":{"name":"sex"},"sql":"x"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_listed_key_releases_its_values_and_refuses_values_of_another_type() {
+        let code = ColumnSpec {
+            name: "code".into(),
+            ty: ColumnType::Utf8,
+            ..int_col(None, None)
+        };
+        let key = |values: Vec<PublicValue>| GroupKey::Listed {
+            column: ColumnRef::left("code"),
+            values,
+        };
+        let t = |s: &str| PublicValue::Text(s.into());
+        assert_eq!(
+            key(vec![t("C50"), t("E11"), t("C50")]).domain(Some(&code)),
+            Ok(KeyDomain::Public(vec![t("C50"), t("E11")]))
+        );
+        assert!(key(vec![]).domain(Some(&code)).is_err());
+        let err = key(vec![t("C50"), PublicValue::Int(3)])
+            .domain(Some(&code))
+            .unwrap_err();
+        assert!(err.0.contains("not a value of `code`"), "{err}");
+        let json = serde_json::to_string(&key(vec![t("C50")])).unwrap();
+        assert_eq!(
+            serde_json::from_str::<GroupKey>(&json).unwrap(),
+            key(vec![t("C50")])
+        );
     }
 }

@@ -18,7 +18,8 @@ pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 /// selection (`max_groups_per_unit`); a v2 node would refuse either as a malformed ticket,
 /// so the bump turns that into a clear version mismatch.
 /// v4: group keys are [`GroupKey`]s: columns, `CASE` labels, integer buckets and date parts.
-/// v5: filters and `CASE` keys may test [`ParticipantSet`]s ([`Predicate::InSet`]).
+/// v5: filters and `CASE` keys may test [`ParticipantSet`]s ([`Predicate::InSet`]), and a
+/// key may be a column with the values the query lists ([`GroupKey::Listed`]).
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest ticket a node accepts, in bytes.
@@ -383,6 +384,26 @@ impl Predicate {
                 input, low, high, ..
             } => vec![input, low, high],
             Predicate::InSet { set, .. } => set.filters(),
+        }
+    }
+
+    /// Whether it is never NULL, whatever the row: a participant-set test, `IS [NOT]
+    /// NULL`, a boolean literal, and `NOT`/`AND`/`OR` of such.
+    pub fn never_null(&self) -> bool {
+        match self {
+            Predicate::InSet { .. } | Predicate::IsNull { .. } | Predicate::IsNotNull { .. } => {
+                true
+            }
+            Predicate::Literal {
+                value: Literal::Boolean(_),
+            } => true,
+            Predicate::Not { input } => input.never_null(),
+            Predicate::Binary {
+                op: BinaryOp::And | BinaryOp::Or,
+                left,
+                right,
+            } => left.never_null() && right.never_null(),
+            _ => false,
         }
     }
 

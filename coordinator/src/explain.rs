@@ -224,6 +224,8 @@ pub fn explain_batch(
             .map(|g| {
                 let how = match &g.key {
                     fedq_common::GroupKey::Column { .. } => "public values",
+                    fedq_common::GroupKey::Listed { .. } => "values listed in the WHERE",
+                    fedq_common::GroupKey::Condition { .. } => "truth values of the condition",
                     fedq_common::GroupKey::Case { .. } => "CASE labels",
                     fedq_common::GroupKey::IntBucket { .. } => "buckets of the column's bounds",
                     fedq_common::GroupKey::DatePart { .. } => "calendar values",

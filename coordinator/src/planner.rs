@@ -430,11 +430,32 @@ impl Planner {
         let mut open_keys: Vec<(String, String)> = Vec::new();
         for g in &agg.group_expr {
             let g = strip_alias(g);
-            let (key, label, col) = group_key(g, &scope, spec)?;
+            let (mut key, label, col) = group_key(g, &scope, spec)?;
+            // A column without a public domain that the WHERE restricts to listed literals
+            // (`code IN ('C50', 'C34')`): the list is in the query text, so it is public, and
+            // exactly those groups are released, without partition selection.
+            if let (fedq_common::GroupKey::Column { column }, Some(c)) = (&key, col) {
+                if c.public_values.is_none() {
+                    if let Some(values) = filters
+                        .iter()
+                        .find_map(|f| literal_set(f, column, &scope))
+                        .and_then(|set| listed_values(&set, c.ty))
+                    {
+                        key = fedq_common::GroupKey::Listed {
+                            column: column.clone(),
+                            values,
+                        };
+                    }
+                }
+            }
             let ty = key
                 .output_type(col)
                 .map_err(|e| refuse(format!("GROUP BY `{label}`: {}", e.0)))?;
-            if let (fedq_common::GroupKey::Column { .. }, Some(c)) = (&key, col) {
+            if let (
+                fedq_common::GroupKey::Column { .. } | fedq_common::GroupKey::Listed { .. },
+                Some(c),
+            ) = (&key, col)
+            {
                 if !matches!(
                     c.ty,
                     ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
@@ -841,6 +862,23 @@ fn group_key<'s>(
                 None,
             ))
         }
+        // A boolean key (`GROUP BY pid IN (SELECT …)`): accepted when it can never be NULL
+        // (`GroupKey::domain` checks), so its groups are exactly true and false.
+        Expr::InSubquery(_)
+        | Expr::Exists(_)
+        | Expr::IsNull(_)
+        | Expr::IsNotNull(_)
+        | Expr::Not(_)
+        | Expr::BinaryExpr(BinaryExpr {
+            op: Operator::And | Operator::Or,
+            ..
+        }) => Ok((
+            fedq_common::GroupKey::Condition {
+                when: to_predicate(g, scope)?,
+            },
+            label,
+            None,
+        )),
         Expr::ScalarFunction(f) if f.name() == "date_part" => {
             let [field, arg] = f.args.as_slice() else {
                 return Err(unsupported());
@@ -1770,6 +1808,37 @@ fn literal_set(f: &Expr, key: &ColumnRef, scope: &Scope) -> Option<Vec<ScalarVal
         }
         _ => None,
     }
+}
+
+/// The literals of a `WHERE` list as the values of a column of type `ty`, deduplicated
+/// and without NULL (a NULL key is in no group); `None` if one is not such a value, or if
+/// there are none or more than `MAX_DERIVED_DOMAIN`.
+fn listed_values(set: &[ScalarValue], ty: ColumnType) -> Option<Vec<PublicValue>> {
+    let mut out: Vec<PublicValue> = Vec::new();
+    for s in set.iter().filter(|s| !s.is_null()) {
+        let v = match (s, ty) {
+            (
+                ScalarValue::Utf8(Some(t))
+                | ScalarValue::Utf8View(Some(t))
+                | ScalarValue::LargeUtf8(Some(t)),
+                ColumnType::Utf8,
+            ) => PublicValue::Text(t.clone()),
+            (ScalarValue::Boolean(Some(b)), ColumnType::Boolean) => PublicValue::Bool(*b),
+            (s, ColumnType::Int32 | ColumnType::Int64) => {
+                match crate::predicate::literal(s).ok()? {
+                    Literal::Int64(i) if ty == ColumnType::Int64 || i32::try_from(i).is_ok() => {
+                        PublicValue::Int(i)
+                    }
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    (!out.is_empty() && out.len() <= fedq_common::group_key::MAX_DERIVED_DOMAIN).then_some(out)
 }
 
 /// Whether public value `v` equals literal `s` (text, integer or boolean).

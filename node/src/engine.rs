@@ -815,7 +815,7 @@ impl NodeEngine {
         let mut n_groups: usize = 1;
         for (i, g) in req.group_by.iter().enumerate() {
             let gname = match g {
-                GroupKey::Column { column } => column.to_string(),
+                GroupKey::Column { column } | GroupKey::Listed { column, .. } => column.to_string(),
                 _ => format!("key{i}"),
             };
             if req.group_by[..i].contains(g) {
@@ -833,7 +833,7 @@ impl NodeEngine {
                 }
                 None => None,
             };
-            if let (GroupKey::Column { .. }, Some(c)) = (g, col_spec) {
+            if let (GroupKey::Column { .. } | GroupKey::Listed { .. }, Some(c)) = (g, col_spec) {
                 if !matches!(
                     c.ty,
                     ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
@@ -851,7 +851,9 @@ impl NodeEngine {
             let ty = g.output_type(col_spec).map_err(key_err)?;
             let domain = g.domain(col_spec).map_err(key_err)?;
             let item = match g {
-                GroupKey::Column { column } => ProjItem::Col(column.clone()),
+                GroupKey::Column { column } | GroupKey::Listed { column, .. } => {
+                    ProjItem::Col(column.clone())
+                }
                 _ => ProjItem::Key(filter::group_key_expr(g, &scope, g.clamp_range(col_spec))?),
             };
             if max_groups.is_some() {

@@ -157,7 +157,11 @@ pub(crate) fn group_key_expr(
         invalid(format!("the group key could not be built: {e}"))
     };
     match key {
-        GroupKey::Column { column } => Ok(scope.column(column.side, &column.name, "GROUP BY")?.0),
+        GroupKey::Column { column } | GroupKey::Listed { column, .. } => {
+            Ok(scope.column(column.side, &column.name, "GROUP BY")?.0)
+        }
+        // Never NULL (checked by `GroupKey::domain`), so every row is true or false.
+        GroupKey::Condition { when } => translate(when, scope),
         GroupKey::Case {
             branches,
             otherwise,

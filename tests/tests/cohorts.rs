@@ -2,9 +2,11 @@
 //!
 //! - The pre-noise merged partials of each accepted shape (`IN`, `NOT IN`, `EXISTS`,
 //!   `NOT EXISTS`, `INTERSECT`, `EXCEPT`, `UNION`, `HAVING COUNT(*) >= k`, a set nested in
-//!   a set, a set with a join, a set as a `CASE` key) equal DataFusion over the union of
+//!   a set, a set with a join, a set in a `CASE` key and as a boolean key) equal DataFusion over the union of
 //!   the site files, with membership decided per site (each subquery correlated on the
 //!   site as well as the participant). R is raised so that bounding truncates nothing.
+//! - A literal list is a public domain: `WHERE code IN (...) GROUP BY code` releases
+//!   exactly the listed codes, without partition selection, and its partials are exact.
 //! - Subqueries that are not participant sets are refused with a message that says why and
 //!   what to write instead.
 //! - A neighbouring pair through Flight SQL: two federations that differ in one participant
@@ -104,6 +106,13 @@ async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_sit
              COUNT(*) FROM participants GROUP BY 1".into(),
             // DataFusion runs no subquery in a key: the same set as a left join.
             format!("SELECT CASE WHEN e.k IS NOT NULL THEN 'E11' ELSE 'other' END, COUNT(*) FROM participants p \
+             LEFT JOIN (SELECT DISTINCT {d} AS k FROM diagnoses d WHERE d.code = 'E11') e ON {P} = e.k GROUP BY 1"),
+            1,
+        ),
+        (
+            "SELECT pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') AS e11, COUNT(*) FROM participants GROUP BY 1"
+                .into(),
+            format!("SELECT e.k IS NOT NULL, COUNT(*) FROM participants p \
              LEFT JOIN (SELECT DISTINCT {d} AS k FROM diagnoses d WHERE d.code = 'E11') e ON {P} = e.k GROUP BY 1"),
             1,
         ),
@@ -260,4 +269,47 @@ async fn a_cohort_count_on_neighbouring_federations_differs_only_within_the_nois
         (na - nb).abs() <= delta + 2.0 * bound,
         "released {na} and {nb}: more apart than Δ = {delta} plus twice the noise bound {bound}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_literal_list_in_where_is_the_released_domain_of_a_key_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1500, 23);
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let sql = "SELECT code, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses \
+               WHERE code IN ('C50', 'E11', 'NOPE') GROUP BY code ORDER BY code";
+    let q = engine.plan("alice", sql).await.unwrap();
+    assert!(q.selection.is_none(), "no partition selection, no δ");
+    assert_eq!(q.delta, 0.0);
+    let listed: Vec<String> = q.groups[0].domain.iter().map(|v| v.to_string()).collect();
+    assert_eq!(listed, ["C50", "E11", "NOPE"]);
+    let merged = engine.gather(&q).await.unwrap();
+    let got = merged_rows(
+        &merged,
+        &q.request.aggregates,
+        &[AggregateRequest::CountRows, AggregateRequest::CountUnits],
+    );
+    let want = exact_rows(
+        &ctx,
+        "SELECT code, COUNT(*), CAST(COUNT(DISTINCT pid || '#' || CAST(fedq_site AS VARCHAR)) AS BIGINT) \
+         FROM diagnoses WHERE code IN ('C50', 'E11', 'NOPE') GROUP BY code",
+        1,
+    )
+    .await;
+    assert_eq!(want.len(), 2, "C50 and E11 exist, NOPE does not");
+    assert_eq!(got, want);
+    // Through Flight SQL every listed code is released, the empty one as noise.
+    let mut alice = fed.client("alice").await.unwrap();
+    let r = alice.query(sql).await.unwrap();
+    let codes: Vec<String> = r
+        .batches
+        .iter()
+        .flat_map(|b| (0..b.num_rows()).map(move |i| fedq_tests::key(b, 0, i)))
+        .collect();
+    assert_eq!(codes, ["C50", "E11", "NOPE"]);
+    fed.shutdown().await.unwrap();
 }

@@ -248,12 +248,19 @@ fn the_planner_never_panics_and_never_plans_rows() {
                 "", " WHERE value > 5", " WHERE CAST(value AS INT) = 1", " WHERE 10 / value > 1",
                 " WHERE test IN ('HbA1c', 'LDL')", " WHERE NOT (value IS NULL) AND value < 1e300",
                 " WHERE pid = 'p0000001'", " WHERE TRY_CAST(value AS INT) = 3",
+                " WHERE pid IN (SELECT pid FROM participants WHERE sex = 'F')",
+                " WHERE pid NOT IN (SELECT pid FROM labs GROUP BY pid HAVING COUNT(*) >= 2)",
+                " WHERE EXISTS (SELECT 1 FROM participants p WHERE p.pid = labs.pid)",
+                " WHERE pid IN (SELECT pid FROM labs INTERSECT SELECT pid FROM participants)",
+                " WHERE value IN (SELECT value FROM labs)", " WHERE pid IN (SELECT pid FROM labs LIMIT 3)",
+                " WHERE value > (SELECT AVG(value) FROM labs)",
             ]),
             group in prop::sample::select(vec![
                 "", " GROUP BY test", " GROUP BY pid", " GROUP BY value", " GROUP BY sex",
                 " GROUP BY birth_year / 10", " GROUP BY birth_year / 10 * 10", " GROUP BY birth_year / 0",
                 " GROUP BY value / 10", " GROUP BY CASE WHEN value > 5 THEN 'a' ELSE 'b' END",
                 " GROUP BY CASE WHEN value > 5 THEN 'a' END", " GROUP BY CASE test WHEN 'LDL' THEN 1 ELSE 2 END",
+                " GROUP BY pid IN (SELECT pid FROM participants)", " GROUP BY value > 5",
                 " GROUP BY date_part('month', measured_on)", " GROUP BY EXTRACT(YEAR FROM measured_on)",
             ]),
             tail in prop::sample::select(vec!["", " ORDER BY 1", " LIMIT 1", " HAVING COUNT(*) > 3"]),
@@ -462,7 +469,9 @@ fn extreme() -> &'static Extreme {
 
 mod arb {
     use fedq_common::group_key::{CaseBranch, DateField, GroupKey};
-    use fedq_common::{AggregateRequest, BinaryOp, ColumnType, Literal, Predicate};
+    use fedq_common::{
+        AggregateRequest, BinaryOp, ColumnType, Literal, ParticipantSet, Predicate, PublicValue,
+    };
     use proptest::prelude::*;
 
     fn c(name: &str) -> Predicate {
@@ -740,6 +749,36 @@ mod arb {
                 }
             }),
             1 => any_expr(d).prop_map(|e| try_cast(e, ColumnType::Boolean)),
+            1 => (participant_set(d), any::<bool>()).prop_map(|(set, negated)| Predicate::InSet {
+                side: Default::default(),
+                set: Box::new(set),
+                negated,
+            }),
+        ]
+        .boxed()
+    }
+
+    /// A set of participants of `x`, decided from their own rows (its filter may test sets).
+    pub fn participant_set(depth: u32) -> BoxedStrategy<ParticipantSet> {
+        let rows =
+            (boolean(depth), prop::sample::select(vec![1u32, 2, 3])).prop_map(|(f, min_rows)| {
+                ParticipantSet::Rows {
+                    table: "x".into(),
+                    filter: Some(f),
+                    min_rows,
+                }
+            });
+        if depth == 0 {
+            return rows.boxed();
+        }
+        let pair = (participant_set(depth - 1), participant_set(depth - 1));
+        prop_oneof![
+            3 => rows,
+            1 => pair.prop_map(|(l, r)| ParticipantSet::Intersect { left: Box::new(l), right: Box::new(r) }),
+            1 => (participant_set(depth - 1), participant_set(depth - 1))
+                .prop_map(|(l, r)| ParticipantSet::Except { left: Box::new(l), right: Box::new(r) }),
+            1 => (participant_set(depth - 1), participant_set(depth - 1))
+                .prop_map(|(l, r)| ParticipantSet::Union { left: Box::new(l), right: Box::new(r) }),
         ]
         .boxed()
     }
@@ -765,6 +804,22 @@ mod arb {
                 .prop_map(|(field, col)| GroupKey::DatePart {
                     field,
                     column: col.into()
+                }),
+            boolean(2).prop_map(|when| GroupKey::Condition { when }),
+            (
+                prop::sample::select(vec!["s", "t", "i", "j", "b"]),
+                prop::collection::vec(
+                    prop_oneof![
+                        any::<i64>().prop_map(PublicValue::Int),
+                        any::<bool>().prop_map(PublicValue::Bool),
+                        ".{0,3}".prop_map(PublicValue::Text),
+                    ],
+                    0..4
+                )
+            )
+                .prop_map(|(col, values)| GroupKey::Listed {
+                    column: col.into(),
+                    values,
                 }),
             (prop::collection::vec(boolean(2), 1..3), any::<bool>()).prop_map(|(conds, ints)| {
                 let label = |k: usize| {

@@ -173,3 +173,54 @@ async fn sets_a_node_cannot_answer_are_refused_before_reading() {
         other => panic!("expected the leaf limit, got {other:?}"),
     }
 }
+
+/// `WHERE code IN ('12', '7', 'none') GROUP BY code` over labs, whose `code` has no public
+/// domain: the listed values are the domain, so exactly they come back, the empty one too.
+#[tokio::test]
+async fn a_listed_key_answers_exactly_its_listed_groups() {
+    let (_fx, e) = engine().await;
+    let values: Vec<fedq_common::PublicValue> = ["12", "7", "none"]
+        .iter()
+        .map(|v| fedq_common::PublicValue::Text(v.to_string()))
+        .collect();
+    let mut req = request("labs", &[], vec![AggregateRequest::CountRows], 100, None);
+    req.group_by = vec![GroupKey::Listed {
+        column: "code".into(),
+        values,
+    }];
+    let out = e.execute(&req).await.unwrap();
+    let mut got = rows(&out, 1);
+    got.sort();
+    // Only the listed groups, and (as for any key) no row for an empty one: the coordinator
+    // releases the empty ones as noise around zero.
+    assert_eq!(got, vec![keyed(&["12"], &[1]), keyed(&["7"], &[1])]);
+    // A listed value of another type than the column's is refused before reading.
+    req.group_by = vec![GroupKey::Listed {
+        column: "code".into(),
+        values: vec![fedq_common::PublicValue::Int(12)],
+    }];
+    assert!(
+        matches!(e.validate(&req), Err(NodeError::InvalidRequest(m)) if m.contains("not a value of"))
+    );
+}
+
+/// `GROUP BY pid IN (SELECT …)`: a condition that is never NULL is a boolean key with the
+/// domain {false, true}; one that can be NULL is refused before reading.
+#[tokio::test]
+async fn a_set_test_is_a_boolean_key_and_a_nullable_condition_is_not() {
+    let (_fx, e) = engine().await;
+    let mut req = request("labs", &[], vec![AggregateRequest::CountRows], 100, None);
+    req.group_by = vec![GroupKey::Condition {
+        when: in_set(women(), false),
+    }];
+    let out = e.execute(&req).await.unwrap();
+    let mut got = rows(&out, 1);
+    got.sort();
+    assert_eq!(got, vec![keyed(&["false"], &[4]), keyed(&["true"], &[5])]);
+    req.group_by = vec![GroupKey::Condition {
+        when: eq("test", "HbA1c"),
+    }];
+    assert!(
+        matches!(e.validate(&req), Err(NodeError::InvalidRequest(m)) if m.contains("may be NULL"))
+    );
+}
