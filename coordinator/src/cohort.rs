@@ -13,7 +13,7 @@ use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, JoinType, LogicalPlan, Operator, Subquery,
 };
 use fedq_common::participant_set::MAX_SET_LEAVES;
-use fedq_common::{ParticipantSet, Predicate, Side};
+use fedq_common::{Catalog, ParticipantSet, Predicate, Side};
 
 use crate::error::CoordinatorError;
 use crate::predicate::{to_predicate, Scope};
@@ -76,7 +76,7 @@ pub fn exists(
         inner = f.input.as_ref();
     }
     let (table, qualifier) = scan(inner)?;
-    let spec = table_spec(scope, &table)?;
+    let spec = table_spec(scope.catalog, &table)?;
     let mut conjuncts = Vec::new();
     for f in filters {
         split_and(f, &mut conjuncts);
@@ -205,10 +205,10 @@ fn conjoin(filters: &[&Expr], scope: &Scope<'_>) -> Result<Option<Predicate>, Co
 }
 
 fn table_spec<'a>(
-    scope: &Scope<'a>,
+    catalog: &'a Catalog,
     table: &str,
 ) -> Result<&'a fedq_common::TableSpec, CoordinatorError> {
-    scope.catalog.table(table).ok_or_else(|| {
+    catalog.table(table).ok_or_else(|| {
         CoordinatorError::InvalidSql(format!("table `{table}` is not in the catalog"))
     })
 }
@@ -256,7 +256,11 @@ struct Grouped {
 /// The participant set an uncorrelated subquery returns: it must return only the privacy
 /// unit of a catalog table (or sets of them combined with INTERSECT, EXCEPT and UNION).
 pub fn set_of(plan: &LogicalPlan, scope: &Scope<'_>) -> Result<ParticipantSet, CoordinatorError> {
-    match rel(plan, scope)? {
+    set_in(plan, scope.catalog)
+}
+
+fn set_in(plan: &LogicalPlan, catalog: &Catalog) -> Result<ParticipantSet, CoordinatorError> {
+    match rel(plan, catalog)? {
         Rel::Set(s) => Ok(s),
         Rel::Rows { table, .. } => Err(refuse(format!(
             "the subquery over `{table}` must return only the participant column (`SELECT pid FROM {table} ...`); {WRITE_INSTEAD}"
@@ -264,11 +268,11 @@ pub fn set_of(plan: &LogicalPlan, scope: &Scope<'_>) -> Result<ParticipantSet, C
     }
 }
 
-fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, CoordinatorError> {
+fn rel<'p>(plan: &'p LogicalPlan, catalog: &Catalog) -> Result<Rel<'p>, CoordinatorError> {
     match plan {
         LogicalPlan::TableScan(_) => {
             let (table, qualifier) = scan(plan)?;
-            table_spec(scope, &table)?;
+            table_spec(catalog, &table)?;
             Ok(Rel::Rows {
                 table,
                 qualifier,
@@ -276,7 +280,7 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
                 grouped: None,
             })
         }
-        LogicalPlan::SubqueryAlias(a) => match rel(a.input.as_ref(), scope)? {
+        LogicalPlan::SubqueryAlias(a) => match rel(a.input.as_ref(), catalog)? {
             Rel::Rows {
                 table,
                 filters,
@@ -290,7 +294,7 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
             }),
             set => Ok(set),
         },
-        LogicalPlan::Filter(f) => match rel(f.input.as_ref(), scope)? {
+        LogicalPlan::Filter(f) => match rel(f.input.as_ref(), catalog)? {
             Rel::Rows {
                 table,
                 qualifier,
@@ -326,10 +330,10 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
                 "a filter over a combination of participant sets is not supported; filter inside each subquery: {WRITE_INSTEAD}"
             ))),
         },
-        LogicalPlan::Aggregate(a) => grouped_by_unit(a, scope),
-        LogicalPlan::Distinct(d) => rel(d.input().as_ref(), scope),
+        LogicalPlan::Aggregate(a) => grouped_by_unit(a, catalog),
+        LogicalPlan::Distinct(d) => rel(d.input().as_ref(), catalog),
         LogicalPlan::Projection(p) => {
-            let input = rel(p.input.as_ref(), scope)?;
+            let input = rel(p.input.as_ref(), catalog)?;
             let [e] = p.expr.as_slice() else {
                 return Err(refuse(format!(
                     "a participant subquery must return one column, the participant; {WRITE_INSTEAD}"
@@ -343,8 +347,8 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
                     filters,
                     grouped,
                 } => {
-                    let spec = table_spec(scope, &table)?;
-                    let inner = Scope::single(&table, &qualifier, spec, scope.catalog);
+                    let spec = table_spec(catalog, &table)?;
+                    let inner = Scope::single(&table, &qualifier, spec, catalog);
                     if unit_side(e, &inner).is_none() {
                         return Err(refuse(format!(
                             "the subquery over `{table}` returns `{e}`; a participant subquery must return the participant column `{}`: {WRITE_INSTEAD}",
@@ -364,7 +368,7 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
             let mut sets = u
                 .inputs
                 .iter()
-                .map(|i| set_of(i.as_ref(), scope))
+                .map(|i| set_in(i.as_ref(), catalog))
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter();
             let first = sets
@@ -380,8 +384,8 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
                 && j.on.len() == 1
                 && j.filter.is_none() =>
         {
-            let left = Box::new(set_of(j.left.as_ref(), scope)?);
-            let right = Box::new(set_of(j.right.as_ref(), scope)?);
+            let left = Box::new(set_in(j.left.as_ref(), catalog)?);
+            let right = Box::new(set_in(j.right.as_ref(), catalog)?);
             Ok(Rel::Set(if j.join_type == JoinType::LeftSemi {
                 ParticipantSet::Intersect { left, right }
             } else {
@@ -396,20 +400,20 @@ fn rel<'p>(plan: &'p LogicalPlan, scope: &Scope<'_>) -> Result<Rel<'p>, Coordina
 }
 
 /// `GROUP BY pid` (with `COUNT(*)` at most) over a table's rows.
-fn grouped_by_unit<'p>(a: &'p Aggregate, scope: &Scope<'_>) -> Result<Rel<'p>, CoordinatorError> {
+fn grouped_by_unit<'p>(a: &'p Aggregate, catalog: &Catalog) -> Result<Rel<'p>, CoordinatorError> {
     let Rel::Rows {
         table,
         qualifier,
         filters,
         grouped: None,
-    } = rel(a.input.as_ref(), scope)?
+    } = rel(a.input.as_ref(), catalog)?
     else {
         return Err(refuse(format!(
             "a GROUP BY over a combination of participant sets is not supported; {WRITE_INSTEAD}"
         )));
     };
-    let spec = table_spec(scope, &table)?;
-    let inner = Scope::single(&table, &qualifier, spec, scope.catalog);
+    let spec = table_spec(catalog, &table)?;
+    let inner = Scope::single(&table, &qualifier, spec, catalog);
     let by_unit = matches!(a.group_expr.as_slice(), [g] if unit_side(g, &inner).is_some());
     if !by_unit {
         return Err(refuse(format!(
@@ -479,4 +483,60 @@ fn having(p: &Expr, g: &Grouped) -> Result<u32, CoordinatorError> {
     }
     .ok_or_else(bad)?;
     Ok(u32::try_from(k.max(1)).unwrap_or(u32::MAX))
+}
+
+/// A `FROM` that is a participant set (`FROM (SELECT pid FROM a INTERSECT SELECT pid FROM
+/// b) t`, `FROM (SELECT DISTINCT pid ...)`, `FROM (SELECT pid ... GROUP BY pid HAVING
+/// COUNT(*) >= 3)`): the set, and the catalog table every member has rows in, which the
+/// request then reads, one participant at a time. `None` when the `FROM` is not a
+/// one-column set shape (a table, a join, a filtered table): the ordinary planner applies.
+pub fn set_source(
+    plan: &LogicalPlan,
+    catalog: &Catalog,
+) -> Result<Option<(ParticipantSet, String)>, CoordinatorError> {
+    if !looks_like_set(plan) || plan.schema().fields().len() != 1 {
+        return Ok(None);
+    }
+    let set = set_in(plan, catalog)?;
+    let table = member_table(&set).ok_or_else(|| {
+        refuse(format!(
+            "counting a UNION of participants from different tables needs a table every participant has rows in: \
+             write `SELECT COUNT(*) FROM participants WHERE pid IN (<first>) OR pid IN (<second>)`; {WRITE_INSTEAD}"
+        ))
+    })?;
+    if set.leaf_count() > MAX_SET_LEAVES {
+        return Err(refuse(format!(
+            "the query tests {} participant subqueries; the limit is {MAX_SET_LEAVES}",
+            set.leaf_count()
+        )));
+    }
+    set.check(catalog).map_err(|e| refuse(e.0))?;
+    Ok(Some((set, table)))
+}
+
+/// Whether `plan` has the shape of a set of participants rather than of rows.
+fn looks_like_set(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::SubqueryAlias(a) => looks_like_set(a.input.as_ref()),
+        LogicalPlan::Projection(p) => looks_like_set(p.input.as_ref()),
+        LogicalPlan::Filter(f) => matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)),
+        LogicalPlan::Distinct(_) | LogicalPlan::Union(_) | LogicalPlan::Aggregate(_) => true,
+        LogicalPlan::Join(j) => matches!(j.join_type, JoinType::LeftSemi | JoinType::LeftAnti),
+        _ => false,
+    }
+}
+
+/// A table in which every member of `set` has at least one row: the leftmost leaf of an
+/// intersection or difference, or the one table of a union of leaves of one table.
+fn member_table(set: &ParticipantSet) -> Option<String> {
+    match set {
+        ParticipantSet::Rows { table, .. } => Some(table.clone()),
+        ParticipantSet::Intersect { left, .. } | ParticipantSet::Except { left, .. } => {
+            member_table(left)
+        }
+        ParticipantSet::Union { left, right } => {
+            let (l, r) = (member_table(left)?, member_table(right)?);
+            (l == r).then_some(l)
+        }
+    }
 }

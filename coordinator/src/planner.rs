@@ -376,7 +376,21 @@ impl Planner {
     ) -> Result<PlannedQuery, CoordinatorError> {
         let plan = self.logical_plan(sql).await?;
         let agg = find_aggregate(&plan)?;
-        let src = source_below(&agg.input)?;
+        // `FROM (<a set of participants>) t`: the request reads a table every member has
+        // rows in, keeps the set's members, and counts participants.
+        let set_source = crate::cohort::set_source(&agg.input, &self.catalog)?;
+        let src = match &set_source {
+            Some((_, t)) => Source {
+                left: Scan {
+                    table: t.clone(),
+                    qualifier: t.clone(),
+                },
+                right: None,
+                on: Vec::new(),
+                filters: Vec::new(),
+            },
+            None => source_below(&agg.input)?,
+        };
         let table = src.left.table.clone();
         let lookup = |t: &str| {
             self.catalog.table(t).ok_or_else(|| {
@@ -420,6 +434,28 @@ impl Planner {
                     op: fedq_common::BinaryOp::And,
                     left: Box::new(prev),
                     right: Box::new(p),
+                },
+            });
+        }
+
+        if let Some((set, _)) = &set_source {
+            if !agg.group_expr.is_empty() {
+                return Err(refuse(
+                    "a set of participants has only the participant column, so it cannot be grouped: \
+                     group a table's rows instead, e.g. `SELECT sex, COUNT(*) FROM participants WHERE pid IN (<the set>) GROUP BY sex`",
+                ));
+            }
+            let member = fedq_common::Predicate::InSet {
+                side: Side::Left,
+                set: Box::new(set.clone()),
+                negated: false,
+            };
+            predicate = Some(match predicate {
+                None => member,
+                Some(prev) => fedq_common::Predicate::Binary {
+                    op: fedq_common::BinaryOp::And,
+                    left: Box::new(prev),
+                    right: Box::new(member),
                 },
             });
         }
@@ -611,7 +647,12 @@ impl Planner {
         let mut outputs = Vec::new();
         for (j, e) in agg.aggr_expr.iter().enumerate() {
             b.output = j;
-            outputs.push(b.aggregate(strip_alias(e), &scope)?);
+            outputs.push(match &set_source {
+                // Each member is one participant: COUNT(*), COUNT(pid) and COUNT(DISTINCT
+                // pid) over the set all count participants.
+                Some(_) => b.set_count(strip_alias(e))?,
+                None => b.aggregate(strip_alias(e), &scope)?,
+            });
         }
         let cells: usize = b
             .partials
@@ -1324,6 +1365,22 @@ impl StatBuilder {
 
     /// `COUNT(DISTINCT privacy_unit)`: after bounding, one participant has rows in at most
     /// `min(R, groups)` groups at each of at most S sites, adding 1 to each.
+    /// An aggregate over a set of participants ([`crate::cohort::set_source`]): only counts,
+    /// each the number of participants in the set.
+    fn set_count(&mut self, e: &Expr) -> Result<AggregateOutput, CoordinatorError> {
+        let Expr::AggregateFunction(f) = e else {
+            return Err(refuse(format!("unsupported aggregate expression `{e}`")));
+        };
+        if !f.func.name().eq_ignore_ascii_case("count") || f.params.filter.is_some() {
+            return Err(refuse(format!(
+                "a set of participants can only be counted (COUNT(*)), not `{e}`: to aggregate values, \
+                 read their table with the set as a filter, e.g. `SELECT AVG(value) FROM labs WHERE pid IN (<the set>)`"
+            )));
+        }
+        let stat = self.units_stat("COUNT(*) of the participant set".into())?;
+        Ok(AggregateOutput::Count { stat })
+    }
+
     fn units_stat(&mut self, label: String) -> Result<usize, CoordinatorError> {
         let partial = self.partial(AggregateRequest::CountUnits);
         let kind = StatisticKind::Count { partial };

@@ -5,6 +5,8 @@
 //!   a set, a set with a join, a set in a `CASE` key and as a boolean key) equal DataFusion over the union of
 //!   the site files, with membership decided per site (each subquery correlated on the
 //!   site as well as the participant). R is raised so that bounding truncates nothing.
+//! - A set of participants in `FROM` (`INTERSECT`, `EXCEPT`, `UNION`, `DISTINCT`, `HAVING`)
+//!   is counted, each member once per site, exactly as DataFusion counts it.
 //! - A literal list is a public domain: `WHERE code IN (...) GROUP BY code` releases
 //!   exactly the listed codes, without partition selection, and its partials are exact.
 //! - Subqueries that are not participant sets are refused with a message that says why and
@@ -140,6 +142,52 @@ async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_sit
         assert!(want.values().all(|v| v[0] > 0), "{sql}: a non-empty cohort");
         assert_eq!(got, want, "{sql}");
     }
+    // A set of participants in FROM: its members counted, each once per site.
+    let sets: Vec<(String, String)> = vec![
+        (
+            "SELECT COUNT(*) FROM (SELECT pid FROM diagnoses WHERE code = 'E11' INTERSECT SELECT pid FROM diagnoses WHERE code = 'I10') t".into(),
+            format!("SELECT COUNT(*) FROM (SELECT {d} FROM diagnoses d WHERE d.code = 'E11' INTERSECT SELECT {d} FROM diagnoses d WHERE d.code = 'I10')"),
+        ),
+        (
+            "SELECT COUNT(*) AS n FROM (SELECT pid FROM diagnoses WHERE code = 'E11' EXCEPT SELECT pid FROM labs WHERE test = 'HbA1c') AS t".into(),
+            format!("SELECT COUNT(*) FROM (SELECT {d} FROM diagnoses d WHERE d.code = 'E11' EXCEPT SELECT {l} FROM labs l WHERE l.test = 'HbA1c')"),
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT DISTINCT pid FROM labs WHERE test = 'LDL') t".into(),
+            format!("SELECT COUNT(DISTINCT {l}) FROM labs l WHERE l.test = 'LDL'"),
+        ),
+        (
+            "SELECT COUNT(DISTINCT pid) FROM (SELECT pid FROM labs WHERE test = 'HbA1c' GROUP BY pid HAVING COUNT(*) >= 3) t".into(),
+            format!("SELECT COUNT(*) FROM (SELECT {l} FROM labs l WHERE l.test = 'HbA1c' GROUP BY l.pid, l.fedq_site HAVING COUNT(*) >= 3)"),
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid FROM diagnoses WHERE code = 'C50' UNION SELECT pid FROM diagnoses WHERE code = 'E11') t".into(),
+            format!("SELECT COUNT(*) FROM (SELECT {d} FROM diagnoses d WHERE d.code = 'C50' UNION SELECT {d} FROM diagnoses d WHERE d.code = 'E11')"),
+        ),
+    ];
+    for (sql, want_sql) in &sets {
+        let q = engine
+            .plan("alice", sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(
+            q.request.aggregates,
+            [AggregateRequest::CountUnits],
+            "{sql}"
+        );
+        let merged = engine
+            .gather(&q)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got = merged_rows(
+            &merged,
+            &q.request.aggregates,
+            &[AggregateRequest::CountUnits],
+        );
+        let want = exact_rows(&ctx, want_sql, 0).await;
+        assert!(want.values().all(|v| v[0] > 0), "{sql}: a non-empty cohort");
+        assert_eq!(got, want, "{sql}");
+    }
     fed.shutdown().await.unwrap();
 }
 
@@ -189,6 +237,18 @@ async fn subqueries_that_are_not_participant_sets_are_refused_with_what_to_write
         (
             format!("SELECT COUNT(*) FROM participants WHERE {}", eight.join(" AND ")),
             "the limit is 8",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid FROM diagnoses WHERE code = 'C50' UNION SELECT pid FROM variants WHERE gene = 'BRCA1') t".into(),
+            "needs a table every participant has rows in",
+        ),
+        (
+            "SELECT SUM(1) FROM (SELECT DISTINCT pid FROM labs) t".into(),
+            "can only be counted",
+        ),
+        (
+            "SELECT pid, COUNT(*) FROM (SELECT DISTINCT pid FROM labs) t GROUP BY pid".into(),
+            "cannot be grouped",
         ),
     ];
     for (sql, why) in &refused {
