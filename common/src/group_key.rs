@@ -75,7 +75,7 @@ pub struct CaseBranch {
 }
 
 /// A calendar field of a date.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DateField {
     /// Calendar year: its domain is every year from the column's `earliest` to its
@@ -85,6 +85,8 @@ pub enum DateField {
     Quarter,
     /// Month, 1 to 12.
     Month,
+    /// Day of the month, 1 to 31.
+    Day,
 }
 
 impl DateField {
@@ -94,6 +96,7 @@ impl DateField {
             DateField::Year => "year",
             DateField::Quarter => "quarter",
             DateField::Month => "month",
+            DateField::Day => "day",
         }
     }
 
@@ -103,6 +106,7 @@ impl DateField {
             "year" | "years" => Some(DateField::Year),
             "quarter" | "quarters" => Some(DateField::Quarter),
             "month" | "months" => Some(DateField::Month),
+            "day" | "days" => Some(DateField::Day),
             _ => None,
         }
     }
@@ -361,6 +365,7 @@ impl GroupKey {
                         KeyDomain::Public((1..=4).map(PublicValue::Int).collect())
                     }
                     DateField::Month => KeyDomain::Public((1..=12).map(PublicValue::Int).collect()),
+                    DateField::Day => KeyDomain::Public((1..=31).map(PublicValue::Int).collect()),
                 })
             }
         }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::ColumnType;
-pub use crate::group_key::GroupKey;
+pub use crate::group_key::{DateField, GroupKey};
 pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 
 /// Version of the coordinator-node protocol. Bumped on any incompatible change.
@@ -18,8 +18,10 @@ pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 /// selection (`max_groups_per_unit`); a v2 node would refuse either as a malformed ticket,
 /// so the bump turns that into a clear version mismatch.
 /// v4: group keys are [`GroupKey`]s: columns, `CASE` labels, integer buckets and date parts.
-/// v5: filters and `CASE` keys may test [`ParticipantSet`]s ([`Predicate::InSet`]), and a
-/// key may be a column with the values the query lists ([`GroupKey::Listed`]).
+/// v5: filters and `CASE` keys may test [`ParticipantSet`]s ([`Predicate::InSet`]), a key
+/// may be a column with the values the query lists ([`GroupKey::Listed`]) or a never-NULL
+/// condition ([`GroupKey::Condition`]), filters may take date parts ([`Predicate::DatePart`],
+/// [`DateField::Day`]) and subtract dates (days).
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest ticket a node accepts, in bytes.
@@ -339,6 +341,12 @@ pub enum Predicate {
         input: Box<Predicate>,
         to: ColumnType,
     },
+    /// `date_part(field, input)` (`EXTRACT(field FROM input)`, `year(input)`) of a date, as
+    /// an integer; NULL for a NULL date.
+    DatePart {
+        field: DateField,
+        input: Box<Predicate>,
+    },
     /// `unit [NOT] IN set`: whether the row's participant (the privacy unit of `side`'s
     /// table) is in a [`ParticipantSet`] decided from that participant's own rows at this
     /// site (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`). Never NULL.
@@ -374,6 +382,7 @@ impl Predicate {
             | Predicate::IsNull { input }
             | Predicate::IsNotNull { input }
             | Predicate::Like { input, .. }
+            | Predicate::DatePart { input, .. }
             | Predicate::TryCast { input, .. } => vec![input],
             Predicate::InList { input, list, .. } => {
                 let mut v: Vec<&Predicate> = vec![input];

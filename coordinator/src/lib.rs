@@ -42,6 +42,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod calendar;
 pub mod cohort;
 pub mod config;
 pub mod engine;

@@ -26,7 +26,7 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use fedq_common::catalog::Bounds;
-use fedq_common::group_key::{DateField, KeyDomain};
+use fedq_common::group_key::KeyDomain;
 use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS, MAX_QUANTILE_CANDIDATES};
 use fedq_common::{
     AggregateRequest, Catalog, ColumnRef, ColumnSpec, ColumnType, JoinSpec, Literal,
@@ -322,6 +322,9 @@ impl Planner {
     /// A planner over the catalog's tables.
     pub fn new(catalog: &Catalog) -> Result<Planner, CoordinatorError> {
         let ctx = SessionContext::new();
+        for f in crate::calendar::functions() {
+            ctx.register_udf(f);
+        }
         for (name, spec) in &catalog.tables {
             let provider: Arc<dyn TableProvider> =
                 Arc::new(EmptyTable::new(Arc::new(table_schema(spec))));
@@ -920,20 +923,13 @@ fn group_key<'s>(
             label,
             None,
         )),
-        Expr::ScalarFunction(f) if f.name() == "date_part" => {
-            let [field, arg] = f.args.as_slice() else {
+        Expr::ScalarFunction(f) if crate::calendar::date_part_call(f).is_some() => {
+            let Some((field, arg)) = crate::calendar::date_part_call(f) else {
                 return Err(unsupported());
             };
-            let field = match strip_alias(field) {
-                Expr::Literal(v, _) => match crate::predicate::literal(v) {
-                    Ok(Literal::Utf8(s)) => DateField::parse(&s),
-                    _ => None,
-                },
-                _ => None,
-            }
-            .ok_or_else(|| {
+            let field = field.ok_or_else(|| {
                 refuse(format!(
-                    "GROUP BY `{label}`: date_part keys take 'year', 'quarter' or 'month'"
+                    "GROUP BY `{label}`: date_part keys take 'year', 'quarter', 'month' or 'day'"
                 ))
             })?;
             let (column, _, col) = column(arg)?;

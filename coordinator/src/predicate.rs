@@ -269,9 +269,22 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 ))
             }
         },
+        Expr::ScalarFunction(f) if crate::calendar::date_part_call(f).is_some() => {
+            let Some((field, arg)) = crate::calendar::date_part_call(f) else {
+                return Err(refuse("unsupported date function"));
+            };
+            let field = field.ok_or_else(|| {
+                refuse("date_part takes 'year', 'quarter', 'month' or 'day' (a literal) in WHERE")
+            })?;
+            Predicate::DatePart {
+                field,
+                input: rec(arg)?,
+            }
+        }
         Expr::ScalarFunction(f) => {
             return Err(refuse(format!(
-                "function `{}` is not supported in WHERE yet; use comparisons, IN, BETWEEN, LIKE, IS NULL and TRY_CAST",
+                "function `{}` is not supported in WHERE yet; use comparisons, IN, BETWEEN, LIKE, IS NULL, TRY_CAST, \
+                 date_part / EXTRACT / year() / month() / day() of a date, and date - date (days)",
                 f.name()
             )))
         }
@@ -407,6 +420,7 @@ fn input_types(p: &Predicate, scope: &Scope<'_>) -> Vec<ColumnType> {
             L::Date32(_) => vec![ColumnType::Date32],
         },
         Predicate::TryCast { to, .. } => vec![*to],
+        Predicate::DatePart { .. } => vec![ColumnType::Int64],
         Predicate::Binary {
             op: BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply | BinaryOp::Divide,
             ..

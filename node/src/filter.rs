@@ -307,6 +307,18 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
                     };
                     (dop, Ty::Col(ColumnType::Boolean))
                 }
+                // `date - date`: the days between them, as PostgreSQL and DuckDB answer.
+                // Both dates become their day numbers (an Arrow cast that cannot fail), so
+                // the difference is an i64 of at most 2³² in magnitude.
+                BinaryOp::Minus
+                    if lt == Ty::Col(ColumnType::Date32) && rt == Ty::Col(ColumnType::Date32) =>
+                {
+                    let days = |e: Expr| cast(cast(e, DataType::Int32), DataType::Int64);
+                    return Ok((
+                        binary_expr(days(l), Operator::Minus, days(r)),
+                        Ty::Col(ColumnType::Int64),
+                    ));
+                }
                 BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply => {
                     let ok = |t: Ty| t.is_null() || t.is_numeric();
                     if !(ok(lt) && ok(rt)) {
@@ -431,6 +443,22 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
         Predicate::TryCast { input, to } => {
             let (e, from) = rec(input)?;
             try_cast_total(e, from, *to)
+        }
+        Predicate::DatePart { field, input } => {
+            let (e, t) = rec(input)?;
+            if !(t.is_null() || t == Ty::Col(ColumnType::Date32)) {
+                return Err(invalid(format!(
+                    "date_part('{}', …) needs a date, not {}",
+                    field.name(),
+                    t.name()
+                )));
+            }
+            // Every field of every date exists, so this never fails; NULL stays NULL.
+            let e = cast(e, DataType::Date32);
+            Ok((
+                cast(date_part(lit(field.name()), e), DataType::Int64),
+                Ty::Col(ColumnType::Int64),
+            ))
         }
         Predicate::InSet { side, set, negated } => {
             scope.relation(*side)?;

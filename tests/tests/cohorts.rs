@@ -7,6 +7,9 @@
 //!   site as well as the participant). R is raised so that bounding truncates nothing.
 //! - A set of participants in `FROM` (`INTERSECT`, `EXCEPT`, `UNION`, `DISTINCT`, `HAVING`)
 //!   is counted, each member once per site, exactly as DataFusion counts it.
+//! - Date functions as researchers write them (`year()`, `month()`, `day()`, `EXTRACT`,
+//!   `date_part`, and `date - date` in days), in WHERE, in keys and in CASE conditions: the
+//!   partials equal DataFusion's.
 //! - A literal list is a public domain: `WHERE code IN (...) GROUP BY code` releases
 //!   exactly the listed codes, without partition selection, and its partials are exact.
 //! - Subqueries that are not participant sets are refused with a message that says why and
@@ -371,5 +374,65 @@ async fn a_literal_list_in_where_is_the_released_domain_of_a_key_without_one() {
         .flat_map(|b| (0..b.num_rows()).map(move |i| fedq_tests::key(b, 0, i)))
         .collect();
     assert_eq!(codes, ["C50", "E11", "NOPE"]);
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn date_functions_in_where_keys_and_case_equal_datafusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1500, 37);
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let shapes: Vec<(&str, &str, usize)> = vec![
+        (
+            "SELECT COUNT(*) FROM diagnoses WHERE year(diagnosed_on) = 2020",
+            "SELECT COUNT(*) FROM diagnoses WHERE date_part('year', diagnosed_on) = 2020",
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM diagnoses WHERE EXTRACT(MONTH FROM diagnosed_on) IN (1, 2, 3) AND day(diagnosed_on) <= 10",
+            "SELECT COUNT(*) FROM diagnoses WHERE date_part('month', diagnosed_on) IN (1, 2, 3) AND date_part('day', diagnosed_on) <= 10",
+            0,
+        ),
+        (
+            "SELECT year(diagnosed_on) AS y, COUNT(*) FROM diagnoses WHERE code = 'E11' GROUP BY 1",
+            "SELECT CAST(date_part('year', diagnosed_on) AS BIGINT), COUNT(*) FROM diagnoses WHERE code = 'E11' GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT CASE WHEN quarter(measured_on) <= 2 THEN 'first half' ELSE 'second half' END AS half, COUNT(*) \
+             FROM labs WHERE test = 'HbA1c' GROUP BY 1",
+            "SELECT CASE WHEN date_part('quarter', measured_on) <= 2 THEN 'first half' ELSE 'second half' END, COUNT(*) \
+             FROM labs WHERE test = 'HbA1c' GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM labs l JOIN participants p USING (pid) WHERE l.measured_on - p.enrolled_on > 365",
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
+             WHERE CAST(CAST(l.measured_on AS INT) AS BIGINT) - CAST(CAST(p.enrolled_on AS INT) AS BIGINT) > 365",
+            0,
+        ),
+    ];
+    for (sql, want_sql, n_keys) in &shapes {
+        let q = engine
+            .plan("alice", sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let merged = engine
+            .gather(&q)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got = merged_rows(
+            &merged,
+            &q.request.aggregates,
+            &[AggregateRequest::CountRows],
+        );
+        let want = exact_rows(&ctx, want_sql, *n_keys).await;
+        assert!(want.values().all(|v| v[0] > 0), "{sql}: rows to count");
+        assert_eq!(got, want, "{sql}");
+    }
     fed.shutdown().await.unwrap();
 }

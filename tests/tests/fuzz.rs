@@ -627,6 +627,12 @@ mod arb {
                 float_lit().prop_map(|v| l(Literal::Float64(v))),
             ])
                 .prop_map(|(a, b)| bin(BinaryOp::Divide, a, b)),
+            1 => (
+                prop::sample::select(vec![DateField::Year, DateField::Quarter, DateField::Month, DateField::Day]),
+                date(d)
+            )
+                .prop_map(|(field, e)| Predicate::DatePart { field, input: Box::new(e) }),
+            1 => (date(d), date(d)).prop_map(|(a, b)| bin(BinaryOp::Minus, a, b)),
             2 => (any_expr(d), prop::sample::select(vec![
                 ColumnType::Int32, ColumnType::Int64, ColumnType::Float64,
             ]))
@@ -798,7 +804,12 @@ mod arb {
                     multiplier: m.min(divisor),
                 }),
             (
-                prop::sample::select(vec![DateField::Year, DateField::Quarter, DateField::Month]),
+                prop::sample::select(vec![
+                    DateField::Year,
+                    DateField::Quarter,
+                    DateField::Month,
+                    DateField::Day
+                ]),
                 prop::sample::select(vec!["d", "e"])
             )
                 .prop_map(|(field, col)| GroupKey::DatePart {
