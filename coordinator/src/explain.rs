@@ -260,9 +260,10 @@ pub fn explain_batch(
         ci95: None,
         detail: Some(format!(
             "would charge ε = {} and δ = {delta_per_query} (EXPLAIN itself is free and reads no data); \
-             R = {} rows per participant, S = {} sites per participant{}; {groups}; ε split: {}; {suppression}",
+             R = {} rows per participant ({}), S = {} sites per participant{}; {groups}; ε split: {}; {suppression}",
             q.epsilon,
             q.max_rows_per_unit,
+            q.row_bound_source,
             q.max_sites_per_unit,
             match &q.selection {
                 Some(sel) => format!(

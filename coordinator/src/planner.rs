@@ -271,8 +271,11 @@ pub struct PlannedQuery {
     pub plan: LogicalPlan,
     /// ε the query spends.
     pub epsilon: f64,
-    /// R of the table read (of the driving table in a join).
+    /// R of the table read (of the driving table in a join), or the smaller bound the query
+    /// proves (1 for a set of participants counted from `FROM`).
     pub max_rows_per_unit: u32,
+    /// Where R comes from, for EXPLAIN.
+    pub row_bound_source: &'static str,
     /// S of the federation.
     pub max_sites_per_unit: u32,
     /// How ε was split.
@@ -640,8 +643,14 @@ impl Planner {
             ));
         }
 
+        // A set of participants needs one row per participant to be counted: the bound R
+        // the query proves is 1, whatever the table's.
+        let max_rows_per_unit = match set_source {
+            Some(_) => 1,
+            None => spec.max_rows_per_unit,
+        };
         let mut b = StatBuilder {
-            r: spec.max_rows_per_unit,
+            r: max_rows_per_unit,
             s: self.catalog.max_sites_per_unit,
             n_groups: n_groups as u128,
             suppression: self.min_reported_count > 0,
@@ -706,7 +715,7 @@ impl Planner {
             filter: predicate,
             group_by: groups.iter().map(|g| g.key.clone()).collect(),
             aggregates: b.partials,
-            max_rows_per_unit: spec.max_rows_per_unit,
+            max_rows_per_unit,
             max_groups_per_unit: max_groups,
         };
         let leaves = request.set_leaf_count();
@@ -728,7 +737,11 @@ impl Planner {
             aggregate_schema: agg.schema.clone(),
             plan: plan.clone(),
             epsilon,
-            max_rows_per_unit: spec.max_rows_per_unit,
+            max_rows_per_unit,
+            row_bound_source: match set_source {
+                Some(_) => "proven by the query: a set of participants has one row per participant",
+                None => "the catalog's max_rows_per_unit of the table read",
+            },
             max_sites_per_unit: self.catalog.max_sites_per_unit,
             allocation: self.allocation,
             truncation,
@@ -1169,7 +1182,10 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
             })
         }
         LogicalPlan::Aggregate(_) => Err(refuse(
-            "nested aggregates are not supported: one aggregate per query",
+            "derived tables with per-participant aggregates (`GROUP BY pid` with MIN, MAX, SUM or COUNT \
+             columns) are not supported yet. To count a cohort, write `SELECT COUNT(*) FROM (SELECT pid FROM t \
+             WHERE ... GROUP BY pid HAVING COUNT(*) >= k) s`, or filter a table's rows with \
+             `WHERE pid IN (SELECT pid FROM t WHERE ... GROUP BY pid HAVING COUNT(*) >= k)`",
         )),
         LogicalPlan::Projection(_) => Err(refuse(
             "computed columns in a subquery are not supported; aggregate table columns directly",

@@ -8,6 +8,7 @@ mod cohorts;
 mod failures;
 mod faults;
 mod federation;
+mod golden;
 mod hostile_requests;
 mod ledger;
 mod partition_selection;
