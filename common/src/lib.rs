@@ -4,6 +4,8 @@
 //!
 //! - [`wire`]: the typed partial-aggregate request a coordinator sends to a node, the
 //!   restricted expression language for filters, and the protocol version.
+//! - [`derived`]: per-participant derived tables (`GROUP BY pid` with MIN, MAX, COUNT),
+//!   one row per participant, declared from their source table for both sides.
 //! - [`catalog`]: the privacy officer's catalog (tables, columns, bounds, public domains)
 //!   and the query policy. Both coordinator and node load the same catalog file; the node
 //!   uses it to check its local files and to validate every request it receives.
@@ -31,6 +33,7 @@
 //!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
 
 pub mod catalog;
+pub mod derived;
 pub mod group_key;
 pub mod like;
 pub mod metrics;

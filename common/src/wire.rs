@@ -21,7 +21,8 @@ pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 /// v5: filters and `CASE` keys may test [`ParticipantSet`]s ([`Predicate::InSet`]), a key
 /// may be a column with the values the query lists ([`GroupKey::Listed`]) or a never-NULL
 /// condition ([`GroupKey::Condition`]), filters may take date parts ([`Predicate::DatePart`],
-/// [`DateField::Day`]) and subtract dates (days).
+/// [`DateField::Day`]) and subtract dates (days), and a request may read a per-participant
+/// derived table (`derived`).
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest ticket a node accepts, in bytes.
@@ -96,6 +97,11 @@ pub struct PartialAggregateRequest {
     /// without it are unchanged; a node that predates it rejects it as an unknown field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_groups_per_unit: Option<u32>,
+    /// When set, the driving relation is this per-participant derived table of `table`
+    /// (one row per participant, so R is 1) instead of the table's rows; columns of the
+    /// left side name its columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<crate::derived::PerParticipant>,
 }
 
 /// An inner equi-join of the request's table with `table` on the privacy unit:
@@ -479,6 +485,9 @@ impl PartialAggregateRequest {
         if let Some(f) = &self.filter {
             out.extend(f.participant_sets());
         }
+        if let Some(f) = self.derived.as_ref().and_then(|d| d.filter.as_ref()) {
+            out.extend(f.participant_sets());
+        }
         for k in &self.group_by {
             for p in k.predicates() {
                 out.extend(p.participant_sets());
@@ -559,6 +568,13 @@ impl PartialAggregateRequest {
                 req.aggregates.len()
             )));
         }
+        if let Some(f) = req.derived.as_ref().and_then(|d| d.filter.as_ref()) {
+            if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
+                return Err(WireError::Malformed(format!(
+                    "the derived table's filter exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                )));
+            }
+        }
         let leaves = req.set_leaf_count();
         if leaves > MAX_SET_LEAVES {
             return Err(WireError::Malformed(format!(
@@ -610,6 +626,7 @@ mod tests {
             ],
             max_rows_per_unit: 10,
             max_groups_per_unit: None,
+            derived: None,
         }
     }
 

@@ -12,6 +12,7 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, JoinType, LogicalPlan, Operator, Subquery,
 };
+use fedq_common::derived::{DerivedColumn, PerParticipant, UnitAggregate};
 use fedq_common::participant_set::MAX_SET_LEAVES;
 use fedq_common::{Catalog, ParticipantSet, Predicate, Side};
 
@@ -538,5 +539,135 @@ fn member_table(set: &ParticipantSet) -> Option<String> {
             let (l, r) = (member_table(left)?, member_table(right)?);
             (l == r).then_some(l)
         }
+    }
+}
+
+/// A per-participant derived table (`SELECT pid, MIN(d) AS first_d, COUNT(*) AS n FROM t
+/// WHERE … GROUP BY pid [HAVING COUNT(*) >= k]`), read from its plan below the alias; `None`
+/// when the plan is not a projection of an aggregate.
+pub fn derived_table(
+    plan: &LogicalPlan,
+    catalog: &Catalog,
+) -> Result<Option<PerParticipant>, CoordinatorError> {
+    let LogicalPlan::Projection(p) = plan else {
+        return Ok(None);
+    };
+    let (having_pred, agg) = match p.input.as_ref() {
+        LogicalPlan::Aggregate(a) => (None, a),
+        LogicalPlan::Filter(f) => match f.input.as_ref() {
+            LogicalPlan::Aggregate(a) => (Some(&f.predicate), a),
+            _ => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let Rel::Rows {
+        table,
+        qualifier,
+        filters,
+        grouped: None,
+    } = rel(agg.input.as_ref(), catalog)?
+    else {
+        return Err(refuse(
+            "a derived table reads one catalog table's rows (with a WHERE), then groups them by the participant",
+        ));
+    };
+    let spec = table_spec(catalog, &table)?;
+    let inner = Scope::single(&table, &qualifier, spec, catalog);
+    if !matches!(agg.group_expr.as_slice(), [g] if unit_side(g, &inner).is_some()) {
+        return Err(refuse(format!(
+            "a derived table must be grouped by the participant alone (`GROUP BY {}`): grouping by anything else \
+             aggregates several participants' rows below the DP aggregate",
+            spec.privacy_unit
+        )));
+    }
+    // Each aggregate, by the name of its output column.
+    let n_keys = agg.group_expr.len();
+    let mut outputs: Vec<(String, UnitAggregate)> = Vec::new();
+    for (i, e) in agg.aggr_expr.iter().enumerate() {
+        let name = agg.schema.field(n_keys + i).name().clone();
+        outputs.push((name, unit_aggregate(e, &inner)?));
+    }
+    let min_rows = match having_pred {
+        None => 1,
+        Some(h) => {
+            let count_column = outputs
+                .iter()
+                .find(|(_, a)| *a == UnitAggregate::CountRows)
+                .map(|(n, _)| n.clone());
+            having(
+                h,
+                &Grouped {
+                    count_column,
+                    min_rows: 1,
+                },
+            )?
+        }
+    };
+    let mut columns = Vec::new();
+    for e in &p.expr {
+        let (name, inner_e) = match e {
+            Expr::Alias(a) => (a.name.clone(), a.expr.as_ref()),
+            other => (other.schema_name().to_string(), other),
+        };
+        let Expr::Column(c) = strip(inner_e) else {
+            return Err(refuse(format!(
+                "a derived table's columns are the participant and MIN, MAX or COUNT(*) of its rows, not `{e}`"
+            )));
+        };
+        if unit_side(inner_e, &inner).is_some() {
+            continue;
+        }
+        let Some((_, value)) = outputs.iter().find(|(n, _)| *n == c.name) else {
+            return Err(refuse(format!(
+                "a derived table's columns are the participant and MIN, MAX or COUNT(*) of its rows, not `{e}`"
+            )));
+        };
+        columns.push(DerivedColumn {
+            name,
+            value: value.clone(),
+        });
+    }
+    let d = PerParticipant {
+        filter: conjoin(&filters, &inner)?,
+        table,
+        min_rows,
+        columns,
+    };
+    d.spec(catalog).map_err(|e| refuse(e.0))?;
+    Ok(Some(d))
+}
+
+/// MIN or MAX of a column, or COUNT(*), of one participant's rows.
+fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, CoordinatorError> {
+    let unsupported = || {
+        refuse(format!(
+            "a derived table grouped by the participant may take MIN(col), MAX(col) or COUNT(*) of a participant's rows \
+             for now, not `{e}`"
+        ))
+    };
+    if is_count_rows(e) {
+        return Ok(UnitAggregate::CountRows);
+    }
+    let Expr::AggregateFunction(f) = strip(e) else {
+        return Err(unsupported());
+    };
+    if f.params.distinct || f.params.filter.is_some() || !f.params.order_by.is_empty() {
+        return Err(unsupported());
+    }
+    let [arg] = f.params.args.as_slice() else {
+        return Err(unsupported());
+    };
+    let Expr::Column(c) = strip(arg) else {
+        return Err(unsupported());
+    };
+    inner.resolve(c)?;
+    match f.func.name() {
+        "min" => Ok(UnitAggregate::Min {
+            column: c.name.clone(),
+        }),
+        "max" => Ok(UnitAggregate::Max {
+            column: c.name.clone(),
+        }),
+        _ => Err(unsupported()),
     }
 }

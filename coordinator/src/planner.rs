@@ -390,12 +390,13 @@ impl Planner {
                 left: Scan {
                     table: t.clone(),
                     qualifier: t.clone(),
+                    derived: None,
                 },
                 right: None,
                 on: Vec::new(),
                 filters: Vec::new(),
             },
-            None => source_below(&agg.input)?,
+            None => source_below(&agg.input, &self.catalog)?,
         };
         let table = src.left.table.clone();
         let lookup = |t: &str| {
@@ -403,7 +404,15 @@ impl Planner {
                 CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
             })
         };
-        let spec = lookup(&table)?;
+        // A derived table is declared from its source table's catalog entry (R = 1).
+        let derived_spec = match &src.left.derived {
+            Some(d) => Some(d.spec(&self.catalog).map_err(|e| refuse(e.0))?),
+            None => None,
+        };
+        let spec = match &derived_spec {
+            Some(s) => s,
+            None => lookup(&table)?,
+        };
         let mut scope = Scope {
             left: Relation {
                 table: &table,
@@ -717,6 +726,7 @@ impl Planner {
             aggregates: b.partials,
             max_rows_per_unit,
             max_groups_per_unit: max_groups,
+            derived: src.left.derived.clone(),
         };
         let leaves = request.set_leaf_count();
         if leaves > fedq_common::participant_set::MAX_SET_LEAVES {
@@ -738,9 +748,10 @@ impl Planner {
             plan: plan.clone(),
             epsilon,
             max_rows_per_unit,
-            row_bound_source: match set_source {
-                Some(_) => "proven by the query: a set of participants has one row per participant",
-                None => "the catalog's max_rows_per_unit of the table read",
+            row_bound_source: match (&set_source, &src.left.derived) {
+                (Some(_), _) => "proven by the query: a set of participants has one row per participant",
+                (None, Some(_)) => "proven by the query: a derived table grouped by the participant has one row per participant",
+                (None, None) => "the catalog's max_rows_per_unit of the table read",
             },
             max_sites_per_unit: self.catalog.max_sites_per_unit,
             allocation: self.allocation,
@@ -1072,6 +1083,8 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
 struct Scan {
     table: String,
     qualifier: String,
+    /// A per-participant derived table of `table` read instead of its rows.
+    derived: Option<fedq_common::derived::PerParticipant>,
 }
 
 /// What is below the aggregate: one table, or two joined on equality conditions `on`, with
@@ -1089,7 +1102,7 @@ const JOIN_HINT: &str = "join two tables on the privacy unit, e.g. \
 
 /// Below the aggregate: filters, aliases and plain-column projections over the scan of one
 /// catalog table, or over an inner join of two.
-fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
+fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, CoordinatorError> {
     match plan {
         LogicalPlan::TableScan(t) => {
             let table = t.table_name.table().to_string();
@@ -1097,6 +1110,7 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
                 left: Scan {
                     qualifier: table.clone(),
                     table,
+                    derived: None,
                 },
                 right: None,
                 on: Vec::new(),
@@ -1107,12 +1121,25 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
             // Subqueries in WHERE are translated with the rest of the filter: only those
             // that test the participant against a participant set are accepted
             // (`crate::cohort`).
-            let mut s = source_below(&f.input)?;
+            let mut s = source_below(&f.input, catalog)?;
             s.filters.push(f.predicate.clone());
             Ok(s)
         }
         LogicalPlan::SubqueryAlias(a) => {
-            let mut s = source_below(&a.input)?;
+            // `(SELECT pid, MIN(d) AS first_d … GROUP BY pid) alias`: one row per participant.
+            if let Some(d) = crate::cohort::derived_table(&a.input, catalog)? {
+                return Ok(Source {
+                    left: Scan {
+                        table: d.table.clone(),
+                        qualifier: a.alias.table().to_string(),
+                        derived: Some(d),
+                    },
+                    right: None,
+                    on: Vec::new(),
+                    filters: Vec::new(),
+                });
+            }
+            let mut s = source_below(&a.input, catalog)?;
             if s.right.is_some() {
                 return Err(refuse(format!(
                     "a join inside a subquery is not supported; {JOIN_HINT}"
@@ -1126,7 +1153,7 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
                 .iter()
                 .all(|e| matches!(strip_alias(e), Expr::Column(_))) =>
         {
-            source_below(&p.input)
+            source_below(&p.input, catalog)
         }
         LogicalPlan::Join(j) => {
             use datafusion::logical_expr::JoinType;
@@ -1163,8 +1190,15 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
                     }
                 }
             }
-            let l = source_below(&j.left)?;
-            let r = source_below(&j.right)?;
+            let l = source_below(&j.left, catalog)?;
+            let r = source_below(&j.right, catalog)?;
+            if r.left.derived.is_some() {
+                return Err(refuse(
+                    "a derived table grouped by the participant must come first in the join \
+                     (`FROM (SELECT pid, MIN(...) ... GROUP BY pid) f JOIN participants p USING (pid)`): \
+                     the driving table's R applies, and the derived table's is 1",
+                ));
+            }
             if l.right.is_some() || r.right.is_some() {
                 return Err(refuse(format!(
                     "joins of more than two tables are not supported yet: R bounds the rows of the driving table's join with one other table; \
@@ -1182,10 +1216,9 @@ fn source_below(plan: &LogicalPlan) -> Result<Source, CoordinatorError> {
             })
         }
         LogicalPlan::Aggregate(_) => Err(refuse(
-            "derived tables with per-participant aggregates (`GROUP BY pid` with MIN, MAX, SUM or COUNT \
-             columns) are not supported yet. To count a cohort, write `SELECT COUNT(*) FROM (SELECT pid FROM t \
-             WHERE ... GROUP BY pid HAVING COUNT(*) >= k) s`, or filter a table's rows with \
-             `WHERE pid IN (SELECT pid FROM t WHERE ... GROUP BY pid HAVING COUNT(*) >= k)`",
+            "a derived table must be grouped by the participant alone and named, e.g. \
+             `FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'I21' GROUP BY pid) f`: \
+             an aggregate over several participants' rows below the DP aggregate would mix participants",
         )),
         LogicalPlan::Projection(_) => Err(refuse(
             "computed columns in a subquery are not supported; aggregate table columns directly",

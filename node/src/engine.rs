@@ -396,17 +396,22 @@ impl NodeEngine {
             // Joined requests use no counts: every participant goes through a reservoir of
             // R rows, whatever its counts say.
             let served = self.tables.get(&req.table);
-            let Counted { counts, stamp } = match served {
-                Some(t) if req.join.is_none() && req.participant_sets().is_empty() => t
-                    .counts
-                    .read()
-                    .map(|c| c.clone())
-                    .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?,
-                _ => Counted {
-                    counts: Arc::new(ParticipantCounts::default()),
-                    stamp: None,
-                },
-            };
+            let Counted { counts, stamp } =
+                match served {
+                    Some(t)
+                        if req.join.is_none()
+                            && req.derived.is_none()
+                            && req.participant_sets().is_empty() =>
+                    {
+                        { t }.counts.read().map(|c| c.clone()).map_err(|_| {
+                            internal(crate::bounding::BoundError("counts lock".into()))
+                        })?
+                    }
+                    _ => Counted {
+                        counts: Arc::new(ParticipantCounts::default()),
+                        stamp: None,
+                    },
+                };
             // Rows are told apart by their position in the file only while the file is the
             // one that was counted; a changed file is recounted first.
             let file = served.and_then(|t| t.file.as_deref());
@@ -448,7 +453,8 @@ impl NodeEngine {
             // the bounder then sees one Int64 key numbering the observed groups.
             // Partition selection reorders rows: no run is sampled on the spot.
             // So do the joins of participant sets.
-            let in_table_order = selection.is_none() && req.participant_sets().is_empty();
+            let in_table_order =
+                selection.is_none() && req.derived.is_none() && req.participant_sets().is_empty();
             // `prepare` optimised the request's own plan; partition selection builds another.
             let (state, logical, dict) = match selection {
                 None => (state, logical, None),
@@ -678,7 +684,25 @@ impl NodeEngine {
         if check_fits {
             self.check_fits(tname, table)?;
         }
-        let spec = &table.spec;
+        // A per-participant derived table of the table, when the request reads one: it is
+        // declared from the table's catalog entry (R = 1) and built from its rows here.
+        let derived = match &req.derived {
+            None => None,
+            Some(d) => {
+                if d.table != *tname {
+                    return Err(invalid(format!(
+                        "the derived table reads {}, not the request's table {}",
+                        shown(&d.table),
+                        shown(tname)
+                    )));
+                }
+                Some(crate::derived::view(d, &self.catalog, &table.policy)?)
+            }
+        };
+        let (spec, policy) = match &derived {
+            Some(v) => (&v.spec, &v.policy),
+            None => (&table.spec, &table.policy),
+        };
 
         // Join: a second served catalog table, inner-joined on both privacy units.
         let mut right_table = None;
@@ -733,12 +757,22 @@ impl NodeEngine {
         for s in &tested {
             s.check(&self.catalog).map_err(|e| refused(e.0))?;
         }
-        let set_cols = sets::set_columns(tested, &mut set_names);
+        // The derived table's own sets are joined inside its frame (`crate::derived`).
+        let mut outer: Vec<&fedq_common::ParticipantSet> = Vec::new();
+        if let Some(f) = &req.filter {
+            outer.extend(f.participant_sets());
+        }
+        for k in &req.group_by {
+            for p in k.predicates() {
+                outer.extend(p.participant_sets());
+            }
+        }
+        let set_cols = sets::set_columns(outer, &mut set_names);
         let scope = Scope {
             left: Relation {
                 name: tname,
                 spec,
-                policy: &table.policy,
+                policy,
             },
             right: right_table.map(|rt| Relation {
                 policy: &rt.policy,
@@ -768,7 +802,7 @@ impl NodeEngine {
             )));
         }
 
-        if let Some(cap) = table.policy.max_rows_per_unit {
+        if let Some(cap) = policy.max_rows_per_unit {
             if req.max_rows_per_unit > cap {
                 return Err(refused(format!(
                     "max_rows_per_unit {} exceeds this node's cap of {cap} for table {} (its node policy: max_rows_per_unit in [tables.{tname}] of node.toml)",
@@ -1095,6 +1129,7 @@ impl NodeEngine {
         // nor when the id is also a group key or an aggregate input.
         let pid_rows = by_position
             && req.join.is_none()
+            && req.derived.is_none()
             && set_cols.is_empty()
             && max_groups.is_none()
             && groups.iter().all(|g| g.proj != 0)
@@ -1115,7 +1150,10 @@ impl NodeEngine {
                     .into(),
             )
         };
-        let mut df = table.df.clone();
+        let mut df = match &req.derived {
+            Some(d) => crate::derived::frame(self, d, &mut set_names)?,
+            None => table.df.clone(),
+        };
         if let (Some(j), Some(rt)) = (&req.join, right_table) {
             // The whole join runs in DataFusion: an inner equi-join on the two privacy units
             // (NULL ids never match), then the filter, which may read both sides. Bounding

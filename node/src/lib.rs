@@ -118,6 +118,7 @@
 
 mod bounding;
 mod config;
+mod derived;
 mod engine;
 mod error;
 mod filter;

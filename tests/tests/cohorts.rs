@@ -436,3 +436,109 @@ async fn date_functions_in_where_keys_and_case_equal_datafusion() {
     }
     fed.shutdown().await.unwrap();
 }
+
+/// Derived tables with one row per participant (`GROUP BY pid` with MIN, MAX and COUNT(*),
+/// `HAVING`, as a CTE, joined to participants): the first or latest event per participant
+/// and site. R is 1, proven by the query, so nothing is truncated and the partials equal
+/// DataFusion's per site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn derived_tables_per_participant_equal_datafusion_per_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 2000, 43);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let shapes: Vec<(&str, &str, usize)> = vec![
+        (
+            "SELECT year(first_on) AS y, COUNT(*) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses \
+             WHERE code = 'E11' GROUP BY pid) f GROUP BY 1",
+            "SELECT CAST(date_part('year', first_on) AS BIGINT), COUNT(*) FROM (SELECT pid, fedq_site, \
+             MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid, fedq_site) GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT p.sex, COUNT(*) FROM (SELECT pid, MAX(measured_on) AS last_on FROM labs WHERE test = 'HbA1c' \
+             GROUP BY pid) f JOIN participants p USING (pid) WHERE f.last_on >= DATE '2020-01-01' GROUP BY p.sex",
+            "SELECT p.sex, COUNT(*) FROM (SELECT pid, fedq_site, MAX(measured_on) AS last_on FROM labs \
+             WHERE test = 'HbA1c' GROUP BY pid, fedq_site) f JOIN participants p ON f.pid = p.pid \
+             AND f.fedq_site = p.fedq_site WHERE f.last_on >= DATE '2020-01-01' GROUP BY p.sex",
+            1,
+        ),
+        (
+            "SELECT CASE WHEN n >= 5 THEN '5 or more' ELSE 'under 5' END AS tests, COUNT(*) FROM \
+             (SELECT pid, COUNT(*) AS n FROM labs WHERE test = 'HbA1c' GROUP BY pid) t GROUP BY 1",
+            "SELECT CASE WHEN n >= 5 THEN '5 or more' ELSE 'under 5' END, COUNT(*) FROM \
+             (SELECT pid, fedq_site, COUNT(*) AS n FROM labs WHERE test = 'HbA1c' GROUP BY pid, fedq_site) GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses GROUP BY pid \
+             HAVING COUNT(*) >= 3) t WHERE year(first_on) < 2015",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, MIN(diagnosed_on) AS first_on FROM diagnoses \
+             GROUP BY pid, fedq_site HAVING COUNT(*) >= 3) WHERE date_part('year', first_on) < 2015",
+            0,
+        ),
+        (
+            "WITH first_i10 AS (SELECT pid, MIN(diagnosed_on) AS d FROM diagnoses WHERE code = 'I10' GROUP BY pid) \
+             SELECT month(d) AS m, COUNT(*) FROM first_i10 GROUP BY 1",
+            "SELECT CAST(date_part('month', d) AS BIGINT), COUNT(*) FROM (SELECT pid, fedq_site, MIN(diagnosed_on) AS d \
+             FROM diagnoses WHERE code = 'I10' GROUP BY pid, fedq_site) GROUP BY 1",
+            1,
+        ),
+        (
+            "SELECT lowest, COUNT(*) FROM (SELECT pid, MIN(test) AS lowest FROM labs GROUP BY pid) t GROUP BY lowest",
+            "SELECT lowest, COUNT(*) FROM (SELECT pid, fedq_site, MIN(test) AS lowest FROM labs GROUP BY pid, fedq_site) \
+             GROUP BY lowest",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid) f \
+             WHERE pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10')",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' \
+             GROUP BY pid, fedq_site) f WHERE f.pid || '#' || CAST(f.fedq_site AS VARCHAR) NOT IN \
+             (SELECT d.pid || '#' || CAST(d.fedq_site AS VARCHAR) FROM diagnoses d WHERE d.code = 'I10')",
+            0,
+        ),
+    ];
+    for (sql, want_sql, n_keys) in &shapes {
+        let q = engine
+            .plan("alice", sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(q.request.derived.is_some(), "{sql}: a derived table");
+        assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1, proven");
+        let merged = engine
+            .gather(&q)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got = merged_rows(
+            &merged,
+            &q.request.aggregates,
+            &[AggregateRequest::CountRows],
+        );
+        let want = exact_rows(&ctx, want_sql, *n_keys).await;
+        assert!(want.values().all(|v| v[0] > 0), "{sql}: rows to count");
+        assert_eq!(got, want, "{sql}");
+    }
+    for (sql, why) in [
+        (
+            "SELECT COUNT(*) FROM (SELECT code, MIN(diagnosed_on) AS d FROM diagnoses GROUP BY code) t",
+            "grouped by the participant alone",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, SUM(value) AS s FROM labs GROUP BY pid) t",
+            "MIN(col), MAX(col) or COUNT(*)",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p JOIN (SELECT pid, MIN(diagnosed_on) AS d FROM diagnoses GROUP BY pid) f USING (pid)",
+            "must come first in the join",
+        ),
+    ] {
+        match engine.plan("alice", sql).await {
+            Err(CoordinatorError::Refused(m)) => assert!(m.contains(why), "{sql}: {m}"),
+            other => panic!("{sql}: expected a refusal, got {:?}", other.map(|q| q.request)),
+        }
+    }
+    fed.shutdown().await.unwrap();
+}

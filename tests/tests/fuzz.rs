@@ -80,6 +80,7 @@ fn valid_ticket() -> Vec<u8> {
         ],
         max_rows_per_unit: 20,
         max_groups_per_unit: None,
+        derived: None,
         join: None,
     };
     let f = fixture();
@@ -214,6 +215,7 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 aggregates: vec![AggregateRequest::CountRows, numeric],
                 max_rows_per_unit: r,
                 max_groups_per_unit: None,
+                derived: None,
                 join: None,
             };
             let bytes = req.encode_ticket().unwrap();
@@ -764,6 +766,43 @@ mod arb {
         .boxed()
     }
 
+    /// A per-participant derived table of `x` whose columns keep their source's names (the
+    /// MIN or MAX of each), so that the rest of a random request still finds them.
+    pub fn per_participant() -> BoxedStrategy<fedq_common::derived::PerParticipant> {
+        use fedq_common::derived::{DerivedColumn, PerParticipant, UnitAggregate};
+        (
+            proptest::option::of(boolean(2)),
+            prop::sample::select(vec![1u32, 2, 3]),
+            prop::collection::vec(any::<bool>(), 8),
+        )
+            .prop_map(|(filter, min_rows, mins)| PerParticipant {
+                table: "x".into(),
+                filter,
+                min_rows,
+                columns: ["i", "j", "f", "s", "t", "d", "e", "b"]
+                    .iter()
+                    .zip(mins)
+                    .map(|(c, min)| DerivedColumn {
+                        name: c.to_string(),
+                        value: if min {
+                            UnitAggregate::Min {
+                                column: c.to_string(),
+                            }
+                        } else {
+                            UnitAggregate::Max {
+                                column: c.to_string(),
+                            }
+                        },
+                    })
+                    .chain(std::iter::once(DerivedColumn {
+                        name: "n".into(),
+                        value: UnitAggregate::CountRows,
+                    }))
+                    .collect(),
+            })
+            .boxed()
+    }
+
     /// A set of participants of `x`, decided from their own rows (its filter may test sets).
     pub fn participant_set(depth: u32) -> BoxedStrategy<ParticipantSet> {
         let rows =
@@ -926,6 +965,7 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
             aggregates in proptest::collection::vec(arb::aggregate(), 1..4),
             r in 1u32..6,
             open in proptest::option::weighted(0.3, 1u32..4),
+            derived in proptest::option::weighted(0.25, arb::per_participant()),
         )| {
             let req = PartialAggregateRequest {
                 query_id: "edge".into(),
@@ -934,8 +974,10 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
                 join: None,
                 group_by: keys,
                 aggregates,
-                max_rows_per_unit: r,
+                // A derived table has one row per participant.
+                max_rows_per_unit: if derived.is_some() { 1 } else { r },
                 max_groups_per_unit: open,
+                derived,
             };
             validated_requests_answer(&req)?;
         })

@@ -416,6 +416,7 @@ pub(crate) fn request(
         aggregates,
         max_rows_per_unit: r,
         max_groups_per_unit: None,
+        derived: None,
     }
 }
 

@@ -224,3 +224,48 @@ async fn a_set_test_is_a_boolean_key_and_a_nullable_condition_is_not() {
         matches!(e.validate(&req), Err(NodeError::InvalidRequest(m)) if m.contains("may be NULL"))
     );
 }
+
+/// A per-participant derived table of labs: one row per participant with at least
+/// `min_rows` rows (p1 and p2 have 3, p3 2, p4 1), R = 1 and nothing more.
+#[tokio::test]
+async fn a_derived_table_has_one_row_per_participant_and_r_one() {
+    use fedq_common::derived::{DerivedColumn, PerParticipant, UnitAggregate};
+    let (_fx, e) = engine().await;
+    let derived = |min_rows| PerParticipant {
+        table: "labs".into(),
+        filter: None,
+        min_rows,
+        columns: vec![
+            DerivedColumn {
+                name: "lowest".into(),
+                value: UnitAggregate::Min {
+                    column: "value".into(),
+                },
+            },
+            DerivedColumn {
+                name: "n".into(),
+                value: UnitAggregate::CountRows,
+            },
+        ],
+    };
+    let count = |min_rows, r| {
+        let mut req = request("labs", &[], vec![AggregateRequest::CountRows], r, None);
+        req.derived = Some(derived(min_rows));
+        req
+    };
+    for (min_rows, want) in [(1, 4), (2, 3), (3, 2), (4, 0)] {
+        let out = e.execute(&count(min_rows, 1)).await.unwrap();
+        assert_eq!(rows(&out, 0)[0].1[0], want, "HAVING COUNT(*) >= {min_rows}");
+    }
+    // Its columns are the derived ones: `n >= 3` keeps p1 and p2.
+    let mut req = count(1, 1);
+    req.filter = Some(bin(BinaryOp::GtEq, col("n"), lit(Literal::Int64(3))));
+    assert_eq!(rows(&e.execute(&req).await.unwrap(), 0)[0].1[0], 2);
+    // R above 1 is refused, as is a column of the table that the derived table lacks.
+    assert!(
+        matches!(e.validate(&count(1, 2)), Err(NodeError::Refused(m)) if m.contains("exceeds the catalog's 1"))
+    );
+    let mut req = count(1, 1);
+    req.filter = Some(eq("test", "HbA1c"));
+    assert!(matches!(e.validate(&req), Err(NodeError::Refused(m)) if m.contains("test")));
+}

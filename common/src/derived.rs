@@ -1,0 +1,263 @@
+//! Per-participant derived tables: `(SELECT pid, MIN(diagnosed_on) AS first_on FROM
+//! diagnoses WHERE code = 'I21' GROUP BY pid [HAVING COUNT(*) >= k]) f`.
+//!
+//! Such a table has one row per participant, computed at a node from that participant's
+//! rows of one table at that site only: it is participant-local, so a request may read it
+//! in place of a catalog table, with R = 1 proven by its `GROUP BY pid`. MIN and MAX are
+//! private here: they stay inside one participant, and only the DP aggregate on top is
+//! released. A participant at two sites has a row at each (the "first" event is per site;
+//! S covers the sensitivity).
+//!
+//! [`PerParticipant::spec`] declares the derived table as the catalog would, from its
+//! source table's declarations, and is what both sides check requests against.
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, ColumnSpec, ColumnType, TableSpec};
+use crate::participant_set::MAX_MIN_ROWS;
+use crate::wire::{Predicate, Side};
+
+/// Most output columns of a derived table.
+pub const MAX_DERIVED_COLUMNS: usize = 16;
+
+/// A table of one row per participant, aggregated from that participant's rows of `table`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerParticipant {
+    /// The catalog table read.
+    pub table: String,
+    /// The rows of it that count (the derived table's `WHERE`), over its own columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Predicate>,
+    /// Participants with fewer such rows have no row (`HAVING COUNT(*) >= k`; 1 without).
+    pub min_rows: u32,
+    /// Its columns besides the participant's.
+    pub columns: Vec<DerivedColumn>,
+}
+
+/// One column of a derived table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedColumn {
+    /// Its name in the derived table.
+    pub name: String,
+    /// How it is computed from the participant's rows.
+    pub value: UnitAggregate,
+}
+
+/// An aggregate over one participant's rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "agg", rename_all = "snake_case", deny_unknown_fields)]
+pub enum UnitAggregate {
+    /// The smallest non-NULL value of a column (NULL if there is none).
+    Min { column: String },
+    /// The largest non-NULL value of a column (NULL if there is none).
+    Max { column: String },
+    /// The participant's rows (that pass the filter).
+    CountRows,
+}
+
+impl UnitAggregate {
+    /// The source column it reads, if any.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            UnitAggregate::Min { column } | UnitAggregate::Max { column } => Some(column),
+            UnitAggregate::CountRows => None,
+        }
+    }
+}
+
+/// Why a derived table was refused; the message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DerivedError(pub String);
+
+impl PerParticipant {
+    /// The derived table as the catalog would declare it, checking it on the way: R = 1;
+    /// a MIN or MAX keeps its source column's type, bounds, public values and date range
+    /// (the smallest or largest of values within them is within them), and may be NULL;
+    /// `COUNT(*)` is an int64 with the bounds [0, R of the source table]: a sum or average
+    /// of it clamps each participant's count to R, as sums clamp any column to its bounds.
+    pub fn spec(&self, catalog: &Catalog) -> Result<TableSpec, DerivedError> {
+        let err = |m: String| Err(DerivedError(m));
+        let Some(source) = catalog.table(&self.table) else {
+            return err(format!(
+                "the derived table reads `{}`, which is not in the catalog",
+                self.table
+            ));
+        };
+        if self.min_rows == 0 || self.min_rows > MAX_MIN_ROWS {
+            return err(format!(
+                "a derived table keeps participants with 1 to {MAX_MIN_ROWS} rows, not {}",
+                self.min_rows
+            ));
+        }
+        if self.columns.len() > MAX_DERIVED_COLUMNS {
+            return err(format!(
+                "a derived table has at most {MAX_DERIVED_COLUMNS} columns, not {}",
+                self.columns.len()
+            ));
+        }
+        if let Some(f) = &self.filter {
+            if f.reads_side(Side::Right) {
+                return err(format!(
+                    "the derived table's WHERE may read only `{}`",
+                    self.table
+                ));
+            }
+            for name in f.columns() {
+                if source.column(name).is_none() {
+                    return err(format!(
+                        "the derived table's WHERE reads `{name}`, which `{}` does not have",
+                        self.table
+                    ));
+                }
+            }
+        }
+        let unit = source.privacy_unit.clone();
+        let mut columns = vec![source
+            .column(&unit)
+            .cloned()
+            .ok_or_else(|| DerivedError(format!("`{}` has no participant column", self.table)))?];
+        for c in &self.columns {
+            if c.name.is_empty() || columns.iter().any(|x| x.name == c.name) {
+                return err(format!(
+                    "the derived table's column `{}` is empty or named twice (the participant column is `{unit}`)",
+                    c.name
+                ));
+            }
+            let spec = match &c.value {
+                UnitAggregate::Min { column } | UnitAggregate::Max { column } => {
+                    let Some(s) = source.column(column) else {
+                        return err(format!(
+                            "the derived table takes MIN/MAX of `{column}`, which `{}` does not have",
+                            self.table
+                        ));
+                    };
+                    if *column == unit {
+                        return err(format!(
+                            "MIN/MAX of the participant column `{unit}` is the participant"
+                        ));
+                    }
+                    ColumnSpec {
+                        name: c.name.clone(),
+                        nullable: true,
+                        ..s.clone()
+                    }
+                }
+                UnitAggregate::CountRows => ColumnSpec {
+                    name: c.name.clone(),
+                    ty: ColumnType::Int64,
+                    nullable: false,
+                    lower: Some(0.0),
+                    upper: Some(f64::from(source.max_rows_per_unit)),
+                    precision: None,
+                    public_values: None,
+                    earliest: None,
+                    latest: None,
+                },
+            };
+            columns.push(spec);
+        }
+        Ok(TableSpec {
+            privacy_unit: unit,
+            max_rows_per_unit: 1,
+            max_groups_per_unit: None,
+            columns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog::from_toml(
+            r#"
+[tables.diagnoses]
+max_rows_per_unit = 15
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "code", type = "utf8" },
+  { name = "diagnosed_on", type = "date32", earliest = "2000-01-01", latest = "2026-12-31" },
+]
+"#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn first(column: &str) -> PerParticipant {
+        PerParticipant {
+            table: "diagnoses".into(),
+            filter: None,
+            min_rows: 1,
+            columns: vec![
+                DerivedColumn {
+                    name: "first_on".into(),
+                    value: UnitAggregate::Min {
+                        column: column.into(),
+                    },
+                },
+                DerivedColumn {
+                    name: "n".into(),
+                    value: UnitAggregate::CountRows,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_derived_table_has_one_row_per_participant_and_inherits_its_sources_ranges() {
+        let spec = first("diagnosed_on").spec(&catalog()).unwrap();
+        assert_eq!(spec.max_rows_per_unit, 1);
+        let f = spec.column("first_on").unwrap();
+        assert_eq!(f.ty, ColumnType::Date32);
+        assert!(
+            f.date_range().is_some(),
+            "the year of the first date has a public domain"
+        );
+        let n = spec.column("n").unwrap().bounds().unwrap();
+        assert_eq!(
+            (n.lower, n.upper),
+            (0.0, 15.0),
+            "a count is clamped to the source's R"
+        );
+        let json = serde_json::to_string(&first("diagnosed_on")).unwrap();
+        assert_eq!(
+            serde_json::from_str::<PerParticipant>(&json).unwrap(),
+            first("diagnosed_on")
+        );
+        assert!(serde_json::from_str::<PerParticipant>(&json.replacen(
+            "\"min_rows\"",
+            "\"rows\":1,\"min_rows\"",
+            1
+        ))
+        .is_err());
+    }
+
+    #[test]
+    fn a_derived_table_over_unknown_columns_or_the_participant_is_refused() {
+        assert!(first("nope")
+            .spec(&catalog())
+            .unwrap_err()
+            .0
+            .contains("`nope`"));
+        assert!(first("pid")
+            .spec(&catalog())
+            .unwrap_err()
+            .0
+            .contains("is the participant"));
+        let mut twice = first("diagnosed_on");
+        twice.columns[1].name = "first_on".into();
+        assert!(twice
+            .spec(&catalog())
+            .unwrap_err()
+            .0
+            .contains("named twice"));
+        let mut none = first("diagnosed_on");
+        none.min_rows = 0;
+        assert!(none.spec(&catalog()).is_err());
+    }
+}
