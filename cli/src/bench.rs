@@ -32,6 +32,23 @@ pub const BENCH_QUERIES: &[(&str, &str)] = &[
         "specimens_stored_volume",
         "SELECT kind, SUM(volume_ml) FROM specimens WHERE status = 'stored' GROUP BY kind",
     ),
+    // Cohorts (participant sets and derived tables).
+    (
+        "cohort_three_tables",
+        "SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') \
+         AND pid IN (SELECT pid FROM labs WHERE test = 'HbA1c' GROUP BY pid HAVING COUNT(*) >= 3)",
+    ),
+    (
+        "cohort_anti_join",
+        "SELECT sex, COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') \
+         AND pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10') GROUP BY sex",
+    ),
+    (
+        "cohort_first_event",
+        "SELECT p.sex, COUNT(*) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses \
+         WHERE code = 'E11' GROUP BY pid) f JOIN participants p USING (pid) \
+         WHERE f.first_on >= DATE '2015-01-01' GROUP BY p.sex",
+    ),
 ];
 
 /// Bench settings.

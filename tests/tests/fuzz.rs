@@ -8,7 +8,10 @@
 //!   catalog's R (the wire has no way to ask for rows);
 //! - the coordinator's SQL → node-request planner: SQL from a grammar that mixes allowed
 //!   and forbidden constructs never panics, and every plan it accepts aggregates (no plan
-//!   returns rows), uses the catalog's R, and groups only on public domains.
+//!   returns rows), uses the catalog's R, and groups only on public domains;
+//! - over a table of extreme values: whatever a node validates, it answers (issue 13), and
+//!   removing one participant changes the bounded relation by at most R rows of that
+//!   participant only, participant sets and derived tables included (issue 14).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -295,6 +298,9 @@ fn the_planner_never_panics_and_never_plans_rows() {
 struct Extreme {
     _dir: tempfile::TempDir,
     engine: Arc<NodeEngine>,
+    /// Nodes over the same rows without one participant each (`p000`, one row; `p005`,
+    /// six rows): its neighbours, for the stability property.
+    neighbours: Vec<(String, Arc<NodeEngine>)>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -318,10 +324,25 @@ columns = [
 
 fn extreme() -> &'static Extreme {
     static F: OnceLock<Extreme> = OnceLock::new();
-    F.get_or_init(|| {
+    F.get_or_init(build_extreme)
+}
+
+/// Nodes of their own for the stability property, so that it does not run queries on the
+/// same engines at the same time as the other node property (see `build_extreme`).
+fn extreme_for_stability() -> &'static Extreme {
+    static F: OnceLock<Extreme> = OnceLock::new();
+    F.get_or_init(build_extreme)
+}
+
+/// The extreme-values nodes. Two properties sharing one engine concurrently made a debug
+/// assertion inside DataFusion's Parquet predicate simplifier fail, twice in about ten
+/// runs ("Cannot infer common argument type for comparison operation Float64 != Boolean",
+/// datafusion-physical-expr 55.2 `simplifier/mod.rs:64`); it never failed with one
+/// property at a time. Not found yet; recorded in ARCHITECTURE.md, "Known issues".
+fn build_extreme() -> Extreme {
+    {
         use datafusion::arrow::array::{
-            ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array,
-            StringArray,
+            ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, StringArray,
         };
         use datafusion::arrow::datatypes::{Field, Schema};
         use datafusion::arrow::record_batch::RecordBatch;
@@ -360,7 +381,16 @@ fn extreme() -> &'static Extreme {
             Some("true".into()),
             None,
         ];
-        let dates = [i32::MIN, i32::MAX, 0, -1, 7305, 2_932_896, -719_528, i32::MIN + 1];
+        let dates = [
+            i32::MIN,
+            i32::MAX,
+            0,
+            -1,
+            7305,
+            2_932_896,
+            -719_528,
+            i32::MIN + 1,
+        ];
         let n = 60;
         let mut pid = Vec::new();
         let mut p = 0;
@@ -448,25 +478,46 @@ fn extreme() -> &'static Extreme {
         let batch =
             RecordBatch::try_new(schema.clone(), cols.into_iter().map(|(_, a)| a).collect())
                 .unwrap();
-        let f = std::fs::File::create(dir.path().join("x.parquet")).unwrap();
-        let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(f, schema, None).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        std::fs::write(dir.path().join("catalog.toml"), EXTREME_CATALOG).unwrap();
-        std::fs::write(
-            dir.path().join("node.toml"),
-            "site = \"edge\"\nlisten = \"127.0.0.1:0\"\ninsecure_dev = true\ncatalog = \"catalog.toml\"\n[tables.x]\npath = \"x.parquet\"\n",
-        )
-        .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let cfg = NodeConfig::load(&dir.path().join("node.toml")).unwrap();
-        let engine = Arc::new(rt.block_on(NodeEngine::new(&cfg)).unwrap());
+        // One node directory per variant of the rows: all of them, or all but one
+        // participant's.
+        let node = |sub: &str, batch: &RecordBatch| {
+            let d = dir.path().join(sub);
+            std::fs::create_dir_all(&d).unwrap();
+            let f = std::fs::File::create(d.join("x.parquet")).unwrap();
+            let mut w =
+                datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+            w.write(batch).unwrap();
+            w.close().unwrap();
+            std::fs::write(d.join("catalog.toml"), EXTREME_CATALOG).unwrap();
+            std::fs::write(
+                d.join("node.toml"),
+                "site = \"edge\"\nlisten = \"127.0.0.1:0\"\ninsecure_dev = true\ncatalog = \"catalog.toml\"\n[tables.x]\npath = \"x.parquet\"\n",
+            )
+            .unwrap();
+            let cfg = NodeConfig::load(&d.join("node.toml")).unwrap();
+            Arc::new(rt.block_on(NodeEngine::new(&cfg)).unwrap())
+        };
+        let engine = node("all", &batch);
+        let without = |p: &str| {
+            let ids = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            let keep: BooleanArray = ids.iter().map(|id| Some(id != Some(p))).collect();
+            let rest = datafusion::arrow::compute::filter_record_batch(&batch, &keep).unwrap();
+            assert!(rest.num_rows() < batch.num_rows(), "{p} has rows");
+            (p.to_string(), node(p, &rest))
+        };
+        let neighbours = vec![without("p000"), without("p005")];
         Extreme {
             _dir: dir,
             engine,
+            neighbours,
             rt,
         }
-    })
+    }
 }
 
 mod arb {
@@ -980,6 +1031,62 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
                 derived,
             };
             validated_requests_answer(&req)?;
+        })
+    });
+}
+
+/// Stability (issue 14): whatever the filter (participant sets included) and whether the
+/// request reads a derived table, removing one participant removes at most R of the bounded
+/// rows and at most that one participant, and changes nobody else's: the counts of a node
+/// without the participant are at most, and at least R (or 1) below, those of a node with.
+/// `CountRows` and `CountUnits` without group keys do not depend on which rows bounding
+/// keeps, so the comparison is exact.
+#[test]
+fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
+    for_a_while("stability", |config| {
+        proptest!(config, |(
+            filter in proptest::option::weighted(0.9, arb::boolean(3)),
+            r in 1u32..6,
+            derived in proptest::option::weighted(0.3, arb::per_participant()),
+        )| {
+            let f = extreme_for_stability();
+            let r = if derived.is_some() { 1 } else { r };
+            let req = PartialAggregateRequest {
+                query_id: "stability".into(),
+                table: "x".into(),
+                filter,
+                join: None,
+                group_by: vec![],
+                aggregates: vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
+                max_rows_per_unit: r,
+                max_groups_per_unit: None,
+                derived,
+            };
+            if f.engine.validate(&req).is_err() {
+                return Ok(());
+            }
+            let counts = |e: &NodeEngine| -> (i64, i64) {
+                let out = f.rt.block_on(e.execute(&req)).expect("validated requests answer");
+                let b = &out[0];
+                let v = |c: usize| {
+                    b.column(c)
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                        .expect("an int64 count")
+                        .value(0)
+                };
+                (v(0), v(1))
+            };
+            let (rows, units) = counts(&f.engine);
+            for (p, e) in &f.neighbours {
+                let (rows_without, units_without) = counts(e);
+                let (dr, du) = (rows - rows_without, units - units_without);
+                prop_assert!(
+                    (0..=i64::from(r)).contains(&dr) && (0..=1).contains(&du),
+                    "without {p}: rows {rows} → {rows_without}, participants {units} → {units_without} (R = {r}) for {}",
+                    serde_json::to_string(&req).unwrap_or_default()
+                );
+            }
         })
     });
 }
