@@ -73,17 +73,26 @@ impl ParticipantSet {
         }
     }
 
-    /// The filters of its `Rows` leaves (for the expression limits).
-    pub fn filters(&self) -> Vec<&Predicate> {
+    /// The two sets it combines, for `Intersect`, `Union` and `Except`.
+    fn operands(&self) -> Option<(&ParticipantSet, &ParticipantSet)> {
         match self {
-            ParticipantSet::Rows { filter, .. } => filter.iter().collect(),
+            ParticipantSet::Rows { .. } => None,
             ParticipantSet::Intersect { left, right }
             | ParticipantSet::Union { left, right }
-            | ParticipantSet::Except { left, right } => {
+            | ParticipantSet::Except { left, right } => Some((left, right)),
+        }
+    }
+
+    /// The filters of its `Rows` leaves (for the expression limits).
+    pub fn filters(&self) -> Vec<&Predicate> {
+        match (self, self.operands()) {
+            (ParticipantSet::Rows { filter, .. }, _) => filter.iter().collect(),
+            (_, Some((left, right))) => {
                 let mut v = left.filters();
                 v.extend(right.filters());
                 v
             }
+            (_, None) => Vec::new(),
         }
     }
 
@@ -95,9 +104,9 @@ impl ParticipantSet {
                     f.participant_sets().iter().map(|s| s.leaf_count()).sum()
                 })
             }
-            ParticipantSet::Intersect { left, right }
-            | ParticipantSet::Union { left, right }
-            | ParticipantSet::Except { left, right } => left.leaf_count() + right.leaf_count(),
+            other => other
+                .operands()
+                .map_or(0, |(l, r)| l.leaf_count() + r.leaf_count()),
         }
     }
 
@@ -113,13 +122,11 @@ impl ParticipantSet {
                 }
                 v
             }
-            ParticipantSet::Intersect { left, right }
-            | ParticipantSet::Union { left, right }
-            | ParticipantSet::Except { left, right } => {
-                let mut v = left.tables();
-                v.extend(right.tables());
+            other => other.operands().map_or_else(Vec::new, |(l, r)| {
+                let mut v = l.tables();
+                v.extend(r.tables());
                 v
-            }
+            }),
         }
     }
 
@@ -162,12 +169,13 @@ impl ParticipantSet {
                 }
                 Ok(())
             }
-            ParticipantSet::Intersect { left, right }
-            | ParticipantSet::Union { left, right }
-            | ParticipantSet::Except { left, right } => {
-                left.check(catalog)?;
-                right.check(catalog)
-            }
+            other => match other.operands() {
+                Some((l, r)) => {
+                    l.check(catalog)?;
+                    r.check(catalog)
+                }
+                None => Ok(()),
+            },
         }
     }
 

@@ -37,6 +37,36 @@ fn keyed(table_alias: &str) -> String {
     format!("{table_alias}.pid || '#' || CAST({table_alias}.fedq_site AS VARCHAR)")
 }
 
+/// Plan `sql` as alice, gather its exact partials, and check that `partial` equals
+/// DataFusion's answer to `want_sql` (its first `n_keys` columns the keys) and that every
+/// group counts something. Returns the plan for shape-specific checks.
+async fn partials_equal(
+    engine: &fedq_coordinator::engine::Coordinator,
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+    want_sql: &str,
+    n_keys: usize,
+    partial: AggregateRequest,
+) -> fedq_coordinator::planner::PlannedQuery {
+    let q = engine
+        .plan("alice", sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let merged = engine
+        .gather(&q)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let got = merged_rows(&merged, &q.request.aggregates, &[partial]);
+    let want = exact_rows(ctx, want_sql, n_keys).await;
+    assert!(!want.is_empty(), "{sql}: nothing to compare");
+    assert!(
+        want.values().all(|v| v[0] > 0),
+        "{sql}: every group counts something"
+    );
+    assert_eq!(got, want, "{sql}");
+    q
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_site() {
     let tmp = tempfile::tempdir().unwrap();
@@ -123,27 +153,19 @@ async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_sit
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        let q = engine
-            .plan("alice", sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let q = partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            *n_keys,
+            AggregateRequest::CountRows,
+        )
+        .await;
         assert!(
             !q.request.participant_sets().is_empty(),
             "{sql}: a participant set"
         );
-        let merged = engine
-            .gather(&q)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let got = merged_rows(
-            &merged,
-            &q.request.aggregates,
-            &[AggregateRequest::CountRows],
-        );
-        let want = exact_rows(&ctx, want_sql, *n_keys).await;
-        assert!(!want.is_empty(), "{sql}");
-        assert!(want.values().all(|v| v[0] > 0), "{sql}: a non-empty cohort");
-        assert_eq!(got, want, "{sql}");
     }
     // A set of participants in FROM: its members counted, each once per site.
     let sets: Vec<(String, String)> = vec![
@@ -169,27 +191,20 @@ async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_sit
         ),
     ];
     for (sql, want_sql) in &sets {
-        let q = engine
-            .plan("alice", sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let q = partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            0,
+            AggregateRequest::CountUnits,
+        )
+        .await;
         assert_eq!(
             q.request.aggregates,
             [AggregateRequest::CountUnits],
             "{sql}"
         );
-        let merged = engine
-            .gather(&q)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let got = merged_rows(
-            &merged,
-            &q.request.aggregates,
-            &[AggregateRequest::CountUnits],
-        );
-        let want = exact_rows(&ctx, want_sql, 0).await;
-        assert!(want.values().all(|v| v[0] > 0), "{sql}: a non-empty cohort");
-        assert_eq!(got, want, "{sql}");
     }
     fed.shutdown().await.unwrap();
 }
@@ -417,22 +432,15 @@ async fn date_functions_in_where_keys_and_case_equal_datafusion() {
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        let q = engine
-            .plan("alice", sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let merged = engine
-            .gather(&q)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let got = merged_rows(
-            &merged,
-            &q.request.aggregates,
-            &[AggregateRequest::CountRows],
-        );
-        let want = exact_rows(&ctx, want_sql, *n_keys).await;
-        assert!(want.values().all(|v| v[0] > 0), "{sql}: rows to count");
-        assert_eq!(got, want, "{sql}");
+        partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            *n_keys,
+            AggregateRequest::CountRows,
+        )
+        .await;
     }
     fed.shutdown().await.unwrap();
 }
@@ -502,24 +510,17 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        let q = engine
-            .plan("alice", sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let q = partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            *n_keys,
+            AggregateRequest::CountRows,
+        )
+        .await;
         assert!(q.request.derived.is_some(), "{sql}: a derived table");
         assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1, proven");
-        let merged = engine
-            .gather(&q)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        let got = merged_rows(
-            &merged,
-            &q.request.aggregates,
-            &[AggregateRequest::CountRows],
-        );
-        let want = exact_rows(&ctx, want_sql, *n_keys).await;
-        assert!(want.values().all(|v| v[0] > 0), "{sql}: rows to count");
-        assert_eq!(got, want, "{sql}");
     }
     for (sql, why) in [
         (

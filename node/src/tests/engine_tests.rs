@@ -399,7 +399,7 @@ fn bulk_rows_by_grp(r: u32, filter: Option<Predicate>) -> PartialAggregateReques
     )
 }
 
-fn assert_refused(r: Result<(), NodeError>, needle: &str) {
+pub(super) fn assert_refused(r: Result<(), NodeError>, needle: &str) {
     match r {
         Err(NodeError::Refused(m)) => assert!(m.contains(needle), "{needle:?} not in {m:?}"),
         other => panic!("expected a refusal containing {needle:?}, got {other:?}"),

@@ -5,6 +5,7 @@
 
 use fedq_common::{AggregateRequest, BinaryOp, GroupKey, Literal, ParticipantSet, Predicate};
 
+use super::engine_tests::assert_refused;
 use super::*;
 use crate::{NodeEngine, NodeError};
 
@@ -132,13 +133,6 @@ async fn a_set_tested_in_a_case_key_splits_every_row_into_its_label() {
             keyed(&["tested"], &[6, 2])
         ]
     );
-}
-
-fn assert_refused(r: Result<(), NodeError>, needle: &str) {
-    match r {
-        Err(NodeError::Refused(m)) => assert!(m.contains(needle), "{needle:?} not in {m:?}"),
-        other => panic!("expected a refusal containing {needle:?}, got {other:?}"),
-    }
 }
 
 #[tokio::test]
