@@ -254,10 +254,14 @@ pub(crate) fn node_toml(site: &str, port: u16, catalog: &Catalog) -> String {
     out
 }
 
-/// The node's defaults that synth writes out explicitly (kept equal to `fedq-node`'s
-/// `DEFAULT_MAX_QUERY_MEMORY_MB`; synth does not depend on the node crate).
+/// What synth writes for the node settings it spells out.
 mod fedq_node_defaults {
-    pub const MAX_QUERY_MEMORY_MB: usize = 512;
+    /// `max_query_memory_mb` of a synthetic site: above `fedq-node`'s default of 512,
+    /// because a node checks at start-up that its worst query fits (4 × its two largest
+    /// tables + accumulators), and a full-scale site (`--participants 772000` over 38
+    /// sites) needs about 612 MiB; 2048 leaves room for the second phase's million
+    /// participants. A node whose tables need more refuses to start and names the figure.
+    pub const MAX_QUERY_MEMORY_MB: usize = 2048;
 }
 
 /// A fresh password: 20 bytes from the operating system's RNG, hex-encoded. Passwords are
