@@ -481,11 +481,18 @@ impl PartialAggregateRequest {
     /// Every participant set its filter and group keys test (outermost ones; nested sets
     /// are inside their filters).
     pub fn participant_sets(&self) -> Vec<&ParticipantSet> {
-        let mut out: Vec<&ParticipantSet> = Vec::new();
-        if let Some(f) = &self.filter {
+        let mut out = self.outer_participant_sets();
+        if let Some(f) = self.derived.as_ref().and_then(|d| d.filter.as_ref()) {
             out.extend(f.participant_sets());
         }
-        if let Some(f) = self.derived.as_ref().and_then(|d| d.filter.as_ref()) {
+        out
+    }
+
+    /// The participant sets its filter and group keys test, not those of its derived
+    /// table's filter (which are joined inside the derived table).
+    pub fn outer_participant_sets(&self) -> Vec<&ParticipantSet> {
+        let mut out: Vec<&ParticipantSet> = Vec::new();
+        if let Some(f) = &self.filter {
             out.extend(f.participant_sets());
         }
         for k in &self.group_by {

@@ -390,28 +390,26 @@ impl NodeEngine {
         let mut recounted = false;
         // Set when a plan could not read row positions in the scan (see below).
         let mut positions_unusable = false;
+        // Derived tables and the joins of participant sets do not keep the table's row
+        // order, so neither the start-up counts nor run sampling apply.
+        let reorders_rows = req.derived.is_some() || !req.participant_sets().is_empty();
         for _attempt in 0..5 {
             // A joined participant can have up to (rows on the left) × (rows on the right)
             // rows, so the driving table's start-up counts do not bound its joined rows.
             // Joined requests use no counts: every participant goes through a reservoir of
             // R rows, whatever its counts say.
             let served = self.tables.get(&req.table);
-            let Counted { counts, stamp } =
-                match served {
-                    Some(t)
-                        if req.join.is_none()
-                            && req.derived.is_none()
-                            && req.participant_sets().is_empty() =>
-                    {
-                        { t }.counts.read().map(|c| c.clone()).map_err(|_| {
-                            internal(crate::bounding::BoundError("counts lock".into()))
-                        })?
-                    }
-                    _ => Counted {
-                        counts: Arc::new(ParticipantCounts::default()),
-                        stamp: None,
-                    },
-                };
+            let Counted { counts, stamp } = match served {
+                Some(t) if req.join.is_none() && !reorders_rows => t
+                    .counts
+                    .read()
+                    .map(|c| c.clone())
+                    .map_err(|_| internal(crate::bounding::BoundError("counts lock".into())))?,
+                _ => Counted {
+                    counts: Arc::new(ParticipantCounts::default()),
+                    stamp: None,
+                },
+            };
             // Rows are told apart by their position in the file only while the file is the
             // one that was counted; a changed file is recounted first.
             let file = served.and_then(|t| t.file.as_deref());
@@ -453,8 +451,7 @@ impl NodeEngine {
             // the bounder then sees one Int64 key numbering the observed groups.
             // Partition selection reorders rows: no run is sampled on the spot.
             // So do the joins of participant sets.
-            let in_table_order =
-                selection.is_none() && req.derived.is_none() && req.participant_sets().is_empty();
+            let in_table_order = selection.is_none() && !reorders_rows;
             // `prepare` optimised the request's own plan; partition selection builds another.
             let (state, logical, dict) = match selection {
                 None => (state, logical, None),
@@ -758,16 +755,7 @@ impl NodeEngine {
             s.check(&self.catalog).map_err(|e| refused(e.0))?;
         }
         // The derived table's own sets are joined inside its frame (`crate::derived`).
-        let mut outer: Vec<&fedq_common::ParticipantSet> = Vec::new();
-        if let Some(f) = &req.filter {
-            outer.extend(f.participant_sets());
-        }
-        for k in &req.group_by {
-            for p in k.predicates() {
-                outer.extend(p.participant_sets());
-            }
-        }
-        let set_cols = sets::set_columns(outer, &mut set_names);
+        let set_cols = sets::set_columns(req.outer_participant_sets(), &mut set_names);
         let scope = Scope {
             left: Relation {
                 name: tname,
