@@ -33,6 +33,7 @@
 //!   ([`wire::MAX_REQUEST_BYTES`]); semantic validation is the node's job.
 
 pub mod catalog;
+pub mod computed;
 pub mod derived;
 pub mod group_key;
 pub mod like;
@@ -45,6 +46,6 @@ pub mod wire;
 
 pub use catalog::{Catalog, CatalogError, ColumnSpec, ColumnType, Policy, PublicValue, TableSpec};
 pub use wire::{
-    AggregateRequest, BinaryOp, ColumnRef, GroupKey, JoinSpec, Literal, NodeInfo,
+    AggregateRequest, BinaryOp, ColumnRef, GroupKey, JoinKind, JoinSpec, Literal, NodeInfo,
     PartialAggregateRequest, ParticipantSet, Predicate, Side, WireError, PROTOCOL_VERSION,
 };

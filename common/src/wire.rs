@@ -23,7 +23,10 @@ pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 /// condition ([`GroupKey::Condition`]), filters may take date parts ([`Predicate::DatePart`],
 /// [`DateField::Day`]) and subtract dates (days), and a request may read a per-participant
 /// derived table (`derived`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// v6: aggregates may read computed columns (`computed`, [`crate::computed::Computed`]),
+/// expressions that may be a `CASE` ([`Predicate::Case`]); a join may be a `LEFT JOIN` with
+/// its own `ON` condition, and may join a table with itself.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest ticket a node accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -102,12 +105,18 @@ pub struct PartialAggregateRequest {
     /// left side name its columns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub derived: Option<crate::derived::PerParticipant>,
+    /// Named expressions its aggregates read like columns of the driving side
+    /// (`AVG(2026 - birth_year)`, `COUNT(*) FILTER (WHERE …)`), declared by
+    /// [`crate::computed::Computed::spec`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub computed: Vec<crate::computed::Computed>,
 }
 
-/// An inner equi-join of the request's table with `table` on the privacy unit:
+/// An equi-join of the request's table with `table` on the privacy unit:
 /// `<left>.<left_on> = <right>.<right_on>`, where both must be the tables' declared
 /// `privacy_unit`s (the node checks). Rows then pair only rows of the same participant,
-/// and R bounds each participant's joined rows.
+/// and R bounds each participant's joined rows. `table` may be the request's table itself
+/// (a self-join: pairs of one participant's rows).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinSpec {
@@ -117,6 +126,33 @@ pub struct JoinSpec {
     pub left_on: String,
     /// Join column of the joined table (its privacy unit).
     pub right_on: String,
+    /// Inner (the default, omitted) or left outer.
+    #[serde(default, skip_serializing_if = "JoinKind::is_inner")]
+    pub kind: JoinKind,
+    /// Further `ON` conditions of a left join, over both sides: a driving row whose
+    /// participant has no joined row meeting them is kept once, with NULLs on the right.
+    /// (An inner join's further conditions are the request's filter.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Predicate>,
+}
+
+/// How a [`JoinSpec`] pairs rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKind {
+    /// Driving rows with a joined row of the same participant.
+    #[default]
+    Inner,
+    /// Every driving row: with each joined row of the same participant that meets `on`,
+    /// or once with NULLs when there is none.
+    Left,
+}
+
+impl JoinKind {
+    /// Whether this is [`JoinKind::Inner`] (omitted from the JSON).
+    pub fn is_inner(&self) -> bool {
+        *self == JoinKind::Inner
+    }
 }
 
 /// Which table of a joined request a column belongs to.
@@ -353,6 +389,15 @@ pub enum Predicate {
         field: DateField,
         input: Box<Predicate>,
     },
+    /// `CASE WHEN b₁.when THEN b₁.then … [ELSE otherwise] END`: the value of the first
+    /// branch whose condition is true (a NULL condition is not true), else `otherwise`,
+    /// else NULL. Used for values (`SUM(CASE WHEN … THEN 1 ELSE 0 END)`, an aggregate's
+    /// `FILTER (WHERE …)`), see [`crate::computed`].
+    Case {
+        branches: Vec<ValueBranch>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        otherwise: Option<Box<Predicate>>,
+    },
     /// `unit [NOT] IN set`: whether the row's participant (the privacy unit of `side`'s
     /// table) is in a [`ParticipantSet`] decided from that participant's own rows at this
     /// site (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`). Never NULL.
@@ -362,6 +407,16 @@ pub enum Predicate {
         set: Box<ParticipantSet>,
         negated: bool,
     },
+}
+
+/// One `WHEN … THEN …` of a [`Predicate::Case`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueBranch {
+    /// Condition.
+    pub when: Predicate,
+    /// Value of the rows for which it is the first true condition.
+    pub then: Predicate,
 }
 
 impl Predicate {
@@ -399,6 +454,18 @@ impl Predicate {
                 input, low, high, ..
             } => vec![input, low, high],
             Predicate::InSet { set, .. } => set.filters(),
+            Predicate::Case {
+                branches,
+                otherwise,
+            } => {
+                let mut v: Vec<&Predicate> = Vec::new();
+                for b in branches {
+                    v.push(&b.when);
+                    v.push(&b.then);
+                }
+                v.extend(otherwise.as_deref());
+                v
+            }
         }
     }
 
@@ -500,6 +567,9 @@ impl PartialAggregateRequest {
                 out.extend(p.participant_sets());
             }
         }
+        for c in &self.computed {
+            out.extend(c.value.participant_sets());
+        }
         out
     }
 
@@ -582,6 +652,32 @@ impl PartialAggregateRequest {
                 )));
             }
         }
+        if let Some(on) = req.join.as_ref().and_then(|j| j.on.as_ref()) {
+            if on.depth() > MAX_EXPR_DEPTH || on.node_count() > MAX_EXPR_NODES {
+                return Err(WireError::Malformed(format!(
+                    "the join's ON condition exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                )));
+            }
+        }
+        if req.computed.len() > crate::computed::MAX_COMPUTED {
+            return Err(WireError::Malformed(format!(
+                "{} computed columns; the limit is {}",
+                req.computed.len(),
+                crate::computed::MAX_COMPUTED
+            )));
+        }
+        let computed_nodes: usize = req.computed.iter().map(|c| c.value.node_count()).sum();
+        let computed_depth = req
+            .computed
+            .iter()
+            .map(|c| c.value.depth())
+            .max()
+            .unwrap_or(0);
+        if computed_depth > MAX_EXPR_DEPTH || computed_nodes > MAX_EXPR_NODES {
+            return Err(WireError::Malformed(format!(
+                "computed columns exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+            )));
+        }
         let leaves = req.set_leaf_count();
         if leaves > MAX_SET_LEAVES {
             return Err(WireError::Malformed(format!(
@@ -634,6 +730,7 @@ mod tests {
             max_rows_per_unit: 10,
             max_groups_per_unit: None,
             derived: None,
+            computed: Vec::new(),
         }
     }
 
@@ -673,6 +770,8 @@ mod tests {
             table: "participants".into(),
             left_on: "pid".into(),
             right_on: "pid".into(),
+            kind: Default::default(),
+            on: None,
         });
         r.group_by = vec![ColumnRef::right("sex").into()];
         r.filter = Some(Predicate::Column {

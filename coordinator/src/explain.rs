@@ -250,7 +250,7 @@ pub fn explain_batch(
         name: format!(
             "{} statistic(s) and the bounding report over {}",
             q.statistics.len(),
-            q.tables().join(" JOIN ")
+            q.relation()
         ),
         sensitivity: None,
         formula: None,
@@ -300,7 +300,7 @@ pub fn explain_batch(
     request.query_id.clear();
     rows.push(Row {
         item: "node request",
-        name: q.tables().join(" JOIN "),
+        name: q.relation(),
         sensitivity: None,
         formula: None,
         epsilon: None,

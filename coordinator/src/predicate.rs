@@ -121,7 +121,11 @@ impl<'a> Scope<'a> {
 
     /// How a column is named in messages and labels: `value`, or `labs.value` in a join.
     pub fn label(&self, rel: &Relation<'_>, name: &str) -> String {
-        if self.right.is_some() {
+        if let Some(right) = self.right {
+            // A self-join tells its sides apart by alias.
+            if right.table == self.left.table {
+                return format!("{}.{name}", rel.qualifier);
+            }
             format!("{}.{name}", rel.table)
         } else {
             name.to_string()
@@ -426,5 +430,87 @@ fn input_types(p: &Predicate, scope: &Scope<'_>) -> Vec<ColumnType> {
             ..
         } => vec![ColumnType::Int32, ColumnType::Int64, ColumnType::Float64],
         _ => vec![ColumnType::Boolean],
+    }
+}
+
+/// Translate the value an aggregate reads (`2026 - birth_year`, `CASE WHEN value > 7 THEN 1
+/// ELSE 0 END`, `year(f.first_on) - p.birth_year`) into the wire language. Numbers only:
+/// a `CASE` takes numeric values here (its conditions are filters), and a `CAST` between
+/// numeric types becomes a `TRY_CAST` (a value out of the target's range is NULL, never an
+/// error). Everything else is translated as in a filter.
+pub fn to_value(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, CoordinatorError> {
+    let numeric = |t: &arrow::datatypes::DataType| {
+        use arrow::datatypes::DataType as D;
+        matches!(t, D::Int32 | D::Int64 | D::Float64)
+    };
+    match expr {
+        Expr::Alias(a) => to_value(&a.expr, scope),
+        Expr::Case(c) => {
+            let mut branches = Vec::with_capacity(c.when_then_expr.len());
+            for (w, t) in &c.when_then_expr {
+                // `CASE x WHEN v THEN …` tests `x = v`.
+                let when = match &c.expr {
+                    Some(x) => {
+                        Expr::BinaryExpr(BinaryExpr::new(x.clone(), Operator::Eq, w.clone()))
+                    }
+                    None => w.as_ref().clone(),
+                };
+                branches.push(fedq_common::wire::ValueBranch {
+                    when: to_predicate(&when, scope)?,
+                    then: to_value(t, scope)?,
+                });
+            }
+            let otherwise = match &c.else_expr {
+                Some(e) => Some(Box::new(to_value(e, scope)?)),
+                None => None,
+            };
+            Ok(Predicate::Case {
+                branches,
+                otherwise,
+            })
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Plus | Operator::Minus | Operator::Multiply) =>
+        {
+            let op = match op {
+                Operator::Plus => BinaryOp::Plus,
+                Operator::Minus => BinaryOp::Minus,
+                _ => BinaryOp::Multiply,
+            };
+            Ok(Predicate::Binary {
+                op,
+                left: Box::new(to_value(left, scope)?),
+                right: Box::new(to_value(right, scope)?),
+            })
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Divide,
+            right,
+        }) if matches!(right.as_ref(), Expr::Literal(..)) => {
+            let Expr::Literal(v, _) = right.as_ref() else {
+                return to_predicate(expr, scope);
+            };
+            if !literal_divisor_is_safe(v) {
+                return Err(refuse(
+                    "an aggregated expression may divide only by a number literal other than 0 and -1",
+                ));
+            }
+            Ok(Predicate::Binary {
+                op: BinaryOp::Divide,
+                left: Box::new(to_value(left, scope)?),
+                right: Box::new(to_predicate(right, scope)?),
+            })
+        }
+        Expr::Cast(c)
+            if numeric(c.field.data_type()) && !matches!(c.expr.as_ref(), Expr::Literal(..)) =>
+        {
+            let to = column_type(c.field.data_type())?;
+            Ok(Predicate::TryCast {
+                input: Box::new(to_value(&c.expr, scope)?),
+                to,
+            })
+        }
+        _ => to_predicate(expr, scope),
     }
 }

@@ -81,6 +81,7 @@ pub(crate) fn frame(
         },
         right: None,
         sets: &nested,
+        computed: &[],
     };
     let (unit_expr, _) = scope.column(Side::Left, &unit, "a derived table")?;
     let mut df = sets::attach(engine, t.df.clone(), unit_expr.clone(), &nested, names)?;

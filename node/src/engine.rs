@@ -711,12 +711,6 @@ impl NodeEngine {
                     shown(rname)
                 )));
             }
-            if rname == tname {
-                return Err(refused(format!(
-                    "self-joins are not supported: joining {} with itself on the privacy unit pairs every row of a participant with each of its other rows; query the table once",
-                    shown(tname)
-                )));
-            }
             let Some(rt) = self.tables.get(rname) else {
                 return Err(refused(format!(
                     "table {} is not served at site {}",
@@ -756,7 +750,7 @@ impl NodeEngine {
         }
         // The derived table's own sets are joined inside its frame (`crate::derived`).
         let set_cols = sets::set_columns(req.outer_participant_sets(), &mut set_names);
-        let scope = Scope {
+        let base = Scope {
             left: Relation {
                 name: tname,
                 spec,
@@ -768,6 +762,14 @@ impl NodeEngine {
                 spec: &rt.spec,
             }),
             sets: &set_cols,
+            computed: &[],
+        };
+        // Computed columns (`AVG(2026 - birth_year)`, `COUNT(*) FILTER (WHERE …)`): checked
+        // and declared here from the catalog and this node's policy, then read like columns.
+        let computed = crate::computed::columns(req, &base)?;
+        let scope = Scope {
+            computed: &computed,
+            ..base
         };
         let column = |c: &ColumnRef, role: &str| scope.column(c.side, &c.name, role).map(|x| x.1);
         let privacy_unit = |c: &ColumnRef| {
@@ -1102,8 +1104,10 @@ impl NodeEngine {
                 };
                 // Joined columns are qualified by side; name them by position so that equal
                 // names on both sides cannot clash (the bounder reads by position). Open
-                // group keys are bounded by name (`selection`), so they need it too.
-                Ok(if scope.right.is_some() || max_groups.is_some() {
+                // group keys are bounded by name (`selection`), so they need it too, and
+                // computed columns have no name of their own.
+                let computed = matches!(item, ProjItem::Col(c) if c.side == Side::Left && scope.computed.iter().any(|k| k.name == c.name));
+                Ok(if scope.right.is_some() || max_groups.is_some() || computed {
                     e.alias(selection::proj_name(i))
                 } else {
                     e
@@ -1152,12 +1156,25 @@ impl NodeEngine {
             };
             let left = df.alias(LEFT_ALIAS).map_err(join_err)?;
             let right = rt.df.clone().alias(RIGHT_ALIAS).map_err(join_err)?;
-            let on = Expr::Column(Column::new(Some(LEFT_ALIAS), j.left_on.as_str())).eq(
-                Expr::Column(Column::new(Some(RIGHT_ALIAS), j.right_on.as_str())),
-            );
-            df = left
-                .join_on(right, JoinType::Inner, [on])
-                .map_err(join_err)?;
+            let mut on = vec![
+                Expr::Column(Column::new(Some(LEFT_ALIAS), j.left_on.as_str())).eq(Expr::Column(
+                    Column::new(Some(RIGHT_ALIAS), j.right_on.as_str()),
+                )),
+            ];
+            if let Some(extra) = &j.on {
+                if !extra.participant_sets().is_empty() {
+                    return Err(invalid(
+                        "a join's ON condition cannot test participant sets; test them in the filter"
+                            .into(),
+                    ));
+                }
+                on.push(filter::translate(extra, &scope)?);
+            }
+            let kind = match j.kind {
+                fedq_common::JoinKind::Inner => JoinType::Inner,
+                fedq_common::JoinKind::Left => JoinType::Left,
+            };
+            df = left.join_on(right, kind, on).map_err(join_err)?;
         }
         if !set_cols.is_empty() {
             let unit = scope

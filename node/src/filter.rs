@@ -75,6 +75,16 @@ pub(crate) struct Scope<'a> {
     /// The participant sets the request tests, each with the column that carries its
     /// members' ids in the frame (see `crate::sets`).
     pub sets: &'a [crate::sets::SetColumn],
+    /// The request's computed columns, read like columns of the driving side.
+    pub computed: &'a [ComputedColumn],
+}
+
+/// A computed column ([`fedq_common::computed::Computed`]) as the node evaluates it: its
+/// expression over the request's columns, and its declaration (type and bounds).
+pub(crate) struct ComputedColumn {
+    pub name: String,
+    pub expr: Expr,
+    pub spec: fedq_common::ColumnSpec,
 }
 
 /// DataFusion alias of the driving table in a join.
@@ -101,6 +111,11 @@ impl<'a> Scope<'a> {
         name: &str,
         role: &str,
     ) -> Result<(Expr, &'a fedq_common::ColumnSpec), NodeError> {
+        if side == Side::Left {
+            if let Some(c) = self.computed.iter().find(|c| c.name == name) {
+                return Ok((c.expr.clone(), &c.spec));
+            }
+        }
         let rel = self.relation(side)?;
         let c = rel.spec.column(name).ok_or_else(|| {
             NodeError::Refused(format!(
@@ -137,6 +152,18 @@ pub(crate) fn translate(p: &Predicate, scope: &Scope<'_>) -> Result<Expr, NodeEr
     if !ty.is_boolish() {
         return Err(invalid(format!(
             "the filter is of type {}, not boolean",
+            ty.name()
+        )));
+    }
+    Ok(e)
+}
+
+/// Translate a computed column's value: a number (or NULL) for every row.
+pub(crate) fn translate_value(p: &Predicate, scope: &Scope<'_>) -> Result<Expr, NodeError> {
+    let (e, ty) = tr(p, scope)?;
+    if !(ty.is_null() || ty.is_numeric()) {
+        return Err(invalid(format!(
+            "a computed column is of type {}, not a number",
             ty.name()
         )));
     }
@@ -460,6 +487,10 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
                 Ty::Col(ColumnType::Int64),
             ))
         }
+        Predicate::Case {
+            branches,
+            otherwise,
+        } => case_value(branches, otherwise.as_deref(), scope),
         Predicate::InSet { side, set, negated } => {
             scope.relation(*side)?;
             let Some(sc) = scope.sets.iter().find(|c| &c.set == set.as_ref()) else {
@@ -478,6 +509,69 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
             Ok((e, Ty::Col(ColumnType::Boolean)))
         }
     }
+}
+
+/// `CASE WHEN … THEN <number> … [ELSE <number>] END`: numeric values only (it computes the
+/// values of aggregates), each cast to the result's type so that the branches agree. A NULL
+/// condition is not true; without ELSE the value is NULL.
+fn case_value(
+    branches: &[fedq_common::wire::ValueBranch],
+    otherwise: Option<&Predicate>,
+    scope: &Scope<'_>,
+) -> Result<(Expr, Ty), NodeError> {
+    if branches.is_empty() {
+        return Err(invalid("a CASE needs at least one WHEN".into()));
+    }
+    let mut conds = Vec::with_capacity(branches.len());
+    let mut values = Vec::with_capacity(branches.len() + 1);
+    for b in branches {
+        let (c, ct) = tr(&b.when, scope)?;
+        if !ct.is_boolish() {
+            return Err(invalid(format!(
+                "a CASE condition must be boolean, not {}",
+                ct.name()
+            )));
+        }
+        conds.push(c);
+        values.push(tr(&b.then, scope)?);
+    }
+    let other = match otherwise {
+        Some(o) => Some(tr(o, scope)?),
+        None => None,
+    };
+    let mut ty = Ty::Col(ColumnType::Int64);
+    for (_, t) in values.iter().chain(other.iter()) {
+        if !(t.is_null() || t.is_numeric()) {
+            return Err(invalid(format!(
+                "a CASE value must be a number, not {}",
+                t.name()
+            )));
+        }
+        if *t == Ty::Col(ColumnType::Float64) {
+            ty = *t;
+        }
+    }
+    let target = match ty {
+        Ty::Col(c) => c.arrow_type(),
+        _ => DataType::Int64,
+    };
+    let mut builder: Option<datafusion::logical_expr::conditional_expressions::CaseBuilder> = None;
+    for (c, (v, _)) in conds.into_iter().zip(values) {
+        let v = cast(v, target.clone());
+        builder = Some(match builder {
+            None => when(c, v),
+            Some(mut b) => b.when(c, v),
+        });
+    }
+    let Some(mut builder) = builder else {
+        return Err(invalid("a CASE needs at least one WHEN".into()));
+    };
+    let built = match other {
+        Some((o, _)) => builder.otherwise(cast(o, target)),
+        None => builder.end(),
+    };
+    let e = built.map_err(|err| invalid(format!("the CASE could not be built: {err}")))?;
+    Ok((e, ty))
 }
 
 /// Days since 1970-01-01 of -262000-01-01 and +262000-12-31: dates in this range can be

@@ -117,6 +117,7 @@
 //! - Everything else: `UNIMPLEMENTED`.
 
 mod bounding;
+mod computed;
 mod config;
 mod derived;
 mod engine;

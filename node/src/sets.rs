@@ -148,6 +148,7 @@ fn rows_frame(
         },
         right: None,
         sets: &nested,
+        computed: &[],
     };
     let (unit_expr, _) = scope.column(Side::Left, &unit, "a participant subquery")?;
     let mut df = attach(engine, t.df.clone(), unit_expr.clone(), &nested, names)?;

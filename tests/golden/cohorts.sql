@@ -85,6 +85,12 @@ SELECT p.sex, COUNT(d.pid) FROM participants p LEFT JOIN diagnoses d ON d.pid = 
 ;
 SELECT COUNT(*) FROM diagnoses d JOIN variants v ON d.code = v.variant
 ;
+SELECT a.code, b.code, COUNT(DISTINCT pid) FROM diagnoses a JOIN diagnoses b USING (pid) WHERE a.code < b.code GROUP BY 1, 2
+;
+SELECT COUNT(*) FROM participants p LEFT JOIN (SELECT * FROM specimens WHERE kind = 'serum') s USING (pid) WHERE s.pid IS NULL
+;
+SELECT COUNT(*) FROM diagnoses d RIGHT JOIN participants p USING (pid)
+;
 
 -- # 4. Expressions
 SELECT COUNT(*) FROM diagnoses WHERE year(diagnosed_on) = 2020
@@ -106,6 +112,14 @@ SELECT COUNT(*) FILTER (WHERE sex = 'F') FROM participants
 SELECT SUM(CASE WHEN sex = 'F' THEN 1 ELSE 0 END) FROM participants
 ;
 SELECT AVG(2026 - birth_year) FROM participants
+;
+SELECT AVG(year(f.first_on) - p.birth_year) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'I21' GROUP BY pid) f JOIN participants p USING (pid)
+;
+SELECT sex, AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1.0 ELSE 0 END) FROM participants GROUP BY sex
+;
+SELECT COUNT(*), COUNT(*) FILTER (WHERE value > 7), AVG(value) FILTER (WHERE value > 7) FROM labs WHERE test = 'HbA1c'
+;
+SELECT MEDIAN(value) FILTER (WHERE test = 'HbA1c') FROM labs
 ;
 SELECT date_trunc('month', measured_on) AS m, COUNT(*) FROM labs GROUP BY 1
 ;

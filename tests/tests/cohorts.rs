@@ -543,3 +543,314 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
     }
     fed.shutdown().await.unwrap();
 }
+
+/// The partial of `q` that `pick` selects (the first one it matches).
+fn partial_of(
+    q: &fedq_coordinator::planner::PlannedQuery,
+    pick: impl Fn(&AggregateRequest) -> bool,
+) -> AggregateRequest {
+    q.request
+        .aggregates
+        .iter()
+        .find(|a| pick(a))
+        .cloned()
+        .unwrap_or_else(|| panic!("{}: no such partial in {:?}", q.sql, q.request.aggregates))
+}
+
+/// Aggregates of expressions (part 4): `COUNT(*) FILTER (WHERE …)`, `SUM(CASE …)`,
+/// `SUM(2026 - birth_year)`, the age at a first diagnosis (`year(first_on) - birth_year`
+/// over a derived table joined to participants), the days between two dates, and a FILTER
+/// testing a participant set. Each becomes a computed column with bounds that follow from
+/// the catalog; nothing is clamped on these data, so the exact partials equal DataFusion's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aggregates_of_expressions_equal_datafusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1500, 53);
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let count = |a: &AggregateRequest| matches!(a, AggregateRequest::CountNonNull { .. });
+    let sum = |a: &AggregateRequest| matches!(a, AggregateRequest::SumFixed { .. });
+    type Pick = fn(&AggregateRequest) -> bool;
+    /// SQL, DataFusion's SQL, key columns, which partial, its bounds (for a sum).
+    type Shape<'a> = (&'a str, String, usize, Pick, (f64, f64));
+    let shapes: Vec<Shape> = vec![
+        (
+            "SELECT COUNT(*) FILTER (WHERE test = 'HbA1c') FROM labs",
+            "SELECT COUNT(*) FROM labs WHERE test = 'HbA1c'".into(),
+            0,
+            count,
+            (0.0, 1.0),
+        ),
+        (
+            "SELECT sex, SUM(CASE WHEN birth_year < 1960 THEN 1 ELSE 0 END) AS older FROM participants GROUP BY sex",
+            "SELECT sex, SUM(CASE WHEN birth_year < 1960 THEN 1 ELSE 0 END) FROM participants GROUP BY sex".into(),
+            1,
+            sum,
+            (0.0, 1.0),
+        ),
+        (
+            "SELECT participant_type, SUM(2026 - birth_year) FROM participants GROUP BY participant_type",
+            "SELECT participant_type, SUM(2026 - birth_year) FROM participants GROUP BY participant_type".into(),
+            1,
+            sum,
+            (-4.0, 126.0),
+        ),
+        (
+            "SELECT SUM(year(f.first_on) - p.birth_year) FROM (SELECT pid, MIN(diagnosed_on) AS first_on \
+             FROM diagnoses WHERE code = 'E11' GROUP BY pid) f JOIN participants p USING (pid)",
+            "SELECT SUM(CAST(date_part('year', f.first_on) AS BIGINT) - p.birth_year) FROM (SELECT pid, fedq_site, \
+             MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid, fedq_site) f \
+             JOIN participants p ON f.pid = p.pid AND f.fedq_site = p.fedq_site"
+                .into(),
+            0,
+            sum,
+            (2000.0 - 2030.0, 2026.0 - 1900.0),
+        ),
+        (
+            "SELECT SUM(l.measured_on - p.enrolled_on) FROM labs l JOIN participants p USING (pid) \
+             WHERE l.test = 'HbA1c' AND l.measured_on > p.enrolled_on",
+            "SELECT SUM(CAST(CAST(l.measured_on AS INT) AS BIGINT) - CAST(CAST(p.enrolled_on AS INT) AS BIGINT)) \
+             FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
+             WHERE l.test = 'HbA1c' AND l.measured_on > p.enrolled_on"
+                .into(),
+            0,
+            sum,
+            (-9861.0, 9861.0),
+        ),
+        (
+            "SELECT sex, COUNT(*) FILTER (WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')) FROM participants p GROUP BY sex",
+            format!(
+                "SELECT sex, COUNT(*) FROM participants p WHERE {P} IN (SELECT {} FROM diagnoses d WHERE d.code = 'E11') GROUP BY sex",
+                keyed("d")
+            ),
+            1,
+            count,
+            (0.0, 1.0),
+        ),
+        (
+            // Prevalence: the share of participants in a set, in units of 0.001.
+            "SELECT sex, AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1.0 ELSE 0 END) \
+             FROM participants p GROUP BY sex",
+            format!(
+                "SELECT p.sex, SUM(CASE WHEN e.k IS NOT NULL THEN 1000 ELSE 0 END) FROM participants p \
+                 LEFT JOIN (SELECT DISTINCT {} AS k FROM diagnoses d WHERE d.code = 'E11') e ON e.k = {P} GROUP BY p.sex",
+                keyed("d")
+            ),
+            1,
+            sum,
+            (0.0, 1.0),
+        ),
+    ];
+    for (sql, want_sql, n_keys, pick, bounds) in &shapes {
+        let q = engine
+            .plan("alice", sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(q.request.computed.len(), 1, "{sql}: one computed column");
+        let partial = partial_of(&q, pick);
+        if let AggregateRequest::SumFixed { lower, upper, .. } = &partial {
+            assert_eq!(
+                (*lower, *upper),
+                *bounds,
+                "{sql}: bounds by interval arithmetic"
+            );
+        }
+        partials_equal(&engine, &ctx, sql, want_sql, *n_keys, partial).await;
+    }
+    for (sql, why) in [
+        ("SELECT SUM(CASE WHEN code = 'E11' THEN 1 ELSE 0 END) FROM diagnoses JOIN participants USING (pid)", ""),
+        ("SELECT SUM(TRY_CAST(variant AS BIGINT)) FROM variants", "no declared bounds"),
+        ("SELECT SUM(value / 0) FROM labs", "divide only by"),
+        ("SELECT MEDIAN(value) FILTER (WHERE test = 'HbA1c') FROM labs", "put the condition in WHERE"),
+        ("SELECT COUNT(DISTINCT pid) FILTER (WHERE test = 'HbA1c') FROM labs", "put the condition in WHERE"),
+    ] {
+        match engine.plan("alice", sql).await {
+            Ok(q) if why.is_empty() && sql.contains("diagnoses JOIN") => {
+                // An indicator is bounded whatever the columns' declarations.
+                assert_eq!(q.request.computed.len(), 1, "{sql}");
+            }
+            Err(CoordinatorError::Refused(m) | CoordinatorError::InvalidSql(m)) => {
+                assert!(m.contains(why), "{sql}: {m}")
+            }
+            other => panic!("{sql}: unexpected {:?}", other.map(|q| q.request)),
+        }
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// `LEFT JOIN` on the participant (part 3): every driving row stays, with its participant's
+/// joined rows that meet the `ON` conditions or once with NULLs, so `COUNT(d.pid)` counts
+/// the participants with the code among all of them (prevalence). And a self-join pairs one
+/// participant's rows (comorbidity pairs). Both equal DataFusion per site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn left_joins_and_self_joins_on_the_participant_equal_datafusion_per_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1200, 59);
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let rows = |a: &AggregateRequest| matches!(a, AggregateRequest::CountRows);
+    let non_null = |a: &AggregateRequest| matches!(a, AggregateRequest::CountNonNull { .. });
+    type Pick = fn(&AggregateRequest) -> bool;
+    let shapes: Vec<(&str, &str, usize, Pick)> = vec![
+        (
+            "SELECT p.sex, COUNT(*) FROM participants p LEFT JOIN diagnoses d ON d.pid = p.pid AND d.code = 'E11' GROUP BY p.sex",
+            "SELECT p.sex, COUNT(*) FROM participants p LEFT JOIN diagnoses d ON d.pid = p.pid \
+             AND d.fedq_site = p.fedq_site AND d.code = 'E11' GROUP BY p.sex",
+            1,
+            rows,
+        ),
+        (
+            "SELECT p.sex, COUNT(d.code) FROM participants p LEFT JOIN diagnoses d ON d.pid = p.pid AND d.code = 'E11' GROUP BY p.sex",
+            "SELECT p.sex, COUNT(d.code) FROM participants p LEFT JOIN diagnoses d ON d.pid = p.pid \
+             AND d.fedq_site = p.fedq_site AND d.code = 'E11' GROUP BY p.sex",
+            1,
+            non_null,
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p LEFT JOIN (SELECT * FROM specimens WHERE kind = 'serum') s USING (pid) WHERE s.pid IS NULL",
+            "SELECT COUNT(*) FROM participants p LEFT JOIN specimens s ON s.pid = p.pid AND s.fedq_site = p.fedq_site \
+             AND s.kind = 'serum' WHERE s.pid IS NULL",
+            0,
+            rows,
+        ),
+        (
+            "SELECT COUNT(*) FROM diagnoses a JOIN diagnoses b USING (pid) WHERE a.code = 'E11' AND b.code = 'I10'",
+            "SELECT COUNT(*) FROM diagnoses a JOIN diagnoses b ON a.pid = b.pid AND a.fedq_site = b.fedq_site \
+             WHERE a.code = 'E11' AND b.code = 'I10'",
+            0,
+            rows,
+        ),
+        (
+            "SELECT COUNT(*) FROM diagnoses a JOIN diagnoses b ON a.pid = b.pid AND a.diagnosed_on < b.diagnosed_on \
+             WHERE a.code = 'E11'",
+            "SELECT COUNT(*) FROM diagnoses a JOIN diagnoses b ON a.pid = b.pid AND a.fedq_site = b.fedq_site \
+             AND a.diagnosed_on < b.diagnosed_on WHERE a.code = 'E11'",
+            0,
+            rows,
+        ),
+    ];
+    for (sql, want_sql, n_keys, pick) in &shapes {
+        let q = engine
+            .plan("alice", sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let partial = partial_of(&q, pick);
+        partials_equal(&engine, &ctx, sql, want_sql, *n_keys, partial).await;
+    }
+    for (sql, why) in [
+        (
+            "SELECT COUNT(*) FROM diagnoses d RIGHT JOIN participants p USING (pid)",
+            "LEFT JOIN with the tables swapped",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p FULL JOIN diagnoses d USING (pid)",
+            "or a LEFT JOIN",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p LEFT JOIN diagnoses d ON d.code = p.sex",
+            "privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p JOIN diagnoses d USING (pid) JOIN labs l USING (pid)",
+            "pid IN (SELECT pid",
+        ),
+    ] {
+        match engine.plan("alice", sql).await {
+            Err(CoordinatorError::Refused(m)) => assert!(m.contains(why), "{sql}: {m}"),
+            other => panic!("{sql}: expected a refusal, got {:?}", other.map(|q| q.request)),
+        }
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// A neighbouring pair for expressions and a LEFT JOIN: two federations that differ in one
+/// participant with an E11 diagnosis and the earliest birth year (the largest `2026 -
+/// birth_year`, so the removal moves the computed sum by as much as the data allow), asked
+/// the same prevalence query at ε = 2. Both succeed with the same columns and one row, and
+/// each released value differs by at most its statistic's Δ plus twice its discrete
+/// Laplace half-width at 1e-12 (three outputs: a spurious failure has probability below
+/// 6e-12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expressions_over_a_left_join_on_neighbouring_federations_differ_only_within_the_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    synth(&a, 2, 600, 23);
+    copy_dir(&a, &b);
+    let sql =
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE d.code IS NOT NULL), SUM(2026 - p.birth_year) \
+               FROM participants p LEFT JOIN diagnoses d ON d.pid = p.pid AND d.code = 'E11'";
+    let ctx = site_context(&a).await;
+    let rows = ctx
+        .sql(
+            "SELECT p.pid FROM participants p JOIN diagnoses d ON d.pid = p.pid AND d.fedq_site = p.fedq_site \
+             WHERE d.code = 'E11' ORDER BY p.birth_year, p.pid LIMIT 1",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let pid = fedq_tests::key(&rows[0], 0, 0);
+    assert!(
+        remove_participant(&b, &pid) > 0,
+        "the neighbour lacks {pid}"
+    );
+
+    let mut released: Vec<(Vec<String>, Vec<f64>)> = Vec::new();
+    let mut limits: Vec<f64> = Vec::new();
+    for dir in [&a, &b] {
+        let fed = fedq::federation::LocalFederation::start(
+            dir,
+            FederationOptions {
+                min_reported_count: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let engine = fed.coordinator.engine.clone();
+        let q = engine.plan("alice", sql).await.unwrap();
+        limits = (0..3)
+            .map(|j| {
+                let st = q
+                    .statistics
+                    .iter()
+                    .find(|s| s.used_by == vec![j])
+                    .unwrap_or_else(|| panic!("output {j} has one statistic of its own"));
+                let scale = st.sensitivity as f64 / st.epsilon.to_f64().value() * (q.epsilon / 2.0);
+                (st.sensitivity as f64 + 2.0 * discrete_laplace_half_width(scale, 1e-12)) * st.unit
+            })
+            .collect();
+        let mut alice = fed.client("alice").await.unwrap();
+        alice.query("SET fedq.epsilon = 2").await.unwrap();
+        let r = alice.query(sql).await.unwrap();
+        let batch = &r.batches[0];
+        assert_eq!(batch.num_rows(), 1);
+        let names = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let values = (0..3)
+            .map(|c| fedq_tests::cell(batch, c, 0).expect("a released value"))
+            .collect();
+        released.push((names, values));
+        fed.shutdown().await.unwrap();
+    }
+    assert_eq!(released[0].0, released[1].0, "the same columns");
+    for (j, limit) in limits.iter().enumerate() {
+        let (va, vb) = (released[0].1[j], released[1].1[j]);
+        assert!(
+            (va - vb).abs() <= *limit,
+            "output {j}: released {va} and {vb}, more apart than Δ plus twice the noise bound ({limit})"
+        );
+    }
+}

@@ -667,8 +667,8 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
             "joins must be on the privacy unit",
         ),
         (
-            "SELECT COUNT(*) FROM labs l LEFT JOIN participants p USING (pid)",
-            "LEFT joins are not supported",
+            "SELECT COUNT(*) FROM labs l RIGHT JOIN participants p USING (pid)",
+            "LEFT JOIN with the tables swapped",
         ),
         (
             "SELECT COUNT(*) FROM labs, participants WHERE labs.pid = participants.pid",
@@ -679,8 +679,8 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
             "more than two tables",
         ),
         (
-            "SELECT COUNT(*) FROM labs a JOIN labs b USING (pid)",
-            "self-joins",
+            "SELECT COUNT(*) FROM labs a FULL JOIN labs b USING (pid)",
+            "FULL joins are not supported",
         ),
         (
             "SELECT d.code, COUNT(*) FROM participants p JOIN diagnoses d USING (pid) GROUP BY d.code",

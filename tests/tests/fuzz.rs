@@ -85,6 +85,7 @@ fn valid_ticket() -> Vec<u8> {
         max_groups_per_unit: None,
         derived: None,
         join: None,
+        computed: Vec::new(),
     };
     let f = fixture();
     assert!(
@@ -220,6 +221,7 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 max_groups_per_unit: None,
                 derived: None,
                 join: None,
+                computed: Vec::new(),
             };
             let bytes = req.encode_ticket().unwrap();
             check_ticket(&bytes);
@@ -694,6 +696,42 @@ mod arb {
         .boxed()
     }
 
+    /// The value of a computed column: a numeric expression, or a `CASE` of them.
+    pub fn value(depth: u32) -> BoxedStrategy<Predicate> {
+        prop_oneof![
+            2 => num(depth),
+            1 => (
+                proptest::collection::vec((boolean(depth.saturating_sub(1)), num(depth.saturating_sub(1))), 1..3),
+                proptest::option::of(num(depth.saturating_sub(1))),
+            )
+                .prop_map(|(branches, otherwise)| Predicate::Case {
+                    branches: branches
+                        .into_iter()
+                        .map(|(when, then)| fedq_common::wire::ValueBranch { when, then })
+                        .collect(),
+                    otherwise: otherwise.map(Box::new),
+                }),
+        ]
+        .boxed()
+    }
+
+    /// A join of `x` with itself on the participant: inner or left, with an `ON` condition.
+    pub fn self_join() -> BoxedStrategy<fedq_common::JoinSpec> {
+        (any::<bool>(), proptest::option::weighted(0.5, boolean(2)))
+            .prop_map(|(left, on)| fedq_common::JoinSpec {
+                table: "x".into(),
+                left_on: "pid".into(),
+                right_on: "pid".into(),
+                kind: if left {
+                    fedq_common::JoinKind::Left
+                } else {
+                    fedq_common::JoinKind::Inner
+                },
+                on,
+            })
+            .boxed()
+    }
+
     /// A text expression.
     pub fn text(depth: u32) -> BoxedStrategy<Predicate> {
         let leaf = prop_oneof![
@@ -986,6 +1024,14 @@ mod arb {
     }
 }
 
+/// The extreme node's catalog.
+fn extreme_catalog() -> &'static fedq_common::Catalog {
+    static C: OnceLock<fedq_common::Catalog> = OnceLock::new();
+    C.get_or_init(|| {
+        fedq_common::Catalog::from_toml(EXTREME_CATALOG, "extreme").expect("the extreme catalog")
+    })
+}
+
 /// Run one request at the extreme node: if validation accepts it, execution must answer.
 fn validated_requests_answer(req: &PartialAggregateRequest) -> Result<(), TestCaseError> {
     let f = extreme();
@@ -1017,26 +1063,51 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
             r in 1u32..6,
             open in proptest::option::weighted(0.3, 1u32..4),
             derived in proptest::option::weighted(0.25, arb::per_participant()),
+            values in proptest::collection::vec(arb::value(2), 0..3),
+            join in proptest::option::weighted(0.2, arb::self_join()),
         )| {
+            // Computed columns, each counted and (when bounded) summed within the bounds
+            // the node declares for it, so that validation accepts the sum.
+            let mut aggregates = aggregates;
+            let mut computed = Vec::new();
+            for (i, value) in values.into_iter().enumerate() {
+                let c = fedq_common::computed::Computed { name: format!("e{i}"), value };
+                aggregates.push(AggregateRequest::CountNonNull { column: c.name.as_str().into() });
+                let catalog = extreme_catalog();
+                let x = catalog.table("x").expect("table x");
+                let lookup = |_: fedq_common::Side, n: &str| x.column(n);
+                if let Ok(spec) = c.spec(&lookup) {
+                    if let Some(b) = spec.bounds() {
+                        aggregates.push(AggregateRequest::SumFixed {
+                            column: c.name.as_str().into(),
+                            lower: b.lower,
+                            upper: b.upper,
+                            precision: b.precision,
+                        });
+                    }
+                }
+                computed.push(c);
+            }
             let req = PartialAggregateRequest {
                 query_id: "edge".into(),
                 table: "x".into(),
                 filter,
-                join: None,
+                join: if derived.is_some() { None } else { join },
                 group_by: keys,
                 aggregates,
                 // A derived table has one row per participant.
                 max_rows_per_unit: if derived.is_some() { 1 } else { r },
                 max_groups_per_unit: open,
                 derived,
+                computed,
             };
             validated_requests_answer(&req)?;
         })
     });
 }
 
-/// Stability (issue 14): whatever the filter (participant sets included) and whether the
-/// request reads a derived table, removing one participant removes at most R of the bounded
+/// Stability (issue 14): whatever the filter (participant sets included), whether the
+/// request reads a derived table, and whether it joins the table with itself (inner or left), removing one participant removes at most R of the bounded
 /// rows and at most that one participant, and changes nobody else's: the counts of a node
 /// without the participant are at most, and at least R (or 1) below, those of a node with.
 /// `CountRows` and `CountUnits` without group keys do not depend on which rows bounding
@@ -1048,6 +1119,7 @@ fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
             filter in proptest::option::weighted(0.9, arb::boolean(3)),
             r in 1u32..6,
             derived in proptest::option::weighted(0.3, arb::per_participant()),
+            join in proptest::option::weighted(0.25, arb::self_join()),
         )| {
             let f = extreme_for_stability();
             let r = if derived.is_some() { 1 } else { r };
@@ -1055,12 +1127,14 @@ fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
                 query_id: "stability".into(),
                 table: "x".into(),
                 filter,
-                join: None,
+                // A participant's joined rows (inner or left, of x with itself) are theirs.
+                join: if derived.is_some() { None } else { join },
                 group_by: vec![],
                 aggregates: vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
                 max_rows_per_unit: r,
                 max_groups_per_unit: None,
                 derived,
+                computed: Vec::new(),
             };
             if f.engine.validate(&req).is_err() {
                 return Ok(());

@@ -90,11 +90,41 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         Code::PermissionDenied,
         "privacy units",
     ));
+    let mut r = join("participants", "pid", "pid");
+    r["join"]["on"] = json!({ "expr": "in_set", "side": "right", "negated": false,
+        "set": { "set": "rows", "table": "diagnoses", "min_rows": 1 } });
     cases.push((
-        "a self-join",
-        ticket(join("labs", "pid", "pid")),
+        "a participant set in a join's ON",
+        ticket(r),
+        Code::InvalidArgument,
+        "ON condition cannot test participant sets",
+    ));
+    let mut r = base();
+    r["computed"] = json!([{ "name": "value", "value": { "expr": "literal", "value": { "type": "int64", "value": 1 } } }]);
+    cases.push((
+        "a computed column named like a catalog column",
+        ticket(r),
+        Code::InvalidArgument,
+        "has the name of another column",
+    ));
+    let mut r = base();
+    r["computed"] = json!([{ "name": "e", "value": { "expr": "column", "name": "test" } }]);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "name": "e" }, "lower": 0.0, "upper": 1.0, "precision": 1.0 }]);
+    cases.push((
+        "a computed column of text",
+        ticket(r),
+        Code::InvalidArgument,
+        "not a number",
+    ));
+    let mut r = base();
+    r["computed"] = json!([{ "name": "e", "value": { "expr": "binary", "op": "multiply",
+        "left": { "expr": "column", "name": "value" }, "right": { "expr": "literal", "value": { "type": "int64", "value": 2 } } } }]);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "name": "e" }, "lower": 0.0, "upper": 2000.0, "precision": 0.01 }]);
+    cases.push((
+        "a computed sum with bounds wider than the expression's",
+        ticket(r),
         Code::PermissionDenied,
-        "self-joins",
+        "wider than the catalog",
     ));
     let mut r = join("participants", "pid", "pid");
     r["group_by"] = json!([{ "key": "column", "column": { "side": "right", "name": "pid" } }]);

@@ -762,6 +762,8 @@ fn joined(mut req: PartialAggregateRequest, right: &str) -> PartialAggregateRequ
         table: right.into(),
         left_on: "pid".into(),
         right_on: "pid".into(),
+        kind: Default::default(),
+        on: None,
     });
     req
 }

@@ -417,6 +417,7 @@ pub(crate) fn request(
         max_rows_per_unit: r,
         max_groups_per_unit: None,
         derived: None,
+        computed: Vec::new(),
     }
 }
 

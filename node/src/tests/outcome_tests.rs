@@ -260,6 +260,8 @@ async fn neighbours_around_the_old_memory_threshold_answer_the_same_requests() {
         table: "encounters".into(),
         left_on: "pid".into(),
         right_on: "pid".into(),
+        kind: Default::default(),
+        on: None,
     });
     for req in [reservoirs, join] {
         for e in &engines {
