@@ -46,7 +46,7 @@ pub struct DerivedColumn {
 }
 
 /// An aggregate over one participant's rows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "agg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum UnitAggregate {
     /// The smallest non-NULL value of a column (NULL if there is none).
@@ -55,14 +55,46 @@ pub enum UnitAggregate {
     Max { column: String },
     /// The participant's rows (that pass the filter).
     CountRows,
+    /// The participant's rows where a column is not NULL.
+    CountNonNull { column: String },
+    /// The sum of a numeric column with declared bounds, each value clamped to them first
+    /// (NULL if there is no value).
+    Sum { column: String },
+    /// Whether the condition is true for some of the participant's rows (`bool_or`): NULL
+    /// conditions are skipped, NULL if all are.
+    Any { when: Predicate },
+    /// Whether the condition is true for all of the participant's rows (`bool_and`), NULLs
+    /// skipped as for [`UnitAggregate::Any`].
+    All { when: Predicate },
 }
 
 impl UnitAggregate {
-    /// The source column it reads, if any.
+    /// The source column it reads, if it reads one column.
     pub fn column(&self) -> Option<&str> {
         match self {
-            UnitAggregate::Min { column } | UnitAggregate::Max { column } => Some(column),
-            UnitAggregate::CountRows => None,
+            UnitAggregate::Min { column }
+            | UnitAggregate::Max { column }
+            | UnitAggregate::CountNonNull { column }
+            | UnitAggregate::Sum { column } => Some(column),
+            UnitAggregate::CountRows | UnitAggregate::Any { .. } | UnitAggregate::All { .. } => {
+                None
+            }
+        }
+    }
+
+    /// Every source column it reads.
+    pub fn columns(&self) -> Vec<&str> {
+        match self {
+            UnitAggregate::Any { when } | UnitAggregate::All { when } => when.columns(),
+            other => other.column().into_iter().collect(),
+        }
+    }
+
+    /// The condition of `Any`/`All`, if it is one.
+    pub fn condition(&self) -> Option<&Predicate> {
+        match self {
+            UnitAggregate::Any { when } | UnitAggregate::All { when } => Some(when),
+            _ => None,
         }
     }
 }
@@ -119,6 +151,18 @@ impl PerParticipant {
             .column(&unit)
             .cloned()
             .ok_or_else(|| DerivedError(format!("`{}` has no participant column", self.table)))?];
+        let source_column = |column: &str, what: &str| -> Result<&ColumnSpec, DerivedError> {
+            match source.column(column) {
+                Some(s) if column != unit => Ok(s),
+                Some(_) => Err(DerivedError(format!(
+                    "{what} of the participant column `{unit}` is not a value of the participant's rows"
+                ))),
+                None => Err(DerivedError(format!(
+                    "the derived table takes {what} of `{column}`, which `{}` does not have",
+                    self.table
+                ))),
+            }
+        };
         for c in &self.columns {
             if c.name.is_empty() || columns.iter().any(|x| x.name == c.name) {
                 return err(format!(
@@ -145,17 +189,71 @@ impl PerParticipant {
                         ..s.clone()
                     }
                 }
-                UnitAggregate::CountRows => ColumnSpec {
-                    name: c.name.clone(),
-                    ty: ColumnType::Int64,
-                    nullable: false,
-                    lower: Some(0.0),
-                    upper: Some(f64::from(source.max_rows_per_unit)),
-                    precision: None,
-                    public_values: None,
-                    earliest: None,
-                    latest: None,
-                },
+                UnitAggregate::CountRows | UnitAggregate::CountNonNull { .. } => {
+                    if let Some(column) = c.value.column() {
+                        source_column(column, "COUNT")?;
+                    }
+                    ColumnSpec {
+                        name: c.name.clone(),
+                        ty: ColumnType::Int64,
+                        nullable: false,
+                        lower: Some(0.0),
+                        upper: Some(f64::from(source.max_rows_per_unit)),
+                        precision: None,
+                        public_values: None,
+                        earliest: None,
+                        latest: None,
+                    }
+                }
+                UnitAggregate::Sum { column } => {
+                    let s = source_column(column, "SUM")?;
+                    let (Some(b), true) = (s.bounds(), s.ty.is_numeric()) else {
+                        return err(format!(
+                            "the derived table sums `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog: a participant's sum would be unbounded"
+                        ));
+                    };
+                    let r = f64::from(source.max_rows_per_unit);
+                    ColumnSpec {
+                        name: c.name.clone(),
+                        ty: if s.ty == ColumnType::Float64 {
+                            ColumnType::Float64
+                        } else {
+                            ColumnType::Int64
+                        },
+                        nullable: true,
+                        lower: Some(r * b.lower.min(0.0)),
+                        upper: Some(r * b.upper.max(0.0)),
+                        precision: s.precision,
+                        public_values: None,
+                        earliest: None,
+                        latest: None,
+                    }
+                }
+                UnitAggregate::Any { when } | UnitAggregate::All { when } => {
+                    if when.reads_side(Side::Right) || !when.participant_sets().is_empty() {
+                        return err(format!(
+                            "the condition of `{}` may read only `{}`'s own columns",
+                            c.name, self.table
+                        ));
+                    }
+                    for name in when.columns() {
+                        source_column(name, "bool_or/bool_and")?;
+                    }
+                    ColumnSpec {
+                        name: c.name.clone(),
+                        ty: ColumnType::Boolean,
+                        nullable: true,
+                        lower: None,
+                        upper: None,
+                        precision: None,
+                        public_values: Some(vec![
+                            crate::catalog::PublicValue::Bool(false),
+                            crate::catalog::PublicValue::Bool(true),
+                        ]),
+                        earliest: None,
+                        latest: None,
+                    }
+                }
             };
             columns.push(spec);
         }

@@ -611,7 +611,7 @@ pub fn derived_table(
         };
         let Expr::Column(c) = strip(inner_e) else {
             return Err(refuse(format!(
-                "a derived table's columns are the participant and MIN, MAX or COUNT(*) of its rows, not `{e}`"
+                "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, COUNT, bool_or, bool_and), not `{e}`"
             )));
         };
         if unit_side(inner_e, &inner).is_some() {
@@ -619,7 +619,7 @@ pub fn derived_table(
         }
         let Some((_, value)) = outputs.iter().find(|(n, _)| *n == c.name) else {
             return Err(refuse(format!(
-                "a derived table's columns are the participant and MIN, MAX or COUNT(*) of its rows, not `{e}`"
+                "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, COUNT, bool_or, bool_and), not `{e}`"
             )));
         };
         columns.push(DerivedColumn {
@@ -641,8 +641,8 @@ pub fn derived_table(
 fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, CoordinatorError> {
     let unsupported = || {
         refuse(format!(
-            "a derived table grouped by the participant may take MIN(col), MAX(col) or COUNT(*) of a participant's rows \
-             for now, not `{e}`"
+            "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), COUNT(*), COUNT(col), \
+             bool_or(condition) or bool_and(condition) of a participant's rows, not `{e}`"
         ))
     };
     if is_count_rows(e) {
@@ -657,17 +657,30 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
     let [arg] = f.params.args.as_slice() else {
         return Err(unsupported());
     };
+    // `bool_or(code = 'E11')`: whether some (all) of the participant's rows meet it.
+    match f.func.name() {
+        "bool_or" => {
+            return Ok(UnitAggregate::Any {
+                when: to_predicate(arg, inner)?,
+            })
+        }
+        "bool_and" => {
+            return Ok(UnitAggregate::All {
+                when: to_predicate(arg, inner)?,
+            })
+        }
+        _ => {}
+    }
     let Expr::Column(c) = strip(arg) else {
         return Err(unsupported());
     };
     inner.resolve(c)?;
+    let column = c.name.clone();
     match f.func.name() {
-        "min" => Ok(UnitAggregate::Min {
-            column: c.name.clone(),
-        }),
-        "max" => Ok(UnitAggregate::Max {
-            column: c.name.clone(),
-        }),
+        "min" => Ok(UnitAggregate::Min { column }),
+        "max" => Ok(UnitAggregate::Max { column }),
+        "sum" => Ok(UnitAggregate::Sum { column }),
+        "count" => Ok(UnitAggregate::CountNonNull { column }),
         _ => Err(unsupported()),
     }
 }

@@ -2,9 +2,10 @@
 //! source table's catalog entry, checked against this node's policy for it, and built as a
 //! DataFusion aggregate grouped by the participant over this site's rows only.
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::{count, max, min};
-use datafusion::logical_expr::{ident, lit, Expr};
+use datafusion::functions_aggregate::expr_fn::{bool_and, bool_or, count, max, min, sum};
+use datafusion::logical_expr::{cast, ident, lit, when, Expr};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
 use fedq_common::{Catalog, Side, TableSpec};
 
@@ -31,8 +32,11 @@ pub(crate) fn view(
     let spec = d.spec(catalog).map_err(|e| NodeError::Refused(e.0))?;
     let mut columns = std::collections::BTreeSet::new();
     let mut clamp = std::collections::BTreeMap::new();
+    let source_r = catalog
+        .table(&d.table)
+        .map_or(1.0, |t| f64::from(t.max_rows_per_unit));
     for c in &d.columns {
-        if let Some(col) = c.value.column() {
+        for col in c.value.columns() {
             if !source.shares(col, &spec.privacy_unit) {
                 return Err(NodeError::Refused(format!(
                     "column {} of table {} (in a derived table) is not shared by this node: its node policy (`columns` in [tables.{}] of node.toml) does not list it",
@@ -41,9 +45,24 @@ pub(crate) fn view(
                     d.table
                 )));
             }
-            if let Some(range) = source.clamp.get(col) {
-                clamp.insert(c.name.clone(), *range);
+        }
+        // A MIN or MAX keeps its column's clamp; a sum is declared within R times its
+        // column's bounds (the aggregate on top clamps it there), so R times the clamp.
+        match &c.value {
+            UnitAggregate::Min { column } | UnitAggregate::Max { column } => {
+                if let Some(range) = source.clamp.get(column) {
+                    clamp.insert(c.name.clone(), *range);
+                }
             }
+            UnitAggregate::Sum { column } => {
+                if let Some(&(lo, hi)) = source.clamp.get(column) {
+                    clamp.insert(
+                        c.name.clone(),
+                        (source_r * lo.min(0.0), source_r * hi.max(0.0)),
+                    );
+                }
+            }
+            _ => {}
         }
         columns.insert(c.name.clone());
     }
@@ -98,6 +117,12 @@ pub(crate) fn frame(
                 max(scope.column(Side::Left, column, "a derived table")?.0)
             }
             UnitAggregate::CountRows => count(lit(1)),
+            UnitAggregate::CountNonNull { column } => {
+                count(scope.column(Side::Left, column, "a derived table")?.0)
+            }
+            UnitAggregate::Sum { column } => sum(clamped(&scope, column)?),
+            UnitAggregate::Any { when } => bool_or(filter::translate(when, &scope)?),
+            UnitAggregate::All { when } => bool_and(filter::translate(when, &scope)?),
         };
         aggs.push(e.alias(&c.name));
     }
@@ -109,6 +134,36 @@ pub(crate) fn frame(
         .and_then(|d| d.aggregate(vec![unit_expr], aggs))
         .and_then(|x| x.filter(ident(ROWS).gt_eq(lit(i64::from(d.min_rows)))))
         .and_then(|x| x.select(out))
+        .map_err(planned)
+}
+
+/// A numeric column clamped to its declared bounds, narrowed by the node's own clamp, as an
+/// `int64` or `float64` (a cast that cannot fail), for a per-participant sum.
+fn clamped(scope: &Scope<'_>, column: &str) -> Result<Expr, NodeError> {
+    let (x, spec) = scope.column(Side::Left, column, "a derived table")?;
+    let Some(b) = spec.bounds() else {
+        return Err(NodeError::Refused(format!(
+            "a derived table sums {}, which has no declared bounds",
+            shown(column)
+        )));
+    };
+    let (mut lo, mut hi) = (b.lower, b.upper);
+    if let Some(&(l, h)) = scope.left.policy.clamp.get(column) {
+        lo = lo.max(l);
+        hi = hi.min(h);
+    }
+    let (x, lo, hi) = if spec.ty == fedq_common::ColumnType::Float64 {
+        (x, lit(lo), lit(hi))
+    } else {
+        (
+            cast(x, DataType::Int64),
+            lit(lo.ceil() as i64),
+            lit(hi.floor() as i64),
+        )
+    };
+    when(x.clone().lt(lo.clone()), lo)
+        .when(x.clone().gt(hi.clone()), hi)
+        .otherwise(x)
         .map_err(planned)
 }
 

@@ -113,6 +113,10 @@ SELECT SUM(CASE WHEN sex = 'F' THEN 1 ELSE 0 END) FROM participants
 ;
 SELECT AVG(2026 - birth_year) FROM participants
 ;
+SELECT has_e11, COUNT(*) FROM (SELECT pid, bool_or(code = 'E11') AS has_e11 FROM diagnoses GROUP BY pid) t GROUP BY has_e11
+;
+SELECT AVG(total) FROM (SELECT pid, SUM(volume_ml) AS total FROM specimens WHERE status = 'stored' GROUP BY pid) t
+;
 SELECT AVG(year(f.first_on) - p.birth_year) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'I21' GROUP BY pid) f JOIN participants p USING (pid)
 ;
 SELECT sex, AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1.0 ELSE 0 END) FROM participants GROUP BY sex

@@ -862,31 +862,50 @@ mod arb {
         (
             proptest::option::of(boolean(2)),
             prop::sample::select(vec![1u32, 2, 3]),
-            prop::collection::vec(any::<bool>(), 8),
+            prop::collection::vec(0u8..3, 8),
+            boolean(1),
+            boolean(1),
         )
-            .prop_map(|(filter, min_rows, mins)| PerParticipant {
+            .prop_map(|(filter, min_rows, picks, any, all)| PerParticipant {
                 table: "x".into(),
                 filter,
                 min_rows,
                 columns: ["i", "j", "f", "s", "t", "d", "e", "b"]
                     .iter()
-                    .zip(mins)
-                    .map(|(c, min)| DerivedColumn {
+                    .zip(picks)
+                    .map(|(c, pick)| DerivedColumn {
                         name: c.to_string(),
-                        value: if min {
-                            UnitAggregate::Min {
+                        value: match (pick, *c) {
+                            // A sum keeps numeric columns numeric.
+                            (2, "i" | "j" | "f") => UnitAggregate::Sum {
                                 column: c.to_string(),
-                            }
-                        } else {
-                            UnitAggregate::Max {
+                            },
+                            (0, _) => UnitAggregate::Min {
                                 column: c.to_string(),
-                            }
+                            },
+                            _ => UnitAggregate::Max {
+                                column: c.to_string(),
+                            },
                         },
                     })
-                    .chain(std::iter::once(DerivedColumn {
-                        name: "n".into(),
-                        value: UnitAggregate::CountRows,
-                    }))
+                    .chain([
+                        DerivedColumn {
+                            name: "n".into(),
+                            value: UnitAggregate::CountRows,
+                        },
+                        DerivedColumn {
+                            name: "k".into(),
+                            value: UnitAggregate::CountNonNull { column: "t".into() },
+                        },
+                        DerivedColumn {
+                            name: "a".into(),
+                            value: UnitAggregate::Any { when: any },
+                        },
+                        DerivedColumn {
+                            name: "l".into(),
+                            value: UnitAggregate::All { when: all },
+                        },
+                    ])
                     .collect(),
             })
             .boxed()
