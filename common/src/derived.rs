@@ -66,7 +66,30 @@ pub enum UnitAggregate {
     /// Whether the condition is true for all of the participant's rows (`bool_and`), NULLs
     /// skipped as for [`UnitAggregate::Any`].
     All { when: Predicate },
+    /// The value of `column` in the participant's first row by `order` (`ROW_NUMBER() OVER
+    /// (PARTITION BY pid ORDER BY …) = 1`, `first_value(column ORDER BY …)`). Rows that tie
+    /// on `order` are ordered by the derived table's `First` columns, in their order, so
+    /// every `First` column of one derived table reads the same row.
+    First {
+        column: String,
+        order: Vec<OrderKey>,
+    },
 }
+
+/// One key of the order of a participant's rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderKey {
+    /// A column of the source table.
+    pub column: String,
+    /// Largest first.
+    pub descending: bool,
+    /// NULLs before every value.
+    pub nulls_first: bool,
+}
+
+/// Most keys of a [`UnitAggregate::First`] order.
+pub const MAX_ORDER_KEYS: usize = 4;
 
 impl UnitAggregate {
     /// The source column it reads, if it reads one column.
@@ -75,7 +98,8 @@ impl UnitAggregate {
             UnitAggregate::Min { column }
             | UnitAggregate::Max { column }
             | UnitAggregate::CountNonNull { column }
-            | UnitAggregate::Sum { column } => Some(column),
+            | UnitAggregate::Sum { column }
+            | UnitAggregate::First { column, .. } => Some(column),
             UnitAggregate::CountRows | UnitAggregate::Any { .. } | UnitAggregate::All { .. } => {
                 None
             }
@@ -86,6 +110,9 @@ impl UnitAggregate {
     pub fn columns(&self) -> Vec<&str> {
         match self {
             UnitAggregate::Any { when } | UnitAggregate::All { when } => when.columns(),
+            UnitAggregate::First { column, order } => std::iter::once(column.as_str())
+                .chain(order.iter().map(|k| k.column.as_str()))
+                .collect(),
             other => other.column().into_iter().collect(),
         }
     }
@@ -170,17 +197,30 @@ impl PerParticipant {
                     c.name
                 ));
             }
+            if let UnitAggregate::First { order, .. } = &c.value {
+                if order.is_empty() || order.len() > MAX_ORDER_KEYS {
+                    return err(format!(
+                        "the first row of a participant is ordered by 1 to {MAX_ORDER_KEYS} columns, not {}",
+                        order.len()
+                    ));
+                }
+                for k in order {
+                    source_column(&k.column, "ORDER BY")?;
+                }
+            }
             let spec = match &c.value {
-                UnitAggregate::Min { column } | UnitAggregate::Max { column } => {
+                UnitAggregate::Min { column }
+                | UnitAggregate::Max { column }
+                | UnitAggregate::First { column, .. } => {
                     let Some(s) = source.column(column) else {
                         return err(format!(
-                            "the derived table takes MIN/MAX of `{column}`, which `{}` does not have",
+                            "the derived table takes MIN/MAX/first of `{column}`, which `{}` does not have",
                             self.table
                         ));
                     };
                     if *column == unit {
                         return err(format!(
-                            "MIN/MAX of the participant column `{unit}` is the participant"
+                            "MIN/MAX/first of the participant column `{unit}` is the participant"
                         ));
                     }
                     ColumnSpec {

@@ -12,7 +12,9 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, JoinType, LogicalPlan, Operator, Subquery,
 };
-use fedq_common::derived::{DerivedColumn, PerParticipant, UnitAggregate};
+use fedq_common::derived::{
+    DerivedColumn, OrderKey, PerParticipant, UnitAggregate, MAX_ORDER_KEYS,
+};
 use fedq_common::participant_set::MAX_SET_LEAVES;
 use fedq_common::{Catalog, ParticipantSet, Predicate, Side};
 
@@ -642,7 +644,7 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
     let unsupported = || {
         refuse(format!(
             "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), COUNT(*), COUNT(col), \
-             bool_or(condition) or bool_and(condition) of a participant's rows, not `{e}`"
+             bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, not `{e}`"
         ))
     };
     if is_count_rows(e) {
@@ -651,12 +653,38 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
     let Expr::AggregateFunction(f) = strip(e) else {
         return Err(unsupported());
     };
-    if f.params.distinct || f.params.filter.is_some() || !f.params.order_by.is_empty() {
+    let name = f.func.name();
+    let ordered = matches!(name, "first_value" | "last_value");
+    if f.params.distinct || f.params.filter.is_some() || (f.params.order_by.is_empty() == ordered) {
+        if ordered {
+            return Err(refuse(format!(
+                "`{e}` needs an order that says which row is first: `first_value(col ORDER BY date_col)`"
+            )));
+        }
         return Err(unsupported());
     }
     let [arg] = f.params.args.as_slice() else {
         return Err(unsupported());
     };
+    // `first_value(value ORDER BY measured_on DESC)`: the value in the participant's first
+    // row by that order (`last_value` reverses it).
+    if ordered {
+        let Expr::Column(c) = strip(arg) else {
+            return Err(unsupported());
+        };
+        inner.resolve(c)?;
+        let mut order = order_keys(&f.params.order_by, inner)?;
+        if name == "last_value" {
+            for k in &mut order {
+                k.descending = !k.descending;
+                k.nulls_first = !k.nulls_first;
+            }
+        }
+        return Ok(UnitAggregate::First {
+            column: c.name.clone(),
+            order,
+        });
+    }
     // `bool_or(code = 'E11')`: whether some (all) of the participant's rows meet it.
     match f.func.name() {
         "bool_or" => {
@@ -682,5 +710,163 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
         "sum" => Ok(UnitAggregate::Sum { column }),
         "count" => Ok(UnitAggregate::CountNonNull { column }),
         _ => Err(unsupported()),
+    }
+}
+
+/// The keys of an `ORDER BY` of a participant's rows: columns of the table read.
+fn order_keys(
+    order_by: &[datafusion::logical_expr::SortExpr],
+    inner: &Scope<'_>,
+) -> Result<Vec<OrderKey>, CoordinatorError> {
+    if order_by.is_empty() || order_by.len() > MAX_ORDER_KEYS {
+        return Err(refuse(format!(
+            "the first row of a participant is ordered by 1 to {MAX_ORDER_KEYS} columns of the table"
+        )));
+    }
+    order_by
+        .iter()
+        .map(|k| {
+            let Expr::Column(c) = strip(&k.expr) else {
+                return Err(refuse(format!(
+                    "order a participant's rows by columns of the table, not by `{}`",
+                    k.expr
+                )));
+            };
+            inner.resolve(c)?;
+            Ok(OrderKey {
+                column: c.name.clone(),
+                descending: !k.asc,
+                nulls_first: k.nulls_first,
+            })
+        })
+        .collect()
+}
+
+/// `(SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn
+/// FROM labs WHERE …) t`, read with `WHERE rn = 1`: each participant's first row by that
+/// order, a derived table of one row per participant whose columns are `First` values.
+/// Returns it with the name of its row-number column, which the query must test (`rn = 1`).
+pub fn first_row_table(
+    plan: &LogicalPlan,
+    catalog: &Catalog,
+) -> Result<Option<(PerParticipant, String)>, CoordinatorError> {
+    let LogicalPlan::Projection(p) = plan else {
+        return Ok(None);
+    };
+    let LogicalPlan::Window(w) = p.input.as_ref() else {
+        return Ok(None);
+    };
+    const HOW: &str = "number each participant's rows and keep the first: `ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn` in a subquery, and `WHERE rn = 1` outside it; or take `first_value(value ORDER BY measured_on DESC)` in a `GROUP BY pid` subquery";
+    let [we] = w.window_expr.as_slice() else {
+        return Err(refuse(format!(
+            "a subquery may have one window function; {HOW}"
+        )));
+    };
+    let Expr::WindowFunction(wf) = strip(we) else {
+        return Err(refuse(format!(
+            "unsupported window expression `{we}`; {HOW}"
+        )));
+    };
+    if wf.fun.name() != "row_number" || !wf.params.args.is_empty() {
+        return Err(refuse(format!(
+            "the window function `{}` is not supported below the aggregate; {HOW}",
+            wf.fun.name()
+        )));
+    }
+    let Rel::Rows {
+        table,
+        qualifier,
+        filters,
+        grouped: None,
+    } = rel(w.input.as_ref(), catalog)?
+    else {
+        return Err(refuse(format!(
+            "ROW_NUMBER() numbers one catalog table's rows (with a WHERE); {HOW}"
+        )));
+    };
+    let spec = table_spec(catalog, &table)?;
+    let inner = Scope::single(&table, &qualifier, spec, catalog);
+    if !matches!(wf.params.partition_by.as_slice(), [g] if unit_side(g, &inner).is_some()) {
+        return Err(refuse(format!(
+            "a window must be partitioned by the participant alone (`PARTITION BY {}`): otherwise it numbers several participants' rows together",
+            spec.privacy_unit
+        )));
+    }
+    let order = order_keys(&wf.params.order_by, &inner)?;
+    let window_name = w
+        .schema
+        .fields()
+        .last()
+        .map(|f| f.name().clone())
+        .unwrap_or_default();
+    let mut rn = None;
+    let mut columns = Vec::new();
+    for e in &p.expr {
+        let (name, inner_e) = match e {
+            Expr::Alias(a) => (a.name.clone(), a.expr.as_ref()),
+            Expr::Column(c) => (c.name.clone(), e),
+            other => (other.schema_name().to_string(), other),
+        };
+        let Expr::Column(c) = strip(inner_e) else {
+            return Err(refuse(format!(
+                "a numbered subquery's columns are the participant, the row number and columns of the table, not `{e}`"
+            )));
+        };
+        if c.name == window_name {
+            rn = Some(name);
+            continue;
+        }
+        if unit_side(inner_e, &inner).is_some() {
+            continue;
+        }
+        inner.resolve(c)?;
+        columns.push(DerivedColumn {
+            name,
+            value: UnitAggregate::First {
+                column: c.name.clone(),
+                order: order.clone(),
+            },
+        });
+    }
+    let Some(rn) = rn else {
+        return Err(refuse(format!("name the row number and test it: {HOW}")));
+    };
+    let d = PerParticipant {
+        filter: conjoin(&filters, &inner)?,
+        table,
+        min_rows: 1,
+        columns,
+    };
+    d.spec(catalog).map_err(|e| refuse(e.0))?;
+    Ok(Some((d, rn)))
+}
+
+/// Whether `e` keeps only the first row of a numbered subquery: `rn = 1`, `rn <= 1`,
+/// `rn < 2` (either way round).
+pub fn is_first_row_test(e: &Expr, rn: &str) -> bool {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = strip(e) else {
+        return false;
+    };
+    let int = |x: &Expr| match strip(x) {
+        Expr::Literal(v, _) => v
+            .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
+            .ok()
+            .and_then(|v| match v {
+                ScalarValue::Int64(Some(i)) => Some(i),
+                _ => None,
+            }),
+        _ => None,
+    };
+    let is_rn = |x: &Expr| matches!(strip(x), Expr::Column(c) if c.name == rn);
+    match (is_rn(left), is_rn(right)) {
+        (true, false) => matches!(
+            (op, int(right)),
+            (Operator::Eq | Operator::LtEq, Some(1)) | (Operator::Lt, Some(2))
+        ),
+        (false, true) => matches!(
+            (op, int(left)),
+            (Operator::Eq | Operator::GtEq, Some(1)) | (Operator::Gt, Some(2))
+        ),
+        _ => false,
     }
 }

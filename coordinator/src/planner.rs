@@ -401,6 +401,7 @@ impl Planner {
                     table: t.clone(),
                     qualifier: t.clone(),
                     derived: None,
+                    first_row: None,
                 },
                 right: None,
                 on: Vec::new(),
@@ -410,6 +411,12 @@ impl Planner {
             },
             None => source_below(&agg.input, &self.catalog)?,
         };
+        if let Some(rn) = &src.left.first_row {
+            return Err(refuse(format!(
+                "a numbered subquery is read as each participant's first row: keep only that row with `WHERE {rn} = 1` \
+                 (other row numbers would count several rows per participant in an order the query does not bound)"
+            )));
+        }
         let table = src.left.table.clone();
         let lookup = |t: &str| {
             self.catalog.table(t).ok_or_else(|| {
@@ -1093,6 +1100,9 @@ struct Scan {
     qualifier: String,
     /// A per-participant derived table of `table` read instead of its rows.
     derived: Option<fedq_common::derived::PerParticipant>,
+    /// The row-number column of a numbered subquery (`ROW_NUMBER() … AS rn`) whose
+    /// `WHERE rn = 1` is still to be found above it.
+    first_row: Option<String>,
 }
 
 /// What is below the aggregate: one table, or two joined on equality conditions `on`, with
@@ -1124,6 +1134,7 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                     qualifier: table.clone(),
                     table,
                     derived: None,
+                    first_row: None,
                 },
                 right: None,
                 on: Vec::new(),
@@ -1137,7 +1148,19 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             // that test the participant against a participant set are accepted
             // (`crate::cohort`).
             let mut s = source_below(&f.input, catalog)?;
-            s.filters.push(f.predicate.clone());
+            match s.left.first_row.clone() {
+                None => s.filters.push(f.predicate.clone()),
+                // `WHERE rn = 1` over a numbered subquery is what makes it a derived table.
+                Some(rn) => {
+                    for c in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+                        if crate::cohort::is_first_row_test(c, &rn) {
+                            s.left.first_row = None;
+                        } else {
+                            s.filters.push(c.clone());
+                        }
+                    }
+                }
+            }
             Ok(s)
         }
         LogicalPlan::SubqueryAlias(a) => {
@@ -1148,6 +1171,24 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                         table: d.table.clone(),
                         qualifier: a.alias.table().to_string(),
                         derived: Some(d),
+                        first_row: None,
+                    },
+                    right: None,
+                    on: Vec::new(),
+                    filters: Vec::new(),
+                    kind: fedq_common::JoinKind::Inner,
+                    join_on: Vec::new(),
+                });
+            }
+            // `(SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY …) AS rn …) t`:
+            // the first row per participant, once the query tests `rn = 1`.
+            if let Some((d, rn)) = crate::cohort::first_row_table(&a.input, catalog)? {
+                return Ok(Source {
+                    left: Scan {
+                        table: d.table.clone(),
+                        qualifier: a.alias.table().to_string(),
+                        derived: Some(d),
+                        first_row: Some(rn),
                     },
                     right: None,
                     on: Vec::new(),

@@ -4,7 +4,9 @@
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::{bool_and, bool_or, count, max, min, sum};
+use datafusion::functions_aggregate::expr_fn::{
+    bool_and, bool_or, count, first_value, max, min, sum,
+};
 use datafusion::logical_expr::{cast, ident, lit, when, Expr};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
 use fedq_common::{Catalog, Side, TableSpec};
@@ -49,7 +51,9 @@ pub(crate) fn view(
         // A MIN or MAX keeps its column's clamp; a sum is declared within R times its
         // column's bounds (the aggregate on top clamps it there), so R times the clamp.
         match &c.value {
-            UnitAggregate::Min { column } | UnitAggregate::Max { column } => {
+            UnitAggregate::Min { column }
+            | UnitAggregate::Max { column }
+            | UnitAggregate::First { column, .. } => {
                 if let Some(range) = source.clamp.get(column) {
                     clamp.insert(c.name.clone(), *range);
                 }
@@ -107,6 +111,16 @@ pub(crate) fn frame(
     if let Some(f) = &d.filter {
         df = df.filter(filter::translate(f, &scope)?).map_err(planned)?;
     }
+    // Rows that tie on a `First` order are ordered by every `First` column, so that all of
+    // them read the same row.
+    let tie_break: Vec<&str> = d
+        .columns
+        .iter()
+        .filter_map(|c| match &c.value {
+            UnitAggregate::First { column, .. } => Some(column.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut aggs: Vec<Expr> = Vec::with_capacity(d.columns.len() + 1);
     for c in &d.columns {
         let e = match &c.value {
@@ -123,6 +137,26 @@ pub(crate) fn frame(
             UnitAggregate::Sum { column } => sum(clamped(&scope, column)?),
             UnitAggregate::Any { when } => bool_or(filter::translate(when, &scope)?),
             UnitAggregate::All { when } => bool_and(filter::translate(when, &scope)?),
+            UnitAggregate::First { column, order } => {
+                // Each column once (DataFusion's ordered `first_value` requires distinct
+                // keys): the order's keys, then the tie-break's other columns ascending.
+                let keys = order
+                    .iter()
+                    .map(|k| (k.column.as_str(), !k.descending, k.nulls_first))
+                    .chain(tie_break.iter().map(|c| (*c, true, false)));
+                let mut seen = std::collections::BTreeSet::new();
+                let mut sorts = Vec::with_capacity(order.len() + tie_break.len());
+                for (name, asc, nulls_first) in keys {
+                    if seen.insert(name) {
+                        let (e, _) = scope.column(Side::Left, name, "a derived table")?;
+                        sorts.push(e.sort(asc, nulls_first));
+                    }
+                }
+                first_value(
+                    scope.column(Side::Left, column, "a derived table")?.0,
+                    sorts,
+                )
+            }
         };
         aggs.push(e.alias(&c.name));
     }

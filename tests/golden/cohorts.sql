@@ -113,6 +113,12 @@ SELECT SUM(CASE WHEN sex = 'F' THEN 1 ELSE 0 END) FROM participants
 ;
 SELECT AVG(2026 - birth_year) FROM participants
 ;
+WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn FROM labs WHERE test = 'HbA1c') SELECT CASE WHEN value >= 48 THEN 'high' ELSE 'not high' END AS category, COUNT(*) FROM latest WHERE rn = 1 GROUP BY 1
+;
+SELECT COUNT(*) FROM (SELECT pid, first_value(code ORDER BY diagnosed_on) AS first_code FROM diagnoses GROUP BY pid) t WHERE first_code = 'E11'
+;
+SELECT COUNT(*) FROM (SELECT pid, RANK() OVER (PARTITION BY pid ORDER BY measured_on) AS r FROM labs) t WHERE r = 1
+;
 SELECT has_e11, COUNT(*) FROM (SELECT pid, bool_or(code = 'E11') AS has_e11 FROM diagnoses GROUP BY pid) t GROUP BY has_e11
 ;
 SELECT AVG(total) FROM (SELECT pid, SUM(volume_ml) AS total FROM specimens WHERE status = 'stored' GROUP BY pid) t

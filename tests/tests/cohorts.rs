@@ -915,3 +915,94 @@ async fn per_participant_sums_counts_and_conditions_equal_datafusion_per_site() 
     }
     fed.shutdown().await.unwrap();
 }
+
+/// The first or latest row per participant (part 1): `ROW_NUMBER() OVER (PARTITION BY pid
+/// ORDER BY …)` kept at `rn = 1` (as a CTE, alone or joined), and `first_value(col ORDER BY
+/// …)` in a `GROUP BY pid` subquery. Rows that tie on the order are ordered by the value,
+/// which DataFusion's query below does too, so the partials equal DataFusion's per site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_row_per_participant_equals_datafusion_per_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1500, 67);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let latest = "WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn \
+                  FROM labs WHERE test = 'HbA1c') ";
+    let latest_df = "(SELECT pid, fedq_site, value, ROW_NUMBER() OVER (PARTITION BY pid, fedq_site \
+                     ORDER BY measured_on DESC, value ASC NULLS LAST) AS rn FROM labs WHERE test = 'HbA1c')";
+    let shapes: Vec<(String, String, usize)> = vec![
+        (
+            format!(
+                "{latest}SELECT CASE WHEN value >= 48 THEN 'high' ELSE 'not high' END AS category, COUNT(*) \
+                 FROM latest WHERE rn = 1 GROUP BY 1"
+            ),
+            format!(
+                "SELECT CASE WHEN value >= 48 THEN 'high' ELSE 'not high' END, COUNT(*) FROM {latest_df} \
+                 WHERE rn = 1 GROUP BY 1"
+            ),
+            1,
+        ),
+        (
+            format!(
+                "{latest}SELECT p.sex, COUNT(*) FROM latest l JOIN participants p USING (pid) \
+                 WHERE l.rn = 1 AND l.value > 50 GROUP BY p.sex"
+            ),
+            format!(
+                "SELECT p.sex, COUNT(*) FROM {latest_df} l JOIN participants p ON l.pid = p.pid \
+                 AND l.fedq_site = p.fedq_site WHERE l.rn = 1 AND l.value > 50 GROUP BY p.sex"
+            ),
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, first_value(code ORDER BY diagnosed_on) AS first_code \
+             FROM diagnoses GROUP BY pid) t WHERE first_code = 'E11'"
+                .into(),
+            "SELECT COUNT(*) FROM (SELECT code, ROW_NUMBER() OVER (PARTITION BY pid, fedq_site \
+             ORDER BY diagnosed_on ASC, code ASC NULLS LAST) AS rn FROM diagnoses) WHERE rn = 1 AND code = 'E11'"
+                .into(),
+            0,
+        ),
+    ];
+    for (sql, want_sql, n_keys) in &shapes {
+        let q = partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            *n_keys,
+            AggregateRequest::CountRows,
+        )
+        .await;
+        assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1, proven");
+    }
+    for (sql, why) in [
+        (
+            format!("{latest}SELECT COUNT(*) FROM latest WHERE rn <= 3"),
+            "WHERE rn = 1",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, ROW_NUMBER() OVER (PARTITION BY test ORDER BY measured_on) AS rn \
+             FROM labs) t WHERE rn = 1"
+                .into(),
+            "partitioned by the participant alone",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, RANK() OVER (PARTITION BY pid ORDER BY measured_on) AS r \
+             FROM labs) t WHERE r = 1"
+                .into(),
+            "first_value(value ORDER BY measured_on DESC)",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, first_value(code) AS c FROM diagnoses GROUP BY pid) t".into(),
+            "needs an order",
+        ),
+    ] {
+        match engine.plan("alice", &sql).await {
+            Err(CoordinatorError::Refused(m)) => assert!(m.contains(why), "{sql}: {m}"),
+            other => panic!("{sql}: expected a refusal, got {:?}", other.map(|q| q.request)),
+        }
+    }
+    fed.shutdown().await.unwrap();
+}

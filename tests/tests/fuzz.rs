@@ -862,52 +862,69 @@ mod arb {
         (
             proptest::option::of(boolean(2)),
             prop::sample::select(vec![1u32, 2, 3]),
-            prop::collection::vec(0u8..3, 8),
+            prop::collection::vec(0u8..4, 8),
             boolean(1),
             boolean(1),
+            (
+                prop::sample::select(vec!["d", "e", "i", "f", "t", "b"]),
+                any::<bool>(),
+                any::<bool>(),
+            ),
         )
-            .prop_map(|(filter, min_rows, picks, any, all)| PerParticipant {
-                table: "x".into(),
-                filter,
-                min_rows,
-                columns: ["i", "j", "f", "s", "t", "d", "e", "b"]
-                    .iter()
-                    .zip(picks)
-                    .map(|(c, pick)| DerivedColumn {
-                        name: c.to_string(),
-                        value: match (pick, *c) {
-                            // A sum keeps numeric columns numeric.
-                            (2, "i" | "j" | "f") => UnitAggregate::Sum {
-                                column: c.to_string(),
-                            },
-                            (0, _) => UnitAggregate::Min {
-                                column: c.to_string(),
-                            },
-                            _ => UnitAggregate::Max {
-                                column: c.to_string(),
-                            },
-                        },
-                    })
-                    .chain([
-                        DerivedColumn {
-                            name: "n".into(),
-                            value: UnitAggregate::CountRows,
-                        },
-                        DerivedColumn {
-                            name: "k".into(),
-                            value: UnitAggregate::CountNonNull { column: "t".into() },
-                        },
-                        DerivedColumn {
-                            name: "a".into(),
-                            value: UnitAggregate::Any { when: any },
-                        },
-                        DerivedColumn {
-                            name: "l".into(),
-                            value: UnitAggregate::All { when: all },
-                        },
-                    ])
-                    .collect(),
-            })
+            .prop_map(
+                |(filter, min_rows, picks, any, all, (by, descending, nulls_first))| {
+                    PerParticipant {
+                        table: "x".into(),
+                        filter,
+                        min_rows,
+                        columns: ["i", "j", "f", "s", "t", "d", "e", "b"]
+                            .iter()
+                            .zip(picks)
+                            .map(|(c, pick)| DerivedColumn {
+                                name: c.to_string(),
+                                value: match (pick, *c) {
+                                    // A sum keeps numeric columns numeric.
+                                    (2, "i" | "j" | "f") => UnitAggregate::Sum {
+                                        column: c.to_string(),
+                                    },
+                                    (3, _) => UnitAggregate::First {
+                                        column: c.to_string(),
+                                        order: vec![fedq_common::derived::OrderKey {
+                                            column: by.to_string(),
+                                            descending,
+                                            nulls_first,
+                                        }],
+                                    },
+                                    (0, _) => UnitAggregate::Min {
+                                        column: c.to_string(),
+                                    },
+                                    _ => UnitAggregate::Max {
+                                        column: c.to_string(),
+                                    },
+                                },
+                            })
+                            .chain([
+                                DerivedColumn {
+                                    name: "n".into(),
+                                    value: UnitAggregate::CountRows,
+                                },
+                                DerivedColumn {
+                                    name: "k".into(),
+                                    value: UnitAggregate::CountNonNull { column: "t".into() },
+                                },
+                                DerivedColumn {
+                                    name: "a".into(),
+                                    value: UnitAggregate::Any { when: any },
+                                },
+                                DerivedColumn {
+                                    name: "l".into(),
+                                    value: UnitAggregate::All { when: all },
+                                },
+                            ])
+                            .collect(),
+                    }
+                },
+            )
             .boxed()
     }
 
