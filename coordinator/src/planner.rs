@@ -391,11 +391,99 @@ impl Planner {
         query_id: &str,
     ) -> Result<PlannedQuery, CoordinatorError> {
         let plan = self.logical_plan(sql).await?;
-        let agg = find_aggregate(&plan)?;
+        // 1. Query shape: the DP aggregate, and the relation below it.
+        let shape = self.shape(&plan)?;
+        // 2. The participant-local part, typed as the node will run it.
+        let local = self.local_plan(&shape)?;
+        let scope = local.scope(&self.catalog)?;
+        let keys = self.keys(shape.agg, &local, &scope)?;
+        // 3. Statistics: the partials each aggregate needs, and their sensitivities.
+        let mut stats = self.statistics(&shape, &local, &scope, &keys)?;
+        // 4. ε allocation: the bounding report, partition selection, then the statistics.
+        let eps = rational(epsilon)?;
+        let truncation = TruncationReport {
+            sensitivity: u128::from(self.catalog.max_sites_per_unit),
+            epsilon: eps.clone() / RBig::from(TRUNCATION_SHARE_DENOMINATOR),
+        };
+        let selection = match keys.max_groups {
+            None => None,
+            Some(g) => {
+                let partial = stats.builder.partial(AggregateRequest::CountUnits);
+                Some(PartitionSelection::new(
+                    partial,
+                    g,
+                    local.spec.max_rows_per_unit,
+                    self.catalog.max_sites_per_unit,
+                    eps.clone() / RBig::from(SELECTION_SHARE_DENOMINATOR),
+                    self.delta_per_query,
+                )?)
+            }
+        };
+        let selection_eps = selection.as_ref().map_or(RBig::ZERO, |s| s.epsilon.clone());
+        allocate(
+            &mut stats.builder.statistics,
+            eps.clone() - truncation.epsilon.clone() - selection_eps,
+            self.allocation,
+        )?;
+        // 5. The node request.
+        let request = PartialAggregateRequest {
+            query_id: query_id.to_string(),
+            table: local.table.clone(),
+            join: local.join.clone(),
+            filter: local.predicate.clone(),
+            group_by: keys.groups.iter().map(|g| g.key.clone()).collect(),
+            aggregates: stats.builder.partials,
+            max_rows_per_unit: local.max_rows_per_unit,
+            max_groups_per_unit: keys.max_groups,
+            derived: local.derived.clone(),
+            computed: stats.builder.computed,
+        };
+        let leaves = request.set_leaf_count();
+        if leaves > fedq_common::participant_set::MAX_SET_LEAVES {
+            return Err(refuse(format!(
+                "the query tests {leaves} participant subqueries; the limit is {}: combine conditions on the same table in one subquery (`pid IN (SELECT pid FROM diagnoses WHERE code IN ('E11', 'I10'))`)",
+                fedq_common::participant_set::MAX_SET_LEAVES
+            )));
+        }
+        Ok(PlannedQuery {
+            query_id: query_id.to_string(),
+            sql: sql.to_string(),
+            join_table: local.right.as_ref().map(|(t, _)| t.clone()),
+            table: local.table.clone(),
+            request,
+            groups: keys.groups,
+            statistics: stats.builder.statistics,
+            outputs: stats.outputs,
+            aggregate_schema: shape.agg.schema.clone(),
+            plan: plan.clone(),
+            epsilon,
+            max_rows_per_unit: local.max_rows_per_unit,
+            row_bound_source: local.row_bound_source,
+            max_sites_per_unit: self.catalog.max_sites_per_unit,
+            allocation: self.allocation,
+            truncation,
+            delta: if selection.is_some() {
+                self.delta_per_query
+            } else {
+                0.0
+            },
+            selection,
+        })
+    }
+
+    /// Phase 1: the DP aggregate and what is below it: a set of participants counted from
+    /// `FROM`, or one table (or derived table), or two joined on the participant.
+    fn shape<'p>(&self, plan: &'p LogicalPlan) -> Result<QueryShape<'p>, CoordinatorError> {
+        let agg = find_aggregate(plan)?;
+        if agg.aggr_expr.is_empty() {
+            return Err(refuse(
+                "the query has no aggregate, so it would list which values exist; add COUNT(*), SUM or AVG",
+            ));
+        }
         // `FROM (<a set of participants>) t`: the request reads a table every member has
         // rows in, keeps the set's members, and counts participants.
-        let set_source = crate::cohort::set_source(&agg.input, &self.catalog)?;
-        let src = match &set_source {
+        let set = crate::cohort::set_source(&agg.input, &self.catalog)?;
+        let source = match &set {
             Some((_, t)) => Source {
                 left: Scan {
                     table: t.clone(),
@@ -411,91 +499,116 @@ impl Planner {
             },
             None => source_below(&agg.input, &self.catalog)?,
         };
-        if let Some(rn) = &src.left.first_row {
+        if let Some(rn) = &source.left.first_row {
             return Err(refuse(format!(
                 "a numbered subquery is read as each participant's first row: keep only that row with `WHERE {rn} = 1` \
                  (other row numbers would count several rows per participant in an order the query does not bound)"
             )));
         }
-        let table = src.left.table.clone();
+        if set.is_some() && !agg.group_expr.is_empty() {
+            return Err(refuse(
+                "a set of participants has only the participant column, so it cannot be grouped: \
+                 group a table's rows instead, e.g. `SELECT sex, COUNT(*) FROM participants WHERE pid IN (<the set>) GROUP BY sex`",
+            ));
+        }
+        Ok(QueryShape {
+            agg,
+            set: set.map(|(s, _)| s),
+            source,
+        })
+    }
+
+    /// Phase 2: the participant-local part: the driving relation and its declaration, the
+    /// join, the filter as a wire predicate, and the row bound R with where it comes from.
+    fn local_plan(&self, shape: &QueryShape<'_>) -> Result<LocalPlan, CoordinatorError> {
+        let src = &shape.source;
         let lookup = |t: &str| {
             self.catalog.table(t).ok_or_else(|| {
                 CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
             })
         };
         // A derived table is declared from its source table's catalog entry (R = 1).
-        let derived_spec = match &src.left.derived {
-            Some(d) => Some(d.spec(&self.catalog).map_err(|e| refuse(e.0))?),
-            None => None,
+        let spec = match &src.left.derived {
+            Some(d) => d.spec(&self.catalog).map_err(|e| refuse(e.0))?,
+            None => lookup(&src.left.table)?.clone(),
         };
-        let spec = match &derived_spec {
-            Some(s) => s,
-            None => lookup(&table)?,
-        };
-        let mut scope = Scope {
-            left: Relation {
-                table: &table,
-                qualifier: &src.left.qualifier,
-                spec,
+        let mut local = LocalPlan {
+            table: src.left.table.clone(),
+            qualifier: src.left.qualifier.clone(),
+            right: src
+                .right
+                .as_ref()
+                .map(|r| (r.table.clone(), r.qualifier.clone())),
+            join: None,
+            filters: src.filters.clone(),
+            predicate: None,
+            derived: src.left.derived.clone(),
+            // A set of participants needs one row per participant to be counted: the bound
+            // R the query proves is 1, whatever the table's.
+            max_rows_per_unit: if shape.set.is_some() {
+                1
+            } else {
+                spec.max_rows_per_unit
             },
-            right: None,
-            catalog: &self.catalog,
+            row_bound_source: match (&shape.set, &src.left.derived) {
+                (Some(_), _) => "proven by the query: a set of participants has one row per participant",
+                (None, Some(_)) => "proven by the query: a derived table grouped by the participant has one row per participant",
+                (None, None) => "the catalog's max_rows_per_unit of the table read",
+            },
+            spec,
         };
-        let mut filters = src.filters.clone();
-        let mut join = None;
-        if let Some(r) = &src.right {
-            let rspec = lookup(&r.table)?;
-            scope.right = Some(Relation {
-                table: &r.table,
-                qualifier: &r.qualifier,
-                spec: rspec,
-            });
-            join = Some(join_spec(&scope, &src, &mut filters)?);
-        }
-
-        // WHERE (and extra join conditions) -> wire predicate.
-        let mut predicate = None;
-        for f in &filters {
-            let p = to_predicate(f, &scope)?;
-            predicate = Some(match predicate {
-                None => p,
-                Some(prev) => fedq_common::Predicate::Binary {
-                    op: fedq_common::BinaryOp::And,
-                    left: Box::new(prev),
-                    right: Box::new(p),
-                },
-            });
-        }
-
-        if let Some((set, _)) = &set_source {
-            if !agg.group_expr.is_empty() {
-                return Err(refuse(
-                    "a set of participants has only the participant column, so it cannot be grouped: \
-                     group a table's rows instead, e.g. `SELECT sex, COUNT(*) FROM participants WHERE pid IN (<the set>) GROUP BY sex`",
-                ));
-            }
-            let member = fedq_common::Predicate::InSet {
-                side: Side::Left,
-                set: Box::new(set.clone()),
-                negated: false,
+        let (join, filters, predicate) = {
+            let scope = local.scope(&self.catalog)?;
+            let mut filters = local.filters.clone();
+            let join = match &src.right {
+                Some(_) => Some(join_spec(&scope, src, &mut filters)?),
+                None => None,
             };
-            predicate = Some(match predicate {
-                None => member,
-                Some(prev) => fedq_common::Predicate::Binary {
+            // WHERE (and an inner join's further conditions) -> wire predicate, with the
+            // membership of a set counted from `FROM`.
+            let mut parts = filters
+                .iter()
+                .map(|f| to_predicate(f, &scope))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(set) = &shape.set {
+                parts.push(fedq_common::Predicate::InSet {
+                    side: Side::Left,
+                    set: Box::new(set.clone()),
+                    negated: false,
+                });
+            }
+            let predicate = parts
+                .into_iter()
+                .reduce(|a, b| fedq_common::Predicate::Binary {
                     op: fedq_common::BinaryOp::And,
-                    left: Box::new(prev),
-                    right: Box::new(member),
-                },
-            });
-        }
+                    left: Box::new(a),
+                    right: Box::new(b),
+                });
+            (join, filters, predicate)
+        };
+        local.join = join;
+        local.filters = filters;
+        local.predicate = predicate;
+        Ok(local)
+    }
 
+    /// Phase 2, keys: each GROUP BY expression as a wire key with its released domain
+    /// (public, narrowed by the WHERE, or listed by it), or open keys released through
+    /// partition selection, which needs G and δ.
+    fn keys(
+        &self,
+        agg: &Aggregate,
+        local: &LocalPlan,
+        scope: &Scope<'_>,
+    ) -> Result<Keys, CoordinatorError> {
+        let (spec, table, filters) = (&local.spec, &local.table, &local.filters);
         // GROUP BY -> keys, public or (partition selection) not.
         let mut groups: Vec<GroupKey> = Vec::new();
         // Keys without a public domain: (label, what the officer could declare instead).
         let mut open_keys: Vec<(String, String)> = Vec::new();
         for g in &agg.group_expr {
             let g = strip_alias(g);
-            let (mut key, label, col) = group_key(g, &scope, spec)?;
+            let (mut key, label, col) = group_key(g, scope, spec)?;
             // A column without a public domain that the WHERE restricts to listed literals
             // (`code IN ('C50', 'C34')`): the list is in the query text, so it is public, and
             // exactly those groups are released, without partition selection.
@@ -503,7 +616,7 @@ impl Planner {
                 if c.public_values.is_none() {
                     if let Some(values) = filters
                         .iter()
-                        .find_map(|f| literal_set(f, column, &scope))
+                        .find_map(|f| literal_set(f, column, scope))
                         .and_then(|set| listed_values(&set, c.ty))
                     {
                         key = fedq_common::GroupKey::Listed {
@@ -526,10 +639,10 @@ impl Planner {
                     ColumnType::Utf8 | ColumnType::Int32 | ColumnType::Int64 | ColumnType::Boolean
                 ) {
                     return Err(refuse(format!(
-                        "GROUP BY `{label}`: keys must be text, integer or boolean columns, not {}; \
-                         bucket numbers with `column / n` or a CASE with literal labels",
-                        c.ty
-                    )));
+                            "GROUP BY `{label}`: keys must be text, integer or boolean columns, not {}; \
+                             bucket numbers with `column / n` or a CASE with literal labels",
+                            c.ty
+                        )));
                 }
             }
             let domain = key
@@ -538,41 +651,7 @@ impl Planner {
             let (domain, public) = match domain {
                 KeyDomain::Public(values) => (values, true),
                 KeyDomain::Open => {
-                    let qualified = |c: &ColumnRef| {
-                        let t = match (c.side, scope.right) {
-                            (Side::Right, Some(r)) => r.table,
-                            _ => scope.left.table,
-                        };
-                        format!("{t}.{}", c.name)
-                    };
-                    let declare = match (&key, key.column()) {
-                        (fedq_common::GroupKey::Column { .. }, Some(c)) => {
-                            let bucket = match col {
-                                Some(spec)
-                                    if spec.bounds().is_some()
-                                        && matches!(
-                                            spec.ty,
-                                            ColumnType::Int32 | ColumnType::Int64
-                                        ) =>
-                                {
-                                    format!(", or group by buckets such as `{label} / 10`")
-                                }
-                                _ => String::new(),
-                            };
-                            format!("declare `public_values` for {}{bucket}", qualified(c))
-                        }
-                        (fedq_common::GroupKey::IntBucket { .. }, Some(c)) => format!(
-                            "declare `lower` and `upper` bounds for {} (giving at most {} buckets)",
-                            qualified(c),
-                            fedq_common::group_key::MAX_DERIVED_DOMAIN
-                        ),
-                        (fedq_common::GroupKey::DatePart { .. }, Some(c)) => format!(
-                            "declare the date range of {} (`earliest` and `latest`, \"YYYY-MM-DD\") in the catalog, \
-                             or group by month or quarter, whose domains are public",
-                            qualified(c)
-                        ),
-                        _ => "group by keys with a public domain".to_string(),
-                    };
+                    let declare = open_key_fix(&key, col, &label, scope);
                     open_keys.push((label.clone(), declare));
                     (Vec::new(), false)
                 }
@@ -590,30 +669,7 @@ impl Planner {
                 public,
             });
         }
-        // A WHERE that admits only some values of a public key (`kind IN ('serum',
-        // 'plasma')`, `test = 'HbA1c'`) narrows the released domain to them: the query text
-        // is public, and the other groups would only ever be noise around zero.
-        for k in groups.iter_mut() {
-            let fedq_common::GroupKey::Column { column } = &k.key else {
-                continue;
-            };
-            for f in &filters {
-                let Some(allowed) = literal_set(f, column, &scope) else {
-                    continue;
-                };
-                let narrowed: Vec<PublicValue> = k
-                    .domain
-                    .iter()
-                    .filter(|v| allowed.iter().any(|s| public_matches(v, s)))
-                    .cloned()
-                    .collect();
-                // An empty intersection keeps the full domain: every group is then noise
-                // around zero, which is the honest answer, and the shape stays the same.
-                if !narrowed.is_empty() {
-                    k.domain = narrowed;
-                }
-            }
-        }
+        narrow_public_domains(&mut groups, filters, scope);
         // Keys without a public domain: DP partition selection, which needs G (of the
         // driving table, whose R applies too) and δ.
         let max_groups = match open_keys.first() {
@@ -621,26 +677,26 @@ impl Planner {
             Some((label, declare)) => {
                 let Some(g) = spec.max_groups_per_unit else {
                     return Err(refuse(format!(
-                        "GROUP BY `{label}`: the key has no public domain, so its groups could reveal single participants. \
-                         Such groups are released only through DP partition selection, which needs the privacy officer to declare \
-                         `max_groups_per_unit` (G, the groups one participant may count in) for table `{table}`{join_note}; \
-                         or {declare}. Columns you can group by now: {}",
-                        public_columns(spec),
-                        join_note = if src.right.is_some() {
-                            " (the driving table of the join, whose R and G apply)"
-                        } else {
-                            ""
-                        },
-                    )));
+                            "GROUP BY `{label}`: the key has no public domain, so its groups could reveal single participants. \
+                             Such groups are released only through DP partition selection, which needs the privacy officer to declare \
+                             `max_groups_per_unit` (G, the groups one participant may count in) for table `{table}`{join_note}; \
+                             or {declare}. Columns you can group by now: {}",
+                            public_columns(spec),
+                            join_note = if local.right.is_some() {
+                                " (the driving table of the join, whose R and G apply)"
+                            } else {
+                                ""
+                            },
+                        )));
                 };
                 if self.delta_per_query.is_nan() || self.delta_per_query <= 0.0 {
                     return Err(refuse(format!(
-                        "GROUP BY `{label}`: the column has no public domain, so its groups are released only through DP \
-                         partition selection, which costs δ, and the policy's delta_per_query is 0. Ask the privacy officer \
-                         to set `[policy] delta_per_query` (e.g. 1e-7) and to grant you a δ budget, or group by columns with \
-                         a public domain: {}",
-                        public_columns(spec)
-                    )));
+                            "GROUP BY `{label}`: the column has no public domain, so its groups are released only through DP \
+                             partition selection, which costs δ, and the policy's delta_per_query is 0. Ask the privacy officer \
+                             to set `[policy] delta_per_query` (e.g. 1e-7) and to grant you a δ budget, or group by columns with \
+                             a public domain: {}",
+                            public_columns(spec)
+                        )));
                 }
                 for k in &mut groups {
                     k.public = false;
@@ -660,33 +716,38 @@ impl Planner {
                 fedq_common::wire::MAX_GROUPS
             )));
         }
-        if agg.aggr_expr.is_empty() {
-            return Err(refuse(
-                "the query has no aggregate, so it would list which values exist; add COUNT(*), SUM or AVG",
-            ));
-        }
+        Ok(Keys {
+            groups,
+            max_groups,
+            n_groups,
+        })
+    }
 
-        // A set of participants needs one row per participant to be counted: the bound R
-        // the query proves is 1, whatever the table's.
-        let max_rows_per_unit = match set_source {
-            Some(_) => 1,
-            None => spec.max_rows_per_unit,
-        };
+    /// Phase 3: the partial aggregates and statistics of every output, with their
+    /// sensitivities from R, S, the number of groups and the bounds.
+    fn statistics(
+        &self,
+        shape: &QueryShape<'_>,
+        local: &LocalPlan,
+        scope: &Scope<'_>,
+        keys: &Keys,
+    ) -> Result<Statistics, CoordinatorError> {
+        let n_groups = keys.n_groups;
         let mut b = StatBuilder {
-            r: max_rows_per_unit,
+            r: local.max_rows_per_unit,
             s: self.catalog.max_sites_per_unit,
             n_groups: n_groups as u128,
             suppression: self.min_reported_count > 0,
             ..Default::default()
         };
         let mut outputs = Vec::new();
-        for (j, e) in agg.aggr_expr.iter().enumerate() {
+        for (j, e) in shape.agg.aggr_expr.iter().enumerate() {
             b.output = j;
-            outputs.push(match &set_source {
+            outputs.push(match &shape.set {
                 // Each member is one participant: COUNT(*), COUNT(pid) and COUNT(DISTINCT
                 // pid) over the set all count participants.
                 Some(_) => b.set_count(strip_alias(e))?,
-                None => b.aggregate(strip_alias(e), &scope)?,
+                None => b.aggregate(strip_alias(e), scope)?,
             });
         }
         let cells: usize = b
@@ -705,80 +766,150 @@ impl Planner {
                  the nodes allow {MAX_HISTOGRAM_CELLS}: ask for percentiles of fewer columns or group by fewer keys"
             )));
         }
-        let eps = rational(epsilon)?;
-        let truncation = TruncationReport {
-            sensitivity: u128::from(self.catalog.max_sites_per_unit),
-            epsilon: eps.clone() / RBig::from(TRUNCATION_SHARE_DENOMINATOR),
-        };
-        let selection = match max_groups {
-            None => None,
-            Some(g) => {
-                let partial = b.partial(AggregateRequest::CountUnits);
-                Some(PartitionSelection::new(
-                    partial,
-                    g,
-                    spec.max_rows_per_unit,
-                    self.catalog.max_sites_per_unit,
-                    eps.clone() / RBig::from(SELECTION_SHARE_DENOMINATOR),
-                    self.delta_per_query,
-                )?)
-            }
-        };
-        let selection_eps = selection.as_ref().map_or(RBig::ZERO, |s| s.epsilon.clone());
-        allocate(
-            &mut b.statistics,
-            eps.clone() - truncation.epsilon.clone() - selection_eps,
-            self.allocation,
-        )?;
-
-        let request = PartialAggregateRequest {
-            query_id: query_id.to_string(),
-            table: table.clone(),
-            join,
-            filter: predicate,
-            group_by: groups.iter().map(|g| g.key.clone()).collect(),
-            aggregates: b.partials,
-            max_rows_per_unit,
-            max_groups_per_unit: max_groups,
-            derived: src.left.derived.clone(),
-            computed: b.computed,
-        };
-        let leaves = request.set_leaf_count();
-        if leaves > fedq_common::participant_set::MAX_SET_LEAVES {
-            return Err(refuse(format!(
-                "the query tests {leaves} participant subqueries; the limit is {}: combine conditions on the same table in one subquery (`pid IN (SELECT pid FROM diagnoses WHERE code IN ('E11', 'I10'))`)",
-                fedq_common::participant_set::MAX_SET_LEAVES
-            )));
-        }
-        Ok(PlannedQuery {
-            query_id: query_id.to_string(),
-            sql: sql.to_string(),
-            join_table: src.right.as_ref().map(|r| r.table.clone()),
-            table,
-            request,
-            groups,
-            statistics: b.statistics,
+        Ok(Statistics {
+            builder: b,
             outputs,
-            aggregate_schema: agg.schema.clone(),
-            plan: plan.clone(),
-            epsilon,
-            max_rows_per_unit,
-            row_bound_source: match (&set_source, &src.left.derived) {
-                (Some(_), _) => "proven by the query: a set of participants has one row per participant",
-                (None, Some(_)) => "proven by the query: a derived table grouped by the participant has one row per participant",
-                (None, None) => "the catalog's max_rows_per_unit of the table read",
-            },
-            max_sites_per_unit: self.catalog.max_sites_per_unit,
-            allocation: self.allocation,
-            truncation,
-            delta: if selection.is_some() {
-                self.delta_per_query
-            } else {
-                0.0
-            },
-            selection,
         })
     }
+}
+
+/// Phase 1 of planning: the DP aggregate and the relation below it.
+struct QueryShape<'p> {
+    agg: &'p Aggregate,
+    /// `FROM (<a set of participants>) t`: the set, counted.
+    set: Option<fedq_common::ParticipantSet>,
+    source: Source,
+}
+
+/// Phase 2 of planning: the participant-local part, as the node request will carry it.
+struct LocalPlan {
+    table: String,
+    qualifier: String,
+    /// The driving relation's declaration: its catalog table's, or its derived table's.
+    spec: fedq_common::TableSpec,
+    /// The joined table and its qualifier.
+    right: Option<(String, String)>,
+    join: Option<JoinSpec>,
+    /// The SQL conditions on the rows (a WHERE's listed values narrow key domains).
+    filters: Vec<Expr>,
+    /// Their wire form.
+    predicate: Option<fedq_common::Predicate>,
+    derived: Option<fedq_common::derived::PerParticipant>,
+    /// R, and where it comes from (shown by EXPLAIN).
+    max_rows_per_unit: u32,
+    row_bound_source: &'static str,
+}
+
+impl LocalPlan {
+    /// The tables its columns resolve against.
+    fn scope<'a>(&'a self, catalog: &'a Catalog) -> Result<Scope<'a>, CoordinatorError> {
+        let right = match &self.right {
+            None => None,
+            Some((t, q)) => Some(Relation {
+                table: t,
+                qualifier: q,
+                spec: catalog.table(t).ok_or_else(|| {
+                    CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
+                })?,
+            }),
+        };
+        Ok(Scope {
+            left: Relation {
+                table: &self.table,
+                qualifier: &self.qualifier,
+                spec: &self.spec,
+            },
+            right,
+            catalog,
+        })
+    }
+}
+
+/// The GROUP BY keys of a plan.
+struct Keys {
+    groups: Vec<GroupKey>,
+    /// G, when some key has no public domain (partition selection).
+    max_groups: Option<u32>,
+    /// Groups one participant can count in: the domains' product, or G.
+    n_groups: usize,
+}
+
+/// Phase 3 of planning: the partials and statistics, and how each output reads them.
+struct Statistics {
+    builder: StatBuilder,
+    outputs: Vec<AggregateOutput>,
+}
+
+/// A WHERE that admits only some values of a public key (`kind IN ('serum', 'plasma')`,
+/// `test = 'HbA1c'`) narrows the released domain to them: the query text is public, and
+/// the other groups would only ever be noise around zero.
+fn narrow_public_domains(groups: &mut [GroupKey], filters: &[Expr], scope: &Scope<'_>) {
+    for k in groups.iter_mut() {
+        let fedq_common::GroupKey::Column { column } = &k.key else {
+            continue;
+        };
+        for f in filters {
+            let Some(allowed) = literal_set(f, column, scope) else {
+                continue;
+            };
+            let narrowed: Vec<PublicValue> = k
+                .domain
+                .iter()
+                .filter(|v| allowed.iter().any(|s| public_matches(v, s)))
+                .cloned()
+                .collect();
+            // An empty intersection keeps the full domain: every group is then noise
+            // around zero, which is the honest answer, and the shape stays the same.
+            if !narrowed.is_empty() {
+                k.domain = narrowed;
+            }
+        }
+    }
+}
+
+/// What the privacy officer could declare (or the researcher write) so that a key without a
+/// public domain gets one.
+fn open_key_fix(
+    key: &fedq_common::GroupKey,
+    col: Option<&ColumnSpec>,
+    label: &str,
+    scope: &Scope<'_>,
+) -> String {
+    let qualified = |c: &ColumnRef| {
+        let t = match (c.side, scope.right) {
+            (Side::Right, Some(r)) => r.table,
+            _ => scope.left.table,
+        };
+        format!("{t}.{}", c.name)
+    };
+    match (key, key.column()) {
+            (fedq_common::GroupKey::Column { .. }, Some(c)) => {
+                let bucket = match col {
+                    Some(spec)
+                        if spec.bounds().is_some()
+                            && matches!(
+                                spec.ty,
+                                ColumnType::Int32 | ColumnType::Int64
+                            ) =>
+                    {
+                        format!(", or group by buckets such as `{label} / 10`")
+                    }
+                    _ => String::new(),
+                };
+                format!("declare `public_values` for {}{bucket}", qualified(c))
+            }
+            (fedq_common::GroupKey::IntBucket { .. }, Some(c)) => format!(
+                "declare `lower` and `upper` bounds for {} (giving at most {} buckets)",
+                qualified(c),
+                fedq_common::group_key::MAX_DERIVED_DOMAIN
+            ),
+            (fedq_common::GroupKey::DatePart { .. }, Some(c)) => format!(
+                "declare the date range of {} (`earliest` and `latest`, \"YYYY-MM-DD\") in the catalog, \
+                 or group by month or quarter, whose domains are public",
+                qualified(c)
+            ),
+            _ => "group by keys with a public domain".to_string(),
+        }
 }
 
 /// Split `epsilon` exactly across `stats` by `rule` (see [`Allocation`]). The shares are
