@@ -1184,8 +1184,11 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
         | LogicalPlan::Distinct(_) => {
             if plan.expressions().iter().any(contains_subquery) {
                 return Err(refuse(
-                    "subqueries are not supported above the aggregate (in the select list, HAVING or ORDER BY); \
-                     test the participant in WHERE instead: `WHERE pid IN (SELECT pid FROM <table> WHERE ...)`",
+                    "subqueries are not supported above the aggregate (in the select list, HAVING or ORDER BY) yet. \
+                     A share or a prevalence is one average over the denominator's rows: \
+                     `SELECT AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1000.0 ELSE 0 END) FROM participants` \
+                     (per 1,000 participants), or with `GROUP BY sex` for a share per group; \
+                     a count among a subset is `COUNT(*) FILTER (WHERE ...)`, beside `COUNT(*)` in the same query",
                 ));
             }
             let inputs = plan.inputs();

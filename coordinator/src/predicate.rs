@@ -148,6 +148,31 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
         Expr::Literal(v, _) => Predicate::Literal {
             value: literal(v)?,
         },
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::Plus | Operator::Minus) && interval_literal(right).is_some() =>
+        {
+            // `CURRENT_DATE - INTERVAL '1 year'`, `DATE '2020-01-01' + INTERVAL '30 days'`:
+            // folded here into a date literal, from the query text and the date.
+            let base = to_predicate(left, scope)?;
+            let Predicate::Literal {
+                value: Literal::Date32(day),
+            } = base
+            else {
+                return Err(refuse(
+                    "intervals can be added to or subtracted from a date literal or CURRENT_DATE only; \
+                     compare the column with the shifted date instead, e.g. `measured_on > CURRENT_DATE - INTERVAL '1 year'`",
+                ));
+            };
+            let sign = if *op == Operator::Minus { -1 } else { 1 };
+            let shifted = interval_literal(right)
+                .and_then(|iv| shift_date(day, iv, sign))
+                .ok_or_else(|| {
+                    refuse("the interval must be whole months and days (`INTERVAL '1 year'`, `INTERVAL '30 days'`) and give a valid date")
+                })?;
+            Predicate::Literal {
+                value: Literal::Date32(shifted),
+            }
+        }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             let op = match op {
                 Operator::Eq => BinaryOp::Eq,
@@ -273,6 +298,14 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 ))
             }
         },
+        // The date the query is planned (UTC), a public input like the query text.
+        Expr::ScalarFunction(f)
+            if matches!(f.name(), "current_date" | "today") && f.args.is_empty() =>
+        {
+            Predicate::Literal {
+                value: Literal::Date32(today()),
+            }
+        }
         Expr::ScalarFunction(f) if crate::calendar::date_part_call(f).is_some() => {
             let Some((field, arg)) = crate::calendar::date_part_call(f) else {
                 return Err(refuse("unsupported date function"));
@@ -512,5 +545,77 @@ pub fn to_value(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordinator
             })
         }
         _ => to_predicate(expr, scope),
+    }
+}
+
+/// Days since 1970-01-01 of today's date (UTC).
+fn today() -> i32 {
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    let days = (chrono::Utc::now().date_naive() - epoch).num_days();
+    i32::try_from(days).unwrap_or(i32::MAX)
+}
+
+/// The interval of a literal `INTERVAL '…'`, as months, days and nanoseconds.
+fn interval_literal(e: &Expr) -> Option<(i32, i32, i64)> {
+    match strip_cast(e) {
+        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(v)), _) => {
+            Some((v.months, v.days, v.nanoseconds))
+        }
+        Expr::Literal(ScalarValue::IntervalYearMonth(Some(m)), _) => Some((*m, 0, 0)),
+        Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
+            Some((0, v.days, i64::from(v.milliseconds) * 1_000_000))
+        }
+        _ => None,
+    }
+}
+
+fn strip_cast(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_cast(&a.expr),
+        other => other,
+    }
+}
+
+/// `day` shifted by `sign` times the interval (months first, as PostgreSQL does: the day of
+/// the month is clamped to the month's last), or `None` if the interval has a time part or
+/// the date leaves the calendar.
+fn shift_date(day: i32, (months, days, nanos): (i32, i32, i64), sign: i32) -> Option<i32> {
+    if nanos != 0 {
+        return None;
+    }
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    let date = epoch.checked_add_signed(chrono::TimeDelta::try_days(i64::from(day))?)?;
+    let m = months.checked_mul(sign)?;
+    let date = if m >= 0 {
+        date.checked_add_months(chrono::Months::new(m.unsigned_abs()))?
+    } else {
+        date.checked_sub_months(chrono::Months::new(m.unsigned_abs()))?
+    };
+    let date = date.checked_add_signed(chrono::TimeDelta::try_days(
+        i64::from(days) * i64::from(sign),
+    )?)?;
+    i32::try_from((date - epoch).num_days()).ok()
+}
+
+#[cfg(test)]
+mod interval_tests {
+    use super::*;
+
+    #[test]
+    fn intervals_shift_dates_by_months_then_days() {
+        let d = |s: &str| fedq_common::catalog::parse_date(s).unwrap();
+        assert_eq!(
+            shift_date(d("2024-01-31"), (1, 0, 0), 1),
+            Some(d("2024-02-29"))
+        );
+        assert_eq!(
+            shift_date(d("2026-12-07"), (12, 0, 0), -1),
+            Some(d("2025-12-07"))
+        );
+        assert_eq!(
+            shift_date(d("2026-03-01"), (0, 30, 0), -1),
+            Some(d("2026-01-30"))
+        );
+        assert_eq!(shift_date(d("2026-03-01"), (0, 0, 1), 1), None);
     }
 }

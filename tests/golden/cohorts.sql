@@ -133,7 +133,7 @@ SELECT MEDIAN(value) FILTER (WHERE test = 'HbA1c') FROM labs
 ;
 SELECT date_trunc('month', measured_on) AS m, COUNT(*) FROM labs GROUP BY 1
 ;
-SELECT COUNT(*) FROM labs WHERE measured_on > CURRENT_DATE - INTERVAL '1 year'
+SELECT COUNT(*) FROM labs WHERE measured_on > DATE '2026-12-07' - INTERVAL '1 year'
 ;
 
 -- # 5. Several statistics in one query

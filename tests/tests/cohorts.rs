@@ -425,6 +425,12 @@ async fn date_functions_in_where_keys_and_case_equal_datafusion() {
             1,
         ),
         (
+            // The date the query runs, and intervals, folded into a date literal.
+            "SELECT COUNT(*) FROM labs WHERE measured_on > CURRENT_DATE - INTERVAL '5 years'",
+            "SELECT COUNT(*) FROM labs WHERE measured_on > CURRENT_DATE - INTERVAL '5 years'",
+            0,
+        ),
+        (
             "SELECT COUNT(*) FROM labs l JOIN participants p USING (pid) WHERE l.measured_on - p.enrolled_on > 365",
             "SELECT COUNT(*) FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
              WHERE CAST(CAST(l.measured_on AS INT) AS BIGINT) - CAST(CAST(p.enrolled_on AS INT) AS BIGINT) > 365",
