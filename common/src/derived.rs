@@ -132,6 +132,57 @@ impl UnitAggregate {
 pub struct DerivedError(pub String);
 
 impl PerParticipant {
+    /// What it computes, in words (for EXPLAIN).
+    pub fn describe(&self) -> String {
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| {
+                let what = match &c.value {
+                    UnitAggregate::Min { column } => format!("MIN({column})"),
+                    UnitAggregate::Max { column } => format!("MAX({column})"),
+                    UnitAggregate::CountRows => "COUNT(*)".to_string(),
+                    UnitAggregate::CountNonNull { column } => format!("COUNT({column})"),
+                    UnitAggregate::Sum { column } => format!("SUM({column})"),
+                    UnitAggregate::Any { .. } => "bool_or(condition)".to_string(),
+                    UnitAggregate::All { .. } => "bool_and(condition)".to_string(),
+                    UnitAggregate::First { column, order } => {
+                        let by: Vec<String> = order
+                            .iter()
+                            .map(|k| {
+                                format!("{}{}", k.column, if k.descending { " DESC" } else { "" })
+                            })
+                            .collect();
+                        format!("{column} of the first row by {}", by.join(", "))
+                    }
+                };
+                format!("{} = {what}", c.name)
+            })
+            .collect();
+        let having = if self.min_rows > 1 {
+            format!(
+                ", for participants with at least {} such rows",
+                self.min_rows
+            )
+        } else {
+            String::new()
+        };
+        let cols = if cols.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", cols.join(", "))
+        };
+        format!(
+            "one row per participant of {}{}{cols}{having}",
+            self.table,
+            if self.filter.is_some() {
+                " rows passing the subquery's filter"
+            } else {
+                ""
+            },
+        )
+    }
+
     /// The derived table as the catalog would declare it, checking it on the way: R = 1;
     /// a MIN or MAX keeps its source column's type, bounds, public values and date range
     /// (the smallest or largest of values within them is within them), and may be NULL;

@@ -296,6 +296,24 @@ pub fn explain_batch(
             )),
         });
     }
+    // A derived table: participant-local, computed at each site from that site's rows.
+    if let Some(d) = &q.request.derived {
+        rows.push(Row {
+            item: "derived table",
+            name: d.table.clone(),
+            sensitivity: None,
+            formula: None,
+            epsilon: None,
+            delta: None,
+            scale: None,
+            ci95: None,
+            detail: Some(format!(
+                "{}; computed at each site from the participant's rows there, so a participant at two sites has a row at each \
+                 (a 'first' or 'latest' event is per site, so it can differ from the participant's first or latest across sites; S covers the sensitivity)",
+                d.describe()
+            )),
+        });
+    }
     let mut request = q.request.clone();
     request.query_id.clear();
     rows.push(Row {
