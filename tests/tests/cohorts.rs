@@ -1012,3 +1012,114 @@ async fn the_first_row_per_participant_equals_datafusion_per_site() {
     }
     fed.shutdown().await.unwrap();
 }
+
+/// Every output of `sql` on federations `a` and `b` at ε = 2: the same columns and rows,
+/// and each value within its statistic's Δ plus twice its discrete Laplace half-width at
+/// 1e-12 of the other (a spurious failure has probability below 2e-12 per output).
+async fn released_within_the_noise(a: &std::path::Path, b: &std::path::Path, sql: &str) {
+    let mut released: Vec<(Vec<String>, Vec<f64>)> = Vec::new();
+    let mut limits: Vec<f64> = Vec::new();
+    for dir in [a, b] {
+        let fed = fedq::federation::LocalFederation::start(
+            dir,
+            FederationOptions {
+                min_reported_count: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let engine = fed.coordinator.engine.clone();
+        let q = engine.plan("alice", sql).await.unwrap();
+        assert!(q.groups.is_empty(), "{sql}: one row");
+        limits = (0..q.outputs.len())
+            .map(|j| {
+                let st = q
+                    .statistics
+                    .iter()
+                    .find(|s| s.used_by == vec![j])
+                    .unwrap_or_else(|| panic!("{sql}: output {j} has one statistic of its own"));
+                let scale = st.sensitivity as f64 / st.epsilon.to_f64().value() * (q.epsilon / 2.0);
+                (st.sensitivity as f64 + 2.0 * discrete_laplace_half_width(scale, 1e-12)) * st.unit
+            })
+            .collect();
+        let mut alice = fed.client("alice").await.unwrap();
+        alice.query("SET fedq.epsilon = 2").await.unwrap();
+        let r = alice.query(sql).await.unwrap();
+        let batch = &r.batches[0];
+        assert_eq!(batch.num_rows(), 1, "{sql}");
+        let names = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let values = (0..limits.len())
+            .map(|c| fedq_tests::cell(batch, c, 0).expect("a released value"))
+            .collect();
+        released.push((names, values));
+        fed.shutdown().await.unwrap();
+    }
+    assert_eq!(released[0].0, released[1].0, "{sql}: the same columns");
+    for (j, limit) in limits.iter().enumerate() {
+        let (va, vb) = (released[0].1[j], released[1].1[j]);
+        assert!(
+            (va - vb).abs() <= *limit,
+            "{sql}, output {j}: released {va} and {vb}, more apart than Δ plus twice the noise bound ({limit})"
+        );
+    }
+}
+
+/// Neighbouring pairs for the per-participant shapes of this issue, each at its edge: the
+/// participant with the largest sum of lab values (a derived `SUM`, declared within R times
+/// the column's bounds, and the latest value by `ROW_NUMBER() … = 1`), and the participant
+/// with the most diagnoses (a self-join, whose pairs R bounds). Each pair of federations
+/// differs in that one participant, and every released value differs only within the noise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_the_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    synth(&a, 2, 500, 29);
+    let ctx = site_context(&a).await;
+    let top = |sql: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let rows = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+            fedq_tests::key(&rows[0], 0, 0)
+        }
+    };
+    let heaviest =
+        top("SELECT pid FROM labs GROUP BY pid, fedq_site ORDER BY SUM(value) DESC, pid LIMIT 1")
+            .await;
+    let most_diagnosed = top(
+        "SELECT pid FROM diagnoses GROUP BY pid, fedq_site ORDER BY COUNT(*) DESC, pid LIMIT 1",
+    )
+    .await;
+    let without = |pid: &str, name: &str| {
+        let b = tmp.path().join(name);
+        copy_dir(&a, &b);
+        assert!(remove_participant(&b, pid) > 0, "the neighbour lacks {pid}");
+        b
+    };
+    let b = without(&heaviest, "b");
+    released_within_the_noise(
+        &a,
+        &b,
+        "SELECT COUNT(*), SUM(total) FROM (SELECT pid, SUM(value) AS total FROM labs GROUP BY pid) t",
+    )
+    .await;
+    released_within_the_noise(
+        &a,
+        &b,
+        "WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn \
+         FROM labs) SELECT COUNT(*), SUM(value) FROM latest WHERE rn = 1",
+    )
+    .await;
+    let c = without(&most_diagnosed, "c");
+    released_within_the_noise(
+        &a,
+        &c,
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE a.code <> b.code) FROM diagnoses a JOIN diagnoses b USING (pid)",
+    )
+    .await;
+}
