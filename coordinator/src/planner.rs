@@ -390,7 +390,8 @@ impl Planner {
         epsilon: f64,
         query_id: &str,
     ) -> Result<PlannedQuery, CoordinatorError> {
-        let plan = self.logical_plan(sql).await?;
+        // Scalar subqueries over the query's own table become aggregates of it.
+        let plan = crate::scalar::inline(self.logical_plan(sql).await?)?;
         // 1. Query shape: the DP aggregate, and the relation below it.
         let shape = self.shape(&plan)?;
         // 2. The participant-local part, typed as the node will run it.
@@ -1184,8 +1185,9 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
         | LogicalPlan::Distinct(_) => {
             if plan.expressions().iter().any(contains_subquery) {
                 return Err(refuse(
-                    "subqueries are not supported above the aggregate (in the select list, HAVING or ORDER BY) yet. \
-                     A share or a prevalence is one average over the denominator's rows: \
+                    "this subquery is not supported above the aggregate (in the select list, HAVING or ORDER BY): \
+                     only scalar subqueries that aggregate the query's own table are. \
+                     A share or a prevalence is also one average over the denominator's rows: \
                      `SELECT AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1000.0 ELSE 0 END) FROM participants` \
                      (per 1,000 participants), or with `GROUP BY sex` for a share per group; \
                      a count among a subset is `COUNT(*) FILTER (WHERE ...)`, beside `COUNT(*)` in the same query",

@@ -145,6 +145,10 @@ SELECT COUNT(*) * 1000.0 / (SELECT COUNT(*) FROM participants) FROM participants
 ;
 SELECT sex, COUNT(*), (SELECT COUNT(*) FROM participants p2 WHERE p2.sex = p.sex) FROM participants p GROUP BY sex
 ;
+SELECT sex, COUNT(*) AS cases, (SELECT COUNT(*) FROM participants p2 WHERE p2.sex = p.sex) AS total FROM participants p WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') GROUP BY sex
+;
+SELECT COUNT(*) / (SELECT COUNT(*) FROM diagnoses) FROM participants
+;
 
 -- # 6. A literal list is a public domain
 SELECT code, COUNT(*) FROM diagnoses WHERE code IN ('C50', 'C34', 'C18') GROUP BY code

@@ -1115,6 +1115,14 @@ async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_t
          FROM labs) SELECT COUNT(*), SUM(value) FROM latest WHERE rn = 1",
     )
     .await;
+    // A scalar subquery: one more statistic of the same request.
+    released_within_the_noise(
+        &a,
+        &b,
+        "SELECT COUNT(*) AS cases, (SELECT COUNT(*) FROM participants) AS total FROM participants \
+         WHERE pid IN (SELECT pid FROM labs WHERE test = 'HbA1c')",
+    )
+    .await;
     let c = without(&most_diagnosed, "c");
     released_within_the_noise(
         &a,
@@ -1122,4 +1130,83 @@ async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_t
         "SELECT COUNT(*), COUNT(*) FILTER (WHERE a.code <> b.code) FROM diagnoses a JOIN diagnoses b USING (pid)",
     )
     .await;
+}
+
+/// Scalar subqueries over the query's own table (part 5) are statistics of the same query:
+/// the subquery becomes one more aggregate, grouped like the query (a correlation on its
+/// GROUP BY column is the grouping), and both read one request. The exact partials equal
+/// DataFusion's, and a rate per 1,000 released through Flight SQL lies within the interval
+/// that the numerator's and denominator's noise bounds (discrete Laplace half-widths at
+/// 1e-12 each) allow around the exact rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scalar_subqueries_over_the_query_table_are_statistics_of_the_same_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1500, 71);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let d = keyed("d");
+    let sql = "SELECT sex, COUNT(*) AS cases, (SELECT COUNT(*) FROM participants p2 WHERE p2.sex = p.sex) AS total \
+               FROM participants p WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') GROUP BY sex";
+    let q = engine.plan("alice", sql).await.unwrap();
+    let cases = partial_of(&q, |a| matches!(a, AggregateRequest::CountNonNull { .. }));
+    let merged = engine.gather(&q).await.unwrap();
+    let got = merged_rows(
+        &merged,
+        &q.request.aggregates,
+        &[cases, AggregateRequest::CountRows],
+    );
+    let want = exact_rows(
+        &ctx,
+        &format!(
+            "SELECT p.sex, SUM(CASE WHEN e.k IS NOT NULL THEN 1 ELSE 0 END), COUNT(*) FROM participants p \
+             LEFT JOIN (SELECT DISTINCT {d} AS k FROM diagnoses d WHERE d.code = 'E11') e ON e.k = {P} GROUP BY p.sex"
+        ),
+        1,
+    )
+    .await;
+    assert_eq!(got, want, "{sql}");
+
+    let rate = "SELECT COUNT(*) * 1000.0 / (SELECT COUNT(*) FROM participants) AS per_1000 \
+                FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')";
+    let q = engine.plan("alice", rate).await.unwrap();
+    assert_eq!(q.statistics.len(), 2, "numerator and denominator");
+    let t: Vec<f64> = q
+        .statistics
+        .iter()
+        .map(|st| {
+            let scale = st.sensitivity as f64 / st.epsilon.to_f64().value() * (q.epsilon / 2.0);
+            discrete_laplace_half_width(scale, 1e-12)
+        })
+        .collect();
+    let exact = exact_rows(
+        &ctx,
+        &format!(
+            "SELECT SUM(CASE WHEN e.k IS NOT NULL THEN 1 ELSE 0 END), COUNT(*) FROM participants p \
+             LEFT JOIN (SELECT DISTINCT {d} AS k FROM diagnoses d WHERE d.code = 'E11') e ON e.k = {P}"
+        ),
+        0,
+    )
+    .await;
+    let (num, den) = {
+        let v = exact.values().next().expect("one row");
+        (v[0] as f64, v[1] as f64)
+    };
+    let (t_num, t_den) = (t[0], t[1]);
+    let mut alice = fed.client("alice").await.unwrap();
+    alice.query("SET fedq.epsilon = 2").await.unwrap();
+    let r = alice.query(rate).await.unwrap();
+    assert_eq!(r.batches[0].schema().field(0).name(), "per_1000");
+    let released = fedq_tests::cell(&r.batches[0], 0, 0).expect("a rate");
+    let (lo, hi) = (
+        (num - t_num) * 1000.0 / (den + t_den),
+        (num + t_num) * 1000.0 / (den - t_den),
+    );
+    assert!(
+        (lo..=hi).contains(&released),
+        "released {released} per 1,000, outside [{lo}, {hi}] around the exact {}",
+        num * 1000.0 / den
+    );
+    fed.shutdown().await.unwrap();
 }
