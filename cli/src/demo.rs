@@ -64,6 +64,27 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
          AND pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10') GROUP BY sex ORDER BY sex",
     ),
     (
+        "E11 per 1,000 participants: the scalar subquery (the denominator) is one more statistic \
+         of the same query, and the ratio is computed from the two noisy counts",
+        "SELECT COUNT(*) * 1000.0 / (SELECT COUNT(*) FROM participants) AS e11_per_1000 \
+         FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')",
+    ),
+    (
+        "Latest HbA1c per patient, by category: ROW_NUMBER() per participant kept at 1 \
+         (a participant treated at two hospitals has a latest result at each)",
+        "WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn \
+         FROM labs WHERE test = 'HbA1c') \
+         SELECT CASE WHEN value >= 6.5 THEN '6.5% or more' ELSE 'under 6.5%' END AS latest_hba1c, COUNT(*) AS patients \
+         FROM latest WHERE rn = 1 GROUP BY 1 ORDER BY 1",
+    ),
+    (
+        "Mean age in 2026 and the share born before 1960, by sex: aggregates of expressions, \
+         bounded by interval arithmetic over birth_year's bounds",
+        "SELECT sex, AVG(2026 - birth_year) AS mean_age, \
+         AVG(CASE WHEN birth_year < 1960 THEN 1.0 ELSE 0 END) AS share_before_1960 \
+         FROM participants GROUP BY sex ORDER BY sex",
+    ),
+    (
         "Stored serum and plasma volume",
         "SELECT kind, SUM(volume_ml) AS total_ml FROM specimens WHERE status = 'stored' AND kind IN ('serum', 'plasma') GROUP BY kind ORDER BY kind",
     ),

@@ -113,7 +113,7 @@ SELECT SUM(CASE WHEN sex = 'F' THEN 1 ELSE 0 END) FROM participants
 ;
 SELECT AVG(2026 - birth_year) FROM participants
 ;
-WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn FROM labs WHERE test = 'HbA1c') SELECT CASE WHEN value >= 48 THEN 'high' ELSE 'not high' END AS category, COUNT(*) FROM latest WHERE rn = 1 GROUP BY 1
+WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn FROM labs WHERE test = 'HbA1c') SELECT CASE WHEN value >= 6.5 THEN 'high' ELSE 'not high' END AS category, COUNT(*) FROM latest WHERE rn = 1 GROUP BY 1
 ;
 SELECT COUNT(*) FROM (SELECT pid, first_value(code ORDER BY diagnosed_on) AS first_code FROM diagnoses GROUP BY pid) t WHERE first_code = 'E11'
 ;
