@@ -60,6 +60,9 @@ pub enum UnitAggregate {
     /// The sum of a numeric column with declared bounds, each value clamped to them first
     /// (NULL if there is no value).
     Sum { column: String },
+    /// The mean of a numeric column with declared bounds, each value clamped to them
+    /// first, so the mean is within them (NULL if there is no value).
+    Avg { column: String },
     /// Whether the condition is true for some of the participant's rows (`bool_or`): NULL
     /// conditions are skipped, NULL if all are.
     Any { when: Predicate },
@@ -99,6 +102,7 @@ impl UnitAggregate {
             | UnitAggregate::Max { column }
             | UnitAggregate::CountNonNull { column }
             | UnitAggregate::Sum { column }
+            | UnitAggregate::Avg { column }
             | UnitAggregate::First { column, .. } => Some(column),
             UnitAggregate::CountRows | UnitAggregate::Any { .. } | UnitAggregate::All { .. } => {
                 None
@@ -144,6 +148,7 @@ impl PerParticipant {
                     UnitAggregate::CountRows => "COUNT(*)".to_string(),
                     UnitAggregate::CountNonNull { column } => format!("COUNT({column})"),
                     UnitAggregate::Sum { column } => format!("SUM({column})"),
+                    UnitAggregate::Avg { column } => format!("AVG({column})"),
                     UnitAggregate::Any { .. } => "bool_or(condition)".to_string(),
                     UnitAggregate::All { .. } => "bool_and(condition)".to_string(),
                     UnitAggregate::First { column, order } => {
@@ -315,6 +320,25 @@ impl PerParticipant {
                         lower: Some(r * b.lower.min(0.0)),
                         upper: Some(r * b.upper.max(0.0)),
                         precision: s.precision,
+                        public_values: None,
+                        earliest: None,
+                        latest: None,
+                    }
+                }
+                UnitAggregate::Avg { column } => {
+                    let s = source_column(column, "AVG")?;
+                    let (Some(b), true) = (s.bounds(), s.ty.is_numeric()) else {
+                        return err(format!(
+                            "the derived table averages `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog"
+                        ));
+                    };
+                    ColumnSpec {
+                        name: c.name.clone(),
+                        ty: ColumnType::Float64,
+                        nullable: true,
+                        lower: Some(b.lower),
+                        upper: Some(b.upper),
+                        precision: Some(b.precision),
                         public_values: None,
                         earliest: None,
                         latest: None,

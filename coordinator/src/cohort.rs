@@ -613,7 +613,7 @@ pub fn derived_table(
         };
         let Expr::Column(c) = strip(inner_e) else {
             return Err(refuse(format!(
-                "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, COUNT, bool_or, bool_and), not `{e}`"
+                "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, AVG, COUNT, bool_or, bool_and, first_value), not `{e}`"
             )));
         };
         if unit_side(inner_e, &inner).is_some() {
@@ -621,7 +621,7 @@ pub fn derived_table(
         }
         let Some((_, value)) = outputs.iter().find(|(n, _)| *n == c.name) else {
             return Err(refuse(format!(
-                "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, COUNT, bool_or, bool_and), not `{e}`"
+                "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, AVG, COUNT, bool_or, bool_and, first_value), not `{e}`"
             )));
         };
         columns.push(DerivedColumn {
@@ -643,7 +643,7 @@ pub fn derived_table(
 fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, CoordinatorError> {
     let unsupported = || {
         refuse(format!(
-            "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), COUNT(*), COUNT(col), \
+            "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), \
              bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, not `{e}`"
         ))
     };
@@ -708,6 +708,7 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
         "min" => Ok(UnitAggregate::Min { column }),
         "max" => Ok(UnitAggregate::Max { column }),
         "sum" => Ok(UnitAggregate::Sum { column }),
+        "avg" | "mean" => Ok(UnitAggregate::Avg { column }),
         "count" => Ok(UnitAggregate::CountNonNull { column }),
         _ => Err(unsupported()),
     }

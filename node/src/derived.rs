@@ -5,7 +5,7 @@
 use datafusion::arrow::datatypes::DataType;
 use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn::{
-    bool_and, bool_or, count, first_value, max, min, sum,
+    avg, bool_and, bool_or, count, first_value, max, min, sum,
 };
 use datafusion::logical_expr::{cast, ident, lit, when, Expr};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
@@ -53,6 +53,7 @@ pub(crate) fn view(
         match &c.value {
             UnitAggregate::Min { column }
             | UnitAggregate::Max { column }
+            | UnitAggregate::Avg { column }
             | UnitAggregate::First { column, .. } => {
                 if let Some(range) = source.clamp.get(column) {
                     clamp.insert(c.name.clone(), *range);
@@ -135,6 +136,8 @@ pub(crate) fn frame(
                 count(scope.column(Side::Left, column, "a derived table")?.0)
             }
             UnitAggregate::Sum { column } => sum(clamped(&scope, column)?),
+            // The mean of clamped values, as a float (an integer column's too).
+            UnitAggregate::Avg { column } => avg(cast(clamped(&scope, column)?, DataType::Float64)),
             UnitAggregate::Any { when } => bool_or(filter::translate(when, &scope)?),
             UnitAggregate::All { when } => bool_and(filter::translate(when, &scope)?),
             UnitAggregate::First { column, order } => {

@@ -534,8 +534,8 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
             "grouped by the participant alone",
         ),
         (
-            "SELECT COUNT(*) FROM (SELECT pid, AVG(value) AS s FROM labs GROUP BY pid) t",
-            "MIN(col), MAX(col), SUM(col), COUNT(*), COUNT(col), bool_or(condition)",
+            "SELECT COUNT(*) FROM (SELECT pid, STDDEV(value) AS s FROM labs GROUP BY pid) t",
+            "MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), bool_or(condition)",
         ),
         (
             "SELECT COUNT(*) FROM (SELECT pid, SUM(code) AS s FROM diagnoses GROUP BY pid) t",
@@ -865,7 +865,7 @@ async fn expressions_over_a_left_join_on_neighbouring_federations_differ_only_wi
     }
 }
 
-/// More per-participant aggregates (part 1): `bool_or` / `bool_and` of a condition ("has
+/// More per-participant aggregates (part 1): `AVG(col)` of clamped values, `bool_or` / `bool_and` of a condition ("has
 /// an E11 diagnosis", "only HbA1c tests"), a boolean with the public domain {false, true};
 /// `SUM(col)`, declared within R times the column's bounds; and `COUNT(col)`, within
 /// [0, R]. Their partials equal DataFusion's per site, with the same clamps.
@@ -902,6 +902,16 @@ async fn per_participant_sums_counts_and_conditions_equal_datafusion_per_site() 
              SUM(LEAST(GREATEST(value, 0.0), 500.0)) AS total FROM labs WHERE test = 'HbA1c' GROUP BY pid, fedq_site)",
             0,
             sum,
+        ),
+        (
+            // A threshold no mean of 0.1-step values over fewer than 1,000 rows equals, so
+            // that the order of summation cannot decide a participant.
+            "SELECT COUNT(*) FROM (SELECT pid, AVG(value) AS mean_hba1c FROM labs WHERE test = 'HbA1c' GROUP BY pid) t \
+             WHERE mean_hba1c >= 6.537",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, AVG(CASE WHEN value IS NOT NULL THEN LEAST(GREATEST(value, 0.0), 500.0) END) AS mean_hba1c \
+             FROM labs WHERE test = 'HbA1c' GROUP BY pid, fedq_site) WHERE mean_hba1c >= 6.537",
+            0,
+            rows,
         ),
         (
             "SELECT SUM(n) FROM (SELECT pid, COUNT(value) AS n FROM labs GROUP BY pid) t",
