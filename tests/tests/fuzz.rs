@@ -17,7 +17,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use fedq_common::group_key::{DateField, GroupKey};
-use fedq_common::{AggregateRequest, Catalog, PartialAggregateRequest};
+use fedq_common::{
+    AggregateRequest, Catalog, ColumnType, Literal, PartialAggregateRequest, Predicate,
+};
 
 fn bucket(column: &str, divisor: i64, multiplier: i64) -> GroupKey {
     GroupKey::IntBucket {
@@ -1199,4 +1201,48 @@ fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
             }
         })
     });
+}
+
+/// A request the property above once shrank to: `1970 IN (TRY_CAST(NOT b AS INT))` with a
+/// `CASE WHEN b` key. DataFusion's physical simplifier unwrapped the boolean's cast into a
+/// comparison of mismatched types; the node now writes that cast as a CASE.
+#[test]
+fn a_number_compared_with_a_cast_boolean_is_answered() {
+    let filter = Predicate::InList {
+        input: Box::new(Predicate::DatePart {
+            field: DateField::Year,
+            input: Box::new(Predicate::Literal {
+                value: Literal::Date32(0),
+            }),
+        }),
+        list: vec![Predicate::TryCast {
+            input: Box::new(Predicate::Not {
+                input: Box::new(Predicate::column("b")),
+            }),
+            to: ColumnType::Int32,
+        }],
+        negated: false,
+    };
+    let req = PartialAggregateRequest {
+        query_id: "edge".into(),
+        table: "x".into(),
+        filter: Some(filter),
+        join: None,
+        group_by: vec![GroupKey::Case {
+            branches: vec![fedq_common::group_key::CaseBranch {
+                when: Predicate::column("b"),
+                then: Literal::Utf8("l0".into()),
+            }],
+            otherwise: Literal::Utf8("l99".into()),
+        }],
+        aggregates: vec![AggregateRequest::CountRows],
+        max_rows_per_unit: 1,
+        max_groups_per_unit: None,
+        derived: None,
+        computed: Vec::new(),
+    };
+    let f = extreme();
+    f.engine.validate(&req).expect("a valid request");
+    f.rt.block_on(f.engine.execute(&req))
+        .expect("validated requests answer");
 }
