@@ -1246,3 +1246,57 @@ fn a_number_compared_with_a_cast_boolean_is_answered() {
     f.rt.block_on(f.engine.execute(&req))
         .expect("validated requests answer");
 }
+
+/// A filter the stability property once shrank to: `NaN < i / 9223372036854775807 *
+/// (DATE '-5877641-06-23' - d)`. A NaN literal counts as NULL, as NaN does everywhere, and
+/// so never reaches DataFusion's interval analysis, which asserted on it in debug builds.
+#[test]
+fn a_nan_literal_in_a_filter_is_answered_as_null() {
+    let bin = |op, left, right| Predicate::Binary {
+        op,
+        left: Box::new(left),
+        right: Box::new(right),
+    };
+    let lit = |value| Predicate::Literal { value };
+    let filter = bin(
+        fedq_common::BinaryOp::Lt,
+        lit(Literal::Float64(f64::NAN)),
+        bin(
+            fedq_common::BinaryOp::Multiply,
+            bin(
+                fedq_common::BinaryOp::Divide,
+                Predicate::column("i"),
+                lit(Literal::Int64(i64::MAX)),
+            ),
+            bin(
+                fedq_common::BinaryOp::Minus,
+                lit(Literal::Date32(i32::MIN)),
+                Predicate::column("d"),
+            ),
+        ),
+    );
+    let req = PartialAggregateRequest {
+        query_id: "edge".into(),
+        table: "x".into(),
+        filter: Some(filter),
+        join: None,
+        group_by: vec![],
+        aggregates: vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
+        max_rows_per_unit: 1,
+        max_groups_per_unit: None,
+        derived: None,
+        computed: Vec::new(),
+    };
+    let f = extreme();
+    f.engine.validate(&req).expect("a valid request");
+    let out =
+        f.rt.block_on(f.engine.execute(&req))
+            .expect("validated requests answer");
+    let rows = out[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::Int64Array>()
+        .expect("an int64 count")
+        .value(0);
+    assert_eq!(rows, 0, "a comparison with NULL is never true");
+}
