@@ -301,44 +301,36 @@ impl PerParticipant {
                         latest: None,
                     }
                 }
-                UnitAggregate::Sum { column } => {
-                    let s = source_column(column, "SUM")?;
+                UnitAggregate::Sum { column } | UnitAggregate::Avg { column } => {
+                    let sum = matches!(c.value, UnitAggregate::Sum { .. });
+                    let s = source_column(column, if sum { "SUM" } else { "AVG" })?;
                     let (Some(b), true) = (s.bounds(), s.ty.is_numeric()) else {
-                        return err(format!(
-                            "the derived table sums `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog: a participant's sum would be unbounded"
-                        ));
+                        return err(if sum {
+                            format!("the derived table sums `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog: a participant's sum would be unbounded")
+                        } else {
+                            format!("the derived table averages `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog")
+                        });
                     };
+                    // A sum is declared within R times the bounds (an aggregate on top
+                    // clamps it there); a mean of clamped values stays within them.
                     let r = f64::from(source.max_rows_per_unit);
-                    ColumnSpec {
-                        name: c.name.clone(),
-                        ty: if s.ty == ColumnType::Float64 {
+                    let (lower, upper, ty, precision) = if sum {
+                        let ty = if s.ty == ColumnType::Float64 {
                             ColumnType::Float64
                         } else {
                             ColumnType::Int64
-                        },
-                        nullable: true,
-                        lower: Some(r * b.lower.min(0.0)),
-                        upper: Some(r * b.upper.max(0.0)),
-                        precision: s.precision,
-                        public_values: None,
-                        earliest: None,
-                        latest: None,
-                    }
-                }
-                UnitAggregate::Avg { column } => {
-                    let s = source_column(column, "AVG")?;
-                    let (Some(b), true) = (s.bounds(), s.ty.is_numeric()) else {
-                        return err(format!(
-                            "the derived table averages `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog"
-                        ));
+                        };
+                        (r * b.lower.min(0.0), r * b.upper.max(0.0), ty, s.precision)
+                    } else {
+                        (b.lower, b.upper, ColumnType::Float64, Some(b.precision))
                     };
                     ColumnSpec {
                         name: c.name.clone(),
-                        ty: ColumnType::Float64,
+                        ty,
                         nullable: true,
-                        lower: Some(b.lower),
-                        upper: Some(b.upper),
-                        precision: Some(b.precision),
+                        lower: Some(lower),
+                        upper: Some(upper),
+                        precision,
                         public_values: None,
                         earliest: None,
                         latest: None,

@@ -125,6 +125,23 @@ struct Row {
     detail: Option<String>,
 }
 
+impl Row {
+    /// A row that describes part of the query, with no statistic of its own.
+    fn note(item: &'static str, name: String, detail: String) -> Row {
+        Row {
+            item,
+            name,
+            sensitivity: None,
+            formula: None,
+            epsilon: None,
+            delta: None,
+            scale: None,
+            ci95: None,
+            detail: Some(detail),
+        }
+    }
+}
+
 impl Rows {
     fn push(&mut self, r: Row) {
         self.item.push(r.item.to_string());
@@ -281,38 +298,26 @@ pub fn explain_batch(
     // Each participant set the filter or keys test: participant-local, so the
     // sensitivities above are unchanged; each site decides membership from its own rows.
     for set in q.request.participant_sets() {
-        rows.push(Row {
-            item: "participant set",
-            name: set.tables().join(", "),
-            sensitivity: None,
-            formula: None,
-            epsilon: None,
-            delta: None,
-            scale: None,
-            ci95: None,
-            detail: Some(format!(
+        rows.push(Row::note(
+            "participant set",
+            set.tables().join(", "),
+            format!(
                 "{}; decided at each site from the participant's own rows there (a participant at two sites is tested at each), so it changes no sensitivity",
                 set.describe()
-            )),
-        });
+            ),
+        ));
     }
     // A derived table: participant-local, computed at each site from that site's rows.
     if let Some(d) = &q.request.derived {
-        rows.push(Row {
-            item: "derived table",
-            name: d.table.clone(),
-            sensitivity: None,
-            formula: None,
-            epsilon: None,
-            delta: None,
-            scale: None,
-            ci95: None,
-            detail: Some(format!(
+        rows.push(Row::note(
+            "derived table",
+            d.table.clone(),
+            format!(
                 "{}; computed at each site from the participant's rows there, so a participant at two sites has a row at each \
                  (a 'first' or 'latest' event is per site, so it can differ from the participant's first or latest across sites; S covers the sensitivity)",
                 d.describe()
-            )),
-        });
+            ),
+        ));
     }
     let mut request = q.request.clone();
     request.query_id.clear();

@@ -1173,16 +1173,24 @@ fn contains_subquery(e: &Expr) -> bool {
 
 use datafusion::common::tree_node::TreeNode;
 
+/// Whether `plan` is a node the coordinator runs after the noise, above the aggregate.
+pub(crate) fn is_post_processing(plan: &LogicalPlan) -> bool {
+    matches!(
+        plan,
+        LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::SubqueryAlias(_)
+            | LogicalPlan::Distinct(_)
+    )
+}
+
 /// Walk the post-processing part of the plan down to the single aggregate.
 fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, CoordinatorError> {
     match plan {
         LogicalPlan::Aggregate(a) => Ok(a),
-        LogicalPlan::Projection(_)
-        | LogicalPlan::Filter(_)
-        | LogicalPlan::Sort(_)
-        | LogicalPlan::Limit(_)
-        | LogicalPlan::SubqueryAlias(_)
-        | LogicalPlan::Distinct(_) => {
+        p if is_post_processing(p) => {
             if plan.expressions().iter().any(contains_subquery) {
                 return Err(refuse(
                     "this subquery is not supported above the aggregate (in the select list, HAVING or ORDER BY): \

@@ -96,12 +96,7 @@ pub fn inline(plan: LogicalPlan) -> Result<LogicalPlan, CoordinatorError> {
     let agg = loop {
         match node {
             LogicalPlan::Aggregate(a) => break a,
-            LogicalPlan::Projection(_)
-            | LogicalPlan::Filter(_)
-            | LogicalPlan::Sort(_)
-            | LogicalPlan::Limit(_)
-            | LogicalPlan::SubqueryAlias(_)
-            | LogicalPlan::Distinct(_) => {
+            n if crate::planner::is_post_processing(n) => {
                 for e in node.expressions() {
                     let _ = e.apply(|x| {
                         if let Expr::ScalarSubquery(s) = x {

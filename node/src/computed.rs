@@ -20,6 +20,9 @@ pub(crate) fn columns(
     scope: &Scope<'_>,
 ) -> Result<Vec<ComputedColumn>, NodeError> {
     let invalid = |m: String| NodeError::InvalidRequest(m);
+    if req.computed.is_empty() {
+        return Ok(Vec::new());
+    }
     if req.computed.len() > MAX_COMPUTED {
         return Err(invalid(format!(
             "{} computed columns; the limit is {MAX_COMPUTED}",

@@ -812,57 +812,7 @@ async fn expressions_over_a_left_join_on_neighbouring_federations_differ_only_wi
         remove_participant(&b, &pid) > 0,
         "the neighbour lacks {pid}"
     );
-
-    let mut released: Vec<(Vec<String>, Vec<f64>)> = Vec::new();
-    let mut limits: Vec<f64> = Vec::new();
-    for dir in [&a, &b] {
-        let fed = fedq::federation::LocalFederation::start(
-            dir,
-            FederationOptions {
-                min_reported_count: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        let engine = fed.coordinator.engine.clone();
-        let q = engine.plan("alice", sql).await.unwrap();
-        limits = (0..3)
-            .map(|j| {
-                let st = q
-                    .statistics
-                    .iter()
-                    .find(|s| s.used_by == vec![j])
-                    .unwrap_or_else(|| panic!("output {j} has one statistic of its own"));
-                let scale = st.sensitivity as f64 / st.epsilon.to_f64().value() * (q.epsilon / 2.0);
-                (st.sensitivity as f64 + 2.0 * discrete_laplace_half_width(scale, 1e-12)) * st.unit
-            })
-            .collect();
-        let mut alice = fed.client("alice").await.unwrap();
-        alice.query("SET fedq.epsilon = 2").await.unwrap();
-        let r = alice.query(sql).await.unwrap();
-        let batch = &r.batches[0];
-        assert_eq!(batch.num_rows(), 1);
-        let names = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        let values = (0..3)
-            .map(|c| fedq_tests::cell(batch, c, 0).expect("a released value"))
-            .collect();
-        released.push((names, values));
-        fed.shutdown().await.unwrap();
-    }
-    assert_eq!(released[0].0, released[1].0, "the same columns");
-    for (j, limit) in limits.iter().enumerate() {
-        let (va, vb) = (released[0].1[j], released[1].1[j]);
-        assert!(
-            (va - vb).abs() <= *limit,
-            "output {j}: released {va} and {vb}, more apart than Δ plus twice the noise bound ({limit})"
-        );
-    }
+    released_within_the_noise(&a, &b, sql).await;
 }
 
 /// More per-participant aggregates (part 1): `AVG(col)` of clamped values, `bool_or` / `bool_and` of a condition ("has

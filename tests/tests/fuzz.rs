@@ -1203,6 +1203,26 @@ fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
     });
 }
 
+/// A request over the extreme-values table with R = 1, for the regression tests below.
+fn edge_request(
+    filter: Predicate,
+    group_by: Vec<GroupKey>,
+    aggregates: Vec<AggregateRequest>,
+) -> PartialAggregateRequest {
+    PartialAggregateRequest {
+        query_id: "edge".into(),
+        table: "x".into(),
+        filter: Some(filter),
+        join: None,
+        group_by,
+        aggregates,
+        max_rows_per_unit: 1,
+        max_groups_per_unit: None,
+        derived: None,
+        computed: Vec::new(),
+    }
+}
+
 /// A request the property above once shrank to: `1970 IN (TRY_CAST(NOT b AS INT))` with a
 /// `CASE WHEN b` key. DataFusion's physical simplifier unwrapped the boolean's cast into a
 /// comparison of mismatched types; the node now writes that cast as a CASE.
@@ -1223,24 +1243,17 @@ fn a_number_compared_with_a_cast_boolean_is_answered() {
         }],
         negated: false,
     };
-    let req = PartialAggregateRequest {
-        query_id: "edge".into(),
-        table: "x".into(),
-        filter: Some(filter),
-        join: None,
-        group_by: vec![GroupKey::Case {
+    let req = edge_request(
+        filter,
+        vec![GroupKey::Case {
             branches: vec![fedq_common::group_key::CaseBranch {
                 when: Predicate::column("b"),
                 then: Literal::Utf8("l0".into()),
             }],
             otherwise: Literal::Utf8("l99".into()),
         }],
-        aggregates: vec![AggregateRequest::CountRows],
-        max_rows_per_unit: 1,
-        max_groups_per_unit: None,
-        derived: None,
-        computed: Vec::new(),
-    };
+        vec![AggregateRequest::CountRows],
+    );
     let f = extreme();
     f.engine.validate(&req).expect("a valid request");
     f.rt.block_on(f.engine.execute(&req))
@@ -1275,18 +1288,11 @@ fn a_nan_literal_in_a_filter_is_answered_as_null() {
             ),
         ),
     );
-    let req = PartialAggregateRequest {
-        query_id: "edge".into(),
-        table: "x".into(),
-        filter: Some(filter),
-        join: None,
-        group_by: vec![],
-        aggregates: vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
-        max_rows_per_unit: 1,
-        max_groups_per_unit: None,
-        derived: None,
-        computed: Vec::new(),
-    };
+    let req = edge_request(
+        filter,
+        vec![],
+        vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
+    );
     let f = extreme();
     f.engine.validate(&req).expect("a valid request");
     let out =
