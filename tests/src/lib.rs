@@ -217,7 +217,18 @@ pub enum Fault {
     /// Forward what the coordinator sends, then cut the connection: the node got the
     /// request and is gone before it answers (a node killed mid-query).
     Kill = 2,
+    /// Forward everything until the coordinator has sent more than
+    /// [`HANG_AFTER_BYTES`] since the fault was set, then hold everything the node sends
+    /// back. The reachability probe is far smaller, so it is answered; a request with a
+    /// larger ticket reaches the node, which runs it, and its answer never arrives (a node
+    /// that hangs after it has read data).
+    HangAfterLargeRequest = 3,
 }
+
+/// Bytes the coordinator may send after [`Fault::HangAfterLargeRequest`] is set before
+/// the node's answers are held: more than a probe (and a TLS handshake), less than a
+/// ticket with a few hundred literals.
+pub const HANG_AFTER_BYTES: u64 = 12 * 1024;
 
 /// A test-only TCP proxy in front of a node that injects faults. TLS passes through it
 /// untouched, so the coordinator still verifies the node's certificate. It exists only in
@@ -226,6 +237,8 @@ pub struct FaultProxy {
     /// Address the coordinator dials instead of the node's.
     pub addr: std::net::SocketAddr,
     mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// Bytes the coordinator has sent since the fault was last set.
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FaultProxy {
@@ -237,28 +250,30 @@ impl FaultProxy {
         let addr = std_listener.local_addr().expect("proxy address");
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
         let mode = std::sync::Arc::new(AtomicU8::new(Fault::Pass as u8));
-        let m = mode.clone();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (m, n) = (mode.clone(), sent.clone());
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                let m = m.clone();
+                let (m, n) = (m.clone(), n.clone());
                 tokio::spawn(async move {
                     if let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await {
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
                         tokio::select! {
-                            _ = pump(ri, wo, m.clone(), true) => {}
-                            _ = pump(ro, wi, m, false) => {}
+                            _ = pump(ri, wo, m.clone(), n.clone(), true) => {}
+                            _ = pump(ro, wi, m, n, false) => {}
                         }
                         // Dropping both halves closes both connections.
                     }
                 });
             }
         });
-        FaultProxy { addr, mode }
+        FaultProxy { addr, mode, sent }
     }
 
     /// Change what the proxy does from now on.
     pub fn set(&self, fault: Fault) {
+        self.sent.store(0, std::sync::atomic::Ordering::SeqCst);
         self.mode
             .store(fault as u8, std::sync::atomic::Ordering::SeqCst);
     }
@@ -268,6 +283,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
     to_node: bool,
 ) {
     use std::sync::atomic::Ordering;
@@ -278,7 +294,16 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while mode.load(Ordering::SeqCst) == Fault::Stall as u8 {
+        if to_node {
+            sent.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        let hangs = |m: u8| {
+            m == Fault::Stall as u8
+                || (!to_node
+                    && m == Fault::HangAfterLargeRequest as u8
+                    && sent.load(Ordering::SeqCst) > HANG_AFTER_BYTES)
+        };
+        while hangs(mode.load(Ordering::SeqCst)) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let kill = mode.load(Ordering::SeqCst) == Fault::Kill as u8;

@@ -10,6 +10,8 @@
 //!   answer, and stored, so asking again returns the same outcome at no cost;
 //! - a site that fails after it may have read data: the charge stays, and `allow_partial`
 //!   does not turn it into a partial answer;
+//! - a site that times out after it had the request: charged, never left out, with the
+//!   same error whether or not the participant the query singles out exists;
 //! - ε = 1e-16 costs one ledger unit, not zero.
 
 use std::path::Path;
@@ -21,7 +23,7 @@ use fedq_common::like::MAX_LIKE_PATTERN_CHARS;
 use fedq_coordinator::engine::{META_COVERAGE, META_SITES_FAILED};
 use fedq_coordinator::release::{META_EPSILON_SPENT, META_SITES_ANSWERED};
 use fedq_coordinator::service::ACTION_BUDGET;
-use fedq_tests::{copy_dir, participant_born, remove_participant, synth};
+use fedq_tests::{copy_dir, participant_born, remove_participant, synth, Fault, FaultProxy};
 use tonic::Code;
 
 const TOKEN: &str = "failure-test-token-0123456789abcdef";
@@ -290,6 +292,92 @@ async fn a_site_failing_after_reading_data_keeps_the_charge_and_is_never_left_ou
             }
             assert_eq!(charged, 1.0, "the failed query stays charged");
             outcomes.push(failed);
+        }
+    }
+    assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "{outcomes:?}");
+}
+
+/// A query time-out after dispatch (issue 13's last failure class). Whether a node answers
+/// within the time-out depends on its work, which one participant changes by their own
+/// rows (see ARCHITECTURE.md, "Timing"), so the outcome of a time-out must not depend on
+/// who is in the data: the query singles out one participant (`pid = X AND birth_year <
+/// 1966`), site02 has the request and runs it, and its answer never arrives. In both
+/// neighbouring federations, with and without `allow_partial`, the researcher sees the
+/// same error (code, message naming only the site and the time-out), the site is not left
+/// out of a partial answer, and the charge stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_timing_out_after_dispatch_gives_the_same_charged_error_with_or_without_the_participant(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, pid) = neighbours(tmp.path());
+    // A ticket larger than fedq_tests::HANG_AFTER_BYTES, so that the proxy lets the probe
+    // through and holds the answer to this request only.
+    let absent: Vec<String> = (0..800).map(|i| format!("'absent-{i:05}'")).collect();
+    let attack = format!(
+        "SELECT COUNT(*) FROM participants WHERE pid = '{pid}' AND birth_year < 1966 AND pid NOT IN ({})",
+        absent.join(", ")
+    );
+    let mut outcomes = Vec::new();
+    for dir in [&a, &b] {
+        for allow_partial in [false, true] {
+            let proxies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let p = proxies.clone();
+            let fed = LocalFederation::start(
+                dir,
+                FederationOptions {
+                    min_reported_count: Some(0),
+                    allow_partial: Some(allow_partial),
+                    node_timeout: Some(std::time::Duration::from_secs(2)),
+                    extra_researchers: vec![("eve".into(), TOKEN.into(), 1000.0)],
+                    node_address: Some(std::sync::Arc::new(move |site: &str, addr| {
+                        let proxy = FaultProxy::start(addr);
+                        let a = proxy.addr;
+                        p.lock().unwrap().push((site.to_string(), proxy));
+                        a
+                    })),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("federation");
+            let mut eve = FedqClient::connect(&fed.url(), "eve", TOKEN)
+                .await
+                .expect("login");
+            let set = |fault| {
+                let p = proxies.lock().unwrap();
+                p.iter().find(|(s, _)| s == "site02").unwrap().1.set(fault);
+            };
+            // Both sites reachable and answering, with the ticket at its full size.
+            let warm = seen(eve.query(&format!("{attack} AND pid <> 'warm'")).await);
+            assert!(
+                matches!(&warm, Seen::Answer { coverage, .. } if coverage == "2/2"),
+                "{warm:?}"
+            );
+            set(Fault::HangAfterLargeRequest);
+            let before = spent(&mut eve).await;
+            let t = std::time::Instant::now();
+            let timed_out = seen(eve.query(&attack).await);
+            let waited = t.elapsed();
+            let charged = spent(&mut eve).await - before;
+            set(Fault::Pass);
+            fed.shutdown().await.unwrap();
+            match &timed_out {
+                Seen::Error { code, message } => {
+                    assert_eq!(*code, Code::Aborted, "{message}");
+                    assert!(message.contains("site02"), "{message}");
+                    // The reason stays in the coordinator's log, as for any failure after
+                    // data: the researcher's message is the same for every such failure.
+                    assert!(message.contains("failed while answering"), "{message}");
+                    assert!(message.contains("stays charged"), "{message}");
+                }
+                other => panic!("expected a charged time-out, got {other:?}"),
+            }
+            assert!(
+                waited >= std::time::Duration::from_secs(2),
+                "the coordinator gave up after {waited:?}, before its time-out: not a time-out"
+            );
+            assert_eq!(charged, 1.0, "the timed-out query stays charged");
+            outcomes.push(timed_out);
         }
     }
     assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "{outcomes:?}");

@@ -1,6 +1,9 @@
-//! Nodes that fail: killed mid-query, stalled past the timeout, restarted. By default any
-//! failure fails the query and charges nothing; with `allow_partial` the answer comes from
-//! the sites that responded and says so. Budgets are checked after every step.
+//! Nodes that fail before the query is sent: killed, stalled past the time-out, restarted.
+//! The proxy faults here also cut or hold the reachability probe, so the coordinator finds
+//! the site unreachable before any node has the request: by default the query fails and
+//! charges nothing; with `allow_partial` the answer comes from the sites that responded and
+//! says so. Budgets are checked after every step. (Failures after the request was sent are
+//! charged: `failures.rs`.)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
