@@ -39,6 +39,11 @@ pub const BENCH_QUERIES: &[(&str, &str)] = &[
          AND pid IN (SELECT pid FROM labs WHERE test = 'HbA1c' GROUP BY pid HAVING COUNT(*) >= 3)",
     ),
     (
+        "cohort_join_three_tables",
+        "SELECT COUNT(DISTINCT p.pid) FROM participants p JOIN diagnoses d ON d.pid = p.pid \
+         JOIN labs l ON l.pid = p.pid WHERE d.code = 'E11' AND l.test = 'HbA1c' AND l.value >= 6.5",
+    ),
+    (
         "cohort_anti_join",
         "SELECT sex, COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') \
          AND pid NOT IN (SELECT pid FROM diagnoses WHERE code = 'I10') GROUP BY sex",

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, ColumnSpec, ColumnType, TableSpec};
 use crate::participant_set::MAX_MIN_ROWS;
-use crate::wire::{Predicate, Side};
+use crate::wire::Predicate;
 
 /// Most output columns of a derived table.
 pub const MAX_DERIVED_COLUMNS: usize = 16;
@@ -214,7 +214,7 @@ impl PerParticipant {
             ));
         }
         if let Some(f) = &self.filter {
-            if f.reads_side(Side::Right) {
+            if f.reads_joined() {
                 return err(format!(
                     "the derived table's WHERE may read only `{}`",
                     self.table
@@ -337,7 +337,7 @@ impl PerParticipant {
                     }
                 }
                 UnitAggregate::Any { when } | UnitAggregate::All { when } => {
-                    if when.reads_side(Side::Right) || !when.participant_sets().is_empty() {
+                    if when.reads_joined() || !when.participant_sets().is_empty() {
                         return err(format!(
                             "the condition of `{}` may read only `{}`'s own columns",
                             c.name, self.table

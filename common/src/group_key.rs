@@ -581,7 +581,7 @@ mod tests {
         let json = serde_json::to_string(&k).unwrap();
         assert_eq!(
             json,
-            r#"{"key":"date_part","field":"month","column":{"side":"right","name":"measured_on"}}"#
+            r#"{"key":"date_part","field":"month","column":{"side":1,"name":"measured_on"}}"#
         );
         assert_eq!(serde_json::from_str::<GroupKey>(&json).unwrap(), k);
         assert!(serde_json::from_str::<GroupKey>(

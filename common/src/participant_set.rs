@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
-use crate::wire::{Predicate, Side};
+use crate::wire::Predicate;
 
 /// Most `Rows` leaves in all the sets of one request (each is a scan and a hash table of
 /// participant ids at the node).
@@ -34,7 +34,7 @@ pub const MAX_MIN_ROWS: u32 = 1_000_000;
 #[serde(tag = "set", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ParticipantSet {
     /// Participants with at least `min_rows` rows of `table` that pass `filter` (over
-    /// `table`'s columns, [`Side::Left`] only; it may itself test other sets).
+    /// `table`'s columns, [`Side::LEFT`] only; it may itself test other sets).
     Rows {
         table: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,7 +151,7 @@ impl ParticipantSet {
                     )));
                 }
                 if let Some(f) = filter {
-                    if f.reads_side(Side::Right) {
+                    if f.reads_joined() {
                         return Err(SetError(format!(
                             "a subquery over `{table}` may read only `{table}`'s own columns"
                         )));
@@ -215,7 +215,7 @@ impl ParticipantSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{BinaryOp, Literal};
+    use crate::wire::{BinaryOp, Literal, Side};
 
     fn catalog() -> Catalog {
         Catalog::from_toml(
@@ -285,16 +285,19 @@ columns = [
             };
             assert!(s.check(&c).unwrap_err().0.contains("between 1"));
         }
-        let right = ParticipantSet::rows(
-            "diagnoses",
-            Some(Predicate::IsNull {
-                input: Box::new(Predicate::Column {
-                    name: "code".into(),
-                    side: Side::Right,
+        // Any joined side: the first, or a later one.
+        for side in [Side::RIGHT, Side(3)] {
+            let joined = ParticipantSet::rows(
+                "diagnoses",
+                Some(Predicate::IsNull {
+                    input: Box::new(Predicate::Column {
+                        name: "code".into(),
+                        side,
+                    }),
                 }),
-            }),
-        );
-        assert!(right.check(&c).unwrap_err().0.contains("own columns"));
+            );
+            assert!(joined.check(&c).unwrap_err().0.contains("own columns"));
+        }
     }
 
     #[test]
@@ -303,7 +306,7 @@ columns = [
         let outer = ParticipantSet::rows(
             "diagnoses",
             Some(Predicate::InSet {
-                side: Side::Left,
+                side: Side::LEFT,
                 set: Box::new(inner),
                 negated: false,
             }),

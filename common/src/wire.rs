@@ -26,7 +26,7 @@ pub use crate::participant_set::{ParticipantSet, MAX_SET_LEAVES};
 /// v6: aggregates may read computed columns (`computed`, [`crate::computed::Computed`]),
 /// expressions that may be a `CASE` ([`Predicate::Case`]); a join may be a `LEFT JOIN` with
 /// its own `ON` condition, and may join a table with itself.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest ticket a node accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -64,8 +64,8 @@ pub struct TicketEnvelope {
     pub request: PartialAggregateRequest,
 }
 
-/// One typed partial-aggregate request: "over `table` (inner-joined with `join.table` on
-/// the privacy unit, if `join` is set), keep rows matching `filter`, bound each participant
+/// One typed partial-aggregate request: "over `table` (joined with each of `joins` on
+/// the privacy unit, in order), keep rows matching `filter`, bound each participant
 /// to `max_rows_per_unit` rows, group by `group_by`, and return these
 /// partial aggregates".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,10 +75,10 @@ pub struct PartialAggregateRequest {
     pub query_id: String,
     /// Catalog table name: the driving (left, `FROM`) table, whose R applies.
     pub table: String,
-    /// A second table, inner-joined on both tables' privacy units. Its columns are
-    /// referenced with [`Side::Right`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub join: Option<JoinSpec>,
+    /// Tables joined to the driving one on the privacy units, in order (at most
+    /// [`MAX_JOINS`]). The columns of `joins[k]` are referenced with [`Side::joined`]`(k)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joins: Vec<JoinSpec>,
     /// Row filter, applied (after the join) before contribution bounding.
     #[serde(default)]
     pub filter: Option<Predicate>,
@@ -155,23 +155,37 @@ impl JoinKind {
     }
 }
 
-/// Which table of a joined request a column belongs to.
+/// Which table of a request a column belongs to: 0 is the driving table
+/// (`PartialAggregateRequest::table`), the only side without a join; k ≥ 1 is the joined
+/// table `joins[k - 1]`. On the wire, a number (omitted for the driving table).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
-#[serde(rename_all = "snake_case")]
-pub enum Side {
-    /// The driving table (`PartialAggregateRequest::table`); the only side without a join.
-    #[default]
-    Left,
-    /// The joined table (`JoinSpec::table`).
-    Right,
-}
+#[serde(transparent)]
+pub struct Side(pub u8);
+
+/// Most tables a request may join to its driving table (so at most 5 tables in all).
+pub const MAX_JOINS: usize = 4;
 
 impl Side {
-    /// Whether this is [`Side::Left`] (omitted from the JSON).
+    /// The driving table.
+    pub const LEFT: Side = Side(0);
+    /// The first joined table (`joins[0]`).
+    pub const RIGHT: Side = Side(1);
+
+    /// The side of the joined table `joins[k]`.
+    pub fn joined(k: usize) -> Side {
+        Side(u8::try_from(k + 1).unwrap_or(u8::MAX))
+    }
+
+    /// Whether this is the driving table (omitted from the JSON).
     pub fn is_left(&self) -> bool {
-        *self == Side::Left
+        *self == Side::LEFT
+    }
+
+    /// The index in `joins` of this side's table, or `None` for the driving table.
+    pub fn join_index(&self) -> Option<usize> {
+        (self.0 as usize).checked_sub(1)
     }
 }
 
@@ -190,15 +204,15 @@ impl ColumnRef {
     /// A column of the driving table.
     pub fn left(name: impl Into<String>) -> Self {
         ColumnRef {
-            side: Side::Left,
+            side: Side::LEFT,
             name: name.into(),
         }
     }
 
-    /// A column of the joined table.
+    /// A column of the first joined table.
     pub fn right(name: impl Into<String>) -> Self {
         ColumnRef {
-            side: Side::Right,
+            side: Side::RIGHT,
             name: name.into(),
         }
     }
@@ -218,9 +232,10 @@ impl From<String> for ColumnRef {
 
 impl std::fmt::Display for ColumnRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.side {
-            Side::Left => f.write_str(&self.name),
-            Side::Right => write!(f, "right.{}", self.name),
+        match self.side.0 {
+            0 => f.write_str(&self.name),
+            1 => write!(f, "right.{}", self.name),
+            k => write!(f, "right{k}.{}", self.name),
         }
     }
 }
@@ -506,14 +521,24 @@ impl Predicate {
         }
     }
 
-    /// Whether it reads a column of `side` (outside the participant sets it tests, whose
-    /// filters read their own tables).
-    pub fn reads_side(&self, side: Side) -> bool {
+    /// Whether it reads a column of a side for which `which` holds (outside the
+    /// participant sets it tests, whose filters read their own tables).
+    pub fn reads_side_where(&self, which: &impl Fn(Side) -> bool) -> bool {
         match self {
-            Predicate::Column { side: s, .. } => *s == side,
-            Predicate::InSet { side: s, .. } => *s == side,
-            _ => self.children().iter().any(|c| c.reads_side(side)),
+            Predicate::Column { side: s, .. } => which(*s),
+            Predicate::InSet { side: s, .. } => which(*s),
+            _ => self.children().iter().any(|c| c.reads_side_where(which)),
         }
+    }
+
+    /// Whether it reads a column of `side`.
+    pub fn reads_side(&self, side: Side) -> bool {
+        self.reads_side_where(&|s| s == side)
+    }
+
+    /// Whether it reads a column of any joined table (any side but the driving one).
+    pub fn reads_joined(&self) -> bool {
+        self.reads_side_where(&|s| !s.is_left())
     }
 
     /// Every column the tree reads.
@@ -527,7 +552,7 @@ impl Predicate {
     pub fn column(name: impl Into<String>) -> Predicate {
         Predicate::Column {
             name: name.into(),
-            side: Side::Left,
+            side: Side::LEFT,
         }
     }
 
@@ -652,10 +677,16 @@ impl PartialAggregateRequest {
                 )));
             }
         }
-        if let Some(on) = req.join.as_ref().and_then(|j| j.on.as_ref()) {
+        if req.joins.len() > MAX_JOINS {
+            return Err(WireError::Malformed(format!(
+                "{} joined tables; the limit is {MAX_JOINS}",
+                req.joins.len()
+            )));
+        }
+        for on in req.joins.iter().filter_map(|j| j.on.as_ref()) {
             if on.depth() > MAX_EXPR_DEPTH || on.node_count() > MAX_EXPR_NODES {
                 return Err(WireError::Malformed(format!(
-                    "the join's ON condition exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                    "a join's ON condition exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
                 )));
             }
         }
@@ -709,7 +740,7 @@ mod tests {
         PartialAggregateRequest {
             query_id: "q1".into(),
             table: "labs".into(),
-            join: None,
+            joins: Vec::new(),
             filter: Some(Predicate::Binary {
                 op: BinaryOp::Eq,
                 left: Box::new(Predicate::column("test")),
@@ -766,22 +797,27 @@ mod tests {
             "{json}"
         );
         let mut r = sample();
-        r.join = Some(JoinSpec {
+        r.joins = vec![JoinSpec {
             table: "participants".into(),
             left_on: "pid".into(),
             right_on: "pid".into(),
             kind: Default::default(),
             on: None,
-        });
+        }];
         r.group_by = vec![ColumnRef::right("sex").into()];
         r.filter = Some(Predicate::Column {
             name: "birth_year".into(),
-            side: Side::Right,
+            side: Side::RIGHT,
         });
         let t = r.encode_ticket().unwrap();
         let json = String::from_utf8(t.clone()).unwrap();
-        assert!(json.contains(r#"{"side":"right","name":"sex"}"#), "{json}");
+        assert!(json.contains(r#"{"side":1,"name":"sex"}"#), "{json}");
         assert_eq!(PartialAggregateRequest::decode_ticket(&t).unwrap(), r);
+        // More than MAX_JOINS joined tables are malformed.
+        let mut five = r.clone();
+        five.joins = vec![r.joins[0].clone(); MAX_JOINS + 1];
+        let e = PartialAggregateRequest::decode_ticket(&five.encode_ticket().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("joined tables"), "{e}");
         // A v1 peer gets a version error naming both versions, not a parse error.
         let mut v: serde_json::Value = serde_json::from_slice(&t).unwrap();
         v["protocol_version"] = 1.into();

@@ -29,7 +29,7 @@
 //! - [`error`]: the one error enum and its single mapping to `tonic::Status`.
 //!
 //! ## Rules this crate enforces
-//! - Only aggregates over one catalog table (or two joined on the privacy unit) are
+//! - Only aggregates over one catalog table (or up to five joined on the privacy unit) are
 //!   answered; anything that would return rows or aggregate an unbounded column is refused
 //!   with a reason (fail closed). A GROUP BY key without a public domain is answered only
 //!   through DP partition selection, which needs the table's G and the policy's δ.

@@ -255,8 +255,8 @@ pub struct PlannedQuery {
     pub sql: String,
     /// Catalog table read: the driving (`FROM`) table of a join, whose R applies.
     pub table: String,
-    /// The table joined to it on the privacy unit, if any.
-    pub join_table: Option<String>,
+    /// The tables joined to it on the privacy unit, in order.
+    pub join_tables: Vec<String>,
     /// Request sent, unchanged, to every node.
     pub request: PartialAggregateRequest,
     /// Group keys in GROUP BY order.
@@ -316,18 +316,22 @@ impl PlannedQuery {
     /// Every catalog table the query reads.
     pub fn tables(&self) -> Vec<&str> {
         std::iter::once(self.table.as_str())
-            .chain(self.join_table.as_deref())
+            .chain(self.join_tables.iter().map(String::as_str))
             .collect()
     }
 
     /// What the request reads, as SQL says it: `labs`, `labs JOIN participants`,
     /// `participants LEFT JOIN diagnoses`.
     pub fn relation(&self) -> String {
-        let word = match self.request.join.as_ref().map(|j| j.kind) {
-            Some(fedq_common::JoinKind::Left) => " LEFT JOIN ",
-            _ => " JOIN ",
-        };
-        self.tables().join(word)
+        let mut out = self.table.clone();
+        for (t, j) in self.join_tables.iter().zip(&self.request.joins) {
+            out.push_str(match j.kind {
+                fedq_common::JoinKind::Left => " LEFT JOIN ",
+                fedq_common::JoinKind::Inner => " JOIN ",
+            });
+            out.push_str(t);
+        }
+        out
     }
 }
 
@@ -380,7 +384,20 @@ impl Planner {
             .state()
             .create_logical_plan(sql)
             .await
-            .map_err(|e| CoordinatorError::InvalidSql(clean_df_error(&e.to_string())))
+            .map_err(|e| {
+                let mut m = clean_df_error(&e.to_string());
+                // DataFusion resolves a chain of four or more `USING` joins ambiguously.
+                if m.starts_with("Ambiguous reference to unqualified field")
+                    && sql.to_ascii_uppercase().contains("USING")
+                {
+                    m.push_str(
+                        "; in a join of several tables, write each join condition with the table \
+                         after FROM (`JOIN labs l ON l.pid = p.pid`) instead of USING, and qualify \
+                         the participant column (`p.pid`)",
+                    );
+                }
+                CoordinatorError::InvalidSql(m)
+            })
     }
 
     /// Plan `sql` to spend `epsilon`, checking every rule of the privacy model.
@@ -430,7 +447,7 @@ impl Planner {
         let request = PartialAggregateRequest {
             query_id: query_id.to_string(),
             table: local.table.clone(),
-            join: local.join.clone(),
+            joins: local.joins.clone(),
             filter: local.predicate.clone(),
             group_by: keys.groups.iter().map(|g| g.key.clone()).collect(),
             aggregates: stats.builder.partials,
@@ -449,7 +466,7 @@ impl Planner {
         Ok(PlannedQuery {
             query_id: query_id.to_string(),
             sql: sql.to_string(),
-            join_table: local.right.as_ref().map(|(t, _)| t.clone()),
+            join_tables: local.joined.iter().map(|(t, _)| t.clone()).collect(),
             table: local.table.clone(),
             request,
             groups: keys.groups,
@@ -473,7 +490,7 @@ impl Planner {
     }
 
     /// Phase 1: the DP aggregate and what is below it: a set of participants counted from
-    /// `FROM`, or one table (or derived table), or two joined on the participant.
+    /// `FROM`, or one table (or derived table), or several joined on the participant.
     fn shape<'p>(&self, plan: &'p LogicalPlan) -> Result<QueryShape<'p>, CoordinatorError> {
         let agg = find_aggregate(plan)?;
         if agg.aggr_expr.is_empty() {
@@ -492,11 +509,8 @@ impl Planner {
                     derived: None,
                     first_row: None,
                 },
-                right: None,
-                on: Vec::new(),
+                joins: Vec::new(),
                 filters: Vec::new(),
-                kind: fedq_common::JoinKind::Inner,
-                join_on: Vec::new(),
             },
             None => source_below(&agg.input, &self.catalog)?,
         };
@@ -536,11 +550,12 @@ impl Planner {
         let mut local = LocalPlan {
             table: src.left.table.clone(),
             qualifier: src.left.qualifier.clone(),
-            right: src
-                .right
-                .as_ref()
-                .map(|r| (r.table.clone(), r.qualifier.clone())),
-            join: None,
+            joined: src
+                .joins
+                .iter()
+                .map(|j| (j.scan.table.clone(), j.scan.qualifier.clone()))
+                .collect(),
+            joins: Vec::new(),
             filters: src.filters.clone(),
             predicate: None,
             derived: src.left.derived.clone(),
@@ -558,13 +573,10 @@ impl Planner {
             },
             spec,
         };
-        let (join, filters, predicate) = {
+        let (joins, filters, predicate) = {
             let scope = local.scope(&self.catalog)?;
             let mut filters = local.filters.clone();
-            let join = match &src.right {
-                Some(_) => Some(join_spec(&scope, src, &mut filters)?),
-                None => None,
-            };
+            let joins = join_specs(&scope, src, &mut filters)?;
             // WHERE (and an inner join's further conditions) -> wire predicate, with the
             // membership of a set counted from `FROM`.
             let mut parts = filters
@@ -573,7 +585,7 @@ impl Planner {
                 .collect::<Result<Vec<_>, _>>()?;
             if let Some(set) = &shape.set {
                 parts.push(fedq_common::Predicate::InSet {
-                    side: Side::Left,
+                    side: Side::LEFT,
                     set: Box::new(set.clone()),
                     negated: false,
                 });
@@ -585,9 +597,9 @@ impl Planner {
                     left: Box::new(a),
                     right: Box::new(b),
                 });
-            (join, filters, predicate)
+            (joins, filters, predicate)
         };
-        local.join = join;
+        local.joins = joins;
         local.filters = filters;
         local.predicate = predicate;
         Ok(local)
@@ -683,7 +695,7 @@ impl Planner {
                              `max_groups_per_unit` (G, the groups one participant may count in) for table `{table}`{join_note}; \
                              or {declare}. Columns you can group by now: {}",
                             public_columns(spec),
-                            join_note = if local.right.is_some() {
+                            join_note = if !local.joined.is_empty() {
                                 " (the driving table of the join, whose R and G apply)"
                             } else {
                                 ""
@@ -788,9 +800,9 @@ struct LocalPlan {
     qualifier: String,
     /// The driving relation's declaration: its catalog table's, or its derived table's.
     spec: fedq_common::TableSpec,
-    /// The joined table and its qualifier.
-    right: Option<(String, String)>,
-    join: Option<JoinSpec>,
+    /// The joined tables and their qualifiers, in order.
+    joined: Vec<(String, String)>,
+    joins: Vec<JoinSpec>,
     /// The SQL conditions on the rows (a WHERE's listed values narrow key domains).
     filters: Vec<Expr>,
     /// Their wire form.
@@ -804,23 +816,26 @@ struct LocalPlan {
 impl LocalPlan {
     /// The tables its columns resolve against.
     fn scope<'a>(&'a self, catalog: &'a Catalog) -> Result<Scope<'a>, CoordinatorError> {
-        let right = match &self.right {
-            None => None,
-            Some((t, q)) => Some(Relation {
-                table: t,
-                qualifier: q,
-                spec: catalog.table(t).ok_or_else(|| {
-                    CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
-                })?,
-            }),
-        };
+        let joined = self
+            .joined
+            .iter()
+            .map(|(t, q)| {
+                Ok(Relation {
+                    table: t,
+                    qualifier: q,
+                    spec: catalog.table(t).ok_or_else(|| {
+                        CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, CoordinatorError>>()?;
         Ok(Scope {
             left: Relation {
                 table: &self.table,
                 qualifier: &self.qualifier,
                 spec: &self.spec,
             },
-            right,
+            joined,
             catalog,
         })
     }
@@ -877,10 +892,7 @@ fn open_key_fix(
     scope: &Scope<'_>,
 ) -> String {
     let qualified = |c: &ColumnRef| {
-        let t = match (c.side, scope.right) {
-            (Side::Right, Some(r)) => r.table,
-            _ => scope.left.table,
-        };
+        let t = scope.relation(c.side).unwrap_or(scope.left).table;
         format!("{t}.{}", c.name)
     };
     match (key, key.column()) {
@@ -1249,14 +1261,32 @@ struct Scan {
     first_row: Option<String>,
 }
 
-/// What is below the aggregate: one table, or two joined on equality conditions `on`, with
-/// the filters that apply to the rows (WHERE, and non-equality ON conditions).
+/// What is below the aggregate: one table, or tables joined to it on the participant, with
+/// the filters that apply to the rows (WHERE, and an inner join's other ON conditions).
 #[derive(Debug, Clone)]
 struct Source {
     left: Scan,
-    right: Option<Scan>,
-    on: Vec<(Expr, Expr)>,
+    /// The tables joined to the driving one, in order (at most [`fedq_common::wire::MAX_JOINS`]).
+    joins: Vec<JoinedScan>,
     filters: Vec<Expr>,
+}
+
+impl Source {
+    /// One table (or derived table), with `filters`.
+    fn scan(left: Scan, filters: Vec<Expr>) -> Source {
+        Source {
+            left,
+            joins: Vec::new(),
+            filters,
+        }
+    }
+}
+
+/// A table joined to the driving one, with its equality conditions `on`.
+#[derive(Debug, Clone)]
+struct JoinedScan {
+    scan: Scan,
+    on: Vec<(Expr, Expr)>,
     /// Inner or left outer.
     kind: fedq_common::JoinKind,
     /// A left join's further `ON` conditions (and the joined side's own filters), which
@@ -1264,28 +1294,24 @@ struct Source {
     join_on: Vec<Expr>,
 }
 
-const JOIN_HINT: &str = "join two tables on the privacy unit, e.g. \
+const JOIN_HINT: &str = "join tables on the privacy unit, e.g. \
     `SELECT p.sex, COUNT(*), AVG(l.value) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex`";
 
 /// Below the aggregate: filters, aliases and plain-column projections over the scan of one
-/// catalog table, or over an inner join of two.
+/// catalog table, or over a join of several on the participant.
 fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, CoordinatorError> {
     match plan {
         LogicalPlan::TableScan(t) => {
             let table = t.table_name.table().to_string();
-            Ok(Source {
-                left: Scan {
+            Ok(Source::scan(
+                Scan {
                     qualifier: table.clone(),
                     table,
                     derived: None,
                     first_row: None,
                 },
-                right: None,
-                on: Vec::new(),
-                filters: t.filters.clone(),
-                kind: fedq_common::JoinKind::Inner,
-                join_on: Vec::new(),
-            })
+                t.filters.clone(),
+            ))
         }
         LogicalPlan::Filter(f) => {
             // Subqueries in WHERE are translated with the rest of the filter: only those
@@ -1310,39 +1336,31 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
         LogicalPlan::SubqueryAlias(a) => {
             // `(SELECT pid, MIN(d) AS first_d … GROUP BY pid) alias`: one row per participant.
             if let Some(d) = crate::cohort::derived_table(&a.input, catalog)? {
-                return Ok(Source {
-                    left: Scan {
+                return Ok(Source::scan(
+                    Scan {
                         table: d.table.clone(),
                         qualifier: a.alias.table().to_string(),
                         derived: Some(d),
                         first_row: None,
                     },
-                    right: None,
-                    on: Vec::new(),
-                    filters: Vec::new(),
-                    kind: fedq_common::JoinKind::Inner,
-                    join_on: Vec::new(),
-                });
+                    Vec::new(),
+                ));
             }
             // `(SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY …) AS rn …) t`:
             // the first row per participant, once the query tests `rn = 1`.
             if let Some((d, rn)) = crate::cohort::first_row_table(&a.input, catalog)? {
-                return Ok(Source {
-                    left: Scan {
+                return Ok(Source::scan(
+                    Scan {
                         table: d.table.clone(),
                         qualifier: a.alias.table().to_string(),
                         derived: Some(d),
                         first_row: Some(rn),
                     },
-                    right: None,
-                    on: Vec::new(),
-                    filters: Vec::new(),
-                    kind: fedq_common::JoinKind::Inner,
-                    join_on: Vec::new(),
-                });
+                    Vec::new(),
+                ));
             }
             let mut s = source_below(&a.input, catalog)?;
-            if s.right.is_some() {
+            if !s.joins.is_empty() {
                 return Err(refuse(format!(
                     "a join inside a subquery is not supported; {JOIN_HINT}"
                 )));
@@ -1409,11 +1427,17 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                      the driving table's R applies, and the derived table's is 1",
                 ));
             }
-            if l.right.is_some() || r.right.is_some() {
+            if !r.joins.is_empty() {
                 return Err(refuse(format!(
-                    "joins of more than two tables are not supported yet: R bounds the rows of the driving table's join with one other table. \
-                     Test the other tables' participants with a subquery instead (`WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')`), \
-                     or run one query per pair of tables; {JOIN_HINT}"
+                    "a join nested on the right of another is not supported: write the joins one after another, \
+                     `FROM participants p JOIN diagnoses d USING (pid) JOIN labs l USING (pid)`; {JOIN_HINT}"
+                )));
+            }
+            if l.joins.len() >= fedq_common::wire::MAX_JOINS {
+                return Err(refuse(format!(
+                    "a query joins at most {} tables: test the other tables' participants with a subquery instead \
+                     (`WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')`)",
+                    fedq_common::wire::MAX_JOINS + 1
                 )));
             }
             let mut filters = l.filters;
@@ -1435,13 +1459,17 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                     join_on.extend(rest);
                 }
             }
-            Ok(Source {
-                left: l.left,
-                right: Some(r.left),
+            let mut joins = l.joins;
+            joins.push(JoinedScan {
+                scan: r.left,
                 on,
-                filters,
                 kind,
                 join_on,
+            });
+            Ok(Source {
+                left: l.left,
+                joins,
+                filters,
             })
         }
         LogicalPlan::Aggregate(_) => Err(refuse(
@@ -1456,25 +1484,40 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             "the query reads no catalog table; name a table in FROM",
         )),
         other => Err(refuse(format!(
-            "unsupported construct below the aggregate ({}); use WHERE on one table or on two joined on the privacy unit",
+            "unsupported construct below the aggregate ({}); use WHERE on one table or on tables joined on the privacy unit",
             other.display()
         ))),
     }
 }
 
-/// The wire join of `scope`'s two tables from the equality conditions `on`. One condition
-/// must be `left.privacy_unit = right.privacy_unit`; other equalities of columns only
-/// narrow the pairs of one participant's rows, so they become filters.
-fn join_spec(
+/// The wire joins of `src`'s tables, from their equality conditions.
+fn join_specs(
     scope: &Scope<'_>,
     src: &Source,
     filters: &mut Vec<Expr>,
+) -> Result<Vec<JoinSpec>, CoordinatorError> {
+    (0..src.joins.len())
+        .map(|k| join_spec(scope, src, k, filters))
+        .collect()
+}
+
+/// The wire join of joined table `k` from its equality conditions. One condition must pair
+/// its privacy unit with the driving table's, or with that of a table inner-joined before
+/// it (equal to the driving one's on every row the join keeps); other equalities of
+/// columns only narrow the pairs of one participant's rows, so they become filters (or,
+/// in a left join, further `ON` conditions).
+fn join_spec(
+    scope: &Scope<'_>,
+    src: &Source,
+    k: usize,
+    filters: &mut Vec<Expr>,
 ) -> Result<JoinSpec, CoordinatorError> {
-    let on = &src.on;
-    let mut join_on = src.join_on.clone();
-    let Some(right) = scope.right else {
-        return Err(CoordinatorError::internal("-", "join without a right side"));
+    let joined = &src.joins[k];
+    let side = Side::joined(k);
+    let Some(right) = scope.relation(side) else {
+        return Err(CoordinatorError::internal("-", "join without its table"));
     };
+    let mut join_on = joined.join_on.clone();
     let left = scope.left;
     let off_unit = |what: String| {
         refuse(format!(
@@ -1492,39 +1535,48 @@ fn join_spec(
             right.spec.privacy_unit
         ))
     };
+    // The sides whose participant column equals the driving table's on every joined row.
+    let unit_side = |s: Side| match s.join_index() {
+        None => true,
+        Some(i) => i < k && src.joins[i].kind == fedq_common::JoinKind::Inner,
+    };
+    let is_unit = |s: Side, c: &datafusion::common::Column| {
+        scope
+            .relation(s)
+            .is_some_and(|r| r.spec.privacy_unit == c.name)
+    };
     let mut on_unit = false;
-    for (a, b) in on {
+    for (a, b) in &joined.on {
         let (Expr::Column(ca), Expr::Column(cb)) = (strip_alias(a), strip_alias(b)) else {
             return Err(off_unit(format!("Joining on `{a} = {b}`")));
         };
         let (sa, _) = scope.resolve(ca)?;
         let (sb, _) = scope.resolve(cb)?;
-        let units = match (sa, sb) {
-            (Side::Left, Side::Right) => Some((ca, cb)),
-            (Side::Right, Side::Left) => Some((cb, ca)),
-            _ => None,
-        };
-        match units {
-            Some((cl, cr))
-                if cl.name == left.spec.privacy_unit && cr.name == right.spec.privacy_unit =>
-            {
-                on_unit = true
-            }
-            _ => match src.kind {
+        let pairs_units = is_unit(sa, ca)
+            && is_unit(sb, cb)
+            && ((sa == side && unit_side(sb)) || (sb == side && unit_side(sa)));
+        if pairs_units {
+            on_unit = true;
+        } else {
+            match joined.kind {
                 fedq_common::JoinKind::Inner => filters.push(a.clone().eq(b.clone())),
                 fedq_common::JoinKind::Left => join_on.push(a.clone().eq(b.clone())),
-            },
+            }
         }
     }
     if !on_unit {
-        let shown: Vec<String> = on.iter().map(|(a, b)| format!("{a} = {b}")).collect();
+        let shown: Vec<String> = joined
+            .on
+            .iter()
+            .map(|(a, b)| format!("{a} = {b}"))
+            .collect();
         return Err(off_unit(format!("Joining on `{}`", shown.join(" AND "))));
     }
     Ok(JoinSpec {
         table: right.table.to_string(),
         left_on: left.spec.privacy_unit.clone(),
         right_on: right.spec.privacy_unit.clone(),
-        kind: src.kind,
+        kind: joined.kind,
         on: join_on
             .iter()
             .map(|e| to_predicate(e, scope))
@@ -1944,10 +1996,7 @@ impl StatBuilder {
                 name
             }
         };
-        let lookup = |side: Side, n: &str| match side {
-            Side::Left => scope.left.spec.column(n),
-            Side::Right => scope.right.and_then(|r| r.spec.column(n)),
-        };
+        let lookup = |side: Side, n: &str| scope.relation(side).and_then(|r| r.spec.column(n));
         let Some(computed) = self.computed.iter().find(|c| c.name == name) else {
             return Err(CoordinatorError::internal("-", "computed column lost"));
         };
@@ -2513,7 +2562,7 @@ columns = [
         )
         .await
         .unwrap();
-        let j = left.request.join.clone().unwrap();
+        let j = left.request.joins[0].clone();
         assert_eq!(j.kind, fedq_common::JoinKind::Left);
         assert_eq!(
             j.on,
@@ -2521,7 +2570,7 @@ columns = [
                 op: BinaryOp::Eq,
                 left: Box::new(Predicate::Column {
                     name: "test".into(),
-                    side: Side::Right
+                    side: Side::RIGHT
                 }),
                 right: Box::new(Predicate::Literal {
                     value: Literal::Utf8("HbA1c".into())
@@ -2539,20 +2588,20 @@ columns = [
         assert_eq!(pairs.tables(), vec!["labs", "labs"]);
         let f = pairs.request.filter.clone().unwrap();
         assert!(
-            f.reads_side(Side::Left) && f.reads_side(Side::Right),
+            f.reads_side(Side::LEFT) && f.reads_side(Side::RIGHT),
             "{f:?}"
         );
         let r = &q.request;
         assert_eq!(r.table, "labs");
         assert_eq!(
-            r.join,
-            Some(JoinSpec {
+            r.joins,
+            vec![JoinSpec {
                 table: "participants".into(),
                 left_on: "pid".into(),
                 right_on: "pid".into(),
                 kind: Default::default(),
                 on: None,
-            })
+            }]
         );
         assert_eq!(r.group_by, vec![ColumnRef::right("sex").into()]);
         assert!(r.aggregates.contains(&AggregateRequest::SumFixed {
@@ -2596,8 +2645,8 @@ columns = [
         let json = serde_json::to_string(&q.request.filter).unwrap();
         for needle in [
             r#"{"expr":"column","name":"birth_year"}"#,
-            r#"{"expr":"column","name":"test","side":"right"}"#,
-            r#"{"expr":"column","name":"value","side":"right"}"#,
+            r#"{"expr":"column","name":"test","side":1}"#,
+            r#"{"expr":"column","name":"value","side":1}"#,
         ] {
             assert!(json.contains(needle), "{needle} not in {json}");
         }
@@ -2670,8 +2719,9 @@ columns = [
         )
         .await;
         refused(
-            "SELECT COUNT(*) FROM labs JOIN participants USING (pid) JOIN diagnoses USING (pid)",
-            "more than two tables",
+            "SELECT COUNT(*) FROM labs l JOIN participants p USING (pid) JOIN diagnoses d ON d.pid = p.pid \
+             JOIN labs m ON m.pid = l.pid JOIN diagnoses e ON e.pid = l.pid JOIN participants q ON q.pid = l.pid",
+            "at most 5 tables",
         )
         .await;
         // An unbounded column from either side, named with its table.

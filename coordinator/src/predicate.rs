@@ -27,13 +27,13 @@ pub struct Relation<'a> {
     pub spec: &'a TableSpec,
 }
 
-/// The tables a query reads: one, or the two sides of a join on the privacy unit.
-#[derive(Debug, Clone, Copy)]
+/// The tables a query reads: one, or the tables of a join on the privacy unit.
+#[derive(Debug, Clone)]
 pub struct Scope<'a> {
     /// The driving (`FROM`) table.
     pub left: Relation<'a>,
-    /// The joined table, if any.
-    pub right: Option<Relation<'a>>,
+    /// The joined tables, in order (side k is `joined[k - 1]`).
+    pub joined: Vec<Relation<'a>>,
     /// The catalog, for the tables of subqueries.
     pub catalog: &'a Catalog,
 }
@@ -52,15 +52,33 @@ impl<'a> Scope<'a> {
                 qualifier,
                 spec,
             },
-            right: None,
+            joined: Vec::new(),
             catalog,
         }
+    }
+
+    /// The table of `side`, if the query has it.
+    pub fn relation(&self, side: Side) -> Option<Relation<'a>> {
+        match side.join_index() {
+            None => Some(self.left),
+            Some(k) => self.joined.get(k).copied(),
+        }
+    }
+
+    /// Every side with its table, the driving one first.
+    pub fn sides(&self) -> impl Iterator<Item = (Side, Relation<'a>)> + '_ {
+        std::iter::once((Side::LEFT, self.left)).chain(
+            self.joined
+                .iter()
+                .enumerate()
+                .map(|(k, r)| (Side::joined(k), *r)),
+        )
     }
 
     /// The side and table a column of the plan belongs to; an error naming the column
     /// if it is in neither table.
     pub fn resolve(&self, c: &Column) -> Result<(Side, Relation<'a>), CoordinatorError> {
-        let Some(right) = self.right else {
+        if self.joined.is_empty() {
             let l = self.left;
             if l.spec.column(&c.name).is_none() {
                 return Err(CoordinatorError::InvalidSql(format!(
@@ -70,17 +88,26 @@ impl<'a> Scope<'a> {
                     column_list(l.spec)
                 )));
             }
-            return Ok((Side::Left, l));
-        };
-        let sides = [(Side::Left, self.left), (Side::Right, right)];
+            return Ok((Side::LEFT, l));
+        }
         let found: Vec<(Side, Relation<'a>)> = match &c.relation {
-            // By alias, or by table name (a filter inside an aliased subquery).
-            Some(r) => sides
-                .into_iter()
-                .filter(|(_, rel)| rel.qualifier == r.table() || rel.table == r.table())
-                .collect(),
-            None => sides
-                .into_iter()
+            // By alias; or by table name (a filter inside an aliased subquery) when no
+            // alias matches.
+            Some(r) => {
+                let by_alias: Vec<_> = self
+                    .sides()
+                    .filter(|(_, rel)| rel.qualifier == r.table())
+                    .collect();
+                if by_alias.is_empty() {
+                    self.sides()
+                        .filter(|(_, rel)| rel.table == r.table())
+                        .collect()
+                } else {
+                    by_alias
+                }
+            }
+            None => self
+                .sides()
                 .filter(|(_, rel)| rel.spec.column(&c.name).is_some())
                 .collect(),
         };
@@ -97,8 +124,11 @@ impl<'a> Scope<'a> {
                 Ok((*side, *rel))
             }
             [] => Err(CoordinatorError::InvalidSql(format!(
-                "column `{c}` is in neither `{}` nor `{}`",
-                self.left.table, right.table
+                "column `{c}` is in none of the joined tables ({})",
+                self.sides()
+                    .map(|(_, r)| format!("`{}`", r.table))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
             _ => Err(CoordinatorError::InvalidSql(format!(
                 "column `{}` is ambiguous: both joined tables have it; qualify it, e.g. `{}.{}`",
@@ -121,14 +151,16 @@ impl<'a> Scope<'a> {
 
     /// How a column is named in messages and labels: `value`, or `labs.value` in a join.
     pub fn label(&self, rel: &Relation<'_>, name: &str) -> String {
-        if let Some(right) = self.right {
-            // A self-join tells its sides apart by alias.
-            if right.table == self.left.table {
-                return format!("{}.{name}", rel.qualifier);
-            }
-            format!("{}.{name}", rel.table)
+        if self.joined.is_empty() {
+            return name.to_string();
+        }
+        // A self-join tells its sides apart by alias.
+        let tables: Vec<&str> = self.sides().map(|(_, r)| r.table).collect();
+        let self_join = (1..tables.len()).any(|i| tables[..i].contains(&tables[i]));
+        if self_join {
+            format!("{}.{name}", rel.qualifier)
         } else {
-            name.to_string()
+            format!("{}.{name}", rel.table)
         }
     }
 }
@@ -439,15 +471,11 @@ pub fn column_type(
 fn input_types(p: &Predicate, scope: &Scope<'_>) -> Vec<ColumnType> {
     use fedq_common::Literal as L;
     match p {
-        Predicate::Column { name, side } => {
-            let rel = match side {
-                Side::Left => Some(scope.left),
-                Side::Right => scope.right,
-            };
-            rel.and_then(|r| r.spec.column(name))
-                .map(|c| vec![c.ty])
-                .unwrap_or_default()
-        }
+        Predicate::Column { name, side } => scope
+            .relation(*side)
+            .and_then(|r| r.spec.column(name))
+            .map(|c| vec![c.ty])
+            .unwrap_or_default(),
         Predicate::Literal { value } => match value {
             L::Null => vec![],
             L::Boolean(_) => vec![ColumnType::Boolean],

@@ -48,13 +48,13 @@ pub(crate) fn columns(
             })
             .collect()
     };
-    let (left, right) = (narrowed(Side::Left), narrowed(Side::Right));
+    let sides: Vec<Vec<ColumnSpec>> = (0..=scope.joined.len())
+        .map(|k| narrowed(Side(k as u8)))
+        .collect();
     let lookup = |side: Side, name: &str| -> Option<&ColumnSpec> {
-        let cols = match side {
-            Side::Left => &left,
-            Side::Right => &right,
-        };
-        cols.iter().find(|c| c.name == name)
+        sides
+            .get(side.0 as usize)
+            .and_then(|cols| cols.iter().find(|c| c.name == name))
     };
     let mut out: Vec<ComputedColumn> = Vec::with_capacity(req.computed.len());
     for c in &req.computed {
@@ -69,8 +69,7 @@ pub(crate) fn columns(
                 shown(&c.name)
             )));
         }
-        let clashes = lookup(Side::Left, &c.name).is_some()
-            || lookup(Side::Right, &c.name).is_some()
+        let clashes = sides.iter().flatten().any(|s| s.name == c.name)
             || out.iter().any(|o| o.name == c.name);
         if clashes {
             return Err(invalid(format!(

@@ -103,11 +103,11 @@ pub(crate) fn frame(
             spec: &t.spec,
             policy: &t.policy,
         },
-        right: None,
+        joined: &[],
         sets: &nested,
         computed: &[],
     };
-    let (unit_expr, _) = scope.column(Side::Left, &unit, "a derived table")?;
+    let (unit_expr, _) = scope.column(Side::LEFT, &unit, "a derived table")?;
     let mut df = sets::attach(engine, t.df.clone(), unit_expr.clone(), &nested, names)?;
     if let Some(f) = &d.filter {
         df = df.filter(filter::translate(f, &scope)?).map_err(planned)?;
@@ -126,14 +126,14 @@ pub(crate) fn frame(
     for c in &d.columns {
         let e = match &c.value {
             UnitAggregate::Min { column } => {
-                min(scope.column(Side::Left, column, "a derived table")?.0)
+                min(scope.column(Side::LEFT, column, "a derived table")?.0)
             }
             UnitAggregate::Max { column } => {
-                max(scope.column(Side::Left, column, "a derived table")?.0)
+                max(scope.column(Side::LEFT, column, "a derived table")?.0)
             }
             UnitAggregate::CountRows => count(lit(1)),
             UnitAggregate::CountNonNull { column } => {
-                count(scope.column(Side::Left, column, "a derived table")?.0)
+                count(scope.column(Side::LEFT, column, "a derived table")?.0)
             }
             UnitAggregate::Sum { column } => sum(clamped(&scope, column)?),
             // The mean of clamped values, as a float (an integer column's too).
@@ -151,12 +151,12 @@ pub(crate) fn frame(
                 let mut sorts = Vec::with_capacity(order.len() + tie_break.len());
                 for (name, asc, nulls_first) in keys {
                     if seen.insert(name) {
-                        let (e, _) = scope.column(Side::Left, name, "a derived table")?;
+                        let (e, _) = scope.column(Side::LEFT, name, "a derived table")?;
                         sorts.push(e.sort(asc, nulls_first));
                     }
                 }
                 first_value(
-                    scope.column(Side::Left, column, "a derived table")?.0,
+                    scope.column(Side::LEFT, column, "a derived table")?.0,
                     sorts,
                 )
             }
@@ -177,7 +177,7 @@ pub(crate) fn frame(
 /// A numeric column clamped to its declared bounds, narrowed by the node's own clamp, as an
 /// `int64` or `float64` (a cast that cannot fail), for a per-participant sum.
 fn clamped(scope: &Scope<'_>, column: &str) -> Result<Expr, NodeError> {
-    let (x, spec) = scope.column(Side::Left, column, "a derived table")?;
+    let (x, spec) = scope.column(Side::LEFT, column, "a derived table")?;
     let Some(b) = spec.bounds() else {
         return Err(NodeError::Refused(format!(
             "a derived table sums {}, which has no declared bounds",

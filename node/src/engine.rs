@@ -20,7 +20,8 @@ use datafusion::physical_plan::execute_stream;
 use fedq_common::group_key::KeyDomain;
 use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS};
 use fedq_common::wire::{
-    MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS, MAX_SET_LEAVES,
+    MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS, MAX_JOINS,
+    MAX_SET_LEAVES,
 };
 use fedq_common::{
     AggregateRequest, Catalog, ColumnRef, ColumnType, GroupKey, NodeInfo, PartialAggregateRequest,
@@ -33,7 +34,7 @@ use crate::bounding::{
 };
 use crate::config::{NodeConfig, TableFormat, TableSource};
 use crate::error::NodeError;
-use crate::filter::{self, Relation, Scope, LEFT_ALIAS, RIGHT_ALIAS};
+use crate::filter::{self, side_alias, Relation, Scope};
 use crate::selection::{self, OpenKey, Selection};
 use crate::sets::{self, SetNames};
 
@@ -400,7 +401,7 @@ impl NodeEngine {
             // R rows, whatever its counts say.
             let served = self.tables.get(&req.table);
             let Counted { counts, stamp } = match served {
-                Some(t) if req.join.is_none() && !reorders_rows => t
+                Some(t) if req.joins.is_empty() && !reorders_rows => t
                     .counts
                     .read()
                     .map(|c| c.clone())
@@ -701,9 +702,15 @@ impl NodeEngine {
             None => (&table.spec, &table.policy),
         };
 
-        // Join: a second served catalog table, inner-joined on both privacy units.
-        let mut right_table = None;
-        if let Some(j) = &req.join {
+        // Joins: other served catalog tables, each joined on both privacy units.
+        if req.joins.len() > MAX_JOINS {
+            return Err(invalid(format!(
+                "{} joined tables; the limit is {MAX_JOINS}",
+                req.joins.len()
+            )));
+        }
+        let mut joined_tables: Vec<&ServedTable> = Vec::with_capacity(req.joins.len());
+        for j in &req.joins {
             let rname = &j.table;
             if self.catalog.table(rname).is_none() {
                 return Err(refused(format!(
@@ -732,7 +739,7 @@ impl NodeEngine {
             if check_fits {
                 self.check_fits(rname, rt)?;
             }
-            right_table = Some(rt);
+            joined_tables.push(rt);
         }
         // Participant sets (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`): checked
         // against the catalog like the coordinator checks them, then each distinct one gets
@@ -750,17 +757,23 @@ impl NodeEngine {
         }
         // The derived table's own sets are joined inside its frame (`crate::derived`).
         let set_cols = sets::set_columns(req.outer_participant_sets(), &mut set_names);
+        let joined: Vec<Relation> = req
+            .joins
+            .iter()
+            .zip(&joined_tables)
+            .map(|(j, rt)| Relation {
+                policy: &rt.policy,
+                name: j.table.as_str(),
+                spec: &rt.spec,
+            })
+            .collect();
         let base = Scope {
             left: Relation {
                 name: tname,
                 spec,
                 policy,
             },
-            right: right_table.map(|rt| Relation {
-                policy: &rt.policy,
-                name: req.join.as_ref().map_or("", |j| j.table.as_str()),
-                spec: &rt.spec,
-            }),
+            joined: &joined,
             sets: &set_cols,
             computed: &[],
         };
@@ -1106,8 +1119,8 @@ impl NodeEngine {
                 // names on both sides cannot clash (the bounder reads by position). Open
                 // group keys are bounded by name (`selection`), so they need it too, and
                 // computed columns have no name of their own.
-                let computed = matches!(item, ProjItem::Col(c) if c.side == Side::Left && scope.computed.iter().any(|k| k.name == c.name));
-                Ok(if scope.right.is_some() || max_groups.is_some() || computed {
+                let computed = matches!(item, ProjItem::Col(c) if c.side.is_left() && scope.computed.iter().any(|k| k.name == c.name));
+                Ok(if scope.is_join() || max_groups.is_some() || computed {
                     e.alias(selection::proj_name(i))
                 } else {
                     e
@@ -1120,7 +1133,7 @@ impl NodeEngine {
         // one the bounder reads. Not with a join or open keys (their plans need the id),
         // nor when the id is also a group key or an aggregate input.
         let pid_rows = by_position
-            && req.join.is_none()
+            && req.joins.is_empty()
             && req.derived.is_none()
             && set_cols.is_empty()
             && max_groups.is_none()
@@ -1146,22 +1159,36 @@ impl NodeEngine {
             Some(d) => crate::derived::frame(self, d, &mut set_names)?,
             None => table.df.clone(),
         };
-        if let (Some(j), Some(rt)) = (&req.join, right_table) {
-            // The whole join runs in DataFusion: an inner equi-join on the two privacy units
-            // (NULL ids never match), then the filter, which may read both sides. Bounding
-            // to R rows per participant happens after it, in the bounder.
+        if !req.joins.is_empty() {
+            // The whole join runs in DataFusion: each table in turn, an equi-join of its
+            // privacy unit with the driving table's (NULL ids never match), then the
+            // filter, which may read every side. Bounding to R rows per participant happens
+            // after it, in the bounder.
             let join_err = |e: datafusion::error::DataFusionError| {
                 tracing::warn!(query_id = ?req.query_id, error = %e, "join could not be planned");
                 invalid("the join could not be planned".into())
             };
-            let left = df.alias(LEFT_ALIAS).map_err(join_err)?;
-            let right = rt.df.clone().alias(RIGHT_ALIAS).map_err(join_err)?;
-            let mut on = vec![
-                Expr::Column(Column::new(Some(LEFT_ALIAS), j.left_on.as_str())).eq(Expr::Column(
-                    Column::new(Some(RIGHT_ALIAS), j.right_on.as_str()),
-                )),
-            ];
+            df = df.alias(&side_alias(Side::LEFT)).map_err(join_err)?;
+        }
+        for (k, (j, rt)) in req.joins.iter().zip(&joined_tables).enumerate() {
+            let join_err = |e: datafusion::error::DataFusionError| {
+                tracing::warn!(query_id = ?req.query_id, error = %e, "join could not be planned");
+                invalid("the join could not be planned".into())
+            };
+            let alias = side_alias(Side::joined(k));
+            let right = rt.df.clone().alias(alias.as_str()).map_err(join_err)?;
+            let mut on = vec![Expr::Column(Column::new(
+                Some(side_alias(Side::LEFT)),
+                j.left_on.as_str(),
+            ))
+            .eq(Expr::Column(Column::new(Some(alias), j.right_on.as_str())))];
             if let Some(extra) = &j.on {
+                if extra.reads_side_where(&|s| s.0 as usize > k + 1) {
+                    return Err(invalid(format!(
+                        "the ON condition of joined table {} reads a table joined after it",
+                        k + 1
+                    )));
+                }
                 if !extra.participant_sets().is_empty() {
                     return Err(invalid(
                         "a join's ON condition cannot test participant sets; test them in the filter"
@@ -1174,11 +1201,11 @@ impl NodeEngine {
                 fedq_common::JoinKind::Inner => JoinType::Inner,
                 fedq_common::JoinKind::Left => JoinType::Left,
             };
-            df = left.join_on(right, kind, on).map_err(join_err)?;
+            df = df.join_on(right, kind, on).map_err(join_err)?;
         }
         if !set_cols.is_empty() {
             let unit = scope
-                .column(Side::Left, &spec.privacy_unit, "the participant subqueries")?
+                .column(Side::LEFT, &spec.privacy_unit, "the participant subqueries")?
                 .0;
             df = sets::attach(self, df, unit, &set_cols, &mut set_names)?;
         }

@@ -65,13 +65,13 @@ pub(crate) struct Relation<'a> {
     pub policy: &'a crate::config::TablePolicy,
 }
 
-/// The tables a request's columns resolve against: the driving table alone, or both sides
-/// of a join (registered in DataFusion under the aliases [`LEFT_ALIAS`] and
-/// [`RIGHT_ALIAS`]).
+/// The tables a request's columns resolve against: the driving table alone, or it and the
+/// tables joined to it (registered in DataFusion under the aliases [`side_alias`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Scope<'a> {
     pub left: Relation<'a>,
-    pub right: Option<Relation<'a>>,
+    /// The joined tables, in the request's order (side k is `joined[k - 1]`).
+    pub joined: &'a [Relation<'a>],
     /// The participant sets the request tests, each with the column that carries its
     /// members' ids in the frame (see `crate::sets`).
     pub sets: &'a [crate::sets::SetColumn],
@@ -87,21 +87,33 @@ pub(crate) struct ComputedColumn {
     pub spec: fedq_common::ColumnSpec,
 }
 
-/// DataFusion alias of the driving table in a join.
-pub(crate) const LEFT_ALIAS: &str = "fedq_left";
-/// DataFusion alias of the joined table in a join.
-pub(crate) const RIGHT_ALIAS: &str = "fedq_right";
+/// DataFusion alias of a side's table in a join: `fedq_left` for the driving table,
+/// `fedq_joinK` for side K.
+pub(crate) fn side_alias(side: Side) -> String {
+    match side.join_index() {
+        None => "fedq_left".to_string(),
+        Some(k) => format!("fedq_join{}", k + 1),
+    }
+}
 
 impl<'a> Scope<'a> {
     /// The relation of `side`, or a refusal if the request has no such side.
     pub fn relation(&self, side: Side) -> Result<Relation<'a>, NodeError> {
-        match (side, self.right) {
-            (Side::Left, _) => Ok(self.left),
-            (Side::Right, Some(r)) => Ok(r),
-            (Side::Right, None) => Err(invalid(
-                "a column refers to the joined (right) table, but the request has no join".into(),
-            )),
+        match side.join_index() {
+            None => Ok(self.left),
+            Some(k) => self.joined.get(k).copied().ok_or_else(|| {
+                invalid(format!(
+                    "a column refers to joined table {} of the request, which joins {}",
+                    k + 1,
+                    self.joined.len()
+                ))
+            }),
         }
+    }
+
+    /// Whether the request joins other tables (columns are then qualified by side).
+    pub fn is_join(&self) -> bool {
+        !self.joined.is_empty()
     }
 
     /// The catalog type of `name` on `side`, and the DataFusion column expression reading it.
@@ -111,7 +123,7 @@ impl<'a> Scope<'a> {
         name: &str,
         role: &str,
     ) -> Result<(Expr, &'a fedq_common::ColumnSpec), NodeError> {
-        if side == Side::Left {
+        if side.is_left() {
             if let Some(c) = self.computed.iter().find(|c| c.name == name) {
                 return Ok((c.expr.clone(), &c.spec));
             }
@@ -132,15 +144,10 @@ impl<'a> Scope<'a> {
                 rel.name
             )));
         }
-        let e = match self.right {
-            None => ident(name.to_string()),
-            Some(_) => {
-                let alias = match side {
-                    Side::Left => LEFT_ALIAS,
-                    Side::Right => RIGHT_ALIAS,
-                };
-                Expr::Column(Column::new(Some(alias), name))
-            }
+        let e = if self.is_join() {
+            Expr::Column(Column::new(Some(side_alias(side)), name))
+        } else {
+            ident(name.to_string())
         };
         Ok((e, c))
     }

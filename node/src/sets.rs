@@ -146,11 +146,11 @@ fn rows_frame(
             spec: &t.spec,
             policy: &t.policy,
         },
-        right: None,
+        joined: &[],
         sets: &nested,
         computed: &[],
     };
-    let (unit_expr, _) = scope.column(Side::Left, &unit, "a participant subquery")?;
+    let (unit_expr, _) = scope.column(Side::LEFT, &unit, "a participant subquery")?;
     let mut df = attach(engine, t.df.clone(), unit_expr.clone(), &nested, names)?;
     if let Some(f) = filter {
         df = df.filter(filter::translate(f, &scope)?).map_err(planned)?;

@@ -91,6 +91,16 @@ SELECT COUNT(*) FROM participants p LEFT JOIN (SELECT * FROM specimens WHERE kin
 ;
 SELECT COUNT(*) FROM diagnoses d RIGHT JOIN participants p USING (pid)
 ;
+SELECT COUNT(DISTINCT p.pid) FROM participants p JOIN diagnoses d USING (pid) JOIN labs l USING (pid) JOIN specimens s USING (pid) WHERE d.code = 'E11' AND l.test = 'HbA1c' AND l.value >= 6.5 AND s.kind = 'serum'
+;
+SELECT COUNT(DISTINCT p.pid) FROM participants p JOIN diagnoses d ON d.pid = p.pid JOIN labs l ON l.pid = p.pid JOIN specimens s ON s.pid = p.pid WHERE d.code = 'E11' AND l.test = 'HbA1c' AND l.value >= 6.5 AND s.kind = 'serum'
+;
+SELECT p.sex, COUNT(d.pid), COUNT(s.pid) FROM participants p LEFT JOIN diagnoses d ON d.pid = p.pid AND d.code = 'N18' LEFT JOIN specimens s ON s.pid = p.pid AND s.kind = 'serum' GROUP BY p.sex
+;
+SELECT COUNT(DISTINCT a.pid) FROM diagnoses a JOIN diagnoses b USING (pid) JOIN diagnoses c ON c.pid = a.pid WHERE a.code = 'E11' AND b.code = 'I10' AND c.code = 'N18'
+;
+SELECT COUNT(*) FROM participants p LEFT JOIN diagnoses d USING (pid) JOIN labs l ON l.pid = d.pid
+;
 
 -- # 4. Expressions
 SELECT COUNT(*) FROM diagnoses WHERE year(diagnosed_on) = 2020

@@ -693,10 +693,13 @@ async fn aggregates_of_expressions_equal_datafusion() {
 
 /// `LEFT JOIN` on the participant (part 3): every driving row stays, with its participant's
 /// joined rows that meet the `ON` conditions or once with NULLs, so `COUNT(d.pid)` counts
-/// the participants with the code among all of them (prevalence). And a self-join pairs one
-/// participant's rows (comorbidity pairs). Both equal DataFusion per site.
+/// the participants with the code among all of them (prevalence). A self-join pairs one
+/// participant's rows (comorbidity pairs), and joins of three or four tables (inner, left,
+/// a table joined twice, a join on an inner-joined table's participant) pair one
+/// participant's rows of each. All equal DataFusion per site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn left_joins_and_self_joins_on_the_participant_equal_datafusion_per_site() {
+async fn left_joins_self_joins_and_joins_of_several_tables_on_the_participant_equal_datafusion_per_site(
+) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     synth(dir, 2, 1200, 59);
@@ -744,6 +747,40 @@ async fn left_joins_and_self_joins_on_the_participant_equal_datafusion_per_site(
             0,
             rows,
         ),
+        (
+            "SELECT p.sex, COUNT(*) FROM participants p JOIN diagnoses d USING (pid) JOIN labs l USING (pid) \
+             WHERE d.code = 'E11' AND l.test = 'HbA1c' AND l.value > 6.5 GROUP BY p.sex",
+            "SELECT p.sex, COUNT(*) FROM participants p \
+             JOIN diagnoses d ON d.pid = p.pid AND d.fedq_site = p.fedq_site \
+             JOIN labs l ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
+             WHERE d.code = 'E11' AND l.test = 'HbA1c' AND l.value > 6.5 GROUP BY p.sex",
+            1,
+            rows,
+        ),
+        (
+            "SELECT p.sex, COUNT(d.code) FROM participants p \
+             LEFT JOIN diagnoses d ON d.pid = p.pid AND d.code = 'N18' \
+             LEFT JOIN specimens s ON s.pid = p.pid AND s.kind = 'serum' \
+             WHERE s.pid IS NULL GROUP BY p.sex",
+            "SELECT p.sex, COUNT(d.code) FROM participants p \
+             LEFT JOIN diagnoses d ON d.pid = p.pid AND d.fedq_site = p.fedq_site AND d.code = 'N18' \
+             LEFT JOIN specimens s ON s.pid = p.pid AND s.fedq_site = p.fedq_site AND s.kind = 'serum' \
+             WHERE s.pid IS NULL GROUP BY p.sex",
+            1,
+            non_null,
+        ),
+        (
+            "SELECT COUNT(*) FROM diagnoses a JOIN diagnoses b USING (pid) JOIN diagnoses c ON c.pid = b.pid \
+             JOIN participants p ON p.pid = a.pid \
+             WHERE a.code = 'E11' AND b.code = 'I10' AND c.code = 'N18' AND p.birth_year < 1970",
+            "SELECT COUNT(*) FROM diagnoses a \
+             JOIN diagnoses b ON a.pid = b.pid AND a.fedq_site = b.fedq_site \
+             JOIN diagnoses c ON c.pid = a.pid AND c.fedq_site = a.fedq_site \
+             JOIN participants p ON p.pid = a.pid AND p.fedq_site = a.fedq_site \
+             WHERE a.code = 'E11' AND b.code = 'I10' AND c.code = 'N18' AND p.birth_year < 1970",
+            0,
+            rows,
+        ),
     ];
     for (sql, want_sql, n_keys, pick) in &shapes {
         let q = engine
@@ -767,8 +804,17 @@ async fn left_joins_and_self_joins_on_the_participant_equal_datafusion_per_site(
             "privacy unit",
         ),
         (
-            "SELECT COUNT(*) FROM participants p JOIN diagnoses d USING (pid) JOIN labs l USING (pid)",
-            "pid IN (SELECT pid",
+            "SELECT COUNT(*) FROM participants p JOIN diagnoses a ON a.pid = p.pid JOIN diagnoses b ON b.pid = p.pid \
+             JOIN diagnoses c ON c.pid = p.pid JOIN labs l ON l.pid = p.pid JOIN specimens s ON s.pid = p.pid",
+            "at most 5 tables",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p LEFT JOIN diagnoses d USING (pid) JOIN labs l ON l.pid = d.pid",
+            "privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM participants p JOIN diagnoses d USING (pid) JOIN labs l ON l.value = d.pid",
+            "privacy unit",
         ),
     ] {
         match engine.plan("alice", sql).await {
@@ -1033,8 +1079,10 @@ async fn released_within_the_noise(a: &std::path::Path, b: &std::path::Path, sql
 /// Neighbouring pairs for the per-participant shapes of this issue, each at its edge: the
 /// participant with the largest sum of lab values (a derived `SUM`, declared within R times
 /// the column's bounds, and the latest value by `ROW_NUMBER() … = 1`), and the participant
-/// with the most diagnoses (a self-join, whose pairs R bounds). Each pair of federations
-/// differs in that one participant, and every released value differs only within the noise.
+/// with the most diagnoses (a self-join, whose pairs R bounds), and the participant with the
+/// most (diagnosis, lab) pairs (a join of three tables, whose rows R bounds however many
+/// tables pair them). Each pair of federations differs in that one participant, and every
+/// released value differs only within the noise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_the_noise() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1053,6 +1101,11 @@ async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_t
             .await;
     let most_diagnosed = top(
         "SELECT pid FROM diagnoses GROUP BY pid, fedq_site ORDER BY COUNT(*) DESC, pid LIMIT 1",
+    )
+    .await;
+    let most_paired = top(
+        "SELECT d.pid FROM diagnoses d JOIN labs l ON l.pid = d.pid AND l.fedq_site = d.fedq_site \
+         GROUP BY d.pid, d.fedq_site ORDER BY COUNT(*) DESC, d.pid LIMIT 1",
     )
     .await;
     let without = |pid: &str, name: &str| {
@@ -1088,6 +1141,14 @@ async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_t
         &a,
         &c,
         "SELECT COUNT(*), COUNT(*) FILTER (WHERE a.code <> b.code) FROM diagnoses a JOIN diagnoses b USING (pid)",
+    )
+    .await;
+    let d = without(&most_paired, "d");
+    released_within_the_noise(
+        &a,
+        &d,
+        "SELECT COUNT(*), COUNT(DISTINCT d.pid) FROM diagnoses d JOIN labs l ON l.pid = d.pid \
+         JOIN participants p ON p.pid = d.pid WHERE p.birth_year < 2010",
     )
     .await;
 }

@@ -15,7 +15,7 @@ use datafusion::prelude::SessionContext;
 use fedq::client::FedqClient;
 use fedq::exact::union_context;
 use fedq::CliError;
-use fedq_common::{AggregateRequest, ColumnRef, Side};
+use fedq_common::{AggregateRequest, ColumnRef};
 use fedq_coordinator::noise::discrete_laplace_half_width;
 use fedq_coordinator::planner::{AggregateOutput, StatisticKind};
 use fedq_coordinator::release::{
@@ -224,7 +224,7 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
         // 1. Exact pre-noise partials equal DataFusion over the union of the files (for
         //    joins: of the per-site joins).
         let q = engine.plan("alice", sql).await.unwrap();
-        assert_eq!(q.join_table.as_deref(), join, "{sql}");
+        assert_eq!(q.join_tables.first().map(String::as_str), join, "{sql}");
         let merged = engine.gather(&q).await.unwrap();
         assert_eq!(merged.sites_answered.len(), 3);
         let floats_of = |t: &str, prefix: &str| -> Vec<String> {
@@ -258,9 +258,12 @@ async fn pre_noise_aggregates_are_exact_and_noise_is_bounded() {
                     groups,
                     &q.request.aggregates,
                     &floats,
-                    &|c: &ColumnRef| match c.side {
-                        Side::Left => format!("l.{}", c.name),
-                        Side::Right => format!("r.{}", c.name),
+                    &|c: &ColumnRef| {
+                        if c.side.is_left() {
+                            format!("l.{}", c.name)
+                        } else {
+                            format!("r.{}", c.name)
+                        }
                     },
                 )
             }
@@ -675,8 +678,9 @@ async fn refusals_budgets_and_failures_have_clear_errors() {
             "cross joins",
         ),
         (
-            "SELECT COUNT(*) FROM labs JOIN participants USING (pid) JOIN variants USING (pid)",
-            "more than two tables",
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON p.pid = l.pid JOIN variants v ON v.pid = l.pid \
+             JOIN diagnoses d ON d.pid = l.pid JOIN specimens s ON s.pid = l.pid JOIN labs m ON m.pid = l.pid",
+            "at most 5 tables",
         ),
         (
             "SELECT COUNT(*) FROM labs a FULL JOIN labs b USING (pid)",

@@ -86,7 +86,7 @@ fn valid_ticket() -> Vec<u8> {
         max_rows_per_unit: 20,
         max_groups_per_unit: None,
         derived: None,
-        join: None,
+        joins: Vec::new(),
         computed: Vec::new(),
     };
     let f = fixture();
@@ -222,7 +222,7 @@ fn structured_requests_are_accepted_only_within_the_catalog() {
                 max_rows_per_unit: r,
                 max_groups_per_unit: None,
                 derived: None,
-                join: None,
+                joins: Vec::new(),
                 computed: Vec::new(),
             };
             let bytes = req.encode_ticket().unwrap();
@@ -717,6 +717,15 @@ mod arb {
         .boxed()
     }
 
+    /// No join (most often), or one to three joins of `x` with itself.
+    pub fn self_joins() -> BoxedStrategy<Vec<fedq_common::JoinSpec>> {
+        prop_oneof![
+            3 => Just(Vec::new()),
+            1 => proptest::collection::vec(self_join(), 1..4),
+        ]
+        .boxed()
+    }
+
     /// A join of `x` with itself on the participant: inner or left, with an `ON` condition.
     pub fn self_join() -> BoxedStrategy<fedq_common::JoinSpec> {
         (any::<bool>(), proptest::option::weighted(0.5, boolean(2)))
@@ -1102,7 +1111,7 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
             open in proptest::option::weighted(0.3, 1u32..4),
             derived in proptest::option::weighted(0.25, arb::per_participant()),
             values in proptest::collection::vec(arb::value(2), 0..3),
-            join in proptest::option::weighted(0.2, arb::self_join()),
+            joins in arb::self_joins(),
         )| {
             // Computed columns, each counted and (when bounded) summed within the bounds
             // the node declares for it, so that validation accepts the sum.
@@ -1130,7 +1139,7 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
                 query_id: "edge".into(),
                 table: "x".into(),
                 filter,
-                join: if derived.is_some() { None } else { join },
+                joins: if derived.is_some() { Vec::new() } else { joins },
                 group_by: keys,
                 aggregates,
                 // A derived table has one row per participant.
@@ -1145,7 +1154,7 @@ fn whatever_a_node_validates_it_answers_over_extreme_values() {
 }
 
 /// Stability (issue 14): whatever the filter (participant sets included), whether the
-/// request reads a derived table, and whether it joins the table with itself (inner or left), removing one participant removes at most R of the bounded
+/// request reads a derived table, and whether it joins the table with itself (inner or left, up to three times), removing one participant removes at most R of the bounded
 /// rows and at most that one participant, and changes nobody else's: the counts of a node
 /// without the participant are at most, and at least R (or 1) below, those of a node with.
 /// `CountRows` and `CountUnits` without group keys do not depend on which rows bounding
@@ -1157,7 +1166,7 @@ fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
             filter in proptest::option::weighted(0.9, arb::boolean(3)),
             r in 1u32..6,
             derived in proptest::option::weighted(0.3, arb::per_participant()),
-            join in proptest::option::weighted(0.25, arb::self_join()),
+            joins in arb::self_joins(),
         )| {
             let f = extreme_for_stability();
             let r = if derived.is_some() { 1 } else { r };
@@ -1166,7 +1175,7 @@ fn one_participant_changes_the_bounded_relation_by_at_most_its_row_bound() {
                 table: "x".into(),
                 filter,
                 // A participant's joined rows (inner or left, of x with itself) are theirs.
-                join: if derived.is_some() { None } else { join },
+                joins: if derived.is_some() { Vec::new() } else { joins },
                 group_by: vec![],
                 aggregates: vec![AggregateRequest::CountRows, AggregateRequest::CountUnits],
                 max_rows_per_unit: r,
@@ -1213,7 +1222,7 @@ fn edge_request(
         query_id: "edge".into(),
         table: "x".into(),
         filter: Some(filter),
-        join: None,
+        joins: Vec::new(),
         group_by,
         aggregates,
         max_rows_per_unit: 1,

@@ -78,10 +78,10 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         Code::PermissionDenied,
         "pid",
     ));
-    // Joins: only on both privacy units, never a table with itself, R of the driving table.
+    // Joins: only on both privacy units, at most MAX_JOINS tables, R of the driving table.
     let join = |table: &str, left_on: &str, right_on: &str| {
         let mut r = base();
-        r["join"] = json!({ "table": table, "left_on": left_on, "right_on": right_on });
+        r["joins"] = json!([{ "table": table, "left_on": left_on, "right_on": right_on }]);
         r
     };
     cases.push((
@@ -91,7 +91,7 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "privacy units",
     ));
     let mut r = join("participants", "pid", "pid");
-    r["join"]["on"] = json!({ "expr": "in_set", "side": "right", "negated": false,
+    r["joins"][0]["on"] = json!({ "expr": "in_set", "side": 1, "negated": false,
         "set": { "set": "rows", "table": "diagnoses", "min_rows": 1 } });
     cases.push((
         "a participant set in a join's ON",
@@ -127,7 +127,7 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "wider than the catalog",
     ));
     let mut r = join("participants", "pid", "pid");
-    r["group_by"] = json!([{ "key": "column", "column": { "side": "right", "name": "pid" } }]);
+    r["group_by"] = json!([{ "key": "column", "column": { "side": 1, "name": "pid" } }]);
     cases.push((
         "group by the joined table's participant id",
         ticket(r),
@@ -143,12 +143,35 @@ async fn a_node_refuses_crafted_requests_and_never_returns_rows() {
         "max_rows_per_unit",
     ));
     let mut r = join("participants", "pid", "pid");
-    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "side": "right", "name": "birth_year" }, "lower": 0.0, "upper": 1e6, "precision": 1.0 }]);
+    r["aggregates"] = json!([{ "kind": "sum_fixed", "column": { "side": 1, "name": "birth_year" }, "lower": 0.0, "upper": 1e6, "precision": 1.0 }]);
     cases.push((
         "a joined column clamped wider than the catalog",
         ticket(r),
         Code::PermissionDenied,
         "wider than the catalog",
+    ));
+    let mut r = join("participants", "pid", "pid");
+    r["joins"] = json!([
+        { "table": "participants", "left_on": "pid", "right_on": "pid" },
+        { "table": "participants", "left_on": "pid", "right_on": "pid" },
+        { "table": "participants", "left_on": "pid", "right_on": "pid" },
+        { "table": "participants", "left_on": "pid", "right_on": "pid" },
+        { "table": "participants", "left_on": "pid", "right_on": "pid" }
+    ]);
+    cases.push((
+        "more joined tables than MAX_JOINS",
+        ticket(r),
+        Code::InvalidArgument,
+        "joined tables; the limit is 4",
+    ));
+    let mut r = join("participants", "pid", "pid");
+    r["filter"] =
+        json!({ "expr": "is_null", "input": { "expr": "column", "name": "sex", "side": 2 } });
+    cases.push((
+        "a column of a side the request does not join",
+        ticket(r),
+        Code::InvalidArgument,
+        "which joins 1",
     ));
     cases.push((
         "an old protocol version",

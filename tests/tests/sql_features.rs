@@ -138,7 +138,10 @@ async fn explain_is_free_reads_no_data_and_shows_sensitivities() {
             "node request" => {
                 let got: fedq_common::PartialAggregateRequest =
                     serde_json::from_str(&text(b, "detail", row).unwrap()).unwrap();
-                assert_eq!(got.join.map(|j| j.table), Some("participants".to_string()));
+                assert_eq!(
+                    got.joins.first().map(|j| j.table.clone()),
+                    Some("participants".to_string())
+                );
             }
             // The bounding report counts each participant once per site: S = 2.
             "statistic" if name.starts_with("participants truncated") => {

@@ -758,7 +758,7 @@ async fn sums_of_squares_are_validated_like_sums() {
 }
 
 fn joined(mut req: PartialAggregateRequest, right: &str) -> PartialAggregateRequest {
-    req.join = Some(fedq_common::JoinSpec {
+    req.joins.push(fedq_common::JoinSpec {
         table: right.into(),
         left_on: "pid".into(),
         right_on: "pid".into(),
@@ -771,7 +771,7 @@ fn joined(mut req: PartialAggregateRequest, right: &str) -> PartialAggregateRequ
 fn right_col(name: &str) -> Predicate {
     Predicate::Column {
         name: name.into(),
-        side: fedq_common::Side::Right,
+        side: fedq_common::Side::RIGHT,
     }
 }
 
@@ -890,7 +890,7 @@ async fn join_refusals() {
     // A self-join pairs one participant's rows, so it validates (R still bounds them).
     assert!(v(joined(request("bulk", &[], count(), 1, None), "bulk")).is_ok());
     let mut off = base();
-    if let Some(j) = off.join.as_mut() {
+    if let Some(j) = off.joins.first_mut() {
         j.left_on = "grp".into();
         j.right_on = "kind".into();
     }
@@ -915,7 +915,34 @@ async fn join_refusals() {
     // A right-side column without a join.
     let mut r = request("bulk", &[], count(), 1, None);
     r.filter = Some(bin(BinaryOp::Gt, right_col("y"), lit(Literal::Int64(1))));
-    assert_invalid(v(r), "has no join");
+    assert_invalid(v(r), "which joins 0");
+    // A second joined table: its columns are side 2; a third side does not exist.
+    let two = joined(base(), "bulk");
+    assert!(v(two.clone()).is_ok());
+    let mut r = two.clone();
+    r.filter = Some(bin(
+        BinaryOp::Gt,
+        Predicate::Column {
+            name: "y".into(),
+            side: fedq_common::Side(3),
+        },
+        lit(Literal::Int64(1)),
+    ));
+    assert_invalid(v(r), "joined table 3 of the request, which joins 2");
+    // The first join's ON condition cannot read the table joined after it.
+    let mut r = two.clone();
+    r.joins[0].kind = fedq_common::JoinKind::Left;
+    r.joins[0].on = Some(Predicate::IsNotNull {
+        input: Box::new(Predicate::Column {
+            name: "grp".into(),
+            side: fedq_common::Side(2),
+        }),
+    });
+    assert_invalid(v(r), "reads a table joined after it");
+    // At most MAX_JOINS joined tables.
+    let mut r = base();
+    r.joins = vec![r.joins[0].clone(); fedq_common::wire::MAX_JOINS + 1];
+    assert_invalid(v(r), "joined tables; the limit is");
 }
 
 /// `labs` as the node shares it: `test` and `value` only, R at most 10, sums of `value`
@@ -1106,7 +1133,7 @@ async fn a_node_whose_worst_query_exceeds_its_memory_limit_refuses_to_start() {
         let want = rows(&reference.execute(&req).await.unwrap(), req.group_by.len());
         assert_eq!(got.len(), want.len());
         // Reservoirs sample, so compare the row counts of the joined query only.
-        if req.join.is_some() {
+        if !req.joins.is_empty() {
             assert_eq!(got, want);
         }
     }

@@ -411,7 +411,7 @@ pub(crate) fn request(
         query_id: "q-test".into(),
         table: table.into(),
         filter,
-        join: None,
+        joins: Vec::new(),
         group_by: group_by.iter().map(|s| (*s).into()).collect(),
         aggregates,
         max_rows_per_unit: r,

@@ -256,13 +256,13 @@ async fn neighbours_around_the_old_memory_threshold_answer_the_same_requests() {
     }
     let reservoirs = request("bulk", &["grp"], vec![AggregateRequest::CountRows], 5, None);
     let mut join = request("bulk", &[], vec![AggregateRequest::CountRows], 50, None);
-    join.join = Some(fedq_common::JoinSpec {
+    join.joins = vec![fedq_common::JoinSpec {
         table: "encounters".into(),
         left_on: "pid".into(),
         right_on: "pid".into(),
         kind: Default::default(),
         on: None,
-    });
+    }];
     for req in [reservoirs, join] {
         for e in &engines {
             assert_eq!(outcome(e, &req).await, Ok(()));
