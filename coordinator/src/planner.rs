@@ -1847,34 +1847,28 @@ impl StatBuilder {
                 )))
             }
         }
-        let Expr::Column(c) = arg else {
-            return Err(refuse(format!(
-                "{shown_fn}({arg}): percentiles of expressions are not supported yet; use a column"
-            )));
+        // A column, or an expression as a computed column with its interval bounds.
+        let input = match arg {
+            Expr::Column(c) => self.column_input(c, scope)?,
+            other => self.computed_input(other, false, None, scope)?,
         };
-        let (cref, rel) = scope.column_ref(c)?;
-        let (table, spec) = (rel.table, rel.spec);
-        let shown = scope.label(&rel, &c.name);
-        let col = spec.column(&c.name).ok_or_else(|| {
-            CoordinatorError::InvalidSql(format!("column `{}` is not in table `{table}`", c.name))
-        })?;
-        if c.name == spec.privacy_unit {
+        let shown = input.shown.clone();
+        if input.is_unit {
             return Err(refuse(format!(
                 "`{shown}` is the privacy unit and cannot be aggregated"
             )));
         }
-        if !col.ty.is_numeric() {
+        if !input.spec.ty.is_numeric() {
             return Err(CoordinatorError::InvalidSql(format!(
-                "{shown_fn}({shown}): {table}.{} is {}, not a number",
-                c.name, col.ty
+                "{shown_fn}({shown}): {} is {}, not a number",
+                input.origin, input.spec.ty
             )));
         }
-        let Some(bounds) = col.bounds() else {
+        let Some(bounds) = input.spec.bounds() else {
             return Err(refuse(format!(
-                "{shown_fn}({shown}): column {table}.{} has no declared bounds, so there is no public range to \
-                 take candidates from. The privacy officer must declare `lower`, `upper` (and `precision` \
-                 for non-integers) for it in the catalog",
-                c.name
+                "{shown_fn}({shown}): {} has no declared bounds, so there is no public range to \
+                 take candidates from. {}",
+                input.origin, input.fix
             )));
         };
         let prec = bounds.precision;
@@ -1896,7 +1890,7 @@ impl StatBuilder {
             )));
         };
         let partial = self.partial(AggregateRequest::QuantileHistogram {
-            column: cref,
+            column: input.column,
             lower: bounds.lower,
             upper: bounds.upper,
             precision: prec,

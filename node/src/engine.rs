@@ -1160,48 +1160,7 @@ impl NodeEngine {
             None => table.df.clone(),
         };
         if !req.joins.is_empty() {
-            // The whole join runs in DataFusion: each table in turn, an equi-join of its
-            // privacy unit with the driving table's (NULL ids never match), then the
-            // filter, which may read every side. Bounding to R rows per participant happens
-            // after it, in the bounder.
-            let join_err = |e: datafusion::error::DataFusionError| {
-                tracing::warn!(query_id = ?req.query_id, error = %e, "join could not be planned");
-                invalid("the join could not be planned".into())
-            };
-            df = df.alias(&side_alias(Side::LEFT)).map_err(join_err)?;
-        }
-        for (k, (j, rt)) in req.joins.iter().zip(&joined_tables).enumerate() {
-            let join_err = |e: datafusion::error::DataFusionError| {
-                tracing::warn!(query_id = ?req.query_id, error = %e, "join could not be planned");
-                invalid("the join could not be planned".into())
-            };
-            let alias = side_alias(Side::joined(k));
-            let right = rt.df.clone().alias(alias.as_str()).map_err(join_err)?;
-            let mut on = vec![Expr::Column(Column::new(
-                Some(side_alias(Side::LEFT)),
-                j.left_on.as_str(),
-            ))
-            .eq(Expr::Column(Column::new(Some(alias), j.right_on.as_str())))];
-            if let Some(extra) = &j.on {
-                if extra.reads_side_where(&|s| s.0 as usize > k + 1) {
-                    return Err(invalid(format!(
-                        "the ON condition of joined table {} reads a table joined after it",
-                        k + 1
-                    )));
-                }
-                if !extra.participant_sets().is_empty() {
-                    return Err(invalid(
-                        "a join's ON condition cannot test participant sets; test them in the filter"
-                            .into(),
-                    ));
-                }
-                on.push(filter::translate(extra, &scope)?);
-            }
-            let kind = match j.kind {
-                fedq_common::JoinKind::Inner => JoinType::Inner,
-                fedq_common::JoinKind::Left => JoinType::Left,
-            };
-            df = df.join_on(right, kind, on).map_err(join_err)?;
+            df = join_all(df, req, &joined_tables, &scope)?;
         }
         if !set_cols.is_empty() {
             let unit = scope
@@ -1242,6 +1201,55 @@ impl NodeEngine {
             selection,
         })
     }
+}
+
+/// The driving frame `df` joined with each of the request's tables in turn, all in
+/// DataFusion: an equi-join of the table's privacy unit with the driving table's (NULL ids
+/// never match), inner or left with the join's own `ON` condition, under the aliases of
+/// [`side_alias`]. The filter, which may read every side, comes after; bounding to R rows
+/// per participant after that, in the bounder.
+fn join_all(
+    df: DataFrame,
+    req: &PartialAggregateRequest,
+    tables: &[&ServedTable],
+    scope: &Scope<'_>,
+) -> Result<DataFrame, NodeError> {
+    let invalid = NodeError::InvalidRequest;
+    let join_err = |e: datafusion::error::DataFusionError| {
+        tracing::warn!(query_id = ?req.query_id, error = %e, "join could not be planned");
+        invalid("the join could not be planned".into())
+    };
+    let driving = side_alias(Side::LEFT);
+    let mut df = df.alias(&driving).map_err(join_err)?;
+    for (k, (j, rt)) in req.joins.iter().zip(tables).enumerate() {
+        let alias = side_alias(Side::joined(k));
+        let right = rt.df.clone().alias(alias.as_str()).map_err(join_err)?;
+        let mut on = vec![
+            Expr::Column(Column::new(Some(driving.as_str()), j.left_on.as_str()))
+                .eq(Expr::Column(Column::new(Some(alias), j.right_on.as_str()))),
+        ];
+        if let Some(extra) = &j.on {
+            if extra.reads_side_where(&|s| s.0 as usize > k + 1) {
+                return Err(invalid(format!(
+                    "the ON condition of joined table {} reads a table joined after it",
+                    k + 1
+                )));
+            }
+            if !extra.participant_sets().is_empty() {
+                return Err(invalid(
+                    "a join's ON condition cannot test participant sets; test them in the filter"
+                        .into(),
+                ));
+            }
+            on.push(filter::translate(extra, scope)?);
+        }
+        let kind = match j.kind {
+            fedq_common::JoinKind::Inner => JoinType::Inner,
+            fedq_common::JoinKind::Left => JoinType::Left,
+        };
+        df = df.join_on(right, kind, on).map_err(join_err)?;
+    }
+    Ok(df)
 }
 
 #[cfg(test)]

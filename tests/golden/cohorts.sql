@@ -145,6 +145,8 @@ SELECT date_trunc('month', measured_on) AS m, COUNT(*) FROM labs GROUP BY 1
 ;
 SELECT COUNT(*) FROM labs WHERE measured_on > DATE '2026-12-07' - INTERVAL '1 year'
 ;
+SELECT sex, MEDIAN(2026 - birth_year) AS median_age FROM participants GROUP BY sex
+;
 
 -- # 5. Several statistics in one query
 SELECT sex, COUNT(*), AVG(birth_year), STDDEV(birth_year) FROM participants GROUP BY sex

@@ -91,6 +91,24 @@ const SHAPES: &[Shape] = &[
         "l.volume_ml",
         true,
     ),
+    // Percentiles of expressions: computed columns, bounded by interval arithmetic.
+    (
+        "SELECT MEDIAN(2026 - birth_year) AS age FROM participants",
+        "participants",
+        "",
+        &[],
+        "2026 - birth_year",
+        false,
+    ),
+    (
+        "SELECT sex, PERCENTILE_CONT(0.75) WITHIN GROUP (ORDER BY year(enrolled_on) - birth_year) AS q75 \
+         FROM participants GROUP BY sex",
+        "participants",
+        "",
+        &["sex"],
+        "CAST(date_part('year', enrolled_on) AS BIGINT) - CAST(birth_year AS BIGINT)",
+        false,
+    ),
 ];
 
 /// The exact histogram per group: DataFusion clamps and rounds each value to fixed point
