@@ -178,14 +178,40 @@ pub fn parse_date(s: &str) -> Option<i32> {
     if d == 0 || d > days_in_month {
         return None;
     }
-    // Howard Hinnant's days_from_civil.
+    Some(days_from_civil(y, m, d))
+}
+
+/// The date (year, month, day) `days` after 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`), the inverse of [`days_from_civil`].
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// `YYYY-MM-DD` of the date `days` after 1970-01-01.
+pub fn format_days(days: i64) -> String {
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Days since 1970-01-01 of a valid proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`); `m` in 1..=12, `d` in 1..=31.
+pub fn days_from_civil(y: i32, m: u32, d: u32) -> i32 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400) as u32;
     let mp = (m + 9) % 12;
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some(era * 146_097 + doe as i32 - 719_468)
+    era * 146_097 + doe as i32 - 719_468
 }
 
 /// Declared clamp bounds of a numeric column.

@@ -170,6 +170,15 @@ fn day_range<'a>(
         Predicate::Literal {
             value: Literal::Date32(d),
         } => Ok(Some((f64::from(*d), f64::from(*d)))),
+        // A first day of the year (month) is at most 365 (30) days before the date.
+        Predicate::DatePart { field, input } if field.is_trunc() => {
+            let slack = if *field == DateField::TruncYear {
+                365.0
+            } else {
+                30.0
+            };
+            Ok(day_range(input, column)?.map(|(a, b)| (a - slack, b)))
+        }
         _ => err(
             "date parts and date differences in an aggregate take a date column or a date literal",
         ),
@@ -261,6 +270,12 @@ fn value<'a>(
                 DateField::Quarter => Some((1.0, 4.0)),
                 DateField::Month => Some((1.0, 12.0)),
                 DateField::Day => Some((1.0, 31.0)),
+                DateField::TruncYear | DateField::TruncMonth => {
+                    return err(format!(
+                        "`{}` is a date, not a number: subtract another date for the days between them, or take `year(…)`",
+                        field.sql("…")
+                    ))
+                }
             };
             Ok(Value {
                 float: false,
@@ -319,6 +334,7 @@ fn binary<'a>(
             Predicate::Column { name, side } => {
                 column(*side, name).is_some_and(|c| c.ty == ColumnType::Date32)
             }
+            Predicate::DatePart { field, .. } => field.is_trunc(),
             _ => false,
         };
         if is_date(left) && is_date(right) {

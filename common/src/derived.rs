@@ -57,6 +57,9 @@ pub enum UnitAggregate {
     CountRows,
     /// The participant's rows where a column is not NULL.
     CountNonNull { column: String },
+    /// How many distinct non-NULL values a column takes in the participant's rows (the
+    /// number of different diagnoses of a patient): at most their rows.
+    CountDistinct { column: String },
     /// The sum of a numeric column with declared bounds, each value clamped to them first
     /// (NULL if there is no value).
     Sum { column: String },
@@ -101,6 +104,7 @@ impl UnitAggregate {
             UnitAggregate::Min { column }
             | UnitAggregate::Max { column }
             | UnitAggregate::CountNonNull { column }
+            | UnitAggregate::CountDistinct { column }
             | UnitAggregate::Sum { column }
             | UnitAggregate::Avg { column }
             | UnitAggregate::First { column, .. } => Some(column),
@@ -147,6 +151,9 @@ impl PerParticipant {
                     UnitAggregate::Max { column } => format!("MAX({column})"),
                     UnitAggregate::CountRows => "COUNT(*)".to_string(),
                     UnitAggregate::CountNonNull { column } => format!("COUNT({column})"),
+                    UnitAggregate::CountDistinct { column } => {
+                        format!("COUNT(DISTINCT {column})")
+                    }
                     UnitAggregate::Sum { column } => format!("SUM({column})"),
                     UnitAggregate::Avg { column } => format!("AVG({column})"),
                     UnitAggregate::Any { .. } => "bool_or(condition)".to_string(),
@@ -285,7 +292,9 @@ impl PerParticipant {
                         ..s.clone()
                     }
                 }
-                UnitAggregate::CountRows | UnitAggregate::CountNonNull { .. } => {
+                UnitAggregate::CountRows
+                | UnitAggregate::CountNonNull { .. }
+                | UnitAggregate::CountDistinct { .. } => {
                     if let Some(column) = c.value.column() {
                         source_column(column, "COUNT")?;
                     }

@@ -87,6 +87,13 @@ pub enum DateField {
     Month,
     /// Day of the month, 1 to 31.
     Day,
+    /// `date_trunc('year', d)`: the first day of the date's year, as days since 1970-01-01
+    /// (a date in a predicate). Its domain is every such day from the column's `earliest`
+    /// to its `latest` date, or open without that range.
+    TruncYear,
+    /// `date_trunc('month', d)`: the first day of the date's month, as days since
+    /// 1970-01-01, with a domain like [`DateField::TruncYear`]'s (at most 1,000 months).
+    TruncMonth,
 }
 
 impl DateField {
@@ -97,7 +104,33 @@ impl DateField {
             DateField::Quarter => "quarter",
             DateField::Month => "month",
             DateField::Day => "day",
+            DateField::TruncYear => "year",
+            DateField::TruncMonth => "month",
         }
+    }
+
+    /// Whether this is a `date_trunc` (a date) rather than a `date_part` (an integer).
+    pub fn is_trunc(self) -> bool {
+        matches!(self, DateField::TruncYear | DateField::TruncMonth)
+    }
+
+    /// Parse a `date_trunc` unit (case-insensitive): year or month.
+    pub fn parse_trunc(s: &str) -> Option<DateField> {
+        match s.to_ascii_lowercase().as_str() {
+            "year" | "years" => Some(DateField::TruncYear),
+            "month" | "months" => Some(DateField::TruncMonth),
+            _ => None,
+        }
+    }
+
+    /// How SQL writes it, around `arg`: `date_part('month', arg)` or `date_trunc('month', arg)`.
+    pub fn sql(self, arg: &str) -> String {
+        let f = if self.is_trunc() {
+            "date_trunc"
+        } else {
+            "date_part"
+        };
+        format!("{f}('{}', {arg})", self.name())
     }
 
     /// Parse a `date_part` field name (case-insensitive).
@@ -366,6 +399,7 @@ impl GroupKey {
                     }
                     DateField::Month => KeyDomain::Public((1..=12).map(PublicValue::Int).collect()),
                     DateField::Day => KeyDomain::Public((1..=31).map(PublicValue::Int).collect()),
+                    DateField::TruncYear | DateField::TruncMonth => trunc_domain(*field, c),
                 })
             }
         }
@@ -377,7 +411,7 @@ impl GroupKey {
     /// declared `earliest`/`latest`, those dates as days since 1970-01-01.
     pub fn clamp_range(&self, column: Option<&ColumnSpec>) -> Option<(i64, i64)> {
         if let GroupKey::DatePart {
-            field: DateField::Year,
+            field: DateField::Year | DateField::TruncYear | DateField::TruncMonth,
             ..
         } = self
         {
@@ -404,6 +438,46 @@ impl GroupKey {
         }
         Some((lo, hi))
     }
+}
+
+/// The first days (as days since 1970-01-01) of every year or month from a date column's
+/// `earliest` to its `latest` date: the public domain of its `date_trunc`, if it declares
+/// that range and it spans at most [`MAX_DERIVED_DOMAIN`] of them.
+fn trunc_domain(field: DateField, c: &ColumnSpec) -> KeyDomain {
+    let (Some(e), Some(l)) = (c.earliest.as_deref(), c.latest.as_deref()) else {
+        return KeyDomain::Open;
+    };
+    let month = |s: &str| s.get(5..7).and_then(|m| m.parse::<u32>().ok());
+    let Some((_, (first_year, last_year))) = c.date_range() else {
+        return KeyDomain::Open;
+    };
+    let (Some(first_month), Some(last_month)) = (month(e), month(l)) else {
+        return KeyDomain::Open;
+    };
+    let firsts: Vec<(i32, u32)> = match field {
+        DateField::TruncYear => (first_year..=last_year).map(|y| (y, 1)).collect(),
+        _ => {
+            let (a, b) = (
+                i64::from(first_year) * 12 + i64::from(first_month) - 1,
+                i64::from(last_year) * 12 + i64::from(last_month) - 1,
+            );
+            if b - a >= MAX_DERIVED_DOMAIN as i64 {
+                return KeyDomain::Open;
+            }
+            (a..=b)
+                .map(|k| (k.div_euclid(12) as i32, k.rem_euclid(12) as u32 + 1))
+                .collect()
+        }
+    };
+    if firsts.len() > MAX_DERIVED_DOMAIN {
+        return KeyDomain::Open;
+    }
+    KeyDomain::Public(
+        firsts
+            .into_iter()
+            .map(|(y, m)| PublicValue::Int(crate::catalog::days_from_civil(y, m, 1).into()))
+            .collect(),
+    )
 }
 
 fn dedup(values: impl Iterator<Item = PublicValue>) -> Vec<PublicValue> {

@@ -81,18 +81,25 @@ pub fn date_part_call(
             _ => None,
         };
     }
-    if name != "date_part" {
-        return None;
-    }
+    let parse: fn(&str) -> Option<DateField> = match name {
+        "date_part" => DateField::parse,
+        "date_trunc" => DateField::parse_trunc,
+        _ => return None,
+    };
     let [field, arg] = f.args.as_slice() else {
         return None;
     };
     let field = match field {
         Expr::Literal(v, _) => match crate::predicate::literal(v) {
-            Ok(fedq_common::Literal::Utf8(s)) => DateField::parse(&s),
+            Ok(fedq_common::Literal::Utf8(s)) => parse(&s),
             _ => None,
         },
         _ => None,
+    };
+    // DataFusion's `date_trunc` takes a timestamp, so it casts a date argument to one.
+    let arg = match arg {
+        Expr::Cast(c) if name == "date_trunc" => c.expr.as_ref(),
+        other => other,
     };
     Some((field, arg))
 }

@@ -644,7 +644,7 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
     let unsupported = || {
         refuse(format!(
             "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), \
-             bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, not `{e}`"
+             COUNT(DISTINCT col), bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, not `{e}`"
         ))
     };
     if is_count_rows(e) {
@@ -654,6 +654,18 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
         return Err(unsupported());
     };
     let name = f.func.name();
+    // `COUNT(DISTINCT code)`: how many different values the participant's rows take.
+    if name == "count" && f.params.distinct && f.params.filter.is_none() {
+        if let [arg] = f.params.args.as_slice() {
+            if let Expr::Column(c) = strip(arg) {
+                inner.resolve(c)?;
+                return Ok(UnitAggregate::CountDistinct {
+                    column: c.name.clone(),
+                });
+            }
+        }
+        return Err(unsupported());
+    }
     let ordered = matches!(name, "first_value" | "last_value");
     if f.params.distinct || f.params.filter.is_some() || (f.params.order_by.is_empty() == ordered) {
         if ordered {

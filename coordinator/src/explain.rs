@@ -247,7 +247,19 @@ pub fn explain_batch(
                     fedq_common::GroupKey::IntBucket { .. } => "buckets of the column's bounds",
                     fedq_common::GroupKey::DatePart { .. } => "calendar values",
                 };
-                let shown: Vec<String> = g.domain.iter().take(6).map(|v| v.to_string()).collect();
+                // A `date_trunc` key's values are days since 1970-01-01: show them as dates.
+                let as_date = matches!(&g.key, fedq_common::GroupKey::DatePart { field, .. } if field.is_trunc());
+                let shown: Vec<String> = g
+                    .domain
+                    .iter()
+                    .take(6)
+                    .map(|v| match v {
+                        fedq_common::PublicValue::Int(d) if as_date => {
+                            fedq_common::catalog::format_days(*d)
+                        }
+                        other => other.to_string(),
+                    })
+                    .collect();
                 let more = if g.domain.len() > 6 { ", …" } else { "" };
                 format!(
                     "{}: {} {how} ({}{more})",

@@ -968,7 +968,7 @@ fn group_key<'s>(
         refuse(format!(
             "GROUP BY `{label}`: group by a column with a public domain (such as {}), a CASE with literal labels \
              (CASE WHEN birth_year < 1960 THEN 'before 1960' ELSE '1960 on' END), an integer column divided by a \
-             number (birth_year / 10, or birth_year / 10 * 10), or date_part('year' | 'quarter' | 'month', a date column)",
+             number (birth_year / 10, or birth_year / 10 * 10), date_part('year' | 'quarter' | 'month', a date column), or date_trunc('year' | 'month', a date column)",
             public_columns(spec)
         ))
     };
@@ -1112,7 +1112,7 @@ fn group_key<'s>(
             };
             let field = field.ok_or_else(|| {
                 refuse(format!(
-                    "GROUP BY `{label}`: date_part keys take 'year', 'quarter', 'month' or 'day'"
+                    "GROUP BY `{label}`: date_part keys take 'year', 'quarter', 'month' or 'day', and date_trunc keys 'year' or 'month'"
                 ))
             })?;
             let (column, _, col) = column(arg)?;
@@ -2363,6 +2363,10 @@ pub fn public_scalar(v: &PublicValue, ty: &DataType) -> ScalarValue {
     match (v, ty) {
         (PublicValue::Text(s), _) => ScalarValue::Utf8(Some(s.clone())),
         (PublicValue::Int(i), DataType::Int32) => ScalarValue::Int32(i32::try_from(*i).ok()),
+        // A `date_trunc` key: days since 1970-01-01, cast to the plan's date or timestamp.
+        (PublicValue::Int(i), DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)) => {
+            ScalarValue::Date32(i32::try_from(*i).ok())
+        }
         (PublicValue::Int(i), _) => ScalarValue::Int64(Some(*i)),
         (PublicValue::Bool(b), _) => ScalarValue::Boolean(Some(*b)),
     }

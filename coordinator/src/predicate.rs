@@ -343,7 +343,7 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 return Err(refuse("unsupported date function"));
             };
             let field = field.ok_or_else(|| {
-                refuse("date_part takes 'year', 'quarter', 'month' or 'day' (a literal) in WHERE")
+                refuse("date_part takes 'year', 'quarter', 'month' or 'day', and date_trunc 'year' or 'month' (a literal) in WHERE")
             })?;
             Predicate::DatePart {
                 field,
@@ -353,7 +353,7 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
         Expr::ScalarFunction(f) => {
             return Err(refuse(format!(
                 "function `{}` is not supported in WHERE yet; use comparisons, IN, BETWEEN, LIKE, IS NULL, TRY_CAST, \
-                 date_part / EXTRACT / year() / month() / day() of a date, and date - date (days)",
+                 date_part / EXTRACT / year() / month() / day() of a date, date_trunc('year' or 'month', date), and date - date (days)",
                 f.name()
             )))
         }
@@ -485,6 +485,7 @@ fn input_types(p: &Predicate, scope: &Scope<'_>) -> Vec<ColumnType> {
             L::Date32(_) => vec![ColumnType::Date32],
         },
         Predicate::TryCast { to, .. } => vec![*to],
+        Predicate::DatePart { field, .. } if field.is_trunc() => vec![ColumnType::Date32],
         Predicate::DatePart { .. } => vec![ColumnType::Int64],
         Predicate::Binary {
             op: BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply | BinaryOp::Divide,

@@ -5,7 +5,7 @@
 use datafusion::arrow::datatypes::DataType;
 use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn::{
-    avg, bool_and, bool_or, count, first_value, max, min, sum,
+    avg, bool_and, bool_or, count, count_distinct, first_value, max, min, sum,
 };
 use datafusion::logical_expr::{cast, ident, lit, when, Expr};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
@@ -134,6 +134,9 @@ pub(crate) fn frame(
             UnitAggregate::CountRows => count(lit(1)),
             UnitAggregate::CountNonNull { column } => {
                 count(scope.column(Side::LEFT, column, "a derived table")?.0)
+            }
+            UnitAggregate::CountDistinct { column } => {
+                count_distinct(scope.column(Side::LEFT, column, "a derived table")?.0)
             }
             UnitAggregate::Sum { column } => sum(clamped(&scope, column)?),
             // The mean of clamped values, as a float (an integer column's too).

@@ -17,6 +17,7 @@ use arrow::datatypes::DataType;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::functions::datetime::expr_fn::date_part;
 use datafusion::logical_expr::{binary_expr, cast, ident, lit, try_cast, when, Expr, Operator};
+use fedq_common::group_key::DateField;
 use fedq_common::{BinaryOp, ColumnType, GroupKey, Literal, Predicate, Side, TableSpec};
 
 use crate::engine::shown;
@@ -244,8 +245,28 @@ pub(crate) fn group_key_expr(
                     .otherwise(e)
                     .map_err(plan_err)?;
             }
-            Ok(cast(date_part(lit(field.name()), e), DataType::Int64))
+            Ok(date_field(*field, e))
         }
+    }
+}
+
+/// `date_part(field, d)` of a date as an `Int64`; for a `date_trunc` field, the first day
+/// of the date's year (month) as days since 1970-01-01: the date's days less its day of
+/// the year (month) plus one, integer arithmetic on fields every date has, so it never
+/// fails. NULL stays NULL.
+fn date_field(field: DateField, d: Expr) -> Expr {
+    let part = |name: &str, d: Expr| cast(date_part(lit(name), d), DataType::Int64);
+    match field {
+        DateField::TruncYear | DateField::TruncMonth => {
+            let within = if field == DateField::TruncYear {
+                "doy"
+            } else {
+                "day"
+            };
+            let days = cast(cast(d.clone(), DataType::Int32), DataType::Int64);
+            days - (part(within, d) - lit(1i64))
+        }
+        other => part(other.name(), d),
     }
 }
 
@@ -495,11 +516,15 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
                 )));
             }
             // Every field of every date exists, so this never fails; NULL stays NULL.
-            let e = cast(e, DataType::Date32);
-            Ok((
-                cast(date_part(lit(field.name()), e), DataType::Int64),
-                Ty::Col(ColumnType::Int64),
-            ))
+            let e = date_field(*field, cast(e, DataType::Date32));
+            if field.is_trunc() {
+                // The first day as a date, to compare with dates.
+                return Ok((
+                    cast(cast(e, DataType::Int32), DataType::Date32),
+                    Ty::Col(ColumnType::Date32),
+                ));
+            }
+            Ok((e, Ty::Col(ColumnType::Int64)))
         }
         Predicate::Case {
             branches,

@@ -21,6 +21,8 @@ SELECT COUNT(*) FROM (SELECT pid, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY m
 ;
 SELECT COUNT(*) FROM (SELECT pid, bool_or(code = 'E11') AS dm FROM diagnoses GROUP BY pid) t WHERE dm
 ;
+SELECT AVG(n) FROM (SELECT pid, COUNT(DISTINCT code) AS n FROM diagnoses GROUP BY pid) t
+;
 
 -- # 2. Semi-joins and anti-joins on the participant
 SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')
@@ -146,6 +148,10 @@ SELECT date_trunc('month', measured_on) AS m, COUNT(*) FROM labs GROUP BY 1
 SELECT COUNT(*) FROM labs WHERE measured_on > DATE '2026-12-07' - INTERVAL '1 year'
 ;
 SELECT sex, MEDIAN(2026 - birth_year) AS median_age FROM participants GROUP BY sex
+;
+SELECT date_trunc('month', diagnosed_on) AS m, COUNT(*) FROM diagnoses WHERE code = 'E11' AND date_trunc('year', diagnosed_on) = DATE '2020-01-01' GROUP BY 1
+;
+SELECT date_trunc('week', diagnosed_on) AS w, COUNT(*) FROM diagnoses GROUP BY 1
 ;
 
 -- # 5. Several statistics in one query

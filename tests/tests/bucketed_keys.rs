@@ -1,5 +1,5 @@
 //! Bucketed GROUP BY keys end to end: `CASE` labels, integer buckets (`birth_year / 10`,
-//! `birth_year / 10 * 10`) and date parts (`date_part`, `EXTRACT`).
+//! `birth_year / 10 * 10`), date parts (`date_part`, `EXTRACT`) and `date_trunc`.
 //!
 //! - The pre-noise merged partials of each shape (one table, a join, and a date part that
 //!   falls back to partition selection) equal DataFusion over the union of the site files.
@@ -98,6 +98,18 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
             "SELECT q, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, \
              CAST(date_part('quarter', diagnosed_on) AS BIGINT) AS q, COUNT(*) AS n, COUNT(DISTINCT pid) AS u \
              FROM diagnoses GROUP BY 1, 2) GROUP BY q",
+            1,
+        ),
+        (
+            // `date_trunc` keys: the first day of each month, in a year that `date_trunc`
+            // in WHERE picks (as days since 1970-01-01 in the partials).
+            "SELECT date_trunc('month', measured_on) AS m, COUNT(*), COUNT(DISTINCT pid) FROM labs \
+             WHERE test = 'HbA1c' AND date_trunc('year', measured_on) = DATE '2020-01-01' GROUP BY 1",
+            units.clone(),
+            "SELECT m, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, \
+             CAST(CAST(CAST(date_trunc('month', measured_on) AS DATE) AS INT) AS BIGINT) AS m, COUNT(*) AS n, \
+             COUNT(DISTINCT pid) AS u FROM labs WHERE test = 'HbA1c' AND date_part('year', measured_on) = 2020 \
+             GROUP BY 1, 2) GROUP BY m",
             1,
         ),
         (
@@ -242,6 +254,34 @@ async fn decades_are_released_in_full_under_the_alias_within_their_noise() {
         detail
             .value(0)
             .contains("14 group(s), every one released (empty ones as noise): participants.birth_year / 10 * 10: 14 buckets of the column's bounds (1900, 1910,"),
+        "{}",
+        detail.value(0)
+    );
+    // A `date_trunc` key comes back as dates: every year of the declared range, in order.
+    let r = alice
+        .query("SELECT date_trunc('year', enrolled_on) AS y, COUNT(*) AS n FROM participants GROUP BY 1 ORDER BY 1")
+        .await
+        .unwrap();
+    let years: Vec<String> = r
+        .batches
+        .iter()
+        .flat_map(|b| (0..b.num_rows()).map(move |row| key(b, 0, row)))
+        .collect();
+    assert_eq!(years.len(), 27, "{years:?}");
+    assert!(years[0].starts_with("2000-01-01"), "{years:?}");
+    assert!(years[26].starts_with("2026-01-01"), "{years:?}");
+    let r = alice
+        .query("EXPLAIN SELECT date_trunc('year', enrolled_on) AS y, COUNT(*) FROM participants GROUP BY 1")
+        .await
+        .unwrap();
+    let b = &r.batches[0];
+    let detail = b
+        .column(b.schema().index_of("detail").unwrap())
+        .as_string::<i32>();
+    assert!(
+        detail
+            .value(0)
+            .contains("27 calendar values (2000-01-01, 2001-01-01,"),
         "{}",
         detail.value(0)
     );

@@ -452,7 +452,7 @@ async fn date_functions_in_where_keys_and_case_equal_datafusion() {
 }
 
 /// Derived tables with one row per participant (`GROUP BY pid` with MIN, MAX and COUNT(*),
-/// `HAVING`, as a CTE, joined to participants): the first or latest event per participant
+/// `HAVING`, as a CTE, joined to participants, `COUNT(DISTINCT code)`): the first or latest event per participant
 /// and site. R is 1, proven by the query, so nothing is truncated and the partials equal
 /// DataFusion's per site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -477,6 +477,13 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
             "SELECT p.sex, COUNT(*) FROM (SELECT pid, fedq_site, MAX(measured_on) AS last_on FROM labs \
              WHERE test = 'HbA1c' GROUP BY pid, fedq_site) f JOIN participants p ON f.pid = p.pid \
              AND f.fedq_site = p.fedq_site WHERE f.last_on >= DATE '2020-01-01' GROUP BY p.sex",
+            1,
+        ),
+        (
+            "SELECT CASE WHEN n >= 3 THEN '3 or more' ELSE 'fewer' END AS codes, COUNT(*) FROM \
+             (SELECT pid, COUNT(DISTINCT code) AS n FROM diagnoses GROUP BY pid) t GROUP BY 1",
+            "SELECT CASE WHEN n >= 3 THEN '3 or more' ELSE 'fewer' END, COUNT(*) FROM (SELECT pid, fedq_site, \
+             COUNT(DISTINCT code) AS n FROM diagnoses GROUP BY pid, fedq_site) GROUP BY 1",
             1,
         ),
         (
@@ -535,7 +542,7 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
         ),
         (
             "SELECT COUNT(*) FROM (SELECT pid, STDDEV(value) AS s FROM labs GROUP BY pid) t",
-            "MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), bool_or(condition)",
+            "MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), COUNT(DISTINCT col), bool_or(condition)",
         ),
         (
             "SELECT COUNT(*) FROM (SELECT pid, SUM(code) AS s FROM diagnoses GROUP BY pid) t",

@@ -771,6 +771,11 @@ mod arb {
         prop_oneof![
             3 => leaf,
             1 => any_expr(depth - 1).prop_map(|e| try_cast(e, ColumnType::Date32)),
+            1 => (
+                prop::sample::select(vec![DateField::TruncYear, DateField::TruncMonth]),
+                date(depth - 1),
+            )
+                .prop_map(|(field, e)| Predicate::DatePart { field, input: Box::new(e) }),
         ]
         .boxed()
     }
@@ -924,6 +929,10 @@ mod arb {
                                     value: UnitAggregate::CountNonNull { column: "t".into() },
                                 },
                                 DerivedColumn {
+                                    name: "kd".into(),
+                                    value: UnitAggregate::CountDistinct { column: "t".into() },
+                                },
+                                DerivedColumn {
                                     name: "a".into(),
                                     value: UnitAggregate::Any { when: any },
                                 },
@@ -983,7 +992,9 @@ mod arb {
                     DateField::Year,
                     DateField::Quarter,
                     DateField::Month,
-                    DateField::Day
+                    DateField::Day,
+                    DateField::TruncYear,
+                    DateField::TruncMonth
                 ]),
                 prop::sample::select(vec!["d", "e"])
             )
