@@ -922,7 +922,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    // Worker threads with 16 MiB stacks: the SQL limits (`fedq_coordinator::sql_limits`) keep
+    // every expression tree within what a 2 MiB stack plans in a debug build; this leaves
+    // the release binary a wide margin for whatever recursion they do not foresee.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(16 << 20)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fedq: cannot start the async runtime: {e}");

@@ -59,6 +59,7 @@ pub mod release;
 pub mod scalar;
 pub mod selection;
 pub mod service;
+pub mod sql_limits;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

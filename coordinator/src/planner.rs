@@ -380,6 +380,8 @@ impl Planner {
 
     /// Parse and plan SQL without checking it against the privacy model.
     pub async fn logical_plan(&self, sql: &str) -> Result<LogicalPlan, CoordinatorError> {
+        // Before any recursive pass: a tree too deep for the stack is refused here.
+        crate::sql_limits::check(sql)?;
         self.ctx
             .state()
             .create_logical_plan(sql)
@@ -2415,6 +2417,59 @@ columns = [
 
     async fn plan(sql: &str) -> Result<PlannedQuery, CoordinatorError> {
         planner().plan(sql, 1.0, "q").await
+    }
+
+    /// Issue 15: a chain of a few thousand terms overflowed a worker's stack and aborted
+    /// the coordinator. Every shape at the operator limit (an OR chain, a sum, NOTs, unary
+    /// minuses, nested CASEs) is planned, or refused with a message, on a 2 MiB stack (a
+    /// Tokio worker's) in this debug build; one operator more is refused before parsing.
+    #[test]
+    fn the_deepest_queries_within_the_sql_limits_plan_on_a_worker_stack() {
+        use crate::sql_limits::MAX_SQL_OPERATORS as N;
+        let or_chain = (0..N / 2 + 1)
+            .map(|i| format!("value = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let sum = vec!["value"; N + 1].join(" + ");
+        let shapes = [
+            format!("SELECT COUNT(*) FROM labs WHERE {or_chain}"),
+            format!("SELECT COUNT(*) FROM labs WHERE {sum} > 1"),
+            format!("SELECT SUM({sum}) FROM labs"),
+            format!(
+                "SELECT COUNT(*) FROM labs WHERE {}value > 1",
+                "NOT ".repeat(N)
+            ),
+            format!(
+                "SELECT COUNT(*) FROM labs WHERE {}value > 1",
+                "- ".repeat(N - 1)
+            ),
+            format!(
+                "SELECT {}1{} AS x, COUNT(*) FROM labs GROUP BY 1",
+                "CASE WHEN value > 1 THEN ".repeat(N / 3),
+                " ELSE 0 END".repeat(N / 3)
+            ),
+        ];
+        for sql in shapes {
+            let sql2 = sql.clone();
+            let outcome = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    rt.block_on(plan(&sql2)).map(|_| ())
+                })
+                .unwrap()
+                .join()
+                .expect("planning within the limits must not overflow the stack");
+            // Within the limits: planned, or refused for its own reasons, never a crash.
+            let over = format!("{sql} AND value > 2 AND value > 3 AND value > 4");
+            let e = crate::sql_limits::check(&over);
+            assert!(
+                matches!(e, Err(CoordinatorError::Refused(ref m)) if m.contains("the limit is")),
+                "{outcome:?} {e:?}"
+            );
+        }
     }
 
     async fn refused(sql: &str, needle: &str) {

@@ -10,6 +10,7 @@ mod faults;
 mod federation;
 mod golden;
 mod hostile_requests;
+mod hostile_sql;
 mod ledger;
 mod partition_selection;
 mod privacy;
