@@ -604,6 +604,92 @@ impl PartialAggregateRequest {
         self.participant_sets().iter().map(|s| s.leaf_count()).sum()
     }
 
+    /// The structural limits every node enforces (expression depth and size, group,
+    /// aggregate, join and computed-column counts, participant subqueries), as a message
+    /// naming the limit. Shared: the node checks a decoded ticket, the coordinator the
+    /// request it plans, so a researcher gets a refusal rather than a node's.
+    pub fn check_limits(&self) -> Result<(), String> {
+        if let Some(f) = &self.filter {
+            if f.depth() > MAX_EXPR_DEPTH {
+                return Err(format!(
+                    "filter is nested {} levels deep; the limit is {MAX_EXPR_DEPTH}",
+                    f.depth()
+                ));
+            }
+            if f.node_count() > MAX_EXPR_NODES {
+                return Err(format!(
+                    "filter has {} nodes; the limit is {MAX_EXPR_NODES}",
+                    f.node_count()
+                ));
+            }
+        }
+        if self.group_by.len() > MAX_GROUP_COLUMNS {
+            return Err(format!(
+                "{} group columns; the limit is {MAX_GROUP_COLUMNS}",
+                self.group_by.len()
+            ));
+        }
+        let key_nodes: usize = self.group_by.iter().map(GroupKey::node_count).sum();
+        let key_depth = self.group_by.iter().map(GroupKey::depth).max().unwrap_or(0);
+        if key_depth > MAX_EXPR_DEPTH || key_nodes > MAX_EXPR_NODES {
+            return Err(format!(
+                "group key conditions exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+            ));
+        }
+        if self.aggregates.is_empty() || self.aggregates.len() > MAX_AGGREGATES {
+            return Err(format!(
+                "{} aggregates; between 1 and {MAX_AGGREGATES} are allowed",
+                self.aggregates.len()
+            ));
+        }
+        if let Some(f) = self.derived.as_ref().and_then(|d| d.filter.as_ref()) {
+            if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
+                return Err(format!(
+                    "the derived table's filter exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                ));
+            }
+        }
+        if self.joins.len() > MAX_JOINS {
+            return Err(format!(
+                "{} joined tables; the limit is {MAX_JOINS}",
+                self.joins.len()
+            ));
+        }
+        for on in self.joins.iter().filter_map(|j| j.on.as_ref()) {
+            if on.depth() > MAX_EXPR_DEPTH || on.node_count() > MAX_EXPR_NODES {
+                return Err(format!(
+                    "a join's ON condition exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                ));
+            }
+        }
+        if self.computed.len() > crate::computed::MAX_COMPUTED {
+            return Err(format!(
+                "{} computed columns; the limit is {}",
+                self.computed.len(),
+                crate::computed::MAX_COMPUTED
+            ));
+        }
+        let computed_nodes: usize = self.computed.iter().map(|c| c.value.node_count()).sum();
+        let computed_depth = self
+            .computed
+            .iter()
+            .map(|c| c.value.depth())
+            .max()
+            .unwrap_or(0);
+        if computed_depth > MAX_EXPR_DEPTH || computed_nodes > MAX_EXPR_NODES {
+            return Err(format!(
+                "computed columns exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+            ));
+        }
+        let leaves = self.set_leaf_count();
+        if leaves > MAX_SET_LEAVES {
+            return Err(format!(
+                "the request tests {leaves} participant subqueries; the limit is {MAX_SET_LEAVES}"
+            ));
+        }
+        Ok(())
+    }
+
     /// Encode as a Flight ticket for the current protocol version.
     pub fn encode_ticket(&self) -> Result<Vec<u8>, WireError> {
         let env = TicketEnvelope {
@@ -637,84 +723,7 @@ impl PartialAggregateRequest {
         let env: TicketEnvelope =
             serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
         let req = env.request;
-        if let Some(f) = &req.filter {
-            if f.depth() > MAX_EXPR_DEPTH {
-                return Err(WireError::Malformed(format!(
-                    "filter is nested {} levels deep; the limit is {MAX_EXPR_DEPTH}",
-                    f.depth()
-                )));
-            }
-            if f.node_count() > MAX_EXPR_NODES {
-                return Err(WireError::Malformed(format!(
-                    "filter has {} nodes; the limit is {MAX_EXPR_NODES}",
-                    f.node_count()
-                )));
-            }
-        }
-        if req.group_by.len() > MAX_GROUP_COLUMNS {
-            return Err(WireError::Malformed(format!(
-                "{} group columns; the limit is {MAX_GROUP_COLUMNS}",
-                req.group_by.len()
-            )));
-        }
-        let key_nodes: usize = req.group_by.iter().map(GroupKey::node_count).sum();
-        let key_depth = req.group_by.iter().map(GroupKey::depth).max().unwrap_or(0);
-        if key_depth > MAX_EXPR_DEPTH || key_nodes > MAX_EXPR_NODES {
-            return Err(WireError::Malformed(format!(
-                "group key conditions exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
-            )));
-        }
-        if req.aggregates.is_empty() || req.aggregates.len() > MAX_AGGREGATES {
-            return Err(WireError::Malformed(format!(
-                "{} aggregates; between 1 and {MAX_AGGREGATES} are allowed",
-                req.aggregates.len()
-            )));
-        }
-        if let Some(f) = req.derived.as_ref().and_then(|d| d.filter.as_ref()) {
-            if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
-                return Err(WireError::Malformed(format!(
-                    "the derived table's filter exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
-                )));
-            }
-        }
-        if req.joins.len() > MAX_JOINS {
-            return Err(WireError::Malformed(format!(
-                "{} joined tables; the limit is {MAX_JOINS}",
-                req.joins.len()
-            )));
-        }
-        for on in req.joins.iter().filter_map(|j| j.on.as_ref()) {
-            if on.depth() > MAX_EXPR_DEPTH || on.node_count() > MAX_EXPR_NODES {
-                return Err(WireError::Malformed(format!(
-                    "a join's ON condition exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
-                )));
-            }
-        }
-        if req.computed.len() > crate::computed::MAX_COMPUTED {
-            return Err(WireError::Malformed(format!(
-                "{} computed columns; the limit is {}",
-                req.computed.len(),
-                crate::computed::MAX_COMPUTED
-            )));
-        }
-        let computed_nodes: usize = req.computed.iter().map(|c| c.value.node_count()).sum();
-        let computed_depth = req
-            .computed
-            .iter()
-            .map(|c| c.value.depth())
-            .max()
-            .unwrap_or(0);
-        if computed_depth > MAX_EXPR_DEPTH || computed_nodes > MAX_EXPR_NODES {
-            return Err(WireError::Malformed(format!(
-                "computed columns exceed the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
-            )));
-        }
-        let leaves = req.set_leaf_count();
-        if leaves > MAX_SET_LEAVES {
-            return Err(WireError::Malformed(format!(
-                "the request tests {leaves} participant subqueries; the limit is {MAX_SET_LEAVES}"
-            )));
-        }
+        req.check_limits().map_err(WireError::Malformed)?;
         Ok(req)
     }
 }

@@ -465,6 +465,24 @@ impl Planner {
                 fedq_common::participant_set::MAX_SET_LEAVES
             )));
         }
+        // The nodes' structural limits, checked here too, so that a query over them is
+        // refused with the limit rather than by every site.
+        request.check_limits().map_err(|m| {
+            refuse(format!(
+                "the query is too large for the nodes: {m}. Simplify it: a long OR on one column is \
+                 `col IN (...)`, and a long CASE on one column is often a bucket (`birth_year / 10`)"
+            ))
+        })?;
+        let size = request
+            .encode_ticket()
+            .map_err(|e| CoordinatorError::internal(query_id, e.to_string()))?
+            .len();
+        if size > fedq_common::wire::MAX_REQUEST_BYTES {
+            return Err(refuse(format!(
+                "the query's node request is {size} bytes; the nodes accept {}. Shorten its IN lists",
+                fedq_common::wire::MAX_REQUEST_BYTES
+            )));
+        }
         Ok(PlannedQuery {
             query_id: query_id.to_string(),
             sql: sql.to_string(),
@@ -2417,6 +2435,31 @@ columns = [
 
     async fn plan(sql: &str) -> Result<PlannedQuery, CoordinatorError> {
         planner().plan(sql, 1.0, "q").await
+    }
+
+    /// The nodes' limits are the planner's too (issue 15): an OR chain deeper than a node
+    /// accepts is refused at plan time with the limit and the rewrite, and the IN list that
+    /// says the same is planned.
+    #[tokio::test]
+    async fn a_request_over_the_node_limits_is_refused_at_plan_time() {
+        let ors = (0..40)
+            .map(|i| format!("value = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        refused(
+            &format!("SELECT COUNT(*) FROM labs WHERE {ors}"),
+            "filter is nested 41 levels deep; the limit is 32",
+        )
+        .await;
+        let list = (0..40)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(plan(&format!(
+            "SELECT COUNT(*) FROM labs WHERE value IN ({list})"
+        ))
+        .await
+        .is_ok());
     }
 
     /// Issue 15: a chain of a few thousand terms overflowed a worker's stack and aborted
