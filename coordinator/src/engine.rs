@@ -568,10 +568,15 @@ impl Coordinator {
                     tracing::error!(error = %le, query_id = %rec.query_id, "could not settle a failed query");
                     return le;
                 }
+                let timed_out = match f.error {
+                    CoordinatorError::NodeTimedOut { limit, .. } => Some(limit),
+                    _ => None,
+                };
                 CoordinatorError::NodeFailedAfterData {
                     site: f.site,
                     query_id: rec.query_id.clone(),
                     epsilon,
+                    timed_out,
                 }
             }
         }

@@ -83,14 +83,26 @@ pub enum CoordinatorError {
         "site {site} stopped the query at its resource limits: {detail}; no budget was charged"
     )]
     NodeOverLimit { site: String, detail: String },
-    /// A site failed after it may have read data (a fault, a timeout, a malformed
+    /// A site had the request and did not answer within a time-out: `limit` names it
+    /// (the coordinator's `node_timeout_secs`, or the site's own `query_timeout_secs`),
+    /// configuration only. Settled as a failure after data.
+    #[error("site {site} did not answer in time ({limit})")]
+    NodeTimedOut { site: String, limit: String },
+    /// A site failed after it may have read data (a fault, a time-out, a malformed
     /// answer). Whether a query fails there could depend on a participant, so the failure
-    /// is a release: ε stays charged. The node's details stay in its log.
-    #[error("site {site} failed while answering query {query_id}; ε = {epsilon} stays charged, because a failure after a site has read data could depend on that data. The site's log has the details; retrying asks (and charges) again")]
+    /// is a release: ε stays charged. The node's details stay in its log; a time-out says
+    /// so, with the limit (`timed_out`), which is configuration.
+    #[error(
+        "site {site} {} query {query_id}{}; ε = {epsilon} stays charged, because a failure after a site has read data could depend on that data. {}Retrying asks (and charges) again",
+        if timed_out.is_some() { "timed out on" } else { "failed while answering" },
+        timed_out.as_ref().map(|l| format!(" ({l})")).unwrap_or_default(),
+        if timed_out.is_some() { "A query over fewer rows or groups answers faster. " } else { "The site's log has the details; " }
+    )]
     NodeFailedAfterData {
         site: String,
         query_id: String,
         epsilon: f64,
+        timed_out: Option<String>,
     },
     /// Post-processing of the noisy statistics failed (e.g. a division by a noisy zero).
     /// The message depends only on the query and the noisy values, so it is released like
@@ -116,6 +128,7 @@ impl CoordinatorError {
             | CoordinatorError::NodeIncompatible { site, .. }
             | CoordinatorError::NodeRefused { site, .. }
             | CoordinatorError::NodeOverLimit { site, .. }
+            | CoordinatorError::NodeTimedOut { site, .. }
             | CoordinatorError::NodeFailedAfterData { site, .. } => Some(site),
             _ => None,
         }
@@ -163,6 +176,10 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NodeUnavailable { .. } => Status::unavailable(e.to_string()),
             CoordinatorError::NodeFailed { .. } => Status::unavailable(e.to_string()),
             // Not UNAVAILABLE: a client that retries it automatically would pay again.
+            CoordinatorError::NodeFailedAfterData {
+                timed_out: Some(_), ..
+            }
+            | CoordinatorError::NodeTimedOut { .. } => Status::deadline_exceeded(e.to_string()),
             CoordinatorError::NodeFailedAfterData { .. } => Status::aborted(e.to_string()),
             CoordinatorError::PostProcessing { .. } => Status::invalid_argument(e.to_string()),
             CoordinatorError::TooManyQueries(_) => Status::resource_exhausted(e.to_string()),

@@ -126,8 +126,9 @@ impl NodePool {
                         n.site, n.endpoint
                     ))
                 })?
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(timeout);
+                // No per-request deadline here: `gather_from` times the whole answer out
+                // itself (a typed `NodeTimedOut`), and the probe and info calls theirs.
+                .connect_timeout(Duration::from_secs(5));
             if let NodeTransport::Tls(pem) = transport {
                 // rustls uses the process-wide provider; make sure it is ring.
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -270,9 +271,12 @@ impl NodePool {
                         Err(SiteFailure {
                             site: node.site.clone(),
                             stage: FailureStage::AfterData,
-                            error: CoordinatorError::NodeUnavailable {
+                            error: CoordinatorError::NodeTimedOut {
                                 site: node.site.clone(),
-                                reason: format!("no answer within {} s", self.timeout.as_secs()),
+                                limit: format!(
+                                    "no answer within {} s, the coordinator's node_timeout_secs",
+                                    self.timeout.as_secs()
+                                ),
                             },
                         })
                     });
@@ -442,6 +446,13 @@ fn node_status_error(s: tonic::Status, query_id: &str, site: &str) -> SiteFailur
     );
     tracing::warn!(query_id, site, code = ?s.code(), stage = stage.as_str(), message = %s.message(), "node error");
     let error = match stage {
+        // The site stopped the query at its own `query_timeout_secs`.
+        FailureStage::AfterData if s.code() == tonic::Code::DeadlineExceeded => {
+            CoordinatorError::NodeTimedOut {
+                site: site.to_string(),
+                limit: "stopped at the site's query_timeout_secs".into(),
+            }
+        }
         FailureStage::AfterData => CoordinatorError::NodeFailed {
             site: site.to_string(),
             query_id: query_id.to_string(),
