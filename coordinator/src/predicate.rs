@@ -165,6 +165,39 @@ impl<'a> Scope<'a> {
     }
 }
 
+/// The operands of a chain of `op` (`a AND b AND c` → `[a, b, c]`), in order, without
+/// recursion.
+fn flatten_chain(e: &Expr, op: Operator) -> Vec<&Expr> {
+    let mut out = Vec::new();
+    let mut stack = vec![e];
+    while let Some(e) = stack.pop() {
+        match e {
+            Expr::BinaryExpr(b) if b.op == op => {
+                stack.push(&b.right);
+                stack.push(&b.left);
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `terms` joined by `op` as a balanced tree, leaning left (three terms give `(a op b) op
+/// c`, as SQL reads them), so its depth grows with the logarithm of their number.
+fn balanced(mut terms: Vec<Predicate>, op: BinaryOp) -> Predicate {
+    if terms.len() <= 1 {
+        return terms.pop().unwrap_or(Predicate::Literal {
+            value: Literal::Boolean(op == BinaryOp::And),
+        });
+    }
+    let right = terms.split_off(terms.len().div_ceil(2));
+    Predicate::Binary {
+        op,
+        left: Box::new(balanced(terms, op)),
+        right: Box::new(balanced(right, op)),
+    }
+}
+
 /// Translate a filter over the tables of `scope`.
 pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, CoordinatorError> {
     let rec = |e: &Expr| to_predicate(e, scope).map(Box::new);
@@ -204,6 +237,24 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
             Predicate::Literal {
                 value: Literal::Date32(shifted),
             }
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            op: op @ (Operator::And | Operator::Or),
+            ..
+        }) => {
+            // AND (OR) is associative, in SQL's three-valued logic too: a chain of them is
+            // sent as a balanced tree, so 40 ORed conditions nest 6 levels deep rather than
+            // 40 (the nodes accept 32).
+            let wire = if *op == Operator::And {
+                BinaryOp::And
+            } else {
+                BinaryOp::Or
+            };
+            let terms = flatten_chain(expr, *op)
+                .into_iter()
+                .map(|t| to_predicate(t, scope))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(balanced(terms, wire));
         }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             let op = match op {
