@@ -333,20 +333,12 @@ pub fn explain_batch(
     }
     let mut request = q.request.clone();
     request.query_id.clear();
-    rows.push(Row {
-        item: "node request",
-        name: q.relation(),
-        sensitivity: None,
-        formula: None,
-        epsilon: None,
-        delta: None,
-        scale: None,
-        ci95: None,
-        detail: Some(
-            serde_json::to_string(&request)
-                .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?,
-        ),
-    });
+    rows.push(Row::note(
+        "node request",
+        q.relation(),
+        serde_json::to_string(&request)
+            .map_err(|e| CoordinatorError::internal(qid, e.to_string()))?,
+    ));
     for (i, st) in q.statistics.iter().enumerate() {
         let used: Vec<String> = st.used_by.iter().map(|&j| out_name(j)).collect();
         if let Some((m, grid)) = quantiles.get(&i) {

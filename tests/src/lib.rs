@@ -206,6 +206,31 @@ pub async fn node_channel(
         .expect("connect to the node")
 }
 
+/// The fault proxies of a federation, one per site, in the order the nodes started.
+pub type Proxies = std::sync::Arc<std::sync::Mutex<Vec<(String, FaultProxy)>>>;
+
+/// A `node_address` hook that puts a [`FaultProxy`] in front of every node and records it
+/// in `proxies`.
+pub fn behind_proxies(proxies: &Proxies) -> fedq::federation::NodeAddressHook {
+    let p = proxies.clone();
+    std::sync::Arc::new(move |site: &str, addr| {
+        let proxy = FaultProxy::start(addr);
+        let a = proxy.addr;
+        p.lock().expect("proxies").push((site.to_string(), proxy));
+        a
+    })
+}
+
+/// Set the fault of `site`'s proxy.
+pub fn set_fault(proxies: &Proxies, site: &str, fault: Fault) {
+    let p = proxies.lock().expect("proxies");
+    p.iter()
+        .find(|(s, _)| s == site)
+        .expect("a proxy for the site")
+        .1
+        .set(fault);
+}
+
 /// What a [`FaultProxy`] does with the bytes between the coordinator and a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -245,17 +245,10 @@ async fn decades_are_released_in_full_under_the_alias_within_their_noise() {
     assert_eq!(decades, (190..=203).map(|d| d * 10).collect::<Vec<i64>>());
 
     // EXPLAIN says which groups the answer will have, before any data is read.
-    let r = alice.query(&format!("EXPLAIN {sql}")).await.unwrap();
-    let b = &r.batches[0];
-    let detail = b
-        .column(b.schema().index_of("detail").unwrap())
-        .as_string::<i32>();
+    let detail = explain_detail(&mut alice, sql).await;
     assert!(
-        detail
-            .value(0)
-            .contains("14 group(s), every one released (empty ones as noise): participants.birth_year / 10 * 10: 14 buckets of the column's bounds (1900, 1910,"),
-        "{}",
-        detail.value(0)
+        detail.contains("14 group(s), every one released (empty ones as noise): participants.birth_year / 10 * 10: 14 buckets of the column's bounds (1900, 1910,"),
+        "{detail}"
     );
     // A `date_trunc` key comes back as dates: every year of the declared range, in order.
     let r = alice
@@ -270,21 +263,25 @@ async fn decades_are_released_in_full_under_the_alias_within_their_noise() {
     assert_eq!(years.len(), 27, "{years:?}");
     assert!(years[0].starts_with("2000-01-01"), "{years:?}");
     assert!(years[26].starts_with("2026-01-01"), "{years:?}");
-    let r = alice
-        .query("EXPLAIN SELECT date_trunc('year', enrolled_on) AS y, COUNT(*) FROM participants GROUP BY 1")
-        .await
-        .unwrap();
-    let b = &r.batches[0];
-    let detail = b
-        .column(b.schema().index_of("detail").unwrap())
-        .as_string::<i32>();
+    let detail = explain_detail(
+        &mut alice,
+        "SELECT date_trunc('year', enrolled_on) AS y, COUNT(*) FROM participants GROUP BY 1",
+    )
+    .await;
     assert!(
-        detail
-            .value(0)
-            .contains("27 calendar values (2000-01-01, 2001-01-01,"),
-        "{}",
-        detail.value(0)
+        detail.contains("27 calendar values (2000-01-01, 2001-01-01,"),
+        "{detail}"
     );
+}
+
+/// The detail of the first row (the query's) of `EXPLAIN sql`.
+async fn explain_detail(c: &mut fedq::client::FedqClient, sql: &str) -> String {
+    let r = c.query(&format!("EXPLAIN {sql}")).await.unwrap();
+    let b = &r.batches[0];
+    b.column(b.schema().index_of("detail").unwrap())
+        .as_string::<i32>()
+        .value(0)
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,7 +23,10 @@ use fedq_common::like::MAX_LIKE_PATTERN_CHARS;
 use fedq_coordinator::engine::{META_COVERAGE, META_SITES_FAILED};
 use fedq_coordinator::release::{META_EPSILON_SPENT, META_SITES_ANSWERED};
 use fedq_coordinator::service::ACTION_BUDGET;
-use fedq_tests::{copy_dir, participant_born, remove_participant, synth, Fault, FaultProxy};
+use fedq_tests::{
+    behind_proxies, copy_dir, participant_born, remove_participant, set_fault, synth, Fault,
+    Proxies,
+};
 use tonic::Code;
 
 const TOKEN: &str = "failure-test-token-0123456789abcdef";
@@ -320,8 +323,7 @@ async fn a_site_timing_out_after_dispatch_gives_the_same_charged_error_with_or_w
     let mut outcomes = Vec::new();
     for dir in [&a, &b] {
         for allow_partial in [false, true] {
-            let proxies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let p = proxies.clone();
+            let proxies: Proxies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
             let fed = LocalFederation::start(
                 dir,
                 FederationOptions {
@@ -329,12 +331,7 @@ async fn a_site_timing_out_after_dispatch_gives_the_same_charged_error_with_or_w
                     allow_partial: Some(allow_partial),
                     node_timeout: Some(std::time::Duration::from_secs(2)),
                     extra_researchers: vec![("eve".into(), TOKEN.into(), 1000.0)],
-                    node_address: Some(std::sync::Arc::new(move |site: &str, addr| {
-                        let proxy = FaultProxy::start(addr);
-                        let a = proxy.addr;
-                        p.lock().unwrap().push((site.to_string(), proxy));
-                        a
-                    })),
+                    node_address: Some(behind_proxies(&proxies)),
                     ..Default::default()
                 },
             )
@@ -343,10 +340,7 @@ async fn a_site_timing_out_after_dispatch_gives_the_same_charged_error_with_or_w
             let mut eve = FedqClient::connect(&fed.url(), "eve", TOKEN)
                 .await
                 .expect("login");
-            let set = |fault| {
-                let p = proxies.lock().unwrap();
-                p.iter().find(|(s, _)| s == "site02").unwrap().1.set(fault);
-            };
+            let set = |fault| set_fault(&proxies, "site02", fault);
             // Both sites reachable and answering, with the ticket at its full size.
             let warm = seen(eve.query(&format!("{attack} AND pid <> 'warm'")).await);
             assert!(

@@ -14,28 +14,20 @@ use fedq::CliError;
 use fedq_coordinator::engine::{META_COVERAGE, META_SITES_FAILED};
 use fedq_coordinator::release::{META_EPSILON_SPENT, META_SITES_ANSWERED};
 use fedq_coordinator::service::ACTION_BUDGET;
-use fedq_tests::{Fault, FaultProxy};
+use fedq_tests::{behind_proxies, set_fault, Fault, Proxies};
 use tonic::Code;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-type Proxies = Arc<Mutex<Vec<(String, FaultProxy)>>>;
-
 async fn federation(dir: &std::path::Path, allow_partial: bool) -> (LocalFederation, Proxies) {
     fedq_tests::synth(dir, 3, 900, 41);
     let proxies: Proxies = Arc::new(Mutex::new(Vec::new()));
-    let p = proxies.clone();
     let fed = LocalFederation::start(
         dir,
         FederationOptions {
             node_timeout: Some(TIMEOUT),
             allow_partial: Some(allow_partial),
-            node_address: Some(Arc::new(move |site: &str, addr| {
-                let proxy = FaultProxy::start(addr);
-                let a = proxy.addr;
-                p.lock().unwrap().push((site.to_string(), proxy));
-                a
-            })),
+            node_address: Some(behind_proxies(&proxies)),
             ..Default::default()
         },
     )
@@ -45,8 +37,7 @@ async fn federation(dir: &std::path::Path, allow_partial: bool) -> (LocalFederat
 }
 
 fn set(proxies: &Proxies, site: &str, fault: Fault) {
-    let p = proxies.lock().unwrap();
-    p.iter().find(|(s, _)| s == site).unwrap().1.set(fault);
+    set_fault(proxies, site, fault);
 }
 
 async fn spent(c: &mut FedqClient) -> f64 {
