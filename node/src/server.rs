@@ -137,7 +137,7 @@ impl NodeService {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "?".into());
         let refuse = |names: String, reason: &str| {
-            tracing::warn!(site, peer = %peer, coordinator = %names, request = what, outcome = "refused", reason, "caller refused");
+            tracing::warn!(site, peer = %peer, coordinator = %fedq_common::log_safe(&names), request = what, outcome = "refused", reason, "caller refused");
             Status::from(NodeError::NotAllowed(format!(
                 "node {site} does not answer this caller: {reason}; the node's operator must add the coordinator's certificate name to allowed_coordinators"
             )))
@@ -299,36 +299,42 @@ impl FlightService for NodeService {
 
     async fn handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
+        // A caller off the allow-list learns nothing, not even what is implemented.
+        self.caller(&request, "Handshake")?;
         unimplemented("Handshake")
     }
 
     async fn list_flights(
         &self,
-        _request: Request<Criteria>,
+        request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.caller(&request, "ListFlights")?;
         unimplemented("ListFlights")
     }
 
     async fn get_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request, "GetFlightInfo")?;
         unimplemented("GetFlightInfo")
     }
 
     async fn poll_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
+        self.caller(&request, "PollFlightInfo")?;
         unimplemented("PollFlightInfo")
     }
 
     async fn get_schema(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        self.caller(&request, "GetSchema")?;
         unimplemented("GetSchema")
     }
 
@@ -347,15 +353,17 @@ impl FlightService for NodeService {
 
     async fn do_put(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
+        self.caller(&request, "DoPut")?;
         unimplemented("DoPut")
     }
 
     async fn do_exchange(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.caller(&request, "DoExchange")?;
         unimplemented("DoExchange")
     }
 
@@ -383,8 +391,9 @@ impl FlightService for NodeService {
 
     async fn list_actions(
         &self,
-        _request: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.caller(&request, "ListActions")?;
         let t = ActionType {
             r#type: ACTION_NODE_INFO.to_string(),
             description: "site, protocol version, fedq version and served tables, as JSON"

@@ -14,6 +14,27 @@ use fedq_synth::certs::DevCa;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Ask a node for its info over a channel built from `tls` (or plaintext if `None`).
+/// The node's answer to `ListActions` (the action names), or its refusal.
+async fn list_actions(addr: &str, tls: ClientTlsConfig) -> Result<Vec<String>, tonic::Status> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+    let mut s = FlightServiceClient::new(channel)
+        .list_actions(arrow_flight::Empty {})
+        .await?
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(a) = s.message().await? {
+        names.push(a.r#type);
+    }
+    Ok(names)
+}
+
 async fn node_info(addr: &str, tls: Option<ClientTlsConfig>) -> Result<String, tonic::Status> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
@@ -115,6 +136,19 @@ async fn a_node_answers_only_allowed_coordinators_with_a_federation_certificate(
             e.message()
         );
     }
+    // Nothing else is answered either, not even the list of actions.
+    let e = list_actions(&addr, with(Some(pem(other.path(), "intruder")), ca.clone()))
+        .await
+        .expect_err("ListActions is refused to a caller off the allow-list");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(!e.message().contains(fedq_common::wire::ACTION_NODE_INFO));
+    let allowed = list_actions(&addr, with(Some(pem(&certs, "coordinator")), ca.clone()))
+        .await
+        .expect("the allowed coordinator may list the actions");
+    assert_eq!(
+        allowed,
+        vec![fedq_common::wire::ACTION_NODE_INFO.to_string()]
+    );
     let e = node_info(&addr, Some(with(Some(pem(&certs, "site02")), ca.clone())))
         .await
         .expect_err("another site's certificate is not a coordinator's");
