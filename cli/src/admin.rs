@@ -13,7 +13,7 @@ use fedq_coordinator::audit::{self, VerifyReport};
 use fedq_coordinator::service::{
     GrantRequest, RevokeRequest, ACTION_BUDGET, ACTION_BUDGET_GRANT, ACTION_BUDGET_LIST,
     ACTION_BUDGET_REVOKE, ACTION_POLICY_SHOW, ACTION_USER_ADD, ACTION_USER_DISABLE,
-    ACTION_USER_LIST,
+    ACTION_USER_LIST, ACTION_USER_UNLOCK,
 };
 use fedq_coordinator::BudgetStatus;
 
@@ -138,17 +138,15 @@ pub struct VerifyConfig {
     pub anchor: Option<String>,
 }
 
-/// `fedq audit verify`: the report, or an error naming the first bad entry.
+/// `fedq audit verify`: the report, or an error naming the first bad entry or the first
+/// table row that disagrees with the chain.
 pub fn audit_verify(cfg: &VerifyConfig) -> Result<VerifyReport, CliError> {
     let r = audit::verify(&cfg.ledger, cfg.anchor.as_deref())?;
-    match &r.first_bad {
+    match r.problem() {
         None => Ok(r),
-        Some(b) => Err(CliError::User(format!(
-            "audit log of {} does NOT verify: first bad entry is #{}: {} ({} entries verified before it)",
-            cfg.ledger.display(),
-            b.seq,
-            b.reason,
-            r.entries
+        Some(p) => Err(CliError::User(format!(
+            "audit log of {} does NOT verify: {p}",
+            cfg.ledger.display()
         ))),
     }
 }
@@ -203,6 +201,15 @@ pub async fn user_disable(c: &Connection, name: &str) -> Result<serde_json::Valu
     c.client()
         .await?
         .action_with_body(ACTION_USER_DISABLE, Some(&body))
+        .await
+}
+
+/// `fedq user unlock` (officers): lift a login lockout. Answers `{"name", "unlocked"}`.
+pub async fn user_unlock(c: &Connection, name: &str) -> Result<serde_json::Value, CliError> {
+    let body = serde_json::json!({ "name": name });
+    c.client()
+        .await?
+        .action_with_body(ACTION_USER_UNLOCK, Some(&body))
         .await
 }
 

@@ -46,6 +46,8 @@ pub struct FederationOptions {
     pub min_reported_count: Option<u64>,
     /// Override the lifetime of login tokens.
     pub token_ttl: Option<std::time::Duration>,
+    /// Override the failed-login throttle (`[login]`).
+    pub login: Option<fedq_coordinator::throttle::LoginPolicy>,
     /// Override the per-node timeout of a query.
     pub node_timeout: Option<std::time::Duration>,
     /// Override `allow_partial`.
@@ -76,6 +78,7 @@ impl Default for FederationOptions {
             extra_researchers: vec![],
             min_reported_count: None,
             token_ttl: None,
+            login: None,
             node_timeout: None,
             allow_partial: None,
             node_address: None,
@@ -153,6 +156,9 @@ impl LocalFederation {
                 delta_budget: fedq_synth::RESEARCHER_DELTA,
                 renewal_days: None,
             });
+        }
+        if let Some(login) = opts.login {
+            cfg.login = login;
         }
         if let Some(ttl) = opts.token_ttl {
             cfg.token_ttl = ttl;

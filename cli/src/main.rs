@@ -446,6 +446,8 @@ enum UserCommand {
     Add(UserAddArgs),
     /// Disable a user: they cannot log in, and their tokens stop working (privacy officers).
     Disable(UserNameArgs),
+    /// Lift a user's login lockout after too many failed logins (privacy officers).
+    Unlock(UserNameArgs),
     /// Every user with role and state (privacy officers).
     List(ConnArgs),
     /// Print the Argon2 hash of a password read from standard input, for
@@ -522,6 +524,15 @@ async fn run_user(command: UserCommand) -> Result<(), CliError> {
                 "disabled {}: they cannot log in, and their tokens no longer work",
                 a.name
             );
+        }
+        UserCommand::Unlock(a) => {
+            let conn: fedq::admin::Connection = Conn::try_from(a.conn)?.into();
+            let v = fedq::admin::user_unlock(&conn, &a.name).await?;
+            if v["unlocked"].as_bool() == Some(true) {
+                println!("unlocked {}: they can log in again", a.name);
+            } else {
+                println!("{} was not locked or held back; nothing to lift", a.name);
+            }
         }
         UserCommand::List(a) => {
             println!(
@@ -872,10 +883,8 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
                 let r = fedq::admin::audit_export(&cfg)?;
                 if !r.ok() {
                     return Err(CliError::User(format!(
-                        "exported, but the chain does NOT verify: {}",
-                        r.first_bad
-                            .map(|b| format!("entry #{}: {}", b.seq, b.reason))
-                            .unwrap_or_default()
+                        "exported, but the ledger does NOT verify: {}",
+                        r.problem().unwrap_or_default()
                     )));
                 }
                 if cfg.out.is_some() {

@@ -49,3 +49,35 @@ pub use wire::{
     AggregateRequest, BinaryOp, ColumnRef, GroupKey, JoinKind, JoinSpec, Literal, NodeInfo,
     PartialAggregateRequest, ParticipantSet, Predicate, Side, WireError, PROTOCOL_VERSION,
 };
+
+/// An untrusted string (an error message that quotes SQL, a peer's message) made safe to
+/// log: control characters, quotes and backslashes written out (`\n`, `\u{1b}`), so a log
+/// line never holds a forged newline or a terminal escape.
+pub fn escape_log(s: &str) -> String {
+    s.chars().flat_map(char::escape_debug).collect()
+}
+
+/// An untrusted name (a user name as given at login, a certificate's names) made safe to
+/// log as [`escape_log`] does, and cut to 64 characters with `…`.
+pub fn log_safe(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod log_safe_tests {
+    use super::log_safe;
+
+    #[test]
+    fn log_safe_writes_out_newlines_and_escape_codes_and_cuts_long_strings() {
+        assert_eq!(log_safe("alice"), "alice");
+        assert_eq!(log_safe("a\nINFO forged line"), "a\\nINFO forged line");
+        assert_eq!(log_safe("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(log_safe(&"x".repeat(100)), format!("{}…", "x".repeat(64)));
+        assert_eq!(super::escape_log("no\rreturn"), "no\\rreturn");
+    }
+}

@@ -8,6 +8,12 @@
 //! allow_partial = false          # true: answer from the sites that responded, stating coverage
 //! metrics_listen = "127.0.0.1:9100"  # optional: Prometheus /metrics over plain HTTP
 //!
+//! [login]                        # optional: failed-login throttle (these are the defaults)
+//! free_failures = 3              # failures in a row that cost nothing
+//! backoff_base_ms = 1000         # then 1 s, 2 s, 4 s, ... per user name and per address
+//! max_backoff_secs = 900
+//! lockout_failures = 10          # then the name is locked until `fedq user unlock`
+//!
 //! [researcher_tls]               # optional: TLS on the Flight SQL endpoint (grpc+tls://)
 //! cert = "certs/coordinator.pem"
 //! key = "certs/coordinator.key"
@@ -172,6 +178,8 @@ struct RawConfig {
     metrics_listen: Option<String>,
     #[serde(default)]
     researcher_tls: Option<RawResearcherTls>,
+    #[serde(default)]
+    login: crate::throttle::LoginPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +268,8 @@ pub struct CoordinatorConfig {
     pub allow_partial: bool,
     /// Queries one researcher may have running at once; more get `RESOURCE_EXHAUSTED`.
     pub max_concurrent_queries_per_researcher: usize,
+    /// Failed-login back-off and lockout (`[login]`).
+    pub login: crate::throttle::LoginPolicy,
 }
 
 impl CoordinatorConfig {
@@ -371,7 +381,11 @@ impl CoordinatorConfig {
                 "{origin}: max_concurrent_queries_per_researcher must be between 1 and 64"
             )));
         }
+        raw.login
+            .validate()
+            .map_err(|m| CoordinatorError::Config(format!("{origin}: {m}")))?;
         let cfg = CoordinatorConfig {
+            login: raw.login,
             max_concurrent_queries_per_researcher: raw.max_concurrent_queries_per_researcher,
             allow_partial: raw.allow_partial,
             token_ttl: Duration::from_secs(raw.token_ttl_secs),

@@ -14,6 +14,7 @@ use serde_json::json;
 use sha3::{Digest, Sha3_256};
 
 use crate::audit::canonical_json;
+use crate::audit::event::{AuditEvent, QueryFacts, QueryOutcome, QueryUncharged};
 use crate::config::{CoordinatorConfig, DatasetConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{MergedPartials, NodePool};
@@ -268,9 +269,24 @@ impl Coordinator {
             self.metrics
                 .query(crate::metrics::Outcome::of(e), started.elapsed());
             // A refusal is audited like a query; nothing was asked or charged.
-            let body = json!({"query_id": qid, "researcher": researcher, "sql": sql,
-                "epsilon": eps, "epsilon_charged": 0.0, "outcome": "refused", "reason": e.to_string()});
-            if let Err(le) = self.ledger.record("query.refused", researcher, body) {
+            let event = AuditEvent::QueryRefused(QueryUncharged {
+                query: QueryFacts {
+                    query_id: qid.clone(),
+                    researcher: researcher.to_string(),
+                    sql: sql.to_string(),
+                    plan_hash: None,
+                    epsilon: eps,
+                    delta: 0.0,
+                    datasets: Vec::new(),
+                    sites_asked: Vec::new(),
+                    epsilon_split: Vec::new(),
+                },
+                epsilon_charged: 0.0,
+                outcome: QueryOutcome::Refused,
+                site_failed: None,
+                reason: Some(e.to_string()),
+            });
+            if let Err(le) = self.ledger.record(researcher, event) {
                 tracing::error!(error = %le, query_id = %qid, "could not audit a refusal");
             }
         }
@@ -419,17 +435,17 @@ impl Coordinator {
 
     /// Audit a query that failed before anything was charged (`query.failed`, ε 0).
     fn audit_uncharged_failure(&self, rec: &QueryRecord, e: &CoordinatorError) {
-        let mut body = json!({
-            "query_id": rec.query_id, "researcher": rec.researcher, "sql": rec.sql,
-            "plan_hash": rec.plan_hash, "epsilon": rec.epsilon, "delta": rec.delta,
-            "sites_asked": rec.sites_asked, "epsilon_charged": 0.0,
-            "outcome": "failed", "reason": e.to_string(),
-        });
         if let Some(site) = e.site() {
-            body["site_failed"] = json!(site);
             self.metrics.node_error(site);
         }
-        if let Err(le) = self.ledger.record("query.failed", &rec.researcher, body) {
+        let event = AuditEvent::QueryFailed(QueryUncharged {
+            query: rec.facts(),
+            epsilon_charged: 0.0,
+            outcome: QueryOutcome::Failed,
+            site_failed: e.site().map(str::to_string),
+            reason: Some(e.to_string()),
+        });
+        if let Err(le) = self.ledger.record(&rec.researcher, event) {
             tracing::error!(error = %le, query_id = %rec.query_id, "could not audit a failed query");
         }
     }
@@ -588,10 +604,24 @@ impl Coordinator {
     pub async fn explain(&self, researcher: &str, sql: &str) -> Result<Released, CoordinatorError> {
         let q = self.plan(researcher, sql).await?;
         let (schema, batches) = crate::explain::explain_batch(&q, self.policy.min_reported_count)?;
-        let body = json!({"query_id": q.query_id, "researcher": researcher, "sql": sql,
-            "epsilon": q.epsilon, "epsilon_charged": 0.0, "outcome": "explained",
-            "plan_hash": plan_hash(&q, self.policy.min_reported_count)});
-        self.ledger.record("query.explained", researcher, body)?;
+        let event = AuditEvent::QueryExplained(QueryUncharged {
+            query: QueryFacts {
+                query_id: q.query_id.clone(),
+                researcher: researcher.to_string(),
+                sql: sql.to_string(),
+                plan_hash: Some(plan_hash(&q, self.policy.min_reported_count)),
+                epsilon: q.epsilon,
+                delta: 0.0,
+                datasets: Vec::new(),
+                sites_asked: Vec::new(),
+                epsilon_split: Vec::new(),
+            },
+            epsilon_charged: 0.0,
+            outcome: QueryOutcome::Explained,
+            site_failed: None,
+            reason: None,
+        });
+        self.ledger.record(researcher, event)?;
         let status = self.budget(researcher)?;
         let mut meta = schema.metadata().clone();
         meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());

@@ -64,9 +64,10 @@ pub enum CoordinatorError {
     /// A node answered with an error. No budget was charged.
     #[error("site {site} could not answer the query (query id {query_id}); no budget was charged. The site's log has the details")]
     NodeFailed { site: String, query_id: String },
-    /// The researcher already has as many queries running as the policy allows.
+    /// The researcher already has as many queries running as the policy allows. Checked
+    /// before anything is charged; `UNAVAILABLE`, so a client may retry it safely.
     #[error(
-        "you already have {0} queries running, the most allowed at once; wait for one to finish"
+        "you already have {0} queries running, the most allowed at once; nothing was charged. Retry shortly, when one has finished"
     )]
     TooManyQueries(usize),
     /// A node speaks another protocol version. No budget was charged.
@@ -182,7 +183,8 @@ impl From<CoordinatorError> for Status {
             | CoordinatorError::NodeTimedOut { .. } => Status::deadline_exceeded(e.to_string()),
             CoordinatorError::NodeFailedAfterData { .. } => Status::aborted(e.to_string()),
             CoordinatorError::PostProcessing { .. } => Status::invalid_argument(e.to_string()),
-            CoordinatorError::TooManyQueries(_) => Status::resource_exhausted(e.to_string()),
+            // Not RESOURCE_EXHAUSTED, which means a spent budget: this passes in seconds.
+            CoordinatorError::TooManyQueries(_) => Status::unavailable(e.to_string()),
             CoordinatorError::NodeIncompatible { .. } => Status::failed_precondition(e.to_string()),
             CoordinatorError::NodeRefused { .. } => Status::permission_denied(e.to_string()),
             CoordinatorError::NodeOverLimit { .. } => Status::resource_exhausted(e.to_string()),

@@ -311,7 +311,7 @@ impl NodePool {
                     merged.sites_answered.push(site);
                 }
                 Err(f) => {
-                    tracing::warn!(query_id = %req.query_id, site = %f.site, stage = f.stage.as_str(), error = %f.error, "site failed");
+                    tracing::warn!(query_id = %req.query_id, site = %f.site, stage = f.stage.as_str(), error = %fedq_common::escape_log(&f.error.to_string()), "site failed");
                     match f.stage {
                         FailureStage::AfterData => {
                             after_data.get_or_insert(f);
@@ -519,7 +519,7 @@ async fn fetch(
     stream.try_collect().await.map_err(|e| match e {
         FlightError::Tonic(s) => status_err(*s),
         other => {
-            tracing::warn!(query_id, site, error = %other, "undecodable node answer");
+            tracing::warn!(query_id, site, error = %fedq_common::escape_log(&other.to_string()), "undecodable node answer");
             SiteFailure {
                 site: site.to_string(),
                 stage: FailureStage::AfterData,

@@ -25,6 +25,13 @@ use rusqlite::{
 use serde_json::{json, Value};
 use sha3::{Digest, Sha3_256};
 
+use crate::audit::event::{
+    AuditEntry, AuditEvent, BudgetGranted, BudgetRenewed, BudgetRevoked, BudgetState, ChargeState,
+    ChargeStatus, CoordinatorStarted, EpsilonShare, PolicyChanged, QueryCharged, QueryFacts,
+    QueryFailedAfterData, QueryOutcome, QueryRefunded, QueryReleased, QueryReplayed,
+    QueryUncharged, StoredAnswer, Units, UserAdded, UserNamed,
+};
+use crate::audit::reconcile::sha3_hex;
 use crate::audit::{self, canonical_json, chain_hash, VerifyReport, GENESIS};
 use crate::auth::Role;
 use crate::config::CoordinatorConfig;
@@ -36,8 +43,9 @@ const EPS_UNIT: f64 = 1e9;
 const DELTA_UNIT: f64 = 1e18;
 /// Largest ε a budget or a grant may hold.
 pub const MAX_EPSILON: f64 = 1e6;
-/// Identifies the file as a fedq ledger, and its schema version.
-const SCHEMA: &str = "fedq-ledger-1";
+/// Identifies the file as a fedq ledger, and its schema version. Version 2 writes typed,
+/// RFC 8785 canonical audit entries that carry the state they leave behind.
+const SCHEMA: &str = "fedq-ledger-2";
 const MS_PER_DAY: f64 = 86_400_000.0;
 
 const DDL: &str = "
@@ -250,6 +258,21 @@ struct Row {
 }
 
 impl Row {
+    /// The row as the audit log records it.
+    fn state(&self) -> BudgetState {
+        BudgetState {
+            kind: self.kind,
+            name: self.name.clone(),
+            epsilon_granted: Units(self.eps_granted),
+            delta_granted: Units(self.delta_granted),
+            epsilon_spent: Units(self.eps_spent),
+            delta_spent: Units(self.delta_spent),
+            renewal_ms: self.renewal_ms,
+            period_start_ms: self.period_start,
+            revoked: self.revoked,
+        }
+    }
+
     /// Start a new period if the current one is over; true if it did.
     fn renew(&mut self, now: i64) -> bool {
         match self.renewal_ms {
@@ -342,21 +365,20 @@ fn set_meta(tx: &Transaction, key: &str, value: &str) -> rusqlite::Result<()> {
 }
 
 /// Append one entry to the audit chain, inside the caller's transaction.
-fn append(
-    tx: &Transaction,
-    now: i64,
-    kind: &str,
-    actor: &str,
-    body: Value,
-) -> rusqlite::Result<i64> {
+fn append(tx: &Transaction, now: i64, actor: &str, event: AuditEvent) -> rusqlite::Result<i64> {
     let count: i64 = get_meta(tx, audit::META_COUNT)?
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     let head = get_meta(tx, audit::META_HEAD)?.unwrap_or_else(|| GENESIS.to_string());
     let seq = count + 1;
-    let entry = canonical_json(&json!({
-        "seq": seq, "ts": rfc3339(now), "kind": kind, "actor": actor, "body": body,
-    }));
+    let entry = AuditEntry {
+        seq,
+        ts: rfc3339(now),
+        actor: actor.to_string(),
+        event,
+    }
+    .to_canonical()
+    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
     let hash = chain_hash(&head, &entry);
     tx.execute(
         "INSERT INTO audit(seq, entry, prev_hash, hash) VALUES (?1, ?2, ?3, ?4)",
@@ -374,9 +396,11 @@ fn renew_audited(tx: &Transaction, row: &mut Row, now: i64) -> rusqlite::Result<
         append(
             tx,
             now,
-            "budget.renewed",
             "ledger",
-            json!({"kind": row.kind, "name": row.name, "period_start": rfc3339(row.period_start)}),
+            AuditEvent::BudgetRenewed(BudgetRenewed {
+                period_start: rfc3339(row.period_start),
+                after: row.state(),
+            }),
         )?;
     }
     Ok(())
@@ -406,18 +430,26 @@ pub struct QueryRecord {
 }
 
 impl QueryRecord {
-    fn audit_body(&self) -> Value {
-        let split: Vec<Value> = self
-            .epsilon_split
-            .iter()
-            .map(|(s, e)| json!({"statistic": s, "epsilon": e}))
-            .collect();
-        json!({
-            "query_id": self.query_id, "researcher": self.researcher, "sql": self.sql,
-            "plan_hash": self.plan_hash, "epsilon": self.epsilon, "delta": self.delta,
-            "datasets": self.datasets, "sites_asked": self.sites_asked,
-            "epsilon_split": split,
-        })
+    /// What the audit log says about the query.
+    pub fn facts(&self) -> QueryFacts {
+        QueryFacts {
+            query_id: self.query_id.clone(),
+            researcher: self.researcher.clone(),
+            sql: self.sql.clone(),
+            plan_hash: Some(self.plan_hash.clone()),
+            epsilon: self.epsilon,
+            delta: self.delta,
+            datasets: self.datasets.clone(),
+            sites_asked: self.sites_asked.clone(),
+            epsilon_split: self
+                .epsilon_split
+                .iter()
+                .map(|(statistic, epsilon)| EpsilonShare {
+                    statistic: statistic.clone(),
+                    epsilon: epsilon.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -497,10 +529,10 @@ impl StoredOutcome {
         }
     }
 
-    fn audit_outcome(&self) -> &'static str {
+    fn audit_outcome(&self) -> QueryOutcome {
         match self {
-            StoredOutcome::Answer(_) => "released",
-            StoredOutcome::PostProcessingError(_) => "post_processing_error",
+            StoredOutcome::Answer(_) => QueryOutcome::Released,
+            StoredOutcome::PostProcessingError(_) => QueryOutcome::PostProcessingError,
         }
     }
 }
@@ -584,6 +616,8 @@ pub fn check_user_name(name: &str) -> Result<(), CoordinatorError> {
 pub struct Ledger {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Added to the clock: 0, except where a test lets time pass.
+    skew_ms: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -647,6 +681,12 @@ impl Ledger {
         match get_meta(&tx, "schema").map_err(err)? {
             None => set_meta(&tx, "schema", SCHEMA).map_err(err)?,
             Some(s) if s == SCHEMA => {}
+            Some(s) if s == "fedq-ledger-1" => {
+                return Err(CoordinatorError::LedgerCorrupt(format!(
+                    "the ledger {} was written by fedq 0.1 before the typed audit log (schema fedq-ledger-1); this fedq reads {SCHEMA:?} and has no upgrade for it. Nothing was changed: keep the file, verify it with the fedq that wrote it, and start this coordinator with a new `ledger` path",
+                    path.display()
+                )))
+            }
             Some(s) => {
                 return Err(CoordinatorError::LedgerCorrupt(format!(
                     "the ledger {} has schema {s:?}; this fedq reads {SCHEMA:?}",
@@ -658,7 +698,20 @@ impl Ledger {
         Ok(Ledger {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
+            skew_ms: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// The ledger's clock, milliseconds since 1970.
+    fn now(&self) -> i64 {
+        now_ms() + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Let `ms` milliseconds pass on the ledger's clock (tests of renewal).
+    #[cfg(test)]
+    pub(crate) fn advance_clock(&self, ms: i64) {
+        self.skew_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The ledger file.
@@ -700,7 +753,7 @@ impl Ledger {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(self.db())?;
-            let out = f(&tx, now_ms()).map_err(self.db())?;
+            let out = f(&tx, self.now()).map_err(self.db())?;
             tx.commit().map_err(self.db())?;
             out
         })();
@@ -778,10 +831,15 @@ impl Ledger {
                 append(
                     tx,
                     now,
-                    "budget.granted",
                     "coordinator.toml",
-                    json!({"kind": kind, "name": name, "epsilon": eps, "delta": delta,
-                           "renewal_days": renewal, "epsilon_budget": eps, "delta_budget": delta}),
+                    AuditEvent::BudgetGranted(BudgetGranted {
+                        epsilon: eps,
+                        delta,
+                        epsilon_units: Units(row.eps_granted),
+                        delta_units: Units(row.delta_granted),
+                        renewal_days: renewal,
+                        after: row.state(),
+                    }),
                 )?;
             }
             let users = config
@@ -801,26 +859,19 @@ impl Ledger {
                 if exists.is_some() {
                     continue;
                 }
-                tx.execute(
-                    "INSERT INTO users(name, role, password_hash, disabled, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
-                    params![name, role.as_str(), hash, now],
-                )?;
-                append(
-                    tx,
-                    now,
-                    "user.added",
-                    "coordinator.toml",
-                    json!({"name": name, "role": role}),
-                )?;
+                insert_user(tx, now, "coordinator.toml", name, role, hash)?;
             }
             let previous = get_meta(tx, "policy_hash")?;
             if previous.as_deref() != Some(policy_hash.as_str()) {
                 append(
                     tx,
                     now,
-                    "policy.changed",
                     "coordinator.toml",
-                    json!({"previous_hash": previous, "hash": policy_hash, "policy": policy}),
+                    AuditEvent::PolicyChanged(PolicyChanged {
+                        previous_hash: previous,
+                        hash: policy_hash.clone(),
+                        policy: policy.clone(),
+                    }),
                 )?;
                 set_meta(tx, "policy_hash", &policy_hash)?;
             }
@@ -832,10 +883,12 @@ impl Ledger {
             append(
                 tx,
                 now,
-                "coordinator.started",
                 "coordinator",
-                json!({"version": env!("CARGO_PKG_VERSION"), "policy_hash": policy_hash,
-                       "unsettled_charges_kept": in_flight}),
+                AuditEvent::CoordinatorStarted(CoordinatorStarted {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    policy_hash: policy_hash.clone(),
+                    unsettled_charges_kept: in_flight,
+                }),
             )?;
             Ok(Ok(()))
         })
@@ -850,14 +903,14 @@ impl Ledger {
     pub fn status(&self, kind: BudgetKind, name: &str) -> Result<BudgetStatus, CoordinatorError> {
         let row = self.read(|c| load(c, kind, name))?;
         match row {
-            Some(r) => Ok(r.status(now_ms())),
+            Some(r) => Ok(r.status(self.now())),
             None => Err(no_budget(kind, name)),
         }
     }
 
     /// Every budget, researchers first.
     pub fn list(&self) -> Result<Vec<BudgetStatus>, CoordinatorError> {
-        let now = now_ms();
+        let now = self.now();
         self.read(|c| {
             let mut st = c.prepare("SELECT kind, name FROM budgets ORDER BY kind DESC, name")?;
             let keys = st
@@ -908,17 +961,20 @@ impl Ledger {
             }
             row.revoked = false;
             save(tx, &row)?;
-            let st = row.status(now);
             append(
                 tx,
                 now,
-                "budget.granted",
                 actor,
-                json!({"kind": g.kind, "name": g.name, "epsilon": g.epsilon, "delta": g.delta,
-                       "renewal_days": st.renewal_days, "epsilon_budget": st.epsilon_budget,
-                       "delta_budget": st.delta_budget}),
+                AuditEvent::BudgetGranted(BudgetGranted {
+                    epsilon: g.epsilon,
+                    delta: g.delta,
+                    epsilon_units: Units(eps),
+                    delta_units: Units(delta),
+                    renewal_days: g.renewal_days,
+                    after: row.state(),
+                }),
             )?;
-            Ok(Ok(st))
+            Ok(Ok(row.status(now)))
         })
     }
 
@@ -938,23 +994,23 @@ impl Ledger {
             let Some(mut row) = load(tx, kind, name)? else {
                 return Ok(Err(no_budget(kind, name)));
             };
-            match epsilon {
-                Some(e) => {
-                    row.eps_granted = (row.eps_granted - charge_units(e, EPS_UNIT)).max(0);
-                }
+            let units = epsilon.map(|e| charge_units(e, EPS_UNIT));
+            match units {
+                Some(u) => row.eps_granted = (row.eps_granted - u).max(0),
                 None => row.revoked = true,
             }
             save(tx, &row)?;
-            let st = row.status(now);
             append(
                 tx,
                 now,
-                "budget.revoked",
                 actor,
-                json!({"kind": kind, "name": name, "epsilon": epsilon, "revoked": row.revoked,
-                       "epsilon_budget": st.epsilon_budget}),
+                AuditEvent::BudgetRevoked(BudgetRevoked {
+                    epsilon,
+                    epsilon_units: units.map(Units),
+                    after: row.state(),
+                }),
             )?;
-            Ok(Ok(st))
+            Ok(Ok(row.status(now)))
         })
     }
 
@@ -1006,11 +1062,7 @@ impl Ledger {
                     "user {name} already exists; disable it with `fedq user disable` or choose another name"
                 ))));
             }
-            tx.execute(
-                "INSERT INTO users(name, role, password_hash, disabled, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
-                params![name, role.as_str(), password_hash, now],
-            )?;
-            append(tx, now, "user.added", actor, json!({"name": name, "role": role}))?;
+            insert_user(tx, now, actor, name, role, password_hash)?;
             Ok(Ok(()))
         })
     }
@@ -1032,17 +1084,15 @@ impl Ledger {
                     "no user {name}; `fedq user list` shows the users"
                 ))));
             }
-            append(
-                tx,
-                now,
-                if disabled {
-                    "user.disabled"
-                } else {
-                    "user.enabled"
-                },
-                actor,
-                json!({"name": name}),
-            )?;
+            let user = UserNamed {
+                name: name.to_string(),
+            };
+            let event = if disabled {
+                AuditEvent::UserDisabled(user)
+            } else {
+                AuditEvent::UserEnabled(user)
+            };
+            append(tx, now, actor, event)?;
             Ok(Ok(()))
         })
     }
@@ -1063,10 +1113,10 @@ impl Ledger {
     }
 
     /// Append an entry that changes no budget (a refusal at planning, a node failure, a
-    /// denied officer action).
-    pub fn record(&self, kind: &str, actor: &str, body: Value) -> Result<(), CoordinatorError> {
+    /// denied officer action, a failed login).
+    pub fn record(&self, actor: &str, event: AuditEvent) -> Result<(), CoordinatorError> {
         self.write(|tx, now| {
-            append(tx, now, kind, actor, body)?;
+            append(tx, now, actor, event)?;
             Ok(Ok(()))
         })
     }
@@ -1074,8 +1124,8 @@ impl Ledger {
     /// Check both budgets could cover the query, without charging. A refusal is audited.
     pub fn precheck(&self, q: &QueryRecord) -> Result<(), CoordinatorError> {
         // A read first: the common case (enough budget) takes no write lock.
+        let now = self.now();
         let fine = self.read(|c| {
-            let now = now_ms();
             let Some(r) = load(c, BudgetKind::Researcher, &q.researcher)? else {
                 return Ok(false);
             };
@@ -1131,16 +1181,31 @@ impl Ledger {
                 r.delta_spent += delta;
                 save(tx, r)?;
             }
+            let charge = ChargeState {
+                query_id: q.query_id.clone(),
+                researcher: q.researcher.clone(),
+                datasets: q.datasets.clone(),
+                plan_hash: q.plan_hash.clone(),
+                epsilon: Units(eps),
+                delta: Units(delta),
+                state: ChargeStatus::Charged,
+                charged_at_ms: now,
+                settled_at_ms: None,
+            };
             tx.execute(
                 "INSERT INTO charges(query_id, researcher, datasets, plan_hash, epsilon, delta, state, charged_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
                 params![q.query_id, q.researcher, serde_json::to_string(&q.datasets).unwrap_or_default(),
                         q.plan_hash, eps, delta, now],
             )?;
-            let mut body = q.audit_body();
-            body["sites_dispatched"] = json!(sites_dispatched);
-            body["outcome"] = json!("charged");
-            append(tx, now, "query.charged", &q.researcher, body)?;
+            let event = AuditEvent::QueryCharged(QueryCharged {
+                query: q.facts(),
+                sites_dispatched: sites_dispatched.to_vec(),
+                outcome: QueryOutcome::Charged,
+                charge,
+                budgets_after: rows.iter().map(Row::state).collect(),
+            });
+            append(tx, now, &q.researcher, event)?;
             let status = rows[0].status(now);
             Ok(Ok((
                 Charge {
@@ -1169,6 +1234,7 @@ impl Ledger {
             if let Err(e) = settle(tx, &charge, now)? {
                 return Ok(Err(e));
             }
+            let blob = outcome.to_blob();
             tx.execute(
                 "INSERT OR IGNORE INTO replays(researcher, plan_hash, query_id, result, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1176,17 +1242,27 @@ impl Ledger {
                     charge.researcher,
                     charge.plan_hash,
                     charge.query_id,
-                    outcome.to_blob(),
+                    blob,
                     now
                 ],
             )?;
-            let mut body = json!({"query_id": charge.query_id, "researcher": charge.researcher,
-                       "plan_hash": charge.plan_hash, "epsilon": charge.epsilon,
-                       "outcome": outcome.audit_outcome()});
-            if let StoredOutcome::PostProcessingError(m) = outcome {
-                body["error"] = json!(m);
-            }
-            append(tx, now, "query.released", &charge.researcher, body)?;
+            let event = AuditEvent::QueryReleased(QueryReleased {
+                query_id: charge.query_id.clone(),
+                researcher: charge.researcher.clone(),
+                plan_hash: charge.plan_hash.clone(),
+                epsilon: charge.epsilon,
+                outcome: outcome.audit_outcome(),
+                error: match outcome {
+                    StoredOutcome::PostProcessingError(m) => Some(m.clone()),
+                    StoredOutcome::Answer(_) => None,
+                },
+                settled_at_ms: now,
+                stored: StoredAnswer {
+                    sha3: sha3_hex(&blob),
+                    created_at_ms: now,
+                },
+            });
+            append(tx, now, &charge.researcher, event)?;
             Ok(Ok(()))
         })
     }
@@ -1205,15 +1281,17 @@ impl Ledger {
             if let Err(e) = settle(tx, &charge, now)? {
                 return Ok(Err(e));
             }
-            append(
-                tx,
-                now,
-                "query.failed",
-                &charge.researcher,
-                json!({"query_id": charge.query_id, "researcher": charge.researcher,
-                       "plan_hash": charge.plan_hash, "epsilon_charged": charge.epsilon,
-                       "site_failed": site, "outcome": "failed_after_data", "reason": reason}),
-            )?;
+            let event = AuditEvent::QueryFailedAfterData(QueryFailedAfterData {
+                query_id: charge.query_id.clone(),
+                researcher: charge.researcher.clone(),
+                plan_hash: charge.plan_hash.clone(),
+                epsilon_charged: charge.epsilon,
+                site_failed: site.to_string(),
+                outcome: QueryOutcome::FailedAfterData,
+                reason: reason.to_string(),
+                settled_at_ms: now,
+            });
+            append(tx, now, &charge.researcher, event)?;
             Ok(Ok(()))
         })
     }
@@ -1239,6 +1317,7 @@ impl Ledger {
             let datasets: Vec<String> = serde_json::from_str(&datasets).unwrap_or_default();
             let keys = std::iter::once((BudgetKind::Researcher, charge.researcher.clone()))
                 .chain(datasets.into_iter().map(|d| (BudgetKind::Dataset, d)));
+            let mut budgets_after = Vec::new();
             for (kind, name) in keys {
                 if let Some(mut r) = load(tx, kind, &name)? {
                     // A charge from an earlier period was already wiped by the renewal.
@@ -1246,17 +1325,20 @@ impl Ledger {
                         r.eps_spent = (r.eps_spent - eps).max(0);
                         r.delta_spent = (r.delta_spent - delta).max(0);
                         save(tx, &r)?;
+                        budgets_after.push(r.state());
                     }
                 }
             }
-            append(
-                tx,
-                now,
-                "query.refunded",
-                &charge.researcher,
-                json!({"query_id": charge.query_id, "researcher": charge.researcher,
-                       "epsilon": charge.epsilon, "outcome": "refunded", "reason": reason}),
-            )?;
+            let event = AuditEvent::QueryRefunded(QueryRefunded {
+                query_id: charge.query_id.clone(),
+                researcher: charge.researcher.clone(),
+                epsilon: charge.epsilon,
+                outcome: QueryOutcome::Refunded,
+                reason: reason.to_string(),
+                settled_at_ms: now,
+                budgets_after,
+            });
+            append(tx, now, &charge.researcher, event)?;
             Ok(Ok(()))
         })
     }
@@ -1284,12 +1366,16 @@ impl Ledger {
                     return Ok(Err(e));
                 }
             }
-            let mut body = q.audit_body();
-            body["epsilon"] = json!(0.0);
-            body["delta"] = json!(0.0);
-            body["replay_of"] = json!(original);
-            body["outcome"] = json!("replayed");
-            append(tx, now, "query.replayed", &q.researcher, body)?;
+            let event = AuditEvent::QueryReplayed(QueryReplayed {
+                query: QueryFacts {
+                    epsilon: 0.0,
+                    delta: 0.0,
+                    ..q.facts()
+                },
+                replay_of: original.clone(),
+                outcome: QueryOutcome::Replayed,
+            });
+            append(tx, now, &q.researcher, event)?;
             Ok(Ok(()))
         })?;
         Ok(Some(Replay {
@@ -1323,6 +1409,29 @@ impl Ledger {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         audit::verify_conn(&conn, &self.path, None)
     }
+}
+
+/// Insert a user and its `user.added` entry (with the fingerprint of its hash, never the
+/// hash).
+fn insert_user(
+    tx: &Transaction,
+    now: i64,
+    actor: &str,
+    name: &str,
+    role: Role,
+    password_hash: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO users(name, role, password_hash, disabled, created_at) VALUES (?1, ?2, ?3, 0, ?4)",
+        params![name, role.as_str(), password_hash, now],
+    )?;
+    let event = AuditEvent::UserAdded(UserAdded {
+        name: name.to_string(),
+        role,
+        password_fingerprint: sha3_hex(password_hash.as_bytes()),
+    });
+    append(tx, now, actor, event)?;
+    Ok(())
 }
 
 fn no_budget(kind: BudgetKind, name: &str) -> CoordinatorError {
@@ -1401,11 +1510,14 @@ fn refuse(
     q: &QueryRecord,
     e: &CoordinatorError,
 ) -> rusqlite::Result<()> {
-    let mut body = q.audit_body();
-    body["epsilon_charged"] = json!(0.0);
-    body["outcome"] = json!("refused");
-    body["reason"] = json!(e.to_string());
-    append(tx, now, "query.refused", &q.researcher, body)?;
+    let event = AuditEvent::QueryRefused(QueryUncharged {
+        query: q.facts(),
+        epsilon_charged: 0.0,
+        outcome: QueryOutcome::Refused,
+        site_failed: None,
+        reason: Some(e.to_string()),
+    });
+    append(tx, now, &q.researcher, event)?;
     Ok(())
 }
 

@@ -60,6 +60,7 @@ pub mod scalar;
 pub mod selection;
 pub mod service;
 pub mod sql_limits;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -139,7 +140,7 @@ pub async fn start_with_ledger(
         tracing::warn!(%addr, "coordinator listens on a non-loopback address");
     }
     let sessions = Arc::new(Sessions::new(config.token_ttl));
-    let service = FedqFlightSqlService::new(engine.clone(), sessions.clone())?;
+    let service = FedqFlightSqlService::new(engine.clone(), sessions.clone(), config.login)?;
     let server = FlightServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let intercepted = tonic::service::interceptor::InterceptedService::new(
         server,

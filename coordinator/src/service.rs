@@ -38,10 +38,13 @@ use futures::{stream, Stream, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::event::{AuditEvent, LoginFailed, LoginUnlocked, OfficerDenied};
 use crate::auth::{BasicCredentials, Officer, Researcher, Role, Sessions};
 use crate::engine::{parse_session_statement, random_id, Coordinator};
 use crate::error::CoordinatorError;
 use crate::ledger::{BudgetKind, Grant};
+use crate::throttle::LoginThrottle;
+use fedq_common::log_safe;
 
 /// Flight action returning the caller's own budget as JSON ([`crate::BudgetStatus`]).
 pub const ACTION_BUDGET: &str = "fedq.budget";
@@ -61,9 +64,11 @@ pub const ACTION_USER_ADD: &str = "fedq.user.add";
 pub const ACTION_USER_DISABLE: &str = "fedq.user.disable";
 /// Officer action: every user with role and state (never password hashes).
 pub const ACTION_USER_LIST: &str = "fedq.user.list";
+/// Officer action: lift a user's login lockout and back-off. Body: `{"name": ...}`.
+pub const ACTION_USER_UNLOCK: &str = "fedq.user.unlock";
 
 /// The officer-only actions.
-pub const OFFICER_ACTIONS: [&str; 7] = [
+pub const OFFICER_ACTIONS: [&str; 8] = [
     ACTION_BUDGET_GRANT,
     ACTION_BUDGET_REVOKE,
     ACTION_BUDGET_LIST,
@@ -71,6 +76,7 @@ pub const OFFICER_ACTIONS: [&str; 7] = [
     ACTION_USER_ADD,
     ACTION_USER_DISABLE,
     ACTION_USER_LIST,
+    ACTION_USER_UNLOCK,
 ];
 
 /// Body of [`ACTION_USER_ADD`].
@@ -85,7 +91,7 @@ pub struct UserAddRequest {
     pub password: String,
 }
 
-/// Body of [`ACTION_USER_DISABLE`].
+/// Body of [`ACTION_USER_DISABLE`] and [`ACTION_USER_UNLOCK`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserDisableRequest {
@@ -201,6 +207,7 @@ struct Pending {
 pub struct FedqFlightSqlService {
     engine: Arc<Coordinator>,
     sessions: Arc<Sessions>,
+    throttle: Arc<LoginThrottle>,
     running: Arc<RunningQueries>,
     pending: Arc<Mutex<HashMap<Vec<u8>, Pending>>>,
     sql_info: Arc<SqlInfoData>,
@@ -277,10 +284,12 @@ fn encode_stream(
 }
 
 impl FedqFlightSqlService {
-    /// Service over an engine; logins issue tokens into `sessions`.
+    /// Service over an engine; logins issue tokens into `sessions`, and failed logins are
+    /// held back as `login` says.
     pub fn new(
         engine: Arc<Coordinator>,
         sessions: Arc<Sessions>,
+        login: crate::throttle::LoginPolicy,
     ) -> Result<Self, CoordinatorError> {
         let mut b = SqlInfoDataBuilder::new();
         b.append(SqlInfo::FlightSqlServerName, "fedq");
@@ -294,6 +303,7 @@ impl FedqFlightSqlService {
             running: Arc::new(RunningQueries::new(engine.max_concurrent_per_researcher())),
             engine,
             sessions,
+            throttle: Arc::new(LoginThrottle::new(login)),
             pending: Arc::new(Mutex::new(HashMap::new())),
             sql_info: Arc::new(sql_info),
         })
@@ -344,6 +354,7 @@ impl FedqFlightSqlService {
         match action.r#type.as_str() {
             ACTION_BUDGET_GRANT => {
                 let g: GrantRequest = parse_body(action)?;
+                self.check_grantee(&g)?;
                 let st = ledger.grant(
                     officer,
                     &Grant {
@@ -396,6 +407,24 @@ impl FedqFlightSqlService {
                 Ok(serde_json::json!({"name": u.name, "disabled": true}))
             }
             ACTION_USER_LIST => enc(serde_json::to_value(ledger.users()?)),
+            ACTION_USER_UNLOCK => {
+                let u: UserDisableRequest = serde_json::from_slice(&action.body).map_err(|e| {
+                    CoordinatorError::InvalidArgument(format!(
+                        r#"the body of {ACTION_USER_UNLOCK} must be JSON like {{"name":"carol"}}: {e}"#
+                    ))
+                })?;
+                crate::ledger::check_user_name(&u.name)?;
+                let lifted = self.throttle.unlock(&u.name);
+                ledger.record(
+                    officer,
+                    AuditEvent::LoginUnlocked(LoginUnlocked {
+                        name: u.name.clone(),
+                        lifted,
+                    }),
+                )?;
+                tracing::info!(officer, user = %u.name, lifted, "login lockout lifted");
+                Ok(serde_json::json!({"name": u.name, "unlocked": lifted}))
+            }
             _ => Ok(serde_json::json!({
                 "policy": self.engine.policy(),
                 "datasets": self.engine.datasets(),
@@ -403,6 +432,59 @@ impl FedqFlightSqlService {
                 "policy_hash": ledger.policy_hash()?,
                 "ledger": ledger.path().display().to_string(),
             })),
+        }
+    }
+
+    /// A grant must give something, to a researcher account or a configured dataset: a typo
+    /// would otherwise create a budget that nobody can use.
+    fn check_grantee(&self, g: &GrantRequest) -> Result<(), CoordinatorError> {
+        if g.epsilon == 0.0 && g.delta == 0.0 && g.renewal_days.is_none() {
+            return Err(CoordinatorError::InvalidArgument(
+                "a grant of ε = 0 and δ = 0 changes nothing; give --epsilon (or --delta) above 0"
+                    .into(),
+            ));
+        }
+        match g.kind {
+            BudgetKind::Researcher => match self.engine.ledger().user(&g.name)? {
+                Some(u) if u.role == Role::Researcher => Ok(()),
+                Some(_) => Err(CoordinatorError::InvalidArgument(format!(
+                    "{} is a privacy officer, not a researcher; officers run no queries and have no budget",
+                    g.name
+                ))),
+                None => Err(CoordinatorError::InvalidArgument(format!(
+                    "no researcher named {:?}; check the name with `fedq user list`, or add them first with `fedq user add --name {}`",
+                    log_safe(&g.name),
+                    log_safe(&g.name)
+                ))),
+            },
+            BudgetKind::Dataset => {
+                if self.engine.datasets().iter().any(|d| d.name == g.name) {
+                    Ok(())
+                } else {
+                    Err(CoordinatorError::InvalidArgument(format!(
+                        "no dataset named {:?}; datasets are declared as [[datasets]] in coordinator.toml (`fedq policy show` lists them)",
+                        log_safe(&g.name)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Count a failed login against the user name and the client address, log it and audit
+    /// it (with the back-off or lockout it led to).
+    fn login_failed(&self, shown: &str, user: &str, client: &str) {
+        let f = self.throttle.failed(user, client);
+        let held_back_secs = f.held_for.map(|d| d.as_secs().max(1));
+        tracing::warn!(user = %shown, client, failures = f.failures, held_back_secs, locked = f.locked, outcome = "refused", "login failed");
+        let event = AuditEvent::LoginFailed(LoginFailed {
+            user: shown.to_string(),
+            client: client.to_string(),
+            failures: f.failures,
+            held_back_secs: if f.locked { None } else { held_back_secs },
+            locked: f.locked,
+        });
+        if let Err(e) = self.engine.ledger().record("coordinator", event) {
+            tracing::error!(error = %e, "could not audit a failed login");
         }
     }
 
@@ -429,7 +511,7 @@ impl FedqFlightSqlService {
         } else {
             let _slot = self.running.enter(researcher)?;
             let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
-                tracing::info!(researcher, error = %e, "query refused at planning");
+                tracing::info!(researcher, error = %fedq_common::escape_log(&e.to_string()), "query refused at planning");
             })?;
             let released = self.engine.execute(researcher, &planned).await?;
             (released.schema, released.batches)
@@ -460,6 +542,16 @@ impl FlightSqlService for FedqFlightSqlService {
                 "log in with `authorization: Basic base64(user:password)` on the handshake; it returns a bearer token for every other call",
             ));
         };
+        let client = request
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let shown = log_safe(&creds.user);
+        // A held-back attempt is refused before its password is checked.
+        if let Some(held) = self.throttle.check(&creds.user, &client) {
+            tracing::warn!(user = %shown, client, outcome = "held back", "login held back after failed logins");
+            return Err(CoordinatorError::Unauthenticated(held.message(&shown)).into());
+        }
         let row = self.engine.ledger().user(&creds.user)?;
         let hash = row
             .as_ref()
@@ -475,13 +567,14 @@ impl FlightSqlService for FedqFlightSqlService {
         let user = match row {
             Some(u) if matches => u,
             _ => {
-                tracing::warn!(user = %creds.user, outcome = "refused", "login failed");
+                self.login_failed(&shown, &creds.user, &client);
                 return Err(CoordinatorError::Unauthenticated(
                     "wrong user name or password".into(),
                 )
                 .into());
             }
         };
+        self.throttle.succeeded(&creds.user, &client);
         if user.disabled {
             tracing::warn!(user = %user.name, outcome = "refused", "login of a disabled user");
             return Err(CoordinatorError::Unauthenticated(format!(
@@ -727,9 +820,11 @@ impl FlightSqlService for FedqFlightSqlService {
                 let who = researcher(&request)?;
                 // A denied officer action is audited, and changes nothing.
                 self.engine.ledger().record(
-                    "officer.denied",
                     &who,
-                    serde_json::json!({"action": action, "outcome": "denied"}),
+                    AuditEvent::OfficerDenied(OfficerDenied {
+                        action: action.clone(),
+                        outcome: "denied".into(),
+                    }),
                 )?;
                 return Err(CoordinatorError::Forbidden(format!(
                     "{action} needs the privacy-officer role; your token is a researcher's"
@@ -832,7 +927,14 @@ mod tests {
         let _b = r.enter("bob").unwrap();
         drop(a1);
         let _a3 = r.enter("alice").unwrap();
+        // Its own status and words, not a budget's: nothing was charged, retry shortly.
         let s: Status = r.enter("alice").err().unwrap().into();
-        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().contains("Retry shortly"), "{}", s.message());
+        assert!(
+            s.message().contains("nothing was charged"),
+            "{}",
+            s.message()
+        );
     }
 }

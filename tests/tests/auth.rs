@@ -11,8 +11,10 @@ use fedq::client::{login, FedqClient};
 use fedq::federation::{FederationOptions, LocalFederation};
 use fedq::CliError;
 use fedq_coordinator::service::{
-    ACTION_BUDGET_GRANT, ACTION_BUDGET_LIST, ACTION_USER_ADD, ACTION_USER_DISABLE, ACTION_USER_LIST,
+    ACTION_BUDGET_GRANT, ACTION_BUDGET_LIST, ACTION_USER_ADD, ACTION_USER_DISABLE,
+    ACTION_USER_LIST, ACTION_USER_UNLOCK,
 };
+use fedq_coordinator::throttle::LoginPolicy;
 use prost::Message;
 use serde_json::json;
 use tonic::Code;
@@ -220,4 +222,133 @@ async fn an_expired_token_is_refused_and_a_new_login_works() {
     let mut again = fed.client("alice").await.unwrap();
     again.query("SELECT COUNT(*) FROM specimens").await.unwrap();
     fed.shutdown().await.unwrap();
+}
+
+/// The audit entries of `kind` in the federation's ledger (read while it runs).
+fn audited(dir: &std::path::Path, kind: &str) -> Vec<serde_json::Value> {
+    let path = dir.join("ledger.sqlite");
+    let conn = fedq_coordinator::audit::open_read_only(&path).unwrap();
+    fedq_coordinator::audit::read_rows(&conn, &path)
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.entry).unwrap())
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn password_guessing_is_held_back_then_locked_until_an_officer_unlocks_it_and_audited() {
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 400, 31);
+    let policy = LoginPolicy {
+        free_failures: 2,
+        lockout_failures: 5,
+        backoff_base_ms: 300,
+        max_backoff_secs: 1,
+    };
+    let fed = LocalFederation::start(
+        tmp.path(),
+        FederationOptions {
+            login: Some(policy),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("federation");
+    let url = fed.url();
+    let pw = fed.password("alice").unwrap();
+    let wrong = || async {
+        code(
+            FedqClient::connect(&url, "alice", "guess")
+                .await
+                .map(|_| ()),
+        )
+    };
+    let right = || async { FedqClient::connect(&url, "alice", &pw).await.map(|_| ()) };
+    let wait_out = || tokio::time::sleep(Duration::from_millis(1100));
+
+    // Two free failures, then a counted one: the next attempt is held back, even with the
+    // right password (it is not checked), and from this address for any name.
+    for _ in 0..3 {
+        let (c, m) = wrong().await;
+        assert_eq!(c, Code::Unauthenticated);
+        assert!(m.contains("wrong user name or password"), "{m}");
+    }
+    let (c, m) = code(right().await);
+    assert_eq!(c, Code::Unauthenticated, "{m}");
+    assert!(
+        m.contains("too many failed logins") && m.contains("try again in"),
+        "{m}"
+    );
+    let (c, m) = code(FedqClient::connect(&url, "bob", "x").await.map(|_| ()));
+    assert_eq!(c, Code::Unauthenticated, "{m}");
+    assert!(m.contains("too many failed logins"), "{m}");
+    // After the back-off the right password works, and the counts start again.
+    wait_out().await;
+    right()
+        .await
+        .expect("the right password after the back-off");
+
+    // Five failures in a row lock the name: the right password no longer opens it.
+    for _ in 0..5 {
+        wait_out().await;
+        let (_, m) = wrong().await;
+        assert!(m.contains("wrong user name or password"), "{m}");
+    }
+    wait_out().await;
+    let (c, m) = code(right().await);
+    assert_eq!(c, Code::Unauthenticated, "{m}");
+    assert!(
+        m.contains("locked") && m.contains("fedq user unlock --name alice"),
+        "{m}"
+    );
+
+    // An officer lifts it; a researcher cannot.
+    let mut alice_token_less = FedqClient::connect(&url, "bob", &fed.password("bob").unwrap())
+        .await
+        .unwrap();
+    let (c, _) = code(
+        alice_token_less
+            .action_with_body(ACTION_USER_UNLOCK, Some(&json!({"name": "alice"})))
+            .await,
+    );
+    assert_eq!(c, Code::PermissionDenied);
+    let mut olivia = fed.client("olivia").await.unwrap();
+    let v = olivia
+        .action_with_body(ACTION_USER_UNLOCK, Some(&json!({"name": "alice"})))
+        .await
+        .unwrap();
+    assert_eq!(v["unlocked"], true);
+    right().await.expect("the right password after the unlock");
+
+    // A name with a newline and a terminal escape is audited escaped.
+    let (c, _) = code(
+        FedqClient::connect(&url, "eve\nINFO login ok\u{1b}[2J", "x")
+            .await
+            .map(|_| ()),
+    );
+    assert_eq!(c, Code::Unauthenticated);
+
+    let failed = audited(tmp.path(), "login.failed");
+    assert_eq!(
+        failed.len(),
+        3 + 5 + 1,
+        "each checked failure is audited once"
+    );
+    assert!(failed.iter().all(|e| e["body"]["client"] == "127.0.0.1"));
+    assert_eq!(failed[2]["body"]["held_back_secs"], 1);
+    assert_eq!(failed[7]["body"]["locked"], true);
+    assert_eq!(failed[7]["body"]["failures"], 5);
+    let eve = failed[8]["body"]["user"].as_str().unwrap();
+    assert_eq!(eve, "eve\\nINFO login ok\\u{1b}[2J");
+    assert!(!eve.contains('\n') && !eve.contains('\u{1b}'));
+    let unlocked = audited(tmp.path(), "login.unlocked");
+    assert_eq!(unlocked.len(), 1);
+    assert_eq!(unlocked[0]["actor"], "olivia");
+    assert_eq!(unlocked[0]["body"]["lifted"], true);
+    assert!(
+        fedq_coordinator::audit::verify(&tmp.path().join("ledger.sqlite"), None)
+            .unwrap()
+            .ok()
+    );
 }

@@ -268,11 +268,17 @@ async fn officers_control_budgets_and_changes_are_audited() {
         code(officer.query("SELECT COUNT(*) FROM participants").await),
         Code::PermissionDenied
     );
-    // Bad input: NaN and negative ε, unknown budget.
+    // Bad input: NaN and negative ε, unknown budget, a grant of nothing, a grant to a
+    // researcher or dataset that does not exist (a typo would otherwise create a budget
+    // nobody can use).
     for bad in [
         json!({"name": "bob", "epsilon": -1.0}),
         json!({"name": "bob", "epsilon": "NaN"}),
         json!({"name": "bob"}),
+        json!({"kind": "researcher", "name": "bob", "epsilon": 0.0}),
+        json!({"kind": "researcher", "name": "bbo", "epsilon": 1.0}),
+        json!({"kind": "researcher", "name": "olivia", "epsilon": 1.0}),
+        json!({"kind": "dataset", "name": "bioban", "epsilon": 1.0}),
     ] {
         assert_eq!(
             code(

@@ -1,15 +1,20 @@
 //! The tamper-evident audit log: a SHA3-256 hash chain stored in the ledger's SQLite file.
 //!
-//! Entry `n` is stored as its canonical JSON text (`{"actor","body","kind","seq","ts"}` with
-//! object keys sorted at every level), the hash of entry `n-1` (`prev_hash`, 64 zeros for
-//! the first entry), and its own hash `SHA3-256(prev_hash_hex || "\n" || entry)`. The ledger
-//! also keeps the chain head and length in its `meta` table, updated in the same transaction
-//! as every append, so truncating the end of the log is detected too.
+//! Entry `n` is stored as its RFC 8785 canonical JSON text (an [`event::AuditEntry`]:
+//! `{"actor","body","kind","seq","ts"}`, whose `kind` and `body` are one
+//! [`event::AuditEvent`]), the hash of entry `n-1` (`prev_hash`, 64 zeros for the first
+//! entry), and its own hash `SHA3-256(prev_hash_hex || "\n" || entry)`. The ledger also keeps
+//! the chain head and length in its `meta` table, updated in the same transaction as every
+//! append, so truncating the end of the log is detected too.
 //!
-//! [`verify`] checks every link and names the first bad entry; [`export_jsonl`] writes the
+//! [`verify`] reads the chain and the tables in one read transaction (a consistent snapshot
+//! while the coordinator writes), checks every link and names the first bad entry, then
+//! recomputes budgets, charges, stored answers, users and the policy hash from the entries
+//! ([`reconcile`]) and names the first table row that disagrees. [`export_jsonl`] writes the
 //! log with its head so that the head can be anchored elsewhere (printed, e-mailed, put in
-//! another system). Anyone who can write the file can rewrite the whole chain consistently;
-//! only a head anchored outside the file (`fedq audit verify --anchor HASH`) detects that.
+//! another system). Anyone who can write the file can rewrite the whole chain (and the
+//! tables) consistently; only a head anchored outside the file (`fedq audit verify --anchor
+//! HASH`) detects that.
 
 use std::io::Write;
 use std::path::Path;
@@ -20,6 +25,12 @@ use sha3::{Digest, Sha3_256};
 
 use crate::error::CoordinatorError;
 
+pub mod event;
+pub mod reconcile;
+
+pub use event::{AuditEntry, AuditEvent};
+pub use reconcile::Disagreement;
+
 /// `prev_hash` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -28,26 +39,11 @@ pub(crate) const META_HEAD: &str = "audit_head";
 /// `meta` key holding the number of entries.
 pub(crate) const META_COUNT: &str = "audit_count";
 
-/// JSON text with object keys sorted at every level and no insignificant whitespace.
+/// RFC 8785 (JCS) canonical JSON text: keys sorted, numbers as ECMAScript prints them, no
+/// insignificant whitespace.
 pub fn canonical_json(v: &Value) -> String {
-    fn sorted(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                let mut out = serde_json::Map::new();
-                for k in keys {
-                    out.insert(k.clone(), sorted(&m[k]));
-                }
-                Value::Object(out)
-            }
-            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
-            other => other.clone(),
-        }
-    }
-    // serde_json's map keeps insertion order with `preserve_order` and sorts without it;
-    // inserting in sorted order gives the same text either way.
-    sorted(v).to_string()
+    // A `Value` holds no NaN or infinity, the only values JCS cannot write.
+    event::canonical(v).unwrap_or_else(|| v.to_string())
 }
 
 /// Hash of an entry given the previous entry's hash.
@@ -90,12 +86,31 @@ pub struct VerifyReport {
     pub head: String,
     /// `None` when the whole chain verifies.
     pub first_bad: Option<BadEntry>,
+    /// The first table row that disagrees with the state recomputed from the chain (checked
+    /// only when the chain itself verifies).
+    pub disagreement: Option<Disagreement>,
 }
 
 impl VerifyReport {
     /// Whether the chain verified.
     pub fn ok(&self) -> bool {
-        self.first_bad.is_none()
+        self.first_bad.is_none() && self.disagreement.is_none()
+    }
+
+    /// What is wrong, in words, or `None`.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(b) = &self.first_bad {
+            return Some(format!(
+                "first bad entry is #{}: {} ({} entries verified before it)",
+                b.seq, b.reason, self.entries
+            ));
+        }
+        self.disagreement.as_ref().map(|d| {
+            format!(
+                "the chain verifies ({} entries), but the ledger's tables disagree with it: {}: {}",
+                self.entries, d.row, d.reason
+            )
+        })
     }
 }
 
@@ -156,6 +171,7 @@ pub fn verify_rows(
         entries,
         head: head.to_string(),
         first_bad: Some(BadEntry { seq, reason }),
+        disagreement: None,
     };
     for row in rows {
         let n = expected - 1;
@@ -245,6 +261,7 @@ pub fn verify_rows(
         entries,
         head,
         first_bad: None,
+        disagreement: None,
     }
 }
 
@@ -260,6 +277,21 @@ pub(crate) fn verify_conn(
     path: &Path,
     anchor: Option<&str>,
 ) -> Result<VerifyReport, CoordinatorError> {
+    // One read transaction: the chain, its recorded head and the tables are one snapshot,
+    // however much the coordinator writes meanwhile (WAL readers never block the writer).
+    conn.execute_batch("BEGIN DEFERRED")
+        .map_err(|e| crate::ledger::ledger_error(path, e))?;
+    let report = verify_snapshot(conn, path, anchor);
+    // Ending a read transaction cannot lose anything; a failure here is not the report's.
+    let _ = conn.execute_batch("COMMIT");
+    report
+}
+
+fn verify_snapshot(
+    conn: &Connection,
+    path: &Path,
+    anchor: Option<&str>,
+) -> Result<VerifyReport, CoordinatorError> {
     let rows = read_rows(conn, path)?;
     let count = meta(conn, META_COUNT, path)?;
     let head = meta(conn, META_HEAD, path)?;
@@ -271,15 +303,30 @@ pub(crate) fn verify_conn(
             h.unwrap_or_default(),
         )),
     };
-    Ok(verify_rows(&rows, recorded, anchor))
+    let mut report = verify_rows(&rows, recorded, anchor);
+    if !report.ok() {
+        return Ok(report);
+    }
+    match reconcile::replay(&rows) {
+        Err(bad) => report.first_bad = Some(bad),
+        Ok(state) => {
+            report.disagreement = reconcile::compare(conn, &state)
+                .map_err(|e| crate::ledger::ledger_error(path, e))?;
+        }
+    }
+    Ok(report)
 }
 
 /// Write the log as JSON lines (one object per entry: `seq`, `prev_hash`, `hash`, `entry`),
 /// then a last line `{"chain_head": …, "entries": …, "verified": …}`. Returns the report.
 pub fn export_jsonl(path: &Path, out: &mut dyn Write) -> Result<VerifyReport, CoordinatorError> {
     let conn = open_read_only(path)?;
-    let rows = read_rows(&conn, path)?;
-    let report = verify_conn(&conn, path, None)?;
+    conn.execute_batch("BEGIN DEFERRED")
+        .map_err(|e| crate::ledger::ledger_error(path, e))?;
+    let rows = read_rows(&conn, path);
+    let report = rows.and_then(|rows| Ok((verify_snapshot(&conn, path, None)?, rows)));
+    let _ = conn.execute_batch("COMMIT");
+    let (report, rows) = report?;
     let io = |e: std::io::Error| CoordinatorError::Config(format!("cannot write the export: {e}"));
     for r in &rows {
         let entry: Value = serde_json::from_str(&r.entry).unwrap_or(Value::String(r.entry.clone()));
@@ -293,6 +340,7 @@ pub fn export_jsonl(path: &Path, out: &mut dyn Write) -> Result<VerifyReport, Co
         "entries": report.entries,
         "verified": report.ok(),
         "first_bad": report.first_bad,
+        "disagreement": report.disagreement,
     });
     writeln!(out, "{}", canonical_json(&tail)).map_err(io)?;
     Ok(report)

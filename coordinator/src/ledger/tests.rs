@@ -203,15 +203,8 @@ fn renewal_starts_a_new_period() {
     l.released(c, &StoredOutcome::Answer(b"x".to_vec()))
         .unwrap();
     assert!(l.charge(&rec("a", "q2", 1.0, &[]), &sites()).is_err());
-    // Move the period start back two days: the budget renews at the next charge.
-    {
-        let conn = l.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE budgets SET period_start = period_start - 2 * 86400000 WHERE name = 'a'",
-            [],
-        )
-        .unwrap();
-    }
+    // Two days pass: the budget renews at the next charge, audited.
+    l.advance_clock(2 * 86_400_000);
     assert_eq!(
         l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
         0.0
@@ -451,7 +444,7 @@ fn verify_detects_every_kind_of_tampering() {
     let p = sample(d.path());
     let r = tamper(
         &p,
-        "UPDATE audit SET entry = replace(entry, '\"epsilon\":1.0', '\"epsilon\":0.1') WHERE seq = 4",
+        "UPDATE audit SET entry = replace(entry, '\"epsilon\":1,', '\"epsilon\":0.1,') WHERE seq = 4",
     );
     assert_eq!(bad_at(&r), 4, "{r:?}");
     assert!(r.first_bad.unwrap().reason.contains("modified"));
@@ -541,7 +534,7 @@ fn verify_detects_every_kind_of_tampering() {
         let rows = audit::read_rows(&c, &p).unwrap();
         let mut prev = audit::GENESIS.to_string();
         for row in rows {
-            let entry = row.entry.replace("\"epsilon\":1.0", "\"epsilon\":0.5");
+            let entry = row.entry.replace("\"epsilon\":1,", "\"epsilon\":0.5,");
             let hash = audit::chain_hash(&prev, &entry);
             c.execute(
                 "UPDATE audit SET entry = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
@@ -615,4 +608,251 @@ fn delta_is_charged_and_its_own_refusal_names_delta() {
         l.released(c, &StoredOutcome::Answer(b"answer".to_vec()))
             .unwrap();
     }
+}
+
+/// A ledger with every kind of row: two researchers (one renewing, one revoked), a dataset,
+/// released, refunded and outstanding charges, stored answers, users, a disabled user and
+/// a policy. Closed.
+fn rich_sample(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("rich.sqlite");
+    let l = Ledger::open(&path).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 10.0);
+    grant(&l, BudgetKind::Researcher, "b", 5.0);
+    grant(&l, BudgetKind::Dataset, "biobank", 100.0);
+    l.revoke("olivia", BudgetKind::Researcher, "b", Some(1.0))
+        .unwrap();
+    l.revoke("olivia", BudgetKind::Researcher, "b", None)
+        .unwrap();
+    for i in 0..3 {
+        let (c, _) = l
+            .charge(&rec("a", &format!("q{i}"), 1.0, &["biobank"]), &sites())
+            .unwrap();
+        l.released(
+            c,
+            &StoredOutcome::Answer(format!("answer {i}").into_bytes()),
+        )
+        .unwrap();
+    }
+    let (c, _) = l
+        .charge(&rec("a", "q3", 0.5, &["biobank"]), &sites())
+        .unwrap();
+    l.refund(c, "every site refused").unwrap();
+    let (c, _) = l.charge(&rec("a", "q4", 0.5, &[]), &sites()).unwrap();
+    l.failed_after_data(c, "s1", "timed out").unwrap();
+    let (c, _) = l.charge(&rec("a", "q5", 0.25, &[]), &sites()).unwrap();
+    // q5 stays outstanding, as a crash would leave it.
+    std::mem::forget(c);
+    let hash = crate::auth::hash_password("correct horse battery staple").unwrap();
+    l.add_user("olivia", "alice", Role::Researcher, &hash)
+        .unwrap();
+    l.add_user("olivia", "olivia", Role::Officer, &hash)
+        .unwrap();
+    l.set_user_disabled("olivia", "alice", true).unwrap();
+    l.record(
+        "coordinator.toml",
+        AuditEvent::PolicyChanged(PolicyChanged {
+            previous_hash: None,
+            hash: "p1".into(),
+            policy: json!({"policy": {"max_epsilon": 1}}),
+        }),
+    )
+    .unwrap();
+    l.write(|tx, _| set_meta(tx, "policy_hash", "p1").map(Ok))
+        .unwrap();
+    path
+}
+
+/// The Python verifier shipped in docs/: `None` if it says ok, else its reason.
+fn python_verdict(path: &Path) -> Option<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/verify_audit.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(path)
+        .output()
+        .expect("python3 runs docs/verify_audit.py (CI installs python3)");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        text == "ok" || (text.starts_with("BAD ") && out.status.code() == Some(1)),
+        "the Python verifier crashed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (!out.status.success()).then_some(text)
+}
+
+#[test]
+fn verify_recomputes_every_table_from_the_chain_and_the_python_verifier_agrees() {
+    let d = tempfile::tempdir().unwrap();
+    let p = rich_sample(d.path());
+    let clean = audit::verify(&p, None).unwrap();
+    assert!(clean.ok(), "{clean:?}");
+    assert_eq!(python_verdict(&p), None);
+
+    // (SQL edit, the row `fedq audit verify` must name, a word its reason must contain)
+    let cases: &[(&str, &str, &str)] = &[
+        ("UPDATE budgets SET epsilon_spent = 0 WHERE name = 'a'", "budgets: researcher a", "epsilon_spent"),
+        ("UPDATE budgets SET epsilon_granted = epsilon_granted * 10 WHERE name = 'a'", "budgets: researcher a", "epsilon_granted"),
+        ("UPDATE budgets SET delta_granted = 1000 WHERE name = 'biobank'", "budgets: dataset biobank", "delta_granted"),
+        ("UPDATE budgets SET revoked = 0 WHERE name = 'b'", "budgets: researcher b", "revoked"),
+        ("UPDATE budgets SET period_start = period_start - 1 WHERE name = 'a'", "budgets: researcher a", "period_start"),
+        ("DELETE FROM budgets WHERE name = 'biobank'", "budgets: dataset biobank", "deleted"),
+        ("INSERT INTO budgets VALUES ('researcher', 'mallory', 1000000000000, 0, 0, 0, NULL, 0, 0)", "budgets: researcher mallory", "added by hand"),
+        ("DELETE FROM charges WHERE query_id = 'q1'", "charges: query q1", "deleted"),
+        ("UPDATE charges SET state = 'refunded' WHERE query_id = 'q2'", "charges: query q2", "state"),
+        ("UPDATE charges SET epsilon = 1 WHERE query_id = 'q0'", "charges: query q0", "epsilon"),
+        ("INSERT INTO charges VALUES ('qx', 'a', '[]', 'h', 5, 0, 'refunded', 0, 1)", "charges: query qx", "added by hand"),
+        ("UPDATE replays SET result = x'00' WHERE query_id = 'q0'", "replays: researcher a, plan hash-q0", "sha3"),
+        ("DELETE FROM replays WHERE query_id = 'q1'", "replays: researcher a, plan hash-q1", "deleted"),
+        ("UPDATE users SET role = 'officer' WHERE name = 'alice'", "users: user alice", "role"),
+        ("UPDATE users SET disabled = 0 WHERE name = 'alice'", "users: user alice", "disabled"),
+        ("UPDATE users SET password_hash = 'x' WHERE name = 'olivia'", "users: user olivia", "password_fingerprint"),
+        ("INSERT INTO users VALUES ('mallory', 'officer', 'x', 0, 0)", "users: user mallory", "added by hand"),
+        ("UPDATE meta SET value = 'p2' WHERE key = 'policy_hash'", "meta: policy_hash", "edited"),
+    ];
+    for (sql, row, word) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let p = rich_sample(d.path());
+        let r = tamper(&p, sql);
+        assert_eq!(r.first_bad, None, "{sql}: the chain itself is intact");
+        let got = r
+            .disagreement
+            .clone()
+            .unwrap_or_else(|| panic!("{sql}: not caught"));
+        assert_eq!(got.row, *row, "{sql}: {got:?}");
+        assert!(got.reason.contains(word), "{sql}: {got:?}");
+        assert!(r.problem().unwrap().contains(row), "{sql}");
+        let py = python_verdict(&p);
+        assert!(py.is_some(), "{sql}: the Python verifier missed it");
+    }
+    // Edits of the chain itself: both verifiers name them.
+    for sql in [
+        "UPDATE audit SET entry = replace(entry, '\"name\":\"a\"', '\"name\":\"z\"') WHERE seq = 1",
+        "DELETE FROM audit WHERE seq = 5",
+        "DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)",
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let p = rich_sample(d.path());
+        let r = tamper(&p, sql);
+        assert!(r.first_bad.is_some(), "{sql}: {r:?}");
+        assert!(
+            python_verdict(&p).is_some(),
+            "{sql}: the Python verifier missed it"
+        );
+    }
+}
+
+#[test]
+fn a_forged_entry_whose_state_does_not_follow_is_named_even_when_rechained() {
+    let d = tempfile::tempdir().unwrap();
+    let p = rich_sample(d.path());
+    // Rewrite the first charge to spend nothing, and rechain everything after it: the hash
+    // chain is consistent again, but the charge's after-state no longer follows.
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        let rows = audit::read_rows(&c, &p).unwrap();
+        let mut prev = audit::GENESIS.to_string();
+        let mut forged = false;
+        for row in rows {
+            let mut entry = row.entry.clone();
+            if !forged && entry.contains("\"kind\":\"query.charged\"") {
+                let mut e: Value = serde_json::from_str(&entry).unwrap();
+                e["body"]["budgets_after"][0]["epsilon_spent"] = json!("0");
+                entry = canonical_json(&e);
+                forged = true;
+            }
+            let hash = audit::chain_hash(&prev, &entry);
+            c.execute(
+                "UPDATE audit SET entry = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+                params![entry, prev, hash, row.seq],
+            )
+            .unwrap();
+            prev = hash;
+        }
+        c.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'audit_head'",
+            [&prev],
+        )
+        .unwrap();
+    }
+    let r = audit::verify(&p, None).unwrap();
+    let bad = r.first_bad.expect("the forged charge is named");
+    assert!(bad.reason.contains("query.charged"), "{bad:?}");
+    assert!(bad.reason.contains("epsilon_spent"), "{bad:?}");
+}
+
+#[test]
+fn verify_reads_one_snapshot_while_the_coordinator_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("busy.sqlite");
+    let l = Arc::new(Ledger::open(&path).unwrap());
+    grant(&l, BudgetKind::Researcher, "a", 1e5);
+    grant(&l, BudgetKind::Dataset, "biobank", 1e5);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (l, stop) = (l.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (c, _) = l
+                    .charge(&rec("a", &format!("w{i}"), 0.01, &["biobank"]), &sites())
+                    .unwrap();
+                if i % 3 == 0 {
+                    l.refund(c, "refused").unwrap();
+                } else {
+                    l.released(c, &StoredOutcome::Answer(vec![i as u8]))
+                        .unwrap();
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    let mut verified = 0;
+    while verified < 30 {
+        let r = audit::verify(&path, None).unwrap();
+        assert!(
+            r.ok(),
+            "a verification during writes reported {:?}",
+            r.problem()
+        );
+        verified += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 0, "the writer wrote while verify ran");
+    assert!(audit::verify(&path, None).unwrap().ok());
+}
+
+#[test]
+fn audit_entries_are_rfc8785_canonical_and_typed() {
+    let d = tempfile::tempdir().unwrap();
+    let p = rich_sample(d.path());
+    let c = rusqlite::Connection::open(&p).unwrap();
+    for row in audit::read_rows(&c, &p).unwrap() {
+        let v: Value = serde_json::from_str(&row.entry).unwrap();
+        assert_eq!(serde_jcs::to_string(&v).unwrap(), row.entry);
+        let e = audit::AuditEntry::parse(&row.entry).unwrap();
+        assert_eq!(e.to_canonical().unwrap(), row.entry, "typed round trip");
+        assert_eq!(e.seq, row.seq);
+    }
+}
+
+#[test]
+fn a_ledger_from_before_the_typed_audit_log_is_refused_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("old.sqlite");
+    drop(Ledger::open(&p).unwrap());
+    let c = rusqlite::Connection::open(&p).unwrap();
+    c.execute(
+        "UPDATE meta SET value = 'fedq-ledger-1' WHERE key = 'schema'",
+        [],
+    )
+    .unwrap();
+    drop(c);
+    let before = std::fs::read(&p).unwrap();
+    let e = Ledger::open(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("fedq-ledger-1") && e.contains("new `ledger` path"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), before, "nothing was changed");
 }
