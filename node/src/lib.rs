@@ -127,6 +127,7 @@ mod metrics;
 mod selection;
 mod server;
 mod sets;
+mod tls_listener;
 
 #[cfg(test)]
 mod tests;

@@ -435,29 +435,22 @@ impl NodeHandle {
 /// Start a node: check the tables, bind `config.listen` and serve Flight in a background task.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let engine = Arc::new(NodeEngine::new(&config).await?);
-    let mut builder = tonic::transport::Server::builder();
-    match &config.transport {
+    // TLS is terminated by `tls_listener` (so refused handshakes are logged), not by tonic.
+    let tls = match &config.transport {
         NodeTransport::Tls {
             pem,
             allowed_coordinators,
         } => {
             install_crypto_provider();
-            let tls = tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
-                .client_ca_root(tonic::transport::Certificate::from_pem(&pem.ca))
-                .timeout(std::time::Duration::from_secs(10));
-            builder = builder.tls_config(tls).map_err(|e| {
-                NodeError::Tls(format!(
-                    "{}: {e}; check [tls] cert and key in the node config",
-                    pem.cert_path.display()
-                ))
-            })?;
+            let tls = crate::tls_listener::server_config(pem)?;
             tracing::info!(site = %config.site, allowed = ?allowed_coordinators, "mTLS on: only allowed coordinators with a certificate from the federation CA");
+            Some(tls)
         }
         NodeTransport::InsecureDev => {
             tracing::warn!(site = %config.site, "{}", fedq_common::tls::INSECURE_DEV_WARNING);
+            None
         }
-    }
+    };
     if !config.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %config.listen,
@@ -492,18 +485,24 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         None => None,
     };
     let service = service.into_server();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(async move {
-        builder
-            .add_service(service)
+    let shutdown = async move {
+        // Stop on an explicit shutdown or when the handle is dropped.
+        let _ = rx.await;
+    };
+    let router = tonic::transport::Server::builder().add_service(service);
+    let task = match tls {
+        Some(tls) => {
+            let incoming = crate::tls_listener::incoming(listener, tls, config.site.clone());
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        None => {
             // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs hold small response
             // frames back for tens of milliseconds.
-            .serve_with_incoming_shutdown(incoming, async move {
-                // Stop on an explicit shutdown or when the handle is dropped.
-                let _ = rx.await;
-            })
-            .await
-    });
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
     tracing::info!(
         site = %config.site,
         %addr,

@@ -408,29 +408,6 @@ async fn a_node_refuses_a_catalog_table_it_does_not_share() {
     node.shutdown().await.unwrap();
 }
 
-/// Log lines written while a test runs, for asserting what the node logs.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// The node's own policy (node.toml) narrows the catalog: `labs` shares only `test` and
 /// `value`, R up to 10 (catalog 20), sums of `value` within [0, 300] (catalog [0, 500]).
 /// Requests outside it are refused even though the catalog allows them, and each
@@ -459,7 +436,7 @@ async fn the_node_policy_refuses_what_the_hospital_does_not_share_and_logs_who_a
         .insert("labs".into(), toml::Value::Table(labs));
     std::fs::write(&node_toml, toml::to_string(&doc).unwrap()).unwrap();
 
-    let logs = Captured::default();
+    let logs = fedq_tests::Captured::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)

@@ -272,3 +272,77 @@ async fn the_researcher_endpoint_serves_tls_with_the_configured_certificate() {
     assert!(!e.is_empty());
     fed.shutdown().await.unwrap();
 }
+
+/// A caller that TLS itself refuses (a certificate from another CA, or none) never reaches
+/// the service; the node logs the refusal with the caller's address. Current-thread
+/// runtime: the node's tasks run on this thread, so the test's log subscriber sees them.
+#[tokio::test]
+async fn a_caller_refused_by_tls_is_logged_with_its_address() {
+    fedq_node::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 1, 300, 5);
+    let certs = tmp.path().join("certs");
+    let other = tempfile::tempdir().unwrap();
+    let rogue = DevCa::generate("rogue CA").unwrap();
+    rogue.issue_to(other.path(), "coordinator", &[]).unwrap();
+
+    let logs = fedq_tests::Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+
+    let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let node = fedq_node::start(cfg).await.unwrap();
+    let addr = node.addr.to_string();
+    let ca = Certificate::from_pem(std::fs::read(certs.join("ca.pem")).unwrap());
+    let tls = |ident: Option<(Vec<u8>, Vec<u8>)>| {
+        let t = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .domain_name("site01");
+        match ident {
+            Some((c, k)) => t.identity(Identity::from_pem(c, k)),
+            None => t,
+        }
+    };
+    for (what, ident) in [
+        ("another CA", Some(pem(other.path(), "coordinator"))),
+        ("no certificate", None),
+    ] {
+        let before = logs.text().matches("caller refused by TLS").count();
+        let e = node_info(&addr, Some(tls(ident))).await.expect_err(what);
+        assert_ne!(e.code(), tonic::Code::Ok, "{what}");
+        let mut text = logs.text();
+        for _ in 0..50 {
+            if text.matches("caller refused by TLS").count() > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            text = logs.text();
+        }
+        let line = text
+            .lines()
+            .filter(|l| l.contains("caller refused by TLS"))
+            .nth(before)
+            .unwrap_or_else(|| panic!("{what}: no TLS refusal logged in:\n{text}"));
+        assert!(
+            line.contains("peer=127.0.0.1:"),
+            "{what}: no address: {line}"
+        );
+        assert!(line.contains("outcome=\"refused\""), "{line}");
+        assert!(
+            line.contains("site=\"site01\"") || line.contains("site=site01"),
+            "{line}"
+        );
+    }
+    // The real coordinator still gets through the same listener.
+    node_info(&addr, Some(tls(Some(pem(&certs, "coordinator")))))
+        .await
+        .expect("the allowed coordinator is answered");
+    node.shutdown().await.unwrap();
+}
