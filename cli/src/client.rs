@@ -44,7 +44,7 @@ pub struct QueryResult {
 }
 
 impl FedqClient {
-    /// Connect to `url` (e.g. `http://127.0.0.1:50050`) and log in with a user name and
+    /// Connect to `url` (e.g. `http://127.0.0.1:31050`) and log in with a user name and
     /// password: the Flight handshake with Basic credentials returns a bearer token that
     /// every later call carries.
     pub async fn connect(url: &str, user: &str, password: &str) -> Result<FedqClient, CliError> {

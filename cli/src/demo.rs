@@ -130,7 +130,7 @@ pub async fn run(cfg: DemoConfig) -> Result<(), CliError> {
         participants: cfg.participants,
         seed: cfg.seed,
         out_dir: dir.clone(),
-        base_port: 50050,
+        base_port: 31050,
     })?;
     println!("  done in {:.1} s", t.elapsed().as_secs_f64());
     if cfg.researcher_tls {

@@ -370,7 +370,7 @@ impl TryFrom<CoordinatorArgs> for fedq_coordinator::CoordinatorConfig {
 #[derive(Args, Clone)]
 struct ConnArgs {
     /// Coordinator URL.
-    #[arg(long, env = "FEDQ_URL", default_value = "http://127.0.0.1:50050")]
+    #[arg(long, env = "FEDQ_URL", default_value = "http://127.0.0.1:31050")]
     url: String,
     /// Your user name.
     #[arg(long, env = "FEDQ_USER")]
@@ -598,7 +598,7 @@ struct SynthArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Coordinator port in the generated configs; site i listens on base-port + i.
-    #[arg(long, default_value_t = 50050)]
+    #[arg(long, default_value_t = 31050)]
     base_port: u16,
 }
 
@@ -630,7 +630,7 @@ struct DemoArgs {
     #[arg(long)]
     serve: bool,
     /// Coordinator address when serving.
-    #[arg(long, default_value = "127.0.0.1:50050")]
+    #[arg(long, default_value = "127.0.0.1:31050")]
     listen: SocketAddr,
     /// Write the federation here instead of a temporary directory.
     #[arg(long)]

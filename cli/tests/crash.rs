@@ -126,7 +126,7 @@ async fn sigkill_at_random_points_never_loses_a_charge() {
         participants: 400,
         seed: 31,
         out_dir: dir.to_path_buf(),
-        base_port: 50050,
+        base_port: 31050,
     })
     .unwrap();
     let mut nodes = Vec::new();

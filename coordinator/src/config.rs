@@ -1,7 +1,7 @@
 //! Coordinator configuration (`coordinator.toml`).
 //!
 //! ```toml
-//! listen = "127.0.0.1:50050"     # Flight SQL endpoint for researchers (loopback by default)
+//! listen = "127.0.0.1:31050"     # Flight SQL endpoint for researchers (loopback by default)
 //! catalog = "catalog.toml"       # the privacy officer's catalog, relative to this file
 //! node_timeout_secs = 60         # how long to wait for a node before failing the query
 //! token_ttl_secs = 3600          # lifetime of the bearer token a login returns
@@ -31,7 +31,7 @@
 //!
 //! [[nodes]]
 //! site = "site01"
-//! endpoint = "https://127.0.0.1:50101"
+//! endpoint = "https://127.0.0.1:31101"
 //! # tls_name = "site01"         # name in the node's certificate (default: the site)
 //!
 //! ledger = "ledger.sqlite"       # budgets, stored answers and the audit log (SQLite)
@@ -68,7 +68,7 @@ use crate::error::CoordinatorError;
 pub struct NodeEndpoint {
     /// Site name, as reported to researchers ("sites answered").
     pub site: String,
-    /// gRPC endpoint of the node, e.g. `https://127.0.0.1:50101` (`http://` only with
+    /// gRPC endpoint of the node, e.g. `https://127.0.0.1:31101` (`http://` only with
     /// `insecure_dev = true`).
     pub endpoint: String,
     /// Name the node's certificate must carry (default: the site name).
@@ -222,7 +222,7 @@ fn default_ledger() -> PathBuf {
 }
 
 fn default_listen() -> String {
-    "127.0.0.1:50050".to_string()
+    "127.0.0.1:31050".to_string()
 }
 fn default_timeout() -> u64 {
     60
@@ -295,7 +295,7 @@ impl CoordinatorConfig {
             toml::from_str(text).map_err(|e| CoordinatorError::Config(format!("{origin}: {e}")))?;
         let listen: SocketAddr = raw.listen.parse().map_err(|_| {
             CoordinatorError::Config(format!(
-                "{origin}: listen = {:?} is not an address like 127.0.0.1:50050",
+                "{origin}: listen = {:?} is not an address like 127.0.0.1:31050",
                 raw.listen
             ))
         })?;

@@ -26,6 +26,10 @@ use crate::release::{
 };
 use tonic::Status;
 
+/// The smallest ε `SET fedq.epsilon` accepts. Below it the noise's scale is over a million
+/// times the sensitivity, so nothing useful could be released, and amounts near the
+/// ledger's resolution (10⁻⁹ ε) would round.
+pub const MIN_EPSILON: f64 = 1e-6;
 /// Schema metadata: sites that failed or timed out and were left out (`allow_partial`).
 pub const META_SITES_FAILED: &str = "fedq.sites_failed";
 /// Schema metadata: `answered/asked`, e.g. `37/38`.
@@ -212,6 +216,11 @@ impl Coordinator {
                 if !(e.is_finite() && e > 0.0) {
                     return Err(CoordinatorError::InvalidArgument(format!(
                         "fedq.epsilon must be a positive number, got {e}"
+                    )));
+                }
+                if e < MIN_EPSILON {
+                    return Err(CoordinatorError::InvalidArgument(format!(
+                        "fedq.epsilon = {e} is below the smallest accepted value {MIN_EPSILON}: its noise would swamp any answer; choose a value of at least {MIN_EPSILON}"
                     )));
                 }
                 if e > self.policy.max_epsilon_per_query {
@@ -491,7 +500,8 @@ impl Coordinator {
         merged.sites_failed.splice(0..0, unreachable);
         let mut meta = HashMap::new();
         meta.insert(META_QUERY_ID.to_string(), q.query_id.clone());
-        meta.insert(META_EPSILON_SPENT.to_string(), q.epsilon.to_string());
+        // What the ledger charged (whole units of 10⁻⁹ ε), not what was asked.
+        meta.insert(META_EPSILON_SPENT.to_string(), charge.epsilon.to_string());
         meta.insert(
             META_EPSILON_REMAINING.to_string(),
             status.epsilon_remaining.to_string(),

@@ -464,7 +464,7 @@ pub struct Charge {
     pub researcher: String,
     /// Plan hash, the key of the stored answer.
     pub plan_hash: String,
-    /// ε charged.
+    /// ε charged: the query's ε rounded up to whole ledger units.
     pub epsilon: f64,
 }
 
@@ -1212,7 +1212,7 @@ impl Ledger {
                     query_id: q.query_id.clone(),
                     researcher: q.researcher.clone(),
                     plan_hash: q.plan_hash.clone(),
-                    epsilon: q.epsilon,
+                    epsilon: eps as f64 / EPS_UNIT,
                 },
                 status,
             )))

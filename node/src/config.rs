@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::error::NodeError;
 
 /// Address a node listens on when the config does not say.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:31051";
 
 /// Format of a local table's files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -67,7 +67,7 @@ pub struct TableSource {
 pub struct NodeConfig {
     /// Site name, reported in [`fedq_common::NodeInfo`] and in error messages.
     pub site: String,
-    /// Address the Flight server binds (default `127.0.0.1:50051`; port 0 picks a free port).
+    /// Address the Flight server binds (default `127.0.0.1:31051`; port 0 picks a free port).
     pub listen: SocketAddr,
     /// The privacy officer's catalog, loaded and validated.
     pub catalog: Catalog,
@@ -251,7 +251,7 @@ fn parse(text: &str, base: &Path, origin: &str) -> Result<NodeConfig, NodeError>
     let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
     let listen: SocketAddr = listen_text.parse().map_err(|_| {
         bad(format!(
-            "`listen = \"{listen_text}\"` is not an IP address with a port; write e.g. \"127.0.0.1:50051\""
+            "`listen = \"{listen_text}\"` is not an IP address with a port; write e.g. \"127.0.0.1:31051\""
         ))
     })?;
     let catalog_path = absolute(&base.join(&raw.catalog));

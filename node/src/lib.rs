@@ -73,7 +73,7 @@
 //!
 //! ```toml
 //! site = "site01"
-//! listen = "127.0.0.1:50101"        # optional, default 127.0.0.1:50051
+//! listen = "127.0.0.1:31101"        # optional, default 127.0.0.1:31051
 //! catalog = "../../catalog.toml"    # relative to this file
 //! max_query_memory_mb = 512         # optional: the worst query must fit (checked at start-up)
 //!

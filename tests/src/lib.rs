@@ -16,7 +16,7 @@ pub fn synth(dir: &Path, sites: usize, participants: usize, seed: u64) {
         participants,
         seed,
         out_dir: dir.to_path_buf(),
-        base_port: 50050,
+        base_port: 31050,
     })
     .expect("synth");
 }

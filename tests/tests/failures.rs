@@ -12,7 +12,7 @@
 //!   does not turn it into a partial answer;
 //! - a site that times out after it had the request: charged, never left out, with the
 //!   same error whether or not the participant the query singles out exists;
-//! - ε = 1e-16 costs one ledger unit, not zero.
+//! - ε below 10⁻⁶ is refused at `SET`; the smallest accepted ε is charged exactly.
 
 use std::path::Path;
 
@@ -407,18 +407,33 @@ async fn a_site_unreachable_before_dispatch_is_the_only_kind_left_out_of_a_parti
 }
 
 /// The ledger counts in units of 10⁻⁹ ε and used to round a charge to the nearest unit,
-/// so `SET fedq.epsilon = 1e-16` released an answer charged 0. Any positive ε now costs at
-/// least one unit.
+/// so `SET fedq.epsilon = 1e-16` released an answer charged 0. Such an ε is now refused at
+/// `SET`, before anything runs, and the smallest accepted ε is charged exactly; the
+/// answer's metadata says what the ledger charged. (Rounding a tiny charge up to one unit
+/// is `ledger::tests::any_positive_charge_costs_at_least_one_ledger_unit`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_epsilon_of_1e_16_costs_one_ledger_unit() {
+async fn an_epsilon_below_the_minimum_is_refused_at_set_and_the_minimum_is_charged_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     synth(&dir, 1, 100, 5);
     let (fed, mut eve) = start(&dir, false).await;
-    eve.query("SET fedq.epsilon = 1e-16").await.unwrap();
-    eve.query("SELECT COUNT(*) FROM participants")
+    match eve.query("SET fedq.epsilon = 1e-16").await {
+        Err(CliError::Server { code, message }) => {
+            assert_eq!(code, Code::InvalidArgument, "{message}");
+            assert!(
+                message.contains("smallest accepted value 0.000001"),
+                "{message}"
+            );
+        }
+        other => panic!("1e-16 must be refused at SET: {other:?}"),
+    }
+    assert_eq!(spent(&mut eve).await, 0.0);
+    eve.query("SET fedq.epsilon = 0.000001").await.unwrap();
+    let r = eve
+        .query("SELECT COUNT(*) FROM participants")
         .await
         .unwrap();
-    assert_eq!(spent(&mut eve).await, 1e-9);
+    assert_eq!(r.schema.metadata()[META_EPSILON_SPENT], "0.000001");
+    assert_eq!(spent(&mut eve).await, 1e-6);
     fed.shutdown().await.unwrap();
 }
