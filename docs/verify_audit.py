@@ -43,6 +43,8 @@ def verify(path, anchor=None):
         if kind == "query.released":
             chain["replays"].setdefault((body["researcher"], body["plan_hash"]), [body["query_id"],
                                         body["stored"]["sha3"], body["stored"]["created_at_ms"]])
+        if kind == "answers.pruned":
+            chain["replays"] = {k: v for k, v in chain["replays"].items() if v[2] >= body["older_than_ms"]}
         if kind == "policy.changed":
             chain["policy"]["hash"] = body["hash"]
         if kind == "user.added":

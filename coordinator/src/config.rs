@@ -8,6 +8,8 @@
 //! allow_partial = false          # true: answer from the sites that responded, stating coverage
 //! metrics_listen = "127.0.0.1:9100"  # optional: Prometheus /metrics over plain HTTP
 //!
+//! stored_answer_retention_days = 365  # optional: delete stored answers older than this at start
+//!
 //! [login]                        # optional: failed-login throttle (these are the defaults)
 //! free_failures = 3              # failures in a row that cost nothing
 //! backoff_base_ms = 1000         # then 1 s, 2 s, 4 s, ... per user name and per address
@@ -180,6 +182,8 @@ struct RawConfig {
     researcher_tls: Option<RawResearcherTls>,
     #[serde(default)]
     login: crate::throttle::LoginPolicy,
+    #[serde(default)]
+    stored_answer_retention_days: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +274,9 @@ pub struct CoordinatorConfig {
     pub max_concurrent_queries_per_researcher: usize,
     /// Failed-login back-off and lockout (`[login]`).
     pub login: crate::throttle::LoginPolicy,
+    /// Stored answers older than this many days are deleted at start-up (audited); the
+    /// same query is then answered, and charged, afresh. `None`: kept for ever.
+    pub stored_answer_retention_days: Option<f64>,
 }
 
 impl CoordinatorConfig {
@@ -384,7 +391,15 @@ impl CoordinatorConfig {
         raw.login
             .validate()
             .map_err(|m| CoordinatorError::Config(format!("{origin}: {m}")))?;
+        if let Some(d) = raw.stored_answer_retention_days {
+            if !(d.is_finite() && (1.0..=36_500.0).contains(&d)) {
+                return Err(CoordinatorError::Config(format!(
+                    "{origin}: stored_answer_retention_days = {d} must be between 1 and 36500 days (or left out: kept for ever)"
+                )));
+            }
+        }
         let cfg = CoordinatorConfig {
+            stored_answer_retention_days: raw.stored_answer_retention_days,
             login: raw.login,
             max_concurrent_queries_per_researcher: raw.max_concurrent_queries_per_researcher,
             allow_partial: raw.allow_partial,

@@ -378,6 +378,19 @@ pub struct PolicyChanged {
     pub policy: Value,
 }
 
+/// `answers.pruned`: stored answers older than the retention period were deleted (the
+/// same queries are then answered, and charged, afresh).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswersPruned {
+    /// `stored_answer_retention_days` in force.
+    pub retention_days: f64,
+    /// Every stored answer created before this (milliseconds since 1970) was deleted.
+    pub older_than_ms: i64,
+    /// How many.
+    pub count: u64,
+}
+
 /// `coordinator.started`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -484,6 +497,9 @@ pub enum AuditEvent {
     /// The catalog, policy or datasets changed.
     #[serde(rename = "policy.changed")]
     PolicyChanged(PolicyChanged),
+    /// Stored answers past their retention were deleted.
+    #[serde(rename = "answers.pruned")]
+    AnswersPruned(AnswersPruned),
     /// The coordinator started.
     #[serde(rename = "coordinator.started")]
     CoordinatorStarted(CoordinatorStarted),

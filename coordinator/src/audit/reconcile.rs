@@ -262,6 +262,18 @@ impl Replayed {
             }
             AuditEvent::UserDisabled(u) => self.set_disabled(seq, &u.name, true),
             AuditEvent::UserEnabled(u) => self.set_disabled(seq, &u.name, false),
+            AuditEvent::AnswersPruned(p) => {
+                let before = self.replays.len();
+                self.replays
+                    .retain(|_, (r, _)| r.stored.created_at_ms >= p.older_than_ms);
+                let removed = (before - self.replays.len()) as u64;
+                if removed != p.count {
+                    return Err(format!(
+                        "answers.pruned says {} stored answers were deleted, but the entries before it stored {removed} that old",
+                        p.count
+                    ));
+                }
+            }
             AuditEvent::PolicyChanged(p) => {
                 let last = self.policy_hash.as_ref().map(|(h, _)| h.clone());
                 if p.previous_hash != last {

@@ -856,3 +856,44 @@ fn a_ledger_from_before_the_typed_audit_log_is_refused_untouched() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), before, "nothing was changed");
 }
+
+#[test]
+fn stored_answers_past_their_retention_are_pruned_audited_and_charged_afresh() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("l.sqlite");
+    let l = Ledger::open(&path).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 10.0);
+    for q in ["old1", "old2"] {
+        let (c, _) = l.charge(&rec("a", q, 1.0, &[]), &sites()).unwrap();
+        l.released(c, &StoredOutcome::Answer(q.as_bytes().to_vec()))
+            .unwrap();
+    }
+    l.advance_clock(10 * 86_400_000);
+    let (c, _) = l.charge(&rec("a", "new", 1.0, &[]), &sites()).unwrap();
+    l.released(c, &StoredOutcome::Answer(b"new".to_vec()))
+        .unwrap();
+
+    assert_eq!(l.prune_stored_answers(5.0).unwrap(), 2);
+    assert_eq!(
+        l.prune_stored_answers(5.0).unwrap(),
+        0,
+        "nothing left to prune"
+    );
+    assert!(
+        l.replay(&rec("a", "old1", 1.0, &[])).unwrap().is_none(),
+        "charged afresh"
+    );
+    assert!(l.replay(&rec("a", "new", 1.0, &[])).unwrap().is_some());
+    let r = l.verify().unwrap();
+    assert!(r.ok(), "{:?}", r.problem());
+    assert_eq!(python_verdict(&path), None);
+    // Deleting a stored answer by hand is still caught.
+    l.write(|tx, _| tx.execute("DELETE FROM replays", []).map(|_| Ok(())))
+        .unwrap();
+    let r = l.verify().unwrap();
+    assert_eq!(
+        r.disagreement.unwrap().row,
+        "replays: researcher a, plan hash-new"
+    );
+    assert!(python_verdict(&path).is_some());
+}
