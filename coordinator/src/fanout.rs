@@ -179,7 +179,12 @@ impl NodePool {
         let futs = self.nodes.iter().map(|(node, ch)| async move {
             let info = tokio::time::timeout(limit, node_info(ch.clone()))
                 .await
-                .unwrap_or_else(|_| Err(format!("no answer within {} s", limit.as_secs())));
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "it did not answer within {} s before the query was sent",
+                        limit.as_secs()
+                    ))
+                });
             let site = node.site.clone();
             match info {
                 Ok(i) if i.protocol_version == fedq_common::PROTOCOL_VERSION => Ok(()),
@@ -192,11 +197,8 @@ impl NodePool {
                     ),
                 }),
                 Err(reason) => {
-                    tracing::warn!(site = %site, reason = %reason, "site unreachable before dispatch");
-                    Err(CoordinatorError::NodeUnavailable {
-                        site,
-                        reason: "it did not answer before the query was sent".into(),
-                    })
+                    tracing::warn!(site = %site, reason = %fedq_common::escape_log(&reason), "site unreachable before dispatch");
+                    Err(CoordinatorError::NodeUnavailable { site, reason })
                 }
             }
         });
@@ -358,6 +360,43 @@ impl NodePool {
     }
 }
 
+/// The TLS error behind a failed call, if TLS is why it failed (a certificate refused by
+/// either side): rustls's own error, found in the error's source chain.
+fn tls_failure(s: &tonic::Status) -> Option<String> {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(x) = e {
+        if let Some(r) = x.downcast_ref::<rustls::Error>() {
+            return Some(r.to_string());
+        }
+        if let Some(r) = x
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(r.to_string());
+        }
+        e = x.source();
+    }
+    None
+}
+
+/// Why a site did not answer the reachability probe, in words for the researcher: a
+/// refusal by TLS or by the site's allow-list says so (both depend only on configuration).
+fn probe_failure(s: &tonic::Status) -> String {
+    if let Some(tls) = tls_failure(s) {
+        return format!(
+            "TLS refused the connection: {tls}; the site's and the coordinator's certificates must come from the federation CA, the site's must name the site (`tls_name`), and the site must allow the coordinator's name"
+        );
+    }
+    if s.code() == tonic::Code::PermissionDenied {
+        return format!(
+            "it refuses this coordinator: {}",
+            s.message().chars().take(300).collect::<String>()
+        );
+    }
+    "it did not answer before the query was sent".into()
+}
+
 /// One node's [`NodeInfo`] (Flight action [`fedq_common::wire::ACTION_NODE_INFO`]).
 async fn node_info(ch: Channel) -> Result<NodeInfo, String> {
     let mut client = FlightServiceClient::new(ch);
@@ -365,12 +404,12 @@ async fn node_info(ch: Channel) -> Result<NodeInfo, String> {
     let mut stream = client
         .do_action(action)
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(|s| probe_failure(&s))?
         .into_inner();
     let first = stream
         .message()
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(|s| probe_failure(&s))?
         .ok_or_else(|| "empty answer".to_string())?;
     serde_json::from_slice::<NodeInfo>(&first.body).map_err(|e| e.to_string())
 }

@@ -214,6 +214,15 @@ async fn the_coordinator_accepts_only_the_node_certificate_of_the_site_it_asked(
         "a certificate from another CA accepted: {:?}",
         infos[2]
     );
+    // A refusal by TLS says so, naming what to check.
+    for (site, r) in [&infos[0], &infos[2]] {
+        let why = r.as_ref().unwrap_err();
+        assert!(
+            why.starts_with("TLS refused the connection"),
+            "{site}: {why}"
+        );
+        assert!(why.contains("federation CA"), "{site}: {why}");
+    }
     site02.shutdown().await.unwrap();
     rogue_node.shutdown().await.unwrap();
 }
