@@ -505,16 +505,6 @@ pub enum AuditEvent {
     CoordinatorStarted(CoordinatorStarted),
 }
 
-impl AuditEvent {
-    /// The entry's `kind`.
-    pub fn kind(&self) -> String {
-        serde_json::to_value(self)
-            .ok()
-            .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_default()
-    }
-}
-
 /// One entry of the chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEntry {
