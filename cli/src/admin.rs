@@ -197,19 +197,24 @@ pub async fn user_add(
 
 /// `fedq user disable` (officers).
 pub async fn user_disable(c: &Connection, name: &str) -> Result<serde_json::Value, CliError> {
-    let body = serde_json::json!({ "name": name });
-    c.client()
-        .await?
-        .action_with_body(ACTION_USER_DISABLE, Some(&body))
-        .await
+    user_action(c, ACTION_USER_DISABLE, name).await
 }
 
 /// `fedq user unlock` (officers): lift a login lockout. Answers `{"name", "unlocked"}`.
 pub async fn user_unlock(c: &Connection, name: &str) -> Result<serde_json::Value, CliError> {
+    user_action(c, ACTION_USER_UNLOCK, name).await
+}
+
+/// An officer action whose body names one user.
+async fn user_action(
+    c: &Connection,
+    action: &str,
+    name: &str,
+) -> Result<serde_json::Value, CliError> {
     let body = serde_json::json!({ "name": name });
     c.client()
         .await?
-        .action_with_body(ACTION_USER_UNLOCK, Some(&body))
+        .action_with_body(action, Some(&body))
         .await
 }
 

@@ -212,7 +212,8 @@ pub enum BudgetKind {
 }
 
 impl BudgetKind {
-    fn as_str(self) -> &'static str {
+    /// `researcher` or `dataset`, as stored.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BudgetKind::Researcher => "researcher",
             BudgetKind::Dataset => "dataset",

@@ -240,6 +240,16 @@ fn parse_body<T: serde::de::DeserializeOwned>(action: &Action) -> Result<T, Coor
     })
 }
 
+/// The body of an action that names one user (`fedq.user.disable`, `fedq.user.unlock`).
+fn parse_name_body(action: &Action) -> Result<UserDisableRequest, CoordinatorError> {
+    serde_json::from_slice(&action.body).map_err(|e| {
+        CoordinatorError::InvalidArgument(format!(
+            r#"the body of {} must be JSON like {{"name":"carol"}}: {e}"#,
+            action.r#type
+        ))
+    })
+}
+
 fn message_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new(
         "result",
@@ -391,11 +401,7 @@ impl FedqFlightSqlService {
                 Ok(serde_json::json!({"name": u.name, "role": u.role, "disabled": false}))
             }
             ACTION_USER_DISABLE => {
-                let u: UserDisableRequest = serde_json::from_slice(&action.body).map_err(|e| {
-                    CoordinatorError::InvalidArgument(format!(
-                        r#"the body of {ACTION_USER_DISABLE} must be JSON like {{"name":"carol"}}: {e}"#
-                    ))
-                })?;
+                let u = parse_name_body(action)?;
                 if u.name == officer {
                     return Err(CoordinatorError::InvalidArgument(
                         "you cannot disable your own account; ask another privacy officer".into(),
@@ -408,11 +414,7 @@ impl FedqFlightSqlService {
             }
             ACTION_USER_LIST => enc(serde_json::to_value(ledger.users()?)),
             ACTION_USER_UNLOCK => {
-                let u: UserDisableRequest = serde_json::from_slice(&action.body).map_err(|e| {
-                    CoordinatorError::InvalidArgument(format!(
-                        r#"the body of {ACTION_USER_UNLOCK} must be JSON like {{"name":"carol"}}: {e}"#
-                    ))
-                })?;
+                let u = parse_name_body(action)?;
                 crate::ledger::check_user_name(&u.name)?;
                 let lifted = self.throttle.unlock(&u.name);
                 ledger.record(

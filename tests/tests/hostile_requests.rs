@@ -436,14 +436,7 @@ async fn the_node_policy_refuses_what_the_hospital_does_not_share_and_logs_who_a
         .insert("labs".into(), toml::Value::Table(labs));
     std::fs::write(&node_toml, toml::to_string(&doc).unwrap()).unwrap();
 
-    let logs = fedq_tests::Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = fedq_tests::Captured::install();
 
     let mut cfg = NodeConfig::load(&node_toml).unwrap();
     cfg.listen = "127.0.0.1:0".parse().unwrap();

@@ -295,14 +295,7 @@ async fn a_caller_refused_by_tls_is_logged_with_its_address() {
     let rogue = DevCa::generate("rogue CA").unwrap();
     rogue.issue_to(other.path(), "coordinator", &[]).unwrap();
 
-    let logs = fedq_tests::Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = fedq_tests::Captured::install();
     tracing::callsite::rebuild_interest_cache();
 
     let mut cfg = NodeConfig::load(&tmp.path().join("sites/site01/node.toml")).unwrap();

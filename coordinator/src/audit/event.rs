@@ -561,8 +561,3 @@ impl AuditEntry {
         })
     }
 }
-
-/// RFC 8785 canonical text of any JSON value.
-pub fn canonical(v: &Value) -> Option<String> {
-    serde_jcs::to_string(v).ok()
-}

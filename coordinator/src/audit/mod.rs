@@ -43,7 +43,7 @@ pub(crate) const META_COUNT: &str = "audit_count";
 /// insignificant whitespace.
 pub fn canonical_json(v: &Value) -> String {
     // A `Value` holds no NaN or infinity, the only values JCS cannot write.
-    event::canonical(v).unwrap_or_else(|| v.to_string())
+    serde_jcs::to_string(v).unwrap_or_else(|_| v.to_string())
 }
 
 /// Hash of an entry given the previous entry's hash.

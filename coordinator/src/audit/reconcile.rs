@@ -67,14 +67,7 @@ pub fn sha3_hex(bytes: &[u8]) -> String {
 }
 
 fn budget_key(b: &BudgetState) -> (String, String) {
-    (kind_str(b.kind).to_string(), b.name.clone())
-}
-
-fn kind_str(k: BudgetKind) -> &'static str {
-    match k {
-        BudgetKind::Researcher => "researcher",
-        BudgetKind::Dataset => "dataset",
-    }
+    (b.kind.as_str().to_string(), b.name.clone())
 }
 
 fn bad(seq: i64, reason: String) -> BadEntry {
@@ -304,7 +297,7 @@ impl Replayed {
 fn never_created(b: &BudgetState) -> String {
     format!(
         "changes the {} budget {}, which no earlier entry created",
-        kind_str(b.kind),
+        b.kind.as_str(),
         b.name
     )
 }
@@ -315,7 +308,7 @@ fn follows(kind: &str, expected: &BudgetState, stated: &BudgetState) -> Result<(
         None => Ok(()),
         Some((field, want, got)) => Err(format!(
             "{kind} leaves {} budget {} with {field} = {got}, but the entries before it give {want}: the chain was forged",
-            kind_str(stated.kind),
+            stated.kind.as_str(),
             stated.name
         )),
     }

@@ -426,6 +426,28 @@ fn sample(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Rewrite every entry with `edit` and rebuild the chain and its recorded head around the
+/// result, as someone who can write the file could.
+fn rechain(path: &Path, mut edit: impl FnMut(&str) -> String) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut prev = audit::GENESIS.to_string();
+    for row in audit::read_rows(&c, path).unwrap() {
+        let entry = edit(&row.entry);
+        let hash = audit::chain_hash(&prev, &entry);
+        c.execute(
+            "UPDATE audit SET entry = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+            params![entry, prev, hash, row.seq],
+        )
+        .unwrap();
+        prev = hash;
+    }
+    c.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'audit_head'",
+        [&prev],
+    )
+    .unwrap();
+}
+
 fn tamper(path: &Path, sql: &str) -> audit::VerifyReport {
     let c = rusqlite::Connection::open(path).unwrap();
     c.execute_batch(sql).unwrap();
@@ -529,26 +551,9 @@ fn verify_detects_every_kind_of_tampering() {
     let d = tempfile::tempdir().unwrap();
     let p = sample(d.path());
     let anchor = audit::verify(&p, None).unwrap().head;
-    {
-        let c = rusqlite::Connection::open(&p).unwrap();
-        let rows = audit::read_rows(&c, &p).unwrap();
-        let mut prev = audit::GENESIS.to_string();
-        for row in rows {
-            let entry = row.entry.replace("\"epsilon\":1,", "\"epsilon\":0.5,");
-            let hash = audit::chain_hash(&prev, &entry);
-            c.execute(
-                "UPDATE audit SET entry = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
-                params![entry, prev, hash, row.seq],
-            )
-            .unwrap();
-            prev = hash;
-        }
-        c.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'audit_head'",
-            [&prev],
-        )
-        .unwrap();
-    }
+    rechain(&p, |entry| {
+        entry.replace("\"epsilon\":1,", "\"epsilon\":0.5,")
+    });
     assert!(audit::verify(&p, None).unwrap().ok());
     let r = audit::verify(&p, Some(&anchor)).unwrap();
     assert!(!r.ok());
@@ -746,33 +751,16 @@ fn a_forged_entry_whose_state_does_not_follow_is_named_even_when_rechained() {
     let p = rich_sample(d.path());
     // Rewrite the first charge to spend nothing, and rechain everything after it: the hash
     // chain is consistent again, but the charge's after-state no longer follows.
-    {
-        let c = rusqlite::Connection::open(&p).unwrap();
-        let rows = audit::read_rows(&c, &p).unwrap();
-        let mut prev = audit::GENESIS.to_string();
-        let mut forged = false;
-        for row in rows {
-            let mut entry = row.entry.clone();
-            if !forged && entry.contains("\"kind\":\"query.charged\"") {
-                let mut e: Value = serde_json::from_str(&entry).unwrap();
-                e["body"]["budgets_after"][0]["epsilon_spent"] = json!("0");
-                entry = canonical_json(&e);
-                forged = true;
-            }
-            let hash = audit::chain_hash(&prev, &entry);
-            c.execute(
-                "UPDATE audit SET entry = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
-                params![entry, prev, hash, row.seq],
-            )
-            .unwrap();
-            prev = hash;
+    let mut forged = false;
+    rechain(&p, |entry| {
+        if forged || !entry.contains("\"kind\":\"query.charged\"") {
+            return entry.to_string();
         }
-        c.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'audit_head'",
-            [&prev],
-        )
-        .unwrap();
-    }
+        forged = true;
+        let mut e: Value = serde_json::from_str(entry).unwrap();
+        e["body"]["budgets_after"][0]["epsilon_spent"] = json!("0");
+        canonical_json(&e)
+    });
     let r = audit::verify(&p, None).unwrap();
     let bad = r.first_bad.expect("the forged charge is named");
     assert!(bad.reason.contains("query.charged"), "{bad:?}");
