@@ -676,6 +676,18 @@ struct BenchArgs {
     /// Benchmark these queries instead of the reference set; `NAME=SQL`, repeatable.
     #[arg(long = "query", value_name = "NAME=SQL")]
     queries: Vec<String>,
+    /// Also print where each federated query's time goes: the coordinator's phases (plan,
+    /// replay, probe, charge, gather, release, store) and each node's (validate, queue,
+    /// plan, physical, execute).
+    #[arg(long)]
+    breakdown: bool,
+    /// Measure throughput instead: this many concurrent clients, each its own researcher,
+    /// run distinct queries for `--seconds`; prints queries/s and latency percentiles.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Length of the throughput run (with `--clients`).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -915,6 +927,9 @@ async fn main_inner(cli: Cli) -> Result<(), CliError> {
                 dir: a.data,
                 runs: a.runs,
                 queries,
+                breakdown: a.breakdown,
+                clients: a.clients,
+                seconds: a.seconds,
             })
             .await?
         }

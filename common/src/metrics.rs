@@ -28,6 +28,130 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0,
 ];
 
+/// Buckets of the per-phase histograms, in seconds, from 50 µs to 10 s.
+pub const PHASE_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// Coordinator histogram `fedq_query_phase_seconds{phase}`: where a query's time goes.
+pub const QUERY_PHASE_METRIC: &str = "fedq_query_phase_seconds";
+/// Node histogram `fedq_node_phase_seconds{site, phase}`: where a request's time goes.
+pub const NODE_PHASE_METRIC: &str = "fedq_node_phase_seconds";
+
+/// A phase of a query at the coordinator, in the order they run (the `phase` label of
+/// [`QUERY_PHASE_METRIC`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum QueryPhase {
+    /// SQL to a checked plan: parse, DataFusion planning, statistics, ε split, node request.
+    Plan,
+    /// Looking up an identical earlier answer (a free replay).
+    Replay,
+    /// Asking every site whether it is reachable, before the request is sent.
+    Probe,
+    /// The durable charge (one ledger transaction, group-committed with concurrent ones).
+    Charge,
+    /// Sending the request to the sites and merging their partials, until the last answers.
+    Gather,
+    /// Noise, post-processing and encoding the answer.
+    Release,
+    /// Storing the answer for replays and settling the charge (one ledger transaction).
+    Store,
+}
+
+impl QueryPhase {
+    /// Every phase, in order.
+    pub const ALL: [QueryPhase; 7] = [
+        QueryPhase::Plan,
+        QueryPhase::Replay,
+        QueryPhase::Probe,
+        QueryPhase::Charge,
+        QueryPhase::Gather,
+        QueryPhase::Release,
+        QueryPhase::Store,
+    ];
+
+    /// The `phase` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryPhase::Plan => "plan",
+            QueryPhase::Replay => "replay",
+            QueryPhase::Probe => "probe",
+            QueryPhase::Charge => "charge",
+            QueryPhase::Gather => "gather",
+            QueryPhase::Release => "release",
+            QueryPhase::Store => "store",
+        }
+    }
+}
+
+/// A phase of one request at a node (the `phase` label of [`NODE_PHASE_METRIC`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NodePhase {
+    /// Decoding the ticket and validating the request against the catalog and policy.
+    Validate,
+    /// Waiting for one of the node's query slots.
+    Queue,
+    /// The request to an optimised DataFusion logical plan and a bounding plan (or the
+    /// plan of an earlier request of the same shape, reused).
+    Plan,
+    /// The logical plan to a physical plan.
+    Physical,
+    /// Reading, filtering, bounding per participant and aggregating.
+    Execute,
+}
+
+impl NodePhase {
+    /// Every phase, in order.
+    pub const ALL: [NodePhase; 5] = [
+        NodePhase::Validate,
+        NodePhase::Queue,
+        NodePhase::Plan,
+        NodePhase::Physical,
+        NodePhase::Execute,
+    ];
+
+    /// The `phase` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodePhase::Validate => "validate",
+            NodePhase::Queue => "queue",
+            NodePhase::Plan => "plan",
+            NodePhase::Physical => "physical",
+            NodePhase::Execute => "execute",
+        }
+    }
+}
+
+/// The total seconds and count of each `phase` of the histogram `metric` in `registry`
+/// (summed over its other labels, such as `site`).
+pub fn phase_totals(
+    registry: &Registry,
+    metric: &str,
+) -> std::collections::BTreeMap<String, (f64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for family in registry.gather() {
+        if family.name() != metric {
+            continue;
+        }
+        for m in family.get_metric() {
+            let Some(phase) = m
+                .get_label()
+                .iter()
+                .find(|l| l.name() == "phase")
+                .map(|l| l.value().to_string())
+            else {
+                continue;
+            };
+            let h = m.get_histogram();
+            let e = out.entry(phase).or_insert((0.0, 0));
+            e.0 += h.get_sample_sum();
+            e.1 += h.get_sample_count();
+        }
+    }
+    out
+}
+
 /// The registry's metrics in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut out = Vec::new();

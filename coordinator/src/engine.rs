@@ -18,13 +18,17 @@ use crate::audit::event::{AuditEvent, QueryFacts, QueryOutcome, QueryUncharged};
 use crate::config::{CoordinatorConfig, DatasetConfig};
 use crate::error::CoordinatorError;
 use crate::fanout::{MergedPartials, NodePool};
+use crate::ledger::group::ChargeQueue;
 use crate::ledger::{BudgetKind, BudgetStatus, Ledger, QueryRecord, Replay, StoredOutcome};
+use crate::metrics::PhaseClock;
 use crate::planner::{PlannedQuery, Planner, TRUNCATION_LABEL};
 use crate::release::{
     release, Released, META_EPSILON_REMAINING, META_EPSILON_SPENT, META_PLAN_HASH, META_QUERY_ID,
     META_REPLAY, META_REPLAY_OF, META_SITES_ANSWERED, META_SITES_ASKED,
 };
+use fedq_common::metrics::QueryPhase;
 use tonic::Status;
+use tracing::Instrument;
 
 /// The smallest ε `SET fedq.epsilon` accepts. Below it the noise's scale is over a million
 /// times the sensitivity, so nothing useful could be released, and amounts near the
@@ -116,6 +120,8 @@ pub struct Coordinator {
     planner: Planner,
     pool: NodePool,
     ledger: Arc<Ledger>,
+    /// Charges waiting for the next group commit.
+    charges: Arc<ChargeQueue>,
     policy: Policy,
     catalog: Catalog,
     datasets: Vec<DatasetConfig>,
@@ -153,6 +159,7 @@ impl Coordinator {
                 .with_delta_per_query(config.policy.delta_per_query),
             pool: NodePool::new(&config.nodes, config.node_timeout, &config.node_transport)?
                 .allow_partial(config.allow_partial),
+            charges: ChargeQueue::new(Arc::clone(&ledger)),
             ledger,
             policy: config.policy.clone(),
             catalog: config.catalog.clone(),
@@ -272,8 +279,11 @@ impl Coordinator {
     ) -> Result<PlannedQuery, CoordinatorError> {
         let eps = self.session_epsilon(researcher);
         let qid = random_id();
+        // The caller's span (the Flight service's `query`) takes the id from here on.
+        tracing::Span::current().record("query_id", tracing::field::display(&qid));
         let started = std::time::Instant::now();
         let planned = self.planner.plan(sql, eps, &qid).await;
+        self.metrics.phase(QueryPhase::Plan, started.elapsed());
         if let Err(e) = &planned {
             self.metrics
                 .query(crate::metrics::Outcome::of(e), started.elapsed());
@@ -417,7 +427,16 @@ impl Coordinator {
         q: &PlannedQuery,
     ) -> Result<Released, CoordinatorError> {
         let started = std::time::Instant::now();
-        let result = self.execute_counted(researcher, q, started).await;
+        // Log lines of the query carry its id: in the caller's span if it has one (the
+        // Flight service's), else in a span of their own.
+        let span = match tracing::Span::current() {
+            s if s.is_none() => tracing::info_span!("query", query_id = %q.query_id),
+            s => s,
+        };
+        let result = self
+            .execute_counted(researcher, q, started)
+            .instrument(span)
+            .await;
         match &result {
             Ok(r) => {
                 // What the ledger charged for this answer (0 for a replay).
@@ -465,12 +484,16 @@ impl Coordinator {
         q: &PlannedQuery,
         started: std::time::Instant,
     ) -> Result<Released, CoordinatorError> {
+        let mut clock = PhaseClock::start(&self.metrics);
         let rec = self.query_record(researcher, q);
-        if let Some(r) = self.ledger.replay(&rec)? {
+        let looked_up = rec.clone();
+        if let Some(r) = self.on_ledger(move |l| l.replay(&looked_up)).await? {
             return self.replayed(researcher, q, r);
         }
+        clock.done(QueryPhase::Replay);
         // Which sites the request goes to: decided before any of them has it.
         let dispatch = self.pool.probe().await;
+        clock.done(QueryPhase::Probe);
         let unreachable: Vec<String> = dispatch
             .unreachable
             .iter()
@@ -484,8 +507,10 @@ impl Coordinator {
         }
         // Charged before any node reads data (this is also the budget check).
         let (charge, status) = self
-            .ledger
-            .charge(&rec, &self.sites_of(&dispatch.reachable))?;
+            .charges
+            .charge(rec.clone(), self.sites_of(&dispatch.reachable))
+            .await?;
+        clock.done(QueryPhase::Charge);
         let mut merged = match self
             .pool
             .gather_from(&dispatch.reachable, &q.request, &q.groups)
@@ -494,6 +519,7 @@ impl Coordinator {
             Ok(m) => m,
             Err(f) => return Err(self.settle_failure(&rec, charge, f.failure)),
         };
+        clock.done(QueryPhase::Gather);
         for site in &merged.sites_failed {
             self.metrics.node_error(site);
         }
@@ -530,10 +556,13 @@ impl Coordinator {
                 })?;
                 Ok((r, ipc))
             });
+        clock.done(QueryPhase::Release);
         match released {
             Ok((r, ipc)) => {
                 // Committed before the answer leaves: after this it is never refunded.
-                self.ledger.released(charge, &StoredOutcome::Answer(ipc))?;
+                self.on_ledger(move |l| l.released(charge, &StoredOutcome::Answer(ipc)))
+                    .await?;
+                clock.done(QueryPhase::Store);
                 tracing::info!(query_id = %q.query_id, researcher, epsilon = q.epsilon,
                     sites = merged.sites_answered.len(), elapsed_ms = started.elapsed().as_millis() as u64,
                     "query released");
@@ -558,6 +587,22 @@ impl Coordinator {
                 })
             }
         }
+    }
+
+    /// Run `f` on the ledger on a blocking thread, so that no async worker waits for the
+    /// ledger's lock or its disk.
+    async fn on_ledger<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<T, CoordinatorError> + Send + 'static,
+    ) -> Result<T, CoordinatorError> {
+        let ledger = Arc::clone(&self.ledger);
+        tokio::task::spawn_blocking(move || f(&ledger))
+            .await
+            .unwrap_or_else(|e| {
+                Err(CoordinatorError::LedgerUnavailable(format!(
+                    "a ledger operation did not finish ({e})"
+                )))
+            })
     }
 
     /// Site names of config indexes.

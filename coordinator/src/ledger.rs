@@ -96,6 +96,11 @@ CREATE TABLE IF NOT EXISTS audit(
 
 /// Map a SQLite error to a clear coordinator error.
 pub(crate) fn ledger_error(path: &Path, e: rusqlite::Error) -> CoordinatorError {
+    ledger_error_ref(path, &e)
+}
+
+/// [`ledger_error`] of a borrowed error (one error reported to several callers).
+pub(crate) fn ledger_error_ref(path: &Path, e: &rusqlite::Error) -> CoordinatorError {
     let p = path.display();
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
@@ -1179,64 +1184,61 @@ impl Ledger {
         q: &QueryRecord,
         sites_dispatched: &[String],
     ) -> Result<(Charge, BudgetStatus), CoordinatorError> {
-        check_amount("ε", q.epsilon, MAX_EPSILON)?;
-        check_amount("δ", q.delta, 1.0)?;
-        if q.epsilon <= 0.0 {
-            return Err(CoordinatorError::InvalidArgument(
-                "ε of a query must be positive".into(),
-            ));
-        }
-        let eps = charge_units(q.epsilon, EPS_UNIT);
-        let delta = charge_units(q.delta, DELTA_UNIT);
-        self.write(|tx, now| {
-            let mut rows = match check_all(tx, now, q)? {
-                Ok(rows) => rows,
-                Err(e) => {
-                    refuse(tx, now, q, &e)?;
-                    return Ok(Err(e));
-                }
-            };
-            for r in rows.iter_mut() {
-                r.eps_spent += eps;
-                r.delta_spent += delta;
-                save(tx, r)?;
-            }
-            let charge = ChargeState {
-                query_id: q.query_id.clone(),
-                researcher: q.researcher.clone(),
-                datasets: q.datasets.clone(),
-                plan_hash: q.plan_hash.clone(),
-                epsilon: Units(eps),
-                delta: Units(delta),
-                state: ChargeStatus::Charged,
-                charged_at_ms: now,
-                settled_at_ms: None,
-            };
-            tx.execute(
-                "INSERT INTO charges(query_id, researcher, datasets, plan_hash, epsilon, delta, state, charged_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
-                params![q.query_id, q.researcher, serde_json::to_string(&q.datasets).unwrap_or_default(),
-                        q.plan_hash, eps, delta, now],
-            )?;
-            let event = AuditEvent::QueryCharged(QueryCharged {
-                query: q.facts(),
-                sites_dispatched: sites_dispatched.to_vec(),
-                outcome: QueryOutcome::Charged,
-                charge,
-                budgets_after: rows.iter().map(Row::state).collect(),
-            });
-            append(tx, now, &q.researcher, event)?;
-            let status = rows[0].status(now);
-            Ok(Ok((
-                Charge {
-                    query_id: q.query_id.clone(),
-                    researcher: q.researcher.clone(),
-                    plan_hash: q.plan_hash.clone(),
-                    epsilon: eps as f64 / EPS_UNIT,
-                },
-                status,
-            )))
+        let mut out = self.charge_many(&[(q, sites_dispatched)]);
+        out.pop().unwrap_or_else(|| {
+            Err(CoordinatorError::LedgerUnavailable(
+                "the ledger answered no charge".into(),
+            ))
         })
+    }
+
+    /// [`Ledger::charge`] for several queries in one transaction and one durable commit
+    /// (group commit, see [`group::ChargeQueue`]). Each is checked against the budgets as
+    /// the ones before it left them, so together they never overspend; each gets its own
+    /// outcome, a charge or a refusal, in order. If the transaction fails, none is charged
+    /// and each gets the error.
+    pub fn charge_many(
+        &self,
+        queries: &[(&QueryRecord, &[String])],
+    ) -> Vec<Result<(Charge, BudgetStatus), CoordinatorError>> {
+        // Amounts are checked first: an invalid one is refused without a write.
+        let amounts: Vec<Result<(i64, i64), CoordinatorError>> = queries
+            .iter()
+            .map(|(q, _)| {
+                check_amount("ε", q.epsilon, MAX_EPSILON)?;
+                check_amount("δ", q.delta, 1.0)?;
+                if q.epsilon <= 0.0 {
+                    return Err(CoordinatorError::InvalidArgument(
+                        "ε of a query must be positive".into(),
+                    ));
+                }
+                Ok((
+                    charge_units(q.epsilon, EPS_UNIT),
+                    charge_units(q.delta, DELTA_UNIT),
+                ))
+            })
+            .collect();
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let written = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = self.now();
+            let mut out = Vec::with_capacity(queries.len());
+            for ((q, sites), amount) in queries.iter().zip(amounts) {
+                out.push(match amount {
+                    Ok((eps, delta)) => charge_in(&tx, now, q, sites, eps, delta)?,
+                    Err(e) => Err(e),
+                });
+            }
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(out)
+        })();
+        match written {
+            Ok(out) => out,
+            Err(e) => queries
+                .iter()
+                .map(|_| Err(ledger_error_ref(&self.path, &e)))
+                .collect(),
+        }
     }
 
     /// Mark a charge released and store its answer for free replays. Call this before the
@@ -1431,6 +1433,65 @@ impl Ledger {
     }
 }
 
+/// One charge inside a write transaction: the budget check, the updated budgets, the
+/// charge row and its audit entry; or the refusal, audited.
+fn charge_in(
+    tx: &Transaction,
+    now: i64,
+    q: &QueryRecord,
+    sites_dispatched: &[String],
+    eps: i64,
+    delta: i64,
+) -> rusqlite::Result<Result<(Charge, BudgetStatus), CoordinatorError>> {
+    let mut rows = match check_all(tx, now, q)? {
+        Ok(rows) => rows,
+        Err(e) => {
+            refuse(tx, now, q, &e)?;
+            return Ok(Err(e));
+        }
+    };
+    for r in rows.iter_mut() {
+        r.eps_spent += eps;
+        r.delta_spent += delta;
+        save(tx, r)?;
+    }
+    let charge = ChargeState {
+        query_id: q.query_id.clone(),
+        researcher: q.researcher.clone(),
+        datasets: q.datasets.clone(),
+        plan_hash: q.plan_hash.clone(),
+        epsilon: Units(eps),
+        delta: Units(delta),
+        state: ChargeStatus::Charged,
+        charged_at_ms: now,
+        settled_at_ms: None,
+    };
+    tx.execute(
+        "INSERT INTO charges(query_id, researcher, datasets, plan_hash, epsilon, delta, state, charged_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
+        params![q.query_id, q.researcher, serde_json::to_string(&q.datasets).unwrap_or_default(),
+                q.plan_hash, eps, delta, now],
+    )?;
+    let event = AuditEvent::QueryCharged(QueryCharged {
+        query: q.facts(),
+        sites_dispatched: sites_dispatched.to_vec(),
+        outcome: QueryOutcome::Charged,
+        charge,
+        budgets_after: rows.iter().map(Row::state).collect(),
+    });
+    append(tx, now, &q.researcher, event)?;
+    let status = rows[0].status(now);
+    Ok(Ok((
+        Charge {
+            query_id: q.query_id.clone(),
+            researcher: q.researcher.clone(),
+            plan_hash: q.plan_hash.clone(),
+            epsilon: eps as f64 / EPS_UNIT,
+        },
+        status,
+    )))
+}
+
 /// Delete the stored answers older than `days`, with an `answers.pruned` entry (none if
 /// there were none).
 fn prune_answers(tx: &Transaction, now: i64, days: f64) -> rusqlite::Result<u64> {
@@ -1559,6 +1620,8 @@ fn refuse(
     append(tx, now, &q.researcher, event)?;
     Ok(())
 }
+
+pub mod group;
 
 #[cfg(test)]
 mod tests;

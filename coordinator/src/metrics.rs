@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use fedq_common::metrics::prometheus::core::Collector;
 use fedq_common::metrics::prometheus::{
-    CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+    CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
-use fedq_common::metrics::LATENCY_BUCKETS;
+use fedq_common::metrics::{QueryPhase, LATENCY_BUCKETS, PHASE_BUCKETS, QUERY_PHASE_METRIC};
 
 use crate::error::CoordinatorError;
 
@@ -57,6 +57,7 @@ pub struct CoordinatorMetrics {
     epsilon: CounterVec,
     refusals: IntCounter,
     node_errors: IntCounterVec,
+    phases: HistogramVec,
 }
 
 impl Default for CoordinatorMetrics {
@@ -107,13 +108,23 @@ impl CoordinatorMetrics {
             &["site"],
         )
         .expect("static metric definition");
+        let phases = HistogramVec::new(
+            HistogramOpts::new(
+                QUERY_PHASE_METRIC,
+                "time a query spends in each phase: plan, replay, probe, charge, gather, release, store",
+            )
+            .buckets(PHASE_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("static metric definition");
         let registry = Registry::new();
-        let collectors: [Box<dyn Collector>; 5] = [
+        let collectors: [Box<dyn Collector>; 6] = [
             Box::new(queries.clone()),
             Box::new(latency.clone()),
             Box::new(epsilon.clone()),
             Box::new(refusals.clone()),
             Box::new(node_errors.clone()),
+            Box::new(phases.clone()),
         ];
         for c in collectors {
             if let Err(e) = registry.register(c) {
@@ -127,7 +138,15 @@ impl CoordinatorMetrics {
             epsilon,
             refusals,
             node_errors,
+            phases,
         }
+    }
+
+    /// One query spent `elapsed` in `phase`.
+    pub fn phase(&self, phase: QueryPhase, elapsed: Duration) {
+        self.phases
+            .with_label_values(&[phase.as_str()])
+            .observe(elapsed.as_secs_f64());
     }
 
     /// One query ended with `outcome` after `elapsed`.
@@ -151,5 +170,30 @@ impl CoordinatorMetrics {
     /// `site` failed for a query.
     pub fn node_error(&self, site: &str) {
         self.node_errors.with_label_values(&[site]).inc();
+    }
+}
+
+/// Times consecutive phases of one query: each [`PhaseClock::done`] records the time since
+/// the previous one (or the start).
+#[derive(Debug)]
+pub struct PhaseClock<'a> {
+    metrics: &'a CoordinatorMetrics,
+    last: std::time::Instant,
+}
+
+impl<'a> PhaseClock<'a> {
+    /// Start timing now.
+    pub fn start(metrics: &'a CoordinatorMetrics) -> PhaseClock<'a> {
+        PhaseClock {
+            metrics,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// The phase that just ended was `phase`.
+    pub fn done(&mut self, phase: QueryPhase) {
+        let now = std::time::Instant::now();
+        self.metrics.phase(phase, now - self.last);
+        self.last = now;
     }
 }

@@ -27,6 +27,12 @@ use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::{provider_as_source, MemTable};
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection};
 use datafusion::prelude::SessionContext;
+
+/// The session post-processing runs in, made once: a new one per query would register
+/// every built-in function again. Each query's plan carries its own noisy table, so the
+/// session holds nothing of any query.
+static POST_PROCESSING: std::sync::LazyLock<SessionContext> =
+    std::sync::LazyLock::new(SessionContext::new);
 use fedq_common::catalog::Bounds;
 use fedq_common::{AggregateRequest, PublicValue};
 
@@ -541,8 +547,10 @@ pub async fn release(
         message: e.to_string(),
         charge: String::new(),
     };
-    let ctx = SessionContext::new();
-    let df = ctx.execute_logical_plan(plan).await.map_err(post)?;
+    let df = POST_PROCESSING
+        .execute_logical_plan(plan)
+        .await
+        .map_err(post)?;
     let out_batches = df.collect().await.map_err(post)?;
 
     // 5. Metadata, the suppression flag column, and removal of the hidden columns.

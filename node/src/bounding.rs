@@ -56,7 +56,7 @@ pub(crate) struct BoundError(pub String);
 type BResult<T> = Result<T, BoundError>;
 
 /// Lookup from a group key value to its index in the column's public domain.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum DomainIndex {
     /// Up to [`SMALL_DOMAIN`] values: compared in turn, faster than hashing. With each
     /// value, its view if it is short enough to be inlined, else `u128::MAX` (whose length
@@ -74,7 +74,7 @@ enum DomainIndex {
 const SMALL_DOMAIN: usize = 16;
 
 /// A GROUP BY column with its public domain.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct GroupCol {
     /// Output name (as requested).
     pub name: String,
@@ -94,7 +94,7 @@ pub(crate) struct GroupCol {
 /// and one comparison per row, without a branch. Equal inline views are equal strings
 /// (length and zero-padded bytes), and a longer string's view has another length, so a
 /// view matches a slot only if it is that domain value.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ViewTable {
     /// `(view, index)`; `u128::MAX` (the view of no string) where empty.
     slots: Vec<(u128, u32)>,
@@ -234,7 +234,7 @@ pub(crate) enum SlotKind {
 }
 
 /// An aggregate input column kept in the reservoirs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ValueSlot {
     pub ty: ColumnType,
     pub kind: SlotKind,
@@ -325,7 +325,7 @@ impl AggPlan {
 type FixedInput = (usize, f64, f64, f64);
 
 /// The shape of one bounding run.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct BoundingPlan {
     /// R: rows kept per participant.
     pub max_rows: usize,

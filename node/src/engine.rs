@@ -18,6 +18,7 @@ use datafusion::logical_expr::{ident, Expr, LogicalPlan};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::physical_plan::execute_stream;
 use fedq_common::group_key::KeyDomain;
+use fedq_common::metrics::NodePhase;
 use fedq_common::quantile::{QuantileGrid, MAX_HISTOGRAM_CELLS};
 use fedq_common::wire::{
     MAX_AGGREGATES, MAX_EXPR_DEPTH, MAX_EXPR_NODES, MAX_GROUPS, MAX_GROUP_COLUMNS, MAX_JOINS,
@@ -35,6 +36,7 @@ use crate::bounding::{
 use crate::config::{NodeConfig, TableFormat, TableSource};
 use crate::error::NodeError;
 use crate::filter::{self, side_alias, Relation, Scope};
+use crate::plan_cache::{self, CachedPlan, PhysicalSlot, PlanCache, ShapeKey};
 use crate::selection::{self, OpenKey, Selection};
 use crate::sets::{self, SetNames};
 
@@ -129,7 +131,7 @@ struct Counted {
 /// What identifies a file's contents cheaply: length, modification time and inode. A file
 /// rewritten or replaced gets another stamp (within the file system's time resolution).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     len: u64,
     modified: std::time::SystemTime,
     inode: u64,
@@ -137,7 +139,7 @@ struct FileStamp {
 
 impl FileStamp {
     /// The file's stamp now, or `None` if it cannot be read.
-    fn of(path: &Path) -> Option<FileStamp> {
+    pub(crate) fn of(path: &Path) -> Option<FileStamp> {
         let m = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
         let inode = std::os::unix::fs::MetadataExt::ino(&m);
@@ -154,12 +156,14 @@ impl FileStamp {
 /// A validated request, ready to run.
 struct Prepared<'a> {
     plan: BoundingPlan,
-    state: SessionState,
+    state: Arc<SessionState>,
     logical: LogicalPlan,
     table: &'a ServedTable,
     /// With open group keys (partition selection): the keys and G, the unoptimised
     /// projected rows (`c0..`) and their column count.
     selection: Option<(Selection, DataFrame, usize)>,
+    /// Where the physical plan of this request's shape is kept, if it may be reused.
+    physical: PhysicalSlot,
 }
 
 /// The node's query engine: a DataFusion session over the local tables, restricted to the
@@ -170,6 +174,8 @@ pub struct NodeEngine {
     tables: BTreeMap<String, ServedTable>,
     /// Memory one query may use (bytes), see [`crate::config::NodeLimits`].
     max_query_memory: usize,
+    /// Plans of request shapes seen before.
+    plans: PlanCache,
 }
 
 impl std::fmt::Debug for NodeEngine {
@@ -231,6 +237,7 @@ impl NodeEngine {
             catalog: config.catalog.clone(),
             tables,
             max_query_memory: config.limits.max_query_memory,
+            plans: PlanCache::default(),
         };
         // No query can fail on memory at run time, so the node refuses to start unless the
         // worst query over its tables fits the limit.
@@ -345,7 +352,7 @@ impl NodeEngine {
     /// Check a request against the catalog and the served tables, and plan it, without
     /// reading any data.
     pub fn validate(&self, req: &PartialAggregateRequest) -> Result<(), NodeError> {
-        self.prepare(req, false, true).map(|_| ())
+        self.prepared(req, false, true).map(|_| ())
     }
 
     /// Validate and run a request. Returns one record batch (several, of at most
@@ -361,14 +368,16 @@ impl NodeEngine {
         req: &PartialAggregateRequest,
     ) -> Result<Vec<RecordBatch>, NodeError> {
         self.validate(req)?;
-        self.execute_validated(req).await
+        self.execute_validated(req, &|_, _| {}).await
     }
 
     /// [`NodeEngine::execute`] for a request the caller has just validated
     /// ([`NodeEngine::validate`]), as the Flight service does before it waits for a slot.
+    /// `phase` is told how long planning and execution took.
     pub(crate) async fn execute_validated(
         &self,
         req: &PartialAggregateRequest,
+        phase: &(dyn Fn(NodePhase, std::time::Duration) + Sync),
     ) -> Result<Vec<RecordBatch>, NodeError> {
         let failed = |e| NodeError::Execution {
             site: self.site.clone(),
@@ -428,10 +437,11 @@ impl NodeEngine {
                 && stamp == current
                 && counts.owners().is_some()
                 && !positions_unusable;
+            let planning = std::time::Instant::now();
             // Validation depends only on the request, the catalog, the node's policy and
             // configuration, so a request that passed it once passes it again; should it
             // not after data was read, the error must not pass for a refusal before reading.
-            let prepared = match self.prepare(req, by_position, !read_any) {
+            let prepared = match self.prepared(req, by_position, !read_any) {
                 Ok(p) => p,
                 Err(e) if read_any => {
                     return Err(internal(crate::bounding::BoundError(format!(
@@ -447,7 +457,11 @@ impl NodeEngine {
                 logical,
                 table,
                 selection,
+                physical: kept,
             } = prepared;
+            phase(NodePhase::Plan, planning.elapsed());
+            // Choosing the groups of open keys reads data: it counts as execution.
+            let selecting = std::time::Instant::now();
             // Open group keys: bound each participant to G groups first (see `selection`);
             // the bounder then sees one Int64 key numbering the observed groups.
             // Partition selection reorders rows: no run is sampled on the spot.
@@ -471,25 +485,46 @@ impl NodeEngine {
                     }
                     let (state, logical) = rows.into_parts();
                     let logical = state.optimize(&logical).map_err(exec_err)?;
-                    (state, logical, Some((sel, dict)))
+                    (Arc::new(state), logical, Some((sel, dict)))
                 }
             };
-            // The logical plan is optimised already: `SessionState::create_physical_plan`
-            // would run every optimiser rule over it a second time, on every request.
-            let physical = state
-                .query_planner()
-                .create_physical_plan(&logical, &state)
-                .await
-                .map_err(exec_err)?;
-            // A row's position exists only inside the Parquet scan: if the planner kept
-            // `file_row_index()` in an operator above it (some filters stop the projection
-            // from being pushed into the scan), that operator would fail on its first
-            // non-empty batch, so whether the query fails would depend on the data. Plan
-            // again with the participant id instead. Decided from the plan only.
-            if plan.pid_rows && row_index_outside_scan(physical.as_ref()) {
-                positions_unusable = true;
-                continue;
-            }
+            let selected = selecting.elapsed();
+            let planning = std::time::Instant::now();
+            // The plan of partition selection depends on the groups it observed: never kept.
+            let reused = match dict {
+                None => plan_cache::reuse(&kept),
+                Some(_) => None,
+            };
+            let physical = match reused {
+                Some(p) => p,
+                None => {
+                    // The logical plan is optimised already: `SessionState::create_physical_plan`
+                    // would run every optimiser rule over it a second time, on every request.
+                    let physical = state
+                        .query_planner()
+                        .create_physical_plan(&logical, state.as_ref())
+                        .await
+                        .map_err(exec_err)?;
+                    // A row's position exists only inside the Parquet scan: if the planner
+                    // kept `file_row_index()` in an operator above it (some filters stop the
+                    // projection from being pushed into the scan), that operator would fail
+                    // on its first non-empty batch, so whether the query fails would depend
+                    // on the data. Plan again with the participant id instead. Decided from
+                    // the plan only.
+                    if plan.pid_rows && row_index_outside_scan(physical.as_ref()) {
+                        positions_unusable = true;
+                        continue;
+                    }
+                    if dict.is_none() && plan_cache::reusable(physical.as_ref()) {
+                        if let Some(files) = self.single_files(req) {
+                            plan_cache::keep(&kept, &physical, files);
+                        }
+                    }
+                    physical
+                }
+            };
+            phase(NodePhase::Physical, planning.elapsed());
+            let executing = std::time::Instant::now();
             // A memory pool of its own for this query, which never refuses: how much memory
             // a query needs depends on its data (a WHERE calibrated to a threshold moves
             // it by one participant's rows), so a query stopped at a limit would release a
@@ -506,7 +541,7 @@ impl NodeEngine {
                 .map_err(exec_err)?;
             // The task context takes the query's runtime directly: rebuilding a whole
             // session state for it would re-register every function on every request.
-            let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
+            let task = Arc::new(TaskContext::from(state.as_ref()).with_runtime(runtime));
             let mut stream = execute_stream(physical, task).map_err(exec_err)?;
             let reservation = MemoryConsumer::new("fedq bounding").register(&pool);
             let used_positions = plan.pid_rows;
@@ -568,6 +603,7 @@ impl NodeEngine {
                 Some((sel, dict)) => selection::expand_keys(out, sel, dict)
                     .map_err(|e| internal(crate::bounding::BoundError(e)))?,
             };
+            phase(NodePhase::Execute, selected + executing.elapsed());
             return Ok(in_batches(out));
         }
         Err(internal(crate::bounding::BoundError(
@@ -612,6 +648,67 @@ impl NodeEngine {
         Ok(())
     }
 
+    /// [`NodeEngine::prepare`], reusing the plan of an earlier request of the same shape
+    /// (see [`crate::plan_cache`]): only the query id and whether each table read still
+    /// fits the memory limit are checked again.
+    fn prepared(
+        &self,
+        req: &PartialAggregateRequest,
+        by_position: bool,
+        check_fits: bool,
+    ) -> Result<Prepared<'_>, NodeError> {
+        let key = ShapeKey::of(req, by_position);
+        let hit = key.as_ref().and_then(|k| self.plans.get(k));
+        let table = self.tables.get(&req.table);
+        if let (Some(c), Some(table)) = (hit, table) {
+            check_query_id(req)?;
+            if check_fits {
+                for name in tables_read(req) {
+                    if let Some(t) = self.tables.get(name) {
+                        self.check_fits(name, t)?;
+                    }
+                }
+            }
+            let c = c.as_ref().clone();
+            return Ok(Prepared {
+                plan: c.plan,
+                state: c.state,
+                logical: c.logical,
+                table,
+                selection: c.selection,
+                physical: c.physical,
+            });
+        }
+        let p = self.prepare(req, by_position, check_fits)?;
+        if let Some(key) = key {
+            self.plans.insert(
+                key,
+                CachedPlan {
+                    plan: p.plan.clone(),
+                    state: Arc::clone(&p.state),
+                    logical: p.logical.clone(),
+                    selection: p.selection.clone(),
+                    physical: Arc::clone(&p.physical),
+                },
+            );
+        }
+        Ok(p)
+    }
+
+    /// The one file of each table `req` reads, if every one of them is a single file.
+    fn single_files(&self, req: &PartialAggregateRequest) -> Option<Vec<PathBuf>> {
+        tables_read(req)
+            .into_iter()
+            .map(|name| self.tables.get(name).and_then(|t| t.file.clone()))
+            .collect()
+    }
+
+    /// Request shapes whose plans are kept (tests).
+    #[cfg(test)]
+    pub(crate) fn cached_plans(&self) -> usize {
+        self.plans.len()
+    }
+
     /// Validate `req` and plan it. With `by_position`, the plan reads each row's position
     /// in the table's file instead of the participant id when it can (one table, no open
     /// group keys): the caller has checked that the counts' row owners match the file.
@@ -629,14 +726,7 @@ impl NodeEngine {
         let refused = |m: String| NodeError::Refused(m);
 
         // Structural limits (already checked by decode_ticket; repeated for direct callers).
-        if req.query_id.is_empty()
-            || req.query_id.chars().count() > MAX_QUERY_ID_CHARS
-            || req.query_id.chars().any(char::is_control)
-        {
-            return Err(invalid(format!(
-                "query_id must be 1 to {MAX_QUERY_ID_CHARS} characters without control characters"
-            )));
-        }
+        check_query_id(req)?;
         if req.group_by.len() > MAX_GROUP_COLUMNS {
             return Err(invalid(format!(
                 "{} group columns; the limit is {MAX_GROUP_COLUMNS}",
@@ -1195,12 +1285,38 @@ impl NodeEngine {
                 slots,
                 aggs,
             },
-            state,
+            state: Arc::new(state),
             logical,
             table,
             selection,
+            physical: PhysicalSlot::default(),
         })
     }
+}
+
+/// The query id's own limits (it is not part of a request's shape, see
+/// [`crate::plan_cache`]).
+fn check_query_id(req: &PartialAggregateRequest) -> Result<(), NodeError> {
+    if req.query_id.is_empty()
+        || req.query_id.chars().count() > MAX_QUERY_ID_CHARS
+        || req.query_id.chars().any(char::is_control)
+    {
+        return Err(NodeError::InvalidRequest(format!(
+            "query_id must be 1 to {MAX_QUERY_ID_CHARS} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Every table a request reads: its own, the joined ones and those of its participant
+/// subqueries (a derived table reads the request's own table).
+fn tables_read(req: &PartialAggregateRequest) -> BTreeSet<&str> {
+    let mut out = BTreeSet::from([req.table.as_str()]);
+    out.extend(req.joins.iter().map(|j| j.table.as_str()));
+    for s in req.participant_sets() {
+        out.extend(s.tables());
+    }
+    out
 }
 
 /// The driving frame `df` joined with each of the request's tables in turn, all in

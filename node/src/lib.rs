@@ -124,6 +124,7 @@ mod engine;
 mod error;
 mod filter;
 mod metrics;
+mod plan_cache;
 mod selection;
 mod server;
 mod sets;

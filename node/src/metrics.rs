@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use fedq_common::metrics::prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
-use fedq_common::metrics::LATENCY_BUCKETS;
+use fedq_common::metrics::{NodePhase, LATENCY_BUCKETS, NODE_PHASE_METRIC, PHASE_BUCKETS};
 
 /// Metrics of one node (its own registry; several nodes may share a process).
 #[derive(Debug, Clone)]
@@ -16,6 +16,7 @@ pub struct NodeMetrics {
     requests: IntCounterVec,
     refusals: IntCounter,
     latency: Histogram,
+    phases: HistogramVec,
 }
 
 impl NodeMetrics {
@@ -47,11 +48,22 @@ impl NodeMetrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("static metric definition");
+        let phases = HistogramVec::new(
+            HistogramOpts::new(
+                NODE_PHASE_METRIC,
+                "time a request spends in each phase: validate, queue, plan, physical, execute",
+            )
+            .const_label("site", site)
+            .buckets(PHASE_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone())
                 as Box<dyn fedq_common::metrics::prometheus::core::Collector>,
             Box::new(refusals.clone()),
             Box::new(latency.clone()),
+            Box::new(phases.clone()),
         ] {
             if let Err(e) = registry.register(c) {
                 tracing::error!(error = %e, "could not register a node metric");
@@ -62,7 +74,15 @@ impl NodeMetrics {
             requests,
             refusals,
             latency,
+            phases,
         }
+    }
+
+    /// One request spent `elapsed` in `phase`.
+    pub fn phase(&self, phase: NodePhase, elapsed: Duration) {
+        self.phases
+            .with_label_values(&[phase.as_str()])
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Record one request's outcome (from the status it ends with) and duration.

@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::{NodeConfig, NodeTransport};
 use crate::engine::NodeEngine;
 use crate::error::NodeError;
+use fedq_common::metrics::NodePhase;
+use tracing::Instrument;
 
 /// Largest gRPC message the server decodes. Tickets are at most
 /// [`fedq_common::wire::MAX_REQUEST_BYTES`]; anything far larger is cut off by the transport.
@@ -184,6 +186,21 @@ impl NodeService {
                 return Err(NodeError::from(e).into());
             }
         };
+        // Every log line about the request, here and in the engine, carries its query id.
+        let span = tracing::info_span!("request", query_id = %fedq_common::log_safe(&req.query_id));
+        self.answer_request(who, req, started)
+            .instrument(span)
+            .await
+    }
+
+    /// [`NodeService::answer`] for a decoded request.
+    async fn answer_request(
+        &self,
+        who: String,
+        req: PartialAggregateRequest,
+        started: Instant,
+    ) -> Result<Response<BoxedStream<FlightData>>, Status> {
+        let site = self.engine.site().to_string();
         // Everything that can refuse the request is checked here, before it waits for a
         // slot or reads a row: a refusal then depends only on the request, the catalog and
         // the node's policy and configuration, and says so (`FailureStage::BeforeData`), so
@@ -200,6 +217,8 @@ impl NodeService {
             );
             return Err(e.into());
         }
+        self.metrics.phase(NodePhase::Validate, started.elapsed());
+        let queued = Instant::now();
         let _slot = match self.slot().await {
             Ok(s) => s,
             Err(e) => {
@@ -207,8 +226,11 @@ impl NodeService {
                 return Err(e.into());
             }
         };
+        self.metrics.phase(NodePhase::Queue, queued.elapsed());
         let timeout = self.limits.query_timeout;
-        let executed = tokio::time::timeout(timeout, self.engine.execute_validated(&req))
+        let metrics = &self.metrics;
+        let phase = move |p: NodePhase, d: std::time::Duration| metrics.phase(p, d);
+        let executed = tokio::time::timeout(timeout, self.engine.execute_validated(&req, &phase))
             .await
             .unwrap_or_else(|_| {
                 Err(NodeError::TimedOut {
@@ -410,6 +432,8 @@ pub struct NodeHandle {
     pub addr: SocketAddr,
     /// Address of the `/metrics` endpoint, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The node's metrics, for in-process readers (`fedq bench --breakdown`).
+    pub metrics: crate::metrics::NodeMetrics,
     _metrics: Option<fedq_common::metrics::MetricsServer>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -473,6 +497,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         Access::of(&config.transport),
         config.limits,
     );
+    let node_metrics = service.metrics().clone();
     let metrics = match config.metrics_listen {
         Some(a) => Some(
             fedq_common::metrics::serve(a, service.metrics().registry.clone())
@@ -512,6 +537,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     Ok(NodeHandle {
         addr,
         metrics_addr: metrics.as_ref().map(|m| m.addr),
+        metrics: node_metrics,
         _metrics: metrics,
         shutdown: Some(tx),
         task,

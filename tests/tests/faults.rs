@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use fedq::client::FedqClient;
 use fedq::federation::{FederationOptions, LocalFederation};
 use fedq::CliError;
+use fedq_common::metrics::{NodePhase, QueryPhase};
 use fedq_coordinator::engine::{META_COVERAGE, META_SITES_FAILED};
 use fedq_coordinator::release::{META_EPSILON_SPENT, META_SITES_ANSWERED};
 use fedq_coordinator::service::ACTION_BUDGET;
@@ -245,6 +246,20 @@ async fn a_node_whose_worst_query_exceeds_its_memory_limit_refuses_to_start_and_
         spent(&mut alice).await,
         "{m}"
     );
+    // Where the time went: every query is planned (the refusal too), and each answered one
+    // passes through every later phase once.
+    for phase in QueryPhase::ALL {
+        let want = if phase == QueryPhase::Plan { 3.0 } else { 2.0 };
+        assert_eq!(
+            metric(
+                &m,
+                "fedq_query_phase_seconds_count",
+                &[("phase", phase.as_str())]
+            ),
+            want,
+            "{phase:?}: {m}"
+        );
+    }
     for (site, node) in fed.sites.iter().zip(&fed.nodes) {
         let n = scrape(node.metrics_addr.expect("node metrics")).await;
         let l = |o| [("outcome", o), ("site", site.as_str())];
@@ -263,6 +278,17 @@ async fn a_node_whose_worst_query_exceeds_its_memory_limit_refuses_to_start_and_
             2.0,
             "{n}"
         );
+        for phase in NodePhase::ALL {
+            assert_eq!(
+                metric(
+                    &n,
+                    "fedq_node_phase_seconds_count",
+                    &[("phase", phase.as_str()), ("site", site.as_str())]
+                ),
+                2.0,
+                "{phase:?}: {n}"
+            );
+        }
         // Counts and durations only: no participant id or other data value.
         assert!(!n.contains("p00"), "{n}");
     }
@@ -295,4 +321,53 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                     .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
         })
         .map_or(0.0, |(_, v)| v.parse().unwrap())
+}
+
+/// Every log line about a query carries its id: the coordinator's (a refusal at planning, a
+/// site unreachable before dispatch, a release) and the node's (the answered request).
+#[tokio::test]
+async fn every_log_line_about_a_query_carries_its_id() {
+    let (logs, _guard) = fedq_tests::Captured::install();
+    tracing::callsite::rebuild_interest_cache();
+    let tmp = tempfile::tempdir().unwrap();
+    fedq_tests::synth(tmp.path(), 2, 300, 44);
+    let mut fed = LocalFederation::start(tmp.path(), FederationOptions::default())
+        .await
+        .expect("federation");
+    let mut alice = fed.client("alice").await.unwrap();
+    let answered = alice
+        .query("SELECT COUNT(*) FROM participants")
+        .await
+        .expect("answered");
+    let id = answered.schema.metadata()[fedq_coordinator::release::META_QUERY_ID].clone();
+    assert!(alice.query("SELECT pid FROM participants").await.is_err());
+    fed.stop_node(1).await.unwrap();
+    assert!(alice
+        .query("SELECT COUNT(*) FROM participants WHERE birth_year > 1950")
+        .await
+        .is_err());
+    let text = logs.text();
+    let lines = |what: &str| -> Vec<&str> { text.lines().filter(|l| l.contains(what)).collect() };
+    let released = lines("query released");
+    assert_eq!(released.len(), 1, "{text}");
+    assert!(released[0].contains(&format!("query_id={id}")), "{text}");
+    let answered = lines("partial aggregate answered");
+    assert_eq!(answered.len(), 2, "{text}");
+    for l in &answered {
+        assert!(l.contains(&format!("query_id={id}")), "{l}");
+    }
+    for what in [
+        "query refused at planning",
+        "site unreachable before dispatch",
+    ] {
+        let found = lines(what);
+        assert!(!found.is_empty(), "no {what:?} in {text}");
+        for l in found {
+            let after = l.split("query_id=").nth(1).unwrap_or_else(|| panic!("{l}"));
+            let qid: String = after.chars().take_while(char::is_ascii_hexdigit).collect();
+            assert_eq!(qid.len(), 16, "{l}");
+            assert_ne!(qid, id, "{l}");
+        }
+    }
+    fed.shutdown().await.unwrap();
 }

@@ -885,3 +885,75 @@ fn stored_answers_past_their_retention_are_pruned_audited_and_charged_afresh() {
     );
     assert!(python_verdict(&path).is_some());
 }
+
+/// Charges committed together are checked in order against the budgets the ones before
+/// them left: the group never overspends, each query gets its own outcome (an invalid
+/// amount its own refusal), and the chain verifies.
+#[test]
+fn a_group_of_charges_commits_together_and_never_overspends() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("l.sqlite")).unwrap();
+    grant(&l, BudgetKind::Researcher, "a", 2.5);
+    grant(&l, BudgetKind::Researcher, "b", 10.0);
+    let recs: Vec<QueryRecord> = (0..5)
+        .map(|i| rec("a", &format!("a{i}"), 1.0, &[]))
+        .chain([rec("b", "b0", -1.0, &[]), rec("b", "b1", 1.0, &[])])
+        .collect();
+    let s = sites();
+    let items: Vec<(&QueryRecord, &[String])> = recs.iter().map(|r| (r, s.as_slice())).collect();
+    let out = l.charge_many(&items);
+    assert_eq!(out.len(), 7);
+    assert!(out[0].is_ok() && out[1].is_ok());
+    for o in &out[2..5] {
+        assert!(
+            matches!(o, Err(CoordinatorError::BudgetExhausted { .. })),
+            "{o:?}"
+        );
+    }
+    assert!(matches!(out[5], Err(CoordinatorError::InvalidArgument(_))));
+    assert!(out[6].is_ok());
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        2.0
+    );
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "b").unwrap().epsilon_spent,
+        1.0
+    );
+    assert!(l.verify().unwrap().problem().is_none());
+}
+
+/// Sixty queries charged at once through the group-commit queue, from many tasks: exactly
+/// the budget is spent, every query gets its answer, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_charges_through_the_queue_spend_exactly_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Arc::new(Ledger::open(&dir.path().join("l.sqlite")).unwrap());
+    grant(&l, BudgetKind::Researcher, "a", 25.0);
+    let queue = group::ChargeQueue::new(Arc::clone(&l));
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let queue = Arc::clone(&queue);
+            tokio::spawn(async move {
+                queue
+                    .charge(rec("a", &format!("q{i}"), 1.0, &[]), sites())
+                    .await
+            })
+        })
+        .collect();
+    let mut charged = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => charged += 1,
+            Err(CoordinatorError::BudgetExhausted { .. }) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(charged, 25);
+    assert_eq!(
+        l.status(BudgetKind::Researcher, "a").unwrap().epsilon_spent,
+        25.0
+    );
+    assert_eq!(l.charges().unwrap().len(), 25);
+    assert!(l.verify().unwrap().problem().is_none());
+}

@@ -1875,3 +1875,42 @@ async fn row_positions_survive_row_group_and_page_pruning() {
         13 * 2
     );
 }
+
+/// A request shaped like an earlier one (another query id) reuses its plan and answers
+/// exactly the same; another shape is planned on its own; and the query id is still
+/// checked on a reused plan.
+#[tokio::test]
+async fn a_request_shaped_like_an_earlier_one_reuses_its_plan_and_answers_the_same() {
+    let (_fx, e) = engine().await;
+    let before = |y: i64| Some(bin(BinaryOp::Lt, col("year"), lit(Literal::Int64(y))));
+    let mut req = request(
+        "labs",
+        &["test"],
+        vec![AggregateRequest::CountRows, sum("value", 0.0, 100.0, 0.01)],
+        100,
+        before(1990),
+    );
+    let first = rows(&e.execute(&req).await.unwrap(), 1);
+    let planned = e.cached_plans();
+    assert!(planned >= 1, "the first request's plan is kept");
+    req.query_id = "q-another".into();
+    assert_eq!(rows(&e.execute(&req).await.unwrap(), 1), first);
+    assert_eq!(
+        e.cached_plans(),
+        planned,
+        "the same shape is not planned again"
+    );
+    let mut other = req.clone();
+    other.filter = before(1976);
+    let narrower = rows(&e.execute(&other).await.unwrap(), 1);
+    assert_ne!(
+        narrower, first,
+        "another shape gets its own plan and answer"
+    );
+    assert!(e.cached_plans() > planned);
+    req.query_id = String::new();
+    assert!(matches!(
+        e.execute(&req).await,
+        Err(NodeError::InvalidRequest(_))
+    ));
+}
