@@ -15,7 +15,14 @@ use fedq_coordinator::audit;
 use fedq_coordinator::release::META_QUERY_ID;
 use fedq_coordinator::{BudgetKind, Ledger};
 
-const ROUNDS: usize = 6;
+/// Kills per run; `FEDQ_CRASH_ROUNDS` asks for a longer run (the README's figures).
+fn rounds() -> usize {
+    std::env::var("FEDQ_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(6)
+}
 
 struct Rng(u64);
 
@@ -155,7 +162,8 @@ async fn sigkill_at_random_points_never_loses_a_charge() {
     let mut received: Vec<String> = Vec::new();
     let mut k = 0u64;
     let mut kills_mid_query = 0;
-    for round in 0..ROUNDS {
+    let rounds = rounds();
+    for round in 0..rounds {
         let (mut child, addr) = start_coordinator(&config);
         let deadline = Instant::now() + Duration::from_millis(150 + rng.below(1200));
         let mut client = FedqClient::connect(&format!("http://{addr}"), "alice", &password)
@@ -190,12 +198,12 @@ async fn sigkill_at_random_points_never_loses_a_charge() {
         check_ledger(&ledger, &received, round);
     }
     assert!(
-        received.len() >= ROUNDS,
+        received.len() >= rounds,
         "too few queries answered: {}",
         received.len()
     );
     eprintln!(
-        "crash test: {ROUNDS} SIGKILLs ({kills_mid_query} during a query), {} answers received, all charged",
+        "crash test: {rounds} SIGKILLs ({kills_mid_query} during a query), {} answers received, all charged",
         received.len()
     );
     for n in nodes {

@@ -37,6 +37,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use futures::{stream, Stream, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::audit::event::{AuditEvent, LoginFailed, LoginUnlocked, OfficerDenied};
 use crate::auth::{BasicCredentials, Officer, Researcher, Role, Sessions};
@@ -492,6 +493,24 @@ impl FedqFlightSqlService {
 
     /// Run a statement (a query, or a session statement) and return the FlightInfo whose
     /// ticket streams its result.
+    /// An `EXPLAIN` or a query, planned and run.
+    async fn run_statement(
+        &self,
+        researcher: &str,
+        sql: &str,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), Status> {
+        if let Some(inner) = crate::explain::explain_target(sql)? {
+            let r = self.engine.explain(researcher, inner).await?;
+            return Ok((r.schema, r.batches));
+        }
+        let _slot = self.running.enter(researcher)?;
+        let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
+            tracing::info!(researcher, error = %fedq_common::escape_log(&e.to_string()), "query refused at planning");
+        })?;
+        let released = self.engine.execute(researcher, &planned).await?;
+        Ok((released.schema, released.batches))
+    }
+
     async fn prepare(
         &self,
         researcher: &str,
@@ -507,16 +526,11 @@ impl FedqFlightSqlService {
             )
             .map_err(|_| Status::internal("could not build the result"))?;
             (schema, vec![batch])
-        } else if let Some(inner) = crate::explain::explain_target(sql)? {
-            let r = self.engine.explain(researcher, inner).await?;
-            (r.schema, r.batches)
         } else {
-            let _slot = self.running.enter(researcher)?;
-            let planned = self.engine.plan(researcher, sql).await.inspect_err(|e| {
-                tracing::info!(researcher, error = %fedq_common::escape_log(&e.to_string()), "query refused at planning");
-            })?;
-            let released = self.engine.execute(researcher, &planned).await?;
-            (released.schema, released.batches)
+            // Every log line about the query, here, in the engine and in the ledger, carries
+            // its id (recorded in this span once the planner has made it).
+            let span = tracing::info_span!("query", researcher = %researcher, query_id = tracing::field::Empty);
+            self.run_statement(researcher, sql).instrument(span).await?
         };
         let handle = self.stash(Pending {
             researcher: researcher.to_string(),
