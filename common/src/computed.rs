@@ -170,13 +170,9 @@ fn day_range<'a>(
         Predicate::Literal {
             value: Literal::Date32(d),
         } => Ok(Some((f64::from(*d), f64::from(*d)))),
-        // A first day of the year (month) is at most 365 (30) days before the date.
+        // A period's first day is at most `trunc_slack` days before the date.
         Predicate::DatePart { field, input } if field.is_trunc() => {
-            let slack = if *field == DateField::TruncYear {
-                365.0
-            } else {
-                30.0
-            };
+            let slack = field.trunc_slack().unwrap_or(0) as f64;
             Ok(day_range(input, column)?.map(|(a, b)| (a - slack, b)))
         }
         _ => err(
@@ -267,15 +263,13 @@ fn value<'a>(
             let range = day_range(input, column)?;
             let bounds = match field {
                 DateField::Year => range.map(|(a, b)| (year_of(a), year_of(b))),
-                DateField::Quarter => Some((1.0, 4.0)),
-                DateField::Month => Some((1.0, 12.0)),
-                DateField::Day => Some((1.0, 31.0)),
-                DateField::TruncYear | DateField::TruncMonth => {
+                f if f.is_trunc() => {
                     return err(format!(
                         "`{}` is a date, not a number: subtract another date for the days between them, or take `year(…)`",
                         field.sql("…")
                     ))
                 }
+                f => f.fixed_range().map(|(lo, hi)| (lo as f64, hi as f64)),
             };
             Ok(Value {
                 float: false,

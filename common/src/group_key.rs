@@ -85,40 +85,91 @@ pub enum DateField {
     Quarter,
     /// Month, 1 to 12.
     Month,
+    /// ISO 8601 week of the year, 1 to 53 (`date_part('week', d)`, DuckDB's `week(d)`):
+    /// weeks start on Monday, and the first week holds the year's first Thursday, so the
+    /// first days of January may be in week 52 or 53 of the year before.
+    Week,
     /// Day of the month, 1 to 31.
     Day,
+    /// Day of the week, 0 (Sunday) to 6 (Saturday), as PostgreSQL's and DuckDB's `dow`.
+    DayOfWeek,
+    /// ISO day of the week, 1 (Monday) to 7 (Sunday), as `isodow`.
+    IsoDayOfWeek,
+    /// Day of the year, 1 to 366, as `doy`.
+    DayOfYear,
     /// `date_trunc('year', d)`: the first day of the date's year, as days since 1970-01-01
     /// (a date in a predicate). Its domain is every such day from the column's `earliest`
     /// to its `latest` date, or open without that range.
     TruncYear,
+    /// `date_trunc('quarter', d)`: the first day of the date's quarter, with a domain like
+    /// [`DateField::TruncYear`]'s.
+    TruncQuarter,
     /// `date_trunc('month', d)`: the first day of the date's month, as days since
     /// 1970-01-01, with a domain like [`DateField::TruncYear`]'s (at most 1,000 months).
     TruncMonth,
+    /// `date_trunc('week', d)`: the Monday that starts the date's ISO week (at most 1,000
+    /// weeks, about 19 years, for a public domain).
+    TruncWeek,
+    /// `date_trunc('day', d)`: the date itself (at most 1,000 days for a public domain).
+    TruncDay,
 }
 
+/// How a researcher may write calendar fields, for refusals that list them.
+pub const DATE_FIELD_SPELLINGS: &str =
+    "date_part / EXTRACT of 'year', 'quarter', 'month', 'week', 'day', 'dow', 'isodow' or 'doy' \
+     (or year(d), quarter(d), month(d), week(d), day(d), dayofweek(d), isodow(d), dayofyear(d)), \
+     and date_trunc of 'year', 'quarter', 'month', 'week' or 'day'";
+
+/// The functions named after a field (DuckDB's spellings of `date_part`), with the field.
+pub const DATE_FUNCTIONS: [(&str, DateField); 11] = [
+    ("year", DateField::Year),
+    ("quarter", DateField::Quarter),
+    ("month", DateField::Month),
+    ("week", DateField::Week),
+    ("weekofyear", DateField::Week),
+    ("day", DateField::Day),
+    ("dayofmonth", DateField::Day),
+    ("dayofweek", DateField::DayOfWeek),
+    ("isodow", DateField::IsoDayOfWeek),
+    ("dayofyear", DateField::DayOfYear),
+    ("doy", DateField::DayOfYear),
+];
+
 impl DateField {
-    /// The field as `date_part` names it.
+    /// The field as `date_part` (or `date_trunc`) names it.
     pub fn name(self) -> &'static str {
         match self {
-            DateField::Year => "year",
-            DateField::Quarter => "quarter",
-            DateField::Month => "month",
-            DateField::Day => "day",
-            DateField::TruncYear => "year",
-            DateField::TruncMonth => "month",
+            DateField::Year | DateField::TruncYear => "year",
+            DateField::Quarter | DateField::TruncQuarter => "quarter",
+            DateField::Month | DateField::TruncMonth => "month",
+            DateField::Week | DateField::TruncWeek => "week",
+            DateField::Day | DateField::TruncDay => "day",
+            DateField::DayOfWeek => "dow",
+            DateField::IsoDayOfWeek => "isodow",
+            DateField::DayOfYear => "doy",
         }
     }
 
     /// Whether this is a `date_trunc` (a date) rather than a `date_part` (an integer).
     pub fn is_trunc(self) -> bool {
-        matches!(self, DateField::TruncYear | DateField::TruncMonth)
+        matches!(
+            self,
+            DateField::TruncYear
+                | DateField::TruncQuarter
+                | DateField::TruncMonth
+                | DateField::TruncWeek
+                | DateField::TruncDay
+        )
     }
 
-    /// Parse a `date_trunc` unit (case-insensitive): year or month.
+    /// Parse a `date_trunc` unit (case-insensitive).
     pub fn parse_trunc(s: &str) -> Option<DateField> {
         match s.to_ascii_lowercase().as_str() {
             "year" | "years" => Some(DateField::TruncYear),
+            "quarter" | "quarters" => Some(DateField::TruncQuarter),
             "month" | "months" => Some(DateField::TruncMonth),
+            "week" | "weeks" => Some(DateField::TruncWeek),
+            "day" | "days" => Some(DateField::TruncDay),
             _ => None,
         }
     }
@@ -133,13 +184,71 @@ impl DateField {
         format!("{f}('{}', {arg})", self.name())
     }
 
-    /// Parse a `date_part` field name (case-insensitive).
+    /// Parse a `date_part` field name (case-insensitive), in PostgreSQL's and DuckDB's
+    /// spellings.
     pub fn parse(s: &str) -> Option<DateField> {
         match s.to_ascii_lowercase().as_str() {
             "year" | "years" => Some(DateField::Year),
             "quarter" | "quarters" => Some(DateField::Quarter),
             "month" | "months" => Some(DateField::Month),
+            "week" | "weeks" => Some(DateField::Week),
             "day" | "days" => Some(DateField::Day),
+            "dow" | "dayofweek" => Some(DateField::DayOfWeek),
+            "isodow" => Some(DateField::IsoDayOfWeek),
+            "doy" | "dayofyear" => Some(DateField::DayOfYear),
+            _ => None,
+        }
+    }
+
+    /// The field of a function named after it (`week(d)`, `dayofweek(d)`).
+    pub fn of_function(name: &str) -> Option<DateField> {
+        let name = name.to_ascii_lowercase();
+        DATE_FUNCTIONS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+    }
+
+    /// The smallest and largest value of a `date_part` field that does not depend on the
+    /// date's range (every field but the year); `None` for the year and for truncations.
+    pub fn fixed_range(self) -> Option<(i64, i64)> {
+        match self {
+            DateField::Quarter => Some((1, 4)),
+            DateField::Month => Some((1, 12)),
+            DateField::Week => Some((1, 53)),
+            DateField::Day => Some((1, 31)),
+            DateField::DayOfWeek => Some((0, 6)),
+            DateField::IsoDayOfWeek => Some((1, 7)),
+            DateField::DayOfYear => Some((1, 366)),
+            _ => None,
+        }
+    }
+
+    /// For a truncation, the most days from its first day to a date it truncates.
+    pub fn trunc_slack(self) -> Option<i64> {
+        match self {
+            DateField::TruncYear => Some(365),
+            DateField::TruncQuarter => Some(91),
+            DateField::TruncMonth => Some(30),
+            DateField::TruncWeek => Some(6),
+            DateField::TruncDay => Some(0),
+            _ => None,
+        }
+    }
+
+    /// For a truncation, the first day (days since 1970-01-01) of the period that holds
+    /// day `d`; the same arithmetic the node evaluates.
+    pub fn truncate(self, d: i64) -> Option<i64> {
+        let (y, m, day) = crate::catalog::civil_from_days(d);
+        let y = i32::try_from(y).ok()?;
+        let first = |m: u32| i64::from(crate::catalog::days_from_civil(y, m, 1));
+        match self {
+            DateField::TruncYear => Some(first(1)),
+            DateField::TruncQuarter => Some(first((m - 1) / 3 * 3 + 1)),
+            DateField::TruncMonth => Some(d - i64::from(day) + 1),
+            // 1970-01-01 was a Thursday: (d + 3) mod 7 days since the Monday before.
+            DateField::TruncWeek => Some(d - (d + 3).rem_euclid(7)),
+            DateField::TruncDay => Some(d),
             _ => None,
         }
     }
@@ -394,12 +503,13 @@ impl GroupKey {
                         }
                         _ => KeyDomain::Open,
                     },
-                    DateField::Quarter => {
-                        KeyDomain::Public((1..=4).map(PublicValue::Int).collect())
-                    }
-                    DateField::Month => KeyDomain::Public((1..=12).map(PublicValue::Int).collect()),
-                    DateField::Day => KeyDomain::Public((1..=31).map(PublicValue::Int).collect()),
-                    DateField::TruncYear | DateField::TruncMonth => trunc_domain(*field, c),
+                    f if f.is_trunc() => trunc_domain(*f, c),
+                    f => match f.fixed_range() {
+                        Some((lo, hi)) => {
+                            KeyDomain::Public((lo..=hi).map(PublicValue::Int).collect())
+                        }
+                        None => KeyDomain::Open,
+                    },
                 })
             }
         }
@@ -410,11 +520,10 @@ impl GroupKey {
     /// public values), `[ceil(lower), floor(upper)]`; for the year of a date column with a
     /// declared `earliest`/`latest`, those dates as days since 1970-01-01.
     pub fn clamp_range(&self, column: Option<&ColumnSpec>) -> Option<(i64, i64)> {
-        if let GroupKey::DatePart {
-            field: DateField::Year | DateField::TruncYear | DateField::TruncMonth,
-            ..
-        } = self
-        {
+        if let GroupKey::DatePart { field, .. } = self {
+            if !(*field == DateField::Year || field.is_trunc()) {
+                return None;
+            }
             return match self.domain(column) {
                 Ok(KeyDomain::Public(_)) => column?
                     .date_range()
@@ -440,44 +549,30 @@ impl GroupKey {
     }
 }
 
-/// The first days (as days since 1970-01-01) of every year or month from a date column's
-/// `earliest` to its `latest` date: the public domain of its `date_trunc`, if it declares
-/// that range and it spans at most [`MAX_DERIVED_DOMAIN`] of them.
+/// The first days (as days since 1970-01-01) of every year, quarter, month, week or day
+/// from a date column's `earliest` to its `latest` date: the public domain of its
+/// `date_trunc`, if it declares that range and it spans at most [`MAX_DERIVED_DOMAIN`] of
+/// them.
 fn trunc_domain(field: DateField, c: &ColumnSpec) -> KeyDomain {
-    let (Some(e), Some(l)) = (c.earliest.as_deref(), c.latest.as_deref()) else {
+    let Some(((e, l), _)) = c.date_range() else {
         return KeyDomain::Open;
     };
-    let month = |s: &str| s.get(5..7).and_then(|m| m.parse::<u32>().ok());
-    let Some((_, (first_year, last_year))) = c.date_range() else {
+    let (Some(mut d), Some(last)) = (field.truncate(e.into()), field.truncate(l.into())) else {
         return KeyDomain::Open;
     };
-    let (Some(first_month), Some(last_month)) = (month(e), month(l)) else {
-        return KeyDomain::Open;
-    };
-    let firsts: Vec<(i32, u32)> = match field {
-        DateField::TruncYear => (first_year..=last_year).map(|y| (y, 1)).collect(),
-        _ => {
-            let (a, b) = (
-                i64::from(first_year) * 12 + i64::from(first_month) - 1,
-                i64::from(last_year) * 12 + i64::from(last_month) - 1,
-            );
-            if b - a >= MAX_DERIVED_DOMAIN as i64 {
-                return KeyDomain::Open;
-            }
-            (a..=b)
-                .map(|k| (k.div_euclid(12) as i32, k.rem_euclid(12) as u32 + 1))
-                .collect()
+    let mut firsts = Vec::new();
+    while d <= last {
+        if firsts.len() >= MAX_DERIVED_DOMAIN {
+            return KeyDomain::Open;
         }
-    };
-    if firsts.len() > MAX_DERIVED_DOMAIN {
-        return KeyDomain::Open;
+        firsts.push(PublicValue::Int(d));
+        // The next period starts after its longest possible length, truncated.
+        let Some(next) = field.truncate(d + field.trunc_slack().unwrap_or(0) + 1) else {
+            return KeyDomain::Open;
+        };
+        d = next;
     }
-    KeyDomain::Public(
-        firsts
-            .into_iter()
-            .map(|(y, m)| PublicValue::Int(crate::catalog::days_from_civil(y, m, 1).into()))
-            .collect(),
-    )
+    KeyDomain::Public(firsts)
 }
 
 fn dedup(values: impl Iterator<Item = PublicValue>) -> Vec<PublicValue> {
@@ -643,7 +738,112 @@ mod tests {
             .domain(Some(&int_col(None, None)))
             .is_err());
         assert_eq!(DateField::parse("YEAR"), Some(DateField::Year));
-        assert_eq!(DateField::parse("dow"), None);
+        assert_eq!(DateField::parse("dow"), Some(DateField::DayOfWeek));
+        assert_eq!(DateField::parse("epoch"), None);
+        assert_eq!(DateField::of_function("WeekOfYear"), Some(DateField::Week));
+        for (f, n) in [
+            (DateField::Week, 53),
+            (DateField::DayOfWeek, 7),
+            (DateField::IsoDayOfWeek, 7),
+            (DateField::DayOfYear, 366),
+        ] {
+            match k(f).domain(Some(&c)).unwrap() {
+                KeyDomain::Public(v) => assert_eq!(v.len(), n, "{f:?}"),
+                KeyDomain::Open => panic!("{f:?} has a fixed domain"),
+            }
+            assert_eq!(k(f).clamp_range(Some(&c)), None, "{f:?} needs no clamp");
+        }
+    }
+
+    fn date(s: &str) -> i64 {
+        crate::catalog::parse_date(s).unwrap().into()
+    }
+
+    #[test]
+    fn truncations_give_the_first_day_of_the_period() {
+        let t = |f: DateField, d: &str| crate::catalog::format_days(f.truncate(date(d)).unwrap());
+        assert_eq!(t(DateField::TruncYear, "2024-12-31"), "2024-01-01");
+        assert_eq!(t(DateField::TruncQuarter, "2024-03-31"), "2024-01-01");
+        assert_eq!(t(DateField::TruncQuarter, "2024-09-30"), "2024-07-01");
+        assert_eq!(t(DateField::TruncQuarter, "1900-11-15"), "1900-10-01");
+        assert_eq!(t(DateField::TruncMonth, "2000-02-29"), "2000-02-01");
+        // ISO weeks start on Monday; 2021-01-03 is a Sunday in the week of 2020-12-28.
+        assert_eq!(t(DateField::TruncWeek, "2021-01-03"), "2020-12-28");
+        assert_eq!(t(DateField::TruncWeek, "2021-01-04"), "2021-01-04");
+        assert_eq!(t(DateField::TruncWeek, "1969-12-31"), "1969-12-29");
+        assert_eq!(t(DateField::TruncDay, "1955-07-09"), "1955-07-09");
+        // Every day lands within its period's slack of the period's first day, and the
+        // first day truncates to itself.
+        for f in [
+            DateField::TruncYear,
+            DateField::TruncQuarter,
+            DateField::TruncMonth,
+            DateField::TruncWeek,
+            DateField::TruncDay,
+        ] {
+            let slack = f.trunc_slack().unwrap();
+            let mut longest = 0;
+            for d in date("1896-01-01")..date("2104-12-31") {
+                let first = f.truncate(d).unwrap();
+                assert!(first <= d && d - first <= slack, "{f:?} of {d}");
+                assert_eq!(f.truncate(first), Some(first), "{f:?} of {d}");
+                longest = longest.max(d - first);
+            }
+            assert_eq!(longest, slack, "{f:?}: the slack is tight");
+        }
+        assert_eq!(DateField::Month.truncate(0), None);
+    }
+
+    #[test]
+    fn truncated_keys_release_every_period_of_the_declared_range_up_to_the_limit() {
+        let mut c = int_col(None, None);
+        c.ty = ColumnType::Date32;
+        c.earliest = Some("2020-02-15".into());
+        c.latest = Some("2021-01-06".into());
+        let k = |field| GroupKey::DatePart {
+            field,
+            column: "measured_on".into(),
+        };
+        let firsts = |f, c: &ColumnSpec| match k(f).domain(Some(c)).unwrap() {
+            KeyDomain::Public(v) => v
+                .into_iter()
+                .map(|v| match v {
+                    PublicValue::Int(d) => crate::catalog::format_days(d),
+                    other => panic!("{other:?}"),
+                })
+                .collect::<Vec<_>>(),
+            KeyDomain::Open => vec![],
+        };
+        assert_eq!(
+            firsts(DateField::TruncQuarter, &c),
+            [
+                "2020-01-01",
+                "2020-04-01",
+                "2020-07-01",
+                "2020-10-01",
+                "2021-01-01"
+            ]
+        );
+        let weeks = firsts(DateField::TruncWeek, &c);
+        assert_eq!(weeks.first().map(String::as_str), Some("2020-02-10"));
+        assert_eq!(weeks.last().map(String::as_str), Some("2021-01-04"));
+        assert_eq!(weeks.len(), 48);
+        assert_eq!(firsts(DateField::TruncDay, &c).len(), 327);
+        assert_eq!(firsts(DateField::TruncMonth, &c).len(), 12);
+        assert!(k(DateField::TruncDay).clamp_range(Some(&c)).is_some());
+        // More than 1,000 days: no public domain, so partition selection decides.
+        c.earliest = Some("2000-01-01".into());
+        assert_eq!(
+            k(DateField::TruncDay).domain(Some(&c)).unwrap(),
+            KeyDomain::Open
+        );
+        assert_eq!(k(DateField::TruncDay).clamp_range(Some(&c)), None);
+        assert_eq!(
+            firsts(DateField::TruncWeek, &c).len(),
+            0,
+            "over 1,000 weeks"
+        );
+        assert_eq!(firsts(DateField::TruncQuarter, &c).len(), 85);
     }
 
     #[test]

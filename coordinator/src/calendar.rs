@@ -1,4 +1,5 @@
-//! `year(d)`, `quarter(d)`, `month(d)` and `day(d)`, the DuckDB spellings of
+//! `year(d)`, `quarter(d)`, `month(d)`, `week(d)`, `day(d)`, `dayofweek(d)`, `isodow(d)`,
+//! `dayofyear(d)` and their aliases ([`DATE_FUNCTIONS`]), the DuckDB spellings of
 //! `date_part('year', d)` and so on, so that researchers can write them as they would for
 //! DuckDB. They exist only to plan SQL: the planner translates each call into a wire
 //! `Predicate::DatePart` or `GroupKey::DatePart`, which the nodes evaluate. The coordinator
@@ -11,18 +12,20 @@ use datafusion::common::{exec_err, Result};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use fedq_common::group_key::DateField;
+use fedq_common::group_key::{DateField, DATE_FUNCTIONS};
 
 /// One calendar function: a date in, the field as an integer out.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct CalendarFunction {
+    name: &'static str,
     field: DateField,
     signature: Signature,
 }
 
 impl CalendarFunction {
-    fn new(field: DateField) -> CalendarFunction {
+    fn new(name: &'static str, field: DateField) -> CalendarFunction {
         CalendarFunction {
+            name,
             field,
             signature: Signature::exact(vec![DataType::Date32], Volatility::Immutable),
         }
@@ -36,7 +39,7 @@ impl CalendarFunction {
 
 impl ScalarUDFImpl for CalendarFunction {
     fn name(&self) -> &str {
-        self.field.name()
+        self.name
     }
 
     fn signature(&self) -> &Signature {
@@ -50,22 +53,17 @@ impl ScalarUDFImpl for CalendarFunction {
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         exec_err!(
             "{}() is evaluated by the nodes; the coordinator only plans it",
-            self.field.name()
+            self.name
         )
     }
 }
 
-/// The four functions, to register in the planner's session.
+/// The functions, to register in the planner's session.
 pub fn functions() -> Vec<ScalarUDF> {
-    [
-        DateField::Year,
-        DateField::Quarter,
-        DateField::Month,
-        DateField::Day,
-    ]
-    .into_iter()
-    .map(|f| ScalarUDF::new_from_shared_impl(Arc::new(CalendarFunction::new(f))))
-    .collect()
+    DATE_FUNCTIONS
+        .into_iter()
+        .map(|(name, f)| ScalarUDF::new_from_shared_impl(Arc::new(CalendarFunction::new(name, f))))
+        .collect()
 }
 
 /// The field of a call to `date_part` (with a literal field) or to one of these functions,
@@ -75,7 +73,7 @@ pub fn date_part_call(
 ) -> Option<(Option<DateField>, &datafusion::logical_expr::Expr)> {
     use datafusion::logical_expr::Expr;
     let name = f.name();
-    if let Some(field) = DateField::parse(name) {
+    if let Some(field) = DateField::of_function(name) {
         return match f.args.as_slice() {
             [arg] => Some((Some(field), arg)),
             _ => None,

@@ -938,7 +938,7 @@ fn open_key_fix(
             ),
             (fedq_common::GroupKey::DatePart { .. }, Some(c)) => format!(
                 "declare the date range of {} (`earliest` and `latest`, \"YYYY-MM-DD\") in the catalog, \
-                 or group by month or quarter, whose domains are public",
+                 or group by a field whose domain is public (month, quarter, week, day of the week)",
                 qualified(c)
             ),
             _ => "group by keys with a public domain".to_string(),
@@ -988,8 +988,9 @@ fn group_key<'s>(
         refuse(format!(
             "GROUP BY `{label}`: group by a column with a public domain (such as {}), a CASE with literal labels \
              (CASE WHEN birth_year < 1960 THEN 'before 1960' ELSE '1960 on' END), an integer column divided by a \
-             number (birth_year / 10, or birth_year / 10 * 10), date_part('year' | 'quarter' | 'month', a date column), or date_trunc('year' | 'month', a date column)",
-            public_columns(spec)
+             number (birth_year / 10, or birth_year / 10 * 10), or a calendar field of a date column ({})",
+            public_columns(spec),
+            fedq_common::group_key::DATE_FIELD_SPELLINGS
         ))
     };
     // A column of the query, checked against the catalog and the privacy unit.
@@ -1132,7 +1133,8 @@ fn group_key<'s>(
             };
             let field = field.ok_or_else(|| {
                 refuse(format!(
-                    "GROUP BY `{label}`: date_part keys take 'year', 'quarter', 'month' or 'day', and date_trunc keys 'year' or 'month'"
+                    "GROUP BY `{label}`: the date field must be a literal; write {}",
+                    fedq_common::group_key::DATE_FIELD_SPELLINGS
                 ))
             })?;
             let (column, _, col) = column(arg)?;

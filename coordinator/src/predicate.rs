@@ -394,7 +394,7 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
                 return Err(refuse("unsupported date function"));
             };
             let field = field.ok_or_else(|| {
-                refuse("date_part takes 'year', 'quarter', 'month' or 'day', and date_trunc 'year' or 'month' (a literal) in WHERE")
+                refuse(format!("a date field must be a literal: write {}", fedq_common::group_key::DATE_FIELD_SPELLINGS))
             })?;
             Predicate::DatePart {
                 field,
@@ -404,8 +404,9 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
         Expr::ScalarFunction(f) => {
             return Err(refuse(format!(
                 "function `{}` is not supported in WHERE yet; use comparisons, IN, BETWEEN, LIKE, IS NULL, TRY_CAST, \
-                 date_part / EXTRACT / year() / month() / day() of a date, date_trunc('year' or 'month', date), and date - date (days)",
-                f.name()
+                 {} of a date, and date - date (days)",
+                f.name(),
+                fedq_common::group_key::DATE_FIELD_SPELLINGS
             )))
         }
         Expr::InSubquery(s) => crate::cohort::in_subquery(&s.expr, &s.subquery, s.negated, scope)?,

@@ -245,29 +245,52 @@ pub(crate) fn group_key_expr(
                     .otherwise(e)
                     .map_err(plan_err)?;
             }
-            Ok(date_field(*field, e))
+            date_field(*field, e)
         }
     }
 }
 
 /// `date_part(field, d)` of a date as an `Int64`; for a `date_trunc` field, the first day
-/// of the date's year (month) as days since 1970-01-01: the date's days less its day of
-/// the year (month) plus one, integer arithmetic on fields every date has, so it never
-/// fails. NULL stays NULL.
-fn date_field(field: DateField, d: Expr) -> Expr {
+/// of the date's period as days since 1970-01-01, by integer arithmetic on fields every
+/// date has (its day of the year, month or week), so it never fails: a year's first day is
+/// the date less its day of the year plus one; a quarter's adds the days of the months
+/// before it (one more in a leap year); a week's is the date less its ISO day of the week
+/// plus one. A date beyond the calendar's range (hundreds of thousands of years) has no
+/// fields, so its truncation is NULL rather than an overflow. [`DateField::truncate`] is
+/// the same calendar, on the other side. NULL stays NULL.
+fn date_field(field: DateField, d: Expr) -> Result<Expr, NodeError> {
+    let plan_err = |e: datafusion::error::DataFusionError| {
+        invalid(format!("the date expression could not be built: {e}"))
+    };
     let part = |name: &str, d: Expr| cast(date_part(lit(name), d), DataType::Int64);
-    match field {
-        DateField::TruncYear | DateField::TruncMonth => {
-            let within = if field == DateField::TruncYear {
-                "doy"
-            } else {
-                "day"
-            };
-            let days = cast(cast(d.clone(), DataType::Int32), DataType::Int64);
-            days - (part(within, d) - lit(1i64))
+    let days = cast(cast(d.clone(), DataType::Int32), DataType::Int64);
+    Ok(match field {
+        DateField::TruncYear => days - (part("doy", d) - lit(1i64)),
+        DateField::TruncMonth => days - (part("day", d) - lit(1i64)),
+        DateField::TruncDay => days,
+        // The ISO day of the week is 1 on Monday.
+        DateField::TruncWeek => days - (part("isodow", d) - lit(1i64)),
+        DateField::TruncQuarter => {
+            let year_start = days - (part("doy", d.clone()) - lit(1i64));
+            let y = part("year", d.clone());
+            let divides = |n: i64| (y.clone() % lit(n)).eq(lit(0i64));
+            let leap = divides(4)
+                .and(Expr::Not(Box::new(divides(100))))
+                .or(divides(400));
+            let q = part("quarter", d);
+            // Days from 1 January to the quarter's first day, in a common year.
+            let before = when(q.clone().eq(lit(1i64)), lit(0i64))
+                .when(q.clone().eq(lit(2i64)), lit(90i64))
+                .when(q.clone().eq(lit(3i64)), lit(181i64))
+                .otherwise(lit(273i64))
+                .map_err(plan_err)?;
+            let extra = when(leap.and(q.gt(lit(1i64))), lit(1i64))
+                .otherwise(lit(0i64))
+                .map_err(plan_err)?;
+            year_start + before + extra
         }
         other => part(other.name(), d),
-    }
+    })
 }
 
 fn literal(v: &Literal) -> (Expr, Ty) {
@@ -516,7 +539,7 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
                 )));
             }
             // Every field of every date exists, so this never fails; NULL stays NULL.
-            let e = date_field(*field, cast(e, DataType::Date32));
+            let e = date_field(*field, cast(e, DataType::Date32))?;
             if field.is_trunc() {
                 // The first day as a date, to compare with dates.
                 return Ok((
@@ -672,4 +695,75 @@ fn try_cast_total(e: Expr, from: Ty, to: ColumnType) -> Result<(Expr, Ty), NodeE
         e
     };
     Ok((try_cast(e, target), Ty::Col(to)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, AsArray, Date32Array, RecordBatch};
+    use arrow::datatypes::{Field, Int64Type, Schema};
+    use datafusion::logical_expr::col;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    /// The node's integer arithmetic for each `date_trunc` gives, for every day from 1696 to
+    /// 2243 (leap years, century years, negative day numbers, weeks across new year), the
+    /// first day that [`DateField::truncate`] (the coordinator's side, which plans the
+    /// keys' domains) gives.
+    #[tokio::test]
+    async fn date_truncations_agree_with_the_shared_calendar_arithmetic_on_every_day() {
+        let days: Vec<i32> = (-100_000..=100_000).collect();
+        let schema = Arc::new(Schema::new(vec![Field::new("d", DataType::Date32, true)]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Date32Array::from(
+                days.iter()
+                    .map(|d| Some(*d))
+                    .chain([None])
+                    .collect::<Vec<_>>(),
+            ))],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        for field in [
+            DateField::TruncYear,
+            DateField::TruncQuarter,
+            DateField::TruncMonth,
+            DateField::TruncWeek,
+            DateField::TruncDay,
+        ] {
+            let e = date_field(field, col("d")).unwrap();
+            let out = ctx
+                .read_batch(batch.clone())
+                .unwrap()
+                .select(vec![
+                    cast(cast(col("d"), DataType::Int32), DataType::Int64).alias("d"),
+                    e.alias("t"),
+                ])
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let mut seen = 0;
+            for b in &out {
+                let (d, t) = (
+                    b.column(0).as_primitive::<Int64Type>(),
+                    b.column(1).as_primitive::<Int64Type>(),
+                );
+                for i in 0..b.num_rows() {
+                    seen += 1;
+                    if d.is_null(i) {
+                        assert!(t.is_null(i), "{field:?}: NULL stays NULL");
+                        continue;
+                    }
+                    let day = d.value(i);
+                    let got = (!t.is_null(i)).then(|| t.value(i));
+                    assert_eq!(got, field.truncate(day), "{field:?} of day {day}");
+                }
+            }
+            assert_eq!(seen, days.len() + 1);
+        }
+    }
 }

@@ -153,6 +153,14 @@ SELECT date_trunc('month', diagnosed_on) AS m, COUNT(*) FROM diagnoses WHERE cod
 ;
 SELECT date_trunc('week', diagnosed_on) AS w, COUNT(*) FROM diagnoses GROUP BY 1
 ;
+SELECT date_trunc('quarter', enrolled_on) AS q, COUNT(*) FROM participants WHERE enrolled_on >= DATE '2024-01-01' GROUP BY 1
+;
+SELECT dayofweek(diagnosed_on) AS dow, COUNT(*) FROM diagnoses WHERE code = 'I21' GROUP BY 1
+;
+SELECT EXTRACT(WEEK FROM measured_on) AS w, COUNT(*) FROM labs WHERE test = 'HbA1c' AND isodow(measured_on) <= 5 GROUP BY 1
+;
+SELECT COUNT(*) FROM labs WHERE date_trunc('week', measured_on) = DATE '2024-03-04' AND dayofyear(measured_on) > 60
+;
 
 -- # 5. Several statistics in one query
 SELECT sex, COUNT(*), AVG(birth_year), STDDEV(birth_year) FROM participants GROUP BY sex

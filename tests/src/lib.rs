@@ -43,6 +43,11 @@ pub fn set_sites_per_unit(dir: &Path, s: u32) {
 /// Remove the declared date range (`earliest`/`latest`) of `table.column` from the catalog,
 /// so that its calendar years have no public domain.
 pub fn drop_date_range(dir: &Path, table: &str, column: &str) {
+    set_date_range(dir, table, column, None);
+}
+
+/// Declare (or, with `None`, drop) the public date range of `table.column` in the catalog.
+pub fn set_date_range(dir: &Path, table: &str, column: &str, range: Option<(&str, &str)>) {
     let p = dir.join("catalog.toml");
     let mut cat = fedq_common::Catalog::load(&p).expect("catalog");
     let c = cat
@@ -50,8 +55,8 @@ pub fn drop_date_range(dir: &Path, table: &str, column: &str) {
         .get_mut(table)
         .and_then(|t| t.columns.iter_mut().find(|c| c.name == column))
         .expect("column in the catalog");
-    c.earliest = None;
-    c.latest = None;
+    c.earliest = range.map(|r| r.0.to_string());
+    c.latest = range.map(|r| r.1.to_string());
     std::fs::write(&p, toml::to_string(&cat).expect("toml")).expect("write catalog");
 }
 

@@ -22,7 +22,8 @@ use fedq_coordinator::noise::discrete_laplace_half_width;
 use fedq_coordinator::planner::StatisticKind;
 use fedq_coordinator::CoordinatorError;
 use fedq_tests::{
-    drop_date_range, exact_rows, key, merged_rows, set_rows_per_unit, site_context, start, synth,
+    drop_date_range, exact_rows, key, merged_rows, set_date_range, set_rows_per_unit, site_context,
+    start, synth,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -196,6 +197,125 @@ async fn bucketed_partials_equal_datafusion_over_the_union() {
     assert_eq!(got, want);
 }
 
+/// Weeks, days of the week and of the year, and `date_trunc` to a quarter, week or day,
+/// as keys and in WHERE, in PostgreSQL's and DuckDB's spellings: the pre-noise partials
+/// equal DataFusion's own `date_part` and `date_trunc` over the union of the site files.
+/// Lab dates are declared to span 2020 only, so their weeks (53) and days (366) have a
+/// public domain; the queries keep to that year, so the node's clamp changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weeks_weekdays_and_truncations_equal_datafusion_over_the_union() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 3000, 31);
+    set_rows_per_unit(dir, 10_000);
+    set_date_range(
+        dir,
+        "labs",
+        "measured_on",
+        Some(("2020-01-01", "2020-12-31")),
+    );
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let units = AggregateRequest::CountUnits;
+    let in_2020 = "measured_on BETWEEN DATE '2020-01-01' AND DATE '2020-12-31'";
+    // DataFusion's first day of a period, as days since 1970-01-01.
+    let trunc = |unit: &str, c: &str| {
+        format!("CAST(CAST(CAST(date_trunc('{unit}', {c}) AS DATE) AS INT) AS BIGINT)")
+    };
+    let per_site = |key: &str, from_where: &str| {
+        format!(
+            "SELECT k, CAST(SUM(n) AS BIGINT), CAST(SUM(u) AS BIGINT) FROM (SELECT fedq_site, {key} AS k, \
+             COUNT(*) AS n, COUNT(DISTINCT pid) AS u FROM {from_where} GROUP BY 1, 2) GROUP BY k"
+        )
+    };
+    let part = |f: &str, c: &str| format!("CAST(date_part('{f}', {c}) AS BIGINT)");
+    let shapes: Vec<(String, String, Option<usize>)> = vec![
+        (
+            "SELECT date_part('week', diagnosed_on) AS w, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses GROUP BY 1".into(),
+            per_site(&part("week", "diagnosed_on"), "diagnoses"),
+            Some(53),
+        ),
+        (
+            "SELECT dayofweek(diagnosed_on) AS dow, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses GROUP BY 1".into(),
+            per_site(&part("dow", "diagnosed_on"), "diagnoses"),
+            Some(7),
+        ),
+        (
+            "SELECT EXTRACT(ISODOW FROM diagnosed_on) AS d, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses \
+             WHERE code = 'E11' GROUP BY 1".into(),
+            per_site(&part("isodow", "diagnosed_on"), "diagnoses WHERE code = 'E11'"),
+            Some(7),
+        ),
+        (
+            "SELECT dayofyear(diagnosed_on) AS d, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses GROUP BY 1".into(),
+            per_site(&part("doy", "diagnosed_on"), "diagnoses"),
+            Some(366),
+        ),
+        (
+            "SELECT date_trunc('quarter', diagnosed_on) AS q, COUNT(*), COUNT(DISTINCT pid) FROM diagnoses GROUP BY 1".into(),
+            per_site(&trunc("quarter", "diagnosed_on"), "diagnoses"),
+            Some(27 * 4),
+        ),
+        (
+            format!("SELECT date_trunc('week', measured_on) AS w, COUNT(*), COUNT(DISTINCT pid) FROM labs WHERE {in_2020} GROUP BY 1"),
+            per_site(&trunc("week", "measured_on"), &format!("labs WHERE {in_2020}")),
+            Some(53),
+        ),
+        (
+            format!("SELECT date_trunc('day', measured_on) AS d, COUNT(*), COUNT(DISTINCT pid) FROM labs WHERE {in_2020} GROUP BY 1"),
+            per_site(&trunc("day", "measured_on"), &format!("labs WHERE {in_2020}")),
+            Some(366),
+        ),
+        (
+            // Truncations and weekdays in WHERE, grouped by a public column.
+            "SELECT sex, COUNT(*), COUNT(DISTINCT pid) FROM participants \
+             WHERE date_trunc('quarter', enrolled_on) = DATE '2015-04-01' OR week(enrolled_on) = 1 \
+             OR (date_trunc('week', enrolled_on) = DATE '2018-06-04' AND isodow(enrolled_on) <= 5) GROUP BY sex".into(),
+            per_site(
+                "sex",
+                &format!(
+                    "participants WHERE {} = {} OR date_part('week', enrolled_on) = 1 \
+                     OR ({} = {} AND date_part('isodow', enrolled_on) <= 5)",
+                    trunc("quarter", "enrolled_on"),
+                    "CAST(CAST(DATE '2015-04-01' AS INT) AS BIGINT)",
+                    trunc("week", "enrolled_on"),
+                    "CAST(CAST(DATE '2018-06-04' AS INT) AS BIGINT)",
+                ),
+            ),
+            None,
+        ),
+    ];
+    for (sql, want_sql, domain) in shapes {
+        let q = engine.plan("alice", &sql).await.unwrap();
+        assert!(q.selection.is_none(), "{sql}: a public domain");
+        if let Some(n) = domain {
+            assert_eq!(q.groups[0].domain.len(), n, "{sql}");
+        }
+        let merged = engine.gather(&q).await.unwrap();
+        let got = merged_rows(
+            &merged,
+            &q.request.aggregates,
+            &[AggregateRequest::CountRows, units.clone()],
+        );
+        let want = exact_rows(&ctx, &want_sql, 1).await;
+        assert!(want.len() > 1, "{sql}: the test needs several groups");
+        assert_eq!(got, want, "{sql}");
+    }
+    // Days of a range longer than 1,000 days have no public domain: partition selection.
+    let q = engine
+        .plan(
+            "alice",
+            "SELECT date_trunc('day', diagnosed_on) AS d, COUNT(*) FROM diagnoses GROUP BY 1",
+        )
+        .await
+        .unwrap();
+    assert!(
+        q.selection.is_some(),
+        "days of 27 years: partition selection"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decades_are_released_in_full_under_the_alias_within_their_noise() {
     let tmp = tempfile::tempdir().unwrap();
@@ -314,8 +434,8 @@ async fn bucketed_keys_that_cannot_be_bounded_are_refused_with_the_fix() {
             "multiplier 100 must be between 1 and the divisor 10",
         ),
         (
-            "SELECT date_part('dow', measured_on), COUNT(*) FROM labs GROUP BY 1",
-            "'year', 'quarter', 'month' or 'day'",
+            "SELECT date_part('epoch', measured_on), COUNT(*) FROM labs GROUP BY 1",
+            "'year', 'quarter', 'month', 'week', 'day', 'dow', 'isodow' or 'doy'",
         ),
         (
             "SELECT date_part('month', birth_year), COUNT(*) FROM participants GROUP BY 1",
