@@ -43,6 +43,11 @@ pub struct DerivedColumn {
     pub name: String,
     /// How it is computed from the participant's rows.
     pub value: UnitAggregate,
+    /// The rows it aggregates, of those the derived table reads (`COUNT(*) FILTER (WHERE
+    /// code = 'E11')`, `MAX(CASE WHEN test = 'HbA1c' THEN value END)`), over the source
+    /// table's own columns. A count of no rows is 0; any other aggregate of none is NULL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Predicate>,
 }
 
 /// An aggregate over one participant's rows.
@@ -168,7 +173,12 @@ impl PerParticipant {
                         format!("{column} of the first row by {}", by.join(", "))
                     }
                 };
-                format!("{} = {what}", c.name)
+                let only = if c.filter.is_some() {
+                    " over the rows passing its FILTER"
+                } else {
+                    ""
+                };
+                format!("{} = {what}{only}", c.name)
             })
             .collect();
         let having = if self.min_rows > 1 {
@@ -259,6 +269,23 @@ impl PerParticipant {
                     "the derived table's column `{}` is empty or named twice (the participant column is `{unit}`)",
                     c.name
                 ));
+            }
+            if let Some(f) = &c.filter {
+                if matches!(c.value, UnitAggregate::First { .. }) {
+                    return err(format!(
+                        "`{}` takes a first row with a FILTER: filter the derived table's rows in its WHERE instead",
+                        c.name
+                    ));
+                }
+                if f.reads_joined() || !f.participant_sets().is_empty() {
+                    return err(format!(
+                        "the FILTER of `{}` may read only `{}`'s own columns",
+                        c.name, self.table
+                    ));
+                }
+                for name in f.columns() {
+                    source_column(name, "FILTER")?;
+                }
             }
             if let UnitAggregate::First { order, .. } = &c.value {
                 if order.is_empty() || order.len() > MAX_ORDER_KEYS {
@@ -413,10 +440,12 @@ columns = [
                     value: UnitAggregate::Min {
                         column: column.into(),
                     },
+                    filter: None,
                 },
                 DerivedColumn {
                     name: "n".into(),
                     value: UnitAggregate::CountRows,
+                    filter: None,
                 },
             ],
         }
@@ -473,5 +502,44 @@ columns = [
         let mut none = first("diagnosed_on");
         none.min_rows = 0;
         assert!(none.spec(&catalog()).is_err());
+    }
+
+    #[test]
+    fn a_filtered_column_reads_only_its_tables_columns_and_never_picks_a_first_row() {
+        let code_is = |column: &str| Predicate::Binary {
+            op: crate::wire::BinaryOp::Eq,
+            left: Box::new(Predicate::Column {
+                name: column.into(),
+                side: crate::wire::Side::LEFT,
+            }),
+            right: Box::new(Predicate::Literal {
+                value: crate::wire::Literal::Utf8("E11".into()),
+            }),
+        };
+        let mut d = first("diagnosed_on");
+        d.columns[1].filter = Some(code_is("code"));
+        let spec = d.spec(&catalog()).unwrap();
+        assert_eq!(spec.column("n").unwrap().bounds().unwrap().upper, 15.0);
+        assert!(d
+            .describe()
+            .contains("n = COUNT(*) over the rows passing its FILTER"));
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<PerParticipant>(&json).unwrap(), d);
+        d.columns[1].filter = Some(code_is("nope"));
+        assert!(d.spec(&catalog()).unwrap_err().0.contains("`nope`"));
+        d.columns[1].filter = None;
+        d.columns[0] = DerivedColumn {
+            name: "first_code".into(),
+            value: UnitAggregate::First {
+                column: "code".into(),
+                order: vec![OrderKey {
+                    column: "diagnosed_on".into(),
+                    descending: false,
+                    nulls_first: false,
+                }],
+            },
+            filter: Some(code_is("code")),
+        };
+        assert!(d.spec(&catalog()).unwrap_err().0.contains("WHERE instead"));
     }
 }

@@ -584,18 +584,19 @@ pub fn derived_table(
     }
     // Each aggregate, by the name of its output column.
     let n_keys = agg.group_expr.len();
-    let mut outputs: Vec<(String, UnitAggregate)> = Vec::new();
+    let mut outputs: Vec<(String, UnitAggregate, Option<Predicate>)> = Vec::new();
     for (i, e) in agg.aggr_expr.iter().enumerate() {
         let name = agg.schema.field(n_keys + i).name().clone();
-        outputs.push((name, unit_aggregate(e, &inner)?));
+        let (value, filter) = unit_aggregate(e, &inner)?;
+        outputs.push((name, value, filter));
     }
     let min_rows = match having_pred {
         None => 1,
         Some(h) => {
             let count_column = outputs
                 .iter()
-                .find(|(_, a)| *a == UnitAggregate::CountRows)
-                .map(|(n, _)| n.clone());
+                .find(|(_, a, f)| *a == UnitAggregate::CountRows && f.is_none())
+                .map(|(n, _, _)| n.clone());
             having(
                 h,
                 &Grouped {
@@ -619,7 +620,7 @@ pub fn derived_table(
         if unit_side(inner_e, &inner).is_some() {
             continue;
         }
-        let Some((_, value)) = outputs.iter().find(|(n, _)| *n == c.name) else {
+        let Some((_, value, filter)) = outputs.iter().find(|(n, _, _)| *n == c.name) else {
             return Err(refuse(format!(
                 "a derived table's columns are the participant and aggregates of its rows (MIN, MAX, SUM, AVG, COUNT, bool_or, bool_and, first_value), not `{e}`"
             )));
@@ -627,6 +628,7 @@ pub fn derived_table(
         columns.push(DerivedColumn {
             name,
             value: value.clone(),
+            filter: filter.clone(),
         });
     }
     let d = PerParticipant {
@@ -639,35 +641,87 @@ pub fn derived_table(
     Ok(Some(d))
 }
 
-/// MIN or MAX of a column, or COUNT(*), of one participant's rows.
-fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, CoordinatorError> {
+/// One aggregate of a participant's rows, and the rows it reads if it reads only some:
+/// `COUNT(*) FILTER (WHERE c)`, and the spellings that mean the same, `COUNT(CASE WHEN c
+/// THEN 1 END)`, `SUM(CASE WHEN c THEN 1 ELSE 0 END)` and `AGG(CASE WHEN c THEN col END)`
+/// (an aggregate skips the NULLs of the rows where `c` is not true).
+fn unit_aggregate(
+    e: &Expr,
+    inner: &Scope<'_>,
+) -> Result<(UnitAggregate, Option<Predicate>), CoordinatorError> {
     let unsupported = || {
         refuse(format!(
             "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), \
-             COUNT(DISTINCT col), bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, not `{e}`"
+             COUNT(DISTINCT col), bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, \
+             each optionally of the rows a condition picks (`COUNT(*) FILTER (WHERE code = 'E11')`, \
+             `MAX(CASE WHEN test = 'HbA1c' THEN value END)`), not `{e}`"
         ))
     };
     if is_count_rows(e) {
-        return Ok(UnitAggregate::CountRows);
+        return Ok((UnitAggregate::CountRows, None));
     }
     let Expr::AggregateFunction(f) = strip(e) else {
         return Err(unsupported());
     };
     let name = f.func.name();
+    let ordered = matches!(name, "first_value" | "last_value");
+    if ordered && f.params.filter.is_some() {
+        return Err(refuse(format!(
+            "`{e}` takes a first row of some rows: filter the rows in the derived table's WHERE instead"
+        )));
+    }
+    let mut filter = f
+        .params
+        .filter
+        .as_deref()
+        .map(|p| to_predicate(p, inner))
+        .transpose()?;
+    let [arg] = f.params.args.as_slice() else {
+        return Err(unsupported());
+    };
+    // `CASE WHEN c THEN x [ELSE NULL] END` (and `ELSE 0` under a SUM of 1s): x over the
+    // rows where c is true.
+    let mut arg = strip(arg);
+    if let Some((when, then, otherwise)) = single_case(arg) {
+        let counted = match (name, then, otherwise) {
+            ("count", Some(1), None) if !f.params.distinct => true,
+            ("sum", Some(1), Some(0)) if !f.params.distinct => true,
+            _ => false,
+        };
+        let picked = to_predicate(when.0, inner)?;
+        filter = Some(match filter {
+            None => picked,
+            Some(f) => Predicate::Binary {
+                op: fedq_common::BinaryOp::And,
+                left: Box::new(f),
+                right: Box::new(picked),
+            },
+        });
+        if counted {
+            return Ok((UnitAggregate::CountRows, filter));
+        }
+        if otherwise.is_some() {
+            return Err(unsupported());
+        }
+        arg = strip(when.1);
+    }
+    if name == "count" && !f.params.distinct && matches!(arg, Expr::Literal(v, _) if !v.is_null()) {
+        return Ok((UnitAggregate::CountRows, filter));
+    }
     // `COUNT(DISTINCT code)`: how many different values the participant's rows take.
-    if name == "count" && f.params.distinct && f.params.filter.is_none() {
-        if let [arg] = f.params.args.as_slice() {
-            if let Expr::Column(c) = strip(arg) {
-                inner.resolve(c)?;
-                return Ok(UnitAggregate::CountDistinct {
+    if name == "count" && f.params.distinct {
+        if let Expr::Column(c) = arg {
+            inner.resolve(c)?;
+            return Ok((
+                UnitAggregate::CountDistinct {
                     column: c.name.clone(),
-                });
-            }
+                },
+                filter,
+            ));
         }
         return Err(unsupported());
     }
-    let ordered = matches!(name, "first_value" | "last_value");
-    if f.params.distinct || f.params.filter.is_some() || (f.params.order_by.is_empty() == ordered) {
+    if f.params.distinct || (f.params.order_by.is_empty() == ordered) {
         if ordered {
             return Err(refuse(format!(
                 "`{e}` needs an order that says which row is first: `first_value(col ORDER BY date_col)`"
@@ -675,13 +729,10 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
         }
         return Err(unsupported());
     }
-    let [arg] = f.params.args.as_slice() else {
-        return Err(unsupported());
-    };
     // `first_value(value ORDER BY measured_on DESC)`: the value in the participant's first
     // row by that order (`last_value` reverses it).
     if ordered {
-        let Expr::Column(c) = strip(arg) else {
+        let Expr::Column(c) = arg else {
             return Err(unsupported());
         };
         inner.resolve(c)?;
@@ -692,38 +743,74 @@ fn unit_aggregate(e: &Expr, inner: &Scope<'_>) -> Result<UnitAggregate, Coordina
                 k.nulls_first = !k.nulls_first;
             }
         }
-        return Ok(UnitAggregate::First {
-            column: c.name.clone(),
-            order,
-        });
+        return Ok((
+            UnitAggregate::First {
+                column: c.name.clone(),
+                order,
+            },
+            None,
+        ));
     }
     // `bool_or(code = 'E11')`: whether some (all) of the participant's rows meet it.
-    match f.func.name() {
+    match name {
         "bool_or" => {
-            return Ok(UnitAggregate::Any {
-                when: to_predicate(arg, inner)?,
-            })
+            return Ok((
+                UnitAggregate::Any {
+                    when: to_predicate(arg, inner)?,
+                },
+                filter,
+            ))
         }
         "bool_and" => {
-            return Ok(UnitAggregate::All {
-                when: to_predicate(arg, inner)?,
-            })
+            return Ok((
+                UnitAggregate::All {
+                    when: to_predicate(arg, inner)?,
+                },
+                filter,
+            ))
         }
         _ => {}
     }
-    let Expr::Column(c) = strip(arg) else {
+    let Expr::Column(c) = arg else {
         return Err(unsupported());
     };
     inner.resolve(c)?;
     let column = c.name.clone();
-    match f.func.name() {
-        "min" => Ok(UnitAggregate::Min { column }),
-        "max" => Ok(UnitAggregate::Max { column }),
-        "sum" => Ok(UnitAggregate::Sum { column }),
-        "avg" | "mean" => Ok(UnitAggregate::Avg { column }),
-        "count" => Ok(UnitAggregate::CountNonNull { column }),
-        _ => Err(unsupported()),
-    }
+    let value = match name {
+        "min" => UnitAggregate::Min { column },
+        "max" => UnitAggregate::Max { column },
+        "sum" => UnitAggregate::Sum { column },
+        "avg" | "mean" => UnitAggregate::Avg { column },
+        "count" => UnitAggregate::CountNonNull { column },
+        _ => return Err(unsupported()),
+    };
+    Ok((value, filter))
+}
+
+/// `CASE WHEN c THEN x [ELSE y] END` with one branch and no operand: `((c, x), then, else)`
+/// where `then` and `else` are x and y as integer literals, if they are (`else` is `None`
+/// when it is absent or NULL).
+#[allow(clippy::type_complexity)]
+fn single_case(e: &Expr) -> Option<((&Expr, &Expr), Option<i64>, Option<i64>)> {
+    let Expr::Case(c) = e else {
+        return None;
+    };
+    let ([(when, then)], None) = (c.when_then_expr.as_slice(), c.expr.as_ref()) else {
+        return None;
+    };
+    let int = |e: &Expr| match strip(e) {
+        Expr::Literal(v, _) => match crate::predicate::literal(v) {
+            Ok(fedq_common::Literal::Int64(i)) => Some(i),
+            _ => None,
+        },
+        _ => None,
+    };
+    let otherwise = match c.else_expr.as_deref().map(strip) {
+        None => None,
+        Some(Expr::Literal(v, _)) if v.is_null() => None,
+        Some(other) => Some(int(other)?),
+    };
+    Some(((when.as_ref(), then.as_ref()), int(then), otherwise))
 }
 
 /// The keys of an `ORDER BY` of a participant's rows: columns of the table read.
@@ -839,6 +926,7 @@ pub fn first_row_table(
                 column: c.name.clone(),
                 order: order.clone(),
             },
+            filter: None,
         });
     }
     let Some(rn) = rn else {

@@ -7,7 +7,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn::{
     avg, bool_and, bool_or, count, count_distinct, first_value, max, min, sum,
 };
-use datafusion::logical_expr::{cast, ident, lit, when, Expr};
+use datafusion::logical_expr::{cast, ident, lit, when, Expr, ExprFunctionExt};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
 use fedq_common::{Catalog, Side, TableSpec};
 
@@ -38,7 +38,8 @@ pub(crate) fn view(
         .table(&d.table)
         .map_or(1.0, |t| f64::from(t.max_rows_per_unit));
     for c in &d.columns {
-        for col in c.value.columns() {
+        let filtered = c.filter.as_ref().map(|f| f.columns()).unwrap_or_default();
+        for col in c.value.columns().into_iter().chain(filtered) {
             if !source.shares(col, &spec.privacy_unit) {
                 return Err(NodeError::Refused(format!(
                     "column {} of table {} (in a derived table) is not shared by this node: its node policy (`columns` in [tables.{}] of node.toml) does not list it",
@@ -163,6 +164,15 @@ pub(crate) fn frame(
                     sorts,
                 )
             }
+        };
+        // `AGG(…) FILTER (WHERE …)`: the column's own rows (checked to read only this
+        // table's columns and no participant set).
+        let e = match &c.filter {
+            Some(f) => e
+                .filter(filter::translate(f, &scope)?)
+                .build()
+                .map_err(planned)?,
+            None => e,
         };
         aggs.push(e.alias(&c.name));
     }

@@ -23,6 +23,16 @@ SELECT COUNT(*) FROM (SELECT pid, bool_or(code = 'E11') AS dm FROM diagnoses GRO
 ;
 SELECT AVG(n) FROM (SELECT pid, COUNT(DISTINCT code) AS n FROM diagnoses GROUP BY pid) t
 ;
+SELECT COUNT(*) FROM (SELECT pid, COUNT(*) FILTER (WHERE code = 'E11') AS n_e11, COUNT(*) FILTER (WHERE code = 'N18') AS n_n18 FROM diagnoses GROUP BY pid) t WHERE n_e11 >= 2 AND n_n18 >= 1
+;
+SELECT AVG(a1c) FROM (SELECT pid, MAX(CASE WHEN test = 'HbA1c' THEN value END) AS a1c FROM labs GROUP BY pid) t
+;
+SELECT COUNT(*) FROM (SELECT pid, SUM(CASE WHEN code = 'E11' THEN 1 ELSE 0 END) AS n FROM diagnoses GROUP BY pid) t WHERE n >= 2
+;
+SELECT COUNT(*) FROM (SELECT pid, SUM(CASE WHEN code = 'E11' THEN 1 END) AS n FROM diagnoses GROUP BY pid) t WHERE n >= 2
+;
+SELECT COUNT(*) FROM (SELECT pid, first_value(code ORDER BY diagnosed_on) FILTER (WHERE code LIKE 'E%') AS c FROM diagnoses GROUP BY pid) t WHERE c = 'E11'
+;
 
 -- # 2. Semi-joins and anti-joins on the participant
 SELECT COUNT(*) FROM participants WHERE pid IN (SELECT pid FROM diagnoses WHERE code = 'E11')

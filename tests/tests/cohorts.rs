@@ -922,6 +922,30 @@ async fn per_participant_sums_counts_and_conditions_equal_datafusion_per_site() 
             0,
             sum,
         ),
+        // Aggregates of the rows a condition picks, in the three spellings researchers use.
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, COUNT(*) FILTER (WHERE code = 'E11') AS n_e11 FROM diagnoses GROUP BY pid) t \
+             WHERE n_e11 >= 2",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, COUNT(*) FILTER (WHERE code = 'E11') AS n_e11 FROM diagnoses \
+             GROUP BY pid, fedq_site) WHERE n_e11 >= 2",
+            0,
+            rows,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, MAX(CASE WHEN test = 'HbA1c' THEN value END) AS a1c, \
+             COUNT(CASE WHEN test = 'LDL' THEN 1 END) AS n_ldl FROM labs GROUP BY pid) t WHERE a1c >= 6.5 AND n_ldl >= 1",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, MAX(CASE WHEN test = 'HbA1c' THEN value END) AS a1c, \
+             COUNT(CASE WHEN test = 'LDL' THEN 1 END) AS n_ldl FROM labs GROUP BY pid, fedq_site) WHERE a1c >= 6.5 AND n_ldl >= 1",
+            0,
+            rows,
+        ),
+        (
+            "SELECT SUM(n) FROM (SELECT pid, SUM(CASE WHEN code LIKE 'E1%' THEN 1 ELSE 0 END) AS n FROM diagnoses GROUP BY pid) t",
+            "SELECT SUM(LEAST(n, 15)) FROM (SELECT pid, fedq_site, SUM(CASE WHEN code LIKE 'E1%' THEN 1 ELSE 0 END) AS n \
+             FROM diagnoses GROUP BY pid, fedq_site)",
+            0,
+            sum,
+        ),
     ];
     for (sql, want_sql, n_keys, pick) in &shapes {
         let q = engine

@@ -734,7 +734,10 @@ mod arb {
             ])
                 .prop_map(|(a, b)| bin(BinaryOp::Divide, a, b)),
             1 => (
-                prop::sample::select(vec![DateField::Year, DateField::Quarter, DateField::Month, DateField::Day]),
+                prop::sample::select(vec![
+                    DateField::Year, DateField::Quarter, DateField::Month, DateField::Week, DateField::Day,
+                    DateField::DayOfWeek, DateField::IsoDayOfWeek, DateField::DayOfYear,
+                ]),
                 date(d)
             )
                 .prop_map(|(field, e)| Predicate::DatePart { field, input: Box::new(e) }),
@@ -821,7 +824,10 @@ mod arb {
             3 => leaf,
             1 => any_expr(depth - 1).prop_map(|e| try_cast(e, ColumnType::Date32)),
             1 => (
-                prop::sample::select(vec![DateField::TruncYear, DateField::TruncMonth]),
+                prop::sample::select(vec![
+                    DateField::TruncYear, DateField::TruncQuarter, DateField::TruncMonth,
+                    DateField::TruncWeek, DateField::TruncDay,
+                ]),
                 date(depth - 1),
             )
                 .prop_map(|(field, e)| Predicate::DatePart { field, input: Box::new(e) }),
@@ -967,27 +973,44 @@ mod arb {
                                         column: c.to_string(),
                                     },
                                 },
+                                filter: None,
                             })
                             .chain([
                                 DerivedColumn {
                                     name: "n".into(),
                                     value: UnitAggregate::CountRows,
+                                    filter: None,
+                                },
+                                // Aggregates of the rows a condition picks.
+                                DerivedColumn {
+                                    name: "nf".into(),
+                                    value: UnitAggregate::CountRows,
+                                    filter: Some(any.clone()),
+                                },
+                                DerivedColumn {
+                                    name: "mf".into(),
+                                    value: UnitAggregate::Max { column: "i".into() },
+                                    filter: Some(all.clone()),
                                 },
                                 DerivedColumn {
                                     name: "k".into(),
                                     value: UnitAggregate::CountNonNull { column: "t".into() },
+                                    filter: None,
                                 },
                                 DerivedColumn {
                                     name: "kd".into(),
                                     value: UnitAggregate::CountDistinct { column: "t".into() },
+                                    filter: None,
                                 },
                                 DerivedColumn {
                                     name: "a".into(),
                                     value: UnitAggregate::Any { when: any },
+                                    filter: None,
                                 },
                                 DerivedColumn {
                                     name: "l".into(),
                                     value: UnitAggregate::All { when: all },
+                                    filter: None,
                                 },
                             ])
                             .collect(),
@@ -1041,9 +1064,16 @@ mod arb {
                     DateField::Year,
                     DateField::Quarter,
                     DateField::Month,
+                    DateField::Week,
                     DateField::Day,
+                    DateField::DayOfWeek,
+                    DateField::IsoDayOfWeek,
+                    DateField::DayOfYear,
                     DateField::TruncYear,
-                    DateField::TruncMonth
+                    DateField::TruncQuarter,
+                    DateField::TruncMonth,
+                    DateField::TruncWeek,
+                    DateField::TruncDay,
                 ]),
                 prop::sample::select(vec!["d", "e"])
             )

@@ -235,10 +235,12 @@ async fn a_derived_table_has_one_row_per_participant_and_r_one() {
                 value: UnitAggregate::Min {
                     column: "value".into(),
                 },
+                filter: None,
             },
             DerivedColumn {
                 name: "n".into(),
                 value: UnitAggregate::CountRows,
+                filter: None,
             },
         ],
     };
