@@ -145,6 +145,19 @@ impl UnitAggregate {
 pub struct DerivedError(pub String);
 
 impl PerParticipant {
+    /// Every condition it evaluates: its WHERE, its columns' FILTERs and the conditions of
+    /// `bool_or`/`bool_and` (for the expression limits both sides check).
+    pub fn predicates(&self) -> Vec<&Predicate> {
+        self.filter
+            .iter()
+            .chain(
+                self.columns
+                    .iter()
+                    .flat_map(|c| c.filter.iter().chain(c.value.condition())),
+            )
+            .collect()
+    }
+
     /// What it computes, in words (for EXPLAIN).
     pub fn describe(&self) -> String {
         let cols: Vec<String> = self

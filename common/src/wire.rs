@@ -134,6 +134,11 @@ pub struct JoinSpec {
     /// (An inner join's further conditions are the request's filter.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Predicate>,
+    /// When set, the joined relation is this per-participant derived table of `table`
+    /// (one row per participant) instead of the table's rows, and columns of this side
+    /// name its columns: `FROM (… GROUP BY pid) a JOIN (… GROUP BY pid) b USING (pid)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<crate::derived::PerParticipant>,
 }
 
 /// How a [`JoinSpec`] pairs rows.
@@ -574,10 +579,19 @@ impl PartialAggregateRequest {
     /// are inside their filters).
     pub fn participant_sets(&self) -> Vec<&ParticipantSet> {
         let mut out = self.outer_participant_sets();
-        if let Some(f) = self.derived.as_ref().and_then(|d| d.filter.as_ref()) {
-            out.extend(f.participant_sets());
+        for d in self.derived_tables() {
+            if let Some(f) = &d.filter {
+                out.extend(f.participant_sets());
+            }
         }
         out
+    }
+
+    /// The derived tables it reads: the driving one's, then each joined one's.
+    pub fn derived_tables(&self) -> impl Iterator<Item = &crate::derived::PerParticipant> {
+        self.derived
+            .iter()
+            .chain(self.joins.iter().filter_map(|j| j.derived.as_ref()))
     }
 
     /// The participant sets its filter and group keys test, not those of its derived
@@ -642,11 +656,13 @@ impl PartialAggregateRequest {
                 self.aggregates.len()
             ));
         }
-        if let Some(f) = self.derived.as_ref().and_then(|d| d.filter.as_ref()) {
-            if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
-                return Err(format!(
-                    "the derived table's filter exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
-                ));
+        for d in self.derived_tables() {
+            for f in d.predicates() {
+                if f.depth() > MAX_EXPR_DEPTH || f.node_count() > MAX_EXPR_NODES {
+                    return Err(format!(
+                        "a derived table's condition exceeds the limits ({MAX_EXPR_DEPTH} levels, {MAX_EXPR_NODES} nodes)"
+                    ));
+                }
             }
         }
         if self.joins.len() > MAX_JOINS {
@@ -812,6 +828,7 @@ mod tests {
             right_on: "pid".into(),
             kind: Default::default(),
             on: None,
+            derived: None,
         }];
         r.group_by = vec![ColumnRef::right("sex").into()];
         r.filter = Some(Predicate::Column {

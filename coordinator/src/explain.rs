@@ -320,7 +320,7 @@ pub fn explain_batch(
         ));
     }
     // A derived table: participant-local, computed at each site from that site's rows.
-    if let Some(d) = &q.request.derived {
+    for d in q.request.derived_tables() {
         rows.push(Row::note(
             "derived table",
             d.table.clone(),

@@ -486,7 +486,7 @@ impl Planner {
         Ok(PlannedQuery {
             query_id: query_id.to_string(),
             sql: sql.to_string(),
-            join_tables: local.joined.iter().map(|(t, _)| t.clone()).collect(),
+            join_tables: local.joined.iter().map(|(t, _, _)| t.clone()).collect(),
             table: local.table.clone(),
             request,
             groups: keys.groups,
@@ -534,10 +534,12 @@ impl Planner {
             },
             None => source_below(&agg.input, &self.catalog)?,
         };
-        if let Some(rn) = &source.left.first_row {
+        let numbered = std::iter::once(&source.left).chain(source.joins.iter().map(|j| &j.scan));
+        if let Some(rn) = numbered.filter_map(|s| s.first_row.as_ref()).next() {
             return Err(refuse(format!(
                 "a numbered subquery is read as each participant's first row: keep only that row with `WHERE {rn} = 1` \
-                 (other row numbers would count several rows per participant in an order the query does not bound)"
+                 (other row numbers would count several rows per participant in an order the query does not bound); \
+                 for a LEFT JOIN, test it inside the joined subquery, `LEFT JOIN (SELECT * FROM latest WHERE {rn} = 1) l`"
             )));
         }
         if set.is_some() && !agg.group_expr.is_empty() {
@@ -573,8 +575,14 @@ impl Planner {
             joined: src
                 .joins
                 .iter()
-                .map(|j| (j.scan.table.clone(), j.scan.qualifier.clone()))
-                .collect(),
+                .map(|j| {
+                    let spec = match &j.scan.derived {
+                        Some(d) => d.spec(&self.catalog).map_err(|e| refuse(e.0))?,
+                        None => lookup(&j.scan.table)?.clone(),
+                    };
+                    Ok((j.scan.table.clone(), j.scan.qualifier.clone(), spec))
+                })
+                .collect::<Result<_, CoordinatorError>>()?,
             joins: Vec::new(),
             filters: src.filters.clone(),
             predicate: None,
@@ -820,8 +828,9 @@ struct LocalPlan {
     qualifier: String,
     /// The driving relation's declaration: its catalog table's, or its derived table's.
     spec: fedq_common::TableSpec,
-    /// The joined tables and their qualifiers, in order.
-    joined: Vec<(String, String)>,
+    /// The joined relations: table, qualifier and declaration (the catalog's, or their
+    /// derived table's), in order.
+    joined: Vec<(String, String, fedq_common::TableSpec)>,
     joins: Vec<JoinSpec>,
     /// The SQL conditions on the rows (a WHERE's listed values narrow key domains).
     filters: Vec<Expr>,
@@ -839,16 +848,12 @@ impl LocalPlan {
         let joined = self
             .joined
             .iter()
-            .map(|(t, q)| {
-                Ok(Relation {
-                    table: t,
-                    qualifier: q,
-                    spec: catalog.table(t).ok_or_else(|| {
-                        CoordinatorError::InvalidSql(format!("table `{t}` is not in the catalog"))
-                    })?,
-                })
+            .map(|(table, qualifier, spec)| Relation {
+                table,
+                qualifier,
+                spec,
             })
-            .collect::<Result<Vec<_>, CoordinatorError>>()?;
+            .collect();
         Ok(Scope {
             left: Relation {
                 table: &self.table,
@@ -1316,6 +1321,13 @@ struct JoinedScan {
     join_on: Vec<Expr>,
 }
 
+/// Whether the columns of `e` are unqualified or qualified with `qualifier`.
+fn names_scan(e: &Expr, qualifier: &str) -> bool {
+    e.column_refs()
+        .iter()
+        .all(|c| c.relation.as_ref().is_none_or(|r| r.table() == qualifier))
+}
+
 const JOIN_HINT: &str = "join tables on the privacy unit, e.g. \
     `SELECT p.sex, COUNT(*), AVG(l.value) FROM labs l JOIN participants p USING (pid) GROUP BY p.sex`";
 
@@ -1340,17 +1352,27 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             // that test the participant against a participant set are accepted
             // (`crate::cohort`).
             let mut s = source_below(&f.input, catalog)?;
-            match s.left.first_row.clone() {
-                None => s.filters.push(f.predicate.clone()),
-                // `WHERE rn = 1` over a numbered subquery is what makes it a derived table.
-                Some(rn) => {
-                    for c in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
-                        if crate::cohort::is_first_row_test(c, &rn) {
-                            s.left.first_row = None;
-                        } else {
-                            s.filters.push(c.clone());
-                        }
+            // `WHERE rn = 1` over a numbered subquery is what makes it a derived table (of
+            // the driving side, or of an inner-joined one).
+            for c in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+                let numbered = std::iter::once(&mut s.left).chain(
+                    s.joins
+                        .iter_mut()
+                        .filter(|j| j.kind == fedq_common::JoinKind::Inner)
+                        .map(|j| &mut j.scan),
+                );
+                let mut tested = false;
+                for scan in numbered {
+                    if scan.first_row.as_deref().is_some_and(|rn| {
+                        crate::cohort::is_first_row_test(c, rn) && names_scan(c, &scan.qualifier)
+                    }) {
+                        scan.first_row = None;
+                        tested = true;
+                        break;
                     }
+                }
+                if !tested {
+                    s.filters.push(c.clone());
                 }
             }
             Ok(s)
@@ -1442,13 +1464,6 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             }
             let l = source_below(&j.left, catalog)?;
             let r = source_below(&j.right, catalog)?;
-            if r.left.derived.is_some() {
-                return Err(refuse(
-                    "a derived table grouped by the participant must come first in the join \
-                     (`FROM (SELECT pid, MIN(...) ... GROUP BY pid) f JOIN participants p USING (pid)`): \
-                     the driving table's R applies, and the derived table's is 1",
-                ));
-            }
             if !r.joins.is_empty() {
                 return Err(refuse(format!(
                     "a join nested on the right of another is not supported: write the joins one after another, \
@@ -1599,6 +1614,7 @@ fn join_spec(
         left_on: left.spec.privacy_unit.clone(),
         right_on: right.spec.privacy_unit.clone(),
         kind: joined.kind,
+        derived: joined.scan.derived.clone(),
         on: join_on
             .iter()
             .map(|e| to_predicate(e, scope))
@@ -2695,6 +2711,7 @@ columns = [
                 right_on: "pid".into(),
                 kind: Default::default(),
                 on: None,
+                derived: None,
             }]
         );
         assert_eq!(r.group_by, vec![ColumnRef::right("sex").into()]);

@@ -831,6 +831,21 @@ impl NodeEngine {
             }
             joined_tables.push(rt);
         }
+        // A joined derived table is declared like the driving one, from its own table.
+        let joined_views: Vec<Option<crate::derived::DerivedView>> = req
+            .joins
+            .iter()
+            .zip(&joined_tables)
+            .map(|(j, rt)| match &j.derived {
+                None => Ok(None),
+                Some(d) if d.table != j.table => Err(invalid(format!(
+                    "the joined derived table reads {}, not the joined table {}",
+                    shown(&d.table),
+                    shown(&j.table)
+                ))),
+                Some(d) => crate::derived::view(d, &self.catalog, &rt.policy).map(Some),
+            })
+            .collect::<Result<_, _>>()?;
         // Participant sets (`IN`/`EXISTS` subqueries, `INTERSECT`, `EXCEPT`): checked
         // against the catalog like the coordinator checks them, then each distinct one gets
         // a column in the frame (see `crate::sets`).
@@ -851,10 +866,18 @@ impl NodeEngine {
             .joins
             .iter()
             .zip(&joined_tables)
-            .map(|(j, rt)| Relation {
-                policy: &rt.policy,
-                name: j.table.as_str(),
-                spec: &rt.spec,
+            .zip(&joined_views)
+            .map(|((j, rt), view)| match view {
+                Some(v) => Relation {
+                    policy: &v.policy,
+                    name: j.table.as_str(),
+                    spec: &v.spec,
+                },
+                None => Relation {
+                    policy: &rt.policy,
+                    name: j.table.as_str(),
+                    spec: &rt.spec,
+                },
             })
             .collect();
         let base = Scope {
@@ -1250,7 +1273,17 @@ impl NodeEngine {
             None => table.df.clone(),
         };
         if !req.joins.is_empty() {
-            df = join_all(df, req, &joined_tables, &scope)?;
+            // Each joined relation: the table's rows, or its derived table built here.
+            let rights = req
+                .joins
+                .iter()
+                .zip(&joined_tables)
+                .map(|(j, rt)| match &j.derived {
+                    Some(d) => crate::derived::frame(self, d, &mut set_names),
+                    None => Ok(rt.df.clone()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            df = join_all(df, req, rights, &scope)?;
         }
         if !set_cols.is_empty() {
             let unit = scope
@@ -1327,7 +1360,7 @@ fn tables_read(req: &PartialAggregateRequest) -> BTreeSet<&str> {
 fn join_all(
     df: DataFrame,
     req: &PartialAggregateRequest,
-    tables: &[&ServedTable],
+    rights: Vec<DataFrame>,
     scope: &Scope<'_>,
 ) -> Result<DataFrame, NodeError> {
     let invalid = NodeError::InvalidRequest;
@@ -1337,9 +1370,9 @@ fn join_all(
     };
     let driving = side_alias(Side::LEFT);
     let mut df = df.alias(&driving).map_err(join_err)?;
-    for (k, (j, rt)) in req.joins.iter().zip(tables).enumerate() {
+    for (k, (j, right)) in req.joins.iter().zip(rights).enumerate() {
         let alias = side_alias(Side::joined(k));
-        let right = rt.df.clone().alias(alias.as_str()).map_err(join_err)?;
+        let right = right.alias(alias.as_str()).map_err(join_err)?;
         let mut on = vec![
             Expr::Column(Column::new(Some(driving.as_str()), j.left_on.as_str()))
                 .eq(Expr::Column(Column::new(Some(alias), j.right_on.as_str()))),

@@ -113,6 +113,16 @@ SELECT COUNT(DISTINCT a.pid) FROM diagnoses a JOIN diagnoses b USING (pid) JOIN 
 ;
 SELECT COUNT(*) FROM participants p LEFT JOIN diagnoses d USING (pid) JOIN labs l ON l.pid = d.pid
 ;
+SELECT COUNT(*) FROM (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = 'E11' GROUP BY pid) a JOIN (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = 'N18' GROUP BY pid) b USING (pid) WHERE a.f < b.f
+;
+WITH e11 AS (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid), a1c AS (SELECT pid, MIN(measured_on) AS first_a1c FROM labs WHERE test = 'HbA1c' GROUP BY pid) SELECT COUNT(*) FROM e11 JOIN a1c USING (pid) WHERE a1c.first_a1c > e11.first_on
+;
+SELECT p.sex, COUNT(*), COUNT(f.first_on) FROM participants p LEFT JOIN (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid) f ON f.pid = p.pid GROUP BY p.sex
+;
+WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn FROM labs WHERE test = 'HbA1c') SELECT p.sex, COUNT(*) FROM participants p JOIN latest l USING (pid) WHERE l.rn = 1 AND l.value >= 6.5 GROUP BY p.sex
+;
+WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn FROM labs WHERE test = 'HbA1c') SELECT COUNT(*) FROM participants p LEFT JOIN latest l ON l.pid = p.pid WHERE l.rn = 1
+;
 
 -- # 4. Expressions
 SELECT COUNT(*) FROM diagnoses WHERE year(diagnosed_on) = 2020

@@ -549,14 +549,113 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
             "",
         ),
         (
-            "SELECT COUNT(*) FROM participants p JOIN (SELECT pid, MIN(diagnosed_on) AS d FROM diagnoses GROUP BY pid) f USING (pid)",
-            "must come first in the join",
+            // A numbered subquery on the outer side of a LEFT JOIN keeps its row number.
+            "WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn \
+             FROM labs WHERE test = 'HbA1c') SELECT COUNT(*) FROM participants p LEFT JOIN latest l ON l.pid = p.pid \
+             WHERE l.rn = 1",
+            "inside the joined subquery",
         ),
     ] {
         match engine.plan("alice", sql).await {
             Err(CoordinatorError::Refused(m) | CoordinatorError::InvalidSql(m)) => assert!(m.contains(why), "{sql}: {m}"),
             other => panic!("{sql}: expected a refusal, got {:?}", other.map(|q| q.request)),
         }
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// Derived tables anywhere in a join (part 1 with part 3): two derived tables of one
+/// table ("E11 before N18"), of two tables (the first HbA1c after the first E11), a derived
+/// table or a latest row joined after a catalog table, and left-joined. Each side is one
+/// row per participant and site, so nothing is truncated and the partials equal
+/// DataFusion's per site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn derived_tables_joined_in_any_position_equal_datafusion_per_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 3, 2000, 47);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let first = |code: &str| {
+        format!(
+            "(SELECT pid, fedq_site, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = '{code}' GROUP BY pid, fedq_site)"
+        )
+    };
+    let same = "a.pid = b.pid AND a.fedq_site = b.fedq_site";
+    let shapes: Vec<(String, String, usize, usize)> = vec![
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = 'E11' GROUP BY pid) a \
+             JOIN (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = 'N18' GROUP BY pid) b USING (pid) \
+             WHERE a.f < b.f"
+                .into(),
+            format!("SELECT COUNT(*) FROM {} a JOIN {} b ON {same} WHERE a.f < b.f", first("E11"), first("N18")),
+            0,
+            2,
+        ),
+        (
+            "WITH e11 AS (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid), \
+             a1c AS (SELECT pid, MIN(measured_on) AS first_a1c FROM labs WHERE test = 'HbA1c' GROUP BY pid) \
+             SELECT year(e11.first_on) AS y, COUNT(*) FROM e11 JOIN a1c USING (pid) WHERE a1c.first_a1c > e11.first_on GROUP BY 1"
+                .into(),
+            format!(
+                "SELECT CAST(date_part('year', a.f) AS BIGINT), COUNT(*) FROM {} a JOIN (SELECT pid, fedq_site, \
+                 MIN(measured_on) AS f FROM labs WHERE test = 'HbA1c' GROUP BY pid, fedq_site) b ON {same} \
+                 WHERE b.f > a.f GROUP BY 1",
+                first("E11")
+            ),
+            1,
+            2,
+        ),
+        (
+            "SELECT p.sex, COUNT(*) FROM participants p JOIN (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses \
+             WHERE code = 'E11' GROUP BY pid) b USING (pid) WHERE year(b.f) - p.birth_year >= 50 GROUP BY p.sex"
+                .into(),
+            format!(
+                "SELECT a.sex, COUNT(*) FROM participants a JOIN {} b ON {same} \
+                 WHERE date_part('year', b.f) - a.birth_year >= 50 GROUP BY a.sex",
+                first("E11")
+            ),
+            1,
+            1,
+        ),
+        (
+            "SELECT p.sex, COUNT(*) FROM participants p LEFT JOIN (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses \
+             WHERE code = 'E11' GROUP BY pid) b ON b.pid = p.pid WHERE b.f IS NULL GROUP BY p.sex"
+                .into(),
+            format!(
+                "SELECT a.sex, COUNT(*) FROM participants a LEFT JOIN {} b ON {same} WHERE b.f IS NULL GROUP BY a.sex",
+                first("E11")
+            ),
+            1,
+            1,
+        ),
+        (
+            "WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn \
+             FROM labs WHERE test = 'HbA1c') SELECT p.sex, COUNT(*) FROM participants p JOIN latest l USING (pid) \
+             WHERE l.rn = 1 AND l.value >= 6.5 GROUP BY p.sex"
+                .into(),
+            "SELECT a.sex, COUNT(*) FROM participants a JOIN (SELECT pid, fedq_site, value, ROW_NUMBER() OVER \
+             (PARTITION BY pid, fedq_site ORDER BY measured_on DESC, value ASC NULLS LAST) AS rn FROM labs \
+             WHERE test = 'HbA1c') b ON a.pid = b.pid AND a.fedq_site = b.fedq_site WHERE b.rn = 1 AND b.value >= 6.5 \
+             GROUP BY a.sex"
+                .into(),
+            1,
+            1,
+        ),
+    ];
+    for (sql, want_sql, n_keys, derived) in &shapes {
+        let q = partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            *n_keys,
+            AggregateRequest::CountRows,
+        )
+        .await;
+        assert_eq!(q.request.derived_tables().count(), *derived, "{sql}");
+        assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1");
     }
     fed.shutdown().await.unwrap();
 }
@@ -1112,7 +1211,9 @@ async fn released_within_the_noise(a: &std::path::Path, b: &std::path::Path, sql
 /// the column's bounds, and the latest value by `ROW_NUMBER() … = 1`), and the participant
 /// with the most diagnoses (a self-join, whose pairs R bounds), and the participant with the
 /// most (diagnosis, lab) pairs (a join of three tables, whose rows R bounds however many
-/// tables pair them). Each pair of federations differs in that one participant, and every
+/// tables pair them). The participant with the most diagnoses is also the edge of two
+/// derived tables joined to each other and of a derived count of the rows a FILTER picks.
+/// Each pair of federations differs in that one participant, and every
 /// released value differs only within the noise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_the_noise() {
@@ -1172,6 +1273,21 @@ async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_t
         &a,
         &c,
         "SELECT COUNT(*), COUNT(*) FILTER (WHERE a.code <> b.code) FROM diagnoses a JOIN diagnoses b USING (pid)",
+    )
+    .await;
+    // Derived tables joined to each other, and a derived column of the rows a FILTER picks.
+    released_within_the_noise(
+        &a,
+        &c,
+        "SELECT COUNT(*), SUM(a.n) FROM (SELECT pid, COUNT(*) AS n FROM diagnoses GROUP BY pid) a \
+         JOIN (SELECT pid, MAX(value) AS top FROM labs GROUP BY pid) b USING (pid)",
+    )
+    .await;
+    released_within_the_noise(
+        &a,
+        &c,
+        "SELECT COUNT(*), SUM(n_e11) FROM (SELECT pid, COUNT(*) FILTER (WHERE code = 'E11') AS n_e11 \
+         FROM diagnoses GROUP BY pid) t",
     )
     .await;
     let d = without(&most_paired, "d");

@@ -778,10 +778,15 @@ mod arb {
         .boxed()
     }
 
-    /// A join of `x` with itself on the participant: inner or left, with an `ON` condition.
+    /// A join of `x` with itself (or with a derived table of it) on the participant: inner
+    /// or left, with an `ON` condition.
     pub fn self_join() -> BoxedStrategy<fedq_common::JoinSpec> {
-        (any::<bool>(), proptest::option::weighted(0.5, boolean(2)))
-            .prop_map(|(left, on)| fedq_common::JoinSpec {
+        (
+            any::<bool>(),
+            proptest::option::weighted(0.5, boolean(2)),
+            proptest::option::weighted(0.2, per_participant()),
+        )
+            .prop_map(|(left, on, derived)| fedq_common::JoinSpec {
                 table: "x".into(),
                 left_on: "pid".into(),
                 right_on: "pid".into(),
@@ -791,6 +796,8 @@ mod arb {
                     fedq_common::JoinKind::Inner
                 },
                 on,
+                // Sometimes a derived table of `x` (one row per participant).
+                derived,
             })
             .boxed()
     }

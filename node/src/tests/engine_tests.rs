@@ -764,6 +764,7 @@ fn joined(mut req: PartialAggregateRequest, right: &str) -> PartialAggregateRequ
         right_on: "pid".into(),
         kind: Default::default(),
         on: None,
+        derived: None,
     });
     req
 }

@@ -262,6 +262,7 @@ async fn neighbours_around_the_old_memory_threshold_answer_the_same_requests() {
         right_on: "pid".into(),
         kind: Default::default(),
         on: None,
+        derived: None,
     }];
     for req in [reservoirs, join] {
         for e in &engines {

@@ -265,3 +265,47 @@ async fn a_derived_table_has_one_row_per_participant_and_r_one() {
     req.filter = Some(eq("test", "HbA1c"));
     assert!(matches!(e.validate(&req), Err(NodeError::Refused(m)) if m.contains("test")));
 }
+
+/// A derived table joined to its own table (`labs l JOIN (… GROUP BY pid HAVING COUNT(*)
+/// >= k) d USING (pid)`) keeps exactly the rows of the participants it has a row for, as
+/// the same participants tested as a set do; and it must read the table it is joined as.
+#[tokio::test]
+async fn a_joined_derived_table_keeps_the_rows_of_its_participants_and_reads_its_own_table() {
+    use fedq_common::derived::{DerivedColumn, PerParticipant, UnitAggregate};
+    let (_fx, e) = engine().await;
+    let derived = |table: &str, min_rows| PerParticipant {
+        table: table.into(),
+        filter: Some(eq("test", "HbA1c")),
+        min_rows,
+        columns: vec![DerivedColumn {
+            name: "n".into(),
+            value: UnitAggregate::CountRows,
+            filter: None,
+        }],
+    };
+    let joined = |d: PerParticipant| {
+        let mut req = request("labs", &[], vec![AggregateRequest::CountRows], 100, None);
+        req.joins = vec![fedq_common::JoinSpec {
+            table: d.table.clone(),
+            left_on: "pid".into(),
+            right_on: "pid".into(),
+            kind: Default::default(),
+            on: None,
+            derived: Some(d),
+        }];
+        req
+    };
+    for min_rows in 1..=3 {
+        let out = e.execute(&joined(derived("labs", min_rows))).await.unwrap();
+        assert_eq!(
+            rows(&out, 0)[0].1[0],
+            labs_rows(&e, in_set(hba1c(min_rows), false)).await,
+            "HAVING COUNT(*) >= {min_rows}"
+        );
+    }
+    let mut wrong = joined(derived("patients", 1));
+    wrong.joins[0].table = "labs".into();
+    assert!(
+        matches!(e.validate(&wrong), Err(NodeError::InvalidRequest(m)) if m.contains("not the joined table"))
+    );
+}
