@@ -170,6 +170,21 @@ fn day_range<'a>(
         Predicate::Literal {
             value: Literal::Date32(d),
         } => Ok(Some((f64::from(*d), f64::from(*d)))),
+        // Months move a date by 28 to 31 days each (less up to 3 when the day is clamped
+        // to a shorter month's last), then the days move it exactly.
+        Predicate::ShiftDate {
+            input,
+            months,
+            days,
+        } => {
+            let (m, d) = (f64::from(*months), f64::from(*days));
+            let (lo, hi) = if m >= 0.0 {
+                (28.0 * m - 3.0_f64.min(m * 3.0), 31.0 * m)
+            } else {
+                (31.0 * m, 28.0 * m + 3.0_f64.min(-m * 3.0))
+            };
+            Ok(day_range(input, column)?.map(|(a, b)| (a + lo + d, b + hi + d)))
+        }
         // A period's first day is at most `trunc_slack` days before the date.
         Predicate::DatePart { field, input } if field.is_trunc() => {
             let slack = field.trunc_slack().unwrap_or(0) as f64;
@@ -259,6 +274,9 @@ fn value<'a>(
                 _ => err("TRY_CAST in an aggregate must give a number (BIGINT, INT or DOUBLE)"),
             }
         }
+        Predicate::ShiftDate { .. } => err(
+            "a date plus an interval is a date, not a number: subtract another date for the days between them",
+        ),
         Predicate::DatePart { field, input } => {
             let range = day_range(input, column)?;
             let bounds = match field {
@@ -329,6 +347,7 @@ fn binary<'a>(
                 column(*side, name).is_some_and(|c| c.ty == ColumnType::Date32)
             }
             Predicate::DatePart { field, .. } => field.is_trunc(),
+            Predicate::ShiftDate { .. } => true,
             _ => false,
         };
         if is_date(left) && is_date(right) {

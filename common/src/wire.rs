@@ -169,6 +169,11 @@ impl JoinKind {
 #[serde(transparent)]
 pub struct Side(pub u8);
 
+/// Most months a [`Predicate::ShiftDate`] moves a date (1,000 years).
+pub const MAX_SHIFT_MONTHS: i32 = 12_000;
+/// Most days a [`Predicate::ShiftDate`] moves a date (about 1,000 years).
+pub const MAX_SHIFT_DAYS: i32 = 366_000;
+
 /// Most tables a request may join to its driving table (so at most 5 tables in all).
 pub const MAX_JOINS: usize = 4;
 
@@ -409,6 +414,15 @@ pub enum Predicate {
         field: DateField,
         input: Box<Predicate>,
     },
+    /// `input + INTERVAL '…'` of a date: moved by `months` (the day of the month clamped to
+    /// the new month's last, as PostgreSQL does), then by `days`. NULL for a NULL date and
+    /// for a date outside the years 1 to 9999, so it never overflows. At most
+    /// [`MAX_SHIFT_MONTHS`] months and [`MAX_SHIFT_DAYS`] days either way.
+    ShiftDate {
+        input: Box<Predicate>,
+        months: i32,
+        days: i32,
+    },
     /// `CASE WHEN b₁.when THEN b₁.then … [ELSE otherwise] END`: the value of the first
     /// branch whose condition is true (a NULL condition is not true), else `otherwise`,
     /// else NULL. Used for values (`SUM(CASE WHEN … THEN 1 ELSE 0 END)`, an aggregate's
@@ -464,6 +478,7 @@ impl Predicate {
             | Predicate::IsNotNull { input }
             | Predicate::Like { input, .. }
             | Predicate::DatePart { input, .. }
+            | Predicate::ShiftDate { input, .. }
             | Predicate::TryCast { input, .. } => vec![input],
             Predicate::InList { input, list, .. } => {
                 let mut v: Vec<&Predicate> = vec![input];

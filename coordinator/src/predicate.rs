@@ -218,24 +218,40 @@ pub fn to_predicate(expr: &Expr, scope: &Scope<'_>) -> Result<Predicate, Coordin
         {
             // `CURRENT_DATE - INTERVAL '1 year'`, `DATE '2020-01-01' + INTERVAL '30 days'`:
             // folded here into a date literal, from the query text and the date.
-            let base = to_predicate(left, scope)?;
-            let Predicate::Literal {
-                value: Literal::Date32(day),
-            } = base
-            else {
-                return Err(refuse(
-                    "intervals can be added to or subtracted from a date literal or CURRENT_DATE only; \
-                     compare the column with the shifted date instead, e.g. `measured_on > CURRENT_DATE - INTERVAL '1 year'`",
-                ));
-            };
             let sign = if *op == Operator::Minus { -1 } else { 1 };
-            let shifted = interval_literal(right)
-                .and_then(|iv| shift_date(day, iv, sign))
-                .ok_or_else(|| {
-                    refuse("the interval must be whole months and days (`INTERVAL '1 year'`, `INTERVAL '30 days'`) and give a valid date")
-                })?;
-            Predicate::Literal {
-                value: Literal::Date32(shifted),
+            let bad = || {
+                refuse(format!(
+                    "the interval must be whole months and days (`INTERVAL '1 year'`, `INTERVAL '30 days'`), \
+                     at most {} years either way, and give a valid date",
+                    fedq_common::wire::MAX_SHIFT_MONTHS / 12
+                ))
+            };
+            let interval = interval_literal(right).ok_or_else(bad)?;
+            match to_predicate(left, scope)? {
+                Predicate::Literal {
+                    value: Literal::Date32(day),
+                } => Predicate::Literal {
+                    value: Literal::Date32(shift_date(day, interval, sign).ok_or_else(bad)?),
+                },
+                // `p.enrolled_on + INTERVAL '1 year'`: each node moves each row's date.
+                base => {
+                    let (months, days, nanos) = interval;
+                    let (months, days) = (
+                        months.checked_mul(sign).ok_or_else(bad)?,
+                        days.checked_mul(sign).ok_or_else(bad)?,
+                    );
+                    if nanos != 0
+                        || months.unsigned_abs() > fedq_common::wire::MAX_SHIFT_MONTHS.unsigned_abs()
+                        || days.unsigned_abs() > fedq_common::wire::MAX_SHIFT_DAYS.unsigned_abs()
+                    {
+                        return Err(bad());
+                    }
+                    Predicate::ShiftDate {
+                        input: Box::new(base),
+                        months,
+                        days,
+                    }
+                }
             }
         }
         Expr::BinaryExpr(BinaryExpr {
@@ -538,6 +554,7 @@ fn input_types(p: &Predicate, scope: &Scope<'_>) -> Vec<ColumnType> {
         },
         Predicate::TryCast { to, .. } => vec![*to],
         Predicate::DatePart { field, .. } if field.is_trunc() => vec![ColumnType::Date32],
+        Predicate::ShiftDate { .. } => vec![ColumnType::Date32],
         Predicate::DatePart { .. } => vec![ColumnType::Int64],
         Predicate::Binary {
             op: BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply | BinaryOp::Divide,

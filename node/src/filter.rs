@@ -18,6 +18,7 @@ use datafusion::common::{Column, ScalarValue};
 use datafusion::functions::datetime::expr_fn::date_part;
 use datafusion::logical_expr::{binary_expr, cast, ident, lit, try_cast, when, Expr, Operator};
 use fedq_common::group_key::DateField;
+use fedq_common::wire::{MAX_SHIFT_DAYS, MAX_SHIFT_MONTHS};
 use fedq_common::{BinaryOp, ColumnType, GroupKey, Literal, Predicate, Side, TableSpec};
 
 use crate::engine::shown;
@@ -293,6 +294,34 @@ fn date_field(field: DateField, d: Expr) -> Result<Expr, NodeError> {
     })
 }
 
+/// `d + INTERVAL 'months days'`: months first (the day clamped to the month's last), then
+/// days, by DataFusion's date arithmetic, evaluated only for dates of the years 1 to 9999
+/// (NULL otherwise), where a shift of at most [`MAX_SHIFT_MONTHS`] months and
+/// [`MAX_SHIFT_DAYS`] days always gives a date, so it never fails.
+fn shift_date(d: Expr, months: i32, days: i32) -> Result<Expr, NodeError> {
+    if months.unsigned_abs() > MAX_SHIFT_MONTHS.unsigned_abs()
+        || days.unsigned_abs() > MAX_SHIFT_DAYS.unsigned_abs()
+    {
+        return Err(invalid(format!(
+            "an interval moves a date by at most {MAX_SHIFT_MONTHS} months and {MAX_SHIFT_DAYS} days"
+        )));
+    }
+    let day = |y: i32, m: u32, dd: u32| {
+        lit(ScalarValue::Date32(Some(
+            fedq_common::catalog::days_from_civil(y, m, dd),
+        )))
+    };
+    let interval = lit(ScalarValue::IntervalMonthDayNano(Some(
+        arrow::datatypes::IntervalMonthDayNano::new(months, days, 0),
+    )));
+    when(
+        d.clone().between(day(1, 1, 1), day(9999, 12, 31)),
+        binary_expr(d, Operator::Plus, interval),
+    )
+    .end()
+    .map_err(|e| invalid(format!("the date shift could not be built: {e}")))
+}
+
 fn literal(v: &Literal) -> (Expr, Ty) {
     match v {
         Literal::Null => (lit(ScalarValue::Null), Ty::Null),
@@ -549,6 +578,23 @@ fn tr(p: &Predicate, scope: &Scope<'_>) -> Result<(Expr, Ty), NodeError> {
             }
             Ok((e, Ty::Col(ColumnType::Int64)))
         }
+        Predicate::ShiftDate {
+            input,
+            months,
+            days,
+        } => {
+            let (e, t) = rec(input)?;
+            if !(t.is_null() || t == Ty::Col(ColumnType::Date32)) {
+                return Err(invalid(format!(
+                    "an interval is added to a date, not to {}",
+                    t.name()
+                )));
+            }
+            Ok((
+                shift_date(cast(e, DataType::Date32), *months, *days)?,
+                Ty::Col(ColumnType::Date32),
+            ))
+        }
         Predicate::Case {
             branches,
             otherwise,
@@ -707,6 +753,59 @@ mod tests {
     use datafusion::prelude::SessionContext;
 
     use super::*;
+
+    /// `d + INTERVAL` never fails: dates outside the years 1 to 9999 (down to the extremes
+    /// of a date32) are NULL, the largest shifts either way give dates, and months come
+    /// before days (31 January 2024 + 1 month 1 day is 1 March).
+    #[tokio::test]
+    async fn date_shifts_are_total_on_extreme_dates() {
+        let civil = fedq_common::catalog::days_from_civil;
+        let days = [
+            Some(i32::MIN),
+            Some(civil(1, 1, 1) - 1),
+            Some(civil(1, 1, 1)),
+            Some(civil(2024, 1, 31)),
+            Some(civil(9999, 12, 31)),
+            Some(civil(9999, 12, 31) + 1),
+            Some(i32::MAX),
+            None,
+        ];
+        let schema = Arc::new(Schema::new(vec![Field::new("d", DataType::Date32, true)]));
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(Date32Array::from(days.to_vec()))]).unwrap();
+        let ctx = SessionContext::new();
+        for (months, d) in [
+            (MAX_SHIFT_MONTHS, MAX_SHIFT_DAYS),
+            (-MAX_SHIFT_MONTHS, -MAX_SHIFT_DAYS),
+            (1, 1),
+        ] {
+            let e = cast(shift_date(col("d"), months, d).unwrap(), DataType::Int32);
+            let out = ctx
+                .read_batch(batch.clone())
+                .unwrap()
+                .select(vec![col("d"), e.alias("s")])
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let b = arrow::compute::concat_batches(&out[0].schema(), &out).unwrap();
+            let s = b.column(1).as_primitive::<arrow::datatypes::Int32Type>();
+            let inside = [false, false, true, true, true, false, false, false];
+            assert_eq!(s.len(), days.len());
+            // The memory table keeps the batch's row order.
+            for (i, ok) in inside.iter().enumerate() {
+                assert_eq!(
+                    !s.is_null(i),
+                    *ok,
+                    "shift {months} months {d} days of {:?}",
+                    days[i]
+                );
+            }
+            if months == 1 {
+                assert_eq!(s.value(3), civil(2024, 3, 1));
+            }
+        }
+    }
 
     /// The node's integer arithmetic for each `date_trunc` gives, for every day from 1696 to
     /// 2243 (leap years, century years, negative day numbers, weeks across new year), the

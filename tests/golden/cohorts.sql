@@ -167,6 +167,10 @@ SELECT date_trunc('month', measured_on) AS m, COUNT(*) FROM labs GROUP BY 1
 ;
 SELECT COUNT(*) FROM labs WHERE measured_on > DATE '2026-12-07' - INTERVAL '1 year'
 ;
+SELECT COUNT(*) FROM labs l JOIN participants p USING (pid) WHERE l.measured_on < p.enrolled_on + INTERVAL '1 year'
+;
+SELECT COUNT(*) FROM labs WHERE measured_on + INTERVAL '1 hour' > DATE '2020-01-01'
+;
 SELECT sex, MEDIAN(2026 - birth_year) AS median_age FROM participants GROUP BY sex
 ;
 SELECT date_trunc('month', diagnosed_on) AS m, COUNT(*) FROM diagnoses WHERE code = 'E11' AND date_trunc('year', diagnosed_on) = DATE '2020-01-01' GROUP BY 1

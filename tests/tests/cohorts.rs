@@ -436,6 +436,22 @@ async fn date_functions_in_where_keys_and_case_equal_datafusion() {
              WHERE CAST(CAST(l.measured_on AS INT) AS BIGINT) - CAST(CAST(p.enrolled_on AS INT) AS BIGINT) > 365",
             0,
         ),
+        (
+            // An interval added to a column: months first (31 January + 1 month is the end
+            // of February), then days, at each node.
+            "SELECT COUNT(*) FROM labs l JOIN participants p USING (pid) \
+             WHERE l.measured_on < p.enrolled_on + INTERVAL '1 year 1 month' AND l.measured_on >= p.enrolled_on - INTERVAL '45 days'",
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
+             WHERE l.measured_on < p.enrolled_on + INTERVAL '1 year 1 month' AND l.measured_on >= p.enrolled_on - INTERVAL '45 days'",
+            0,
+        ),
+        (
+            "SELECT CASE WHEN month(enrolled_on + INTERVAL '1 month') = 2 THEN 'February' ELSE 'other' END AS m, \
+             COUNT(*) FROM participants WHERE enrolled_on + INTERVAL '3 months' > DATE '2020-01-31' GROUP BY 1",
+            "SELECT CASE WHEN date_part('month', enrolled_on + INTERVAL '1 month') = 2 THEN 'February' ELSE 'other' END, \
+             COUNT(*) FROM participants WHERE enrolled_on + INTERVAL '3 months' > DATE '2020-01-31' GROUP BY 1",
+            1,
+        ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
         partials_equal(

@@ -838,6 +838,13 @@ mod arb {
                 date(depth - 1),
             )
                 .prop_map(|(field, e)| Predicate::DatePart { field, input: Box::new(e) }),
+            // A date moved by an interval, up to the limits and a little past them.
+            1 => (
+                date(depth - 1),
+                prop_oneof![Just(12_000i32), Just(-12_000), Just(12_001), -120i32..120],
+                prop_oneof![Just(366_000i32), Just(-366_000), -400i32..400],
+            )
+                .prop_map(|(e, months, days)| Predicate::ShiftDate { input: Box::new(e), months, days }),
         ]
         .boxed()
     }
