@@ -71,6 +71,17 @@ pub enum UnitAggregate {
     /// The mean of a numeric column with declared bounds, each value clamped to them
     /// first, so the mean is within them (NULL if there is no value).
     Avg { column: String },
+    /// The standard deviation (`STDDEV`, sample; `STDDEV_POP`, population) of a numeric
+    /// column with declared bounds, each value clamped to them first: NULL without a value
+    /// (a sample one without two). At most half the bounds' width (population) or that
+    /// over √2 (sample, reached by two values at opposite bounds).
+    Stddev { column: String, population: bool },
+    /// The variance (`VARIANCE`/`VAR_SAMP`, sample; `VAR_POP`, population) of clamped
+    /// values, as [`UnitAggregate::Stddev`]: at most the width squared over 4
+    /// (population) or over 2 (sample).
+    Variance { column: String, population: bool },
+    /// The median of clamped values (`MEDIAN`): within the bounds, NULL without a value.
+    Median { column: String },
     /// Whether the condition is true for some of the participant's rows (`bool_or`): NULL
     /// conditions are skipped, NULL if all are.
     Any { when: Predicate },
@@ -112,6 +123,9 @@ impl UnitAggregate {
             | UnitAggregate::CountDistinct { column }
             | UnitAggregate::Sum { column }
             | UnitAggregate::Avg { column }
+            | UnitAggregate::Stddev { column, .. }
+            | UnitAggregate::Variance { column, .. }
+            | UnitAggregate::Median { column }
             | UnitAggregate::First { column, .. } => Some(column),
             UnitAggregate::CountRows | UnitAggregate::Any { .. } | UnitAggregate::All { .. } => {
                 None
@@ -174,6 +188,13 @@ impl PerParticipant {
                     }
                     UnitAggregate::Sum { column } => format!("SUM({column})"),
                     UnitAggregate::Avg { column } => format!("AVG({column})"),
+                    UnitAggregate::Stddev { column, population } => {
+                        format!("STDDEV{}({column})", if *population { "_POP" } else { "" })
+                    }
+                    UnitAggregate::Variance { column, population } => {
+                        format!("VAR_{}({column})", if *population { "POP" } else { "SAMP" })
+                    }
+                    UnitAggregate::Median { column } => format!("MEDIAN({column})"),
                     UnitAggregate::Any { .. } => "bool_or(condition)".to_string(),
                     UnitAggregate::All { .. } => "bool_and(condition)".to_string(),
                     UnitAggregate::First { column, order } => {
@@ -385,6 +406,44 @@ impl PerParticipant {
                         latest: None,
                     }
                 }
+                UnitAggregate::Stddev { column, .. }
+                | UnitAggregate::Variance { column, .. }
+                | UnitAggregate::Median { column } => {
+                    let s = source_column(column, "a spread or median")?;
+                    let (Some(b), true) = (s.bounds(), s.ty.is_numeric()) else {
+                        return err(format!(
+                            "the derived table takes a spread or median of `{column}`, which has no declared bounds (`lower`, `upper`) in the catalog"
+                        ));
+                    };
+                    let width = b.upper - b.lower;
+                    let upper = match &c.value {
+                        UnitAggregate::Stddev {
+                            population: true, ..
+                        } => width / 2.0,
+                        UnitAggregate::Stddev { .. } => width / std::f64::consts::SQRT_2,
+                        UnitAggregate::Variance {
+                            population: true, ..
+                        } => width * width / 4.0,
+                        UnitAggregate::Variance { .. } => width * width / 2.0,
+                        _ => b.upper,
+                    };
+                    let lower = if matches!(c.value, UnitAggregate::Median { .. }) {
+                        b.lower
+                    } else {
+                        0.0
+                    };
+                    ColumnSpec {
+                        name: c.name.clone(),
+                        ty: ColumnType::Float64,
+                        nullable: true,
+                        lower: Some(lower),
+                        upper: Some(upper),
+                        precision: Some(b.precision),
+                        public_values: None,
+                        earliest: None,
+                        latest: None,
+                    }
+                }
                 UnitAggregate::Any { when } | UnitAggregate::All { when } => {
                     if when.reads_joined() || !when.participant_sets().is_empty() {
                         return err(format!(
@@ -554,5 +613,80 @@ columns = [
             filter: Some(code_is("code")),
         };
         assert!(d.spec(&catalog()).unwrap_err().0.contains("WHERE instead"));
+    }
+
+    #[test]
+    fn a_spread_or_median_needs_bounds_and_stays_within_their_reach() {
+        let spread = |value: UnitAggregate| PerParticipant {
+            table: "labs".into(),
+            filter: None,
+            min_rows: 1,
+            columns: vec![DerivedColumn {
+                name: "s".into(),
+                value,
+                filter: None,
+            }],
+        };
+        let cat = Catalog::from_toml(
+            r#"
+[tables.labs]
+max_rows_per_unit = 20
+columns = [
+  { name = "pid", type = "utf8" },
+  { name = "test", type = "utf8" },
+  { name = "value", type = "float64", lower = 2.0, upper = 12.0, precision = 0.1 },
+]
+"#,
+            "test",
+        )
+        .unwrap();
+        let upper = |value| {
+            spread(value)
+                .spec(&cat)
+                .unwrap()
+                .column("s")
+                .unwrap()
+                .bounds()
+                .map(|b| (b.lower, b.upper))
+        };
+        let column = || "value".to_string();
+        assert_eq!(
+            upper(UnitAggregate::Stddev {
+                column: column(),
+                population: true
+            }),
+            Some((0.0, 5.0))
+        );
+        assert_eq!(
+            upper(UnitAggregate::Stddev {
+                column: column(),
+                population: false
+            }),
+            Some((0.0, 10.0 / std::f64::consts::SQRT_2))
+        );
+        assert_eq!(
+            upper(UnitAggregate::Variance {
+                column: column(),
+                population: true
+            }),
+            Some((0.0, 25.0))
+        );
+        assert_eq!(
+            upper(UnitAggregate::Variance {
+                column: column(),
+                population: false
+            }),
+            Some((0.0, 50.0))
+        );
+        assert_eq!(
+            upper(UnitAggregate::Median { column: column() }),
+            Some((2.0, 12.0))
+        );
+        let err = spread(UnitAggregate::Median {
+            column: "test".into(),
+        })
+        .spec(&cat)
+        .unwrap_err();
+        assert!(err.0.contains("no declared bounds"), "{err}");
     }
 }

@@ -651,8 +651,9 @@ fn unit_aggregate(
 ) -> Result<(UnitAggregate, Option<Predicate>), CoordinatorError> {
     let unsupported = || {
         refuse(format!(
-            "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), \
-             COUNT(DISTINCT col), bool_or(condition), bool_and(condition) or first_value(col ORDER BY col) of a participant's rows, \
+            "a derived table grouped by the participant may take MIN(col), MAX(col), SUM(col), AVG(col), STDDEV(col), VARIANCE(col), \
+             MEDIAN(col), COUNT(*), COUNT(col), COUNT(DISTINCT col), bool_or(condition), bool_and(condition) or \
+             first_value(col ORDER BY col) of a participant's rows, \
              each optionally of the rows a condition picks (`COUNT(*) FILTER (WHERE code = 'E11')`, \
              `MAX(CASE WHEN test = 'HbA1c' THEN value END)`), not `{e}`"
         ))
@@ -781,6 +782,23 @@ fn unit_aggregate(
         "max" => UnitAggregate::Max { column },
         "sum" => UnitAggregate::Sum { column },
         "avg" | "mean" => UnitAggregate::Avg { column },
+        "stddev" | "stddev_samp" => UnitAggregate::Stddev {
+            column,
+            population: false,
+        },
+        "stddev_pop" => UnitAggregate::Stddev {
+            column,
+            population: true,
+        },
+        "var" | "var_samp" | "var_sample" | "variance" => UnitAggregate::Variance {
+            column,
+            population: false,
+        },
+        "var_pop" => UnitAggregate::Variance {
+            column,
+            population: true,
+        },
+        "median" => UnitAggregate::Median { column },
         "count" => UnitAggregate::CountNonNull { column },
         _ => return Err(unsupported()),
     };

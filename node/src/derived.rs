@@ -5,7 +5,8 @@
 use datafusion::arrow::datatypes::DataType;
 use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn::{
-    avg, bool_and, bool_or, count, count_distinct, first_value, max, min, sum,
+    avg, bool_and, bool_or, count, count_distinct, first_value, max, median, min, stddev,
+    stddev_pop, sum, var_pop, var_sample,
 };
 use datafusion::logical_expr::{cast, ident, lit, when, Expr, ExprFunctionExt};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
@@ -55,6 +56,7 @@ pub(crate) fn view(
             UnitAggregate::Min { column }
             | UnitAggregate::Max { column }
             | UnitAggregate::Avg { column }
+            | UnitAggregate::Median { column }
             | UnitAggregate::First { column, .. } => {
                 if let Some(range) = source.clamp.get(column) {
                     clamp.insert(c.name.clone(), *range);
@@ -142,6 +144,27 @@ pub(crate) fn frame(
             UnitAggregate::Sum { column } => sum(clamped(&scope, column)?),
             // The mean of clamped values, as a float (an integer column's too).
             UnitAggregate::Avg { column } => avg(cast(clamped(&scope, column)?, DataType::Float64)),
+            // Spreads and medians of clamped values, as floats: within the declared
+            // bounds' reach (`PerParticipant::spec`) whatever the data.
+            UnitAggregate::Stddev { column, population } => {
+                let x = cast(clamped(&scope, column)?, DataType::Float64);
+                if *population {
+                    stddev_pop(x)
+                } else {
+                    stddev(x)
+                }
+            }
+            UnitAggregate::Variance { column, population } => {
+                let x = cast(clamped(&scope, column)?, DataType::Float64);
+                if *population {
+                    var_pop(x)
+                } else {
+                    var_sample(x)
+                }
+            }
+            UnitAggregate::Median { column } => {
+                median(cast(clamped(&scope, column)?, DataType::Float64))
+            }
             UnitAggregate::Any { when } => bool_or(filter::translate(when, &scope)?),
             UnitAggregate::All { when } => bool_and(filter::translate(when, &scope)?),
             UnitAggregate::First { column, order } => {

@@ -27,6 +27,10 @@ SELECT COUNT(*) FROM (SELECT pid, COUNT(*) FILTER (WHERE code = 'E11') AS n_e11,
 ;
 SELECT AVG(a1c) FROM (SELECT pid, MAX(CASE WHEN test = 'HbA1c' THEN value END) AS a1c FROM labs GROUP BY pid) t
 ;
+SELECT AVG(sd) FROM (SELECT pid, STDDEV(value) AS sd FROM labs WHERE test = 'HbA1c' GROUP BY pid HAVING COUNT(*) >= 3) t
+;
+SELECT CASE WHEN m >= 6.5 THEN 'high' ELSE 'not high' END AS median_hba1c, COUNT(*) FROM (SELECT pid, MEDIAN(value) AS m FROM labs WHERE test = 'HbA1c' GROUP BY pid) t GROUP BY 1
+;
 SELECT COUNT(*) FROM (SELECT pid, SUM(CASE WHEN code = 'E11' THEN 1 ELSE 0 END) AS n FROM diagnoses GROUP BY pid) t WHERE n >= 2
 ;
 SELECT COUNT(*) FROM (SELECT pid, SUM(CASE WHEN code = 'E11' THEN 1 END) AS n FROM diagnoses GROUP BY pid) t WHERE n >= 2

@@ -557,8 +557,8 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
             "grouped by the participant alone",
         ),
         (
-            "SELECT COUNT(*) FROM (SELECT pid, STDDEV(value) AS s FROM labs GROUP BY pid) t",
-            "MIN(col), MAX(col), SUM(col), AVG(col), COUNT(*), COUNT(col), COUNT(DISTINCT col), bool_or(condition)",
+            "SELECT COUNT(*) FROM (SELECT pid, approx_distinct(value) AS s FROM labs GROUP BY pid) t",
+            "MIN(col), MAX(col), SUM(col), AVG(col), STDDEV(col), VARIANCE(col), MEDIAN(col), COUNT(*)",
         ),
         (
             "SELECT COUNT(*) FROM (SELECT pid, SUM(code) AS s FROM diagnoses GROUP BY pid) t",
@@ -1034,6 +1034,31 @@ async fn per_participant_sums_counts_and_conditions_equal_datafusion_per_site() 
         (
             "SELECT SUM(n) FROM (SELECT pid, COUNT(value) AS n FROM labs GROUP BY pid) t",
             "SELECT SUM(LEAST(n, 20)) FROM (SELECT pid, fedq_site, COUNT(value) AS n FROM labs GROUP BY pid, fedq_site)",
+            0,
+            sum,
+        ),
+        // Spreads and medians of a participant's clamped values (thresholds no value of
+        // 0.1-step data meets exactly, so that summation order decides no participant).
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, STDDEV(value) AS sd FROM labs WHERE test = 'HbA1c' GROUP BY pid) t \
+             WHERE sd > 0.8137",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, STDDEV(CASE WHEN value IS NOT NULL THEN LEAST(GREATEST(value, 0.0), 500.0) END) AS sd FROM labs \
+             WHERE test = 'HbA1c' GROUP BY pid, fedq_site) WHERE sd > 0.8137",
+            0,
+            rows,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT pid, VAR_POP(value) AS v FROM labs WHERE test = 'glucose' GROUP BY pid) t \
+             WHERE v < 301.3137",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, VAR_POP(CASE WHEN value IS NOT NULL THEN LEAST(GREATEST(value, 0.0), 500.0) END) AS v FROM labs \
+             WHERE test = 'glucose' GROUP BY pid, fedq_site) WHERE v < 301.3137",
+            0,
+            rows,
+        ),
+        (
+            "SELECT SUM(m) FROM (SELECT pid, MEDIAN(value) AS m FROM labs WHERE test = 'HbA1c' GROUP BY pid) t",
+            "SELECT CAST(SUM(ROUND(m / 0.01)) AS BIGINT) FROM (SELECT pid, fedq_site, \
+             MEDIAN(CASE WHEN value IS NOT NULL THEN LEAST(GREATEST(value, 0.0), 500.0) END) AS m FROM labs WHERE test = 'HbA1c' GROUP BY pid, fedq_site)",
             0,
             sum,
         ),

@@ -947,7 +947,7 @@ mod arb {
         (
             proptest::option::of(boolean(2)),
             prop::sample::select(vec![1u32, 2, 3]),
-            prop::collection::vec(0u8..4, 8),
+            prop::collection::vec(0u8..7, 8),
             boolean(1),
             boolean(1),
             (
@@ -970,6 +970,18 @@ mod arb {
                                 value: match (pick, *c) {
                                     // A sum keeps numeric columns numeric.
                                     (2, "i" | "j" | "f") => UnitAggregate::Sum {
+                                        column: c.to_string(),
+                                    },
+                                    // Spreads and medians of numeric columns (floats).
+                                    (4, "i" | "j" | "f") => UnitAggregate::Stddev {
+                                        column: c.to_string(),
+                                        population: false,
+                                    },
+                                    (5, "i" | "j" | "f") => UnitAggregate::Variance {
+                                        column: c.to_string(),
+                                        population: true,
+                                    },
+                                    (6, "i" | "j" | "f") => UnitAggregate::Median {
                                         column: c.to_string(),
                                     },
                                     (3, _) => UnitAggregate::First {
