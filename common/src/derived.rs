@@ -95,8 +95,25 @@ pub enum UnitAggregate {
     First {
         column: String,
         order: Vec<OrderKey>,
+        /// Which row by that order: 1 (the default, omitted) for the first, k for the
+        /// k-th (`ROW_NUMBER() … = k`); a participant with fewer rows has no row, so the
+        /// derived table's `min_rows` is at least k. Every `First` column of one derived
+        /// table reads the same row.
+        #[serde(default = "first", skip_serializing_if = "is_first")]
+        nth: u32,
     },
 }
+
+fn first() -> u32 {
+    1
+}
+
+fn is_first(n: &u32) -> bool {
+    *n == 1
+}
+
+/// The furthest row a [`UnitAggregate::First`] may read (`ROW_NUMBER() … = 100`).
+pub const MAX_NTH_ROW: u32 = 100;
 
 /// One key of the order of a participant's rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +154,7 @@ impl UnitAggregate {
     pub fn columns(&self) -> Vec<&str> {
         match self {
             UnitAggregate::Any { when } | UnitAggregate::All { when } => when.columns(),
-            UnitAggregate::First { column, order } => std::iter::once(column.as_str())
+            UnitAggregate::First { column, order, .. } => std::iter::once(column.as_str())
                 .chain(order.iter().map(|k| k.column.as_str()))
                 .collect(),
             other => other.column().into_iter().collect(),
@@ -197,14 +214,19 @@ impl PerParticipant {
                     UnitAggregate::Median { column } => format!("MEDIAN({column})"),
                     UnitAggregate::Any { .. } => "bool_or(condition)".to_string(),
                     UnitAggregate::All { .. } => "bool_and(condition)".to_string(),
-                    UnitAggregate::First { column, order } => {
+                    UnitAggregate::First { column, order, nth } => {
                         let by: Vec<String> = order
                             .iter()
                             .map(|k| {
                                 format!("{}{}", k.column, if k.descending { " DESC" } else { "" })
                             })
                             .collect();
-                        format!("{column} of the first row by {}", by.join(", "))
+                        let which = if *nth == 1 {
+                            "the first row".to_string()
+                        } else {
+                            format!("row {nth}")
+                        };
+                        format!("{column} of {which} by {}", by.join(", "))
                     }
                 };
                 let only = if c.filter.is_some() {
@@ -321,7 +343,26 @@ impl PerParticipant {
                     source_column(name, "FILTER")?;
                 }
             }
-            if let UnitAggregate::First { order, .. } = &c.value {
+            if let UnitAggregate::First { order, nth, .. } = &c.value {
+                if *nth == 0 || *nth > MAX_NTH_ROW || *nth > self.min_rows {
+                    return err(format!(
+                        "a derived table reads row 1 to {MAX_NTH_ROW} of a participant, of participants with at least that many rows, not row {nth} (of participants with {} or more)",
+                        self.min_rows
+                    ));
+                }
+                let nths: std::collections::BTreeSet<u32> = self
+                    .columns
+                    .iter()
+                    .filter_map(|c| match &c.value {
+                        UnitAggregate::First { nth, .. } => Some(*nth),
+                        _ => None,
+                    })
+                    .collect();
+                if nths.len() > 1 {
+                    return err(
+                        "every first-row column of a derived table reads the same row".into(),
+                    );
+                }
                 if order.is_empty() || order.len() > MAX_ORDER_KEYS {
                     return err(format!(
                         "the first row of a participant is ordered by 1 to {MAX_ORDER_KEYS} columns, not {}",
@@ -609,10 +650,65 @@ columns = [
                     descending: false,
                     nulls_first: false,
                 }],
+                nth: 1,
             },
             filter: Some(code_is("code")),
         };
         assert!(d.spec(&catalog()).unwrap_err().0.contains("WHERE instead"));
+    }
+
+    #[test]
+    fn a_later_row_is_read_only_from_participants_with_that_many_rows() {
+        let nth = |n: u32, min_rows: u32| PerParticipant {
+            table: "diagnoses".into(),
+            filter: None,
+            min_rows,
+            columns: vec![DerivedColumn {
+                name: "second_code".into(),
+                value: UnitAggregate::First {
+                    column: "code".into(),
+                    order: vec![OrderKey {
+                        column: "diagnosed_on".into(),
+                        descending: false,
+                        nulls_first: false,
+                    }],
+                    nth: n,
+                },
+                filter: None,
+            }],
+        };
+        assert!(nth(2, 2).spec(&catalog()).is_ok());
+        assert!(nth(2, 2)
+            .describe()
+            .contains("second_code = code of row 2 by diagnosed_on"));
+        assert!(nth(2, 1)
+            .spec(&catalog())
+            .unwrap_err()
+            .0
+            .contains("not row 2"));
+        assert!(nth(0, 1).spec(&catalog()).is_err());
+        assert!(nth(MAX_NTH_ROW + 1, MAX_NTH_ROW + 1)
+            .spec(&catalog())
+            .is_err());
+        // Row 1 is the default, omitted on the wire.
+        let json = serde_json::to_string(&nth(1, 1)).unwrap();
+        assert!(!json.contains("nth"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<PerParticipant>(&json).unwrap(),
+            nth(1, 1)
+        );
+        let mut mixed = nth(2, 2);
+        let mut other = mixed.columns[0].clone();
+        other.name = "first_code".into();
+        if let UnitAggregate::First { nth, .. } = &mut other.value {
+            *nth = 1;
+        }
+        mixed.columns.push(other);
+        assert!(mixed
+            .spec(&catalog())
+            .unwrap_err()
+            .0
+            .contains("the same row"));
     }
 
     #[test]

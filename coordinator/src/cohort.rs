@@ -748,6 +748,7 @@ fn unit_aggregate(
             UnitAggregate::First {
                 column: c.name.clone(),
                 order,
+                nth: 1,
             },
             None,
         ));
@@ -943,6 +944,7 @@ pub fn first_row_table(
             value: UnitAggregate::First {
                 column: c.name.clone(),
                 order: order.clone(),
+                nth: 1,
             },
             filter: None,
         });
@@ -962,9 +964,23 @@ pub fn first_row_table(
 
 /// Whether `e` keeps only the first row of a numbered subquery: `rn = 1`, `rn <= 1`,
 /// `rn < 2` (either way round).
-pub fn is_first_row_test(e: &Expr, rn: &str) -> bool {
+/// Make a numbered subquery's derived table read row `k` of each participant with at least
+/// `k` rows (`WHERE rn = k`), checked as the nodes will check it.
+pub fn read_row(d: &mut PerParticipant, k: u32, catalog: &Catalog) -> Result<(), CoordinatorError> {
+    for c in &mut d.columns {
+        if let UnitAggregate::First { nth, .. } = &mut c.value {
+            *nth = k;
+        }
+    }
+    d.min_rows = d.min_rows.max(k);
+    d.spec(catalog).map(|_| ()).map_err(|e| refuse(e.0))
+}
+
+/// The row a test of a row number keeps: `rn = k` (either way round) keeps row k, and
+/// `rn <= 1`, `rn < 2` row 1; `None` for any other condition.
+pub fn row_number_test(e: &Expr, rn: &str) -> Option<u32> {
     let Expr::BinaryExpr(BinaryExpr { left, op, right }) = strip(e) else {
-        return false;
+        return None;
     };
     let int = |x: &Expr| match strip(x) {
         Expr::Literal(v, _) => v
@@ -977,15 +993,14 @@ pub fn is_first_row_test(e: &Expr, rn: &str) -> bool {
         _ => None,
     };
     let is_rn = |x: &Expr| matches!(strip(x), Expr::Column(c) if c.name == rn);
-    match (is_rn(left), is_rn(right)) {
-        (true, false) => matches!(
-            (op, int(right)),
-            (Operator::Eq | Operator::LtEq, Some(1)) | (Operator::Lt, Some(2))
-        ),
-        (false, true) => matches!(
-            (op, int(left)),
-            (Operator::Eq | Operator::GtEq, Some(1)) | (Operator::Gt, Some(2))
-        ),
-        _ => false,
+    let (op, k) = match (is_rn(left), is_rn(right)) {
+        (true, false) => (*op, int(right)?),
+        (false, true) => (op.swap()?, int(left)?),
+        _ => return None,
+    };
+    match (op, k) {
+        (Operator::Eq, k) if k >= 1 => u32::try_from(k).ok(),
+        (Operator::LtEq, 1) | (Operator::Lt, 2) => Some(1),
+        _ => None,
     }
 }

@@ -537,8 +537,8 @@ impl Planner {
         let numbered = std::iter::once(&source.left).chain(source.joins.iter().map(|j| &j.scan));
         if let Some(rn) = numbered.filter_map(|s| s.first_row.as_ref()).next() {
             return Err(refuse(format!(
-                "a numbered subquery is read as each participant's first row: keep only that row with `WHERE {rn} = 1` \
-                 (other row numbers would count several rows per participant in an order the query does not bound); \
+                "a numbered subquery is read as one row of each participant: keep the first with `WHERE {rn} = 1`, or the k-th \
+                 with `WHERE {rn} = k` (other tests of the row number would count several rows per participant); \
                  for a LEFT JOIN, test it inside the joined subquery, `LEFT JOIN (SELECT * FROM latest WHERE {rn} = 1) l`"
             )));
         }
@@ -1363,9 +1363,13 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                 );
                 let mut tested = false;
                 for scan in numbered {
-                    if scan.first_row.as_deref().is_some_and(|rn| {
-                        crate::cohort::is_first_row_test(c, rn) && names_scan(c, &scan.qualifier)
-                    }) {
+                    let row = scan.first_row.as_deref().and_then(|rn| {
+                        crate::cohort::row_number_test(c, rn)
+                            .filter(|_| names_scan(c, &scan.qualifier))
+                    });
+                    if let (Some(k), Some(d)) = (row, scan.derived.as_mut()) {
+                        // Row k of participants with at least k rows.
+                        crate::cohort::read_row(d, k, catalog)?;
                         scan.first_row = None;
                         tested = true;
                         break;

@@ -8,6 +8,7 @@ use datafusion::functions_aggregate::expr_fn::{
     avg, bool_and, bool_or, count, count_distinct, first_value, max, median, min, stddev,
     stddev_pop, sum, var_pop, var_sample,
 };
+use datafusion::functions_aggregate::nth_value::nth_value;
 use datafusion::logical_expr::{cast, ident, lit, when, Expr, ExprFunctionExt};
 use fedq_common::derived::{PerParticipant, UnitAggregate};
 use fedq_common::{Catalog, Side, TableSpec};
@@ -167,7 +168,7 @@ pub(crate) fn frame(
             }
             UnitAggregate::Any { when } => bool_or(filter::translate(when, &scope)?),
             UnitAggregate::All { when } => bool_and(filter::translate(when, &scope)?),
-            UnitAggregate::First { column, order } => {
+            UnitAggregate::First { column, order, nth } => {
                 // Each column once (DataFusion's ordered `first_value` requires distinct
                 // keys): the order's keys, then the tie-break's other columns ascending.
                 let keys = order
@@ -182,10 +183,14 @@ pub(crate) fn frame(
                         sorts.push(e.sort(asc, nulls_first));
                     }
                 }
-                first_value(
-                    scope.column(Side::LEFT, column, "a derived table")?.0,
-                    sorts,
-                )
+                let x = scope.column(Side::LEFT, column, "a derived table")?.0;
+                // Row k by the same order; `min_rows` ≥ k (checked by `spec`), so every
+                // participant kept has one.
+                if *nth == 1 {
+                    first_value(x, sorts)
+                } else {
+                    nth_value(x, i64::from(*nth), sorts)
+                }
             }
         };
         // `AGG(…) FILTER (WHERE …)`: the column's own rows (checked to read only this

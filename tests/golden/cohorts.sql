@@ -19,6 +19,10 @@ SELECT AVG(n) FROM (SELECT pid, COUNT(*) AS n FROM labs WHERE test = 'HbA1c' GRO
 ;
 SELECT COUNT(*) FROM (SELECT pid, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn FROM labs WHERE test = 'HbA1c') t WHERE rn = 1
 ;
+SELECT COUNT(*) FROM (SELECT pid, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY diagnosed_on) AS rn FROM diagnoses WHERE code = 'E11') t WHERE rn = 2
+;
+SELECT COUNT(*) FROM (SELECT pid, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY diagnosed_on) AS rn FROM diagnoses WHERE code = 'E11') t WHERE rn <= 2
+;
 SELECT COUNT(*) FROM (SELECT pid, bool_or(code = 'E11') AS dm FROM diagnoses GROUP BY pid) t WHERE dm
 ;
 SELECT AVG(n) FROM (SELECT pid, COUNT(DISTINCT code) AS n FROM diagnoses GROUP BY pid) t

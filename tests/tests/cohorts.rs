@@ -1147,6 +1147,30 @@ async fn the_first_row_per_participant_equals_datafusion_per_site() {
                 .into(),
             0,
         ),
+        (
+            // The second-latest value (row 2), of participants with two or more.
+            format!(
+                "{latest}SELECT CASE WHEN value >= 6.5 THEN 'high' ELSE 'not high' END AS category, COUNT(*) \
+                 FROM latest WHERE rn = 2 GROUP BY 1"
+            ),
+            format!(
+                "SELECT CASE WHEN value >= 6.5 THEN 'high' ELSE 'not high' END, COUNT(*) FROM {latest_df} \
+                 WHERE rn = 2 GROUP BY 1"
+            ),
+            1,
+        ),
+        (
+            // Participants with a third E11 diagnosis, by its year (the numbered subquery
+            // keeps only the participant and the date it orders by).
+            "SELECT year(d) AS y, COUNT(*) FROM (SELECT pid, diagnosed_on AS d, ROW_NUMBER() OVER (PARTITION BY pid \
+             ORDER BY diagnosed_on) AS rn FROM diagnoses WHERE code = 'E11') t WHERE 3 = rn GROUP BY 1"
+                .into(),
+            "SELECT CAST(date_part('year', diagnosed_on) AS BIGINT), COUNT(*) FROM (SELECT diagnosed_on, \
+             ROW_NUMBER() OVER (PARTITION BY pid, fedq_site ORDER BY diagnosed_on ASC, diagnosed_on ASC NULLS LAST) AS rn \
+             FROM diagnoses WHERE code = 'E11') WHERE rn = 3 GROUP BY 1"
+                .into(),
+            1,
+        ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
         let q = partials_equal(
@@ -1163,7 +1187,7 @@ async fn the_first_row_per_participant_equals_datafusion_per_site() {
     for (sql, why) in [
         (
             format!("{latest}SELECT COUNT(*) FROM latest WHERE rn <= 3"),
-            "WHERE rn = 1",
+            "`WHERE rn = k`",
         ),
         (
             "SELECT COUNT(*) FROM (SELECT pid, ROW_NUMBER() OVER (PARTITION BY test ORDER BY measured_on) AS rn \

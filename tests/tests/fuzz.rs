@@ -991,6 +991,8 @@ mod arb {
                                             descending,
                                             nulls_first,
                                         }],
+                                        // Row 1, or the last row every kept participant has.
+                                        nth: if descending { min_rows } else { 1 },
                                     },
                                     (0, _) => UnitAggregate::Min {
                                         column: c.to_string(),
