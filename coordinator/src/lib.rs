@@ -56,6 +56,7 @@ pub mod planner;
 pub mod predicate;
 pub mod quantile;
 pub mod release;
+pub mod rename;
 pub mod scalar;
 pub mod selection;
 pub mod service;

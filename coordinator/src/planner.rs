@@ -36,6 +36,7 @@ use fedq_common::{
 use crate::error::CoordinatorError;
 use crate::noise::rational;
 use crate::predicate::{to_predicate, Relation, Scope};
+use crate::rename::{self, Rename};
 use crate::selection::{PartitionSelection, SELECTION_SHARE_DENOMINATOR};
 
 /// A GROUP BY key with its public domain, or without one (partition selection).
@@ -416,7 +417,7 @@ impl Planner {
         // 2. The participant-local part, typed as the node will run it.
         let local = self.local_plan(&shape)?;
         let scope = local.scope(&self.catalog)?;
-        let keys = self.keys(shape.agg, &local, &scope)?;
+        let keys = self.keys(&shape.group_expr, &local, &scope)?;
         // 3. Statistics: the partials each aggregate needs, and their sensitivities.
         let mut stats = self.statistics(&shape, &local, &scope, &keys)?;
         // 4. ε allocation: the bounding report, partition selection, then the statistics.
@@ -531,6 +532,7 @@ impl Planner {
                 },
                 joins: Vec::new(),
                 filters: Vec::new(),
+                renames: Vec::new(),
             },
             None => source_below(&agg.input, &self.catalog)?,
         };
@@ -548,8 +550,16 @@ impl Planner {
                  group a table's rows instead, e.g. `SELECT sex, COUNT(*) FROM participants WHERE pid IN (<the set>) GROUP BY sex`",
             ));
         }
+        let over = |exprs: &[Expr]| {
+            exprs
+                .iter()
+                .map(|e| rename::substitute(e, &source.renames))
+                .collect::<Result<Vec<_>, _>>()
+        };
         Ok(QueryShape {
             agg,
+            group_expr: over(&agg.group_expr)?,
+            aggr_expr: over(&agg.aggr_expr)?,
             set: set.map(|(s, _)| s),
             source,
         })
@@ -638,7 +648,7 @@ impl Planner {
     /// partition selection, which needs G and δ.
     fn keys(
         &self,
-        agg: &Aggregate,
+        group_expr: &[Expr],
         local: &LocalPlan,
         scope: &Scope<'_>,
     ) -> Result<Keys, CoordinatorError> {
@@ -647,7 +657,7 @@ impl Planner {
         let mut groups: Vec<GroupKey> = Vec::new();
         // Keys without a public domain: (label, what the officer could declare instead).
         let mut open_keys: Vec<(String, String)> = Vec::new();
-        for g in &agg.group_expr {
+        for g in group_expr {
             let g = strip_alias(g);
             let (mut key, label, col) = group_key(g, scope, spec)?;
             // A column without a public domain that the WHERE restricts to listed literals
@@ -782,7 +792,7 @@ impl Planner {
             ..Default::default()
         };
         let mut outputs = Vec::new();
-        for (j, e) in shape.agg.aggr_expr.iter().enumerate() {
+        for (j, e) in shape.aggr_expr.iter().enumerate() {
             b.output = j;
             outputs.push(match &shape.set {
                 // Each member is one participant: COUNT(*), COUNT(pid) and COUNT(DISTINCT
@@ -817,6 +827,10 @@ impl Planner {
 /// Phase 1 of planning: the DP aggregate and the relation below it.
 struct QueryShape<'p> {
     agg: &'p Aggregate,
+    /// The aggregate's GROUP BY and aggregates, over the relations below it (a
+    /// subquery's computed columns read by their definitions).
+    group_expr: Vec<Expr>,
+    aggr_expr: Vec<Expr>,
     /// `FROM (<a set of participants>) t`: the set, counted.
     set: Option<fedq_common::ParticipantSet>,
     source: Source,
@@ -1296,6 +1310,9 @@ struct Source {
     /// The tables joined to the driving one, in order (at most [`fedq_common::wire::MAX_JOINS`]).
     joins: Vec<JoinedScan>,
     filters: Vec<Expr>,
+    /// The columns of a subquery's select list read above it (`t.age` of `(SELECT …,
+    /// 2026 - birth_year AS age …) t`), by their definitions (see `crate::rename`).
+    renames: Vec<Rename>,
 }
 
 impl Source {
@@ -1305,6 +1322,7 @@ impl Source {
             left,
             joins: Vec::new(),
             filters,
+            renames: Vec::new(),
         }
     }
 }
@@ -1352,9 +1370,10 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             // that test the participant against a participant set are accepted
             // (`crate::cohort`).
             let mut s = source_below(&f.input, catalog)?;
+            let predicate = rename::substitute(&f.predicate, &s.renames)?;
             // `WHERE rn = 1` over a numbered subquery is what makes it a derived table (of
             // the driving side, or of an inner-joined one).
-            for c in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+            for c in datafusion::logical_expr::utils::split_conjunction(&predicate) {
                 let numbered = std::iter::once(&mut s.left).chain(
                     s.joins
                         .iter_mut()
@@ -1408,6 +1427,14 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                 ));
             }
             let mut s = source_below(&a.input, catalog)?;
+            // A subquery with a select list: its columns are read by their definitions,
+            // over the relations below (which keep their own names).
+            if !s.renames.is_empty() {
+                for r in &mut s.renames {
+                    r.qualifier = Some(a.alias.table().to_string());
+                }
+                return Ok(s);
+            }
             if !s.joins.is_empty() {
                 return Err(refuse(format!(
                     "a join inside a subquery is not supported; {JOIN_HINT}"
@@ -1416,12 +1443,27 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             s.left.qualifier = a.alias.table().to_string();
             Ok(s)
         }
-        LogicalPlan::Projection(p)
-            if p.expr
-                .iter()
-                .all(|e| matches!(strip_alias(e), Expr::Column(_))) =>
-        {
-            source_below(&p.input, catalog)
+        // A select list of the columns below, under their own names.
+        LogicalPlan::Projection(p) if p.expr.iter().all(rename::keeps_name) => {
+            let mut s = source_below(&p.input, catalog)?;
+            if !s.renames.is_empty() {
+                s.renames = rename::select_list(p, &s.renames)?;
+            }
+            Ok(s)
+        }
+        // Computed or renamed columns (`2026 - birth_year AS age`, `birth_year AS y`):
+        // each output row is one input row, so the query is planned over their
+        // definitions.
+        LogicalPlan::Projection(p) => {
+            if p.expr.iter().any(contains_subquery) {
+                return Err(refuse(
+                    "a subquery in a subquery's select list is not supported; test participants in WHERE, \
+                     or use `pid IN (SELECT …)` as a key of the outer query",
+                ));
+            }
+            let mut s = source_below(&p.input, catalog)?;
+            s.renames = rename::select_list(p, &s.renames)?;
+            Ok(s)
         }
         LogicalPlan::Join(j) => {
             use datafusion::logical_expr::JoinType;
@@ -1468,6 +1510,22 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
             }
             let l = source_below(&j.left, catalog)?;
             let r = source_below(&j.right, catalog)?;
+            // The columns of subqueries with select lists, on either side, by their
+            // definitions.
+            let renames: Vec<Rename> = l.renames.iter().chain(&r.renames).cloned().collect();
+            let on = on
+                .iter()
+                .map(|(a, b)| {
+                    Ok((
+                        rename::substitute(a, &renames)?,
+                        rename::substitute(b, &renames)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, CoordinatorError>>()?;
+            let rest = rest
+                .iter()
+                .map(|e| rename::substitute(e, &renames))
+                .collect::<Result<Vec<_>, _>>()?;
             if !r.joins.is_empty() {
                 return Err(refuse(format!(
                     "a join nested on the right of another is not supported: write the joins one after another, \
@@ -1511,15 +1569,13 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
                 left: l.left,
                 joins,
                 filters,
+                renames,
             })
         }
         LogicalPlan::Aggregate(_) => Err(refuse(
             "a derived table must be grouped by the participant alone and named, e.g. \
              `FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'I21' GROUP BY pid) f`: \
              an aggregate over several participants' rows below the DP aggregate would mix participants",
-        )),
-        LogicalPlan::Projection(_) => Err(refuse(
-            "computed columns in a subquery are not supported; aggregate table columns directly",
         )),
         LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => Err(refuse(
             "the query reads no catalog table; name a table in FROM",

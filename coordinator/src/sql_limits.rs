@@ -6,7 +6,8 @@
 //! aborted the whole coordinator, for every researcher. So the text is first tokenized
 //! (a loop, no recursion) and refused, with the limit named, when it is too long, nests
 //! parentheses too deeply, or has too many operators (each binary or unary operator and each
-//! `AND`, `OR`, `NOT`, `CASE`, … can add one level to an expression tree). Within these
+//! `AND`, `OR`, `NOT`, `CASE`, … can add one level to an expression tree), or too many
+//! `SELECT`s (each subquery or CTE adds a level to the plan). Within these
 //! limits every tree is at most about [`MAX_SQL_OPERATORS`] + [`MAX_SQL_NESTING`] levels
 //! deep, which the planner handles on a 2 MiB stack in a debug build (tested).
 
@@ -25,6 +26,11 @@ pub const MAX_SQL_OPERATORS: usize = 250;
 
 /// Deepest nesting of parentheses.
 pub const MAX_SQL_NESTING: usize = 40;
+
+/// Most `SELECT`s (the query, its subqueries and CTEs) in one statement. A chain of CTEs,
+/// each reading the one before, nests the plan one level per CTE without any parentheses,
+/// and a chain of 100 overflowed a worker thread's stack in planning.
+pub const MAX_SQL_SELECTS: usize = 24;
 
 fn refuse(m: String) -> CoordinatorError {
     CoordinatorError::Refused(m)
@@ -81,7 +87,7 @@ pub fn check(sql: &str) -> Result<(), CoordinatorError> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
         .map_err(|e| CoordinatorError::InvalidSql(format!("the query cannot be read: {e}")))?;
-    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    let (mut depth, mut deepest, mut operators, mut selects) = (0usize, 0usize, 0usize, 0usize);
     for t in &tokens {
         match t {
             Token::LParen => {
@@ -89,9 +95,16 @@ pub fn check(sql: &str) -> Result<(), CoordinatorError> {
                 deepest = deepest.max(depth);
             }
             Token::RParen => depth = depth.saturating_sub(1),
+            Token::Word(w) if w.keyword == Keyword::SELECT => selects += 1,
             t if is_operator(t) => operators += 1,
             _ => {}
         }
+    }
+    if selects > MAX_SQL_SELECTS {
+        return Err(refuse(format!(
+            "the query has {selects} SELECTs (the query, its subqueries and CTEs); the limit is {MAX_SQL_SELECTS}. \
+             Use fewer steps: one CTE may compute several columns, and conditions on one table go in one subquery"
+        )));
     }
     if deepest > MAX_SQL_NESTING {
         return Err(refuse(format!(
@@ -146,5 +159,19 @@ mod tests {
             list.join(", ")
         );
         assert!(check(&sql).is_ok());
+        // A chain of CTEs, each reading the last, nests without parentheses.
+        let chain = |n: usize| {
+            let steps: Vec<String> = (1..n)
+                .map(|i| format!("c{i} AS (SELECT pid, x FROM c{})", i - 1))
+                .collect();
+            format!(
+                "WITH c0 AS (SELECT pid, birth_year AS x FROM participants), {} SELECT COUNT(*) FROM c{}",
+                steps.join(", "),
+                n - 1
+            )
+        };
+        assert!(check(&chain(MAX_SQL_SELECTS - 1)).is_ok());
+        let e = check(&chain(MAX_SQL_SELECTS)).unwrap_err();
+        assert!(e.to_string().contains("25 SELECTs"), "{e}");
     }
 }

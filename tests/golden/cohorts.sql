@@ -165,6 +165,14 @@ SELECT AVG(total) FROM (SELECT pid, SUM(volume_ml) AS total FROM specimens WHERE
 ;
 SELECT AVG(year(f.first_on) - p.birth_year) FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'I21' GROUP BY pid) f JOIN participants p USING (pid)
 ;
+SELECT AVG(age) FROM (SELECT f.pid, year(f.first_on) - p.birth_year AS age FROM (SELECT pid, MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'I21' GROUP BY pid) f JOIN participants p USING (pid)) t
+;
+WITH cohort AS (SELECT pid, sex, 2026 - birth_year AS age FROM participants WHERE participant_type = 'general') SELECT sex, COUNT(*), AVG(age) FROM cohort WHERE age >= 40 GROUP BY sex
+;
+SELECT age_group, COUNT(*) FROM (SELECT pid, CASE WHEN birth_year < 1960 THEN 'older' ELSE 'younger' END AS age_group FROM participants) t GROUP BY age_group
+;
+SELECT COUNT(*) FROM (SELECT pid, pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') AS dm FROM participants) t WHERE dm
+;
 SELECT sex, AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1.0 ELSE 0 END) FROM participants GROUP BY sex
 ;
 SELECT COUNT(*), COUNT(*) FILTER (WHERE value > 7), AVG(value) FILTER (WHERE value > 7) FROM labs WHERE test = 'HbA1c'

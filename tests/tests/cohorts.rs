@@ -676,6 +676,71 @@ async fn derived_tables_joined_in_any_position_equal_datafusion_per_site() {
     fed.shutdown().await.unwrap();
 }
 
+/// A subquery or CTE with a select list (`2026 - birth_year AS age`, a `CASE` label, a
+/// difference of two joined columns) is read through: each of its columns is its
+/// definition over the relations below, so the query is planned as if written inline, and
+/// the partials equal DataFusion's per site. R is raised so that nothing is truncated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn computed_columns_of_subqueries_are_read_by_their_definitions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    synth(dir, 2, 1500, 53);
+    set_rows_per_unit(dir, 10_000);
+    let fed = start(dir).await;
+    let engine = fed.coordinator.engine.clone();
+    let ctx = site_context(dir).await;
+    let shapes: Vec<(&str, &str, usize)> = vec![
+        (
+            "WITH cohort AS (SELECT pid, sex, 2026 - birth_year AS age FROM participants \
+             WHERE participant_type = 'general') SELECT sex, COUNT(*) FROM cohort WHERE age >= 40 GROUP BY sex",
+            "SELECT sex, COUNT(*) FROM participants WHERE participant_type = 'general' AND 2026 - birth_year >= 40 \
+             GROUP BY sex",
+            1,
+        ),
+        (
+            "SELECT age_group, COUNT(*) FROM (SELECT pid, CASE WHEN birth_year < 1960 THEN 'older' ELSE 'younger' END \
+             AS age_group FROM participants) t GROUP BY age_group",
+            "SELECT CASE WHEN birth_year < 1960 THEN 'older' ELSE 'younger' END, COUNT(*) FROM participants GROUP BY 1",
+            1,
+        ),
+        (
+            // Two subqueries deep, the second computing from the first's column.
+            "WITH a AS (SELECT pid, 2026 - birth_year AS age FROM participants), \
+             b AS (SELECT pid, age * 12 AS months FROM a WHERE age < 60) SELECT COUNT(*) FROM b WHERE months >= 360",
+            "SELECT COUNT(*) FROM participants WHERE 2026 - birth_year < 60 AND (2026 - birth_year) * 12 >= 360",
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT l.pid, l.value - 6.5 AS excess FROM labs l JOIN participants p USING (pid) \
+             WHERE l.test = 'HbA1c' AND p.sex = 'F') t WHERE excess > 0",
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
+             WHERE l.test = 'HbA1c' AND p.sex = 'F' AND l.value - 6.5 > 0",
+            0,
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT f.pid, year(f.first_on) - p.birth_year AS age FROM (SELECT pid, \
+             MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid) f JOIN participants p \
+             USING (pid)) t WHERE age >= 50",
+            "SELECT COUNT(*) FROM (SELECT pid, fedq_site, MIN(diagnosed_on) AS first_on FROM diagnoses \
+             WHERE code = 'E11' GROUP BY pid, fedq_site) f JOIN participants p ON f.pid = p.pid \
+             AND f.fedq_site = p.fedq_site WHERE date_part('year', f.first_on) - p.birth_year >= 50",
+            0,
+        ),
+    ];
+    for (sql, want_sql, n_keys) in &shapes {
+        partials_equal(
+            &engine,
+            &ctx,
+            sql,
+            want_sql,
+            *n_keys,
+            AggregateRequest::CountRows,
+        )
+        .await;
+    }
+    fed.shutdown().await.unwrap();
+}
+
 /// The partial of `q` that `pick` selects (the first one it matches).
 fn partial_of(
     q: &fedq_coordinator::planner::PlannedQuery,
@@ -1273,7 +1338,8 @@ async fn released_within_the_noise(a: &std::path::Path, b: &std::path::Path, sql
 
 /// Neighbouring pairs for the per-participant shapes of this issue, each at its edge: the
 /// participant with the largest sum of lab values (a derived `SUM`, declared within R times
-/// the column's bounds, and the latest value by `ROW_NUMBER() … = 1`), and the participant
+/// the column's bounds, the latest value by `ROW_NUMBER() … = 1`, and a CTE's computed
+/// column), and the participant
 /// with the most diagnoses (a self-join, whose pairs R bounds), and the participant with the
 /// most (diagnosis, lab) pairs (a join of three tables, whose rows R bounds however many
 /// tables pair them). The participant with the most diagnoses is also the edge of two
@@ -1323,6 +1389,13 @@ async fn per_participant_shapes_on_neighbouring_federations_differ_only_within_t
         &b,
         "WITH latest AS (SELECT pid, value, ROW_NUMBER() OVER (PARTITION BY pid ORDER BY measured_on DESC) AS rn \
          FROM labs) SELECT COUNT(*), SUM(value) FROM latest WHERE rn = 1",
+    )
+    .await;
+    // A subquery's computed column, read by its definition.
+    released_within_the_noise(
+        &a,
+        &b,
+        "WITH t AS (SELECT pid, value - 6.5 AS excess FROM labs) SELECT COUNT(*), SUM(excess) FROM t",
     )
     .await;
     // A scalar subquery: one more statistic of the same request.

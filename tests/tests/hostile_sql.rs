@@ -66,6 +66,32 @@ async fn hostile_sql_is_refused_with_its_limit_and_the_coordinator_keeps_serving
             }
         }
     }
+    // A chain of CTEs, each computing from the last, nests the plan one level per CTE
+    // without parentheses: 100 of them overflowed a worker's stack. The longest chain
+    // allowed is answered (on this test's 2 MiB worker stacks, in a debug build), and
+    // one more is refused with the limit.
+    let cte_chain = |n: usize| {
+        let steps: Vec<String> = (1..n)
+            .map(|i| format!("c{i} AS (SELECT pid, x + 1 AS x FROM c{})", i - 1))
+            .collect();
+        format!(
+            "WITH c0 AS (SELECT pid, birth_year AS x FROM participants), {} SELECT COUNT(*), AVG(x) FROM c{}",
+            steps.join(", "),
+            n - 1
+        )
+    };
+    let longest = fedq_coordinator::sql_limits::MAX_SQL_SELECTS - 1;
+    let r = alice.query(&cte_chain(longest)).await.unwrap();
+    assert_eq!(r.batches[0].num_rows(), 1);
+    for n in [longest + 1, 100, 2_000] {
+        match alice.query(&cte_chain(n)).await {
+            Err(CliError::Server { code, message }) => {
+                assert_eq!(code, Code::PermissionDenied, "{message}");
+                assert!(message.contains("the limit is 24"), "{message}");
+            }
+            other => panic!("not a refusal: {:?}", other.map(|r| r.batches.len())),
+        }
+    }
     // Still serving, and the refusals were free.
     let r = alice
         .query("SELECT COUNT(*) FROM participants")
@@ -75,6 +101,9 @@ async fn hostile_sql_is_refused_with_its_limit_and_the_coordinator_keeps_serving
     let spent = alice.action(ACTION_BUDGET).await.unwrap()["epsilon_spent"]
         .as_f64()
         .unwrap();
-    assert_eq!(spent, 1.0);
+    assert_eq!(
+        spent, 2.0,
+        "two answers charged (ε = 1 each), refusals free"
+    );
     fed.shutdown().await.unwrap();
 }
