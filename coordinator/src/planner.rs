@@ -1446,7 +1446,9 @@ fn source_below(plan: &LogicalPlan, catalog: &Catalog) -> Result<Source, Coordin
         // A select list of the columns below, under their own names.
         LogicalPlan::Projection(p) if p.expr.iter().all(rename::keeps_name) => {
             let mut s = source_below(&p.input, catalog)?;
-            if !s.renames.is_empty() {
+            // Over a join (or a select list below), the columns are renamed so that an
+            // alias above can name them.
+            if !s.renames.is_empty() || !s.joins.is_empty() {
                 s.renames = rename::select_list(p, &s.renames)?;
             }
             Ok(s)

@@ -17,7 +17,8 @@ use crate::error::CoordinatorError;
 /// One output column of a subquery's select list, and what it is over the relations below.
 #[derive(Debug, Clone)]
 pub struct Rename {
-    /// The subquery's alias, once known (`t` of `(…) t`).
+    /// The name the column is qualified with above: the subquery's alias (`t` of `(…) t`),
+    /// or, before it, the qualifier the select list gives it, if any.
     pub qualifier: Option<String>,
     /// The output column's name.
     pub name: String,
@@ -84,9 +85,10 @@ pub fn select_list(p: &Projection, below: &[Rename]) -> Result<Vec<Rename>, Coor
                     p.schema.field(i).name()
                 )));
             }
+            let (qualifier, field) = p.schema.qualified_field(i);
             Ok(Rename {
-                qualifier: None,
-                name: p.schema.field(i).name().clone(),
+                qualifier: qualifier.map(|q| q.table().to_string()),
+                name: field.name().clone(),
                 expr,
             })
         })

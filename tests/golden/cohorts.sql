@@ -173,6 +173,10 @@ SELECT age_group, COUNT(*) FROM (SELECT pid, CASE WHEN birth_year < 1960 THEN 'o
 ;
 SELECT COUNT(*) FROM (SELECT pid, pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') AS dm FROM participants) t WHERE dm
 ;
+SELECT COUNT(*) FROM (SELECT a.pid FROM (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = 'E11' GROUP BY pid) a JOIN (SELECT pid, MIN(diagnosed_on) AS f FROM diagnoses WHERE code = 'N18' GROUP BY pid) b USING (pid) WHERE a.f < b.f) t
+;
+SELECT COUNT(DISTINCT t.pid) FROM (SELECT l.pid, l.value, p.sex FROM labs l JOIN participants p USING (pid)) t WHERE t.sex = 'F' AND t.value > 7
+;
 SELECT sex, AVG(CASE WHEN pid IN (SELECT pid FROM diagnoses WHERE code = 'E11') THEN 1.0 ELSE 0 END) FROM participants GROUP BY sex
 ;
 SELECT COUNT(*), COUNT(*) FILTER (WHERE value > 7), AVG(value) FILTER (WHERE value > 7) FROM labs WHERE test = 'HbA1c'

@@ -718,6 +718,14 @@ async fn computed_columns_of_subqueries_are_read_by_their_definitions() {
             0,
         ),
         (
+            // A join inside a subquery that only selects columns.
+            "SELECT COUNT(*) FROM (SELECT l.pid, l.value, p.sex FROM labs l JOIN participants p USING (pid)) t \
+             WHERE t.sex = 'F' AND t.value > 7",
+            "SELECT COUNT(*) FROM labs l JOIN participants p ON l.pid = p.pid AND l.fedq_site = p.fedq_site \
+             WHERE p.sex = 'F' AND l.value > 7",
+            0,
+        ),
+        (
             "SELECT COUNT(*) FROM (SELECT f.pid, year(f.first_on) - p.birth_year AS age FROM (SELECT pid, \
              MIN(diagnosed_on) AS first_on FROM diagnoses WHERE code = 'E11' GROUP BY pid) f JOIN participants p \
              USING (pid)) t WHERE age >= 50",
