@@ -319,6 +319,18 @@ impl PerParticipant {
                 ))),
             }
         };
+        // Every first-row column of one derived table reads the same row.
+        let nths: std::collections::BTreeSet<u32> = self
+            .columns
+            .iter()
+            .filter_map(|c| match &c.value {
+                UnitAggregate::First { nth, .. } => Some(*nth),
+                _ => None,
+            })
+            .collect();
+        if nths.len() > 1 {
+            return err("every first-row column of a derived table reads the same row".into());
+        }
         for c in &self.columns {
             if c.name.is_empty() || columns.iter().any(|x| x.name == c.name) {
                 return err(format!(
@@ -349,19 +361,6 @@ impl PerParticipant {
                         "a derived table reads row 1 to {MAX_NTH_ROW} of a participant, of participants with at least that many rows, not row {nth} (of participants with {} or more)",
                         self.min_rows
                     ));
-                }
-                let nths: std::collections::BTreeSet<u32> = self
-                    .columns
-                    .iter()
-                    .filter_map(|c| match &c.value {
-                        UnitAggregate::First { nth, .. } => Some(*nth),
-                        _ => None,
-                    })
-                    .collect();
-                if nths.len() > 1 {
-                    return err(
-                        "every first-row column of a derived table reads the same row".into(),
-                    );
                 }
                 if order.is_empty() || order.len() > MAX_ORDER_KEYS {
                     return err(format!(
@@ -435,17 +434,7 @@ impl PerParticipant {
                     } else {
                         (b.lower, b.upper, ColumnType::Float64, Some(b.precision))
                     };
-                    ColumnSpec {
-                        name: c.name.clone(),
-                        ty,
-                        nullable: true,
-                        lower: Some(lower),
-                        upper: Some(upper),
-                        precision,
-                        public_values: None,
-                        earliest: None,
-                        latest: None,
-                    }
+                    numeric(&c.name, ty, lower, upper, precision)
                 }
                 UnitAggregate::Stddev { column, .. }
                 | UnitAggregate::Variance { column, .. }
@@ -473,17 +462,13 @@ impl PerParticipant {
                     } else {
                         0.0
                     };
-                    ColumnSpec {
-                        name: c.name.clone(),
-                        ty: ColumnType::Float64,
-                        nullable: true,
-                        lower: Some(lower),
-                        upper: Some(upper),
-                        precision: Some(b.precision),
-                        public_values: None,
-                        earliest: None,
-                        latest: None,
-                    }
+                    numeric(
+                        &c.name,
+                        ColumnType::Float64,
+                        lower,
+                        upper,
+                        Some(b.precision),
+                    )
                 }
                 UnitAggregate::Any { when } | UnitAggregate::All { when } => {
                     if when.reads_joined() || !when.participant_sets().is_empty() {
@@ -519,6 +504,27 @@ impl PerParticipant {
             max_groups_per_unit: None,
             columns,
         })
+    }
+}
+
+/// A nullable numeric column of a derived table, declared within `[lower, upper]`.
+fn numeric(
+    name: &str,
+    ty: ColumnType,
+    lower: f64,
+    upper: f64,
+    precision: Option<f64>,
+) -> ColumnSpec {
+    ColumnSpec {
+        name: name.to_string(),
+        ty,
+        nullable: true,
+        lower: Some(lower),
+        upper: Some(upper),
+        precision,
+        public_values: None,
+        earliest: None,
+        latest: None,
     }
 }
 

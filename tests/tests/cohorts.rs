@@ -37,6 +37,25 @@ fn keyed(table_alias: &str) -> String {
     format!("{table_alias}.pid || '#' || CAST({table_alias}.fedq_site AS VARCHAR)")
 }
 
+/// [`partials_equal`] for the query's `COUNT(*)` partial.
+async fn counts_equal(
+    engine: &fedq_coordinator::engine::Coordinator,
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+    want_sql: &str,
+    n_keys: usize,
+) -> fedq_coordinator::planner::PlannedQuery {
+    partials_equal(
+        engine,
+        ctx,
+        sql,
+        want_sql,
+        n_keys,
+        AggregateRequest::CountRows,
+    )
+    .await
+}
+
 /// Plan `sql` as alice, gather its exact partials, and check that `partial` equals
 /// DataFusion's answer to `want_sql` (its first `n_keys` columns the keys) and that every
 /// group counts something. Returns the plan for shape-specific checks.
@@ -153,15 +172,7 @@ async fn cohort_partials_equal_datafusion_over_the_union_with_membership_per_sit
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        let q = partials_equal(
-            &engine,
-            &ctx,
-            sql,
-            want_sql,
-            *n_keys,
-            AggregateRequest::CountRows,
-        )
-        .await;
+        let q = counts_equal(&engine, &ctx, sql, want_sql, *n_keys).await;
         assert!(
             !q.request.participant_sets().is_empty(),
             "{sql}: a participant set"
@@ -454,15 +465,7 @@ async fn date_functions_in_where_keys_and_case_equal_datafusion() {
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        partials_equal(
-            &engine,
-            &ctx,
-            sql,
-            want_sql,
-            *n_keys,
-            AggregateRequest::CountRows,
-        )
-        .await;
+        counts_equal(&engine, &ctx, sql, want_sql, *n_keys).await;
     }
     fed.shutdown().await.unwrap();
 }
@@ -539,15 +542,7 @@ async fn derived_tables_per_participant_equal_datafusion_per_site() {
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        let q = partials_equal(
-            &engine,
-            &ctx,
-            sql,
-            want_sql,
-            *n_keys,
-            AggregateRequest::CountRows,
-        )
-        .await;
+        let q = counts_equal(&engine, &ctx, sql, want_sql, *n_keys).await;
         assert!(q.request.derived.is_some(), "{sql}: a derived table");
         assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1, proven");
     }
@@ -661,15 +656,7 @@ async fn derived_tables_joined_in_any_position_equal_datafusion_per_site() {
         ),
     ];
     for (sql, want_sql, n_keys, derived) in &shapes {
-        let q = partials_equal(
-            &engine,
-            &ctx,
-            sql,
-            want_sql,
-            *n_keys,
-            AggregateRequest::CountRows,
-        )
-        .await;
+        let q = counts_equal(&engine, &ctx, sql, want_sql, *n_keys).await;
         assert_eq!(q.request.derived_tables().count(), *derived, "{sql}");
         assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1");
     }
@@ -736,15 +723,7 @@ async fn computed_columns_of_subqueries_are_read_by_their_definitions() {
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        partials_equal(
-            &engine,
-            &ctx,
-            sql,
-            want_sql,
-            *n_keys,
-            AggregateRequest::CountRows,
-        )
-        .await;
+        counts_equal(&engine, &ctx, sql, want_sql, *n_keys).await;
     }
     fed.shutdown().await.unwrap();
 }
@@ -1246,15 +1225,7 @@ async fn the_first_row_per_participant_equals_datafusion_per_site() {
         ),
     ];
     for (sql, want_sql, n_keys) in &shapes {
-        let q = partials_equal(
-            &engine,
-            &ctx,
-            sql,
-            want_sql,
-            *n_keys,
-            AggregateRequest::CountRows,
-        )
-        .await;
+        let q = counts_equal(&engine, &ctx, sql, want_sql, *n_keys).await;
         assert_eq!(q.request.max_rows_per_unit, 1, "{sql}: R = 1, proven");
     }
     for (sql, why) in [
